@@ -1,0 +1,1 @@
+"""Dev boards: firmware bundles, flashing over serial and USB DFU, the board agent."""

@@ -1,0 +1,290 @@
+"""Message bodies carried in link frames, and the ids that name them.
+
+Like DRBD's drbd_protocol.h: every message type, named resource and body is
+declared here, in one place. Bodies are versioned by the frame version; each
+body keeps reserved bytes so it can grow without a new version. HELLO is the
+feature negotiation and is frozen forever: its layout never changes, new
+abilities are announced through its capability and feature bits.
+
+Hot-path bodies (MIRROR_WRITE, MIRROR_ACK, IO_REQUEST, IO_REPLY) have a
+struct.Struct twin for the data path; tests check both agree.
+"""
+import enum
+import struct
+
+from construct import (Bytes, GreedyBytes, Int8ub, Int16ub,
+                       Int32ub, Int64ub, PascalString, Prefixed,
+                       PrefixedArray, Struct, this)
+from construct.core import ConstructError
+
+from . import FormatError
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1                # frozen forever
+    AUTH = 2                 # HMAC-SHA256 challenge response
+    HEARTBEAT = 3
+    MIRROR_WRITE = 4         # claims 1.10/1.11: atomic mirrored write with context
+    MIRROR_ACK = 5
+    METADATA = 6             # claims 5.1: cache metadata of a mirror line
+    FLUSH_BEGIN = 7          # claims 5.12: mirror copy temporarily invalid
+    FLUSH_DONE = 8           # claims 5.13/5.14: mirror copy clean, block reusable
+    OWNERSHIP_REQUEST = 9    # claims 5.7
+    OWNERSHIP_GRANT = 10     # claims 5.8
+    OWNERSHIP_RELEASE = 11
+    DESTAGED_RANGE = 12      # claims 3: ranges the secondary has destaged
+    RESYNC_REQUEST = 13
+    RESYNC_DATA = 14
+    LOG_SHIP = 15            # claims 4: NVRAM log entries with sequence numbers
+    CONSISTENCY_POINT = 16
+    ERROR = 17
+    IO_REQUEST = 18          # host I/O forwarded from the non-owner to the owner
+    IO_REPLY = 19
+    SYNC_BEGIN = 20          # mirror resynchronisation after a link comes up
+    SYNC_DONE = 21
+    PING = 22                # control round trip (admin, tests)
+    PONG = 23
+
+
+class Resource(enum.IntEnum):
+    """Named resources (mailboxes) that command-response traffic is addressed to (claims 1.3)."""
+    SESSION = 0
+    MIRROR = 1
+    CACHE_META = 2
+    OWNERSHIP = 3
+    HOST_IO = 4
+    REPLICATION = 5
+    ADMIN = 6
+
+
+class ErrorCode(enum.IntEnum):
+    OK = 0
+    EPERM = 1
+    EIO = 5
+    ENOMEM = 12
+    EINVAL = 22
+    ENOSPC = 28
+    ESTALE = 116             # stale generation: the sender is fenced
+    EPROTO = 71
+
+
+class IoOp(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    TRIM = 3
+    WRITE_ZEROES = 4
+
+
+CAP_MIRROR = 1 << 0
+CAP_OWNERSHIP = 1 << 1
+CAP_REPLICA = 1 << 2
+CAP_LOG_SHIP = 1 << 3
+CAP_FORWARD_IO = 1 << 4
+
+# Context flags of a mirror write.
+CTX_FIRST = 0x01             # first block of its host write
+CTX_LAST = 0x02              # last block: the group may be committed
+CTX_RESYNC = 0x04            # resent during mirror resynchronisation
+CTX_FUA = 0x08               # the host asked for FUA
+
+NONCE_BYTES = 32
+HMAC_BYTES = 32
+PAIR_ID_BYTES = 16
+BITMAP_BYTES = 16            # dirty bitmap: up to 128 sectors a cache line
+
+Hello = Struct(                             # FROZEN: never change this layout
+    "protocol_min" / Int8ub,
+    "protocol_max" / Int8ub,
+    "controller_id" / Int8ub,               # 0 = a, 1 = b
+    "mode" / Int8ub,                        # 0 = ha, 1 = replica
+    "generation" / Int64ub,
+    "capabilities" / Int32ub,               # CAP_*
+    "features" / Int64ub,                   # feature bits, for growth
+    "pair_id" / Bytes(PAIR_ID_BYTES),       # both ends must belong to one pair
+    "nonce" / Bytes(NONCE_BYTES),           # challenge for the peer's AUTH
+    "block_size_bytes" / Int32ub,
+    "primary_blocks" / Int32ub,
+    "reserved" / Bytes(16),
+)
+assert Hello.sizeof() == 96
+
+Auth = Struct(
+    "hmac" / Bytes(HMAC_BYTES),             # HMAC-SHA256(key, AUTH_LABEL|peer nonce|own nonce|own id)
+)
+
+Heartbeat = Struct(
+    "generation" / Int64ub,
+    "sent_ms" / Int64ub,                    # sender's monotonic clock, for RTT only
+    "state" / Int8ub,
+    "reserved" / Bytes(7),
+)
+
+MirrorWrite = Struct(
+    "cache_id" / Int32ub,                   # block index: same in owner's primary and partner's mirror
+    "lun" / Int16ub,
+    "context_flags" / Int16ub,              # CTX_*
+    "lba" / Int64ub,                        # first sector (512 B) of the cache line
+    "seq" / Int64ub,                        # write sequence: one per host write (the group)
+    "group_index" / Int16ub,
+    "group_count" / Int16ub,
+    "data_crc" / Int32ub,                   # CRC32C of the block data
+    "dirty_bitmap" / Bytes(BITMAP_BYTES),   # one bit per 512 B sector of the line
+    "generation" / Int32ub,
+    "length" / Int32ub,                     # bytes of data that follow (the whole block)
+    "data" / Bytes(this.length),
+)
+MIRROR_WRITE_HEAD = struct.Struct(">IHHQQHHI16sII")
+assert MIRROR_WRITE_HEAD.size == 56
+
+MirrorAck = Struct(
+    "seq" / Int64ub,                        # the write sequence acknowledged
+    "status" / Int16ub,                     # ErrorCode
+    "count" / Int16ub,                      # blocks of the group persisted
+    "reserved" / Int32ub,
+)
+MIRROR_ACK = struct.Struct(">QHHI")
+
+Metadata = Struct(
+    "cache_id" / Int32ub,
+    "state" / Int8ub,                       # nvram.BlockState
+    "reserved0" / Int8ub,
+    "lun" / Int16ub,
+    "lba" / Int64ub,
+    "seq" / Int64ub,
+    "dirty_bitmap" / Bytes(BITMAP_BYTES),
+)
+
+BlockRef = Struct(
+    "cache_id" / Int32ub,
+    "seq" / Int64ub,
+)
+FlushBegin = Struct("blocks" / PrefixedArray(Int16ub, BlockRef))
+FlushDone = Struct("blocks" / PrefixedArray(Int16ub, BlockRef))
+
+Ownership = Struct(                         # request, grant and release share one body
+    "lun" / Int16ub,
+    "scope" / Int8ub,                       # 0 = whole LUN, 1 = one cache line
+    "reserved0" / Int8ub,
+    "lba" / Int64ub,                        # the line, when scope is 1
+    "generation" / Int64ub,
+    "reserved" / Bytes(8),
+)
+
+Range = Struct(
+    "lba" / Int64ub,
+    "sectors" / Int32ub,
+)
+DestagedRange = Struct(
+    "lun" / Int16ub,
+    "ranges" / PrefixedArray(Int16ub, Range),
+)
+
+ResyncRequest = Struct(
+    "lun" / Int16ub,
+    "reserved0" / Int16ub,
+    "generation" / Int64ub,
+    "ranges" / PrefixedArray(Int16ub, Range),
+)
+ResyncData = Struct(
+    "lun" / Int16ub,
+    "reserved0" / Int16ub,
+    "lba" / Int64ub,
+    "data" / Prefixed(Int32ub, GreedyBytes),
+)
+
+LogEntry = Struct(
+    "seq" / Int64ub,
+    "lun" / Int16ub,
+    "flags" / Int16ub,
+    "lba" / Int64ub,
+    "data_crc" / Int32ub,
+    "data" / Prefixed(Int32ub, GreedyBytes),
+)
+LogShip = Struct(
+    "source_id" / Int16ub,
+    "partition" / Int16ub,
+    "entries" / PrefixedArray(Int16ub, LogEntry),
+)
+ConsistencyPoint = Struct(
+    "source_id" / Int16ub,
+    "partition" / Int16ub,
+    "first_seq" / Int64ub,
+    "last_seq" / Int64ub,
+)
+
+Error = Struct(
+    "code" / Int16ub,                       # ErrorCode
+    "ref_type" / Int8ub,                    # the MsgType this answers, 0 if none
+    "reserved0" / Int8ub,
+    "message" / PascalString(Int16ub, "utf8"),
+)
+
+IoRequest = Struct(
+    "op" / Int8ub,                          # IoOp
+    "fua" / Int8ub,
+    "lun" / Int16ub,
+    "offset" / Int64ub,                     # bytes
+    "length" / Int32ub,                     # bytes
+    "data" / GreedyBytes,                   # WRITE only
+)
+IO_REQUEST_HEAD = struct.Struct(">BBHQI")
+
+IoReply = Struct(
+    "error" / Int32ub,                      # NBD error number, 0 = success
+    "data" / GreedyBytes,                   # READ only
+)
+IO_REPLY_HEAD = struct.Struct(">I")
+
+Sync = Struct(                              # SYNC_BEGIN and SYNC_DONE
+    "generation" / Int64ub,
+    "blocks" / Int32ub,                     # mirror blocks sent in this resync
+    "reserved" / Int32ub,
+)
+
+Ping = Struct("sent_ns" / Int64ub)
+
+BODIES = {
+    MsgType.HELLO: Hello,
+    MsgType.AUTH: Auth,
+    MsgType.HEARTBEAT: Heartbeat,
+    MsgType.MIRROR_WRITE: MirrorWrite,
+    MsgType.MIRROR_ACK: MirrorAck,
+    MsgType.METADATA: Metadata,
+    MsgType.FLUSH_BEGIN: FlushBegin,
+    MsgType.FLUSH_DONE: FlushDone,
+    MsgType.OWNERSHIP_REQUEST: Ownership,
+    MsgType.OWNERSHIP_GRANT: Ownership,
+    MsgType.OWNERSHIP_RELEASE: Ownership,
+    MsgType.DESTAGED_RANGE: DestagedRange,
+    MsgType.RESYNC_REQUEST: ResyncRequest,
+    MsgType.RESYNC_DATA: ResyncData,
+    MsgType.LOG_SHIP: LogShip,
+    MsgType.CONSISTENCY_POINT: ConsistencyPoint,
+    MsgType.ERROR: Error,
+    MsgType.IO_REQUEST: IoRequest,
+    MsgType.IO_REPLY: IoReply,
+    MsgType.SYNC_BEGIN: Sync,
+    MsgType.SYNC_DONE: Sync,
+    MsgType.PING: Ping,
+    MsgType.PONG: Ping,
+}
+
+
+def build_body(msg_type: int, **fields) -> bytes:
+    return BODIES[MsgType(msg_type)].build(fields)
+
+
+def parse_body_untrusted(msg_type: int, payload, where: str = ""):
+    """Parse a message body from the peer; raise FormatError on anything malformed."""
+    try:
+        body = BODIES[MsgType(msg_type)]
+    except ValueError:
+        raise FormatError(f"unknown message type {msg_type}", where) from None
+    try:
+        value = body.parse(bytes(payload))
+    except (ConstructError, UnicodeDecodeError, OverflowError) as exc:
+        raise FormatError(f"malformed {MsgType(msg_type).name}: {exc}", where) from None
+    if len(body.build(value)) != len(payload):
+        raise FormatError(f"trailing bytes after {MsgType(msg_type).name}", where)
+    return value

@@ -1,0 +1,1 @@
+"""The libvirt/QEMU VM pair: boot assets, domain XML, pair lifecycle."""
