@@ -1,0 +1,249 @@
+"""Controller configuration: one TOML file per controller, validated on load.
+
+    [controller]
+    name = "a"                 # "a" (id 0) or "b" (id 1)
+    mode = "ha"                # "ha" or "replica"
+    pair_id = "<32 hex digits>"  # both controllers and every disk label carry it
+    key_file = "DIR/pair.key"  # pre-shared pairing key, mode 0600
+    state_dir = "DIR/a"        # pid file, control socket, events log
+
+    [nvram]
+    backend = "file"           # "file" or "dax"
+    path = "DIR/a/nvram.img"   # file, /dev/daxX.Y or /dev/pmemX
+    size = "64M"
+    durability = "controller"  # "controller" or "host" (file backend)
+    block_size = 4096          # cache line size in bytes
+
+    [disks]
+    backend = "file"           # "file" (files or block devices by path) or "serial" (/dev/sd* by serial)
+    paths = ["DIR/disks/disk0.img", "DIR/disks/disk1.img"]   # one disk per LUN
+    serials = []               # with backend = "serial"
+    lun_size = "256M"
+    direct = false             # O_DIRECT
+
+    [link]
+    transport = "unix"         # "unix", "tcp", "serial" (pyserial URL or tty) or "virtio" (fd I/O)
+    listen = true              # unix/tcp: this end listens (controller a) or connects (b)
+    path = "DIR/link.sock"     # unix
+    address = "127.0.0.1:7100" # tcp
+    device = "/dev/ttyS1"      # serial / virtio
+    baud = 115200              # serial
+
+    [nbd]
+    unix = "DIR/a/nbd.sock"    # optional; one of unix / tcp at least
+    tcp = "127.0.0.1:10809"    # optional
+    max_connections = 16
+    max_inflight = 128         # requests in flight per connection
+
+    [cache]                    # tuning, all optional
+    high_watermark = 0.5       # start destaging above this dirty fraction
+    low_watermark = 0.25       # stop destaging below it
+    idle_flush_ms = 500        # destage everything after this long with no host I/O
+    destage_inflight_max = 64
+    heartbeat_interval_ms = 100
+    heartbeat_timeout_ms = 1000
+
+Sizes accept K, M, G suffixes (powers of 1024).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.I)
+
+
+def parse_size(value, what: str = "size") -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    else:
+        raise ConfigError(f"{what}: {value!r} is not a size (like 256M)")
+    if size <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return size
+
+
+@dataclasses.dataclass
+class NvramConfig:
+    backend: str = "file"
+    path: str = ""
+    size_bytes: int = 64 << 20
+    durability: str = "controller"
+    block_size_bytes: int = 4096
+
+
+@dataclasses.dataclass
+class DiskConfig:
+    backend: str = "file"
+    paths: list = dataclasses.field(default_factory=list)
+    serials: list = dataclasses.field(default_factory=list)
+    lun_size_bytes: int = 256 << 20
+    direct: bool = False
+
+
+@dataclasses.dataclass
+class LinkConfig:
+    transport: str = "unix"
+    listen: bool = True
+    path: str = ""
+    address: str = ""
+    device: str = ""
+    baud: int = 115200
+
+
+@dataclasses.dataclass
+class NbdConfig:
+    unix: str = ""
+    tcp: str = ""
+    max_connections: int = 16
+    max_inflight: int = 128
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    high_watermark: float = 0.5
+    low_watermark: float = 0.25
+    idle_flush_ms: int = 500
+    destage_inflight_max: int = 64
+    heartbeat_interval_ms: int = 100
+    heartbeat_timeout_ms: int = 1000
+
+
+@dataclasses.dataclass
+class ControllerConfig:
+    name: str
+    controller_id: int
+    mode: str
+    pair_id: bytes
+    key_file: str
+    state_dir: str
+    nvram: NvramConfig
+    disks: DiskConfig
+    link: LinkConfig
+    nbd: NbdConfig
+    cache: CacheConfig
+    source: str = ""
+
+    @property
+    def luns(self) -> int:
+        return len(self.disks.paths or self.disks.serials)
+
+
+def _section(doc: dict, name: str, where: str) -> dict:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    return value
+
+
+def _take(section: dict, key: str, kind, default, where: str):
+    if key not in section:
+        return default
+    value = section[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} = {value!r} must be {kind.__name__}")
+    return value
+
+
+def _choice(value: str, choices: tuple, what: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} = {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def load(path) -> ControllerConfig:
+    path = pathlib.Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(doc, str(path))
+
+
+def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
+    known = {"controller", "nvram", "disks", "link", "nbd", "cache"}
+    if unknown := set(doc) - known:
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}")
+    c = _section(doc, "controller", where)
+    name = _choice(_take(c, "name", str, "", where), ("a", "b"), f"{where}: [controller] name")
+    mode = _choice(_take(c, "mode", str, "ha", where), ("ha", "replica"), f"{where}: [controller] mode")
+    pair_hex = _take(c, "pair_id", str, "", where)
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", pair_hex):
+        raise ConfigError(f"{where}: [controller] pair_id must be 32 hex digits")
+    n = _section(doc, "nvram", where)
+    nvram = NvramConfig(
+        backend=_choice(_take(n, "backend", str, "file", where), ("file", "dax"), f"{where}: [nvram] backend"),
+        path=_take(n, "path", str, "", where),
+        size_bytes=parse_size(n.get("size", "64M"), f"{where}: [nvram] size"),
+        durability=_choice(_take(n, "durability", str, "controller", where), ("controller", "host"),
+                           f"{where}: [nvram] durability"),
+        block_size_bytes=_take(n, "block_size", int, 4096, where))
+    d = _section(doc, "disks", where)
+    disks = DiskConfig(
+        backend=_choice(_take(d, "backend", str, "file", where), ("file", "serial"), f"{where}: [disks] backend"),
+        paths=list(_take(d, "paths", list, [], where)), serials=list(_take(d, "serials", list, [], where)),
+        lun_size_bytes=parse_size(d.get("lun_size", "256M"), f"{where}: [disks] lun_size"),
+        direct=_take(d, "direct", bool, False, where))
+    if not (disks.paths or disks.serials):
+        raise ConfigError(f"{where}: [disks] needs paths (or serials) for at least one LUN")
+    if disks.lun_size_bytes % 4096:
+        raise ConfigError(f"{where}: [disks] lun_size must be a multiple of 4096")
+    lk = _section(doc, "link", where)
+    link = LinkConfig(
+        transport=_choice(_take(lk, "transport", str, "unix", where), ("unix", "tcp", "serial", "virtio"),
+                          f"{where}: [link] transport"),
+        listen=_take(lk, "listen", bool, name == "a", where), path=_take(lk, "path", str, "", where),
+        address=_take(lk, "address", str, "", where), device=_take(lk, "device", str, "", where),
+        baud=_take(lk, "baud", int, 115200, where))
+    nb = _section(doc, "nbd", where)
+    nbd = NbdConfig(unix=_take(nb, "unix", str, "", where), tcp=_take(nb, "tcp", str, "", where),
+                    max_connections=_take(nb, "max_connections", int, 16, where),
+                    max_inflight=_take(nb, "max_inflight", int, 128, where))
+    if not (nbd.unix or nbd.tcp):
+        raise ConfigError(f"{where}: [nbd] needs unix or tcp")
+    ca = _section(doc, "cache", where)
+    defaults = CacheConfig()
+    cache = CacheConfig(**{f.name: _take(ca, f.name, type(getattr(defaults, f.name)), getattr(defaults, f.name), where)
+                           for f in dataclasses.fields(CacheConfig)})
+    if not 0 < cache.low_watermark < cache.high_watermark <= 1:
+        raise ConfigError(f"{where}: [cache] need 0 < low_watermark < high_watermark <= 1")
+    return ControllerConfig(
+        name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
+        key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
+        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, source=where)
+
+
+def dump(config: dict) -> str:
+    """Render a config dict (sections of scalars and lists) as TOML."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
