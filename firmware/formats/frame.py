@@ -27,7 +27,7 @@ FRAME_MAGIC = 0x5443          # "TC"
 FRAME_VERSION = 1
 HEADER_SIZE_BYTES = 28
 TRAILER_SIZE_BYTES = 4
-PAYLOAD_MAX_BYTES = 1 << 20   # one mirror batch; anything larger is refused
+PAYLOAD_MAX_BYTES = (4 << 20) + 4096  # a forwarded 4 MiB host I/O and its header; larger is refused
 
 LANE_CONTROL = 0
 LANE_DATA = 1

@@ -243,6 +243,7 @@ Sync = Struct(                              # SYNC_BEGIN and SYNC_DONE
 )
 
 Ping = Struct("sent_ns" / Int64ub)
+PING_STRUCT = struct.Struct(">Q")
 
 BODIES = {
     MsgType.HELLO: Hello,

@@ -27,6 +27,7 @@ The superblock is written to alternate slots with an increasing `sb_seq`, so
 a torn superblock write leaves the previous copy.
 """
 import enum
+import struct as _struct_mod
 
 import crc32c as _crc32c
 from construct import (Bytes, Checksum, Const, Int8ub, Int16ub, Int32ub,
@@ -137,6 +138,56 @@ LogEntryHeader = Struct(
 assert LogEntryHeader.sizeof() == 32
 
 
+COMMIT_MAGIC = 0x54434D54    # "TCMT"
+COMMIT_AREA_OFFSET = 2 * SB_SLOT_BYTES
+COMMIT_SLOT_BYTES = 64
+
+CommitRecord = Struct(
+    "fields" / RawCopy(Struct(
+        "magic" / Const(COMMIT_MAGIC, Int32ub),
+        "segment" / Int8ub,             # 0 = primary, 1 = mirror
+        "reserved0" / Bytes(3),
+        "counter" / Int64ub,            # bumped on every update; the larger valid slot wins
+        "committed_seq" / Int64ub,      # every group (host write) with seq <= this is committed
+        "reserved" / Bytes(36),
+    )),
+    "crc" / Checksum(Int32ub, lambda data: crc32c(data), this.fields.data),
+)
+assert CommitRecord.sizeof() == COMMIT_SLOT_BYTES
+COMMIT_STRUCT = _struct_mod.Struct(">IB3sQQ36s")
+
+
+def commit_slot_offset(segment: int, slot: int) -> int:
+    """Two slots per segment, written alternately, so a torn update keeps the previous value."""
+    return COMMIT_AREA_OFFSET + (2 * segment + slot) * COMMIT_SLOT_BYTES
+
+
+def pack_commit_into(buf, segment: int, counter: int, committed_seq: int) -> int:
+    """Store a commit record into the slot `counter` selects; return its offset."""
+    offset = commit_slot_offset(segment, counter % 2)
+    COMMIT_STRUCT.pack_into(buf, offset, COMMIT_MAGIC, segment, bytes(3), counter,
+                            committed_seq, bytes(36))
+    end = offset + COMMIT_SLOT_BYTES - 4
+    buf[end:end + 4] = crc32c(buf[offset:end]).to_bytes(4, "big")
+    return offset
+
+
+def read_commit_untrusted(buf, segment: int):
+    """Return (counter, committed_seq, errors) from the newest valid slot; (0, 0) if none."""
+    best, errors = (0, 0), []
+    for slot in range(2):
+        offset = commit_slot_offset(segment, slot)
+        end = offset + COMMIT_SLOT_BYTES - 4
+        if crc32c(buf[offset:end]) != int.from_bytes(buf[end:end + 4], "big"):
+            if any(buf[offset:end + 4]):
+                errors.append(f"commit record at offset {offset} is torn or corrupt")
+            continue
+        magic, seg, _r, counter, committed, _res = COMMIT_STRUCT.unpack_from(buf, offset)
+        if magic == COMMIT_MAGIC and seg == segment and counter >= best[0]:
+            best = (counter, committed)
+    return best[0], best[1], errors
+
+
 class Geometry:
     """Where every region lives, derived from the superblock."""
 
@@ -165,8 +216,16 @@ def _align(value: int) -> int:
 
 def plan_layout(nvram_size_bytes: int, block_size_bytes: int, controller_id: int,
                 pair_id: bytes, log_partitions: int = 4,
-                log_partition_bytes: int = 1 << 20, bitmap_bytes: int = 256 * 1024) -> dict:
-    """Return superblock fields for a fresh NVRAM of the given size (generation 1)."""
+                log_partition_bytes: int | None = None, bitmap_bytes: int | None = None) -> dict:
+    """Return superblock fields for a fresh NVRAM of the given size (generation 1).
+
+    By default the log takes 1/8 of the NVRAM (at most 4 x 1 MiB) and the
+    bitmap 1/64 (at most 256 KiB); the cache segments get the rest.
+    """
+    if log_partition_bytes is None:
+        log_partition_bytes = max(ALIGN_BYTES, min(1 << 20, nvram_size_bytes // 32) // ALIGN_BYTES * ALIGN_BYTES)
+    if bitmap_bytes is None:
+        bitmap_bytes = max(ALIGN_BYTES, min(256 * 1024, nvram_size_bytes // 64) // ALIGN_BYTES * ALIGN_BYTES)
     if block_size_bytes % SECTOR_SIZE_BYTES or not 512 <= block_size_bytes <= 65536:
         raise ValueError(f"block size {block_size_bytes} must be a multiple of 512 up to 64 KiB")
     if block_size_bytes & (block_size_bytes - 1):

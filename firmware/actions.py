@@ -1,0 +1,92 @@
+"""What the firmware asks the world to do: the actions its handlers return.
+
+The runtime (hal/runtime.py) or the simulator carries them out in order and
+feeds the results back as calls into the controller (disk_done, ...). Every
+action is a small __slots__ class: they are made on the hot path.
+"""
+
+
+class Action:
+    __slots__ = ()
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "data")
+        return f"{type(self).__name__}({fields})"
+
+
+class Persist(Action):
+    """Make NVRAM [offset, offset+length) durable before carrying out later actions."""
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset, length):
+        self.offset = offset
+        self.length = length
+
+
+class Transmit(Action):
+    """Send one link frame (the buffers of frame.encode_frame) to the partner."""
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers):
+        self.buffers = buffers
+
+
+class HostReply(Action):
+    """Complete a host request; `error` is an NBD error number (0 = success)."""
+    __slots__ = ("req", "error", "data")
+
+    def __init__(self, req, error=0, data=None):
+        self.req = req
+        self.error = error
+        self.data = data
+
+
+class DiskRead(Action):
+    """Read `length` bytes of LUN `lun` at `offset`; answer with controller.disk_done(op, err, data)."""
+    __slots__ = ("op", "lun", "offset", "length")
+
+    def __init__(self, op, lun, offset, length):
+        self.op = op
+        self.lun = lun
+        self.offset = offset
+        self.length = length
+
+
+class DiskWrite(Action):
+    """Write `data` to LUN `lun` at `offset`; answer with controller.disk_done(op, err, None)."""
+    __slots__ = ("op", "lun", "offset", "data")
+
+    def __init__(self, op, lun, offset, data):
+        self.op = op
+        self.lun = lun
+        self.offset = offset
+        self.data = data
+
+
+class DiskFlush(Action):
+    """Make earlier disk writes of LUN `lun` durable; answer with disk_done(op, err, None)."""
+    __slots__ = ("op", "lun")
+
+    def __init__(self, op, lun):
+        self.op = op
+        self.lun = lun
+
+
+class LinkReset(Action):
+    """Drop the link connection (protocol error, failed authentication, dead peer)."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+class Notify(Action):
+    """Something an operator or a test may wait for: role change, link up/down, ..."""
+    __slots__ = ("kind", "fields")
+
+    def __init__(self, kind, **fields):
+        self.kind = kind
+        self.fields = fields
+
+    def __repr__(self):
+        return f"Notify({self.kind!r}, {self.fields!r})"

@@ -1,0 +1,522 @@
+"""The controller: one instance per controller, driven by events, returning actions.
+
+Owns the ha-mode write path. A host write for a LUN this controller owns is
+stored copy-on-write into free primary blocks (data, persist, descriptor,
+persist), validated by checksum, and its mirror requests wait in the holding
+pen until every block of the write is in NVRAM and valid; then all are sent
+together, or all are deleted and the host gets EIO (claims 2). The partner
+persists them into the corresponding blocks of its mirror segment (claims
+1.7-1.11) and acknowledges; only then is the host acknowledged. Dirty lines
+are destaged by watermark and idle policy, bracketed by flush-begin and
+flush-done messages (claims 5.12-5.14).
+
+I/O for a LUN the partner owns is forwarded to the owner over the link: the
+owner's cache is the one coherent copy, and forwarding keeps ownership stable
+while a host uses both paths, like the non-optimized paths of an ALUA array.
+
+When the link is down the owner keeps serving: writes land in its own NVRAM
+only (durable across its own crash and a power cut) and are destaged
+eagerly; when the link comes back a resync sends every live line to the
+partner before the pair counts as mirrored again.
+
+Entry points: host_read, host_write, host_flush, host_trim,
+host_write_zeroes, link_connected, link_frame, link_disconnected, disk_done,
+tick. Each returns the list of actions to carry out, in order.
+"""
+import collections
+
+from . import actions as A
+from .cache import LUN_SHIFT, SECTOR_BYTES, Line, PrimaryCache, dirty_runs, line_key, sector_bits
+from .formats import FormatError
+from .formats import frame as F
+from .formats import messages as M
+from .formats import nvram as N
+from .link import LinkProtocolError, LinkSession
+from .destage import DestageMixin
+from .mirror import MirrorSide
+from .peer import PeerMixin
+from .segment import DIRTY, Segment
+
+EIO, EINVAL, ENOSPC, ESHUTDOWN = 5, 22, 28, 108
+
+
+class Params:
+    """Everything the firmware needs to know that is not in NVRAM. No I/O here either."""
+
+    def __init__(self, controller_id, pair_id, lun_sizes, *, mode="ha", block_size_bytes=4096,
+                 high_watermark=0.5, low_watermark=0.25, idle_flush_ms=500,
+                 destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
+                 heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
+                 waiting_max=4096, buggify=None):
+        self.controller_id = controller_id
+        self.pair_id = pair_id
+        self.lun_sizes = list(lun_sizes)
+        self.mode = mode
+        self.block_size_bytes = block_size_bytes
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.idle_flush_ms = idle_flush_ms
+        self.destage_inflight_max = destage_inflight_max
+        self.max_write_bytes = max_write_bytes
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self.reliable_transport = reliable_transport
+        self.data_window_bytes = data_window_bytes
+        self.waiting_max = waiting_max
+        self.buggify = buggify or (lambda site: False)
+
+
+def nvram_is_blank(nv) -> bool:
+    return not any(nv[:N.SB_SLOT_BYTES * N.SB_SLOTS])
+
+
+def format_nvram(nv, params: Params):
+    """Lay out a blank NVRAM; return the ranges to persist."""
+    fields = N.plan_layout(len(nv), params.block_size_bytes, params.controller_id, params.pair_id)
+    nv[N.COMMIT_AREA_OFFSET:N.COMMIT_AREA_OFFSET + 4 * N.COMMIT_SLOT_BYTES] = bytes(4 * N.COMMIT_SLOT_BYTES)
+    for name in ("primary_desc_offset", "mirror_desc_offset"):
+        start = fields[name]
+        nv[start:start + fields["primary_blocks"] * N.DESC_SIZE_BYTES] = bytes(
+            fields["primary_blocks"] * N.DESC_SIZE_BYTES)
+    sb = N.build_superblock(fields)
+    nv[0:len(sb)] = sb
+    nv[N.SB_SLOT_BYTES:N.SB_SLOT_BYTES + len(sb)] = bytes(len(sb))
+    return [(0, N.HEADER_AREA_BYTES), (fields["primary_desc_offset"],
+                                      fields["primary_data_offset"] - fields["primary_desc_offset"])]
+
+
+class Forwarded:
+    """A host request that arrived from the partner (the non-owner forwarded it)."""
+    __slots__ = ("tag", "op")
+
+    def __init__(self, tag, op):
+        self.tag = tag
+        self.op = op
+
+
+class WriteOp:
+    __slots__ = ("req", "seq", "lines", "replaced", "fua")
+
+    def __init__(self, req, seq, lines, fua):
+        self.req = req
+        self.seq = seq
+        self.lines = lines
+        self.replaced = []
+        self.fua = fua
+
+
+class ReadOp:
+    __slots__ = ("req", "lun", "offset", "length", "overlay")
+
+    def __init__(self, req, lun, offset, length, overlay):
+        self.req = req
+        self.lun = lun
+        self.offset = offset
+        self.length = length
+        self.overlay = overlay
+
+
+class Controller(DestageMixin, PeerMixin):
+    def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
+        self.params = params
+        self.id = params.controller_id
+        self.nv = nv
+        self.out = []
+        self.now_ms = now_ms
+        self.buggify = params.buggify
+        sb, self.sb_slot = N.read_superblock_untrusted(nv, "NVRAM")
+        if sb.controller_id != self.id or sb.pair_id != params.pair_id:
+            raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
+                              f"{sb.pair_id.hex()}, not controller {self.id} of {params.pair_id.hex()}")
+        if sb.block_size_bytes != params.block_size_bytes:
+            raise FormatError(f"NVRAM has {sb.block_size_bytes} B cache blocks, config says "
+                              f"{params.block_size_bytes}")
+        self.sb = sb
+        self.generation = sb.generation
+        geometry = N.Geometry(sb)
+        self.block_size = sb.block_size_bytes
+        self.primary = Segment(nv, geometry, mirror=False)
+        self.cache = PrimaryCache(self.primary.blocks, self.block_size)
+        self.mirror = MirrorSide(Segment(nv, geometry, mirror=True), self.block_size // SECTOR_BYTES)
+        self.link = LinkSession(
+            self.id, params.pair_id, key, mode=0 if params.mode == "ha" else 1,
+            generation=self.generation, block_size_bytes=self.block_size,
+            primary_blocks=self.primary.blocks, reliable_transport=params.reliable_transport,
+            data_window_bytes=params.data_window_bytes,
+            heartbeat_interval_ms=params.heartbeat_interval_ms,
+            heartbeat_timeout_ms=params.heartbeat_timeout_ms)
+        self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
+        self.mirroring = False            # link up and the partner's mirror in sync
+        self.sync_pending = False
+        self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
+        self.forwarded = {}               # tag -> host req awaiting the owner's reply
+        self.next_tag = 1
+        self.disk_ops = {}                # op id -> ReadOp | DestageOp
+        self.next_op = 1
+        self.waiting = collections.deque()  # host writes waiting for free blocks
+        self.flushing_keys = collections.Counter()
+        self.flush_done_refs = []
+        self.destaging = False
+        self.destage_inflight = 0
+        self.destage_pause_until_ms = 0
+        self.last_host_io_ms = now_ms
+        self.stats = collections.Counter()
+        self._recover()
+
+    # -- recovery -------------------------------------------------------------
+
+    def _recover(self):
+        """Rebuild the cache from NVRAM alone: hash table, write-back queue, free list."""
+        out = self.out
+        scan = self.primary.scan()
+        cache = self.cache
+        by_seq = sorted(scan.blocks, key=lambda b: b.seq)
+        taken = set()
+        for rb in by_seq:
+            key = line_key(rb.lun, rb.lba * SECTOR_BYTES // self.block_size)
+            line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False)
+            old = cache.install(line)
+            taken.add(rb.index)
+            if old is not None:
+                taken.discard(old.block)
+                cache.by_block[old.block] = None
+                out.append(A.Persist(*self.primary.store_free(old.block)))
+        cache.free = [i for i in range(cache.capacity - 1, -1, -1) if i not in taken]
+        for index, reason in scan.dropped:
+            if index >= 0:
+                out.append(A.Persist(*self.primary.store_free(index)))
+            out.append(A.Notify("nvram_dropped", segment="primary", block=index, reason=reason))
+        self.next_seq = scan.max_seq + 1
+        mscan = self.mirror.segment.scan()
+        for r in self.mirror.recover(mscan):
+            out.append(A.Persist(*r))
+        for index, reason in mscan.dropped:
+            out.append(A.Notify("nvram_dropped", segment="mirror", block=index, reason=reason))
+        out.append(A.Notify("recovered", dirty_lines=cache.dirty_lines, free_blocks=len(cache.free),
+                            mirror_blocks=self.mirror.used_blocks, next_seq=self.next_seq,
+                            generation=self.generation, dropped=len(scan.dropped) + len(mscan.dropped)))
+
+    def start(self):
+        """The actions recovery produced (persist cleanups, notifications)."""
+        return self._take()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _take(self):
+        if self.flush_done_refs and self.link.up:
+            self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        self.flush_done_refs = []
+        if self.link.state != "down":
+            buffers = self.link.take_output()
+            if buffers:
+                self.out.append(A.Transmit(buffers))
+        out, self.out = self.out, []
+        return out
+
+    def _send_refs(self, msg_type, refs):
+        for i in range(0, len(refs), 4096):
+            body = M.FlushDone.build({"blocks": [{"cache_id": c, "seq": s} for c, s in refs[i:i + 4096]]})
+            self.link.send(msg_type, M.Resource.CACHE_META, body)
+
+    def _reply(self, req, error=0, data=None):
+        if req.__class__ is _Part:
+            joint = req.joint
+            joint.error = joint.error or error
+            joint.remaining -= 1
+            if joint.remaining == 0:
+                self._reply(joint.req, joint.error)
+            return
+        if req.__class__ is Forwarded:
+            payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
+            if self.link.up:
+                self.link.send(M.MsgType.IO_REPLY, M.Resource.HOST_IO, payload, tag=req.tag,
+                               flags=F.FLAG_RESPONSE,
+                               lane=F.LANE_DATA if data is not None else F.LANE_CONTROL)
+            return
+        self.out.append(A.HostReply(req, error, data))
+
+    def _check_range(self, lun, offset, length):
+        if not 0 <= lun < len(self.params.lun_sizes):
+            return EINVAL
+        if offset < 0 or length < 0 or offset + length > self.params.lun_sizes[lun]:
+            return ENOSPC if length else EINVAL
+        if offset % SECTOR_BYTES or length % SECTOR_BYTES:
+            return EINVAL
+        return 0
+
+    def owns(self, lun) -> bool:
+        return self.owner.get(lun) == self.id
+
+    def _new_op(self):
+        op = self.next_op
+        self.next_op += 1
+        return op
+
+    def _persist(self, rng):
+        self.out.append(A.Persist(rng[0], rng[1]))
+
+    # -- host I/O -------------------------------------------------------------
+
+    def host_write(self, req, lun, offset, data, fua=False):
+        self._host_write(req, lun, offset, data, fua)
+        return self._take()
+
+    def _host_write(self, req, lun, offset, data, fua):
+        self.last_host_io_ms = self.now_ms
+        length = len(data)
+        error = self._check_range(lun, offset, length)
+        if error or length > self.params.max_write_bytes or length == 0:
+            self._reply(req, error or EINVAL)
+        elif not self.owns(lun):
+            self._forward(req, M.IoOp.WRITE, lun, offset, length, data, fua)
+        elif self.waiting or len(self.cache.free) < self._lines_spanned(offset, length):
+            self._wait(req, lun, offset, data, fua)
+        else:
+            self._write(req, lun, offset, data, fua)
+
+    def _lines_spanned(self, offset, length):
+        bs = self.block_size
+        return (offset + length - 1) // bs - offset // bs + 1
+
+    def _wait(self, req, lun, offset, data, fua):
+        if len(self.waiting) >= self.params.waiting_max:
+            self._reply(req, ENOSPC)
+            return
+        self.waiting.append((req, lun, offset, bytes(data), fua))
+        self.stats["writes_waited"] += 1
+        self._pump()
+
+    def _drain_waiting(self):
+        waiting, free = self.waiting, self.cache.free
+        while waiting and len(free) >= self._lines_spanned(waiting[0][2], len(waiting[0][3])):
+            self._write(*waiting.popleft())
+
+    def _write(self, req, lun, offset, data, fua):
+        """Copy-on-write into free primary blocks, validate, then release the holding pen."""
+        seg, cache, out, bs = self.primary, self.cache, self.out, self.block_size
+        first = offset // bs
+        count = (offset + len(data) - 1) // bs - first + 1
+        seq = self.next_seq
+        self.next_seq += 1
+        generation = self.generation & 0xFFFFFFFF
+        pen = []          # holding pen: one mirror request per block, apart from the data (claims 2.6)
+        pos = 0
+        for i in range(count):
+            start = (first + i) * bs
+            lo = offset - start if i == 0 else 0
+            hi = min(offset + len(data) - start, bs)
+            block = cache.alloc()
+            view = seg.data(block)
+            key = (lun << LUN_SHIFT) | (first + i)
+            bits = sector_bits(lo, hi)
+            if hi - lo != bs:
+                old = cache.lines.get(key)
+                if old is not None:             # merge: the new version carries the old sectors too
+                    view[:] = seg.data(old.block)
+                    bits |= old.bitmap
+            piece = data[pos:pos + hi - lo]
+            pos += hi - lo
+            view[lo:hi] = piece
+            if self.buggify("nvram_store_corrupt"):
+                view[lo] ^= 0x5A                # a simulated bad store into NVRAM
+            out.append(A.Persist(seg.data_offset(block), bs))
+            crc = N.crc32c(piece)
+            if N.crc32c(view[lo:hi]) != crc:    # claims 2.1: validate the data in NVRAM
+                cache.free.append(block)
+                self._delete_pen(req, pen)
+                return
+            data_crc = crc if hi - lo == bs else N.crc32c(view)
+            self._persist(seg.store_descriptor(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq,
+                                               generation, data_crc, bits))
+            pen.append((Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), data_crc))
+        self._persist(seg.store_commit(seq))
+        self._release_pen(req, seq, pen, fua)
+
+    def _delete_pen(self, req, pen):
+        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5)."""
+        for line, _crc in pen:
+            self._persist(self.primary.store_free(line.block))
+            self.cache.free.append(line.block)
+        self.stats["writes_invalid"] += 1
+        self.out.append(A.Notify("write_invalid", blocks=len(pen) + 1))
+        self._reply(req, EIO)
+
+    def _release_pen(self, req, seq, pen, fua):
+        """All data valid: install the lines and send all mirror requests together (claims 2.4)."""
+        cache = self.cache
+        op = WriteOp(req, seq, [line for line, _ in pen], fua)
+        for line in op.lines:
+            old = cache.install(line)
+            if old is not None:
+                op.replaced.append(old)
+        if not self.link.up:
+            self._finish_write(op, mirrored=False)
+            return
+        count = len(pen)
+        generation = self.generation & 0xFFFFFFFF
+        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
+        for i, (line, data_crc) in enumerate(pen):
+            ctx = (M.CTX_FIRST if i == 0 else 0) | (M.CTX_LAST if i == count - 1 else 0) | (
+                M.CTX_FUA if fua else 0)
+            send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
+                 (head.pack(line.block, line.lun, ctx, line.lba, seq, i, count, data_crc,
+                            line.bitmap.to_bytes(16, "big"), generation, self.block_size),
+                  seg.data(line.block)))
+        self.pending[seq] = op
+        if self.buggify("ack_before_mirror"):
+            self._reply(req, 0)                 # the broken variant the simulator must catch
+            op.req = None
+
+    def _finish_write(self, op, mirrored):
+        if op.req is not None:
+            self._reply(op.req, 0)
+        for line in op.lines:
+            line.mirrored = mirrored
+        for old in op.replaced:
+            old.dead = True
+            self._maybe_free(old)
+        self.stats["writes"] += 1
+        if not mirrored:
+            self.stats["writes_degraded"] += 1
+        self._pump()
+
+    def _maybe_free(self, line):
+        if self.cache.freeable(line):
+            self._persist(self.primary.store_free(line.block))
+            self.cache.release_block(line)
+            if self.waiting:
+                self._drain_waiting()
+
+    def host_read(self, req, lun, offset, length):
+        self._host_read(req, lun, offset, length)
+        return self._take()
+
+    def _host_read(self, req, lun, offset, length):
+        self.last_host_io_ms = self.now_ms
+        error = self._check_range(lun, offset, length)
+        if error or length > self.params.max_write_bytes:
+            self._reply(req, error or EINVAL)
+        elif not self.owns(lun):
+            self._forward(req, M.IoOp.READ, lun, offset, length, None, False)
+        else:
+            self._read(req, lun, offset, length)
+
+    def _read(self, req, lun, offset, length):
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        overlay = list(self.cache.overlapping(lun, first, last))
+        if overlay and self._covers(overlay, offset, length, first, last):
+            buf = bytearray(length)
+            self._apply_overlay(buf, overlay, offset, length)
+            self._reply(req, 0, buf)
+            self.stats["read_hits"] += 1
+            return
+        for line in overlay:
+            line.pins += 1
+        op = self._new_op()
+        self.disk_ops[op] = ReadOp(req, lun, offset, length, overlay)
+        self.out.append(A.DiskRead(op, lun, offset, length))
+
+    def _covers(self, overlay, offset, length, first, last):
+        if len(overlay) != last - first + 1:
+            return False
+        bs = self.block_size
+        for line in overlay:
+            start = (line.key & ((1 << LUN_SHIFT) - 1)) * bs
+            need = sector_bits(max(offset, start) - start, min(offset + length, start + bs) - start)
+            if line.bitmap & need != need:
+                return False
+        return True
+
+    def _apply_overlay(self, buf, overlay, offset, length):
+        bs, seg = self.block_size, self.primary
+        for line in overlay:
+            start = (line.key & ((1 << LUN_SHIFT) - 1)) * bs
+            lo, hi = max(offset, start) - start, min(offset + length, start + bs) - start
+            view = seg.data(line.block)
+            if line.bitmap == self.cache.full_bitmap:
+                buf[start + lo - offset:start + hi - offset] = view[lo:hi]
+                continue
+            for s, e in dirty_runs(line.bitmap, lo // SECTOR_BYTES, hi // SECTOR_BYTES):
+                a, b = s * SECTOR_BYTES, e * SECTOR_BYTES
+                buf[start + a - offset:start + b - offset] = view[a:b]
+
+    def host_flush(self, req, lun):
+        """Acknowledged writes are already in NVRAM (both controllers' when mirrored): nothing to wait for."""
+        self._reply(req, self._check_range(lun, 0, 0))
+        return self._take()
+
+    def host_trim(self, req, lun, offset, length):
+        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded."""
+        self._reply(req, self._check_range(lun, offset, length))
+        return self._take()
+
+    def host_write_zeroes(self, req, lun, offset, length, fua=False):
+        error = self._check_range(lun, offset, length)
+        if error or length == 0:
+            self._reply(req, error or EINVAL)
+            return self._take()
+        chunk = min(self.params.max_write_bytes, 1 << 20)
+        if length <= chunk:
+            self._host_write(req, lun, offset, bytes(length), fua)
+            return self._take()
+        joint = _Joint(req, (length + chunk - 1) // chunk)
+        for start in range(offset, offset + length, chunk):
+            self._host_write(_Part(joint), lun, start, bytes(min(chunk, offset + length - start)), fua)
+        return self._take()
+
+    # -- forwarding -----------------------------------------------------------
+
+    def _forward(self, req, op, lun, offset, length, data, fua):
+        if not self.link.up:
+            self._reply(req, EIO)
+            self.stats["forward_refused"] += 1
+            return
+        tag = self.next_tag
+        self.next_tag = tag % 0xFFFFFFFF + 1
+        self.forwarded[tag] = req
+        head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
+        self.link.send(M.MsgType.IO_REQUEST, M.Resource.HOST_IO,
+                       (head, data) if data is not None else head, tag=tag)
+        self.stats["forwarded"] += 1
+
+    def _on_io_request(self, msg):
+        op, fua, lun, offset, length = M.IO_REQUEST_HEAD.unpack_from(msg.payload)
+        data = msg.payload[M.IO_REQUEST_HEAD.size:]
+        req = Forwarded(msg.tag, op)
+        if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
+            self._reply(req, EIO)               # ownership moved: the sender retries elsewhere
+        elif op == M.IoOp.WRITE:
+            self._host_write(req, lun, offset, data, bool(fua))
+        elif op == M.IoOp.READ:
+            self._host_read(req, lun, offset, length)
+        elif op == M.IoOp.FLUSH:
+            self._reply(req, 0)
+        else:
+            self._reply(req, EINVAL)
+
+    def _on_io_reply(self, msg):
+        req = self.forwarded.pop(msg.tag, None)
+        if req is None:
+            raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
+        (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
+        data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
+        self.out.append(A.HostReply(req, error, data))
+
+
+class _Joint:
+    """One host WRITE_ZEROES split into cache-sized parts; replies when all are done."""
+    __slots__ = ("req", "remaining", "error")
+
+    def __init__(self, req, parts):
+        self.req = req
+        self.remaining = parts
+        self.error = 0
+
+
+class _Part:
+    __slots__ = ("joint",)
+
+    def __init__(self, joint):
+        self.joint = joint
+

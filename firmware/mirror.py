@@ -1,0 +1,153 @@
+"""The partner's side of mirroring: this controller's mirror segment.
+
+Owns what the partner keeps of the owner's cache (claims 5.2: each
+controller knows the content of the other's cache): the mirror blocks the
+owner wrote, their metadata (LUN, LBA, dirty bitmap, cache id, sequence;
+claims 5.3), and the atomic commit of a multi-block host write: a group's
+blocks are persisted as they arrive but become part of the view only when
+the last one is in, and the commit record is advanced (claims 1.10). A group
+cut short by a crash is dropped on recovery because the commit record never
+reached it. Flush-begin marks a mirror copy temporarily invalid (5.12);
+flush-done frees it for reuse (5.13, 5.14). During a resync every block the
+owner does not resend is freed when the resync is done.
+"""
+
+from .cache import LUN_SHIFT, SECTOR_BYTES
+from .formats import nvram as N
+from .segment import DIRTY, FLUSHING, FREE
+
+
+class MirrorError(Exception):
+    """The owner sent a mirror message that cannot be right (an operating fault)."""
+
+
+class MirrorBlock:
+    __slots__ = ("key", "lun", "lba", "seq", "bitmap", "state")
+
+    def __init__(self, key, lun, lba, seq, bitmap, state):
+        self.key = key
+        self.lun = lun
+        self.lba = lba
+        self.seq = seq
+        self.bitmap = bitmap
+        self.state = state
+
+
+class MirrorSide:
+    def __init__(self, segment, sectors_per_line: int):
+        self.segment = segment
+        self.sectors_per_line = sectors_per_line
+        self.blocks = [None] * segment.blocks      # block -> MirrorBlock (committed)
+        self.view = {}                             # key -> block: the owner's cache content
+        self.group = []                            # blocks of the group being received
+        self.group_seq = -1
+        self.unconfirmed = None                    # during a resync: blocks not yet resent
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self.view)
+
+    def recover(self, scan):
+        """Rebuild the view from a segment scan (newest version of each key wins)."""
+        persists = []
+        for rb in sorted(scan.blocks, key=lambda b: b.seq):
+            key = (rb.lun << LUN_SHIFT) | (rb.lba * SECTOR_BYTES // self.segment.block_size)
+            old = self.view.get(key)
+            if old is not None:
+                persists.append(self._free(old))
+            self.view[key] = rb.index
+            self.blocks[rb.index] = MirrorBlock(key, rb.lun, rb.lba, rb.seq, rb.bitmap, rb.state)
+        for index, _reason in scan.dropped:
+            if index >= 0:
+                persists.append(self.segment.store_free(index))
+        return persists
+
+    def write(self, cache_id, lun, ctx, lba, seq, gi, gc, data_crc, bitmap, generation, data):
+        """Persist one mirror block; return (persist ranges, committed group seq or None)."""
+        seg = self.segment
+        if cache_id >= seg.blocks or len(data) != seg.block_size or not gi < gc:
+            raise MirrorError(f"mirror write to block {cache_id} of {len(data)} bytes, group {gi}/{gc}")
+        if N.crc32c(data) != data_crc:
+            raise MirrorError(f"mirror write to block {cache_id}: data CRC32C mismatch")
+        persists = []
+        if gi == 0:
+            persists.extend(self.abandon_group())
+        existing = self.blocks[cache_id]
+        if existing is not None:          # the owner reused it: its decision wins
+            persists.append(self._free(cache_id))
+        seg.data(cache_id)[:] = data
+        persists.append((seg.data_offset(cache_id), seg.block_size))
+        persists.append(seg.store_descriptor(cache_id, DIRTY, lun, gi, gc, lba, seq, generation,
+                                             data_crc, bitmap))
+        if gi == 0:
+            self.group_seq = seq
+        elif seq != self.group_seq or len(self.group) != gi:
+            raise MirrorError(f"mirror block {gi}/{gc} of write {seq} arrived out of its group")
+        self.group.append((cache_id, lun, lba, bitmap))
+        if len(self.group) < gc:
+            return persists, None
+        self._commit(seq, persists)
+        return persists, seq
+
+    def _commit(self, seq, persists):
+        block_size = self.segment.block_size
+        for cache_id, lun, lba, bitmap in self.group:
+            key = (lun << LUN_SHIFT) | (lba * SECTOR_BYTES // block_size)
+            old = self.view.get(key)
+            if old is not None and old != cache_id:
+                persists.append(self._free(old))
+            self.view[key] = cache_id
+            self.blocks[cache_id] = MirrorBlock(key, lun, lba, seq, bitmap, DIRTY)
+            if self.unconfirmed is not None:
+                self.unconfirmed.discard(cache_id)
+        self.group = []
+        if seq > self.segment.committed_seq:
+            persists.append(self.segment.store_commit(seq))
+
+    def abandon_group(self):
+        """Free the blocks of a group that will never complete (cut by a link drop or resync)."""
+        persists = [self.segment.store_free(cache_id) for cache_id, *_ in self.group]
+        self.group = []
+        return persists
+
+    def _free(self, cache_id):
+        block = self.blocks[cache_id]
+        self.blocks[cache_id] = None
+        if block is not None and self.view.get(block.key) == cache_id:
+            del self.view[block.key]
+        return self.segment.store_free(cache_id)
+
+    def flush_begin(self, refs):
+        persists = []
+        for cache_id, seq in refs:
+            block = self.blocks[cache_id] if cache_id < len(self.blocks) else None
+            if block is not None and block.seq == seq and block.state == DIRTY:
+                block.state = FLUSHING
+                persists.append(self.segment.store_state(cache_id, FLUSHING))
+        return persists
+
+    def flush_done(self, refs):
+        persists = []
+        for cache_id, seq in refs:
+            block = self.blocks[cache_id] if cache_id < len(self.blocks) else None
+            if block is not None and block.seq == seq:
+                persists.append(self._free(cache_id))
+        return persists
+
+    def sync_begin(self):
+        persists = self.abandon_group()
+        self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None}
+        return persists
+
+    def sync_done(self):
+        persists = [self._free(i) for i in sorted(self.unconfirmed or ())]
+        self.unconfirmed = None
+        return persists
+
+    def counts(self):
+        states = [b.state for b in self.blocks if b is not None]
+        return {"mirror_blocks": len(states), "mirror_flushing": states.count(FLUSHING),
+                "mirror_free": len(self.blocks) - len(states)}
+
+
+__all__ = ["MirrorSide", "MirrorError", "FREE"]

@@ -1,0 +1,199 @@
+"""The controller's dealings with its partner over the link.
+
+Owns the link entry points (link_connected, link_frame, link_disconnected),
+the dispatch of partner messages to their named resources (claims 1.3), the
+partner side of mirroring (persist into the mirror segment, ack), the
+owner's mirror resynchronisation after the link comes up, and the degraded
+mode while it is down: writes still pending a mirror ack complete from this
+controller's NVRAM alone, forwarded requests fail with EIO, and the pair is
+mirrored again only when the resync is done.
+"""
+from . import actions as A
+from .formats import FormatError
+from .formats import frame as F
+from .formats import messages as M
+from .formats import nvram as N
+from .link import LinkProtocolError
+from .mirror import MirrorError
+
+EIO = 5
+T = M.MsgType
+
+
+class PeerMixin:
+    def link_connected(self, nonce, now_ms):
+        """A transport to the partner exists (the runtime supplies a fresh random nonce)."""
+        self.now_ms = now_ms
+        if self.link.state != "down":
+            self._link_failed("a new connection replaced the old one")
+        self.link.connected(nonce, now_ms)
+        return self._take()
+
+    def link_disconnected(self, reason):
+        if self.link.state != "down":
+            self._link_failed(reason, reset=False)
+        return self._take()
+
+    def link_frame(self, frame, now_ms):
+        """One whole frame from the framer."""
+        self.now_ms = now_ms
+        if self.link.state == "down":
+            return self._take()
+        was_up = self.link.up
+        try:
+            msg = self.link.receive(frame, now_ms)
+            if not was_up and self.link.up:
+                self._on_link_up()
+            if msg is not None:
+                self._dispatch(msg)
+        except (LinkProtocolError, FormatError, MirrorError) as exc:
+            self.stats["link_errors"] += 1
+            self._link_failed(f"protocol error: {exc}")
+        return self._take()
+
+    def _link_failed(self, reason, reset=True):
+        """The session is over: complete what waited on the partner, go degraded."""
+        self.out.append(A.Notify("link_down", reason=reason))
+        if reset:
+            self.out.append(A.LinkReset(reason))
+        self.link.disconnected()
+        self.mirroring = False
+        self.sync_pending = False
+        for r in self.mirror.abandon_group():
+            self._persist(r)
+        pending, self.pending = self.pending, {}
+        for seq in sorted(pending):
+            self._finish_write(pending[seq], mirrored=False)
+        forwarded, self.forwarded = self.forwarded, {}
+        for req in forwarded.values():
+            self._reply(req, EIO)
+        self._pump()
+
+    def _on_link_up(self):
+        peer = self.link.peer
+        self.out.append(A.Notify("link_up", peer=peer.controller_id, peer_generation=peer.generation))
+        if peer.block_size_bytes != self.block_size or peer.primary_blocks != self.mirror.segment.blocks:
+            raise LinkProtocolError(f"peer cache geometry {peer.primary_blocks} x {peer.block_size_bytes} B "
+                                    f"does not match this mirror segment")
+        self._start_resync()
+
+    def _start_resync(self):
+        """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
+        lines = sorted(self.cache.by_block_live(), key=lambda line: line.seq)
+        body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
+        self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
+        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
+        generation = self.generation & 0xFFFFFFFF
+        for line in lines:
+            data = seg.data(line.block)
+            crc = N.crc32c(data)
+            send(T.MIRROR_WRITE, M.Resource.MIRROR,
+                 (head.pack(line.block, line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.lba,
+                            line.seq, 0, 1, crc, line.bitmap.to_bytes(16, "big"), generation,
+                            self.block_size), data))
+            if line.flushing:
+                self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])
+        self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
+        self.sync_pending = True
+        self.resync_lines = lines
+        self.out.append(A.Notify("resync_start", lines=len(lines)))
+
+    def _dispatch(self, msg):
+        handler = DISPATCH.get(msg.type)
+        if handler is None:
+            raise LinkProtocolError(f"unexpected message type {msg.type}")
+        getattr(self, handler)(msg)
+
+    # -- partner side: the mirror segment -----------------------------------
+
+    def _on_mirror_write(self, msg):
+        p = msg.payload
+        (cache_id, lun, ctx, lba, seq, gi, gc, data_crc, bitmap, generation,
+         length) = M.MIRROR_WRITE_HEAD.unpack_from(p)
+        data = p[M.MIRROR_WRITE_HEAD.size:]
+        if length != len(data):
+            raise MirrorError(f"mirror write says {length} bytes, carries {len(data)}")
+        persists, committed = self.mirror.write(cache_id, lun, ctx, lba, seq, gi, gc, data_crc,
+                                                int.from_bytes(bitmap, "big"), generation, data)
+        out = self.out
+        for offset, size in persists:
+            out.append(A.Persist(offset, size))
+        if committed is not None and not ctx & M.CTX_RESYNC:
+            self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(committed, 0, gc, 0),
+                           lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
+        self.stats["mirror_writes_received"] += 1
+
+    def _on_flush_refs(self, msg):
+        body = M.parse_body_untrusted(msg.type, msg.payload, "flush message")
+        refs = [(b.cache_id, b.seq) for b in body.blocks]
+        persists = (self.mirror.flush_begin(refs) if msg.type == T.FLUSH_BEGIN
+                    else self.mirror.flush_done(refs))
+        for r in persists:
+            self._persist(r)
+
+    def _on_sync(self, msg):
+        if msg.flags & F.FLAG_RESPONSE:            # our resync is done: mirrored again
+            if self.sync_pending:
+                self.sync_pending = False
+                self.mirroring = True
+                for line in self.resync_lines:
+                    line.mirrored = True
+                self.resync_lines = []
+                self.out.append(A.Notify("mirrored", generation=self.generation))
+            return
+        if msg.type == T.SYNC_BEGIN:
+            for r in self.mirror.sync_begin():
+                self._persist(r)
+        else:
+            for r in self.mirror.sync_done():
+                self._persist(r)
+            self.link.send(T.SYNC_DONE, M.Resource.MIRROR, bytes(msg.payload), lane=F.LANE_CONTROL,
+                           flags=F.FLAG_RESPONSE, tag=msg.tag)
+
+    # -- owner side -----------------------------------------------------------
+
+    def _on_mirror_ack(self, msg):
+        seq, status, _count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
+        op = self.pending.pop(seq, None)
+        if op is None:
+            raise LinkProtocolError(f"mirror ack for unknown write {seq}")
+        if status:
+            raise LinkProtocolError(f"partner refused mirror write {seq}: error {status}")
+        self._finish_write(op, mirrored=True)
+
+    def _on_ping(self, msg):
+        self.link.send(T.PONG, M.Resource.ADMIN, bytes(msg.payload), lane=F.LANE_CONTROL,
+                       tag=msg.tag, flags=F.FLAG_RESPONSE)
+
+    def _on_pong(self, msg):
+        (sent_ns,) = M.PING_STRUCT.unpack_from(msg.payload)
+        self.out.append(A.Notify("pong", tag=msg.tag, sent_ns=sent_ns))
+
+    def ping(self, tag, sent_ns):
+        """Send a control-lane round trip (admin, and the reserved-credit test)."""
+        if self.link.up:
+            self.link.send(T.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(sent_ns), lane=F.LANE_CONTROL, tag=tag)
+        return self._take()
+
+    def _on_error(self, msg):
+        body = M.parse_body_untrusted(T.ERROR, msg.payload, "ERROR")
+        raise LinkProtocolError(f"partner reported error {body.code}: {body.message}")
+
+    def _on_ignored(self, msg):
+        self.stats[f"ignored_{msg.type}"] += 1
+
+
+DISPATCH = {
+    T.MIRROR_WRITE: "_on_mirror_write",
+    T.MIRROR_ACK: "_on_mirror_ack",
+    T.FLUSH_BEGIN: "_on_flush_refs",
+    T.FLUSH_DONE: "_on_flush_refs",
+    T.SYNC_BEGIN: "_on_sync",
+    T.SYNC_DONE: "_on_sync",
+    T.IO_REQUEST: "_on_io_request",
+    T.IO_REPLY: "_on_io_reply",
+    T.PING: "_on_ping",
+    T.PONG: "_on_pong",
+    T.ERROR: "_on_error",
+    T.METADATA: "_on_ignored",
+}
