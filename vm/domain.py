@@ -53,6 +53,7 @@ class DomainSpec:
     after: str = "stay"            # after the command: "stay", "poweroff" or "shell"
     emulator: str = "/usr/bin/qemu-system-x86_64"
     extra_cmdline: str = ""
+    uuid: str = ""                 # keep an existing domain's uuid when redefining it
 
 
 def kernel_cmdline(spec: DomainSpec) -> str:
@@ -144,6 +145,8 @@ def domain_xml(spec: DomainSpec) -> str:
     assert spec.domain_type in ("qemu", "kvm"), spec.domain_type
     root = ET.Element("domain", type=spec.domain_type)
     _sub(root, "name", spec.name)
+    if spec.uuid:
+        _sub(root, "uuid", spec.uuid)
     total_mib = spec.memory_mib + spec.nvram_size_mib
     _sub(root, "maxMemory", 2048 + spec.nvram_size_mib, slots=2, unit="MiB")
     _sub(root, "memory", total_mib, unit="MiB")

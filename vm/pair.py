@@ -118,7 +118,10 @@ class VmPair:
             command=command, after=after)
 
     def define(self, name: str, command: str = "", after: str = "stay") -> libvirt.virDomain:
-        return self.conn.defineXML(domain_xml(self.spec(name, command, after)))
+        spec = self.spec(name, command, after)
+        if existing := self.domain(name):
+            spec.uuid = existing.UUIDString()
+        return self.conn.defineXML(domain_xml(spec))
 
     def domain(self, name: str) -> libvirt.virDomain | None:
         try:
