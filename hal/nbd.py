@@ -490,7 +490,7 @@ class NbdConnection:
             return
         export = self._lookup(name)
         if export is None:
-            self._option_reply(option, NBD_REP_ERR_UNKNOWN, f"no export {name!r}".encode()[:256])
+            self._option_reply(option, NBD_REP_ERR_UNKNOWN, f"no export {name[:64]!r}".encode())
             return
         for info in self._info_replies(export, infos):
             self._option_reply(option, NBD_REP_INFO, info)
