@@ -449,3 +449,28 @@ def test_disc_closes_after_replies(session):
     session.request(nbd.NBD_CMD_DISC, 2)
     assert session.read_reply(512) == (0, 1, bytes(512))
     assert session.server_closed()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_garbage_and_mutated_sessions_never_raise(seed):
+    """Untrusted bytes end in replies or a close with a reason, never an exception."""
+    rng = random.Random(seed)
+    wire = bytearray(session_bytes() + random_requests(rng, 5)[0][:200000])
+    for _ in range(rng.randrange(1, 8)):
+        wire[rng.randrange(len(wire))] = rng.randrange(256)
+    if seed % 4 == 0:
+        wire = bytearray(rng.randbytes(5000))
+    conn = NbdConnection(EXPORTS, max_inflight=3)
+    pos = 0
+    while pos < len(wire) and not conn.closed:
+        buf = conn.recv_buffer()
+        n = min(len(buf), len(wire) - pos, rng.randrange(1, 3000))
+        buf[:n] = wire[pos:pos + n]
+        pos += n
+        requests = conn.received(n)
+        while requests:
+            for req in requests:
+                assert conn.inflight <= 3 and req.offset + req.length <= req.export.size_bytes
+                conn.reply(req, data=bytes(req.length) if req.op == nbd.NBD_CMD_READ else None)
+            requests = conn.received(0) if conn.backlog else []
+    assert not conn.closed or conn.close_reason
