@@ -10,18 +10,21 @@ and B's end of the link reconnects by itself.
 Three guest boots in all (A and B together, then A again); the tests share
 them and run in file order.
 """
+import base64
 import hashlib
 import json
 import secrets
 import socket
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 
 from fixtures.vm import vm_pair  # noqa: F401  (until fixtures/plugin.py registers it)
+from vm import assets, libvirtd
+from vm.domain import QEMU_NS, Disk, DomainSpec, domain_xml
 from vm.probe import BLOCK_BYTES, nvram_pattern
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 PROBE_TIMEOUT_S = 150.0
 DEVDAX_DATA_OFFSET_BYTES = 2 << 20      # devdax info block, then data from 2 MiB in the nvdimm file
@@ -66,6 +69,8 @@ def booted(vm_pair):
     return reports, times
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_guests_find_the_shared_disks_by_serial(vm_pair, booted):
     reports, _ = booted
     serials = {vm_pair.disk_serial(i) for i in range(vm_pair.config.disk_count)}
@@ -75,6 +80,8 @@ def test_guests_find_the_shared_disks_by_serial(vm_pair, booted):
         assert all(dev.startswith("/dev/sd") for dev in found.values())
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_guest_a_stores_into_devdax_nvram(vm_pair, booted):
     reports, _ = booted
     nvram = reports["a"]["nvram"][0]
@@ -85,6 +92,8 @@ def test_guest_a_stores_into_devdax_nvram(vm_pair, booted):
         assert f.read(BLOCK_BYTES) == nvram_pattern(TOKEN), "the store is not in the host backing file"
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_link_frames_go_both_ways(booted):
     reports, _ = booted
     hello_ack = reports["a"]["link"][0]
@@ -92,6 +101,8 @@ def test_link_frames_go_both_ways(booted):
     assert reports["b"]["shared-disk"][0]["peer"]["op"] == "wrote"
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_a_writes_a_shared_disk_block_b_reads_it(vm_pair, booted):
     reports, _ = booted
     a, b = reports["a"]["shared-disk"][0], reports["b"]["shared-disk"][0]
@@ -101,6 +112,8 @@ def test_a_writes_a_shared_disk_block_b_reads_it(vm_pair, booted):
         assert hashlib.sha256(f.read(BLOCK_BYTES)).hexdigest() == a["wrote_sha256"]
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_host_port_forward_reaches_each_guest(vm_pair, booted):
     for name in "ab":
         vm_pair.wait_for(name, r'"kind": "serve"', 30)
@@ -110,6 +123,8 @@ def test_host_port_forward_reaches_each_guest(vm_pair, booted):
         assert line == f"twincache-probe {name} {TOKEN}\n".encode()
 
 
+@pytest.mark.vm
+@pytest.mark.slow
 def test_power_cut_a_nvram_survives_and_link_reconnects(vm_pair, booted):
     path = vm_pair.nvram_path("a")
     before = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -128,3 +143,125 @@ def test_power_cut_a_nvram_survives_and_link_reconnects(vm_pair, booted):
     assert nvram["mode"] == "check" and nvram["matches"], nvram
     assert "creating devdax" not in vm_pair.console("a"), "the namespace was recreated on restart"
     assert reports["link"][0]["frame"]["src"] == "b", "B's end of the link did not reconnect"
+
+
+# --- no VM needed: the domain XML, the initramfs archive, the libvirtd config ---------------
+
+def spec(name="a", **overrides) -> DomainSpec:
+    values = dict(name=f"twincache-{name}", controller=name, kernel="/k/vmlinuz", initrd="/k/initrd",
+                  nvram_path=f"/r/{name}/nvram.img", nvram_size_mib=64,
+                  disks=[Disk("/r/disks/disk0.img", "s0"), Disk("/r/disks/disk1.img", "s1")],
+                  link_socket="/r/link.sock", link_listen=(name == "a"), console_log=f"/r/{name}/console.log",
+                  nbd_host_port=11809, command="echo 'hi there' | cat")
+    values.update(overrides)
+    return DomainSpec(**values)
+
+
+def test_domain_xml_boots_the_kernel_on_tcg_with_the_command_encoded():
+    root = ET.fromstring(domain_xml(spec()))
+    assert root.get("type") == "qemu" and root.findtext("vcpu") == "1"
+    assert root.find("os/type").get("machine") == "pc" and root.findtext("os/kernel") == "/k/vmlinuz"
+    assert root.find("features/acpi") is not None and root.find("cpu").get("mode") == "maximum"
+    args = dict(a.partition("=")[::2] for a in root.findtext("os/cmdline").split())
+    assert args["console"] == "ttyS0" and args["tc.name"] == "a"
+    assert base64.urlsafe_b64decode(args["tc.cmd"]).decode() == "echo 'hi there' | cat"
+
+
+def test_domain_xml_nvdimm_is_the_controllers_nvram_file():
+    root = ET.fromstring(domain_xml(spec("b")))
+    nvdimm = root.find("devices/memory[@model='nvdimm']")
+    assert nvdimm.get("access") == "shared"
+    assert nvdimm.findtext("source/path") == "/r/b/nvram.img"
+    assert nvdimm.find("target/size").text == "64" and nvdimm.find("target/size").get("unit") == "MiB"
+    assert root.find("maxMemory").get("slots") == "2"
+    assert root.find("cpu/numa/cell").get("memory") == "512"
+
+
+def test_domain_xml_disks_are_shareable_scsi_with_serials_and_no_host_cache():
+    root = ET.fromstring(domain_xml(spec()))
+    assert root.find("devices/controller[@type='scsi']").get("model") == "virtio-scsi"
+    disks = root.findall("devices/disk")
+    assert [d.findtext("serial") for d in disks] == ["s0", "s1"]
+    for unit, disk in enumerate(disks):
+        assert disk.find("shareable") is not None and disk.find("target").get("bus") == "scsi"
+        assert disk.find("driver").get("cache") == "none" and disk.find("driver").get("type") == "raw"
+        assert disk.find("address").get("unit") == str(unit)
+
+
+def test_domain_xml_link_binds_on_a_and_reconnects_on_b():
+    a = ET.fromstring(domain_xml(spec("a"))).find("devices/channel")
+    b = ET.fromstring(domain_xml(spec("b"))).find("devices/channel")
+    for channel in (a, b):
+        assert channel.get("type") == "unix" and channel.find("source").get("path") == "/r/link.sock"
+        assert channel.find("target").get("type") == "virtio" and channel.find("target").get("name") == "ctl.link"
+    assert a.find("source").get("mode") == "bind" and a.find("source/reconnect") is None
+    assert b.find("source").get("mode") == "connect" and b.find("source/reconnect").get("enabled") == "yes"
+
+
+def test_domain_xml_root_share_console_and_loopback_only_port_forward():
+    root = ET.fromstring(domain_xml(spec()))
+    fs = root.find("devices/filesystem")
+    assert fs.find("source").get("dir") == "/" and fs.find("target").get("dir") == "hostroot"
+    assert fs.find("readonly") is not None and fs.get("multidevs") == "remap"
+    serial = root.find("devices/serial")
+    assert serial.get("type") == "file" and serial.find("source").get("path") == "/r/a/console.log"
+    args = [a.get("value") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    netdev = args[args.index("-netdev") + 1]
+    assert "hostfwd=tcp:127.0.0.1:11809-10.0.2.15:10809" in netdev
+
+
+def test_domain_xml_refuses_a_command_line_the_kernel_would_cut():
+    with pytest.raises(ValueError, match="kernel command line"):
+        domain_xml(spec(command="x" * 2000))
+
+
+def test_cpio_newc_archive_layout():
+    cpio = assets.CpioWriter()
+    cpio.directory("bin")
+    cpio.file("init", b"#!/bin/sh\n", 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    data = cpio.finish()
+    assert len(data) % 4 == 0 and data.startswith(b"070701")
+    names, offset = [], 0
+    while True:
+        header = data[offset:offset + 110]
+        assert header[:6] == b"070701"
+        mode, filesize, namesize = (int(header[6 + 8 * i:14 + 8 * i], 16) for i in (1, 6, 11))
+        name = data[offset + 110:offset + 110 + namesize - 1].decode()
+        offset += (110 + namesize + 3) // 4 * 4
+        body = data[offset:offset + filesize]
+        offset += (filesize + 3) // 4 * 4
+        names.append((name, oct(mode), body))
+        if name == "TRAILER!!!":
+            break
+    assert names == [("bin", "0o40755", b""), ("init", "0o100755", b"#!/bin/sh\n"),
+                     ("bin/sh", "0o120777", b"busybox"), ("TRAILER!!!", "0o0", b"")]
+    assert offset == len(data)
+
+
+def test_initramfs_init_runs_the_command_after_the_ready_marker():
+    script = assets.init_script().decode()
+    assert script.startswith("#!/bin/busybox sh")
+    assert script.index("TWINCACHE-READY") < script.index("tc-cmd.sh")
+    assert "ndctl create-namespace -f -e namespace0.0 -m devdax" in script
+    assert "/sys/class/virtio-ports/" in script and str(assets.REPO) in script
+
+
+def test_modinfo_depends_from_a_built_initramfs_kernel_module():
+    tree = assets.DEFAULT_CACHE_DIR / "kernel"
+    modules = sorted(tree.glob("linux-image-*/lib/modules/*/kernel"))
+    if not modules:
+        pytest.skip("the kernel package is not downloaded yet (inv vm.setup)")
+    index = assets.module_index(modules[-1])
+    order = assets.resolve_modules(index, ["virtio_scsi", "dax_pmem"])
+    assert order.index("virtio") < order.index("virtio_scsi") and order.index("scsi_mod") < order.index("virtio_scsi")
+    assert order.index("libnvdimm") < order.index("dax_pmem") and order[-1] == "dax_pmem"
+
+
+def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_path):
+    libvirtd._prepare_config(tmp_path)
+    conf = (tmp_path / "etc" / "qemu.conf").read_text()
+    for line in ['security_driver = "none"', 'user = "root"', 'group = "root"', "dynamic_ownership = 0",
+                 "remember_owner = 0", "cgroup_controllers = [ ]", "namespaces = [ ]", 'stdio_handler = "file"']:
+        assert line in conf
+    assert libvirtd.uri(tmp_path.parent).endswith("/libvirtd/run/libvirt-sock")

@@ -71,14 +71,18 @@ def host_problem() -> str | None:
     return None
 
 
-def _prepare(root: pathlib.Path) -> None:
+def _prepare_config(root: pathlib.Path) -> None:
+    """The directories that replace BIND_DIRS, and the two config files."""
+    for local in BIND_DIRS.values():
+        (root / local).mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+    (root / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+
+
+def _prepare_mount_points() -> None:
+    # A bind mount needs its mount point; an empty directory under /run or /var is harmless.
     for target in BIND_DIRS:
-        (root / BIND_DIRS[target]).mkdir(parents=True, exist_ok=True)
-        # A mount point must exist; an empty directory under /run or /var is harmless.
         pathlib.Path(target).mkdir(parents=True, exist_ok=True)
-    etc = root / "etc"
-    (etc / "qemu.conf").write_text(QEMU_CONF)
-    (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF)
 
 
 def _script(root: pathlib.Path) -> str:
@@ -106,7 +110,8 @@ def start(cache_dir=None) -> str:
         return uri(cache_dir)
     if problem := host_problem():
         raise LibvirtdError(problem)
-    _prepare(root)
+    _prepare_config(root)
+    _prepare_mount_points()
     log = open(root / "libvirtd.stderr", "ab")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", _script(root)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
