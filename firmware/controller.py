@@ -200,6 +200,24 @@ class Controller(DestageMixin, PeerMixin):
         """The actions recovery produced (persist cleanups, notifications)."""
         return self._take()
 
+    def status(self) -> dict:
+        """What `twincache status` shows: role, link, LUNs, block counts, generation."""
+        cache = self.cache
+        owned = [f"lun{lun}" for lun, owner in sorted(self.owner.items()) if owner == self.id]
+        link = self.link.state
+        if self.link.up:
+            link = "mirrored" if self.mirroring else "resyncing"
+        return {
+            "controller": "ab"[self.id], "role": "owner" if owned else "partner",
+            "mode": self.params.mode, "link": link, "owned_luns": owned,
+            "generation": self.generation, "dirty_blocks": cache.dirty_lines,
+            "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
+            "primary_blocks": cache.capacity, **self.mirror.counts(),
+            "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
+            "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
+            "link_stats": dict(self.link.stats),
+        }
+
     # -- helpers --------------------------------------------------------------
 
     def _take(self):

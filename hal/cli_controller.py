@@ -1,0 +1,148 @@
+"""CLI: controller run, pair up/down, status, events.
+
+The stable command-line contract of the main job (see README): `pair up`
+returns once both controllers serve, and with --json prints the exports as
+NBD URIs; `status` reports role, link, owned LUNs, block counts and
+generation per controller.
+"""
+import json
+import os
+import pathlib
+import sys
+import time
+
+from . import config as C
+from .cli import CommandFailed, UsageError
+
+
+def register(sub):
+    p = sub.add_parser("controller", help="run one controller")
+    csub = p.add_subparsers(dest="controller_cmd", required=True)
+    run = csub.add_parser("run", help="run one controller in the foreground")
+    run.add_argument("--config", required=True, help="the controller's TOML file")
+    run.set_defaults(func=cmd_controller_run)
+
+    p = sub.add_parser("pair", help="a local controller pair")
+    psub = p.add_subparsers(dest="pair_cmd", required=True)
+    up = psub.add_parser("up", help="start (or restart) a local pair under DIR")
+    up.add_argument("--dir", required=True)
+    up.add_argument("--luns", type=int, default=2)
+    up.add_argument("--lun-size", default="256M")
+    up.add_argument("--nvram-size", default="64M")
+    up.add_argument("--durability", choices=("controller", "host"), default="controller")
+    up.add_argument("--link", choices=("unix", "tcp"), default="unix")
+    up.add_argument("--mode", choices=("ha", "replica"), default="ha")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for both to serve")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_pair_up)
+    down = psub.add_parser("down", help="stop the pair under DIR")
+    down.add_argument("--dir", required=True)
+    down.set_defaults(func=cmd_pair_down)
+
+    st = sub.add_parser("status", help="per controller: role, link, LUNs, blocks, generation")
+    st.add_argument("--dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    ev = sub.add_parser("events", help="stream the pair's events as JSON lines")
+    ev.add_argument("--dir", required=True)
+    ev.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
+    ev.set_defaults(func=cmd_events)
+
+
+def cmd_controller_run(args):
+    from .interfaces import HalError
+    from .runtime import Runtime
+    from firmware.formats import FormatError
+    try:
+        cfg = C.load(args.config)
+    except C.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        runtime = Runtime(cfg)
+    except (HalError, FormatError, OSError) as exc:
+        raise CommandFailed(f"controller {cfg.name}: {exc}") from None
+    runtime.run()
+    return 0
+
+
+def _pair(args):
+    from .pair import LocalPair
+    return LocalPair(args.dir)
+
+
+def cmd_pair_up(args):
+    from .pair import PairError
+    try:
+        sizes = dict(lun_size_bytes=C.parse_size(args.lun_size, "--lun-size"),
+                     nvram_size_bytes=C.parse_size(args.nvram_size, "--nvram-size"))
+    except C.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.mode != "ha":
+        raise UsageError("--mode replica is not built yet (issue 5); use --mode ha")
+    try:
+        result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
+                                mode=args.mode, timeout_s=args.timeout, **sizes)
+    except PairError as exc:
+        raise CommandFailed(str(exc)) from None
+    if args.json:
+        print(json.dumps({"controllers": result["controllers"]}))
+        return 0
+    for c in result["controllers"]:
+        started = " (started)" if c["name"] in result["started"] else " (already running)"
+        print(f"controller {c['name']}: pid {c['pid']}{started}")
+        for name, uri in c["exports"].items():
+            print(f"  {name}  {uri}")
+    return 0
+
+
+def cmd_pair_down(args):
+    pair = _pair(args)
+    pair.meta()
+    stopped = pair.down()
+    print("stopped " + (", ".join(stopped) if stopped else "nothing (no controller was running)"))
+    return 0
+
+
+def cmd_status(args):
+    pair = _pair(args)
+    pair.meta()
+    report = [pair.status(name) for name in ("a", "b")]
+    if args.json:
+        print(json.dumps({"controllers": report}))
+        return 0
+    for st in report:
+        if "pid" not in st:
+            print(f"controller {st['controller']}: {st.get('state')} ({st.get('error', '')})")
+            continue
+        print(f"controller {st['name']} (pid {st['pid']}): {st['role']}, link {st['link']}, "
+              f"generation {st['generation']}, owns {', '.join(st['owned_luns']) or 'no LUN'}")
+        print(f"  primary: {st['dirty_blocks']} dirty, {st['free_blocks']} free of "
+              f"{st['primary_blocks']} blocks; mirror: {st['mirror_blocks']} blocks held for the partner")
+    return 0
+
+
+def cmd_events(args):
+    pair = _pair(args)
+    pair.meta()
+    paths = [pathlib.Path(pair.dir) / n / "events.jsonl" for n in ("a", "b")]
+    offsets = {p: 0 for p in paths}
+    try:
+        while True:
+            for path in paths:
+                if not path.exists():
+                    continue
+                with open(path) as f:
+                    f.seek(offsets[path])
+                    for line in f:
+                        if line.endswith("\n"):
+                            sys.stdout.write(line)
+                            offsets[path] += len(line.encode())
+                        else:
+                            break
+            sys.stdout.flush()
+            if not args.follow:
+                return 0
+            time.sleep(0.1)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0

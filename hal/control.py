@@ -1,0 +1,127 @@
+"""The admin control socket of a running controller: JSON lines over a unix socket.
+
+Requests, one JSON object a line: {"cmd": "status"}, {"cmd": "ping"} (a
+control-lane round trip to the partner, answered with its time in
+microseconds), {"cmd": "stop"}. Each gets one JSON object back. Used by
+`twincache status`, `pair down` and the tests; never on the data path.
+"""
+import json
+import os
+import selectors
+import socket
+import time
+
+REQUEST_MAX_BYTES = 4096
+
+
+class ControlServer:
+    def __init__(self, runtime, path):
+        self.runtime = runtime
+        self.path = path
+        self.sock = None
+        self.conns = {}
+        self.pings = {}          # tag -> connection waiting for the pong
+        self.next_tag = 1
+
+    def start(self, sel):
+        self.sel = sel
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        sel.register(self.sock, selectors.EVENT_READ, ("control", self.sock))
+
+    def ready(self, sock, mask):
+        if sock is self.sock:
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            self.conns[conn] = bytearray()
+            self.sel.register(conn, selectors.EVENT_READ, ("control", conn))
+            return
+        try:
+            data = sock.recv(REQUEST_MAX_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buf = self.conns.get(sock)
+        if not data or buf is None or len(buf) + len(data) > REQUEST_MAX_BYTES:
+            self._drop(sock)
+            return
+        buf += data
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            self._handle(sock, line)
+
+    def _handle(self, sock, line):
+        try:
+            request = json.loads(line)
+            cmd = request["cmd"]
+        except (ValueError, KeyError, TypeError):
+            self._send(sock, {"error": "bad request: send a JSON object with a cmd"})
+            return
+        if cmd == "status":
+            self._send(sock, self.runtime.status())
+        elif cmd == "ping":
+            self._ping(sock)
+        elif cmd == "stop":
+            self._send(sock, {"ok": True})
+            self.runtime.stop()
+        else:
+            self._send(sock, {"error": f"unknown cmd {cmd!r}"})
+
+    def _ping(self, sock):
+        if not self.runtime.ctrl.link.up:
+            self._send(sock, {"error": "link is down"})
+            return
+        tag = self.next_tag
+        self.next_tag += 1
+        self.pings[tag] = sock
+        self.runtime.execute(self.runtime.ctrl.ping(tag, time.monotonic_ns()))
+
+    def pong(self, fields):
+        sock = self.pings.pop(fields["tag"], None)
+        if sock is not None and sock in self.conns:
+            self._send(sock, {"rtt_us": round((time.monotonic_ns() - fields["sent_ns"]) / 1000, 1)})
+
+    def _send(self, sock, obj):
+        try:
+            sock.setblocking(True)
+            sock.sendall(json.dumps(obj, default=str).encode() + b"\n")
+            sock.setblocking(False)
+        except OSError:
+            self._drop(sock)
+
+    def _drop(self, sock):
+        if self.conns.pop(sock, None) is not None:
+            self.sel.unregister(sock)
+            sock.close()
+
+    def close(self):
+        for sock in list(self.conns):
+            self._drop(sock)
+        if self.sock is not None:
+            self.sock.close()
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+
+def request(path, obj, timeout_s=5.0):
+    """Send one request to a controller's control socket; return the decoded answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        sock.sendall(json.dumps(obj).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"{path}: controller closed the control connection")
+            buf += chunk
+    return json.loads(buf)

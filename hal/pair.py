@@ -1,0 +1,209 @@
+"""A local controller pair: two controller processes, file NVRAM and file disks under one DIR.
+
+    DIR/pair.json        what the pair is (pair id, LUNs, sizes, link)
+    DIR/pair.key         the pre-shared pairing key (0600)
+    DIR/disks/diskN.img  the shared disk array, one disk per LUN
+    DIR/a/, DIR/b/       per controller: config.toml, nvram.img, nbd.sock,
+                         control.sock, events.jsonl, controller.log, pid
+
+`up` creates what is missing and starts every controller that is not
+running, on its existing NVRAM and disks; `down` stops them. Used by the
+CLI, the invoke tasks and the test fixtures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import config as C
+from .control import request
+from .disk_array import DiskArray
+from .keyfile import create_pair_key
+
+NAMES = ("a", "b")
+
+
+class PairError(RuntimeError):
+    """The pair cannot be set up or reached; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalPair:
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory).resolve()
+
+    # -- layout ---------------------------------------------------------------
+
+    @property
+    def meta_path(self):
+        return self.dir / "pair.json"
+
+    def meta(self) -> dict:
+        try:
+            return json.loads(self.meta_path.read_text())
+        except FileNotFoundError:
+            raise PairError(f"{self.dir}: no pair here (run `twincache pair up --dir {self.dir}`)") from None
+
+    def config_path(self, name) -> pathlib.Path:
+        return self.dir / name / "config.toml"
+
+    def control_path(self, name) -> str:
+        return str(self.dir / name / "control.sock")
+
+    def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
+               durability="controller", block_size_bytes=4096, mode="ha", cache=None):
+        if self.meta_path.exists():
+            return self.meta()
+        if luns < 1 or luns > 64:
+            raise PairError(f"--luns {luns}: choose 1 to 64")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = dict(pair_id=secrets.token_hex(16), luns=luns, lun_size_bytes=lun_size_bytes,
+                    link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
+                    block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
+                    link_port=_free_port() if link == "tcp" else 0)
+        create_pair_key(self.dir / "pair.key")
+        (self.dir / "disks").mkdir(exist_ok=True)
+        for name in NAMES:
+            (self.dir / name).mkdir(exist_ok=True)
+            self.config_path(name).write_text(C.dump(self._config(meta, name)))
+        cfg = C.load(self.config_path("a"))
+        DiskArray.open(cfg.disks, cfg.pair_id, create=True).close()
+        self.meta_path.write_text(json.dumps(meta, indent=1))
+        return meta
+
+    def _config(self, meta, name) -> dict:
+        d, cdir = self.dir, self.dir / name
+        link = {"transport": meta["link"], "listen": name == "a"}
+        if meta["link"] == "tcp":
+            link["address"] = f"127.0.0.1:{meta['link_port']}"
+        else:
+            link["path"] = str(d / "link.sock")
+        return {
+            "controller": {"name": name, "mode": meta["mode"], "pair_id": meta["pair_id"],
+                           "key_file": str(d / "pair.key"), "state_dir": str(cdir)},
+            "nvram": {"backend": "file", "path": str(cdir / "nvram.img"),
+                      "size": meta["nvram_size_bytes"], "durability": meta["durability"],
+                      "block_size": meta["block_size_bytes"]},
+            "disks": {"backend": "file", "lun_size": meta["lun_size_bytes"],
+                      "paths": [str(d / "disks" / f"disk{i}.img") for i in range(meta["luns"])]},
+            "link": link,
+            "nbd": {"unix": str(cdir / "nbd.sock")},
+            "cache": dict(meta.get("cache", {})),
+        }
+
+    # -- processes ------------------------------------------------------------
+
+    def pid(self, name) -> int | None:
+        try:
+            pid = int((self.dir / name / "pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if str(self.config_path(name)).encode() in cmdline else None
+
+    def start(self, name, extra_env=None) -> int:
+        log = open(self.dir / name / "controller.log", "ab")
+        env = dict(os.environ, **(extra_env or {}))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hal.cli", "controller", "run", "--config", str(self.config_path(name))],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
+            cwd=str(pathlib.Path(__file__).resolve().parent.parent))
+        log.close()
+        (self.dir / name / "pid").write_text(str(proc.pid))
+        self._procs = getattr(self, "_procs", {})
+        self._procs[name] = proc
+        return proc.pid
+
+    def status(self, name, timeout_s=2.0) -> dict:
+        try:
+            return request(self.control_path(name), {"cmd": "status"}, timeout_s)
+        except (OSError, ValueError) as exc:
+            return {"controller": name, "state": "stopped" if self.pid(name) is None else "unreachable",
+                    "error": str(exc)}
+
+    def wait_serving(self, names=NAMES, timeout_s=30.0, mirrored=True):
+        deadline = time.monotonic() + timeout_s
+        pending = set(names)
+        while pending and time.monotonic() < deadline:
+            for name in sorted(pending):
+                st = self.status(name, 1.0)
+                if "pid" in st and (not mirrored or st.get("link") == "mirrored"):
+                    pending.discard(name)
+                elif self.pid(name) is None:
+                    log = (self.dir / name / "controller.log").read_text(errors="replace")[-2000:]
+                    raise PairError(f"controller {name} exited; the end of its log:\n{log}")
+            time.sleep(0.05)
+        if pending:
+            raise PairError(f"controller(s) {', '.join(sorted(pending))} not serving after {timeout_s} s")
+
+    def up(self, wait_mirrored=True, timeout_s=30.0, **create_args) -> dict:
+        self.create(**create_args)
+        started = [n for n in NAMES if self.pid(n) is None and not self.start(n) is None]
+        self.wait_serving(timeout_s=timeout_s, mirrored=wait_mirrored)
+        return {"controllers": [self.describe(n) for n in NAMES], "started": started}
+
+    def describe(self, name) -> dict:
+        st = self.status(name)
+        return {"name": name, "pid": st.get("pid") or self.pid(name), "exports": st.get("exports", {})}
+
+    def kill(self, name, sig=signal.SIGKILL):
+        pid = self.pid(name)
+        if pid is None:
+            raise PairError(f"controller {name} is not running")
+        os.kill(pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self._reap(name, pid)
+        return pid
+
+    def _reap(self, name, pid, timeout_s=10.0):
+        proc = getattr(self, "_procs", {}).get(name)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.pid == pid:
+                if proc.poll() is not None:
+                    return
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                if pathlib.Path(f"/proc/{pid}/stat").exists():
+                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                        return
+            time.sleep(0.02)
+        raise PairError(f"controller {name} (pid {pid}) did not exit")
+
+    def down(self, timeout_s=10.0) -> list:
+        stopped = []
+        for name in NAMES:
+            pid = self.pid(name)
+            if pid is None:
+                continue
+            os.kill(pid, signal.SIGTERM)
+            try:
+                self._reap(name, pid, timeout_s)
+            except PairError:
+                os.kill(pid, signal.SIGKILL)
+                self._reap(name, pid, timeout_s)
+            stopped.append(name)
+        return stopped

@@ -1,0 +1,484 @@
+"""The runtime: runs one controller's firmware on real hardware backends.
+
+Owns the event loop (selectors/epoll, one thread): NBD clients on unix and
+TCP sockets, the link to the partner (connect or accept, reconnect with
+backoff), the admin control socket, and a tick timer. It turns what happens
+into calls on the firmware Controller and carries out the actions it
+returns, in order: persist NVRAM ranges, write frames to the link, answer
+hosts, read and write disks. Disk completions are fed back only after the
+whole action list is carried out, so the firmware sees the order it asked
+for. Output is batched: every connection is written once per loop turn with
+sendmsg.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from firmware import actions as A
+from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
+
+from . import nbd as NBD
+from .backoff import Backoff
+from .clock import MonotonicClock
+from .control import ControlServer
+from .disk_array import DiskArray
+from .framing import CobsFramer, StreamFramer
+from .keyfile import load_pair_key
+
+TICK_MS = 10
+LINK_RECV_BYTES = 1 << 20
+NBD_OP = {NBD.NBD_CMD_READ, NBD.NBD_CMD_WRITE, NBD.NBD_CMD_FLUSH, NBD.NBD_CMD_TRIM,
+          NBD.NBD_CMD_WRITE_ZEROES}
+
+
+def open_nvram(cfg):
+    n = cfg.nvram
+    if n.backend == "dax":
+        from .nvram_dax import DaxNvram
+        return DaxNvram(n.path, n.size_bytes)
+    from .nvram_file import FileNvram
+    return FileNvram(n.path, n.size_bytes, durability=n.durability, create=True)
+
+
+def open_link_endpoint(cfg):
+    lk = cfg.link
+    if lk.transport == "unix":
+        from .link_socket import UnixLinkEndpoint
+        return UnixLinkEndpoint(lk.path, listen=lk.listen), StreamFramer, True
+    if lk.transport == "tcp":
+        from .link_socket import TcpLinkEndpoint
+        host, _, port = lk.address.rpartition(":")
+        return TcpLinkEndpoint(host, int(port), listen=lk.listen), StreamFramer, True
+    from .link_serial import SerialLinkEndpoint, VirtioPortEndpoint
+    if lk.transport == "virtio":
+        return VirtioPortEndpoint(lk.device), CobsFramer, False
+    return SerialLinkEndpoint(lk.device, lk.baud), CobsFramer, False
+
+
+def firmware_params(cfg, disks, reliable):
+    c = cfg.cache
+    return Params(cfg.controller_id, cfg.pair_id, [d.data_size for d in disks], mode=cfg.mode,
+                  block_size_bytes=cfg.nvram.block_size_bytes, high_watermark=c.high_watermark,
+                  low_watermark=c.low_watermark, idle_flush_ms=c.idle_flush_ms,
+                  destage_inflight_max=c.destage_inflight_max,
+                  heartbeat_interval_ms=c.heartbeat_interval_ms,
+                  heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable)
+
+
+class NbdClient:
+    __slots__ = ("sock", "conn", "out", "mask")
+
+    def __init__(self, sock, conn):
+        self.sock = sock
+        self.conn = conn
+        self.out = []
+        self.mask = selectors.EVENT_READ      # what the selector watches for
+
+
+class Runtime:
+    def __init__(self, cfg, clock=None, log=None):
+        self.cfg = cfg
+        self.clock = clock or MonotonicClock()
+        self.log_file = log or sys.stderr
+        self.stopping = False
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        self.events = open(os.path.join(cfg.state_dir, "events.jsonl"), "a", buffering=1)
+        self.nvram = open_nvram(cfg)
+        self.persist_needed = self.nvram.durability != "controller"
+        self.disks = DiskArray.open(cfg.disks, cfg.pair_id).disks
+        self.endpoint, framer_cls, reliable = open_link_endpoint(cfg)
+        self.framer_cls = framer_cls
+        key = load_pair_key(cfg.key_file)
+        params = firmware_params(cfg, self.disks, reliable)
+        nv = self.nvram.buffer
+        if nvram_is_blank(nv):
+            self._do_persists(format_nvram(nv, params))
+            self.note("nvram_formatted", path=cfg.nvram.path, size_bytes=len(nv))
+        self.ctrl = Controller(params, nv, key, self.clock.monotonic_ms())
+        self.sel = selectors.DefaultSelector()
+        self.clients = {}
+        self.link = None
+        self.link_out = []
+        self.link_writing = False
+        self.backoff = Backoff(initial_ms=20, max_ms=500)
+        self.next_connect_ms = 0
+        self.completions = []
+        self.dirty_clients = set()
+        self.link_buf = bytearray(LINK_RECV_BYTES)
+        self.exports = [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
+                                   description=f"twincache {cfg.name} LUN {d.lun}") for d in self.disks]
+        self.listeners = []
+        self.control = ControlServer(self, os.path.join(cfg.state_dir, "control.sock"))
+        self.execute(self.ctrl.start())
+
+    # -- logging --------------------------------------------------------------
+
+    def note(self, kind, **fields):
+        record = {"ts": round(time.time(), 3), "controller": self.cfg.name, "kind": kind, **fields}
+        line = json.dumps(record, default=str)
+        self.events.write(line + "\n")
+        print(line, file=self.log_file, flush=True)
+
+    # -- set-up ---------------------------------------------------------------
+
+    def listen(self):
+        nb = self.cfg.nbd
+        if nb.unix:
+            if os.path.exists(nb.unix):
+                os.unlink(nb.unix)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(nb.unix)
+            self._add_listener(sock)
+        if nb.tcp:
+            host, _, port = nb.tcp.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            self._add_listener(sock)
+        fd = self.endpoint.listen_fileno()
+        if fd is not None:
+            self.sel.register(fd, selectors.EVENT_READ, ("link-listen", None))
+        self.control.start(self.sel)
+
+    def _add_listener(self, sock):
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listeners.append(sock)
+        self.sel.register(sock, selectors.EVENT_READ, ("nbd-listen", sock))
+
+    def exports_uris(self):
+        nb = self.cfg.nbd
+        uris = {}
+        for e in self.exports:
+            if nb.unix:
+                uris[e.name] = NBD.nbd_uri_unix(nb.unix, e.name)
+            else:
+                host, _, port = nb.tcp.rpartition(":")
+                uris[e.name] = NBD.nbd_uri_tcp(host, int(port), e.name)
+        return uris
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self):
+        self.listen()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self.note("serving", pid=os.getpid(), exports=self.exports_uris())
+        next_tick = self.clock.monotonic_ms()
+        while not self.stopping:
+            now = self.clock.monotonic_ms()
+            timeout = max(0.0, (next_tick - now) / 1000)
+            for key, mask in self.sel.select(timeout if not self.completions else 0):
+                self._ready(key.data, mask)
+            now = self.clock.monotonic_ms()
+            if now >= next_tick:
+                next_tick = now + TICK_MS
+                self._maybe_connect(now)
+                self.execute(self.ctrl.tick(now))
+            self._flush()
+        self.close()
+
+    def stop(self):
+        self.stopping = True
+
+    def _ready(self, data, mask):
+        kind, obj = data
+        if kind == "nbd":
+            if mask & selectors.EVENT_READ:
+                self._nbd_read(obj)
+            if mask & selectors.EVENT_WRITE:
+                self.dirty_clients.add(obj)
+        elif kind == "link":
+            if mask & selectors.EVENT_READ:
+                self._link_read()
+            if mask & selectors.EVENT_WRITE:
+                self.link_writing = False
+                self.sel.modify(self.link.fileno(), selectors.EVENT_READ, ("link", None))
+        elif kind == "nbd-listen":
+            self._accept(obj)
+        elif kind == "link-listen":
+            self._maybe_connect(self.clock.monotonic_ms(), accept=True)
+        else:
+            self.control.ready(obj, mask)
+
+    # -- NBD ------------------------------------------------------------------
+
+    def _accept(self, listener):
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.clients) >= self.cfg.nbd.max_connections:
+            sock.close()
+            self.note("nbd_refused", reason=f"{self.cfg.nbd.max_connections} connections already")
+            return
+        sock.setblocking(False)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = NbdClient(sock, NBD.NbdConnection(self.exports, max_inflight=self.cfg.nbd.max_inflight))
+        self.clients[sock.fileno()] = client
+        self.sel.register(sock, selectors.EVENT_READ, ("nbd", client))
+        self.dirty_clients.add(client)
+
+    def _nbd_read(self, client):
+        conn = client.conn
+        if not conn.want_read:
+            return
+        try:
+            n = client.sock.recv_into(conn.recv_buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._drop_client(client)
+            return
+        self._nbd_requests(client, conn.received(n))
+
+    def _nbd_requests(self, client, requests):
+        ctrl, execute = self.ctrl, self.execute
+        for r in requests:
+            op, lun = r.op, r.export.index
+            req = (client, r)
+            if op == NBD.NBD_CMD_WRITE:
+                execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+            elif op == NBD.NBD_CMD_READ:
+                execute(ctrl.host_read(req, lun, r.offset, r.length))
+            elif op == NBD.NBD_CMD_FLUSH:
+                execute(ctrl.host_flush(req, lun))
+            elif op == NBD.NBD_CMD_WRITE_ZEROES:
+                execute(ctrl.host_write_zeroes(req, lun, r.offset, r.length,
+                                               bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+            elif op == NBD.NBD_CMD_TRIM:
+                execute(ctrl.host_trim(req, lun, r.offset, r.length))
+            else:
+                client.conn.reply(r, NBD.NBD_EINVAL)
+        self.dirty_clients.add(client)
+
+    def _drop_client(self, client):
+        if client.mask:
+            self.sel.unregister(client.sock)
+        client.mask = 0
+        self.clients.pop(client.sock.fileno(), None)
+        client.sock.close()
+        client.conn.closed = True
+        self.dirty_clients.discard(client)
+
+    def _flush_client(self, client):
+        conn = client.conn
+        out = client.out
+        out.extend(conn.pending_output())
+        while out:
+            try:
+                sent = client.sock.sendmsg(out[:512])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop_client(client)
+                return
+            _consume(out, sent)
+            if out and not sent:
+                break
+        if conn.closed and not out:
+            self._drop_client(client)
+            return
+        if conn.backlog and conn.inflight < conn.max_inflight:
+            self._nbd_requests(client, conn.received(0))
+        self._watch(client, (selectors.EVENT_READ if conn.want_read else 0)
+                    | (selectors.EVENT_WRITE if out else 0))
+
+    def _watch(self, client, mask):
+        """Level-triggered epoll: watch for reads only while the connection takes more requests."""
+        if mask == client.mask:
+            return
+        if not client.mask:
+            self.sel.register(client.sock, mask, ("nbd", client))
+        elif not mask:
+            self.sel.unregister(client.sock)
+        else:
+            self.sel.modify(client.sock, mask, ("nbd", client))
+        client.mask = mask
+
+    # -- link -----------------------------------------------------------------
+
+    def _maybe_connect(self, now, accept=False):
+        if self.link is not None or (now < self.next_connect_ms and not accept):
+            return
+        try:
+            transport = self.endpoint.connect()
+        except OSError as exc:
+            transport = None
+            self.note("link_connect_error", error=str(exc))
+        if transport is None:
+            self.next_connect_ms = now + self.backoff.next_delay_ms()
+            return
+        self.backoff.reset()
+        self.link = transport
+        self.framer = self.framer_cls(transport.name)
+        self.link_out = []
+        self.sel.register(transport.fileno(), selectors.EVENT_READ, ("link", None))
+        self.execute(self.ctrl.link_connected(os.urandom(32), now))
+
+    def _link_read(self):
+        try:
+            n = self.link.recv_into(self.link_buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._link_close("peer closed the link")
+            self.execute(self.ctrl.link_disconnected("peer closed the link"))
+            return
+        now = self.clock.monotonic_ms()
+        ctrl, execute = self.ctrl, self.execute
+        for frame in self.framer.feed(memoryview(self.link_buf)[:n]):
+            execute(ctrl.link_frame(frame, now))
+            if self.link is None:
+                return
+
+    def _link_close(self, reason):
+        if self.link is None:
+            return
+        self.sel.unregister(self.link.fileno())
+        self.link.close()
+        self.link = None
+        self.link_out = []
+        self.link_writing = False
+        self.next_connect_ms = self.clock.monotonic_ms() + self.backoff.next_delay_ms()
+
+    def _flush_link(self):
+        out = self.link_out
+        while out:
+            try:
+                sent = self.link.send(out)
+            except OSError as exc:
+                self._link_close(str(exc))
+                self.execute(self.ctrl.link_disconnected(f"link send failed: {exc}"))
+                return
+            _consume(out, sent)
+            if out and not sent:
+                break
+        if out and not self.link_writing:
+            self.link_writing = True
+            self.sel.modify(self.link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, ("link", None))
+
+    # -- actions --------------------------------------------------------------
+
+    def execute(self, actions):
+        """Carry out actions in order; disk completions go back after the whole list."""
+        completions = self.completions
+        self._execute(actions)
+        while completions:
+            op, err, data = completions.pop(0)
+            self._execute(self.ctrl.disk_done(op, err, data))
+
+    def _execute(self, actions):
+        for act in actions:
+            kind = act.__class__
+            if kind is A.Persist:
+                if self.persist_needed:
+                    self.nvram.persist(act.offset, act.length)
+            elif kind is A.Transmit:
+                if self.link is not None:
+                    self.link_out.extend(self.framer.encode(act.buffers))
+            elif kind is A.HostReply:
+                self._host_reply(act)
+            elif kind is A.DiskWrite:
+                self._disk_io(act, write=True)
+            elif kind is A.DiskRead:
+                self._disk_io(act, write=False)
+            elif kind is A.DiskFlush:
+                self._disk_flush(act)
+            elif kind is A.Notify:
+                self._notify(act)
+            elif kind is A.LinkReset:
+                self._link_close(act.reason)
+
+    def _host_reply(self, act):
+        client, request = act.req
+        if client.conn.closed:
+            return
+        client.conn.reply(request, act.error, act.data)
+        self.dirty_clients.add(client)
+
+    def _disk_io(self, act, write):
+        disk = self.disks[act.lun]
+        try:
+            if write:
+                disk.write(act.offset, act.data)
+                self.completions.append((act.op, 0, None))
+            else:
+                buf = bytearray(act.length)
+                disk.read_into(act.offset, buf)
+                self.completions.append((act.op, 0, buf))
+        except OSError as exc:
+            self.completions.append((act.op, exc.errno or errno.EIO, None))
+
+    def _disk_flush(self, act):
+        try:
+            self.disks[act.lun].flush()
+            self.completions.append((act.op, 0, None))
+        except OSError as exc:
+            self.completions.append((act.op, exc.errno or errno.EIO, None))
+
+    def _notify(self, act):
+        if act.kind == "pong":
+            self.control.pong(act.fields)
+            return
+        self.note(act.kind, **act.fields)
+
+    def _flush(self):
+        if self.link is not None and self.link_out and not self.link_writing:
+            self._flush_link()
+        while self.dirty_clients:
+            dirty, self.dirty_clients = self.dirty_clients, set()
+            for client in dirty:
+                if client.mask or client.out or client.conn.backlog or not client.conn.closed:
+                    self._flush_client(client)
+
+    def status(self):
+        st = self.ctrl.status()
+        st.update(name=self.cfg.name, pid=os.getpid(), exports=self.exports_uris(),
+                  nbd_clients=len(self.clients), durability=self.nvram.durability,
+                  link_transport=self.cfg.link.transport)
+        return st
+
+    def _do_persists(self, ranges):
+        for offset, length in ranges:
+            self.nvram.persist(offset, length)
+
+    def close(self):
+        for client in list(self.clients.values()):
+            self._drop_client(client)
+        for sock in self.listeners:
+            sock.close()
+        if self.cfg.nbd.unix and os.path.exists(self.cfg.nbd.unix):
+            os.unlink(self.cfg.nbd.unix)
+        self._link_close("shutting down")
+        self.endpoint.close()
+        self.control.close()
+        for disk in self.disks:
+            disk.close()
+        self.note("stopped")
+        self.events.close()
+
+
+def _consume(buffers, sent):
+    """Drop `sent` bytes from the front of a list of buffers."""
+    while sent and buffers:
+        first = buffers[0]
+        size = len(first) if not isinstance(first, memoryview) else first.nbytes
+        if sent >= size:
+            sent -= size
+            buffers.pop(0)
+        else:
+            buffers[0] = memoryview(first)[sent:]
+            sent = 0
