@@ -82,6 +82,13 @@ def test_guests_find_the_shared_disks_by_serial(vm_pair, booted):
 
 @pytest.mark.vm
 @pytest.mark.slow
+def test_guests_write_their_state_dir_share(vm_pair, booted):
+    for name in "ab":
+        assert (vm_pair.state_dir(name) / f"probe-{name}").read_text() == TOKEN + "\n"
+
+
+@pytest.mark.vm
+@pytest.mark.slow
 def test_guest_a_stores_into_devdax_nvram(vm_pair, booted):
     reports, _ = booted
     nvram = reports["a"]["nvram"][0]
@@ -208,6 +215,34 @@ def test_domain_xml_root_share_console_and_loopback_only_port_forward():
     args = [a.get("value") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
     netdev = args[args.index("-netdev") + 1]
     assert "hostfwd=tcp:127.0.0.1:11809-10.0.2.15:10809" in netdev
+
+
+def test_domain_xml_state_share_is_writable():
+    root = ET.fromstring(domain_xml(spec(state_dir="/r/a/state")))
+    state = root.find("devices/filesystem/target[@dir='tcstate']/..")
+    assert state.find("source").get("dir") == "/r/a/state" and state.find("readonly") is None
+
+
+def test_guest_controller_config_selects_the_guest_backends(tmp_path):
+    from hal import config as hal_config
+    from vm import guest
+    from vm.pair import PairConfig
+
+    class FakePair:      # just what guest.controller_config reads
+        config = PairConfig(uri="test:///default", cache_dir=tmp_path, nvram_size_mib=64, disk_size_mib=64)
+        run_dir = tmp_path
+
+        def disks(self):
+            return [Disk(str(tmp_path / f"d{i}"), f"s{i}") for i in range(3)]
+
+    for name in "ab":
+        cfg = hal_config.load(guest.write_controller_config(FakePair(), name))
+        assert (cfg.nvram.backend, cfg.nvram.path, cfg.nvram.size_bytes) == ("dax", "/dev/dax0.0", 62 << 20)
+        assert (cfg.disks.backend, cfg.disks.serials, cfg.disks.direct) == ("serial", ["s0", "s1", "s2"], True)
+        assert (cfg.link.transport, cfg.link.device) == ("virtio", "/dev/virtio-ports/ctl.link")
+        assert cfg.link.listen == (name == "a") and cfg.nbd.tcp == "0.0.0.0:10809"
+        assert cfg.state_dir == f"/var/lib/twincache/{name}"
+    assert "controller run --config" in guest.controller_command(tmp_path / "a" / "controller.toml")
 
 
 def test_domain_xml_refuses_a_command_line_the_kernel_would_cut():

@@ -29,7 +29,7 @@ DEFAULT_CACHE_DIR = REPO / ".cache" / "vm"
 BUSYBOX = pathlib.Path("/bin/busybox")
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "overlay", "virtio_scsi",
                  "sd_mod", "nfit", "libnvdimm", "nd_pmem", "dax_pmem", "device_dax", "virtio_net"]
-INITRAMFS_VERSION = 3      # bump when the init script or the module list changes
+INITRAMFS_VERSION = 4      # bump when the init script or the module list changes
 READY_MARKER = "TWINCACHE-READY"
 EXIT_MARKER = "TWINCACHE-EXIT"
 GUEST_ADDRESS = "10.0.2.15"
@@ -224,6 +224,11 @@ mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+if grep -q tcstate /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag 2>/dev/null; then
+    mkdir -p /newroot/var/lib/twincache
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 tcstate /newroot/var/lib/twincache \
+        || echo "TWINCACHE-WARN no tcstate share"
+fi
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
     [ -f "$p/name" ] && ln -sf "../${p##*/}" "/dev/virtio-ports/$(cat $p/name)"

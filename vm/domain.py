@@ -54,6 +54,7 @@ class DomainSpec:
     emulator: str = "/usr/bin/qemu-system-x86_64"
     extra_cmdline: str = ""
     uuid: str = ""                 # keep an existing domain's uuid when redefining it
+    state_dir: str = ""            # host dir shared writable as 9p "tcstate" (/var/lib/twincache)
 
 
 def kernel_cmdline(spec: DomainSpec) -> str:
@@ -118,6 +119,11 @@ def _devices(root: ET.Element, spec: DomainSpec) -> None:
     _sub(fs, "source", dir="/")
     _sub(fs, "target", dir="hostroot")
     _sub(fs, "readonly")
+    if spec.state_dir:
+        state = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+        _sub(state, "driver", type="path")
+        _sub(state, "source", dir=spec.state_dir)
+        _sub(state, "target", dir="tcstate")
     nvdimm = _sub(devices, "memory", model="nvdimm", access="shared")
     _sub(_sub(nvdimm, "source"), "path", spec.nvram_path)
     target = _sub(nvdimm, "target")

@@ -75,6 +75,10 @@ class VmPair:
     def nvram_path(self, name: str) -> pathlib.Path:
         return self.run_dir / name / "nvram.img"
 
+    def state_dir(self, name: str) -> pathlib.Path:
+        """The guest's /var/lib/twincache (controller state_dir parent), shared writable."""
+        return self.run_dir / name / "state"
+
     def console_path(self, name: str) -> pathlib.Path:
         return self.run_dir / name / "console.log"
 
@@ -95,6 +99,8 @@ class VmPair:
         """Build the boot assets and create the NVRAM and disk files (zeroed when fresh)."""
         self._assets = assets.ensure_assets(self.config.cache_dir)
         (self.run_dir / "disks").mkdir(parents=True, exist_ok=True)
+        for name in NAMES:
+            self.state_dir(name).mkdir(parents=True, exist_ok=True)
         files = [(self.nvram_path(n), self.config.nvram_size_mib) for n in NAMES]
         files += [(pathlib.Path(d.path), self.config.disk_size_mib) for d in self.disks()]
         for path, size_mib in files:
@@ -115,7 +121,7 @@ class VmPair:
             link_socket=str(self.link_socket()), link_listen=(name == "a"),
             console_log=str(self.console_path(name)), nbd_host_port=self.nbd_address(name)[1],
             memory_mib=self.config.memory_mib, domain_type=self.config.domain_type,
-            command=command, after=after)
+            command=command, after=after, state_dir=str(self.state_dir(name)))
 
     def define(self, name: str, command: str = "", after: str = "stay") -> libvirt.virDomain:
         spec = self.spec(name, command, after)

@@ -1,0 +1,75 @@
+"""What a controller guest runs: its controller config and its command line.
+
+The guest sees the host's root read-only, so the host writes each
+controller's TOML under the pair's run directory and the guest command is
+`twincache controller run --config <that file>`, run from the repository's
+virtualenv. The config selects the guest HAL backends:
+
+- NVRAM: backend "dax" on /dev/dax0.0 (the nvdimm; its first 2 MiB hold the
+  devdax info block, so the usable size is the nvdimm size less 2 MiB);
+- disks: backend "serial", the shared virtio-scsi disks by serial, O_DIRECT
+  (the two guests' page caches are not coherent);
+- link: transport "virtio" on /dev/virtio-ports/ctl.link (fd I/O, not a tty);
+- NBD: TCP on the guest's port 10809, which the host reaches at
+  127.0.0.1:<nbd_host_ports[i]> through the user-mode network forward;
+- state_dir: /var/lib/twincache/<name>, a writable 9p share of
+  <run_dir>/<name>/state, so the host can read events and the pid file.
+
+Rules: files are written before the guest boots (9p caches what it read).
+"""
+from __future__ import annotations
+
+import pathlib
+import secrets
+
+from hal import config as hal_config
+from vm.assets import REPO
+from vm.domain import GUEST_NBD_PORT, LINK_PORT_NAME
+
+DEVDAX_RESERVED_MIB = 2
+GUEST_STATE_DIR = "/var/lib/twincache"
+
+
+def pair_id(run_dir: pathlib.Path) -> str:
+    """The pair's id, made once and kept in <run_dir>/pair_id."""
+    path = run_dir / "pair_id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
+
+
+def pair_key(run_dir: pathlib.Path) -> pathlib.Path:
+    from hal.keyfile import create_pair_key
+    path = run_dir / "pair.key"
+    if not path.exists():
+        create_pair_key(path)
+    return path
+
+
+def controller_config(pair, name: str) -> dict:
+    """The controller TOML (as a dict) for guest `name` of a `vm.pair.VmPair`."""
+    cfg = pair.config
+    return {
+        "controller": {"name": name, "mode": "ha", "pair_id": pair_id(pair.run_dir),
+                       "key_file": str(pair_key(pair.run_dir)), "state_dir": f"{GUEST_STATE_DIR}/{name}"},
+        "nvram": {"backend": "dax", "path": "/dev/dax0.0",
+                  "size": f"{cfg.nvram_size_mib - DEVDAX_RESERVED_MIB}M"},
+        "disks": {"backend": "serial", "serials": [d.serial for d in pair.disks()],
+                  "lun_size": f"{cfg.disk_size_mib}M", "direct": True},
+        "link": {"transport": "virtio", "device": f"/dev/virtio-ports/{LINK_PORT_NAME}", "listen": name == "a"},
+        "nbd": {"tcp": f"0.0.0.0:{GUEST_NBD_PORT}"},
+    }
+
+
+def write_controller_config(pair, name: str) -> pathlib.Path:
+    """Write and validate <run_dir>/<name>/controller.toml; returns its path."""
+    path = pair.run_dir / name / "controller.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hal_config.dump(controller_config(pair, name)))
+    hal_config.load(path)      # a bad config fails here, on the host, not in a guest
+    return path
+
+
+def controller_command(config_path) -> str:
+    """The guest command: the controller runtime from the project's virtualenv."""
+    return f"exec {REPO}/.venv/bin/twincache controller run --config {config_path}"
