@@ -81,11 +81,16 @@ class SerialTransport(LinkTransport):
         if self._fd is None:
             return self._port_recv_into(buf)
         try:
-            return os.readv(self._fd, [buf])
+            n = os.readv(self._fd, [buf])
         except OSError as exc:
             if exc.errno in _GONE_ERRNOS:
-                return 0
+                return 0       # a hung-up line (the pty's other end closed, the adapter unplugged)
             raise
+        if n == 0 and not _hung_up(self._fd):
+            # pyserial sets VMIN=0/VTIME=0: an empty tty reads 0 bytes instead of EAGAIN;
+            # only a hung-up line (POLLHUP) is a closed one.
+            raise BlockingIOError(errno.EAGAIN, "no data on the serial line")
+        return n
 
     def _port_recv_into(self, buf) -> int:
         view = memoryview(buf).cast("B")
@@ -123,6 +128,10 @@ class SerialLinkEndpoint(LinkEndpoint):
         except (serial.SerialException, OSError, ValueError) as exc:
             self.last_error = f"link {self.name}: cannot open: {exc}"
             return None
+        if getattr(port, "fd", None) is None:
+            # URL ports (loop://, socket://) have no fd to wait on and their zero write
+            # timeout fails outright: let their writes complete instead.
+            port.write_timeout = None
         return SerialTransport(port, self.name)
 
 
@@ -149,7 +158,7 @@ class VirtioPortEndpoint(LinkEndpoint):
 
 
 def _hung_up(fd: int) -> bool:
-    """A virtio port whose host side is closed polls POLLHUP at once."""
+    """A hung-up tty, or a virtio port whose host side is closed, polls POLLHUP at once."""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLOUT)
     return any(event & select.POLLHUP for _fd, event in poller.poll(0))
