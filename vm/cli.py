@@ -1,0 +1,180 @@
+"""`twincache vm ...`: the VM pair from the command line (and from vm/tasks.py).
+
+    twincache vm setup                 boot assets + private libvirtd
+    twincache vm up [--command CMD]    start A and B, wait for TWINCACHE-READY
+    twincache vm status | console a [-f] | power-cut a | start a | down | teardown
+    twincache vm image [--dir D]       a self-contained debootstrap guest image
+
+The libvirt URI is TWINCACHE_LIBVIRT_URI when set (qemu:///system,
+qemu+ssh://...), else the private libvirtd's; the cache directory is
+TWINCACHE_VM_CACHE or <repo>/.cache/vm. `up` runs the controller runtime in
+each guest when it is installed (`twincache controller run --config`), and
+otherwise leaves the guests idle after TWINCACHE-READY.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from vm import assets
+
+NAMES = ("a", "b")
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("TWINCACHE_VM_CACHE") or assets.DEFAULT_CACHE_DIR)
+
+
+def _failed(message: str):
+    from hal.cli import CommandFailed
+    return CommandFailed(message)
+
+
+def open_pair(start_libvirtd: bool = False):
+    from vm import libvirtd
+    from vm.pair import PairConfig, VmPair, VmError
+    uri = os.environ.get("TWINCACHE_LIBVIRT_URI")
+    try:
+        if not uri:
+            uri = libvirtd.start(cache_dir()) if start_libvirtd else libvirtd.uri(cache_dir())
+        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir()))
+    except (libvirtd.LibvirtdError, VmError, assets.AssetError) as exc:
+        raise _failed(f"vm: {exc} (run `twincache vm setup` first?)") from None
+
+
+def guest_command(pair, name: str, override: str | None, saved: bool = False) -> str:
+    """The command a guest runs: an override, the one `up` saved, the controller runtime, or none."""
+    if override is not None:
+        return override
+    saved = pair.run_dir / name / "command.sh" if saved else None
+    if saved and saved.exists():
+        return saved.read_text()
+    if importlib.util.find_spec("hal.cli_controller") is None:
+        return ""
+    from vm import guest
+    return guest.controller_command(guest.write_controller_config(pair, name))
+
+
+def cmd_setup(args) -> None:
+    try:
+        found = assets.ensure_assets(cache_dir())
+    except assets.AssetError as exc:
+        raise _failed(f"vm setup: {exc}") from None
+    print(f"kernel {found.kernel}\ninitrd {found.initrd}")
+    pair = open_pair(start_libvirtd=True)
+    print(f"libvirt {pair.config.uri}")
+    pair.close()
+
+
+def cmd_up(args) -> None:
+    pair = open_pair(start_libvirtd=True)
+    pair.prepare(fresh=args.fresh)
+    t0 = time.monotonic()
+    for name in NAMES:
+        command = guest_command(pair, name, args.command)
+        (pair.run_dir / name / "command.sh").write_text(command)
+        if not pair.is_running(name):
+            pair.start(name, command)
+    for name in NAMES:
+        pair.wait_ready(name)
+    print(f"vm pair ready in {time.monotonic() - t0:.1f} s")
+    _print_status(pair)
+
+
+def cmd_start(args) -> None:
+    pair = open_pair(start_libvirtd=True)
+    pair.start(args.name, guest_command(pair, args.name, args.command, saved=True))
+    pair.wait_ready(args.name)
+    _print_status(pair)
+
+
+def cmd_power_cut(args) -> None:
+    pair = open_pair()
+    pair.power_cut(args.name)
+    print(f"{pair.domain_name(args.name)}: power cut (destroyed)")
+
+
+def cmd_status(args) -> None:
+    _print_status(open_pair())
+
+
+def _print_status(pair) -> None:
+    for name, state in pair.status().items():
+        host, port = pair.nbd_address(name)
+        print(f"{pair.domain_name(name)}: {state}  nbd {host}:{port}  console {pair.console_path(name)}")
+
+
+def cmd_console(args) -> None:
+    pair = open_pair()
+    path = pair.console_path(args.name)
+    if not args.follow:
+        sys.stdout.write(pair.console(args.name))
+        return
+    os.execvp("tail", ["tail", "-n", "+1", "-F", str(path)])
+
+
+def cmd_down(args) -> None:
+    pair = open_pair()
+    pair.down()
+    _print_status(pair)
+
+
+def cmd_teardown(args) -> None:
+    from vm import libvirtd
+    if os.environ.get("TWINCACHE_LIBVIRT_URI") or libvirtd.read_pid(cache_dir()):
+        pair = open_pair()
+        pair.undefine()
+        pair.close()
+    if libvirtd.stop(cache_dir()):
+        print("vm: private libvirtd stopped")
+
+
+def cmd_image(args) -> None:
+    from vm import image
+    try:
+        print(image.build_image(pathlib.Path(args.dir or cache_dir() / "image"), size=args.size))
+    except (image.ImageError, subprocess.CalledProcessError) as exc:
+        raise _failed(f"vm image: {exc}") from None
+
+
+def _guard(func):
+    """VM and libvirt failures end as one line and exit status 1."""
+    def run(args):
+        import libvirt
+        from vm.pair import VmError
+        try:
+            return func(args)
+        except (VmError, TimeoutError, libvirt.libvirtError) as exc:
+            raise _failed(f"vm {args.vm_command}: {exc}") from None
+    return run
+
+
+def register(sub) -> None:
+    vm = sub.add_parser("vm", help="the libvirt VM pair").add_subparsers(dest="vm_command", required=True)
+    simple = [("setup", cmd_setup, "boot assets and the private libvirtd"), ("status", cmd_status, "domain states"),
+              ("down", cmd_down, "destroy both guests"), ("teardown", cmd_teardown, "undefine, stop libvirtd")]
+    for name, func, text in simple:
+        vm.add_parser(name, help=text).set_defaults(func=_guard(func))
+    up = vm.add_parser("up", help="start both guests")
+    up.add_argument("--command", help="shell text each guest runs instead of the controller")
+    up.add_argument("--fresh", action="store_true", help="zero the NVRAM and disk files first")
+    up.set_defaults(func=_guard(cmd_up))
+    start = vm.add_parser("start", help="start one guest")
+    start.add_argument("name", choices=NAMES)
+    start.add_argument("--command")
+    start.set_defaults(func=_guard(cmd_start))
+    cut = vm.add_parser("power-cut", help="destroy one guest at once")
+    cut.add_argument("name", choices=NAMES)
+    cut.set_defaults(func=_guard(cmd_power_cut))
+    console = vm.add_parser("console", help="a guest's console log")
+    console.add_argument("name", choices=NAMES)
+    console.add_argument("-f", "--follow", action="store_true")
+    console.set_defaults(func=_guard(cmd_console))
+    image = vm.add_parser("image", help="build a self-contained guest image (debootstrap)")
+    image.add_argument("--dir")
+    image.add_argument("--size", default="2G")
+    image.set_defaults(func=_guard(cmd_image))
