@@ -185,7 +185,7 @@ def _kill_after_block(proc, block: int) -> int:
 def test_a_corrupted_block_is_caught_by_the_crc_and_resent(board):
     board.start_agent()
     bundle = board.make_bundle("b1.tcb", controller_config(board.root), "build-1")
-    board.cable.corrupt_frame(6)        # HELLO, BEGIN, blocks 0..2, then block 3 is damaged
+    board.cable.corrupt_frame(4)        # blocks 0..2 pass, block 3 is damaged on the wire
     r = board.flash(bundle)
     assert board.cable.corrupted == 1
     assert "board NAK (BAD_FRAME), resending block 3" in r.stderr, r.stderr
