@@ -215,3 +215,34 @@ def test_transport_is_a_socket_transport(endpoints):
     assert isinstance(server, SocketTransport) and isinstance(client, SocketTransport)
     server.close()
     client.close()
+
+
+# ---- the pair key the link authenticates with -----------------------------------
+
+def test_pair_key_created_0600_and_loaded(tmp_path):
+    from hal.keyfile import create_pair_key, load_pair_key
+    path = tmp_path / "pair.key"
+    key = create_pair_key(path)
+    assert len(key) == 32 and (path.stat().st_mode & 0o777) == 0o600
+    assert load_pair_key(path) == key
+    with pytest.raises(HalError, match="refusing to overwrite"):
+        create_pair_key(path)
+    assert load_pair_key(path) == key
+
+
+def test_pair_key_refusals(tmp_path):
+    from hal.keyfile import load_pair_key
+    with pytest.raises(HalError, match="no pair key file"):
+        load_pair_key(tmp_path / "missing.key")
+    path = tmp_path / "pair.key"
+    path.write_text("ab" * 32 + "\n")
+    for mode in (0o640, 0o604, 0o644):
+        path.chmod(mode)
+        with pytest.raises(HalError, match=f"mode is {mode:04o}.*owner only"):
+            load_pair_key(path)
+    path.chmod(0o600)
+    assert load_pair_key(path) == b"\xab" * 32
+    for text, message in (("zz" * 32, "hex digits"), ("ab" * 16, "need 32"), ("\xff", "hex digits")):
+        path.write_text(text)
+        with pytest.raises(HalError, match=message):
+            load_pair_key(path)
