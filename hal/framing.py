@@ -123,9 +123,12 @@ class CobsFramer(Framer):
 
     def feed(self, data) -> list:
         buf = self._buf
+        # Bytes kept from earlier feeds hold no delimiter: search only the new ones, so a
+        # large frame arriving in small pieces is scanned once.
+        search = len(buf)
         buf += data
         frames, pos = [], 0
-        while (end := buf.find(0, pos)) >= 0:
+        while (end := buf.find(0, search)) >= 0:
             if self._discarding:
                 self._drop(end - pos)
                 self._discarding = False
@@ -133,7 +136,7 @@ class CobsFramer(Framer):
                 frame = self._decode(buf, pos, end)
                 if frame is not None:
                     frames.append(frame)
-            pos = end + 1
+            pos = search = end + 1
         del buf[:pos]
         if len(buf) > COBS_CHUNK_MAX_BYTES:
             # No delimiter within a maximal frame: this is garbage, bound memory.

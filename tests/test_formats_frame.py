@@ -252,3 +252,14 @@ def test_stream_framer_large_frame_in_small_chunks_is_linear():
     for start in range(0, len(frame), 1500):
         out += framer.feed(frame[start:start + 1500])
     assert out == [frame]
+
+
+def test_cobs_framer_large_frame_in_small_chunks():
+    payload = bytes(range(256)) * 4096          # 1 MiB, full of zero bytes to stuff
+    frame = b"".join(F.encode_frame(4, 0, 1, 1, 0, 0, 0, payload))
+    framer = CobsFramer()
+    encoded = framer.encode([frame])[0]
+    out = []
+    for start in range(0, len(encoded), 1500):
+        out += framer.feed(encoded[start:start + 1500])
+    assert out == [frame] and framer.buffered_bytes == 0

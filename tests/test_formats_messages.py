@@ -15,7 +15,9 @@ P = bytes(range(16))
 
 VECTORS = {
     "HELLO": (
-        dict(protocol_min=1, protocol_max=1, controller_id=1, mode=0, generation=7, capabilities=0x1f, features=0x0102030405060708, pair_id=P, nonce=bytes(range(32, 64)), block_size_bytes=4096, primary_blocks=1024, reserved=bytes(16)),
+        dict(protocol_min=1, protocol_max=1, controller_id=1, mode=0, generation=7, capabilities=0x1f,
+             features=0x0102030405060708, pair_id=P, nonce=bytes(range(32, 64)), block_size_bytes=4096,
+             primary_blocks=1024, reserved=bytes(16)),
         bytes.fromhex(
             "0101010000000000000000070000001f01020304050607080001020304050607"
             "08090a0b0c0d0e0f202122232425262728292a2b2c2d2e2f3031323334353637"
@@ -29,7 +31,8 @@ VECTORS = {
         bytes.fromhex(
             "000000000000000700000000075bcd150200000000000000")),
     "MIRROR_WRITE": (
-        dict(cache_id=5, lun=1, context_flags=3, lba=0x1000, seq=42, group_index=0, group_count=1, data_crc=0xdeadbeef, dirty_bitmap=b"\xff"+bytes(15), generation=7, length=8, data=b"ABCDEFGH"),
+        dict(cache_id=5, lun=1, context_flags=3, lba=0x1000, seq=42, group_index=0, group_count=1,
+             data_crc=0xdeadbeef, dirty_bitmap=b"\xff" + bytes(15), generation=7, length=8, data=b"ABCDEFGH"),
         bytes.fromhex(
             "00000005000100030000000000001000000000000000002a00000001deadbeef"
             "ff00000000000000000000000000000000000007000000084142434445464748")),
@@ -75,7 +78,8 @@ VECTORS = {
         bytes.fromhex(
             "0001000000000000000000800000000378797a")),
     "LOG_SHIP": (
-        dict(source_id=1, partition=2, entries=[dict(seq=100, lun=0, flags=0, lba=8, data_crc=0x01020304, data=b"\x01\x02")]),
+        dict(source_id=1, partition=2,
+             entries=[dict(seq=100, lun=0, flags=0, lba=8, data_crc=0x01020304, data=b"\x01\x02")]),
         bytes.fromhex(
             "0001000200010000000000000064000000000000000000000008010203040000"
             "00020102")),
