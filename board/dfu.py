@@ -167,7 +167,10 @@ class DfuHost:
     def wait_while_busy(self, done_states, what: str):
         """Poll GETSTATUS, waiting bwPollTimeout after each busy answer, until a state in done_states."""
         for _ in range(POLLS_MAX):
-            status, state, poll_ms = self.get_status()
+            try:
+                status, state, poll_ms = self.get_status()
+            except _usb_errors() as exc:
+                raise _Retry(f"{what}: GETSTATUS failed: {exc}") from None
             if status != Status.OK:
                 if status == Status.errSTALLEDPKT:
                     raise _Retry(f"{what}: device reports errSTALLEDPKT")
@@ -231,6 +234,13 @@ def _usb_errors():
 
 def flash(blob: bytes, vid: int, pid: int, alt=None, backend=None, out=sys.stderr, sleep=time.sleep) -> str:
     """Download `blob` to the DFU device VID:PID (alt by number or name), read it back, compare."""
+    try:
+        return _flash(blob, vid, pid, alt, backend, out, sleep)
+    except _usb_errors() as exc:
+        raise DfuError(f"USB error talking to {vid:04x}:{pid:04x}: {exc}") from None
+
+
+def _flash(blob, vid, pid, alt, backend, out, sleep) -> str:
     def log(text):
         out.write(f"dfu: {text}\n")
         out.flush()
