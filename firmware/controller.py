@@ -494,8 +494,10 @@ class Controller(DestageMixin, PeerMixin):
         self.next_tag = tag % 0xFFFFFFFF + 1
         self.forwarded[tag] = req
         head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
+        # The host's data views the NBD receive buffer, which is reused before the
+        # frame goes out: the forwarded copy must own its bytes.
         self.link.send(M.MsgType.IO_REQUEST, M.Resource.HOST_IO,
-                       (head, data) if data is not None else head, tag=tag)
+                       head + data if data is not None else head, tag=tag)
         self.stats["forwarded"] += 1
 
     def _on_io_request(self, msg):

@@ -46,15 +46,17 @@ class DestageMixin:
         budget = self.params.destage_inflight_max - self.destage_inflight
         if budget <= 0 or not self._destage_wanted():
             return
-        begins = []
-        for key, line in list(self.cache.wbq.items()):
-            if budget <= 0:
+        chosen = []
+        flushing = self.flushing_keys
+        for key, line in self.cache.wbq.items():     # oldest first; stop at the budget
+            if len(chosen) == budget:
                 break
-            if self.flushing_keys[key]:
-                continue              # an older version of this line is still being written
+            if key not in flushing:   # else an older version of this line is still being written
+                chosen.append(line)
+        begins = []
+        for line in chosen:
             self._start_destage(line)
             begins.append((line.block, line.seq))
-            budget -= 1
         if begins and self.link.up:
             self._send_refs(M.MsgType.FLUSH_BEGIN, begins)
 

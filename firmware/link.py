@@ -256,6 +256,10 @@ class LinkSession:
         self._take_ack(head.ack, now_ms)
         if head.flags & F.FLAG_ACK_ONLY:
             return None
+        if head.seq > self.rx_expected and self.reliable_transport:
+            # A reliable stream never loses a frame; a gap means bytes were corrupted
+            # and skipped by the framer. Start a new session (and a resync).
+            raise LinkProtocolError(f"frame {self.rx_expected} lost on a reliable transport")
         if head.seq != self.rx_expected:
             # A duplicate (already delivered) or a gap (a frame was lost): drop it and
             # re-announce what we expect, so the sender's go-back-N fills the gap.

@@ -55,4 +55,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m hal.cli`: use the hal.cli module the subcommands import,
+    # so their UsageError is the one caught here.
+    from hal.cli import main as _main
+    sys.exit(_main())

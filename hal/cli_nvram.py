@@ -127,7 +127,7 @@ def _block_record(image, geometry, mirror: bool, index: int, rec, errors: list, 
             "group_count": rec.group_count,
             "dirty_sectors": int.from_bytes(rec.dirty_bitmap, "big").bit_count(),
             "dirty_bitmap": rec.dirty_bitmap.hex(), "data_offset": data_offset,
-            "data_crc_ok": data_crc_ok}
+            "data_crc": rec.data_crc, "data_crc_ok": data_crc_ok}
 
 
 def format_report(report: dict) -> str:

@@ -43,6 +43,7 @@ def _free_port() -> int:
 class LocalPair:
     def __init__(self, directory):
         self.dir = pathlib.Path(directory).resolve()
+        self._procs = {}
 
     # -- layout ---------------------------------------------------------------
 
@@ -110,6 +111,9 @@ class LocalPair:
             pid = int((self.dir / name / "pid").read_text())
         except (FileNotFoundError, ValueError):
             return None
+        proc = self._procs.get(name)
+        if proc is not None and proc.pid == pid:      # our child: it may not have exec'd yet
+            return pid if proc.poll() is None else None
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -129,7 +133,6 @@ class LocalPair:
             cwd=str(pathlib.Path(__file__).resolve().parent.parent))
         log.close()
         (self.dir / name / "pid").write_text(str(proc.pid))
-        self._procs = getattr(self, "_procs", {})
         self._procs[name] = proc
         return proc.pid
 
@@ -175,7 +178,7 @@ class LocalPair:
         return pid
 
     def _reap(self, name, pid, timeout_s=10.0):
-        proc = getattr(self, "_procs", {}).get(name)
+        proc = self._procs.get(name)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc is not None and proc.pid == pid:

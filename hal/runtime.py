@@ -109,7 +109,8 @@ class Runtime:
         self.link_writing = False
         self.backoff = Backoff(initial_ms=20, max_ms=500)
         self.next_connect_ms = 0
-        self.completions = []
+        self.completions = []          # disk write and flush completions, fed back once a turn
+        self.read_completions = []
         self.dirty_clients = set()
         self.link_buf = bytearray(LINK_RECV_BYTES)
         self.exports = [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
@@ -373,12 +374,22 @@ class Runtime:
     # -- actions --------------------------------------------------------------
 
     def execute(self, actions):
-        """Carry out actions in order; disk completions go back after the whole list."""
-        completions = self.completions
+        """Carry out actions in order; disk completions go back after the whole list.
+
+        Read completions are fed back at once (a host waits on them); destage
+        write completions wait for the end of the loop turn, so a long run of
+        destaging is spread over turns instead of holding up host requests.
+        """
         self._execute(actions)
-        while completions:
-            op, err, data = completions.pop(0)
+        reads = self.read_completions
+        while reads:
+            op, err, data = reads.pop()
             self._execute(self.ctrl.disk_done(op, err, data))
+
+    def _complete_writes(self):
+        done, self.completions = self.completions, []
+        for op, err, data in done:
+            self.execute(self.ctrl.disk_done(op, err, data))
 
     def _execute(self, actions):
         for act in actions:
@@ -418,9 +429,10 @@ class Runtime:
             else:
                 buf = bytearray(act.length)
                 disk.read_into(act.offset, buf)
-                self.completions.append((act.op, 0, buf))
+                self.read_completions.append((act.op, 0, buf))
         except OSError as exc:
-            self.completions.append((act.op, exc.errno or errno.EIO, None))
+            (self.completions if write else self.read_completions).append(
+                (act.op, exc.errno or errno.EIO, None))
 
     def _disk_flush(self, act):
         try:
@@ -436,6 +448,8 @@ class Runtime:
         self.note(act.kind, **act.fields)
 
     def _flush(self):
+        if self.completions:
+            self._complete_writes()
         if self.link is not None and self.link_out and not self.link_writing:
             self._flush_link()
         while self.dirty_clients:
