@@ -148,7 +148,9 @@ def test_partner_mirror_segment_equals_owner_dirty_primary_blocks(tmp_path):
     try:
         qemu_io(pair.uri("a", 0), "write -P 0x42 0 1M", "write -P 0x43 512k 8k", "write -P 0x44 7M 3k")
         qemu_io(pair.uri("a", 1), "write -P 0x45 0 64k")      # lun1: owned by b
-        pair.down()                                             # quiesce; NVRAM stays
+        for name in ("a", "b"):                                 # freeze both, then a power cut of both
+            os.kill(pair.pid(name), signal.SIGSTOP)
+        pair.stop_all()
         a, b = dump(pair.nvram_path("a")), dump(pair.nvram_path("b"))
 
         def key(blk):

@@ -239,10 +239,12 @@ def test_guest_controller_config_selects_the_guest_backends(tmp_path):
         cfg = hal_config.load(guest.write_controller_config(FakePair(), name))
         assert (cfg.nvram.backend, cfg.nvram.path, cfg.nvram.size_bytes) == ("dax", "/dev/dax0.0", 62 << 20)
         assert (cfg.disks.backend, cfg.disks.serials, cfg.disks.direct) == ("serial", ["s0", "s1", "s2"], True)
+        assert 0 < cfg.disks.lun_size_bytes < 64 << 20
         assert (cfg.link.transport, cfg.link.device) == ("virtio", "/dev/virtio-ports/ctl.link")
         assert cfg.link.listen == (name == "a") and cfg.nbd.tcp == "0.0.0.0:10809"
-        assert cfg.state_dir == f"/var/lib/twincache/{name}"
-    assert "controller run --config" in guest.controller_command(tmp_path / "a" / "controller.toml")
+        assert cfg.state_dir == f"/run/twincache/{name}"
+        command = guest.controller_command(tmp_path / name / "controller.toml", name)
+        assert command.endswith(f"twincache controller run --config {tmp_path / name / 'controller.toml'}")
 
 
 def test_domain_xml_refuses_a_command_line_the_kernel_would_cut():

@@ -56,7 +56,8 @@ def guest_command(pair, name: str, override: str | None, saved: bool = False) ->
     if importlib.util.find_spec("hal.cli_controller") is None:
         return ""
     from vm import guest
-    return guest.controller_command(guest.write_controller_config(pair, name))
+    guest.provision(pair)
+    return guest.controller_command(guest.write_controller_config(pair, name), name)
 
 
 def cmd_setup(args) -> None:

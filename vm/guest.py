@@ -8,12 +8,15 @@ virtualenv. The config selects the guest HAL backends:
 - NVRAM: backend "dax" on /dev/dax0.0 (the nvdimm; its first 2 MiB hold the
   devdax info block, so the usable size is the nvdimm size less 2 MiB);
 - disks: backend "serial", the shared virtio-scsi disks by serial, O_DIRECT
-  (the two guests' page caches are not coherent);
+  (the two guests' page caches are not coherent); each LUN is the disk less
+  its label area (DATA_OFFSET_BYTES);
 - link: transport "virtio" on /dev/virtio-ports/ctl.link (fd I/O, not a tty);
 - NBD: TCP on the guest's port 10809, which the host reaches at
   127.0.0.1:<nbd_host_ports[i]> through the user-mode network forward;
-- state_dir: /var/lib/twincache/<name>, a writable 9p share of
-  <run_dir>/<name>/state, so the host can read events and the pid file.
+- state_dir: /run/twincache/<name> on the guest's tmpfs, because a unix
+  socket (the control socket) cannot be bound on 9p; its events.jsonl is a
+  symlink into /var/lib/twincache/<name>, the writable 9p share of
+  <run_dir>/<name>/state, so the host reads the events as they happen.
 
 Rules: files are written before the guest boots (9p caches what it read).
 """
@@ -22,12 +25,14 @@ from __future__ import annotations
 import pathlib
 import secrets
 
+from firmware.formats.disklabel import DATA_OFFSET_BYTES
 from hal import config as hal_config
 from vm.assets import REPO
 from vm.domain import GUEST_NBD_PORT, LINK_PORT_NAME
 
 DEVDAX_RESERVED_MIB = 2
-GUEST_STATE_DIR = "/var/lib/twincache"
+GUEST_STATE_DIR = "/run/twincache"        # guest tmpfs: unix sockets work here
+GUEST_SHARE_DIR = "/var/lib/twincache"    # 9p share of <run_dir>/<name>/state
 
 
 def pair_id(run_dir: pathlib.Path) -> str:
@@ -55,7 +60,7 @@ def controller_config(pair, name: str) -> dict:
         "nvram": {"backend": "dax", "path": "/dev/dax0.0",
                   "size": f"{cfg.nvram_size_mib - DEVDAX_RESERVED_MIB}M"},
         "disks": {"backend": "serial", "serials": [d.serial for d in pair.disks()],
-                  "lun_size": f"{cfg.disk_size_mib}M", "direct": True},
+                  "lun_size": (cfg.disk_size_mib << 20) - DATA_OFFSET_BYTES, "direct": True},
         "link": {"transport": "virtio", "device": f"/dev/virtio-ports/{LINK_PORT_NAME}", "listen": name == "a"},
         "nbd": {"tcp": f"0.0.0.0:{GUEST_NBD_PORT}"},
     }
@@ -70,6 +75,18 @@ def write_controller_config(pair, name: str) -> pathlib.Path:
     return path
 
 
-def controller_command(config_path) -> str:
-    """The guest command: the controller runtime from the project's virtualenv."""
-    return f"exec {REPO}/.venv/bin/twincache controller run --config {config_path}"
+def provision(pair) -> None:
+    """Before a first boot: the pair key, and a label on every blank shared disk (on the host side)."""
+    from hal.disk_array import DiskArray
+    pair_key(pair.run_dir)
+    cfg = hal_config.from_dict(controller_config(pair, "a"), "vm provisioning")
+    files = hal_config.DiskConfig(backend="file", paths=[d.path for d in pair.disks()],
+                                  lun_size_bytes=cfg.disks.lun_size_bytes)
+    DiskArray.open(files, cfg.pair_id, create=True).close()
+
+
+def controller_command(config_path, name: str) -> str:
+    """The guest command: link the events log into the share, then run the controller."""
+    state, share = f"{GUEST_STATE_DIR}/{name}", f"{GUEST_SHARE_DIR}/{name}"
+    return (f"mkdir -p {state} {share} && ln -sf {share}/events.jsonl {state}/events.jsonl && "
+            f"exec {REPO}/.venv/bin/twincache controller run --config {config_path}")
