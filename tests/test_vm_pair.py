@@ -302,3 +302,47 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
                  "remember_owner = 0", "cgroup_controllers = [ ]", "namespaces = [ ]", 'stdio_handler = "file"']:
         assert line in conf
     assert libvirtd.uri(tmp_path.parent).endswith("/libvirtd/run/libvirt-sock")
+
+
+# --- phase 2 preview: the controller runtime in the guests ------------------------------------
+
+def read_events(vm_pair, name: str) -> list[dict]:
+    path = vm_pair.state_dir(name) / name / "events.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_event(vm_pair, name: str, kind: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in read_events(vm_pair, name):
+            if event["kind"] == kind:
+                return event
+        assert vm_pair.is_running(name), vm_pair.console(name)
+        time.sleep(0.2)
+    raise AssertionError(f"{name}: no {kind!r} event in {timeout_s:.0f} s:\n{vm_pair.console(name)[-3000:]}")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_controllers_run_in_the_guests_and_serve_nbd_through_the_forward(vm_pair):
+    pytest.importorskip("hal.runtime", reason="the controller runtime is not in this tree yet")
+    from vm import guest
+    vm_pair.down()
+    vm_pair.prepare(fresh=True)
+    guest.provision(vm_pair)
+    t0 = time.monotonic()
+    for name in "ab":
+        vm_pair.start(name, guest.controller_command(guest.write_controller_config(vm_pair, name), name))
+    for name in "ab":
+        serving = wait_event(vm_pair, name, "serving", PROBE_TIMEOUT_S)
+        assert "lun0" in serving["exports"]
+    for name in "ab":
+        assert wait_event(vm_pair, name, "link_up")["peer"] == "ab".index(name) ^ 1
+    print(f"\nvm controllers serving and linked in {time.monotonic() - t0:.1f} s")
+    for name in "ab":
+        with socket.create_connection(vm_pair.nbd_address(name), timeout=10) as conn:
+            conn.settimeout(10)
+            assert conn.makefile("rb").read(16) == b"NBDMAGICIHAVEOPT", f"{name}: no NBD greeting"
