@@ -7,7 +7,8 @@
 
 The libvirt URI is TWINCACHE_LIBVIRT_URI when set (qemu:///system,
 qemu+ssh://...), else the private libvirtd's; the cache directory is
-TWINCACHE_VM_CACHE or <repo>/.cache/vm. `up` runs the controller runtime in
+TWINCACHE_VM_CACHE or <repo>/.cache/vm; TWINCACHE_VM_ACCEL is tcg, kvm or
+auto (default: a short KVM boot probe, cached per host boot, else TCG). `up` runs the controller runtime in
 each guest when it is installed (`twincache controller run --config`), and
 otherwise leaves the guests idle after TWINCACHE-READY.
 """
@@ -41,7 +42,10 @@ def open_pair(start_libvirtd: bool = False):
     try:
         if not uri:
             uri = libvirtd.start(cache_dir()) if start_libvirtd else libvirtd.uri(cache_dir())
-        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir()))
+        from vm import kvm
+        accel = os.environ.get("TWINCACHE_VM_ACCEL", "auto")
+        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir(),
+                                 domain_type=kvm.domain_type(accel, cache_dir())))
     except (libvirtd.LibvirtdError, VmError, assets.AssetError) as exc:
         raise _failed(f"vm: {exc} (run `twincache vm setup` first?)") from None
 
