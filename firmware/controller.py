@@ -232,9 +232,9 @@ class Controller(DestageMixin, PeerMixin):
         return out
 
     def _send_refs(self, msg_type, refs):
-        for i in range(0, len(refs), 4096):
-            body = M.FlushDone.build({"blocks": [{"cache_id": c, "seq": s} for c, s in refs[i:i + 4096]]})
-            self.link.send(msg_type, M.Resource.CACHE_META, body)
+        step = M.BLOCK_REFS_MAX
+        for i in range(0, len(refs), step):
+            self.link.send(msg_type, M.Resource.CACHE_META, M.pack_block_refs(refs[i:i + step]))
 
     def _reply(self, req, error=0, data=None):
         if req.__class__ is _Part:

@@ -77,7 +77,7 @@ class LinkSession:
                  capabilities=M.CAP_MIRROR | M.CAP_FORWARD_IO, block_size_bytes=0,
                  primary_blocks=0, reliable_transport=True, data_window_bytes=1 << 20,
                  heartbeat_interval_ms=100, heartbeat_timeout_ms=1000, rto_ms=250,
-                 unacked_max=65536):
+                 unacked_max=65536, ack_every=16):
         assert len(key) >= 16, "pairing key too short"
         self.controller_id = controller_id
         self.pair_id = pair_id
@@ -93,6 +93,7 @@ class LinkSession:
         self.heartbeat_timeout_ms = heartbeat_timeout_ms
         self.rto_ms = rto_ms
         self.unacked_max = unacked_max
+        self.ack_every = ack_every      # explicit acks after this many frames without a reply
         self.state = S.DOWN
         self.peer = None
         self.stats = collections.Counter()
@@ -109,6 +110,8 @@ class LinkSession:
         self.data_queue = collections.deque()
         self.out = []
         self.need_ack = False
+        self._ack_now = False       # an explicit ack is due regardless of ack_every
+        self.acked_sent = 0         # rx_expected as of the last frame we sent
         self.nonce = b""
         self.peer_nonce = b""
         self.last_rx_ms = 0
@@ -229,7 +232,8 @@ class LinkSession:
             crc = F.crc32c(payload, crc)
             out.append(payload)
         out.append(F.TRAILER_STRUCT.pack(crc))
-        self.need_ack = False
+        self.need_ack = self._ack_now = False
+        self.acked_sent = self.rx_expected
         self.stats["frames_sent"] += 1
 
     def take_output(self) -> list:
@@ -242,7 +246,7 @@ class LinkSession:
             self._emit(self.control_queue.popleft())
         while self.data_queue and self.data_inflight_bytes < self.data_window_bytes:
             self._emit(self.data_queue.popleft())
-        if self.need_ack:
+        if self.need_ack and (self.rx_expected - self.acked_sent >= self.ack_every or self._ack_now):
             self._encode([0, F.LANE_CONTROL, 0, 0, M.Resource.SESSION, 0, b"", 0], F.FLAG_ACK_ONLY)
         out, self.out = self.out, []
         return out
@@ -264,7 +268,7 @@ class LinkSession:
             # A duplicate (already delivered) or a gap (a frame was lost): drop it and
             # re-announce what we expect, so the sender's go-back-N fills the gap.
             self.stats["frames_out_of_order"] += 1
-            self.need_ack = True
+            self.need_ack = self._ack_now = True
             return None
         self.rx_expected += 1
         self.need_ack = True
@@ -292,6 +296,8 @@ class LinkSession:
             return
         if now_ms - self.last_rx_ms > self.heartbeat_timeout_ms:
             raise LinkProtocolError(f"peer silent for {now_ms - self.last_rx_ms} ms")
+        if self.need_ack:
+            self._ack_now = True      # idle receiver: acknowledge what came in since the last frame
         if self.up and now_ms - self.last_tx_heartbeat_ms >= self.heartbeat_interval_ms:
             self.last_tx_heartbeat_ms = now_ms
             body = M.Heartbeat.build(dict(generation=self.generation, sent_ms=now_ms, state=0,

@@ -36,19 +36,25 @@ class PeerMixin:
 
     def link_frame(self, frame, now_ms):
         """One whole frame from the framer."""
+        return self.link_frames((frame,), now_ms)
+
+    def link_frames(self, frames, now_ms):
+        """Whole frames from one read of the link: handled in order, answered together."""
         self.now_ms = now_ms
-        if self.link.state == "down":
-            return self._take()
-        was_up = self.link.up
-        try:
-            msg = self.link.receive(frame, now_ms)
-            if not was_up and self.link.up:
-                self._on_link_up()
-            if msg is not None:
-                self._dispatch(msg)
-        except (LinkProtocolError, FormatError, MirrorError) as exc:
-            self.stats["link_errors"] += 1
-            self._link_failed(f"protocol error: {exc}")
+        link = self.link
+        for frame in frames:
+            if link.state == "down":
+                break
+            was_up = link.up
+            try:
+                msg = link.receive(frame, now_ms)
+                if not was_up and link.up:
+                    self._on_link_up()
+                if msg is not None:
+                    self._dispatch(msg)
+            except (LinkProtocolError, FormatError, MirrorError) as exc:
+                self.stats["link_errors"] += 1
+                self._link_failed(f"protocol error: {exc}")
         return self._take()
 
     def _link_failed(self, reason, reset=True):
@@ -124,8 +130,7 @@ class PeerMixin:
         self.stats["mirror_writes_received"] += 1
 
     def _on_flush_refs(self, msg):
-        body = M.parse_body_untrusted(msg.type, msg.payload, "flush message")
-        refs = [(b.cache_id, b.seq) for b in body.blocks]
+        refs = M.parse_block_refs_untrusted(msg.payload, "flush message")
         persists = (self.mirror.flush_begin(refs) if msg.type == T.FLUSH_BEGIN
                     else self.mirror.flush_done(refs))
         for r in persists:

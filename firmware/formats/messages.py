@@ -161,6 +161,26 @@ BlockRef = Struct(
 )
 FlushBegin = Struct("blocks" / PrefixedArray(Int16ub, BlockRef))
 FlushDone = Struct("blocks" / PrefixedArray(Int16ub, BlockRef))
+BLOCK_REFS_MAX = 4096
+_COUNT = struct.Struct(">H")
+
+
+def pack_block_refs(refs) -> bytes:
+    """The hot-path twin of FlushBegin/FlushDone.build (tests check they agree)."""
+    assert len(refs) <= BLOCK_REFS_MAX
+    flat = [v for ref in refs for v in ref]
+    return _COUNT.pack(len(refs)) + struct.pack(f">{'IQ' * len(refs)}", *flat)
+
+
+def parse_block_refs_untrusted(payload, where: str = "") -> list:
+    """[(cache_id, seq), ...] from a FLUSH_BEGIN/FLUSH_DONE body; FormatError if malformed."""
+    if len(payload) < 2:
+        raise FormatError("block reference list shorter than its count", where)
+    (count,) = _COUNT.unpack_from(payload, 0)
+    if len(payload) != 2 + 12 * count:
+        raise FormatError(f"block reference list of {count} entries is {len(payload)} bytes", where)
+    values = struct.unpack_from(f">{'IQ' * count}", payload, 2)
+    return list(zip(values[0::2], values[1::2]))
 
 Ownership = Struct(                         # request, grant and release share one body
     "lun" / Int16ub,
