@@ -338,12 +338,9 @@ class Runtime:
             self._link_close("peer closed the link")
             self.execute(self.ctrl.link_disconnected("peer closed the link"))
             return
-        now = self.clock.monotonic_ms()
-        ctrl, execute = self.ctrl, self.execute
-        for frame in self.framer.feed(memoryview(self.link_buf)[:n]):
-            execute(ctrl.link_frame(frame, now))
-            if self.link is None:
-                return
+        frames = self.framer.feed(memoryview(self.link_buf)[:n])
+        if frames:
+            self.execute(self.ctrl.link_frames(frames, self.clock.monotonic_ms()))
 
     def _link_close(self, reason):
         if self.link is None:
