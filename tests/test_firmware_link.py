@@ -1,0 +1,170 @@
+"""The link session (sans-IO): its state table, authentication, lanes, reliability."""
+import itertools
+
+import pytest
+
+from firmware.formats import frame as F
+from firmware.formats import messages as M
+from firmware.link import EVENTS, TRANSITIONS, LinkProtocolError, LinkSession, SessionState as S
+from fixtures.mempair import PAIR_ID, split_frames
+
+KEY = bytes(range(32))
+
+
+def session(cid, key=KEY, pair_id=PAIR_ID, **kw):
+    return LinkSession(cid, pair_id, key, block_size_bytes=4096, primary_blocks=16, **kw)
+
+
+def pump(a, b, now=0, rounds=10):
+    """Carry every frame each way until both are quiet; return what b and a delivered."""
+    got = {id(a): [], id(b): []}
+    for _ in range(rounds):
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            for frame in split_frames(src.take_output()):
+                moved = True
+                msg = dst.receive(frame, now)
+                if msg is not None:
+                    got[id(dst)].append(msg)
+        if not moved:
+            break
+    return got[id(a)], got[id(b)]
+
+
+def up_pair(**kw):
+    a, b = session(0, **kw), session(1, **kw)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    pump(a, b)
+    assert a.up and b.up
+    return a, b
+
+
+def session_in(state):
+    """A session driven into `state`, and a peer able to feed it the next frames."""
+    a, b = session(0), session(1)
+    if state == S.DOWN:
+        return a, b
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    if state == S.HELLO_SENT:
+        return a, b
+    hello_from_b = split_frames(b.take_output())[0]
+    a.receive(hello_from_b, 0)
+    assert a.state == S.AUTH_SENT
+    if state == S.AUTH_SENT:
+        b.receive(split_frames(a.take_output())[0], 0)          # b sees a's HELLO, sends AUTH
+        return a, b
+    pump(a, b)
+    assert a.state == S.UP
+    return a, b
+
+
+def fire(a, b, event):
+    if event == "connected":
+        a.connected(b"\x03" * 32, 0)
+    elif event == "disconnected":
+        a.disconnected()
+    elif event == "hello":
+        peer = session(1)
+        peer.connected(b"\x04" * 32, 0)
+        hello = split_frames(peer.take_output())[0]
+        # Renumber it to the sequence a expects, so only the state decides.
+        head = F.parse_header_untrusted(hello)
+        payload = hello[F.HEADER_SIZE_BYTES:-4]
+        frame = b"".join(F.encode_frame(head.type, 0, head.lane, head.resource, a.rx_expected, 0, 0, payload))
+        a.receive(frame, 0)
+    elif event == "auth":
+        b_out = split_frames(b.take_output())
+        auth = [f for f in b_out if F.parse_header_untrusted(f).type == M.MsgType.AUTH]
+        mac = auth[0][F.HEADER_SIZE_BYTES:-4] if auth else bytes(32)
+        frame = b"".join(F.encode_frame(M.MsgType.AUTH, 0, 0, 0, a.rx_expected, 0, 0, mac))
+        a.receive(frame, 0)
+    elif event == "message":
+        frame = b"".join(F.encode_frame(M.MsgType.PING, 0, 0, M.Resource.ADMIN, a.rx_expected, 0, 0,
+                                        M.PING_STRUCT.pack(1)))
+        a.receive(frame, 0)
+
+
+@pytest.mark.parametrize("state,event", list(itertools.product(
+    [S.DOWN, S.HELLO_SENT, S.AUTH_SENT, S.UP], EVENTS)))
+def test_every_state_and_event_pair(state, event):
+    a, b = session_in(state)
+    if (state, event) in TRANSITIONS:
+        fire(a, b, event)
+        assert a.state == TRANSITIONS[(state, event)][1]
+    else:
+        with pytest.raises(LinkProtocolError):
+            fire(a, b, event)
+
+
+def test_wrong_key_is_refused_by_the_side_that_checks():
+    a, b = session(0), session(1, key=bytes(32))
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    with pytest.raises(LinkProtocolError, match="does not hold the pair's key"):
+        pump(a, b)
+    assert not (a.up and b.up)
+
+
+def test_peer_of_another_pair_is_refused():
+    a, b = session(0), session(1, pair_id=bytes(16))
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    with pytest.raises(LinkProtocolError, match="belongs to pair"):
+        pump(a, b)
+
+
+def test_control_frame_overtakes_megabytes_of_queued_bulk_data():
+    """Reserved credit (claims 1.6): a control message never waits behind the data lane."""
+    a, b = up_pair(data_window_bytes=256 << 10)
+    block = bytes(4096)
+    for i in range(12_800):                                    # 50 MiB of mirror data queued
+        a.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR, block)
+    first = split_frames(a.take_output())
+    assert sum(len(f) for f in first) < (256 << 10) + 8192     # the window bounds what goes out
+    a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(7), lane=F.LANE_CONTROL, tag=99)
+    nxt = split_frames(a.take_output())
+    assert nxt and F.parse_header_untrusted(nxt[0]).type == M.MsgType.PING
+    assert F.parse_header_untrusted(nxt[0]).lane == F.LANE_CONTROL
+
+
+def test_replayed_and_duplicated_frames_are_dropped():
+    a, b = up_pair(reliable_transport=False)
+    a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(1), lane=F.LANE_CONTROL, tag=5)
+    frame = split_frames(a.take_output())[0]
+    assert b.receive(frame, 0).tag == 5
+    assert b.receive(frame, 0) is None                          # the replay is not delivered again
+    assert b.stats["frames_out_of_order"] == 1
+
+
+def test_go_back_n_fills_a_gap_on_a_lossy_transport():
+    a, b = up_pair(reliable_transport=False, rto_ms=50)
+    for tag in range(5):
+        a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(tag), lane=F.LANE_CONTROL, tag=tag)
+    frames = split_frames(a.take_output())
+    delivered = [b.receive(f, 0) for i, f in enumerate(frames) if i != 1]   # frame 1 is lost
+    assert [m.tag for m in delivered if m] == [0]
+    a.tick(60)                                                  # retransmit after the timeout
+    got = [b.receive(f, 60) for f in split_frames(a.take_output())]
+    assert [m.tag for m in got if m] == [1, 2, 3, 4]
+
+
+def test_a_gap_on_a_reliable_transport_resets_the_session():
+    a, b = up_pair()
+    for tag in range(3):
+        a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(tag), lane=F.LANE_CONTROL, tag=tag)
+    frames = split_frames(a.take_output())
+    with pytest.raises(LinkProtocolError, match="lost"):
+        b.receive(frames[1], 0)
+
+
+def test_silent_peer_times_out_and_heartbeats_keep_it_alive():
+    a, b = up_pair(heartbeat_interval_ms=100, heartbeat_timeout_ms=500)
+    for now in range(0, 2000, 50):
+        a.tick(now)
+        b.tick(now)
+        pump(a, b, now)
+    assert a.up and b.up and b.stats["heartbeats_received"] >= 15
+    with pytest.raises(LinkProtocolError, match="silent"):
+        a.tick(2600)
