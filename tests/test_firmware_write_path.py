@@ -1,0 +1,169 @@
+"""The ha write path in the firmware, driven exactly with the in-memory pair.
+
+Each test states the topology and the fault: holding-pen validation, atomic
+multi-block mirroring, torn NVRAM records, destage with flush-begin/done,
+degraded writes and the resync after the link returns.
+"""
+import pytest
+
+from firmware.formats import nvram as N
+from firmware.formats import messages as M
+from fixtures.mempair import MemPair
+
+BS = 4096
+
+
+def mirror_blocks(pair, i):
+    return {k: pair.ctrl[i].mirror.blocks[b].seq for k, b in pair.ctrl[i].mirror.view.items()}
+
+
+def primary_lines(pair, i):
+    return {k: line.seq for k, line in pair.ctrl[i].cache.lines.items()}
+
+
+def idle_pair(**kw):
+    p = MemPair(idle_flush_ms=10**9, high_watermark=0.9, low_watermark=0.8, **kw)
+    p.connect()
+    return p
+
+
+def test_write_is_acked_only_after_the_partner_persisted_the_mirror():
+    p = idle_pair()
+    p.write(0, "w", 0, 0, b"x" * BS)
+    assert "w" not in p.replies                     # the mirror frame is still on the wire
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    assert mirror_blocks(p, 1) == primary_lines(p, 0)
+
+
+def test_holding_pen_deletes_every_mirror_request_when_the_data_is_invalid():
+    """Claims 2.5: a 3-block write whose 2nd block lands corrupt in NVRAM sends nothing."""
+    fired = []
+
+    def buggify(site):
+        if site == "nvram_store_corrupt":
+            fired.append(site)
+            return len(fired) == 2
+        return False
+    p = idle_pair(buggify=buggify)
+    p.write(0, "w", 0, 0, b"y" * 3 * BS)
+    assert p.replies["w"] == (5, None)              # EIO, at once
+    assert not p.wire[1]                            # no mirror request left the pen
+    assert p.ctrl[0].cache.dirty_lines == 0 and len(p.ctrl[0].cache.free) == p.ctrl[0].cache.capacity
+    p.write(0, "again", 0, 0, b"y" * 3 * BS)
+    p.deliver()
+    assert p.replies["again"] == (0, None) and len(mirror_blocks(p, 1)) == 3
+
+
+def test_multi_block_write_is_all_or_nothing_at_the_partner_across_its_crash():
+    p = idle_pair()
+    p.write(0, "old", 0, 0, b"1" * 4 * BS)
+    p.deliver()
+    p.write(0, "new", 0, 0, b"2" * 4 * BS)
+    frames = list(p.wire[1])
+    p.wire[1].clear()
+    mirror_writes = [f for f in frames if f[3] == M.MsgType.MIRROR_WRITE]
+    assert len(mirror_writes) == 4
+    for f in mirror_writes[:2]:                     # half of the group reaches b, then b dies
+        p.run(1, p.ctrl[1].link_frame(f, 0))
+    p.crash(1)
+    p.boot(1)
+    recovered = [n for n in p.notes[1] if n[0] == "recovered"][-1][1]
+    assert recovered["mirror_blocks"] == 4          # the old version, whole
+    assert all(b.seq == 1 for b in p.ctrl[1].mirror.blocks if b is not None)
+    dropped = [n for n in p.notes[1] if n[0] == "nvram_dropped"]
+    assert len(dropped) == 2 and all("incomplete write" in n[1]["reason"] for n in dropped)
+
+
+def test_torn_primary_descriptor_is_reported_and_never_served():
+    p = idle_pair()
+    p.write(0, "w", 0, 0, b"z" * BS)
+    p.deliver()
+    block = p.ctrl[0].cache.lines[0].block
+    offset = p.ctrl[0].primary.desc_base + block * N.DESC_SIZE_BYTES
+    p.crash(0)
+    p.nv[0][offset + 10] ^= 0xFF                    # tear the record
+    p.boot(0)
+    dropped = [n[1] for n in p.notes[0] if n[0] == "nvram_dropped"]
+    assert any("descriptor CRC32C mismatch" in d["reason"] and f"offset {offset}" in d["reason"]
+               for d in dropped)
+    p.read(0, "r", 0, 0, BS)
+    assert p.replies["r"] == (0, bytes(BS))         # the disk's zeros, not the torn record's data
+
+
+def test_destage_sends_flush_begin_then_flush_done_and_frees_both_copies():
+    p = MemPair(idle_flush_ms=50)
+    p.connect()
+    p.write(0, "w", 0, 8 * BS, b"d" * 2 * BS)
+    p.deliver()
+    assert len(mirror_blocks(p, 1)) == 2
+    p.tick(100)                                     # idle: destage everything
+    assert p.disks[0][8 * BS:10 * BS] == b"d" * 2 * BS
+    assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
+    stats = p.ctrl[1].stats
+    assert stats["mirror_writes_received"] == 2
+    assert p.ctrl[1].mirror.counts()["mirror_blocks"] == 0
+
+
+def test_rewrite_goes_to_a_new_block_and_frees_the_old_one_only_after_the_mirror_ack():
+    p = idle_pair()
+    p.write(0, "v1", 0, 0, b"1" * BS)
+    p.deliver()
+    old_block = p.ctrl[0].cache.lines[0].block
+    p.write(0, "v2", 0, 0, b"2" * BS)
+    assert old_block not in p.ctrl[0].cache.free    # still the only safe copy at the partner
+    p.deliver()
+    assert old_block in p.ctrl[0].cache.free
+    p.read(1, "r", 0, 0, BS)
+    p.deliver()
+    assert p.replies["r"] == (0, b"2" * BS)
+
+
+def test_degraded_writes_then_resync_make_the_mirror_whole_again():
+    p = idle_pair()
+    p.write(0, "a", 0, 0, b"a" * BS)
+    p.deliver()
+    p.disconnect()
+    p.write(0, "b", 0, BS, b"b" * BS)               # acked from a's NVRAM alone
+    assert p.replies["b"] == (0, None)
+    p.write(1, "fwd", 0, 2 * BS, b"c" * BS)         # b cannot reach lun0's owner: EIO
+    assert p.replies["fwd"] == (5, None)
+    p.connect()
+    assert p.ctrl[0].mirroring
+    assert mirror_blocks(p, 1) == primary_lines(p, 0)
+
+
+def test_cache_full_writes_wait_for_destage_and_none_is_lost():
+    p = MemPair(nvram_size=1 << 20, lun_size=2 << 20, high_watermark=0.5, low_watermark=0.25)
+    p.connect()
+    capacity = p.ctrl[0].cache.capacity
+    assert capacity * 3 * BS < 2 << 20
+    for i in range(capacity * 3):
+        p.write(0, ("w", i), 0, i * BS, bytes([i % 251]) * BS)
+        p.deliver()
+    assert all(p.replies[("w", i)] == (0, None) for i in range(capacity * 3))
+    for i in range(0, capacity * 3, 7):
+        p.read(0, ("r", i), 0, i * BS, BS)
+        assert p.replies[("r", i)] == (0, bytes([i % 251]) * BS)
+
+
+def test_forwarded_io_reaches_the_owner_and_comes_back():
+    p = idle_pair()
+    p.write(1, "w", 0, 0, b"f" * 2 * BS)            # b is not lun0's owner
+    p.deliver()
+    assert p.replies["w"] == (0, None) and p.ctrl[1].stats["forwarded"] == 1
+    assert len(primary_lines(p, 0)) == 2 and primary_lines(p, 1) == {}
+    p.read(1, "r", 0, BS, BS)
+    p.deliver()
+    assert p.replies["r"] == (0, b"f" * BS)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 10, bytes(range(256)) * 3])
+def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbage):
+    from firmware.formats import frame as F
+    p = idle_pair()
+    bad = b"".join(F.encode_frame(M.MsgType.FLUSH_DONE, 0, 1, 2, p.ctrl[1].link.rx_expected, 0, 0, garbage))
+    p.run(1, p.ctrl[1].link_frame(bad, 0))
+    assert [n for n in p.notes[1] if n[0] == "link_down"]
+    p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN
+    assert p.replies["w"] == (0, None)
