@@ -148,6 +148,7 @@ class Controller(DestageMixin, PeerMixin):
         self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
         self.mirroring = False            # link up and the partner's mirror in sync
         self.sync_pending = False
+        self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
         self.forwarded = {}               # tag -> host req awaiting the owner's reply
         self.next_tag = 1
@@ -368,12 +369,13 @@ class Controller(DestageMixin, PeerMixin):
             if old is not None:
                 op.replaced.append(old)
         if not self.link.up:
-            self._finish_write(op, mirrored=False)
+            self._finish_write(op, mirrored=False, pinned=False)
             return
         count = len(pen)
         generation = self.generation & 0xFFFFFFFF
         seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
         for i, (line, data_crc) in enumerate(pen):
+            line.pins += 1      # the queued frame views the block: it must not be reused before the ack
             ctx = (M.CTX_FIRST if i == 0 else 0) | (M.CTX_LAST if i == count - 1 else 0) | (
                 M.CTX_FUA if fua else 0)
             send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
@@ -385,11 +387,14 @@ class Controller(DestageMixin, PeerMixin):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
 
-    def _finish_write(self, op, mirrored):
+    def _finish_write(self, op, mirrored, pinned=True):
         if op.req is not None:
             self._reply(op.req, 0)
         for line in op.lines:
             line.mirrored = mirrored
+            if pinned:
+                line.pins -= 1
+                self._maybe_free(line)
         for old in op.replaced:
             old.dead = True
             self._maybe_free(old)

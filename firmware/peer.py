@@ -64,6 +64,8 @@ class PeerMixin:
             self.out.append(A.LinkReset(reason))
         self.link.disconnected()
         self.mirroring = False
+        if self.sync_pending:
+            self._unpin_resync(mirrored=False)
         self.sync_pending = False
         for r in self.mirror.abandon_group():
             self._persist(r)
@@ -91,6 +93,7 @@ class PeerMixin:
         seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
         generation = self.generation & 0xFFFFFFFF
         for line in lines:
+            line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
             data = seg.data(line.block)
             crc = N.crc32c(data)
             send(T.MIRROR_WRITE, M.Resource.MIRROR,
@@ -103,6 +106,13 @@ class PeerMixin:
         self.sync_pending = True
         self.resync_lines = lines
         self.out.append(A.Notify("resync_start", lines=len(lines)))
+
+    def _unpin_resync(self, mirrored):
+        lines, self.resync_lines = self.resync_lines, []
+        for line in lines:
+            line.mirrored = line.mirrored or mirrored
+            line.pins -= 1
+            self._maybe_free(line)
 
     def _dispatch(self, msg):
         handler = DISPATCH.get(msg.type)
@@ -141,9 +151,7 @@ class PeerMixin:
             if self.sync_pending:
                 self.sync_pending = False
                 self.mirroring = True
-                for line in self.resync_lines:
-                    line.mirrored = True
-                self.resync_lines = []
+                self._unpin_resync(mirrored=True)
                 self.out.append(A.Notify("mirrored", generation=self.generation))
             return
         if msg.type == T.SYNC_BEGIN:

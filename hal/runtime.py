@@ -199,7 +199,7 @@ class Runtime:
         elif kind == "link":
             if mask & selectors.EVENT_READ:
                 self._link_read()
-            if mask & selectors.EVENT_WRITE:
+            if mask & selectors.EVENT_WRITE and self.link is not None:
                 self.link_writing = False
                 self.sel.modify(self.link.fileno(), selectors.EVENT_READ, ("link", None))
         elif kind == "nbd-listen":
