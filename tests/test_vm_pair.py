@@ -247,6 +247,32 @@ def test_guest_controller_config_selects_the_guest_backends(tmp_path):
         assert command.endswith(f"twincache controller run --config {tmp_path / name / 'controller.toml'}")
 
 
+def test_domain_xml_boots_a_self_contained_image_instead_of_the_host_root():
+    root = ET.fromstring(domain_xml(spec(root_image="/img/guest.img")))
+    assert root.find("devices/filesystem/target[@dir='hostroot']") is None
+    vda = root.find("devices/disk/target[@dev='vda']/..")
+    assert vda.find("source").get("file") == "/img/guest.img" and vda.find("readonly") is not None
+    assert "tc.root=/dev/vda" in root.findtext("os/cmdline").split()
+
+
+def test_self_contained_command_carries_config_and_key_within_the_kernel_limit(tmp_path):
+    from vm import guest
+    from vm.pair import PairConfig
+
+    class FakePair:
+        config = PairConfig(uri="test:///default", cache_dir=tmp_path)
+        run_dir = tmp_path
+
+        def disks(self):
+            return [Disk(str(tmp_path / f"d{i}"), f"twincache-d{i}") for i in range(3)]
+
+    command = guest.self_contained_command(FakePair(), "b")
+    toml = base64.b64decode(command.split("echo ")[2].split(" |")[0]).decode()
+    assert 'key_file = "/run/twincache/pair.key"' in toml and 'name = "b"' in toml
+    assert (tmp_path / "pair.key").read_text().strip() in command
+    domain_xml(spec("b", command=command))        # fits on the kernel command line
+
+
 def test_domain_xml_refuses_a_command_line_the_kernel_would_cut():
     with pytest.raises(ValueError, match="kernel command line"):
         domain_xml(spec(command="x" * 2000))

@@ -28,8 +28,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO / ".cache" / "vm"
 BUSYBOX = pathlib.Path("/bin/busybox")
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "overlay", "virtio_scsi",
-                 "sd_mod", "nfit", "libnvdimm", "nd_pmem", "dax_pmem", "device_dax", "virtio_net"]
-INITRAMFS_VERSION = 4      # bump when the init script or the module list changes
+                 "sd_mod", "nfit", "libnvdimm", "nd_pmem", "dax_pmem", "device_dax", "virtio_net",
+                 "virtio_blk", "ext4", "crc32c_generic"]      # the last three: a self-contained image root
+INITRAMFS_VERSION = 5      # bump when the init script or the module list changes
 READY_MARKER = "TWINCACHE-READY"
 EXIT_MARKER = "TWINCACHE-EXIT"
 GUEST_ADDRESS = "10.0.2.15"
@@ -203,18 +204,24 @@ echo "TWINCACHE-INIT"
 for m in $(cat /etc/tc-modules); do
     insmod /lib/modules/$m.ko || echo "TWINCACHE-WARN insmod $m failed"
 done
-NAME=guest; CMD64=""; AFTER=stay
+NAME=guest; CMD64=""; AFTER=stay; ROOT=9p
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         tc.name=*) NAME="${arg#tc.name=}";;
         tc.cmd=*) CMD64="${arg#tc.cmd=}";;
         tc.after=*) AFTER="${arg#tc.after=}";;
+        tc.root=*) ROOT="${arg#tc.root=}";;
     esac
 done
 echo "$NAME" > /proc/sys/kernel/hostname
 mkdir -p /host /rw /newroot
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host \
-    || echo "TWINCACHE-FATAL no 9p host root"
+if [ "$ROOT" = 9p ]; then
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host \
+        || echo "TWINCACHE-FATAL no 9p host root"
+else
+    i=0; while [ ! -b "$ROOT" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+    mount -t ext4 -o ro,noload "$ROOT" /host || echo "TWINCACHE-FATAL cannot mount root image $ROOT"
+fi
 mount -t tmpfs -o size=128m tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot \
@@ -250,8 +257,8 @@ fi
 echo "TWINCACHE-READY name=$NAME"
 if [ -n "$CMD64" ]; then
     echo "$CMD64" | tr -- '-_' '+/' | base64 -d > /newroot/run/tc-cmd.sh
-    chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
-        TC_NAME="$NAME" PYTHONDONTWRITEBYTECODE=1 /bin/sh -c "cd @REPO@ && . /run/tc-cmd.sh"
+    chroot /newroot /usr/bin/env -i PATH=/opt/twincache/venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
+        HOME=/root TC_NAME="$NAME" PYTHONDONTWRITEBYTECODE=1 /bin/sh -c "cd @REPO@ 2>/dev/null || cd /; . /run/tc-cmd.sh"
     echo "TWINCACHE-EXIT rc=$?"
 fi
 case "$AFTER" in

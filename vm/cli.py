@@ -8,7 +8,9 @@
 The libvirt URI is TWINCACHE_LIBVIRT_URI when set (qemu:///system,
 qemu+ssh://...), else the private libvirtd's; the cache directory is
 TWINCACHE_VM_CACHE or <repo>/.cache/vm; TWINCACHE_VM_ACCEL is tcg, kvm or
-auto (default: a short KVM boot probe, cached per host boot, else TCG). `up` runs the controller runtime in
+auto (default: a short KVM boot probe, cached per host boot, else TCG);
+TWINCACHE_VM_IMAGE names a `vm image` image to boot instead of the host's
+root (the controller config then travels on the kernel command line). `up` runs the controller runtime in
 each guest when it is installed (`twincache controller run --config`), and
 otherwise leaves the guests idle after TWINCACHE-READY.
 """
@@ -44,7 +46,7 @@ def open_pair(start_libvirtd: bool = False):
             uri = libvirtd.start(cache_dir()) if start_libvirtd else libvirtd.uri(cache_dir())
         from vm import kvm
         accel = os.environ.get("TWINCACHE_VM_ACCEL", "auto")
-        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir(),
+        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir(), root_image=os.environ.get("TWINCACHE_VM_IMAGE", ""),
                                  domain_type=kvm.domain_type(accel, cache_dir())))
     except (libvirtd.LibvirtdError, VmError, assets.AssetError) as exc:
         raise _failed(f"vm: {exc} (run `twincache vm setup` first?)") from None
@@ -61,6 +63,8 @@ def guest_command(pair, name: str, override: str | None, saved: bool = False) ->
         return ""
     from vm import guest
     guest.provision(pair)
+    if pair.config.root_image:
+        return guest.self_contained_command(pair, name)
     return guest.controller_command(guest.write_controller_config(pair, name), name)
 
 

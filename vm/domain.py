@@ -55,12 +55,15 @@ class DomainSpec:
     extra_cmdline: str = ""
     uuid: str = ""                 # keep an existing domain's uuid when redefining it
     state_dir: str = ""            # host dir shared writable as 9p "tcstate" (/var/lib/twincache)
+    root_image: str = ""           # an ext4 image (vm/image.py) as the guest root instead of the host's /
 
 
 def kernel_cmdline(spec: DomainSpec) -> str:
     parts = ["console=ttyS0", "quiet", "panic=-1", f"tc.name={spec.controller}", f"tc.after={spec.after}"]
     if spec.command:
         parts.append("tc.cmd=" + base64.urlsafe_b64encode(spec.command.encode()).decode())
+    if spec.root_image:
+        parts.append("tc.root=/dev/vda")
     if spec.extra_cmdline:
         parts.append(spec.extra_cmdline)
     line = " ".join(parts)
@@ -114,11 +117,18 @@ def _link(devices: ET.Element, spec: DomainSpec) -> None:
 def _devices(root: ET.Element, spec: DomainSpec) -> None:
     devices = _sub(root, "devices")
     _sub(devices, "emulator", spec.emulator)
-    fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough", multidevs="remap")
-    _sub(fs, "driver", type="path")
-    _sub(fs, "source", dir="/")
-    _sub(fs, "target", dir="hostroot")
-    _sub(fs, "readonly")
+    if spec.root_image:
+        root = _sub(devices, "disk", type="file", device="disk")
+        _sub(root, "driver", name="qemu", type="raw")
+        _sub(root, "source", file=spec.root_image)
+        _sub(root, "target", dev="vda", bus="virtio")
+        _sub(root, "readonly")
+    else:
+        fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough", multidevs="remap")
+        _sub(fs, "driver", type="path")
+        _sub(fs, "source", dir="/")
+        _sub(fs, "target", dir="hostroot")
+        _sub(fs, "readonly")
     if spec.state_dir:
         state = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
         _sub(state, "driver", type="path")

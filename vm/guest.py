@@ -22,6 +22,7 @@ Rules: files are written before the guest boots (9p caches what it read).
 """
 from __future__ import annotations
 
+import base64
 import pathlib
 import secrets
 
@@ -88,5 +89,23 @@ def provision(pair) -> None:
 def controller_command(config_path, name: str) -> str:
     """The guest command: link the events log into the share, then run the controller."""
     state, share = f"{GUEST_STATE_DIR}/{name}", f"{GUEST_SHARE_DIR}/{name}"
-    return (f"mkdir -p {state} {share} && ln -sf {share}/events.jsonl {state}/events.jsonl && "
+    return (f"mkdir -p {state} && if [ -d {GUEST_SHARE_DIR} ]; then mkdir -p {share} && "
+            f"ln -sf {share}/events.jsonl {state}/events.jsonl; fi && "
             f"exec {REPO}/.venv/bin/twincache controller run --config {config_path}")
+
+
+def self_contained_command(pair, name: str) -> str:
+    """For a guest booted from a vm/image.py image, which cannot see the host's files:
+    the config and the pair key travel in the command itself (on the kernel command line)."""
+    config = controller_config(pair, name)
+    key_path, config_path = f"{GUEST_STATE_DIR}/pair.key", f"{GUEST_STATE_DIR}/{name}.toml"
+    config["controller"]["key_file"] = key_path
+    hal_config.from_dict(config, "vm self-contained config")
+    toml64 = base64.b64encode(hal_config.dump(config).encode()).decode()
+    key = pair_key(pair.run_dir).read_text().strip()
+    state, share = f"{GUEST_STATE_DIR}/{name}", f"{GUEST_SHARE_DIR}/{name}"
+    return (f"mkdir -p {state} && (umask 077; echo {key} > {key_path}) && "
+            f"echo {toml64} | base64 -d > {config_path} && "
+            f"if [ -d {GUEST_SHARE_DIR} ]; then mkdir -p {share} && "
+            f"ln -sf {share}/events.jsonl {state}/events.jsonl; fi && "
+            f"exec twincache controller run --config {config_path}")

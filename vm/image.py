@@ -1,10 +1,12 @@
 """A self-contained guest image, for libvirt hosts that do not share our root.
 
 `debootstrap --variant=minbase --include=python3 bookworm DIR` (about a
-minute here), the twincache wheel and its dependencies' wheels under
-/opt/twincache/wheels (install in the guest with
-`pip install --no-index --find-links /opt/twincache/wheels twincache`), then
-`mkfs.ext4 -d DIR IMG` (about a second; no mount, no loop device).
+minute here, with python3-venv and ndctl), the twincache wheel and its
+dependencies' wheels under /opt/twincache/wheels, installed into the venv
+/opt/twincache/venv (on the guest PATH), then `mkfs.ext4 -d DIR IMG` (about
+a second; no mount, no loop device). The guest boots it with the same kernel
+and initramfs (`tc.root=/dev/vda`, DomainSpec.root_image), under the same
+tmpfs overlay.
 
 Rules: everything lives under the given directory; a finished rootfs is
 reused (delete DIR/rootfs to rebuild).
@@ -34,13 +36,18 @@ def build_image(out_dir: pathlib.Path, size: str = "2G") -> pathlib.Path:
     if not (rootfs / ".complete").exists():
         shutil.rmtree(rootfs, ignore_errors=True)
         progress(f"debootstrap {SUITE} into {rootfs} (about a minute)")
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", SUITE,
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ndctl", SUITE,
                         str(rootfs)], check=True)
         (rootfs / ".complete").write_text("ok\n")
     wheels = rootfs / "opt" / "twincache" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     progress("building the twincache wheel and its dependencies' wheels")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(REPO)], check=True)
+    venv = "/opt/twincache/venv"
+    progress(f"installing twincache into {venv} in the image")
+    subprocess.run(["chroot", str(rootfs), "python3", "-m", "venv", "--clear", venv], check=True)
+    subprocess.run(["chroot", str(rootfs), f"{venv}/bin/pip", "install", "-q", "--no-index",
+                    "--find-links", "/opt/twincache/wheels", "twincache"], check=True)
     image = out_dir / "guest.img"
     image.unlink(missing_ok=True)
     progress(f"mkfs.ext4 -d {rootfs} {image} ({size})")

@@ -47,6 +47,7 @@ class PairConfig:
     memory_mib: int = 512
     nbd_host_ports: tuple = (11809, 11810)       # 127.0.0.1 ports forwarded to A's and B's NBD
     domain_type: str = "qemu"
+    root_image: str = ""                         # vm/image.py image as the guest root (default: host / over 9p)
 
     def __post_init__(self):
         self.cache_dir = pathlib.Path(self.cache_dir)
@@ -121,7 +122,8 @@ class VmPair:
             link_socket=str(self.link_socket()), link_listen=(name == "a"),
             console_log=str(self.console_path(name)), nbd_host_port=self.nbd_address(name)[1],
             memory_mib=self.config.memory_mib, domain_type=self.config.domain_type,
-            command=command, after=after, state_dir=str(self.state_dir(name)))
+            command=command, after=after, state_dir=str(self.state_dir(name)),
+            root_image=str(self.config.root_image or ""))
 
     def define(self, name: str, command: str = "", after: str = "stay") -> libvirt.virDomain:
         spec = self.spec(name, command, after)
