@@ -14,6 +14,7 @@ of this one; `uri()` is only the default.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -106,6 +107,13 @@ def read_pid(cache_dir=None) -> int | None:
 def start(cache_dir=None) -> str:
     """Start the private libvirtd unless it runs; returns its URI."""
     root = state_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)       # two starters must not race for the pid file
+        return _start_locked(root, cache_dir)
+
+
+def _start_locked(root: pathlib.Path, cache_dir) -> str:
     if read_pid(cache_dir):
         return uri(cache_dir)
     if problem := host_problem():

@@ -159,7 +159,12 @@ class VmPair:
         dom = self.domain(name)
         if dom is None or not dom.isActive():
             raise VmError(f"{self.domain_name(name)} is not running")
-        dom.destroy()
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            if dom.isActive():
+                raise
+            return                 # it stopped by itself in the meantime
         self.events.wait(self.domain_name(name), "stopped", since=mark, timeout_s=timeout_s)
 
     def restart(self, name: str, command: str = "", after: str = "stay",
