@@ -19,6 +19,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import shutil
 import time
 
 import libvirt
@@ -97,10 +98,12 @@ class VmPair:
         return "127.0.0.1", self.config.nbd_host_ports[NAMES.index(name)]
 
     def prepare(self, fresh: bool = False) -> None:
-        """Build the boot assets and create the NVRAM and disk files (zeroed when fresh)."""
+        """Build the boot assets and create the NVRAM and disk files (zeroed, state dirs emptied, when fresh)."""
         self._assets = assets.ensure_assets(self.config.cache_dir)
         (self.run_dir / "disks").mkdir(parents=True, exist_ok=True)
         for name in NAMES:
+            if fresh:                  # old events would answer a new boot's waits
+                shutil.rmtree(self.state_dir(name), ignore_errors=True)
             self.state_dir(name).mkdir(parents=True, exist_ok=True)
         files = [(self.nvram_path(n), self.config.nvram_size_mib) for n in NAMES]
         files += [(pathlib.Path(d.path), self.config.disk_size_mib) for d in self.disks()]
