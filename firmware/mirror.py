@@ -122,8 +122,9 @@ class MirrorSide:
         for cache_id, seq in refs:
             block = self.blocks[cache_id] if cache_id < len(self.blocks) else None
             if block is not None and block.seq == seq and block.state == DIRTY:
+                # Kept in memory only: after a crash a FLUSHING copy is replayed exactly
+                # like a DIRTY one (it is the same data), so persisting it buys nothing.
                 block.state = FLUSHING
-                persists.append(self.segment.store_state(cache_id, FLUSHING))
         return persists
 
     def flush_done(self, refs):

@@ -483,13 +483,17 @@ class Runtime:
 
 
 def _consume(buffers, sent):
-    """Drop `sent` bytes from the front of a list of buffers."""
-    while sent and buffers:
-        first = buffers[0]
-        size = len(first) if not isinstance(first, memoryview) else first.nbytes
+    """Drop `sent` bytes from the front of a list of buffers (one slice, not a pop per buffer)."""
+    k = 0
+    n = len(buffers)
+    while sent and k < n:
+        first = buffers[k]
+        size = first.nbytes if first.__class__ is memoryview else len(first)
         if sent >= size:
             sent -= size
-            buffers.pop(0)
+            k += 1
         else:
-            buffers[0] = memoryview(first)[sent:]
+            buffers[k] = memoryview(first)[sent:]
             sent = 0
+    if k:
+        del buffers[:k]
