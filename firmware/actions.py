@@ -24,7 +24,7 @@ class Persist(Action):
 
 
 class Transmit(Action):
-    """Send one link frame (the buffers of frame.encode_frame) to the partner."""
+    """Send link frames to the partner: each buffer is one whole frame, in order."""
     __slots__ = ("buffers",)
 
     def __init__(self, buffers):
@@ -70,6 +70,25 @@ class DiskFlush(Action):
     def __init__(self, op, lun):
         self.op = op
         self.lun = lun
+
+
+class RecordRead(Action):
+    """Read LUN `lun`'s reservation record (512 B); answer with disk_done(op, err, data)."""
+    __slots__ = ("op", "lun")
+
+    def __init__(self, op, lun):
+        self.op = op
+        self.lun = lun
+
+
+class RecordWrite(Action):
+    """Write LUN `lun`'s reservation record; answer with disk_done(op, err, None)."""
+    __slots__ = ("op", "lun", "data")
+
+    def __init__(self, op, lun, data):
+        self.op = op
+        self.lun = lun
+        self.data = data
 
 
 class LinkReset(Action):

@@ -33,11 +33,12 @@ from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, LinkSession
 from .destage import DestageMixin
+from .fencing import OWNING, FenceMixin, Own
 from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
 
-EIO, EINVAL, ENOSPC, ESHUTDOWN = 5, 22, 28, 108
+EIO, EINVAL, ENOSPC, ESHUTDOWN, ESTALE = 5, 22, 28, 108, 116
 
 
 class Params:
@@ -47,7 +48,8 @@ class Params:
                  high_watermark=0.5, low_watermark=0.25, idle_flush_ms=500,
                  destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
-                 waiting_max=4096, buggify=None):
+                 waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
+                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -64,6 +66,15 @@ class Params:
         self.data_window_bytes = data_window_bytes
         self.waiting_max = waiting_max
         self.buggify = buggify or (lambda site: False)
+        # Ownership through the reservation records on shared disks (firmware/fencing.py).
+        # Off: static ownership (lun % 2), for harnesses without reservation records.
+        self.fencing = fencing
+        self.renew_interval_ms = renew_interval_ms
+        self.lease_ms = lease_ms
+        self.takeover_wait_ms = takeover_wait_ms
+        self.held_max = held_max
+        self.auto_balance = auto_balance
+        assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
 def nvram_is_blank(nv) -> bool:
@@ -116,7 +127,7 @@ class ReadOp:
         self.overlay = overlay
 
 
-class Controller(DestageMixin, PeerMixin):
+class Controller(DestageMixin, PeerMixin, FenceMixin):
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id
@@ -162,7 +173,10 @@ class Controller(DestageMixin, PeerMixin):
         self.destage_pause_until_ms = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
+        self.fence = None
         self._recover()
+        if params.fencing:
+            self._init_fencing()
 
     # -- recovery -------------------------------------------------------------
 
@@ -204,19 +218,22 @@ class Controller(DestageMixin, PeerMixin):
     def status(self) -> dict:
         """What `twincache status` shows: role, link, LUNs, block counts, generation."""
         cache = self.cache
-        owned = [f"lun{lun}" for lun, owner in sorted(self.owner.items()) if owner == self.id]
+        owned = [f"lun{lun}" for lun in range(len(self.params.lun_sizes)) if self.owns(lun)]
         link = self.link.state
         if self.link.up:
             link = "mirrored" if self.mirroring else "resyncing"
         return {
             "controller": "ab"[self.id], "role": "owner" if owned else "partner",
             "mode": self.params.mode, "link": link, "owned_luns": owned,
-            "generation": self.generation, "dirty_blocks": cache.dirty_lines,
+            "generation": max([self.generation] + [f.generation for f in self.fence or ()]),
+            "dirty_blocks": cache.dirty_lines,
             "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
             "primary_blocks": cache.capacity, **self.mirror.counts(),
             "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
             "link_stats": dict(self.link.stats),
+            "luns": ({f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held)}
+                      for f in self.fence} if self.fence is not None else {}),
         }
 
     # -- helpers --------------------------------------------------------------
@@ -264,7 +281,28 @@ class Controller(DestageMixin, PeerMixin):
         return 0
 
     def owns(self, lun) -> bool:
+        if self.fence is not None:
+            return 0 <= lun < len(self.fence) and self.fence[lun].state in OWNING
         return self.owner.get(lun) == self.id
+
+    def _route(self, kind, req, lun, offset, arg, fua):
+        """With fencing: where a host request for `lun` goes now. True = carry it out here."""
+        if self.fence is None:
+            return self.owns(lun)
+        f = self.fence[lun]
+        state = f.state
+        if state == Own.PARTNER:
+            return False
+        if state == Own.WATCHING:
+            self._reply(req, EIO)       # the partner may still own it: refuse, never guess
+            return None
+        if state in (Own.OWNER, Own.SOLO) and self._lease_ok(f):
+            if state == Own.SOLO and kind == "w":
+                self._write_through(req, lun, offset, arg, fua)
+                return None
+            return True
+        self._hold(f, (kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
+        return None
 
     def _new_op(self):
         op = self.next_op
@@ -286,7 +324,11 @@ class Controller(DestageMixin, PeerMixin):
         error = self._check_range(lun, offset, length)
         if error or length > self.params.max_write_bytes or length == 0:
             self._reply(req, error or EINVAL)
-        elif not self.owns(lun):
+            return
+        here = self._route("w", req, lun, offset, data, fua)
+        if here is None:
+            return
+        if not here:
             self._forward(req, M.IoOp.WRITE, lun, offset, length, data, fua)
         elif self.waiting or len(self.cache.free) < self._lines_spanned(offset, length):
             self._wait(req, lun, offset, data, fua)
@@ -350,6 +392,14 @@ class Controller(DestageMixin, PeerMixin):
             pen.append((Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), data_crc))
         self._persist(seg.store_commit(seq))
         self._release_pen(req, seq, pen, fua)
+
+    def _write_through(self, req, lun, offset, data, fua):
+        """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
+        from .destage import ThroughOp
+        op = self._new_op()
+        self.disk_ops[op] = ThroughOp(req, lun, fua)
+        self.out.append(A.DiskWrite(op, lun, offset, bytes(data)))
+        self.stats["writes_through"] += 1
 
     def _delete_pen(self, req, pen):
         """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5)."""
@@ -419,7 +469,11 @@ class Controller(DestageMixin, PeerMixin):
         error = self._check_range(lun, offset, length)
         if error or length > self.params.max_write_bytes:
             self._reply(req, error or EINVAL)
-        elif not self.owns(lun):
+            return
+        here = self._route("r", req, lun, offset, length, False)
+        if here is None:
+            return
+        if not here:
             self._forward(req, M.IoOp.READ, lun, offset, length, None, False)
         else:
             self._read(req, lun, offset, length)
@@ -497,7 +551,7 @@ class Controller(DestageMixin, PeerMixin):
             return
         tag = self.next_tag
         self.next_tag = tag % 0xFFFFFFFF + 1
-        self.forwarded[tag] = req
+        self.forwarded[tag] = (req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
         head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
         # The host's data views the NBD receive buffer, which is reused before the
         # frame goes out: the forwarded copy must own its bytes.
@@ -510,7 +564,7 @@ class Controller(DestageMixin, PeerMixin):
         data = msg.payload[M.IO_REQUEST_HEAD.size:]
         req = Forwarded(msg.tag, op)
         if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
-            self._reply(req, EIO)               # ownership moved: the sender retries elsewhere
+            self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
         elif op == M.IoOp.WRITE:
             self._host_write(req, lun, offset, data, bool(fua))
         elif op == M.IoOp.READ:
@@ -521,10 +575,19 @@ class Controller(DestageMixin, PeerMixin):
             self._reply(req, EINVAL)
 
     def _on_io_reply(self, msg):
-        req = self.forwarded.pop(msg.tag, None)
-        if req is None:
+        entry = self.forwarded.pop(msg.tag, None)
+        if entry is None:
             raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
+        req, op, lun, offset, length, data, fua = entry
         (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
+        if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
+            if op == M.IoOp.WRITE:
+                self._host_write(req, lun, offset, data, fua)
+            else:
+                self._host_read(req, lun, offset, length)
+            return
+        if error == ESTALE:
+            error = EIO
         data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
         self.out.append(A.HostReply(req, error, data))
 

@@ -29,11 +29,33 @@ class DestageOp:
         self.error = 0
 
 
+class ReplayOp:
+    """Writing one of the partner's mirror blocks to disk during a takeover."""
+    __slots__ = ("lun", "index", "remaining", "error")
+
+    def __init__(self, lun, index, remaining):
+        self.lun = lun
+        self.index = index
+        self.remaining = remaining
+        self.error = 0
+
+
+class ThroughOp:
+    """A write-through host write (a LUN owned alone); FUA adds a disk flush."""
+    __slots__ = ("req", "lun", "fua", "flushed")
+
+    def __init__(self, req, lun, fua):
+        self.req = req
+        self.lun = lun
+        self.fua = fua
+        self.flushed = False
+
+
 class DestageMixin:
     def _destage_wanted(self) -> bool:
         cache, p = self.cache, self.params
         used = cache.used_blocks / cache.capacity
-        urgent = bool(self.waiting) or not self.mirroring or (
+        urgent = bool(self.waiting) or not self.mirroring or self._fence_wants_destage() or (
             self.now_ms - self.last_host_io_ms >= p.idle_flush_ms)
         if urgent or used >= p.high_watermark:
             self.destaging = True
@@ -79,12 +101,24 @@ class DestageMixin:
         """A disk read or write finished; `error` is an errno (0 = success)."""
         entry = self.disk_ops.get(op)
         assert entry is not None, f"disk_done for unknown op {op}"
-        if entry.__class__ is DestageOp:
+        kind = entry.__class__
+        if kind is DestageOp:
             entry.error = entry.error or error
             entry.remaining -= 1
             if entry.remaining == 0:
                 del self.disk_ops[op]
                 self._destage_done(entry)
+        elif kind is ThroughOp:
+            self._through_done(op, entry, error)
+        elif kind is ReplayOp:
+            entry.error = entry.error or error
+            entry.remaining -= 1
+            if entry.remaining == 0:
+                del self.disk_ops[op]
+                self._replay_done(entry, entry.error)
+        elif kind.__name__ == "RecordOp":
+            del self.disk_ops[op]
+            self._record_done(entry, error, data)
         else:
             del self.disk_ops[op]
             self._read_done(entry, error, data)
@@ -113,6 +147,14 @@ class DestageMixin:
         line.dead = True
         self._maybe_free(line)
 
+    def _through_done(self, op, entry, error):
+        if not error and entry.fua and not entry.flushed:
+            entry.flushed = True
+            self.out.append(A.DiskFlush(op, entry.lun))
+            return
+        del self.disk_ops[op]
+        self._reply(entry.req, EIO if error else 0)
+
     def _read_done(self, entry, error, data):
         for line in entry.overlay:
             line.pins -= 1
@@ -127,12 +169,21 @@ class DestageMixin:
         for line in entry.overlay:
             self._maybe_free(line)
 
+    def _fence_wants_destage(self) -> bool:
+        return self.fence is not None and any(f.state in ("fencing", "releasing") for f in self.fence)
+
     def tick(self, now_ms):
-        """Time passes: heartbeats, dead-peer detection, idle destage."""
+        """Time passes: heartbeats, dead-peer detection, leases, idle destage."""
         self.now_ms = now_ms
         try:
             self.link.tick(now_ms)
         except LinkProtocolError as exc:    # the peer went silent
             self._link_failed(str(exc))
+        if self.fence is not None:
+            self.fence_tick()
         self._pump()
         return self._take()
+
+    def set_time(self, now_ms):
+        """The runtime says what time it is before handing over events (leases need it)."""
+        self.now_ms = now_ms

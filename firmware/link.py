@@ -96,6 +96,7 @@ class LinkSession:
         self.ack_every = ack_every      # explicit acks after this many frames without a reply
         self.state = S.DOWN
         self.peer = None
+        self.now_ms = 0
         self.stats = collections.Counter()
         self._reset_session()
 
@@ -115,6 +116,7 @@ class LinkSession:
         self.nonce = b""
         self.peer_nonce = b""
         self.last_rx_ms = 0
+        self.heard_ms = -1 << 62     # send time of our newest frame the partner acknowledged
         self.last_tx_heartbeat_ms = 0
         self.last_progress_ms = 0
 
@@ -142,6 +144,7 @@ class LinkSession:
     def _on_connected(self, nonce, now_ms):
         self._reset_session()
         self.nonce = nonce
+        self.now_ms = now_ms
         self.last_rx_ms = self.last_tx_heartbeat_ms = self.last_progress_ms = now_ms
         body = M.Hello.build(dict(
             protocol_min=PROTOCOL_VERSION, protocol_max=PROTOCOL_VERSION,
@@ -198,7 +201,7 @@ class LinkSession:
         so block data goes from the NVRAM mapping to the socket with no copy).
         """
         size = sum(map(len, payload)) if type(payload) is tuple else len(payload)
-        entry = [0, lane, msg_type, flags, resource, tag, payload, size]
+        entry = [0, lane, msg_type, flags, resource, tag, payload, size, 0]
         (self.control_queue if lane == F.LANE_CONTROL else self.data_queue).append(entry)
 
     def queued_data_bytes(self) -> int:
@@ -210,6 +213,7 @@ class LinkSession:
             raise LinkProtocolError("sequence space exhausted; session must restart")
         self.tx_seq = seq + 1
         entry[0] = seq
+        entry[8] = self.now_ms
         self._encode(entry)
         if len(self.unacked) >= self.unacked_max:
             raise LinkProtocolError("peer stopped acknowledging frames")
@@ -218,7 +222,7 @@ class LinkSession:
             self.data_inflight_bytes += entry[7]
 
     def _encode(self, entry, extra_flags=0):
-        seq, lane, type, flags, resource, tag, payload, size = entry
+        seq, lane, type, flags, resource, tag, payload, size = entry[:8]
         header = F.HEADER_STRUCT.pack(F.FRAME_MAGIC, F.FRAME_VERSION, type, flags | extra_flags,
                                       lane, resource, seq, self.rx_expected, tag, size, 0)
         # One buffer per frame: the 4 KiB copy out of NVRAM costs less than carrying
@@ -241,7 +245,7 @@ class LinkSession:
         while self.data_queue and self.data_inflight_bytes < self.data_window_bytes:
             self._emit(self.data_queue.popleft())
         if self.need_ack and (self.rx_expected - self.acked_sent >= self.ack_every or self._ack_now):
-            self._encode([0, F.LANE_CONTROL, 0, 0, M.Resource.SESSION, 0, b"", 0], F.FLAG_ACK_ONLY)
+            self._encode([0, F.LANE_CONTROL, 0, 0, M.Resource.SESSION, 0, b"", 0, 0], F.FLAG_ACK_ONLY)
         out, self.out = self.out, []
         return out
 
@@ -250,7 +254,7 @@ class LinkSession:
     def receive(self, frame, now_ms):
         """Take one whole frame from the framer; return a Delivered message or None."""
         head, payload = F.parse_frame_untrusted(frame, "link")
-        self.last_rx_ms = now_ms
+        self.last_rx_ms = self.now_ms = now_ms
         self._take_ack(head.ack, now_ms)
         if head.flags & F.FLAG_ACK_ONLY:
             return None
@@ -278,6 +282,7 @@ class LinkSession:
             raise LinkProtocolError(f"peer acknowledged frame {ack} never sent (next is {self.tx_seq})")
         while unacked and unacked[0][0] < ack:
             entry = unacked.popleft()
+            self.heard_ms = entry[8]      # the partner has heard from us as of this send time
             if entry[1] == F.LANE_DATA:
                 self.data_inflight_bytes -= entry[7]
             self.last_progress_ms = now_ms
@@ -286,6 +291,7 @@ class LinkSession:
 
     def tick(self, now_ms):
         """Heartbeats, dead-peer detection and retransmission. Raises LinkProtocolError on timeout."""
+        self.now_ms = now_ms
         if self.state == S.DOWN:
             return
         if now_ms - self.last_rx_ms > self.heartbeat_timeout_ms:

@@ -14,6 +14,7 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError
+from .fencing import FenceError
 from .mirror import MirrorError
 
 EIO = 5
@@ -52,7 +53,7 @@ class PeerMixin:
                     self._on_link_up()
                 if msg is not None:
                     self._dispatch(msg)
-            except (LinkProtocolError, FormatError, MirrorError) as exc:
+            except (LinkProtocolError, FormatError, MirrorError, FenceError) as exc:
                 self.stats["link_errors"] += 1
                 self._link_failed(f"protocol error: {exc}")
         return self._take()
@@ -71,10 +72,17 @@ class PeerMixin:
             self._persist(r)
         pending, self.pending = self.pending, {}
         for seq in sorted(pending):
-            self._finish_write(pending[seq], mirrored=False)
+            op = pending[seq]
+            if self.fence is not None and op.lines:
+                self.fence[op.lines[0].lun].acks.append(op)   # acknowledged once on disk
+            else:
+                self._finish_write(op, mirrored=False)
         forwarded, self.forwarded = self.forwarded, {}
-        for req in forwarded.values():
-            self._reply(req, EIO)
+        for entry in forwarded.values():
+            self._reply(entry[0], EIO)
+        if self.fence is not None:
+            for f in self.fence:
+                self._own_event(f, "link_down")
         self._pump()
 
     def _on_link_up(self):
@@ -153,6 +161,9 @@ class PeerMixin:
                 self.mirroring = True
                 self._unpin_resync(mirrored=True)
                 self.out.append(A.Notify("mirrored", generation=self.generation))
+                if self.fence is not None:
+                    for f in self.fence:
+                        self._own_event(f, "link_up")
             return
         if msg.type == T.SYNC_BEGIN:
             for r in self.mirror.sync_begin():
@@ -209,4 +220,6 @@ DISPATCH = {
     T.PONG: "_on_pong",
     T.ERROR: "_on_error",
     T.METADATA: "_on_ignored",
+    T.OWNERSHIP_REQUEST: "_on_ownership",
+    T.OWNERSHIP_GRANT: "_on_ownership",
 }

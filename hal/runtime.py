@@ -69,7 +69,8 @@ def firmware_params(cfg, disks, reliable):
                   low_watermark=c.low_watermark, idle_flush_ms=c.idle_flush_ms,
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
-                  heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable)
+                  heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
+                  fencing=cfg.mode == "ha")
 
 
 class NbdClient:
@@ -176,7 +177,9 @@ class Runtime:
         while not self.stopping:
             now = self.clock.monotonic_ms()
             timeout = max(0.0, (next_tick - now) / 1000)
-            for key, mask in self.sel.select(timeout if not self.completions else 0):
+            events = self.sel.select(timeout if not self.completions else 0)
+            self.ctrl.set_time(self.clock.monotonic_ms())     # leases are judged at this instant
+            for key, mask in events:
                 self._ready(key.data, mask)
             now = self.clock.monotonic_ms()
             if now >= next_tick:
@@ -396,7 +399,12 @@ class Runtime:
                     self.nvram.persist(act.offset, act.length)
             elif kind is A.Transmit:
                 if self.link is not None:
-                    self.link_out.extend(self.framer.encode(act.buffers))
+                    if self.framer_cls is StreamFramer:
+                        self.link_out.extend(act.buffers)
+                    else:                     # COBS: one chunk per frame (each buffer is a frame)
+                        encode = self.framer.encode
+                        for frame in act.buffers:
+                            self.link_out.extend(encode([frame]))
             elif kind is A.HostReply:
                 self._host_reply(act)
             elif kind is A.DiskWrite:
@@ -405,6 +413,8 @@ class Runtime:
                 self._disk_io(act, write=False)
             elif kind is A.DiskFlush:
                 self._disk_flush(act)
+            elif kind is A.RecordRead or kind is A.RecordWrite:
+                self._record_io(act)
             elif kind is A.Notify:
                 self._notify(act)
             elif kind is A.LinkReset:
@@ -430,6 +440,22 @@ class Runtime:
         except OSError as exc:
             (self.completions if write else self.read_completions).append(
                 (act.op, exc.errno or errno.EIO, None))
+
+    def _record_io(self, act):
+        """The reservation record lives on the raw disk, before the LUN's data area."""
+        raw = self.disks[act.lun].raw
+        offset, _size = DiskArray.reservation_area(act.lun)
+        try:
+            if act.__class__ is A.RecordWrite:
+                raw.write(offset, act.data)
+                raw.flush()
+                self.read_completions.append((act.op, 0, None))
+            else:
+                buf = bytearray(512)
+                raw.read_into(offset, buf)
+                self.read_completions.append((act.op, 0, buf))
+        except OSError as exc:
+            self.read_completions.append((act.op, exc.errno or errno.EIO, None))
 
     def _disk_flush(self, act):
         try:

@@ -1,0 +1,523 @@
+"""Ownership per LUN, fencing through the shared disks, takeover and handover.
+
+Owns the per-LUN ownership state machine (the TRANSITIONS table below) and
+the lease protocol on the reservation record (firmware/formats/reservation.py)
+that keeps two controllers from ever both accepting I/O for one LUN.
+
+Why two controllers never both serve a LUN (promise 4). Every duration is
+measured by one controller on its own monotonic clock; no timestamps are
+compared across controllers, so clock offset plays no part, and drift is
+covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
+1. An owner serves I/O for a LUN only while its lease is valid: until
+   `lease_ms` after the start of its last successful renewal (a read of the
+   record showing it still owns at its generation, then a counter bump), or,
+   while the link is up and the partner mirrored, `lease_ms` after sending
+   the newest frame the partner has acknowledged (so a one-way cut, where the
+   owner still hears the partner but is not heard, ends the lease too). Every host request is checked against
+   the lease when it is handled: a controller paused by SIGSTOP resumes with
+   its clock past the lease, holds the request, and its next read of the
+   record tells it whether it still owns the LUN.
+2. The partner starts a takeover only when the link is down and then only
+   after watching the record not change for `takeover_wait_ms`. The owner's
+   last lease began no later than the last change (or link contact) the
+   partner saw, so that lease has expired before the partner writes its
+   claim.
+3. After writing its claim (owner = itself, generation + 1) the partner waits
+   another `lease_ms + renew_interval_ms` and reads the record back: if the
+   old owner renewed over it, the old owner is alive and the claim is
+   dropped; if not, any lease the old owner could have granted itself in the
+   race has expired too. Only then does it replay its mirror and serve.
+4. A controller that reads a record with another owner or a newer
+   generation stops serving that LUN at once and drops its cached lines for
+   it (they were replayed by the new owner, or voided).
+The window left is between a lease check and the system call it guards (a
+pause landing exactly there): real arrays close it with SCSI persistent
+reservations on the disks, which a stale writer cannot pass.
+
+Losing the link while alive, an owner first destages every dirty line of
+the LUN (its partner may still replay the same data, which is harmless),
+then bumps the generation with state SOLO (the partner's mirror copy is now
+void: a later takeover must not replay it), then serves write-through, so
+nothing acknowledged lives only in its NVRAM. Writes that waited for a mirror
+ack when the link dropped are acknowledged once they are on disk.
+"""
+import collections
+
+from . import actions as A
+from .formats import FormatError
+from .formats import messages as M
+from .formats import reservation as R
+
+EIO = 5
+
+
+class Own:
+    STARTING = "starting"      # reading the record (boot, link up)
+    OWNER = "owner"            # owns it, partner's mirror in use
+    FENCING = "fencing"        # owns it, link down: destaging before going on alone
+    SOLO = "solo"              # owns it alone: write-through
+    RELEASING = "releasing"    # owns it, handing it to the partner
+    PARTNER = "partner"        # the partner owns it: forward
+    WATCHING = "watching"      # the partner owned it when the link dropped: watch its lease
+    CLAIMING = "claiming"      # our claim is written: wait, then read it back
+    REPLAYING = "replaying"    # writing the partner's mirrored lines to disk
+
+
+SERVING = {Own.OWNER, Own.SOLO}
+OWNING = {Own.OWNER, Own.FENCING, Own.SOLO, Own.RELEASING}
+
+# (state, event) -> (handler, next state); the handler may return another next state.
+TRANSITIONS = {
+    (Own.STARTING, "record"): ("_st_record", None),
+    (Own.STARTING, "link_up"): ("_noop", Own.STARTING),
+    (Own.STARTING, "link_down"): ("_noop", Own.STARTING),
+    (Own.STARTING, "tick"): ("_st_tick", Own.STARTING),
+    (Own.OWNER, "link_down"): ("_to_fencing", Own.FENCING),
+    (Own.OWNER, "link_up"): ("_reread", Own.STARTING),
+    (Own.OWNER, "tick"): ("_noop", Own.OWNER),
+    (Own.OWNER, "move"): ("_start_release", Own.RELEASING),
+    (Own.OWNER, "request"): ("_start_release", Own.RELEASING),
+    (Own.FENCING, "tick"): ("_renew_if_due", Own.FENCING),
+    (Own.FENCING, "record"): ("_fencing_record", None),
+    (Own.FENCING, "written"): ("_fencing_written", None),
+    (Own.FENCING, "link_up"): ("_reread", Own.STARTING),
+    (Own.FENCING, "link_down"): ("_noop", Own.FENCING),
+    (Own.SOLO, "tick"): ("_renew_if_due", Own.SOLO),
+    (Own.SOLO, "record"): ("_owner_record", None),
+    (Own.SOLO, "written"): ("_noop", Own.SOLO),
+    (Own.SOLO, "link_up"): ("_reread", Own.STARTING),
+    (Own.SOLO, "link_down"): ("_noop", Own.SOLO),
+    (Own.RELEASING, "tick"): ("_release_if_clean", Own.RELEASING),
+    (Own.RELEASING, "written"): ("_release_written", None),
+    (Own.RELEASING, "link_down"): ("_to_fencing", Own.FENCING),
+    (Own.RELEASING, "request"): ("_noop", Own.RELEASING),
+    (Own.RELEASING, "move"): ("_noop", Own.RELEASING),
+    (Own.PARTNER, "link_down"): ("_to_watching", Own.WATCHING),
+    (Own.PARTNER, "link_up"): ("_reread", Own.STARTING),
+    (Own.PARTNER, "tick"): ("_noop", Own.PARTNER),
+    (Own.PARTNER, "grant"): ("_granted", Own.OWNER),
+    (Own.PARTNER, "move"): ("_ask_ownership", Own.PARTNER),
+    (Own.PARTNER, "request"): ("_noop", Own.PARTNER),
+    (Own.WATCHING, "tick"): ("_renew_if_due", Own.WATCHING),
+    (Own.WATCHING, "record"): ("_watch_record", None),
+    (Own.WATCHING, "link_up"): ("_reread", Own.STARTING),
+    (Own.WATCHING, "link_down"): ("_noop", Own.WATCHING),
+    (Own.CLAIMING, "written"): ("_claim_written", Own.CLAIMING),
+    (Own.CLAIMING, "tick"): ("_claim_tick", Own.CLAIMING),
+    (Own.CLAIMING, "record"): ("_claim_record", None),
+    (Own.CLAIMING, "link_up"): ("_noop", Own.CLAIMING),
+    (Own.CLAIMING, "link_down"): ("_noop", Own.CLAIMING),
+    (Own.REPLAYING, "replayed"): ("_replayed", None),
+    (Own.REPLAYING, "tick"): ("_noop", Own.REPLAYING),
+    (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
+    (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
+    # A record write started before a state change lands afterwards: nothing to do.
+    (Own.STARTING, "written"): ("_noop", Own.STARTING),
+    (Own.OWNER, "written"): ("_noop", Own.OWNER),
+    (Own.OWNER, "record"): ("_owner_record_mirrored", Own.OWNER),
+    (Own.PARTNER, "written"): ("_noop", Own.PARTNER),
+    (Own.PARTNER, "record"): ("_partner_record", Own.PARTNER),
+    (Own.WATCHING, "written"): ("_noop", Own.WATCHING),
+    (Own.RELEASING, "record"): ("_noop", Own.RELEASING),
+}
+STATES = [v for k, v in vars(Own).items() if not k.startswith("_")]
+EVENTS = ("record", "written", "link_up", "link_down", "tick", "move", "request", "grant", "replayed")
+
+
+class FenceError(Exception):
+    """An ownership event that the state table does not allow (a protocol error)."""
+
+
+class LunFence:
+    __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
+                 "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
+                 "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag")
+
+    def __init__(self, lun):
+        self.lun = lun
+        self.state = Own.STARTING
+        self.record = None
+        self.generation = 0
+        self.renew_due_ms = 0
+        self.io_inflight = False
+        self.lease_until_ms = -1
+        self.read_start_ms = 0
+        self.last_seen = None
+        self.last_change_ms = 0
+        self.mirror_generation = 0
+        self.pending_write = None      # the Record being written
+        self.claim_written_ms = None
+        self.void_mirror = False
+        self.held = collections.deque()   # host requests waiting for the LUN to settle
+        self.acks = []                    # writes whose mirror ack was cut off by the link drop
+        self.replay_left = 0
+        self.move_tag = 0
+
+
+class RecordOp:
+    __slots__ = ("lun", "write", "record")
+
+    def __init__(self, lun, write, record=None):
+        self.lun = lun
+        self.write = write
+        self.record = record
+
+
+class FenceMixin:
+    # -- plumbing -------------------------------------------------------------
+
+    def _init_fencing(self):
+        self.fence = [LunFence(lun) for lun in range(len(self.params.lun_sizes))]
+        for f in self.fence:
+            self._read_record(f)
+
+    def _own_event(self, f, event, *args):
+        try:
+            handler, next_state = TRANSITIONS[(f.state, event)]
+        except KeyError:
+            raise FenceError(f"lun{f.lun}: {event} not allowed in state {f.state}") from None
+        before = f.state
+        result = getattr(self, handler)(f, *args)
+        f.state = result or next_state
+        if f.state != before:
+            self.out.append(A.Notify("ownership_state", lun=f.lun, old=before, new=f.state,
+                                     generation=f.generation))
+            self._release_held(f)
+
+    def _noop(self, f, *args):
+        return None
+
+    def _read_record(self, f):
+        if f.io_inflight:
+            return
+        f.io_inflight = True
+        f.read_start_ms = self.now_ms
+        op = self._new_op()
+        self.disk_ops[op] = RecordOp(f.lun, False)
+        self.out.append(A.RecordRead(op, f.lun))
+
+    def _write_record(self, f, rec):
+        f.io_inflight = True
+        f.pending_write = rec
+        op = self._new_op()
+        self.disk_ops[op] = RecordOp(f.lun, True, rec)
+        self.out.append(A.RecordWrite(op, f.lun, R.build_record(rec)))
+
+    def _record_done(self, entry, error, data):
+        f = self.fence[entry.lun]
+        f.io_inflight = False
+        if error:
+            self.out.append(A.Notify("reservation_io_error", lun=f.lun, errno=error))
+            f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+            return
+        if entry.write:
+            f.record = entry.record
+            self._own_event(f, "written")
+            return
+        try:
+            rec = R.parse_record_untrusted(data, f"lun{f.lun} reservation record")
+        except FormatError as exc:
+            self.out.append(A.Notify("reservation_corrupt", lun=f.lun, error=str(exc)))
+            rec = None
+        f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+        self._own_event(f, "record", rec)
+
+    def _new_record(self, f, owner, generation, state, counter=0):
+        return R.Record(f.lun, owner, state, generation, counter, self.params.lease_ms, self.params.pair_id)
+
+    def _renew_if_due(self, f):
+        if not f.io_inflight and self.now_ms >= f.renew_due_ms:
+            self._read_record(f)
+
+    def fence_tick(self):
+        for f in self.fence:
+            self._own_event(f, "tick")
+            if f.held and self._lease_ok(f):
+                self._release_held(f)
+
+    def _lease_ok(self, f) -> bool:
+        if f.state == Own.OWNER and self.link.up:
+            # Link lease: the partner acknowledged a frame we sent at heard_ms, so it cannot
+            # have declared the link dead before then (one-way cuts included).
+            return self.now_ms < max(f.lease_until_ms, self.link.heard_ms + self.params.lease_ms)
+        return f.state == Own.SOLO and self.now_ms < f.lease_until_ms
+
+    # -- boot and link up: the record decides ---------------------------------
+
+    def _reread(self, f):
+        self._read_record(f)
+
+    def _st_tick(self, f):
+        if not f.io_inflight:
+            self._read_record(f)
+
+    def _st_record(self, f, rec):
+        me, peer = self.id, 1 - self.id
+        if rec is None:                        # never written: the default owner claims it
+            default = f.lun % 2
+            rec = self._new_record(f, default, 1, R.LunState.MIRRORED)
+            if default == me:
+                self._write_record(f, rec)
+                f.record, f.generation = rec, 1
+                f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+                return self._owner_or_fencing(f)
+        f.record, f.generation = rec, rec.generation
+        if rec.owner == me:
+            f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+            if rec.state == R.LunState.SOLO and self.link.up:
+                self._write_record(f, self._new_record(f, me, rec.generation, R.LunState.MIRRORED,
+                                                       rec.counter + 1))
+            return self._owner_or_fencing(f)
+        self._drop_lines(f, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
+        f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
+        if self.link.up and self.mirroring:
+            if self.params.auto_balance and f.lun % 2 == self.id:
+                self.out.append(A.Notify("failback_request", lun=f.lun))
+                self._ask_ownership(f)               # failback: the preferred owner asks for it
+            return Own.PARTNER
+        f.last_seen, f.last_change_ms = rec.key(), self.now_ms
+        return Own.WATCHING
+
+    def _owner_or_fencing(self, f):
+        if self.link.up and self.mirroring:
+            return Own.OWNER
+        self._to_fencing(f)
+        return Own.FENCING
+
+    # -- the owner alone ------------------------------------------------------
+
+    def _to_fencing(self, f):
+        f.renew_due_ms = self.now_ms
+        self._read_record(f)
+        self._pump()
+
+    def _lun_clean(self, lun) -> bool:
+        return not any(line.lun == lun for line in self.cache.lines.values()) and not any(
+            op.lines and op.lines[0].lun == lun for op in self.pending.values()) and not any(
+            line.lun == lun for line in self._flushing_lines())
+
+    def _flushing_lines(self):
+        return [e.line for e in self.disk_ops.values() if e.__class__.__name__ == "DestageOp"]
+
+    def _fencing_record(self, f, rec):
+        if not self._still_mine(f, rec):
+            return self._fenced(f, rec)
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        if self._lun_clean(f.lun):
+            self._write_record(f, self._new_record(f, self.id, rec.generation + 1, R.LunState.SOLO,
+                                                   rec.counter + 1))
+        else:
+            self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+        return Own.FENCING
+
+    def _fencing_written(self, f):
+        rec = f.pending_write
+        if rec.state != R.LunState.SOLO:
+            return Own.FENCING
+        f.generation = rec.generation
+        self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
+        acks, f.acks = f.acks, []
+        for op in acks:
+            self._finish_write(op, mirrored=False)
+        return Own.SOLO
+
+    def _owner_record(self, f, rec):
+        if not self._still_mine(f, rec):
+            return self._fenced(f, rec)
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+        return f.state
+
+    def _owner_record_mirrored(self, f, rec):
+        return None if self._still_mine(f, rec) else self._fenced(f, rec)
+
+    def _partner_record(self, f, rec):
+        if rec is not None and rec.owner == self.id:
+            return self._st_record(f, rec)
+        return None
+
+    def _still_mine(self, f, rec) -> bool:
+        return rec is not None and rec.owner == self.id and rec.generation == f.generation
+
+    def _fenced(self, f, rec):
+        """Someone else owns the LUN now: stop at once, drop our copies (promise 4)."""
+        self.out.append(A.Notify("fenced", lun=f.lun, record_owner=getattr(rec, "owner", None),
+                                 record_generation=getattr(rec, "generation", None),
+                                 our_generation=f.generation))
+        f.lease_until_ms = -1
+        acks, f.acks = f.acks, []
+        for op in acks:
+            op.req, req = None, op.req
+            self._reply(req, EIO)
+            self._finish_write(op, mirrored=False)
+        self._drop_lines(f, "fenced")
+        if rec is not None:
+            f.record, f.generation = rec, rec.generation
+            f.mirror_generation = -1
+            f.last_seen, f.last_change_ms = rec.key(), self.now_ms
+        return Own.PARTNER if self.link.up else Own.WATCHING
+
+    def _drop_lines(self, f, reason):
+        """Forget this LUN's cached lines: another controller's data is newer."""
+        dropped = 0
+        for line in [line for line in self.cache.lines.values() if line.lun == f.lun]:
+            self.cache.remove_current(line)
+            line.dead = True
+            self._maybe_free(line)
+            dropped += 1
+        if dropped:
+            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=dropped, reason=reason))
+
+    # -- the partner watching -------------------------------------------------
+
+    def _to_watching(self, f):
+        f.mirror_generation = f.generation
+        f.last_seen, f.last_change_ms = None, self.now_ms
+        f.renew_due_ms = self.now_ms
+        self._read_record(f)
+
+    def _watch_record(self, f, rec):
+        key = rec.key() if rec is not None else None
+        if rec is not None and rec.owner == self.id:
+            return self._st_record(f, rec)          # it is ours (we claimed it earlier)
+        if key != f.last_seen:
+            f.last_seen, f.last_change_ms = key, self.now_ms
+            if rec is not None and (rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
+                f.void_mirror = True
+            return Own.WATCHING
+        if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms:
+            return Own.WATCHING
+        generation = (rec.generation if rec else f.generation) + 1
+        self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
+                                 silent_ms=self.now_ms - f.last_change_ms))
+        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.SOLO))
+        f.claim_written_ms = None
+        return Own.CLAIMING
+
+    def _claim_written(self, f):
+        f.claim_written_ms = self.now_ms
+
+    def _claim_tick(self, f):
+        settle = self.params.lease_ms + self.params.renew_interval_ms
+        if f.claim_written_ms is not None and self.now_ms - f.claim_written_ms >= settle and not f.io_inflight:
+            self._read_record(f)
+
+    def _claim_record(self, f, rec):
+        claimed = f.pending_write
+        if rec is None or rec.key() != claimed.key():
+            self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="the owner renewed over our claim"))
+            f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
+            return Own.WATCHING
+        f.record, f.generation = rec, rec.generation
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        return self._start_replay(f)
+
+    def _start_replay(self, f):
+        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13)."""
+        blocks = [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
+        if f.void_mirror:
+            for i, _b in blocks:
+                self._persist(self.mirror._free(i))
+            self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
+            blocks = []
+        f.replay_left = 0
+        for i, b in sorted(blocks, key=lambda ib: ib[1].seq):
+            self._replay_block(f, i, b)
+        if not f.replay_left:
+            return self._replayed(f)
+        return Own.REPLAYING
+
+    def _replay_block(self, f, index, block):
+        from .cache import dirty_runs, SECTOR_BYTES
+        from .destage import ReplayOp
+        view = self.mirror.segment.data(index)
+        runs = list(dirty_runs(block.bitmap, 0, self.mirror.sectors_per_line))
+        op = self._new_op()
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs))
+        f.replay_left += 1
+        base = block.lba * SECTOR_BYTES
+        for s, e in runs:
+            self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
+
+    def _replay_done(self, entry, error):
+        f = self.fence[entry.lun]
+        if error:
+            self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
+        else:
+            self._persist(self.mirror._free(entry.index))
+        f.replay_left -= 1
+        if f.replay_left == 0 and f.state == Own.REPLAYING:
+            self._own_event(f, "replayed")
+
+    def _replayed(self, f):
+        self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        f.renew_due_ms = self.now_ms
+        return Own.SOLO
+
+    # -- moving ownership while linked (failback, balancing, the CLI) ----------
+
+    def move_lun(self, lun, tag=0):
+        """Admin: bring `lun` to this controller (or give it away if we own it)."""
+        f = self.fence[lun]
+        f.move_tag = tag
+        self._own_event(f, "move")
+        return self._take()
+
+    def _ask_ownership(self, f):
+        body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=f.generation,
+                                      reserved=bytes(8)))
+        self.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=f.move_tag)
+
+    def _start_release(self, f):
+        self.out.append(A.Notify("handover_start", lun=f.lun))
+        self.destaging = True
+        self._pump()
+
+    def _release_if_clean(self, f):
+        if not f.io_inflight and self._lun_clean(f.lun):
+            self._write_record(f, self._new_record(f, 1 - self.id, f.generation + 1, R.LunState.MIRRORED))
+
+    def _release_written(self, f):
+        rec = f.pending_write
+        f.generation = rec.generation
+        body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=rec.generation,
+                                      reserved=bytes(8)))
+        self.link.send(M.MsgType.OWNERSHIP_GRANT, M.Resource.OWNERSHIP, body, tag=f.move_tag)
+        self.out.append(A.Notify("handover", lun=f.lun, to="ab"[1 - self.id], generation=rec.generation))
+        return Own.PARTNER
+
+    def _granted(self, f, generation):
+        f.generation = generation
+        f.lease_until_ms = self.now_ms + self.params.lease_ms
+        self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
+
+    def _on_ownership(self, msg):
+        body = M.parse_body_untrusted(msg.type, msg.payload, "ownership message")
+        if body.lun >= len(self.fence):
+            raise FenceError(f"ownership message for lun{body.lun}")
+        f = self.fence[body.lun]
+        if msg.type == M.MsgType.OWNERSHIP_REQUEST:
+            f.move_tag = msg.tag
+            self._own_event(f, "request")
+        elif msg.type == M.MsgType.OWNERSHIP_GRANT:
+            self._own_event(f, "grant", body.generation)
+
+    # -- holding host requests while a LUN settles ----------------------------
+
+    def _hold(self, f, entry):
+        if len(f.held) >= self.params.held_max:
+            self._reply(entry[1], EIO)
+            return
+        f.held.append(entry)
+
+    def _release_held(self, f):
+        if not f.held or (f.state in OWNING and f.state not in SERVING):
+            return
+        if f.state in SERVING and not self._lease_ok(f):
+            return
+        held, f.held = f.held, collections.deque()
+        for kind, req, lun, offset, arg, fua in held:
+            if kind == "w":
+                self._host_write(req, lun, offset, arg, fua)
+            else:
+                self._host_read(req, lun, offset, arg)
