@@ -310,7 +310,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         return op
 
     def _persist(self, rng):
-        self.out.append(A.Persist(rng[0], rng[1]))
+        if not self.buggify("skip_persist_metadata"):     # a broken variant for the simulator
+            self.out.append(A.Persist(rng[0], rng[1]))
 
     # -- host I/O -------------------------------------------------------------
 
@@ -382,7 +383,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
                 view[lo] ^= 0x5A                # a simulated bad store into NVRAM
             out.append(A.Persist(seg.data_offset(block), bs))
             crc = N.crc32c(piece)
-            if N.crc32c(view[lo:hi]) != crc:    # claims 2.1: validate the data in NVRAM
+            if not self.buggify("skip_pen_validation") and N.crc32c(view[lo:hi]) != crc:  # claims 2.1
                 cache.free.append(block)
                 self._delete_pen(req, pen)
                 return
@@ -481,7 +482,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
     def _read(self, req, lun, offset, length):
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        overlay = list(self.cache.overlapping(lun, first, last))
+        overlay = [] if self.buggify("read_skip_cache") else list(self.cache.overlapping(lun, first, last))
         if overlay and self._covers(overlay, offset, length, first, last):
             buf = bytearray(length)
             self._apply_overlay(buf, overlay, offset, length)

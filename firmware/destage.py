@@ -73,8 +73,8 @@ class DestageMixin:
         for key, line in self.cache.wbq.items():     # oldest first; stop at the budget
             if len(chosen) == budget:
                 break
-            if key not in flushing:   # else an older version of this line is still being written
-                chosen.append(line)
+            if key not in flushing and self.may_write_disk(line.lun):
+                chosen.append(line)   # (a flushing key: an older version is still being written)
         begins = []
         for line in chosen:
             self._start_destage(line)

@@ -235,12 +235,16 @@ class FenceMixin:
             if f.held and self._lease_ok(f):
                 self._release_held(f)
 
+    def may_write_disk(self, lun) -> bool:
+        """Destage only what we own under a valid lease: a stale owner's lines are older data."""
+        return self.fence is None or self._lease_ok(self.fence[lun])
+
     def _lease_ok(self, f) -> bool:
-        if f.state == Own.OWNER and self.link.up:
+        if f.state in (Own.OWNER, Own.RELEASING) and self.link.up:
             # Link lease: the partner acknowledged a frame we sent at heard_ms, so it cannot
             # have declared the link dead before then (one-way cuts included).
             return self.now_ms < max(f.lease_until_ms, self.link.heard_ms + self.params.lease_ms)
-        return f.state == Own.SOLO and self.now_ms < f.lease_until_ms
+        return f.state in (Own.SOLO, Own.FENCING) and self.now_ms < f.lease_until_ms
 
     # -- boot and link up: the record decides ---------------------------------
 

@@ -95,7 +95,8 @@ class PeerMixin:
 
     def _start_resync(self):
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
-        lines = sorted(self.cache.by_block_live(), key=lambda line: line.seq)
+        lines = sorted((line for line in self.cache.by_block_live()
+                        if self.fence is None or self.owns(line.lun)), key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
         seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
