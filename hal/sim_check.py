@@ -1,0 +1,190 @@
+"""Checkers for the simulator, kept apart from the workloads that feed them.
+
+`Model` is the host's view of every 512 B sector: the writes that touched
+it, each with its start time and, once the host has its acknowledgement,
+its end time. Write data is self-describing (`sector_bytes`): each sector
+names the write that made it, its LUN and sector, and every 8-byte word of
+it depends on the write, so a torn or corrupt sector is recognised as such.
+
+The rule for a read (real-time order, per sector): it may return the value
+of any write that began before the read ended, unless that write is
+overwritten: some other write began after it was acknowledged and was
+itself acknowledged before the read began. A write that failed or was lost
+in a crash has no end: it may appear at any later time (it may have been
+applied), but never hides an older value.
+
+Checkers raise `SimFailure`. White-box checks (what a failover would find
+in the partner's persisted NVRAM, what a restart recovered, mirror == dirty
+primary, split brain, queue bounds) look at the Controller objects and the
+simulated NVRAM and disks without changing them.
+"""
+import struct
+
+from firmware.cache import LUN_SHIFT, SECTOR_BYTES
+from firmware.formats import nvram as N
+from firmware.segment import Segment
+
+HEAD = struct.Struct("<QII")            # write id, LUN, sector
+ZERO_SECTOR = bytes(SECTOR_BYTES)
+GARBAGE = -1
+
+
+class SimFailure(AssertionError):
+    """A promise of the firmware was broken (or the simulator could not go on)."""
+
+
+def sector_bytes(wid, lun, sector):
+    return HEAD.pack(wid, lun, sector) + wid.to_bytes(8, "little") * 62
+
+
+def make_data(wid, lun, offset, length):
+    first = offset // SECTOR_BYTES
+    filler = wid.to_bytes(8, "little") * 62
+    pack = HEAD.pack
+    return b"".join(pack(wid, lun, s) + filler for s in range(first, first + length // SECTOR_BYTES))
+
+
+def decode_sector(sec, lun, sector):
+    """The write id a sector holds: 0 for zeros, GARBAGE if it is not a whole sector of one write."""
+    if sec == ZERO_SECTOR:
+        return 0
+    wid, slun, ssector = HEAD.unpack_from(sec)
+    if slun != lun or ssector != sector or sec[16:] != wid.to_bytes(8, "little") * 62:
+        return GARBAGE
+    return wid
+
+
+class WriteRec:
+    __slots__ = ("wid", "start_us", "end_us")
+
+    def __init__(self, wid, start_us, end_us=None):
+        self.wid = wid
+        self.start_us = start_us
+        self.end_us = end_us
+
+
+INITIAL = WriteRec(0, -2, -1)
+
+
+class Model:
+    def __init__(self):
+        self.hist = {}                   # (lun << LUN_SHIFT) | sector -> [WriteRec]
+
+    def write_started(self, wid, lun, offset, length, now_us):
+        rec = WriteRec(wid, now_us)
+        hist = self.hist
+        base = (lun << LUN_SHIFT) + offset // SECTOR_BYTES
+        for key in range(base, base + length // SECTOR_BYTES):
+            h = hist.get(key)
+            if h is None:
+                hist[key] = [INITIAL, rec]
+            else:
+                h.append(rec)
+        return rec
+
+    @staticmethod
+    def acked(rec, now_us):
+        rec.end_us = now_us
+
+    def allowed(self, key, rs_us, re_us):
+        """The write ids a read of one sector, running [rs, re], may return."""
+        h = self.hist.get(key)
+        if h is None:
+            return {0}
+        cutoff = max((r.start_us for r in h if r.end_us is not None and r.end_us < rs_us), default=-3)
+        return {r.wid for r in h if r.start_us < re_us and (r.end_us is None or r.end_us >= cutoff)}
+
+    def check(self, what, lun, offset, data, rs_us, re_us):
+        """Check every sector of `data` (read from `offset` of `lun`); raise SimFailure."""
+        base = (lun << LUN_SHIFT) + offset // SECTOR_BYTES
+        first = offset // SECTOR_BYTES
+        for i in range(len(data) // SECTOR_BYTES):
+            value = decode_sector(data[i * SECTOR_BYTES:(i + 1) * SECTOR_BYTES], lun, first + i)
+            self.check_value(what, lun, first + i, base + i, value, rs_us, re_us)
+
+    def check_value(self, what, lun, sector, key, value, rs_us, re_us):
+        allowed = self.allowed(key, rs_us, re_us)
+        if value not in allowed:
+            shown = "garbage (torn or corrupt)" if value == GARBAGE else f"write {value}"
+            raise SimFailure(f"{what}: lun{lun} sector {sector} holds {shown}; allowed writes "
+                             f"{sorted(allowed)} (read {rs_us}..{re_us} us)")
+
+    def prune(self, horizon_us):
+        """Forget writes no read starting at or after `horizon_us` may return."""
+        for key, h in self.hist.items():
+            cutoff = max((r.start_us for r in h if r.end_us is not None and r.end_us < horizon_us),
+                         default=-3)
+            if cutoff > h[0].start_us:
+                self.hist[key] = [r for r in h if r.end_us is None or r.end_us >= cutoff]
+
+
+# -- what the controllers and NVRAM hold (white box) ---------------------------
+
+def mirror_image(nvram_persisted):
+    """What a failover would replay from a persisted NVRAM: key -> (bitmap, data offset)."""
+    sb, _slot = N.read_superblock_untrusted(nvram_persisted, "sim")
+    seg = Segment(nvram_persisted, N.Geometry(sb), mirror=True)
+    scan = seg.scan()
+    image = {}
+    for rb in sorted(scan.blocks, key=lambda b: b.seq):
+        key = (rb.lun << LUN_SHIFT) | (rb.lba * SECTOR_BYTES // seg.block_size)
+        image[key] = (rb.bitmap, seg.data_offset(rb.index), seg.block_size)
+    return image
+
+
+def lun_image(disk, lun, lines, nv):
+    """A LUN as a failover or restart would serve it: disk overlaid with cache lines.
+
+    `lines` maps line key -> (bitmap, NVRAM data offset, block size); only sectors
+    whose bitmap bit is set come from NVRAM.
+    """
+    buf = bytearray(disk)
+    for key, (bitmap, data_offset, block_size) in lines.items():
+        if key >> LUN_SHIFT != lun:
+            continue
+        start = (key & ((1 << LUN_SHIFT) - 1)) * block_size
+        for s in range(block_size // SECTOR_BYTES):
+            if bitmap >> s & 1:
+                a = s * SECTOR_BYTES
+                buf[start + a:start + a + SECTOR_BYTES] = nv[data_offset + a:data_offset + a + SECTOR_BYTES]
+    return buf
+
+
+def primary_lines(ctrl):
+    seg = ctrl.primary
+    return {key: (line.bitmap, seg.data_offset(line.block), seg.block_size)
+            for key, line in ctrl.cache.lines.items()}
+
+
+def check_mirror_equal(owner, partner, owner_nv, partner_nv):
+    """After a resync, at quiescence: the partner's mirror holds exactly the owner's dirty lines."""
+    view, blocks, seg = partner.mirror.view, partner.mirror.blocks, partner.mirror.segment
+    lines = owner.cache.lines
+    if set(view) != set(lines):
+        extra, missing = set(view) - set(lines), set(lines) - set(view)
+        raise SimFailure(f"mirror of {'ab'[owner.id]} in {'ab'[partner.id]}: {len(missing)} dirty lines "
+                         f"missing, {len(extra)} stale lines kept (e.g. {sorted(missing or extra)[:3]})")
+    for key, line in lines.items():
+        mb = blocks[view[key]]
+        if view[key] != line.block or mb.seq != line.seq or mb.bitmap != line.bitmap:
+            raise SimFailure(f"mirror block {view[key]} (seq {mb.seq}) != owner line in block "
+                             f"{line.block} (seq {line.seq}) for key {key:#x}")
+        a, b = owner.primary.data_offset(line.block), seg.data_offset(line.block)
+        if owner_nv[a:a + seg.block_size] != partner_nv[b:b + seg.block_size]:
+            raise SimFailure(f"mirror block {line.block} data differs from the owner's primary")
+
+
+def check_bounds(ctrl, disk_ios):
+    p, link = ctrl.params, ctrl.link
+    bounds = [
+        ("pending mirror writes", len(ctrl.pending), ctrl.cache.capacity),
+        ("waiting writes", len(ctrl.waiting), p.waiting_max),
+        ("destage in flight", ctrl.destage_inflight, p.destage_inflight_max),
+        ("disk ops", disk_ios, p.destage_inflight_max * (ctrl.block_size // SECTOR_BYTES) + 4096),
+        ("link unacked frames", len(link.unacked), link.unacked_max),
+        ("link data in flight bytes", link.data_inflight_bytes, p.data_window_bytes + (5 << 20)),
+        ("free blocks", len(ctrl.cache.free), ctrl.cache.capacity),
+    ]
+    for name, value, bound in bounds:
+        if value > bound:
+            raise SimFailure(f"controller {'ab'[ctrl.id]}: {name} {value} over its bound {bound}")

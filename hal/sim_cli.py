@@ -1,0 +1,69 @@
+"""Running the simulator for people and CI: one seed, or a sweep with progress.
+
+`python -m hal.sim_cli --seed N` replays one run and prints its trace hash
+and stats; `--seeds K` sweeps seeds start..start+K-1, prints progress, every
+failure with the exact replay command, and the speed (seeds per minute,
+simulated host operations per second). `inv sim` (hal/tasks_sim.py) calls
+the same functions. Exit status 1 if any seed failed.
+"""
+import argparse
+import sys
+import time
+
+from .sim import BROKEN_SITES, run_seed
+
+
+def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout):
+    result = run_seed(seed, mode, steps, broken)
+    print(f"seed {seed}: {'ok' if result.ok else 'FAILED'}  trace {result.trace_hash}", file=out)
+    print("  " + " ".join(f"{k}={v}" for k, v in sorted(result.stats.items())), file=out)
+    if not result.ok:
+        print(f"  {result.failure}\n  replay: {result.replay}", file=out)
+    return result
+
+
+def sweep(seeds, start=0, mode="ha", steps=300, broken=None, out=sys.stdout, progress_every=50):
+    """Run seeds start..start+seeds-1; return (failed results, summary dict)."""
+    failed, ops, events = [], 0, 0
+    t0 = time.perf_counter()
+    for n, seed in enumerate(range(start, start + seeds), 1):
+        result = run_seed(seed, mode, steps, broken)
+        ops += result.stats["ops"]
+        events += result.stats["events"]
+        if not result.ok:
+            failed.append(result)
+            print(f"seed {seed} FAILED: {result.failure.splitlines()[0][:300]}\n  replay: {result.replay}",
+                  file=out, flush=True)
+        if n % progress_every == 0 or n == seeds:
+            elapsed = time.perf_counter() - t0
+            print(f"[{n}/{seeds}] {len(failed)} failed, {elapsed:.1f} s, "
+                  f"{60 * n / elapsed:.0f} seeds/min, {ops / elapsed:.0f} host ops/s, "
+                  f"{events / elapsed:.0f} events/s", file=out, flush=True)
+    elapsed = time.perf_counter() - t0
+    summary = dict(seeds=seeds, failed=len(failed), seconds=round(elapsed, 2),
+                   seeds_per_minute=round(60 * seeds / elapsed), host_ops_per_second=round(ops / elapsed),
+                   events_per_second=round(events / elapsed))
+    return failed, summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="twincache-sim", description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, help="replay this one seed")
+    ap.add_argument("--seeds", type=int, default=100, help="sweep this many seeds")
+    ap.add_argument("--start", type=int, default=0, help="first seed of the sweep")
+    ap.add_argument("--mode", default="ha", choices=("ha", "replica"))
+    ap.add_argument("--steps", type=int, default=300, help="host operations per run")
+    ap.add_argument("--broken", choices=BROKEN_SITES, help="run a deliberately broken firmware variant")
+    args = ap.parse_args(argv)
+    if args.mode != "ha":
+        print(f"mode {args.mode}: the firmware has no {args.mode} mode yet", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        return 0 if run_one(args.seed, args.mode, args.steps, args.broken).ok else 1
+    failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

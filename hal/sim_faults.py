@@ -1,0 +1,196 @@
+"""The simulator's fault plan and schedule, and the phases of one run.
+
+`FaultPlan` decides, from the run's seed, which faults are switched on for
+this run and how hard they hit (FoundationDB's buggify: a fault site is
+enabled per run, then fires with a seeded probability), plus the firmware
+knobs that shape the run (heartbeat, watermarks, windows, transport).
+
+`FaultSchedule` runs the phases: boot and connect; the workload with
+faults injected at seeded intervals (crash and restart of one controller,
+power cut of both, partition one-way or both ways and heal, a paused
+controller, a vanishing disk, a slow peer); then the final phase: heal
+everything, restart what is down, wait until the pair is mirrored and quiet,
+check mirrors and what a failover would find, read every LUN back through
+both controllers, cut the power of both, recover, and read back again.
+"""
+from firmware.formats.messages import MsgType
+
+from .sim_check import SimFailure, check_mirror_equal
+
+LEGIT_SITES = {"nvram_store_corrupt": 0.02}     # faults the firmware must handle
+SETTLE_LIMIT_US = 60_000_000
+HEARTBEAT = MsgType.HEARTBEAT
+
+
+class FaultPlan:
+    def __init__(self, rng, broken=None):
+        on = lambda p=0.5: rng.random() < p     # noqa: E731 - a per-run switch
+        self.reliable = on(0.7)
+        self.clients = rng.randint(2, 8)
+        self.think_us = rng.choice((200, 2_000, 20_000))
+        self.heartbeat_ms = rng.choice((10, 20, 50))
+        self.idle_flush_ms = rng.choice((5, 50, 500))
+        self.high_watermark = rng.choice((0.2, 0.5, 0.8))
+        self.destage_inflight_max = rng.choice((1, 4, 64))
+        self.data_window_bytes = rng.choice((64 << 10, 1 << 20))
+        self.p_link_loss = rng.choice((0.0005, 0.002, 0.01)) if not self.reliable else 0.0
+        self.p_link_corrupt = rng.choice((0.001, 0.01)) if on(0.3) else 0.0
+        self.p_disk_eio = rng.choice((0.001, 0.02)) if on(0.3) else 0.0
+        self.kinds = [k for k, p in (("crash", 0.6), ("power_cut", 0.3), ("partition", 0.5),
+                                     ("pause", 0.4), ("vanish", 0.2), ("slow", 0.3)) if on(p)]
+        self.fault_interval_us = rng.choice((20_000, 100_000, 400_000))
+        self.buggify = {site: p for site, p in LEGIT_SITES.items() if on(0.3)}
+        if broken == "skip_pen_validation":      # only visible together with bad NVRAM stores
+            self.buggify["nvram_store_corrupt"] = 0.05
+        if broken:
+            self.buggify[broken] = 1.0 if broken != "skip_persist_metadata" else 0.3
+            self.kinds = sorted(set(self.kinds) | {"crash"})
+
+
+class FaultSchedule:
+    def __init__(self, sim):
+        self.sim = sim
+        self.rng = sim.rng["fault"]
+        self.counts = {}
+        self.active = True
+
+    def run(self):
+        sim = self.sim
+        for i in range(2):
+            sim.boot(i)
+        sim.reconnect()
+        sim.run_until(lambda: all(n.ctrl.mirroring for n in sim.nodes), SETTLE_LIMIT_US, "first mirroring")
+        for c in range(sim.plan.clients):
+            sim.at(sim.now_us + c, -1, sim.client_next, c)
+        if sim.plan.kinds:
+            sim.at(sim.now_us + sim.plan.fault_interval_us, -1, self.inject)
+        sim.at(sim.now_us + 100_000, -1, self.sample_failover)
+        w = sim.workload
+        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding, SETTLE_LIMIT_US,
+                      "the end of the workload")
+        self.final()
+
+    # -- injection ------------------------------------------------------------
+
+    def inject(self):
+        if not self.active:
+            return
+        sim, rng = self.sim, self.rng
+        kind = rng.choice(sim.plan.kinds)
+        getattr(self, "_" + kind)()
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        interval_us = sim.plan.fault_interval_us
+        sim.at(sim.now_us + rng.randint(interval_us // 2, 2 * interval_us), -1, self.inject)
+
+    def _later(self, lo_us, hi_us, fn, *args):
+        self.sim.at(self.sim.now_us + self.rng.randint(lo_us, hi_us), -1, fn, *args)
+
+    def _crash(self):
+        sim = self.sim
+        alive = [n.id for n in sim.nodes if n.alive]
+        if len(alive) < 2:
+            return
+        i = self.rng.choice(alive)
+        sim.check_failover(i)              # the partner must hold what i acknowledged
+        sim.crash(i, "crash")
+        self._later(1_000, 300_000, sim.restart, i)
+
+    def _power_cut(self):
+        sim = self.sim
+        for n in sim.nodes:
+            if n.alive:
+                sim.crash(n.id, "power cut")
+        self._later(1_000, 300_000, self._power_on)
+
+    def _power_on(self):
+        for i in range(2):
+            self.sim.restart(i)
+
+    def _partition(self):
+        sim = self.sim
+        dirs = self.rng.choice(([0], [1], [0, 1]))
+        sim.link.partition(dirs)
+        self._later(1_000, 50 * sim.plan.heartbeat_ms * 1000, self._heal)
+
+    def _heal(self):
+        sim = self.sim
+        for t, dst, conn, chunk in sim.link.heal(sim.now_us):
+            sim.at(t, dst, sim._deliver, dst, conn, chunk)
+
+    def _pause(self):
+        sim = self.sim
+        n = sim.nodes[self.rng.randrange(2)]
+        if n.alive and all(m.paused_until_us <= sim.now_us for m in sim.nodes):
+            n.paused_until_us = sim.now_us + self.rng.randint(1_000, 20 * sim.plan.heartbeat_ms * 1000)
+
+    def _vanish(self):
+        lun = self.rng.randrange(len(self.sim.lun_sizes))
+        self.sim.disks.vanished.add(lun)
+        self._later(1_000, 200_000, self.sim.disks.vanished.discard, lun)
+
+    def _slow(self):
+        d = self.rng.randrange(2)
+        self.sim.link.slow[d] = self.rng.choice((10, 100))
+        self._later(1_000, 300_000, self._unslow, d)
+
+    def _unslow(self, d):
+        self.sim.link.slow[d] = 1
+
+    def sample_failover(self):
+        """Now and then, check what a failover would find, as if the owner died this instant."""
+        sim = self.sim
+        if not self.active:
+            return
+        sim.check_failover(self.rng.randrange(2))
+        sim.at(sim.now_us + self.rng.randint(20_000, 300_000), -1, self.sample_failover)
+
+    # -- the end --------------------------------------------------------------
+
+    def final(self):
+        sim = self.sim
+        self.active = False
+        sim.plan.buggify.pop("nvram_store_corrupt", None)
+        sim.disks.faults.p_read_eio = sim.disks.faults.p_write_eio = 0.0
+        sim.disks.vanished.clear()
+        sim.link.slow = [1, 1]
+        lf = sim.link.faults
+        lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
+        self._heal()
+        for n in sim.nodes:
+            n.paused_until_us = 0
+        self._power_on()
+        self.settle("mirrored and quiet after the workload")
+        self.readback("read back after the workload")
+        self._power_cut()
+        self._power_on()
+        self.settle("mirrored and quiet after a power cut of both")
+        self.readback("read back after a power cut of both")
+
+    def settle(self, what):
+        sim = self.sim
+
+        def quiet():
+            nodes = sim.nodes
+            if not all(n.alive for n in nodes) or not sim.link.up:
+                return False
+            # Heartbeats never stop; every other frame sent has been received and acknowledged.
+            return all(n.ctrl.mirroring and not n.ctrl.pending and not n.ctrl.forwarded
+                       and all(e[2] == HEARTBEAT for e in n.ctrl.link.unacked)
+                       and not n.ctrl.link.data_queue and not n.ctrl.mirror.group for n in nodes)
+        sim.run_until(quiet, SETTLE_LIMIT_US, what)
+        for o in range(2):
+            owner, partner = sim.nodes[o], sim.nodes[1 - o]
+            check_mirror_equal(owner.ctrl, partner.ctrl, owner.nvram.mem, partner.nvram.mem)
+            if not sim.check_failover(o):
+                raise SimFailure(f"{what}: controller {'ab'[o]} is not mirrored")
+
+    def readback(self, what):
+        """Read every LUN through both controllers and check it against the model."""
+        sim, w = self.sim, self.sim.workload
+        w.ops_max = w.issued + 2 * len(sim.lun_sizes) * (sim.lun_sizes[0] // (256 << 10))
+        for node in range(2):
+            for lun, size in enumerate(sim.lun_sizes):
+                for offset in range(0, size, 256 << 10):
+                    req = w.readback_request(node, lun, offset, 256 << 10, sim.now_us)
+                    sim.at(sim.now_us + 1, node, sim._host_request, req)
+        sim.run_until(lambda: not w.outstanding, SETTLE_LIMIT_US, what)

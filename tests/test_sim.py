@@ -1,0 +1,164 @@
+"""The deterministic simulator: a bounded sweep, replay, broken variants, crash model units.
+
+The sweep is what CI runs in ha mode (replica mode joins once the firmware
+has it). A failure message carries the replay command (`inv sim --seed N`).
+"""
+import random
+
+import pytest
+
+from firmware.controller import Params
+from hal.sim import BROKEN_SITES, run_seed
+from hal.sim_check import Model, SimFailure, make_data
+from hal.sim_disk import DiskFaults, SimDiskArray
+from hal.sim_link import LinkFaults, SimLink
+from hal.sim_nvram import SimNvram
+from fixtures.mempair import split_frames
+
+SWEEP_SEEDS = 500
+SWEEP_STEPS = 120
+CHUNKS = 5
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_sweep_ha(chunk):
+    """500 seeds in all, split so a parallel runner can spread them."""
+    per = SWEEP_SEEDS // CHUNKS
+    failures = []
+    for seed in range(chunk * per, (chunk + 1) * per):
+        result = run_seed(seed, "ha", SWEEP_STEPS)
+        if not result.ok:
+            failures.append(f"{result.failure.splitlines()[0][:400]}\n  replay: {result.replay}")
+    assert not failures, "\n".join(failures)
+
+
+def test_same_seed_same_trace():
+    a, b = run_seed(7, steps=150), run_seed(7, steps=150)
+    assert a.ok and b.ok
+    assert a.trace_hash == b.trace_hash and a.stats == b.stats
+    assert run_seed(8, steps=150).trace_hash != a.trace_hash
+
+
+@pytest.mark.parametrize("broken", BROKEN_SITES)
+def test_broken_variant_is_caught(broken):
+    caught = [seed for seed in range(10) if not run_seed(seed, steps=200, broken=broken).ok]
+    assert caught, f"the simulator missed the broken variant {broken} in 10 seeds"
+
+
+def test_replica_mode_is_refused_until_it_exists():
+    with pytest.raises(ValueError, match="only ha mode"):
+        run_seed(1, mode="replica")
+
+
+# -- the crash model of the simulated NVRAM ---------------------------------------
+
+def test_nvram_persisted_bytes_survive_every_crash():
+    for seed in range(20):
+        nv = SimNvram(64 * 1024)
+        nv.buffer[0:8192] = b"\xaa" * 8192
+        nv.persist(0, 8192)
+        nv.buffer[8192:16384] = b"\xbb" * 8192          # never persisted
+        nv.crash(random.Random(seed))
+        assert bytes(nv.buffer[0:8192]) == b"\xaa" * 8192
+        assert set(bytes(nv.buffer[8192:16384])) <= {0xaa, 0xbb, 0}
+
+
+def test_nvram_unpersisted_sectors_are_kept_lost_or_torn():
+    fates = set()
+    for seed in range(30):
+        nv = SimNvram(16 * 1024)
+        nv.buffer[0:8192] = bytes(range(256)) * 32
+        counts = nv.crash(random.Random(seed))
+        fates |= {k for k, v in counts.items() if v}
+        for s in range(16):
+            sector = bytes(nv.buffer[s * 512:(s + 1) * 512])
+            for w in range(0, 512, 8):                   # 8-byte granularity: each word old or new
+                assert sector[w:w + 8] in (bytes(8), (bytes(range(256)) * 2)[w:w + 8])
+        assert not list(nv.unpersisted_sectors())      # after a crash, memory is what persisted
+    assert fates == {"keep", "lose", "tear"}
+
+
+def test_nvram_store_after_persist_may_revert_to_persisted_value():
+    nv = SimNvram(4096)
+    nv.buffer[0:512] = b"\x01" * 512
+    nv.persist(0, 512)
+    nv.buffer[0:512] = b"\x02" * 512
+    assert list(nv.unpersisted_sectors()) == [0]
+    seen = set()
+    for seed in range(20):
+        copy = SimNvram(4096)
+        copy.mem[:] = nv.mem
+        copy.shadow[:] = nv.shadow
+        copy.crash(random.Random(seed))
+        seen |= set(bytes(copy.buffer[0:512]))
+    assert seen == {1, 2}
+
+
+# -- disks and link ----------------------------------------------------------------
+
+class _Write:
+    def __init__(self, op, lun, offset, data):
+        self.op, self.lun, self.offset, self.data = op, lun, offset, data
+
+
+def test_disk_write_inflight_at_crash_is_whole_absent_or_torn_by_sector():
+    outcomes = set()
+    for seed in range(40):
+        disks = SimDiskArray([64 * 1024], random.Random(seed), DiskFaults())
+        disks.submit(0, 0, _Write(1, 0, 0, b"\xff" * 8192), write=True)
+        disks.crash(0)
+        written = bytes(disks.disks[0][:8192])
+        cut = written.find(b"\x00")
+        cut = 8192 if cut < 0 else cut
+        assert cut % 512 == 0 and written == b"\xff" * cut + bytes(8192 - cut)
+        outcomes.add("whole" if cut == 8192 else "none" if cut == 0 else "torn")
+    assert outcomes == {"whole", "none", "torn"}
+
+
+def _frames(count):
+    from firmware.link import LinkSession
+    a = LinkSession(0, bytes(16), bytes(32))
+    a.connected(bytes(32), 0)
+    for i in range(count - 1):
+        a.send(3, 0, b"x" * 100, tag=i)
+    return a.take_output()
+
+
+@pytest.mark.parametrize("reliable", [True, False])
+def test_link_corruption_is_caught_by_the_crc(reliable):
+    link = SimLink(random.Random(1), reliable, LinkFaults(p_corrupt=1.0))
+    link.connect()
+    buffers = _frames(5)
+    sent = split_frames(buffers)
+    got = []
+    for _t, dst, conn, chunk in link.transmit(0, buffers, 0):
+        got += link.receive(dst, conn, chunk)
+    assert len(got) < len(sent) and all(bytes(f) in sent for f in got)
+
+
+def test_link_partition_holds_reliable_bytes_until_heal():
+    link = SimLink(random.Random(1), True, LinkFaults())
+    link.connect()
+    link.partition([0])
+    assert link.transmit(0, _frames(2), 0) == []
+    deliveries = link.heal(1000)
+    frames = [f for _t, dst, conn, chunk in deliveries for f in link.receive(dst, conn, chunk)]
+    assert len(frames) == 2
+
+
+def test_model_read_rule_real_time_order():
+    m = Model()
+    w1 = m.write_started(1, 0, 0, 512, 10)
+    m.acked(w1, 20)
+    w2 = m.write_started(2, 0, 0, 512, 30)
+    assert m.allowed(0, 25, 26) == {1}                  # w2 not begun: only the latest acked
+    assert m.allowed(0, 35, 40) == {1, 2}               # w2 in flight: either
+    m.acked(w2, 50)
+    assert m.allowed(0, 60, 61) == {2}                  # w1 overwritten before the read began
+    with pytest.raises(SimFailure):
+        m.check("read", 0, 0, make_data(1, 0, 0, 512), 60, 61)
+    m.check("read", 0, 0, make_data(2, 0, 0, 512), 60, 61)
+
+
+def test_params_accept_the_simulator_knobs():
+    Params(0, bytes(16), [1 << 20], buggify=lambda site: False, reliable_transport=False)
