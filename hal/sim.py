@@ -71,7 +71,7 @@ class SimResult:
 
 
 class Sim:
-    def __init__(self, seed, mode="ha", steps=300, broken=None):
+    def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None):
         if mode != "ha":
             raise ValueError(f"mode {mode!r}: only ha mode exists in the firmware so far")
         assert broken is None or broken in BROKEN_SITES, broken
@@ -80,6 +80,9 @@ class Sim:
         self.rng = {name: random.Random(root.getrandbits(64))
                     for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify")}
         self.plan = FaultPlan(self.rng["plan"], broken)
+        for name, value in (overrides or {}).items():     # scenario tests pin knobs and faults
+            assert hasattr(self.plan, name), name
+            setattr(self.plan, name, value)
         self.clock = VirtualClock()
         self.queue = []
         self.seq = 0

@@ -39,6 +39,7 @@ class FaultPlan:
         self.kinds = [k for k, p in (("crash", 0.6), ("power_cut", 0.3), ("partition", 0.5),
                                      ("pause", 0.4), ("vanish", 0.2), ("slow", 0.3)) if on(p)]
         self.fault_interval_us = rng.choice((20_000, 100_000, 400_000))
+        self.settle_limit_us = SETTLE_LIMIT_US   # virtual time allowed for each phase to finish
         self.buggify = {site: p for site, p in LEGIT_SITES.items() if on(0.3)}
         if broken == "skip_pen_validation":      # only visible together with bad NVRAM stores
             self.buggify["nvram_store_corrupt"] = 0.05
@@ -59,14 +60,14 @@ class FaultSchedule:
         for i in range(2):
             sim.boot(i)
         sim.reconnect()
-        sim.run_until(lambda: all(n.ctrl.mirroring for n in sim.nodes), SETTLE_LIMIT_US, "first mirroring")
+        sim.run_until(lambda: all(n.ctrl.mirroring for n in sim.nodes), sim.plan.settle_limit_us, "first mirroring")
         for c in range(sim.plan.clients):
             sim.at(sim.now_us + c, -1, sim.client_next, c)
         if sim.plan.kinds:
             sim.at(sim.now_us + sim.plan.fault_interval_us, -1, self.inject)
         sim.at(sim.now_us + 100_000, -1, self.sample_failover)
         w = sim.workload
-        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding, SETTLE_LIMIT_US,
+        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding, sim.plan.settle_limit_us,
                       "the end of the workload")
         self.final()
 
@@ -177,7 +178,7 @@ class FaultSchedule:
             return all(n.ctrl.mirroring and not n.ctrl.pending and not n.ctrl.forwarded
                        and all(e[2] == HEARTBEAT for e in n.ctrl.link.unacked)
                        and not n.ctrl.link.data_queue and not n.ctrl.mirror.group for n in nodes)
-        sim.run_until(quiet, SETTLE_LIMIT_US, what)
+        sim.run_until(quiet, sim.plan.settle_limit_us, what)
         for o in range(2):
             owner, partner = sim.nodes[o], sim.nodes[1 - o]
             check_mirror_equal(owner.ctrl, partner.ctrl, owner.nvram.mem, partner.nvram.mem)
@@ -193,4 +194,4 @@ class FaultSchedule:
                 for offset in range(0, size, 256 << 10):
                     req = w.readback_request(node, lun, offset, 256 << 10, sim.now_us)
                     sim.at(sim.now_us + 1, node, sim._host_request, req)
-        sim.run_until(lambda: not w.outstanding, SETTLE_LIMIT_US, what)
+        sim.run_until(lambda: not w.outstanding, sim.plan.settle_limit_us, what)
