@@ -49,6 +49,7 @@ from .formats import messages as M
 from .formats import reservation as R
 
 EIO = 5
+BALANCE_RETRY_MS = 1000
 
 
 class Own:
@@ -94,7 +95,7 @@ TRANSITIONS = {
     (Own.RELEASING, "move"): ("_noop", Own.RELEASING),
     (Own.PARTNER, "link_down"): ("_to_watching", Own.WATCHING),
     (Own.PARTNER, "link_up"): ("_reread", Own.STARTING),
-    (Own.PARTNER, "tick"): ("_noop", Own.PARTNER),
+    (Own.PARTNER, "tick"): ("_partner_tick", Own.PARTNER),
     (Own.PARTNER, "grant"): ("_granted", Own.OWNER),
     (Own.PARTNER, "move"): ("_ask_ownership", Own.PARTNER),
     (Own.PARTNER, "request"): ("_noop", Own.PARTNER),
@@ -111,6 +112,13 @@ TRANSITIONS = {
     (Own.REPLAYING, "tick"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
+    # Ownership requests reach a LUN in whatever state it is; only an owner acts on them.
+    (Own.STARTING, "request"): ("_noop", Own.STARTING),
+    (Own.FENCING, "request"): ("_noop", Own.FENCING),
+    (Own.SOLO, "request"): ("_noop", Own.SOLO),
+    (Own.WATCHING, "request"): ("_noop", Own.WATCHING),
+    (Own.CLAIMING, "request"): ("_noop", Own.CLAIMING),
+    (Own.REPLAYING, "request"): ("_noop", Own.REPLAYING),
     # A record write started before a state change lands afterwards: nothing to do.
     (Own.STARTING, "written"): ("_noop", Own.STARTING),
     (Own.OWNER, "written"): ("_noop", Own.OWNER),
@@ -235,6 +243,10 @@ class FenceMixin:
             if f.held and self._lease_ok(f):
                 self._release_held(f)
 
+    def mirror_owned_by_peer(self, lun) -> bool:
+        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
+        return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
+
     def may_write_disk(self, lun) -> bool:
         """Destage only what we own under a valid lease: a stale owner's lines are older data."""
         return self.fence is None or self._lease_ok(self.fence[lun])
@@ -278,6 +290,7 @@ class FenceMixin:
             if self.params.auto_balance and f.lun % 2 == self.id:
                 self.out.append(A.Notify("failback_request", lun=f.lun))
                 self._ask_ownership(f)               # failback: the preferred owner asks for it
+                f.last_change_ms = self.now_ms
             return Own.PARTNER
         f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.WATCHING
@@ -456,7 +469,17 @@ class FenceMixin:
     def _replayed(self, f):
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
         f.renew_due_ms = self.now_ms
+        if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
+            self._read_record(f)
+            return Own.STARTING
         return Own.SOLO
+
+    def _partner_tick(self, f):
+        """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
+        if (self.params.auto_balance and f.lun % 2 == self.id and self.mirroring
+                and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
+            f.last_change_ms = self.now_ms
+            self._ask_ownership(f)
 
     # -- moving ownership while linked (failback, balancing, the CLI) ----------
 

@@ -135,9 +135,10 @@ class MirrorSide:
                 persists.append(self._free(cache_id))
         return persists
 
-    def sync_begin(self):
+    def sync_begin(self, voidable=lambda lun: True):
+        """The owner resends its live lines; blocks of LUNs `voidable` rejects are kept (a takeover's)."""
         persists = self.abandon_group()
-        self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None}
+        self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None and voidable(b.lun)}
         return persists
 
     def sync_done(self):

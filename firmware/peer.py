@@ -167,7 +167,7 @@ class PeerMixin:
                         self._own_event(f, "link_up")
             return
         if msg.type == T.SYNC_BEGIN:
-            for r in self.mirror.sync_begin():
+            for r in self.mirror.sync_begin(self.mirror_owned_by_peer):
                 self._persist(r)
         else:
             for r in self.mirror.sync_done():

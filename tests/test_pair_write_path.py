@@ -99,6 +99,7 @@ def test_sigkill_of_the_owner_under_load_loses_no_acknowledged_write(local_pair,
     assert not t.is_alive()
     assert len(writer.acked) > 1000
     local_pair.up()                            # restarts a on its NVRAM; waits until mirrored
+    local_pair.wait_settled(owners={"lun0": "a"})   # b took lun0 over; failback gives it back
     for name in ("a", "b"):
         assert writer.check(read_block_via(local_pair, name, 0)) == []
 
