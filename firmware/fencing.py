@@ -139,7 +139,8 @@ class FenceError(Exception):
 class LunFence:
     __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
-                 "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag")
+                 "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
+                 "want_back")
 
     def __init__(self, lun):
         self.lun = lun
@@ -160,6 +161,7 @@ class LunFence:
         self.acks = []                    # writes whose mirror ack was cut off by the link drop
         self.replay_left = 0
         self.move_tag = 0
+        self.want_back = False            # failback: the preferred owner wants its LUN back
 
 
 class RecordOp:
@@ -291,6 +293,7 @@ class FenceMixin:
                 self.out.append(A.Notify("failback_request", lun=f.lun))
                 self._ask_ownership(f)               # failback: the preferred owner asks for it
                 f.last_change_ms = self.now_ms
+                f.want_back = True
             return Own.PARTNER
         f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.WATCHING
@@ -476,8 +479,7 @@ class FenceMixin:
 
     def _partner_tick(self, f):
         """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
-        if (self.params.auto_balance and f.lun % 2 == self.id and self.mirroring
-                and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
+        if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
             f.last_change_ms = self.now_ms
             self._ask_ownership(f)
 
@@ -515,6 +517,7 @@ class FenceMixin:
 
     def _granted(self, f, generation):
         f.generation = generation
+        f.want_back = False
         f.lease_until_ms = self.now_ms + self.params.lease_ms
         self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
 

@@ -44,6 +44,15 @@ def register(sub):
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    own = sub.add_parser("ownership", help="move LUN ownership between the controllers")
+    osub = own.add_subparsers(dest="ownership_cmd", required=True)
+    mv = osub.add_parser("move", help="make controller --to the owner of LUN")
+    mv.add_argument("lun", help="lun0, lun1, ... or a number")
+    mv.add_argument("--to", required=True, choices=("a", "b"))
+    mv.add_argument("--dir", required=True)
+    mv.add_argument("--timeout", type=float, default=30.0)
+    mv.set_defaults(func=cmd_ownership_move)
+
     ev = sub.add_parser("events", help="stream the pair's events as JSON lines")
     ev.add_argument("--dir", required=True)
     ev.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
@@ -120,6 +129,30 @@ def cmd_status(args):
         print(f"  primary: {st['dirty_blocks']} dirty, {st['free_blocks']} free of "
               f"{st['primary_blocks']} blocks; mirror: {st['mirror_blocks']} blocks held for the partner")
     return 0
+
+
+def cmd_ownership_move(args):
+    from .control import request
+    pair = _pair(args)
+    pair.meta()
+    text = args.lun[3:] if args.lun.startswith("lun") else args.lun
+    if not text.isdigit():
+        raise UsageError(f"{args.lun!r} is not a LUN (lun0, lun1, ...)")
+    lun = int(text)
+    try:
+        answer = request(pair.control_path(args.to), {"cmd": "move", "lun": lun})
+    except OSError as exc:
+        raise CommandFailed(f"controller {args.to} is not reachable: {exc}") from None
+    if "error" in answer:
+        raise CommandFailed(f"controller {args.to}: {answer['error']}")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        st = pair.status(args.to)
+        if f"lun{lun}" in st.get("owned_luns", []) and st["luns"][f"lun{lun}"]["state"] == "owner":
+            print(f"lun{lun} is owned by {args.to} (generation {st['luns'][f'lun{lun}']['generation']})")
+            return 0
+        time.sleep(0.05)
+    raise CommandFailed(f"lun{lun} did not move to {args.to} within {args.timeout} s")
 
 
 def cmd_events(args):

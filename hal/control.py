@@ -70,11 +70,29 @@ class ControlServer:
             self._send(sock, self.runtime.status())
         elif cmd == "ping":
             self._ping(sock)
+        elif cmd == "move":
+            self._move(sock, request)
         elif cmd == "stop":
             self._send(sock, {"ok": True})
             self.runtime.stop()
         else:
             self._send(sock, {"error": f"unknown cmd {cmd!r}"})
+
+    def _move(self, sock, request):
+        """Bring a LUN to this controller (ownership request to its owner)."""
+        ctrl = self.runtime.ctrl
+        lun = request.get("lun")
+        if not isinstance(lun, int) or not 0 <= lun < len(ctrl.params.lun_sizes) or ctrl.fence is None:
+            self._send(sock, {"error": f"no such LUN {lun!r} (or ownership is static here)"})
+            return
+        if ctrl.owns(lun):
+            self._send(sock, {"ok": True, "already": True})
+            return
+        if not ctrl.link.up:
+            self._send(sock, {"error": "the link is down: ownership moves need the partner"})
+            return
+        self.runtime.execute(ctrl.move_lun(lun))
+        self._send(sock, {"ok": True})
 
     def _ping(self, sock):
         if not self.runtime.ctrl.link.up:

@@ -64,7 +64,7 @@ class LocalPair:
         return str(self.dir / name / "control.sock")
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
-               durability="controller", block_size_bytes=4096, mode="ha", cache=None):
+               durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False):
         if self.meta_path.exists():
             return self.meta()
         if luns < 1 or luns > 64:
@@ -73,7 +73,7 @@ class LocalPair:
         meta = dict(pair_id=secrets.token_hex(16), luns=luns, lun_size_bytes=lun_size_bytes,
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
-                    link_port=_free_port() if link == "tcp" else 0)
+                    link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy)
         create_pair_key(self.dir / "pair.key")
         (self.dir / "disks").mkdir(exist_ok=True)
         for name in NAMES:
@@ -89,6 +89,8 @@ class LocalPair:
         link = {"transport": meta["link"], "listen": name == "a"}
         if meta["link"] == "tcp":
             link["address"] = f"127.0.0.1:{meta['link_port']}"
+        elif meta.get("link_proxy") and name == "b":
+            link["path"] = str(d / "link-proxy.sock")     # a test relay in between (fixtures/linkproxy.py)
         else:
             link["path"] = str(d / "link.sock")
         return {
