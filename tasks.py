@@ -53,7 +53,7 @@ def lint(c):
 
 
 ns = Collection(setup, test, lint)
-for module_name, collection_name in [("hal.tasks_pair", None), ("vm.tasks", "vm"),
+for module_name, collection_name in [("hal.tasks_pair", None), ("hal.tasks_sim", None), ("vm.tasks", "vm"),
                                      ("board.tasks", "board")]:
     try:
         module = importlib.import_module(module_name)
