@@ -23,6 +23,7 @@ from .formats import frame as F
 from .formats import messages as M
 
 AUTH_LABEL = b"twincache-auth-v1"
+HEARTBEAT_STRUCT = M.HEARTBEAT_STRUCT
 PROTOCOL_VERSION = 1
 SEQ_LIMIT = (1 << 32) - 1
 
@@ -119,6 +120,7 @@ class LinkSession:
         self.heard_ms = -1 << 62     # send time of our newest frame the partner acknowledged
         self.last_tx_heartbeat_ms = 0
         self.last_progress_ms = 0
+        self.last_retransmit_ms = -1 << 62
 
     def _fire(self, event, *args):
         try:
@@ -255,8 +257,12 @@ class LinkSession:
         """Take one whole frame from the framer; return a Delivered message or None."""
         head, payload = F.parse_frame_untrusted(frame, "link")
         self.last_rx_ms = self.now_ms = now_ms
-        self._take_ack(head.ack, now_ms)
+        progressed = self._take_ack(head.ack, now_ms)
         if head.flags & F.FLAG_ACK_ONLY:
+            if head.type == M.MsgType.HEARTBEAT:
+                self.stats["heartbeats_received"] += 1
+            if not progressed and self.unacked and not self.reliable_transport:
+                self._fast_retransmit(now_ms)
             return None
         if head.seq > self.rx_expected and self.reliable_transport:
             # A reliable stream never loses a frame; a gap means bytes were corrupted
@@ -276,16 +282,29 @@ class LinkSession:
             return self._fire("auth", payload)
         return self._fire("message", Delivered(head.type, head.flags, head.resource, head.tag, payload))
 
+    def _fast_retransmit(self, now_ms):
+        """An explicit ack that moves nothing: the peer saw a gap. Go back now, not at the timeout."""
+        quarter = self.rto_ms // 4
+        if now_ms - self.last_retransmit_ms < quarter or now_ms - self.unacked[0][8] < quarter:
+            return
+        self.last_retransmit_ms = self.last_progress_ms = now_ms
+        self.stats["fast_retransmits"] += 1
+        for entry in self.unacked:
+            self._encode(entry)
+
     def _take_ack(self, ack, now_ms):
         unacked = self.unacked
         if ack > self.tx_seq:
             raise LinkProtocolError(f"peer acknowledged frame {ack} never sent (next is {self.tx_seq})")
+        if not unacked or unacked[0][0] >= ack:
+            return False
         while unacked and unacked[0][0] < ack:
             entry = unacked.popleft()
             self.heard_ms = entry[8]      # the partner has heard from us as of this send time
             if entry[1] == F.LANE_DATA:
                 self.data_inflight_bytes -= entry[7]
             self.last_progress_ms = now_ms
+        return True
 
     # -- time ---------------------------------------------------------------
 
@@ -299,10 +318,12 @@ class LinkSession:
         if self.need_ack:
             self._ack_now = True      # idle receiver: acknowledge what came in since the last frame
         if self.up and now_ms - self.last_tx_heartbeat_ms >= self.heartbeat_interval_ms:
+            # Heartbeats carry no sequence number (like an ack): on a lossy line they must
+            # not join the go-back-N backlog, or a lossy link grows it without bound.
             self.last_tx_heartbeat_ms = now_ms
-            body = M.Heartbeat.build(dict(generation=self.generation, sent_ms=now_ms, state=0,
-                                          reserved=bytes(7)))
-            self.send(M.MsgType.HEARTBEAT, M.Resource.SESSION, body, lane=F.LANE_CONTROL)
+            body = HEARTBEAT_STRUCT.pack(self.generation, now_ms, 0, bytes(7))
+            self._encode([0, F.LANE_CONTROL, M.MsgType.HEARTBEAT, 0, M.Resource.SESSION, 0, body,
+                          len(body), now_ms], F.FLAG_ACK_ONLY)
         if (not self.reliable_transport and self.unacked
                 and now_ms - self.last_progress_ms >= self.rto_ms):
             self.last_progress_ms = now_ms

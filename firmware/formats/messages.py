@@ -120,6 +120,8 @@ Heartbeat = Struct(
     "reserved" / Bytes(7),
 )
 
+HEARTBEAT_STRUCT = struct.Struct(">QQB7s")   # the hot-path twin of Heartbeat
+
 MirrorWrite = Struct(
     "cache_id" / Int32ub,                   # block index: same in owner's primary and partner's mirror
     "lun" / Int16ub,
