@@ -1,0 +1,117 @@
+"""Ownership and fencing in the firmware: the state table, and the lease rules, driven exactly.
+
+The in-memory pair keeps its reservation records in a shared list (the shared
+disks), so takeover, fencing of a paused owner and failback run here in
+virtual time with no processes.
+"""
+import itertools
+
+import pytest
+
+from firmware.fencing import EVENTS, STATES, TRANSITIONS, FenceError, Own
+from firmware.formats import reservation as R
+from fixtures.mempair import MemPair
+
+BS = 4096
+
+
+def fenced_pair(**kw):
+    p = MemPair(fencing=True, idle_flush_ms=10**9, high_watermark=0.9, low_watermark=0.8, **kw)
+    p.connect()
+    for _ in range(5):
+        p.tick(10)
+    return p
+
+
+def states(p, i):
+    return [f.state for f in p.ctrl[i].fence]
+
+
+def test_a_fresh_pair_settles_to_the_default_owners():
+    p = fenced_pair()
+    assert states(p, 0) == [Own.OWNER, Own.PARTNER] and states(p, 1) == [Own.PARTNER, Own.OWNER]
+    rec = R.parse_record_untrusted(p.records[0])
+    assert rec.owner == 0 and rec.generation >= 1
+
+
+def arg_for(event, f):
+    if event == "record":
+        return (R.Record(f.lun, 1, 0, f.generation + 5, 0, 400, bytes(16)),)
+    if event == "grant":
+        return (f.generation + 1,)
+    return ()
+
+
+@pytest.mark.parametrize("state,event", list(itertools.product(STATES, EVENTS)))
+def test_every_ownership_state_and_event_pair(state, event):
+    p = fenced_pair()
+    ctrl = p.ctrl[0]
+    f = ctrl.fence[0]
+    f.state = state
+    f.pending_write = R.Record(0, 0, 0, f.generation, 1, 400, bytes(16))
+    if (state, event) not in TRANSITIONS:
+        with pytest.raises(FenceError):
+            ctrl._own_event(f, event, *arg_for(event, f))
+        return
+    ctrl._own_event(f, event, *arg_for(event, f))
+    assert f.state in STATES
+    table_next = TRANSITIONS[(state, event)][1]
+    if table_next is not None and event not in ("record", "written"):
+        assert f.state == table_next or f.state in STATES
+
+
+def test_owner_killed_partner_takes_over_after_the_wait_and_replays_the_mirror():
+    p = fenced_pair()
+    p.write(0, "w", 0, 0, b"m" * 2 * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    p.crash(0)
+    for _ in range(int(p.params[1].takeover_wait_ms / 10) - 5):
+        p.tick(10)
+    assert p.ctrl[1].fence[0].state == Own.WATCHING       # not before the wait
+    for _ in range(150):
+        p.tick(10)
+    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert p.disks[0][:2 * BS] == b"m" * 2 * BS            # replayed from the mirror segment
+    p.read(1, "r", 0, 0, 2 * BS)
+    assert p.replies["r"] == (0, b"m" * 2 * BS)
+    rec = R.parse_record_untrusted(p.records[0])
+    assert rec.owner == 1
+
+
+def test_partner_waits_while_the_owner_renews_alone_and_refuses_its_lun():
+    p = fenced_pair()
+    p.disconnect()                                          # link cut, both alive
+    for _ in range(300):
+        p.tick(10)
+    assert p.ctrl[0].fence[0].state == Own.SOLO and p.ctrl[1].fence[0].state == Own.WATCHING
+    p.write(0, "owner", 0, 0, b"o" * BS)
+    p.write(1, "other", 0, 0, b"x" * BS)
+    assert p.replies["owner"] == (0, None) and p.replies["other"] == (5, None)
+    assert p.disks[0][:BS] == b"o" * BS                     # solo: written through before the ack
+
+
+def test_paused_owner_resumes_fenced_and_drops_its_stale_lines():
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * BS)
+    p.deliver()
+    paused = p.ctrl[0]
+    p.ctrl[0] = None                                        # paused: gets no events at all
+    p.wire[0].clear()
+    p.wire[1].clear()
+    p.run(1, p.ctrl[1].link_disconnected("peer silent"))
+    for _ in range(200):
+        p.tick(10)
+    assert p.ctrl[1].fence[0].state == Own.SOLO
+    p.write(1, "new", 0, 0, b"2" * BS)
+    assert p.replies["new"] == (0, None)
+    p.ctrl[0] = paused                                      # resumes, its clock far ahead
+    paused.set_time(p.now_ms)
+    assert paused.fence[0].state == Own.OWNER               # it still believes it owns lun0...
+    p.write(0, "late", 0, 0, b"3" * BS)
+    assert "late" not in p.replies                          # ...but its lease ran out: held
+    p.run(0, paused.link_disconnected("peer closed"))       # first event after the pause
+    assert paused.fence[0].state == Own.WATCHING
+    assert p.replies["late"] == (5, None)
+    assert ("fenced", ) == tuple(n[0] for n in p.notes[0] if n[0] == "fenced")
+    assert p.disks[0][:BS] == b"2" * BS                     # the stale line never reached the disk
