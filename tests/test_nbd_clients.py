@@ -107,7 +107,7 @@ def test_nbdcopy_round_trip_of_a_random_image(server, tmp_path):
 def test_fio_nbd_engine_verifies_with_several_jobs(server, tmp_path):
     out = run("fio", "--name=nbdverify", "--ioengine=nbd", f"--uri={server.uri('lun0')}",
               "--rw=randwrite", "--bssplit=4k/50:64k/30:256k/20", "--iodepth=8", "--numjobs=4",
-              "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--verify_fatal=1",
+              "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1",
               "--do_verify=1", "--runtime=5", "--group_reporting=0", "--output-format=json",
               timeout_s=120)
     jobs = json.loads(out[out.index("{"):])["jobs"]
