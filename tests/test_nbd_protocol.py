@@ -234,18 +234,6 @@ def test_uris_follow_the_nbd_uri_spec():
     assert nbd.nbd_uri_tcp("::1", 10809, "a b") == "nbd://[::1]:10809/a%20b"
 
 
-def cost_us(conn, wire, rounds, answer):
-    buf_len = len(wire)
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        buf = conn.recv_buffer()
-        buf[:buf_len] = wire
-        for req in conn.received(buf_len):
-            answer(conn, req)
-        conn.pending_output()
-    return (time.perf_counter() - t0) / rounds * 1e6
-
-
 # -- raw sockets against a server ----------------------------------------------------
 
 @pytest.fixture
