@@ -9,6 +9,9 @@ qemu.conf settings are the ones that made domain start work on this machine
 kind (with the stock file, start hung for over a minute with no error).
 
 The daemon is started and stopped by PID (kept in `<dir>/libvirtd.pid`).
+Its own pid file lives in the private /run/libvirt too: libvirtd's default,
+/run/libvirtd.pid, is outside the bind mounts, and the flock on it made a
+second private libvirtd (say a fresh clone's, next to /work/main's) exit 1.
 Any other URI (qemu:///system, qemu+ssh://host/system) can be used instead
 of this one; `uri()` is only the default.
 """
@@ -90,7 +93,7 @@ def _script(root: pathlib.Path) -> str:
     lines = ["set -e"]
     for target in BIND_DIRS:
         lines.append(f"mount --bind '{root / BIND_DIRS[target]}' '{target}'")
-    lines.append("exec libvirtd --config /etc/libvirt/libvirtd.conf")
+    lines.append("exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid")
     return "\n".join(lines)
 
 
@@ -128,12 +131,24 @@ def _start_locked(root: pathlib.Path, cache_dir) -> str:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise LibvirtdError(f"libvirtd exited with {proc.returncode}; see {root}/libvirtd.stderr")
+            raise LibvirtdError(f"libvirtd exited with {proc.returncode}: {_log_errors(root)} "
+                                f"(see {root}/libvirtd.stderr and {root}/log/libvirtd.log)")
         if sock.exists() and _connects(uri(cache_dir)):
             return uri(cache_dir)
         time.sleep(0.2)
     stop(cache_dir)
     raise LibvirtdError(f"libvirtd did not open {sock} within {START_TIMEOUT_S:.0f} s")
+
+
+def _log_errors(root: pathlib.Path, count: int = 3) -> str:
+    """The last error lines libvirtd logged (its stderr is empty when the log goes to a file)."""
+    lines = []
+    for path in (root / "libvirtd.stderr", root / "log" / "libvirtd.log"):
+        try:
+            lines += [line for line in path.read_text(errors="replace").splitlines() if " error : " in line]
+        except FileNotFoundError:
+            pass
+    return " | ".join(lines[-count:]) or "no error logged"
 
 
 def _connects(connect_uri: str) -> bool:
