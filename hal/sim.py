@@ -12,6 +12,17 @@ The fault schedule and the final phase live in hal/sim_faults.py, the
 checkers in hal/sim_check.py, the hosts in hal/sim_workload.py. A failing run
 raises nothing: `run()` returns a SimResult whose `replay` is the command
 that reproduces it (`inv sim --seed N --mode ha --steps K`).
+
+Fencing (the default, `fencing=True`): ownership moves at runtime (takeover,
+failback, `move_lun`), decided by the reservation records that live on the
+simulated shared disks (hal/sim_disk.py); the scheduler carries out
+RecordRead/RecordWrite like disk I/O and calls `set_time` before every event
+it hands a controller, on that controller's own monotonic clock (a random
+offset per boot: controllers never share a clock). Disk I/O lands on the disk
+at its completion time even while its controller is paused; only the news
+of it waits for the controller to resume (SIGSTOP stops the process, not the
+disk). No split brain is judged by `SplitBrain` (hal/sim_check.py).
+`fencing=False` keeps static ownership (lun % 2) and its checks.
 """
 import hashlib
 import heapq
@@ -21,15 +32,18 @@ import traceback
 from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
+from firmware.fencing import OWNING, Own
+from firmware.formats import FormatError
+from firmware.formats import reservation as R
 
 from . import sim_check as C
-from .sim_check import Model, SimFailure
+from .sim_check import Model, SimFailure, SplitBrain
 from .sim_clock import VirtualClock
 from .sim_disk import DiskFaults, SimDiskArray
 from .sim_faults import FaultPlan, FaultSchedule
 from .sim_link import LinkFaults, SimLink
 from .sim_nvram import SimNvram
-from .sim_workload import Workload
+from .sim_workload import Req, Workload
 
 KEY = bytes(range(32))
 PAIR_ID = bytes.fromhex("5151c0de5151c0de5151c0de5151c0de")
@@ -37,13 +51,17 @@ TICK_US = 10_000
 LUNS = 4
 LUN_BYTES = 512 * 1024
 NVRAM_BYTES = 2 << 20
-# Deliberately broken firmware variants (buggify sites in firmware/controller.py) the
-# checkers must catch: tests/test_sim.py asserts each is caught within a few seeds.
-BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata", "read_skip_cache")
+# Deliberately broken firmware variants (buggify sites in firmware/controller.py and
+# firmware/fencing.py) the checkers must catch: tests/test_sim.py asserts each is caught
+# within a few seeds. The fencing sites only exist with fencing on.
+FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
+BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata",
+                "read_skip_cache") + FENCE_SITES
 
 
 class Node:
-    __slots__ = ("id", "nvram", "ctrl", "epoch", "alive", "paused_until_us", "down_since_us", "conn")
+    __slots__ = ("id", "nvram", "ctrl", "epoch", "alive", "paused_until_us", "down_since_us", "conn",
+                 "clock_offset_ms", "owned_at_crash")
 
     def __init__(self, id):
         self.id = id
@@ -54,16 +72,18 @@ class Node:
         self.paused_until_us = 0
         self.down_since_us = 0
         self.conn = -1                     # the link connection this controller's session runs on
+        self.clock_offset_ms = 0           # this incarnation's monotonic clock = virtual time + offset
+        self.owned_at_crash = {}           # lun -> generation it served when it went down
 
 
 class SimResult:
-    def __init__(self, seed, mode, steps, broken, ok, failure, trace_hash, stats):
+    def __init__(self, seed, mode, steps, broken, ok, failure, trace_hash, stats, fencing=True):
         self.seed = seed
         self.ok = ok
         self.failure = failure
         self.trace_hash = trace_hash
         self.stats = stats
-        flags = f" --broken {broken}" if broken else ""
+        flags = (f" --broken {broken}" if broken else "") + ("" if fencing else " --static")
         self.replay = f"inv sim --seed {seed} --mode {mode} --steps {steps}{flags}"
 
     def __repr__(self):
@@ -71,15 +91,17 @@ class SimResult:
 
 
 class Sim:
-    def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None):
+    def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None, fencing=True):
         if mode != "ha":
             raise ValueError(f"mode {mode!r}: only ha mode exists in the firmware so far")
         assert broken is None or broken in BROKEN_SITES, broken
+        assert fencing or broken not in FENCE_SITES, f"{broken} needs fencing on"
         self.seed, self.mode, self.steps, self.broken = seed, mode, steps, broken
+        self.fencing = fencing
         root = random.Random(seed)
         self.rng = {name: random.Random(root.getrandbits(64))
                     for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify")}
-        self.plan = FaultPlan(self.rng["plan"], broken)
+        self.plan = FaultPlan(self.rng["plan"], broken, fencing)
         for name, value in (overrides or {}).items():     # scenario tests pin knobs and faults
             assert hasattr(self.plan, name), name
             setattr(self.plan, name, value)
@@ -97,6 +119,8 @@ class Sim:
         self.link = SimLink(self.rng["link"], self.plan.reliable, LinkFaults(
             p_drop=self.plan.p_link_loss, p_dup=self.plan.p_link_loss, p_reorder=self.plan.p_link_loss / 2,
             p_corrupt=self.plan.p_link_corrupt))
+        self.split = SplitBrain(LUNS) if fencing else None
+        self.disks.on_apply = self._landed if fencing else None
         self.params = [self._params(i) for i in range(2)]
         self.nodes = [Node(0), Node(1)]
         self.notes = {}
@@ -108,7 +132,8 @@ class Sim:
                       heartbeat_interval_ms=p.heartbeat_ms, heartbeat_timeout_ms=p.heartbeat_ms * 6,
                       idle_flush_ms=p.idle_flush_ms, high_watermark=p.high_watermark,
                       low_watermark=p.high_watermark / 2, destage_inflight_max=p.destage_inflight_max,
-                      data_window_bytes=p.data_window_bytes, buggify=self._buggify)
+                      data_window_bytes=p.data_window_bytes, buggify=self._buggify, fencing=self.fencing,
+                      renew_interval_ms=p.renew_ms, lease_ms=p.lease_ms, takeover_wait_ms=p.takeover_wait_ms)
 
     def _buggify(self, site):
         """FoundationDB-style: a site enabled for this run fires with its seeded probability."""
@@ -118,6 +143,10 @@ class Sim:
     @property
     def now_us(self):
         return self.clock.now_us
+
+    def ms(self, i):
+        """Controller i's monotonic clock, in ms (what the firmware is told)."""
+        return self.clock.now_us // 1000 + self.nodes[i].clock_offset_ms
 
     # -- the event queue ------------------------------------------------------
 
@@ -138,6 +167,8 @@ class Sim:
                 self.seq += 1
                 heapq.heappush(self.queue, (n.paused_until_us, self.seq, node, epoch, fn, args))
                 return
+            if n.ctrl is not None:
+                n.ctrl.set_time(t // 1000 + n.clock_offset_ms)   # leases are judged at this instant
         self.events += 1
         self.trace.update(b"%d %d %s;" % (t, node, fn.__name__.encode()))
         fn(*args)
@@ -158,7 +189,8 @@ class Sim:
         if nvram_is_blank(nv):
             for offset, length in format_nvram(nv, self.params[i]):
                 n.nvram.persist(offset, length)
-        n.ctrl = Controller(self.params[i], nv, KEY, self.now_us // 1000)
+        n.clock_offset_ms = self.rng["sched"].randrange(1 << 30) if self.fencing else 0
+        n.ctrl = Controller(self.params[i], nv, KEY, self.ms(i))
         n.alive = True
         self._instrument(n)
         self.execute(i, n.ctrl.start())
@@ -166,6 +198,9 @@ class Sim:
 
     def _instrument(self, n):
         """No split brain: only a LUN's owner may install a write for it (static ownership)."""
+        if self.fencing:
+            self._instrument_fencing(n)
+            return
         cache, install = n.ctrl.cache, n.ctrl.cache.install
 
         def checked_install(line):
@@ -175,10 +210,31 @@ class Sim:
             return install(line)
         cache.install = checked_install
 
+    def _instrument_fencing(self, n):
+        """Record every serving act (hal/sim_check.py SplitBrain): where a controller takes on host I/O."""
+        ctrl, split, other = n.ctrl, self.split, self.nodes[1 - n.id]
+        for name in ("_write", "_write_through", "_read"):
+            def serve(req, lun, *rest, _orig=getattr(ctrl, name), _name=name):
+                host = req
+                if req.__class__.__name__ == "Forwarded":      # served here for the partner's host
+                    entry = other.ctrl.forwarded.get(req.tag) if other.ctrl is not None else None
+                    host = entry[0] if entry is not None else None
+                if host.__class__ is Req:
+                    host.served = (n.id, _name)
+                split.act(n.id, lun, ctrl.fence[lun].generation, self.now_us, f"{_name[1:]} {host or req}")
+                return _orig(req, lun, *rest)
+            setattr(ctrl, name, serve)
+
+    def _landed(self, io, sectors):
+        if not io.record and io.gen is not None:
+            self.split.act(io.ctrl, io.lun, io.gen, self.now_us, f"a disk write landing at {io.offset}")
+
     def crash(self, i, why):
         """Controller i loses power now: in-flight disk writes and unpersisted NVRAM meet their fate."""
         n = self.nodes[i]
         assert n.alive
+        if self.fencing:
+            n.owned_at_crash = {f.lun: f.generation for f in n.ctrl.fence if f.state in OWNING}
         n.alive, n.ctrl, n.paused_until_us, n.down_since_us = False, None, 0, self.now_us
         n.epoch += 1
         self.disks.crash(i)
@@ -216,6 +272,13 @@ class Sim:
                 self._host_reply(i, act)
             elif kind is A.DiskWrite or kind is A.DiskRead:
                 self._disk_io(i, n, act, kind is A.DiskWrite)
+            elif kind is A.DiskFlush:           # no volatile disk cache: a flush only takes time
+                error = 5 if act.lun in self.disks.vanished else 0
+                self.at(self.now_us + self.disks.rng.randint(*self.disks.faults.latency_us), i,
+                        self._disk_done, i, act.op, error, None)
+            elif kind is A.RecordRead or kind is A.RecordWrite:
+                io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
+                self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
             elif kind is A.LinkReset:
                 self._link_reset(i, act.reason)
             elif kind is A.Notify:
@@ -224,18 +287,26 @@ class Sim:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
 
     def _disk_io(self, i, n, act, write):
-        if write and act.lun % 2 != i:
+        if write and not self.fencing and act.lun % 2 != i:
             raise SimFailure(f"split brain: controller {'ab'[i]} wrote the disk of lun{act.lun}")
         io, latency_us = self.disks.submit(i, n.epoch, act, write)
-        self.at(self.now_us + latency_us, i, self._disk_done, i, io)
+        if write and self.fencing:
+            io.gen = n.ctrl.fence[act.lun].generation       # its fencing token, for SplitBrain
+        self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
 
-    def _disk_done(self, i, io):
+    def _disk_land(self, i, io):
+        """The disk finishes the I/O now, paused controller or not; the controller hears of it when it runs."""
+        if io.done:
+            return                          # its controller crashed: disks.crash() decided its fate
         error, data = self.disks.complete(io)
-        self.execute(i, self.nodes[i].ctrl.disk_done(io.op, error, data))
+        self.at(self.now_us, i, self._disk_done, i, io.op, error, data)
+
+    def _disk_done(self, i, op, error, data):
+        self.execute(i, self.nodes[i].ctrl.disk_done(op, error, data))
 
     def _tick(self, i):
         ctrl = self.nodes[i].ctrl
-        self.execute(i, ctrl.tick(self.now_us // 1000))
+        self.execute(i, ctrl.tick(self.ms(i)))
         C.check_bounds(ctrl, self.disks.ios_inflight(i))
         self.at(self.now_us + TICK_US, i, self._tick, i)
 
@@ -246,7 +317,7 @@ class Sim:
         for frame in link.receive(i, conn, chunk):
             if link.conn != conn:
                 return                      # this controller reset the connection meanwhile
-            self.execute(i, ctrl.link_frame(frame, self.now_us // 1000))
+            self.execute(i, ctrl.link_frame(frame, self.ms(i)))
 
     def _link_reset(self, i, reason):
         if not self.link.up or self.nodes[i].conn != self.link.conn:
@@ -282,7 +353,7 @@ class Sim:
             self.execute(i, n.ctrl.link_disconnected("replaced by a new connection"))
         n.conn = conn
         nonce = self.rng["sched"].getrandbits(256).to_bytes(32, "big")
-        self.execute(i, n.ctrl.link_connected(nonce, self.now_us // 1000))
+        self.execute(i, n.ctrl.link_connected(nonce, self.ms(i)))
 
     # -- hosts ----------------------------------------------------------------
 
@@ -323,9 +394,14 @@ class Sim:
 
     def check_ack_mirrored(self, i, req):
         """A write acknowledged after its mirror ack is in the partner's persisted mirror (or on disk)."""
-        owner, partner = self.nodes[req.lun % 2], self.nodes[1 - req.lun % 2]
-        if i == owner.id and not owner.ctrl.link.up or not partner.alive:
-            return                          # completed degraded: one NVRAM copy is the promise
+        if self.fencing:
+            if req.served is None or req.served[1] != "_write" or not self._mirrored_lun(req.served[0], req.lun):
+                return                      # write-through, degraded, or ownership moved since
+            owner, partner = self.nodes[req.served[0]], self.nodes[1 - req.served[0]]
+        else:
+            owner, partner = self.nodes[req.lun % 2], self.nodes[1 - req.lun % 2]
+            if i == owner.id and not owner.ctrl.link.up or not partner.alive:
+                return                      # completed degraded: one NVRAM copy is the promise
         mirror, nv = partner.ctrl.mirror, partner.nvram.shadow
         bs = mirror.segment.block_size
         disk, model, now = self.disks.disks[req.lun], self.model, self.now_us
@@ -349,7 +425,8 @@ class Sim:
             return False
         nv = partner.nvram.persisted
         image = C.mirror_image(nv)
-        for lun in range(o, LUNS, 2):
+        luns = range(o, LUNS, 2) if not self.fencing else [lun for lun in range(LUNS) if self._mirrored_lun(o, lun)]
+        for lun in luns:
             buf = C.lun_image(self.disks.disks[lun], lun, image, nv)
             self.model.check(f"failover image of lun{lun} from {'ab'[1 - o]}'s mirror", lun, 0, buf,
                              self.now_us, self.now_us)
@@ -359,10 +436,39 @@ class Sim:
         """A restarted controller recovered every write acknowledged before it went down."""
         n = self.nodes[i]
         lines = C.primary_lines(n.ctrl)
-        for lun in range(i, LUNS, 2):
+        for lun in range(i, LUNS, 2) if not self.fencing else self._still_owned(n):
             buf = C.lun_image(self.disks.disks[lun], lun, lines, n.nvram.mem)
             self.model.check(f"lun{lun} as recovered by {'ab'[i]} after restart", lun, 0, buf,
                              n.down_since_us, self.now_us)
+
+    def _mirrored_lun(self, o, lun):
+        """Fencing: o owns `lun` with its partner's mirror in use (a failover would replay it)."""
+        owner, partner = self.nodes[o], self.nodes[1 - o]
+        return (owner.alive and partner.alive and owner.ctrl.mirroring and not owner.ctrl.sync_pending
+                and owner.ctrl.fence[lun].state == Own.OWNER and partner.ctrl.fence[lun].state == Own.PARTNER)
+
+    def record(self, lun):
+        """The reservation record on the simulated disk (None if blank or unreadable)."""
+        try:
+            return R.parse_record_untrusted(bytes(self.disks.records[lun]), "sim record")
+        except FormatError:
+            return None
+
+    def _still_owned(self, n):
+        """The LUNs n served when it went down that nobody took over meanwhile (the record is unchanged)."""
+        luns = []
+        for lun, generation in sorted(n.owned_at_crash.items()):
+            rec = self.record(lun)
+            if rec is not None and rec.owner == n.id and rec.generation == generation:
+                luns.append(lun)
+        return luns
+
+    def move(self, i, lun):
+        """The ownership CLI (hal/control.py _move): bring `lun` to controller i, guarded the same way."""
+        ctrl = self.nodes[i].ctrl
+        if ctrl is None or ctrl.owns(lun) or not ctrl.link.up:
+            return
+        self.execute(i, ctrl.move_lun(lun))
 
     def describe(self):
         parts = []
@@ -373,7 +479,9 @@ class Sim:
             s = n.ctrl.status()
             parts.append(f"{'ab'[n.id]}: link {s['link']} dirty {s['dirty_blocks']} free {s['free_blocks']} "
                          f"pending {s['pending_mirror_writes']} waiting {s['waiting_writes']}"
-                         f"{' paused' if n.paused_until_us > self.now_us else ''}")
+                         f"{' paused' if n.paused_until_us > self.now_us else ''}"
+                         + (" luns " + ",".join(f"{v['state']}/{v['generation']}/{v['held']}"
+                                                for v in s["luns"].values()) if self.fencing else ""))
         return "; ".join(parts) + f"; outstanding host requests {len(self.workload.outstanding)}"
 
     # -- a whole run ----------------------------------------------------------
@@ -392,9 +500,11 @@ class Sim:
                      **{f"link_{k}": v for k, v in self.link.stats.items()},
                      **{f"fault_{k}": v for k, v in self.faults.counts.items()},
                      **{f"note_{k}": v for k, v in self.notes.items()})
+        if self.split is not None:
+            stats["serving_acts"] = self.split.acts
         return SimResult(self.seed, self.mode, self.steps, self.broken, failure is None, failure,
-                         self.trace.hexdigest(), stats)
+                         self.trace.hexdigest(), stats, self.fencing)
 
 
-def run_seed(seed, mode="ha", steps=300, broken=None) -> SimResult:
-    return Sim(seed, mode, steps, broken).run()
+def run_seed(seed, mode="ha", steps=300, broken=None, fencing=True) -> SimResult:
+    return Sim(seed, mode, steps, broken, fencing=fencing).run()

@@ -188,3 +188,48 @@ def check_bounds(ctrl, disk_ios):
     for name, value, bound in bounds:
         if value > bound:
             raise SimFailure(f"controller {'ab'[ctrl.id]}: {name} {value} over its bound {bound}")
+
+
+# -- no split brain, with ownership that moves (fencing on) ----------------------
+
+class SplitBrain:
+    """Promise 4 with dynamic ownership, judged on virtual time.
+
+    Every *serving act* is recorded with the controller, the LUN, the
+    generation the controller held for that LUN at that instant (its fencing
+    token) and the virtual time: a host write or read the controller accepted
+    to carry out itself (into its cache, write-through, or a read; forwarded
+    requests count for the owner that serves them, never for the forwarder),
+    and every data write of the LUN landing on the shared disk (destage,
+    write-through, takeover replay). Two rules, both checkable and failable:
+    1. one generation, one controller: a generation of a LUN is served by at
+       most one controller (a claim, a handover and a solo bump each make a
+       new one);
+    2. no stale act: once any act under generation g happened, no act under
+       an older generation happens later (a stale owner neither accepts host
+       I/O nor lands a disk write after the new owner started).
+    Together: at no instant do both controllers serve one LUN, and nothing a
+    deposed owner still had in flight clobbers the new owner's data. A record
+    claim that was written but abandoned (the owner renewed over it) makes no
+    act, so it fences nobody: only what the new owner did counts.
+    """
+
+    def __init__(self, luns):
+        self.by_gen = [{} for _ in range(luns)]        # generation -> controller
+        self.top = [None] * luns                       # (generation, controller, t_us, what)
+        self.acts = 0
+
+    def act(self, ctrl, lun, generation, t_us, what):
+        self.acts += 1
+        name = "ab"[ctrl]
+        first = self.by_gen[lun].setdefault(generation, ctrl)
+        if first != ctrl:
+            raise SimFailure(f"split brain: lun{lun} generation {generation} served by both a and b "
+                             f"({name}: {what} at {t_us} us)")
+        top = self.top[lun]
+        if top is not None and generation < top[0]:
+            raise SimFailure(f"split brain: controller {name} did {what} for lun{lun} at {t_us} us under "
+                             f"generation {generation}, after {'ab'[top[1]]} did {top[3]} under generation "
+                             f"{top[0]} at {top[2]} us")
+        if top is None or generation > top[0]:
+            self.top[lun] = (generation, ctrl, t_us, what)

@@ -10,6 +10,12 @@ Faults injected (seeded, from `DiskFaults`):
 - torn multi-sector writes: a write in flight when its controller crashes is
   applied fully, not at all, or up to a random sector;
 - a vanishing disk: for a while every I/O to one LUN fails with EIO.
+
+Each disk also holds its LUN's 512 B reservation record (firmware/fencing.py),
+seen by both controllers like the rest of the disk. Record I/O takes the
+same latency and EIO faults (a vanished disk fails it too); a record is one
+sector, so a record write in flight at a crash lands whole or not at all,
+and a record write that fails with EIO may or may not have landed.
 """
 EIO = 5
 SECTOR_BYTES = 512
@@ -22,10 +28,13 @@ class DiskFaults:
         self.p_write_eio = p_write_eio
 
 
-class DiskIo:
-    __slots__ = ("ctrl", "epoch", "op", "write", "lun", "offset", "length", "data", "done")
+RECORD_BYTES = 512
 
-    def __init__(self, ctrl, epoch, op, write, lun, offset, length, data):
+
+class DiskIo:
+    __slots__ = ("ctrl", "epoch", "op", "write", "lun", "offset", "length", "data", "done", "record", "gen")
+
+    def __init__(self, ctrl, epoch, op, write, lun, offset, length, data, record=False):
         self.ctrl = ctrl
         self.epoch = epoch
         self.op = op
@@ -35,16 +44,20 @@ class DiskIo:
         self.length = length
         self.data = data
         self.done = False
+        self.record = record               # the reservation record, not the data area
+        self.gen = None                    # the generation the writer held (split-brain checker)
 
 
 class SimDiskArray:
     def __init__(self, lun_sizes, rng, faults: DiskFaults):
         self.disks = [bytearray(size) for size in lun_sizes]
+        self.records = [bytearray(RECORD_BYTES) for _ in lun_sizes]   # blank: never written
         self.rng = rng
         self.faults = faults
         self.inflight = {}                   # DiskIo -> None: insertion order keeps replays exact
         self.vanished = set()                # LUNs whose disk is gone for now
-        self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0}
+        self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0, "record_reads": 0, "record_writes": 0}
+        self.on_apply = None               # called with (io, sectors) whenever a write lands
 
     def submit(self, ctrl, epoch, act, write):
         """Start an I/O; return (DiskIo, latency in us). Write data is copied now (the DMA)."""
@@ -56,11 +69,22 @@ class SimDiskArray:
         lo, hi = self.faults.latency_us
         return io, self.rng.randint(lo, hi)
 
+    def submit_record(self, ctrl, epoch, act, write):
+        """Start a reservation record read or write; return (DiskIo, latency in us)."""
+        data = bytes(act.data) if write else None
+        assert not write or len(data) == RECORD_BYTES
+        io = DiskIo(ctrl, epoch, act.op, write, act.lun, 0, RECORD_BYTES, data, record=True)
+        self.inflight[io] = None
+        lo, hi = self.faults.latency_us
+        return io, self.rng.randint(lo, hi)
+
     def complete(self, io):
         """The I/O finishes now: apply it; return (errno, data)."""
         self.inflight.pop(io, None)
         io.done = True
         f, rng = self.faults, self.rng
+        if io.record:
+            return self._complete_record(io)
         if io.write:
             self.stats["writes"] += 1
             if io.lun in self.vanished or rng.random() < f.p_write_eio:
@@ -75,9 +99,29 @@ class SimDiskArray:
             return EIO, None
         return 0, bytearray(self.disks[io.lun][io.offset:io.offset + io.length])
 
+    def _complete_record(self, io):
+        f, rng = self.faults, self.rng
+        self.stats["record_writes" if io.write else "record_reads"] += 1
+        p = f.p_write_eio if io.write else f.p_read_eio
+        if io.lun in self.vanished or rng.random() < p:
+            self.stats["eio"] += 1
+            if io.write and rng.random() < 0.5:     # the error came after the sector landed
+                self._apply(io, 1)
+            return EIO, None
+        if io.write:
+            self._apply(io, 1)
+            return 0, None
+        return 0, bytearray(self.records[io.lun])
+
     def _apply(self, io, sectors):
-        end = io.offset + sectors * SECTOR_BYTES
-        self.disks[io.lun][io.offset:end] = io.data[:sectors * SECTOR_BYTES]
+        if io.record:
+            if sectors:
+                self.records[io.lun][:] = io.data
+        else:
+            end = io.offset + sectors * SECTOR_BYTES
+            self.disks[io.lun][io.offset:end] = io.data[:sectors * SECTOR_BYTES]
+        if self.on_apply is not None and sectors:
+            self.on_apply(io, sectors)
 
     def crash(self, ctrl):
         """Controller `ctrl` lost power: its writes in flight land whole, not at all, or torn."""
@@ -87,6 +131,8 @@ class SimDiskArray:
             if io.write:
                 sectors = io.length // SECTOR_BYTES
                 cut = self.rng.choice((0, sectors, self.rng.randint(0, sectors)))
+                if io.record:
+                    cut = self.rng.choice((0, 1))        # one sector: whole or not at all
                 self.stats["torn"] += 0 < cut < sectors
                 self._apply(io, cut)
 

@@ -8,11 +8,14 @@ knobs that shape the run (heartbeat, watermarks, windows, transport).
 `FaultSchedule` runs the phases: boot and connect; the workload with
 faults injected at seeded intervals (crash and restart of one controller,
 power cut of both, partition one-way or both ways and heal, a paused
-controller, a vanishing disk, a slow peer); then the final phase: heal
-everything, restart what is down, wait until the pair is mirrored and quiet,
+controller, a vanishing disk, a slow peer, and with fencing an ownership
+move through the CLI path); then the final phase: heal
+everything, restart what is down, wait until the pair is mirrored and quiet
+(with fencing: every LUN settled as owner on one side, partner on the other),
 check mirrors and what a failover would find, read every LUN back through
 both controllers, cut the power of both, recover, and read back again.
 """
+from firmware.fencing import Own
 from firmware.formats.messages import MsgType
 
 from .sim_check import SimFailure, check_mirror_equal
@@ -23,7 +26,7 @@ HEARTBEAT = MsgType.HEARTBEAT
 
 
 class FaultPlan:
-    def __init__(self, rng, broken=None):
+    def __init__(self, rng, broken=None, fencing=True):
         on = lambda p=0.5: rng.random() < p     # noqa: E731 - a per-run switch
         self.reliable = on(0.7)
         self.clients = rng.randint(2, 8)
@@ -39,13 +42,20 @@ class FaultPlan:
         self.kinds = [k for k, p in (("crash", 0.6), ("power_cut", 0.3), ("partition", 0.5),
                                      ("pause", 0.4), ("vanish", 0.2), ("slow", 0.3)) if on(p)]
         self.fault_interval_us = rng.choice((20_000, 100_000, 400_000))
+        # Fencing knobs: short, so takeovers happen within a run; the firmware needs
+        # takeover_wait_ms > lease_ms + renew_interval_ms.
+        self.renew_ms = rng.choice((10, 20, 50))
+        self.lease_ms = self.renew_ms * rng.choice((2, 4, 8))
+        self.takeover_wait_ms = self.lease_ms + self.renew_ms + rng.choice((10, self.renew_ms, self.lease_ms))
+        if fencing and on(0.4):
+            self.kinds.append("move")
         self.settle_limit_us = SETTLE_LIMIT_US   # virtual time allowed for each phase to finish
         self.buggify = {site: p for site, p in LEGIT_SITES.items() if on(0.3)}
         if broken == "skip_pen_validation":      # only visible together with bad NVRAM stores
             self.buggify["nvram_store_corrupt"] = 0.05
         if broken:
             self.buggify[broken] = 1.0 if broken != "skip_persist_metadata" else 0.3
-            self.kinds = sorted(set(self.kinds) | {"crash"})
+            self.kinds = sorted(set(self.kinds) | {"crash"} | ({"pause", "partition"} if fencing else set()))
 
 
 class FaultSchedule:
@@ -137,6 +147,11 @@ class FaultSchedule:
     def _unslow(self, d):
         self.sim.link.slow[d] = 1
 
+    def _move(self):
+        sim = self.sim
+        i, lun = self.rng.randrange(2), self.rng.randrange(len(sim.lun_sizes))
+        sim.at(sim.now_us, i, sim.move, i, lun)
+
     def sample_failover(self):
         """Now and then, check what a failover would find, as if the owner died this instant."""
         sim = self.sim
@@ -177,7 +192,14 @@ class FaultSchedule:
             # Heartbeats never stop; every other frame sent has been received and acknowledged.
             return all(n.ctrl.mirroring and not n.ctrl.pending and not n.ctrl.forwarded
                        and all(e[2] == HEARTBEAT for e in n.ctrl.link.unacked)
-                       and not n.ctrl.link.data_queue and not n.ctrl.mirror.group for n in nodes)
+                       and not n.ctrl.link.data_queue and not n.ctrl.mirror.group for n in nodes) and (
+                not sim.fencing or settled(nodes))
+
+        def settled(nodes):
+            """Every LUN owned on one side and partnered on the other, nothing held, no record I/O."""
+            a, b = nodes[0].ctrl.fence, nodes[1].ctrl.fence
+            return all({fa.state, fb.state} == {Own.OWNER, Own.PARTNER} and not fa.held and not fb.held
+                       for fa, fb in zip(a, b))
         sim.run_until(quiet, sim.plan.settle_limit_us, what)
         for o in range(2):
             owner, partner = sim.nodes[o], sim.nodes[1 - o]

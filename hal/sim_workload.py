@@ -16,7 +16,7 @@ EIO = 5
 
 class Req:
     __slots__ = ("id", "client", "kind", "lun", "offset", "length", "fua", "node", "start_us", "rec",
-                 "data")
+                 "data", "served")
 
     def __init__(self, id, client, kind, lun, offset, length, fua, node, start_us):
         self.id = id
@@ -30,6 +30,7 @@ class Req:
         self.start_us = start_us
         self.rec = None
         self.data = None
+        self.served = None        # fencing: (controller, how) that took it on (hal/sim.py)
 
     def __repr__(self):
         return (f"Req({self.id} {self.kind} lun{self.lun} {self.offset}+{self.length}"
