@@ -590,7 +590,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         if error == ESTALE:
             error = EIO
         data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
-        self.out.append(A.HostReply(req, error, data))
+        self._reply(req, error, data)      # req may be a part, or a request the partner forwarded here
 
 
 class _Joint:

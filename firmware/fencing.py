@@ -224,6 +224,9 @@ class FenceMixin:
             f.record = entry.record
             self._own_event(f, "written")
             return
+        if self.now_ms - f.read_start_ms >= self.params.lease_ms and not self.buggify("skip_fencing_reread"):
+            self._read_record(f)        # answered after a pause: a claim may have landed since; read again
+            return
         try:
             rec = R.parse_record_untrusted(data, f"lun{f.lun} reservation record")
         except FormatError as exc:
@@ -383,6 +386,7 @@ class FenceMixin:
         for line in [line for line in self.cache.lines.values() if line.lun == f.lun]:
             self.cache.remove_current(line)
             line.dead = True
+            self.flush_done_refs.append((line.block, line.seq))   # the partner's mirror copy goes too
             self._maybe_free(line)
             dropped += 1
         if dropped:
@@ -508,6 +512,8 @@ class FenceMixin:
 
     def _release_written(self, f):
         rec = f.pending_write
+        if rec.owner == self.id:          # an earlier write of ours landed: the release record is next
+            return Own.RELEASING
         f.generation = rec.generation
         body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=rec.generation,
                                       reserved=bytes(8)))
