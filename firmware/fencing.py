@@ -257,6 +257,8 @@ class FenceMixin:
         return self.fence is None or self._lease_ok(self.fence[lun])
 
     def _lease_ok(self, f) -> bool:
+        if self.buggify("fence_skip_lease_check") and f.state in OWNING:
+            return True                 # a broken variant for the simulator: serve without a lease
         if f.state in (Own.OWNER, Own.RELEASING) and self.link.up:
             # Link lease: the partner acknowledged a frame we sent at heard_ms, so it cannot
             # have declared the link dead before then (one-way cuts included).
@@ -291,6 +293,7 @@ class FenceMixin:
             return self._owner_or_fencing(f)
         self._drop_lines(f, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
+        f.void_mirror = rec.state != R.LunState.MIRRORED     # the owner went on alone: our copy is old
         if self.link.up and self.mirroring:
             if self.params.auto_balance and f.lun % 2 == self.id:
                 self.out.append(A.Notify("failback_request", lun=f.lun))
@@ -386,7 +389,9 @@ class FenceMixin:
         for line in [line for line in self.cache.lines.values() if line.lun == f.lun]:
             self.cache.remove_current(line)
             line.dead = True
-            self.flush_done_refs.append((line.block, line.seq))   # the partner's mirror copy goes too
+            rec = f.record                # the partner's copy goes too, unless its claim may still replay it
+            if rec is not None and rec.owner != self.id and (rec.state, rec.counter) != (R.LunState.SOLO, 0):
+                self.flush_done_refs.append((line.block, line.seq))
             self._maybe_free(line)
             dropped += 1
         if dropped:
@@ -396,6 +401,7 @@ class FenceMixin:
 
     def _to_watching(self, f):
         f.mirror_generation = f.generation
+        f.void_mirror = False           # mirrored up to the link drop: our copy is the partner's data
         f.last_seen, f.last_change_ms = None, self.now_ms
         f.renew_due_ms = self.now_ms
         self._read_record(f)
@@ -409,7 +415,7 @@ class FenceMixin:
             if rec is not None and (rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
                 f.void_mirror = True
             return Own.WATCHING
-        if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms:
+        if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
             return Own.WATCHING
         generation = (rec.generation if rec else f.generation) + 1
         self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
@@ -422,7 +428,7 @@ class FenceMixin:
         f.claim_written_ms = self.now_ms
 
     def _claim_tick(self, f):
-        settle = self.params.lease_ms + self.params.renew_interval_ms
+        settle = 0 if self.buggify("claim_no_settle") else self.params.lease_ms + self.params.renew_interval_ms
         if f.claim_written_ms is not None and self.now_ms - f.claim_written_ms >= settle and not f.io_inflight:
             self._read_record(f)
 

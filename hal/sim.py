@@ -164,8 +164,12 @@ class Sim:
             if epoch != n.epoch:
                 return
             if n.paused_until_us > t:
+                # On resume a process finds everything that arrived meanwhile ready at once, in no
+                # particular order: host requests may be seen before the link's EOF. Link bytes keep
+                # their order (one stream).
+                jitter_us = 0 if fn == self._deliver else self.rng["sched"].randint(0, 300)
                 self.seq += 1
-                heapq.heappush(self.queue, (n.paused_until_us, self.seq, node, epoch, fn, args))
+                heapq.heappush(self.queue, (n.paused_until_us + jitter_us, self.seq, node, epoch, fn, args))
                 return
             if n.ctrl is not None:
                 n.ctrl.set_time(t // 1000 + n.clock_offset_ms)   # leases are judged at this instant

@@ -4,7 +4,9 @@
 and stats; `--seeds K` sweeps seeds start..start+K-1, prints progress, every
 failure with the exact replay command, and the speed (seeds per minute,
 simulated host operations per second). `inv sim` (hal/tasks_sim.py) calls
-the same functions. Exit status 1 if any seed failed.
+the same functions. Exit status 1 if any seed failed. Fencing (dynamic
+ownership through reservation records) is on unless `--static` asks for the
+old static ownership (lun % 2).
 """
 import argparse
 import sys
@@ -13,8 +15,8 @@ import time
 from .sim import BROKEN_SITES, run_seed
 
 
-def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout):
-    result = run_seed(seed, mode, steps, broken)
+def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout, fencing=True):
+    result = run_seed(seed, mode, steps, broken, fencing)
     print(f"seed {seed}: {'ok' if result.ok else 'FAILED'}  trace {result.trace_hash}", file=out)
     print("  " + " ".join(f"{k}={v}" for k, v in sorted(result.stats.items())), file=out)
     if not result.ok:
@@ -22,12 +24,12 @@ def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout):
     return result
 
 
-def sweep(seeds, start=0, mode="ha", steps=300, broken=None, out=sys.stdout, progress_every=50):
+def sweep(seeds, start=0, mode="ha", steps=300, broken=None, out=sys.stdout, progress_every=50, fencing=True):
     """Run seeds start..start+seeds-1; return (failed results, summary dict)."""
     failed, ops, events = [], 0, 0
     t0 = time.perf_counter()
     for n, seed in enumerate(range(start, start + seeds), 1):
-        result = run_seed(seed, mode, steps, broken)
+        result = run_seed(seed, mode, steps, broken, fencing)
         ops += result.stats["ops"]
         events += result.stats["events"]
         if not result.ok:
@@ -54,13 +56,14 @@ def main(argv=None):
     ap.add_argument("--mode", default="ha", choices=("ha", "replica"))
     ap.add_argument("--steps", type=int, default=300, help="host operations per run")
     ap.add_argument("--broken", choices=BROKEN_SITES, help="run a deliberately broken firmware variant")
+    ap.add_argument("--static", action="store_true", help="static ownership (lun %% 2), fencing off")
     args = ap.parse_args(argv)
     if args.mode != "ha":
         print(f"mode {args.mode}: the firmware has no {args.mode} mode yet", file=sys.stderr)
         return 2
     if args.seed is not None:
-        return 0 if run_one(args.seed, args.mode, args.steps, args.broken).ok else 1
-    failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken)
+        return 0 if run_one(args.seed, args.mode, args.steps, args.broken, fencing=not args.static).ok else 1
+    failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken, fencing=not args.static)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 1 if failed else 0
 

@@ -132,7 +132,11 @@ class FaultSchedule:
         sim = self.sim
         n = sim.nodes[self.rng.randrange(2)]
         if n.alive and all(m.paused_until_us <= sim.now_us for m in sim.nodes):
-            n.paused_until_us = sim.now_us + self.rng.randint(1_000, 20 * sim.plan.heartbeat_ms * 1000)
+            pause_ms = 20 * sim.plan.heartbeat_ms
+            if sim.fencing and self.rng.random() < 0.5:   # long enough for the partner to take over
+                p = sim.plan
+                pause_ms = 2 * (6 * p.heartbeat_ms + p.takeover_wait_ms + p.lease_ms + p.renew_ms)
+            n.paused_until_us = sim.now_us + self.rng.randint(1_000, pause_ms * 1000)
 
     def _vanish(self):
         lun = self.rng.randrange(len(self.sim.lun_sizes))

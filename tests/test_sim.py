@@ -1,48 +1,99 @@
 """The deterministic simulator: a bounded sweep, replay, broken variants, crash model units.
 
 The sweep is what CI runs in ha mode (replica mode joins once the firmware
-has it). A failure message carries the replay command (`inv sim --seed N`).
+has it): with fencing (dynamic ownership, the default) and a shorter one with
+static ownership. A failure message carries the replay command (`inv sim
+--seed N`). Seeds that show a known, not yet fixed firmware bug are listed in
+tests/test_sim_regressions.py (KNOWN_BAD_SEEDS, each an xfail test there) and
+skipped here, so the sweep still catches every new failure.
 """
 import random
 
 import pytest
 
 from firmware.controller import Params
-from hal.sim import BROKEN_SITES, run_seed
+from hal.sim import BROKEN_SITES, FENCE_SITES, Sim, run_seed
 from hal.sim_check import Model, SimFailure, make_data
 from hal.sim_disk import DiskFaults, SimDiskArray
 from hal.sim_link import LinkFaults, SimLink
 from hal.sim_nvram import SimNvram
 from fixtures.mempair import split_frames
+from tests.test_sim_regressions import KNOWN_BAD_SEEDS
 
-SWEEP_SEEDS = 500
+SWEEP_SEEDS = 300
+STATIC_SEEDS = 150
 SWEEP_STEPS = 120
-CHUNKS = 5
+CHUNKS = 3
+BROKEN_SEEDS = 10
+FENCE_BROKEN_SEEDS = 25
+# Fencing variants the simulator does not catch yet (see test_fencing_variant_not_caught_yet).
+FENCE_UNCAUGHT = ("fence_skip_lease_check", "claim_no_settle", "skip_fencing_reread")
 
 
-@pytest.mark.parametrize("chunk", range(CHUNKS))
-def test_sweep_ha(chunk):
-    """500 seeds in all, split so a parallel runner can spread them."""
-    per = SWEEP_SEEDS // CHUNKS
+def _sweep(seeds, fencing):
     failures = []
-    for seed in range(chunk * per, (chunk + 1) * per):
-        result = run_seed(seed, "ha", SWEEP_STEPS)
+    for seed in seeds:
+        if fencing and seed in KNOWN_BAD_SEEDS:
+            continue
+        result = run_seed(seed, "ha", SWEEP_STEPS, fencing=fencing)
         if not result.ok:
             failures.append(f"{result.failure.splitlines()[0][:400]}\n  replay: {result.replay}")
     assert not failures, "\n".join(failures)
 
 
-def test_same_seed_same_trace():
-    a, b = run_seed(7, steps=150), run_seed(7, steps=150)
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_sweep_ha_fencing(chunk):
+    """The default sweep: fencing on, ownership moves; split so a parallel runner can spread it."""
+    per = SWEEP_SEEDS // CHUNKS
+    _sweep(range(chunk * per, (chunk + 1) * per), fencing=True)
+
+
+def test_sweep_ha_static_ownership():
+    _sweep(range(STATIC_SEEDS), fencing=False)
+
+
+@pytest.mark.parametrize("fencing", [True, False])
+def test_same_seed_same_trace(fencing):
+    a, b = run_seed(7, steps=150, fencing=fencing), run_seed(7, steps=150, fencing=fencing)
     assert a.ok and b.ok
     assert a.trace_hash == b.trace_hash and a.stats == b.stats
-    assert run_seed(8, steps=150).trace_hash != a.trace_hash
+    assert run_seed(8, steps=150, fencing=fencing).trace_hash != a.trace_hash
 
 
-@pytest.mark.parametrize("broken", BROKEN_SITES)
+def test_fencing_run_moves_ownership_and_counts_serving_acts():
+    result = run_seed(7, steps=150)
+    assert result.ok and result.stats["serving_acts"] > 0
+    assert result.stats["disk_record_reads"] > 0 and result.stats["disk_record_writes"] > 0
+
+
+@pytest.mark.parametrize("broken", [b for b in BROKEN_SITES if b not in FENCE_SITES])
 def test_broken_variant_is_caught(broken):
-    caught = [seed for seed in range(10) if not run_seed(seed, steps=200, broken=broken).ok]
-    assert caught, f"the simulator missed the broken variant {broken} in 10 seeds"
+    caught = [seed for seed in range(BROKEN_SEEDS) if not run_seed(seed, steps=200, broken=broken).ok]
+    assert caught, f"the simulator missed the broken variant {broken} in {BROKEN_SEEDS} seeds"
+
+
+def _caught_fencing(broken, seeds):
+    """The first seed whose broken run fails while the same plan without the bug passes."""
+    for seed in seeds:
+        sim = Sim(seed, steps=150, broken=broken)
+        kinds = list(sim.plan.kinds)
+        result = sim.run()
+        if not result.ok and Sim(seed, steps=150, overrides=dict(kinds=kinds)).run().ok:
+            return seed, result.failure
+    return None
+
+
+@pytest.mark.parametrize("broken", [b for b in FENCE_SITES if b not in FENCE_UNCAUGHT])
+def test_broken_fencing_variant_is_caught(broken):
+    assert _caught_fencing(broken, range(FENCE_BROKEN_SEEDS)), \
+        f"the simulator missed the broken variant {broken} in {FENCE_BROKEN_SEEDS} seeds"
+
+
+@pytest.mark.xfail(strict=True, reason="hosts never time out on a paused controller, so the partner "
+                                       "serves little after a takeover; see FENCE_UNCAUGHT")
+@pytest.mark.parametrize("broken", FENCE_UNCAUGHT)
+def test_fencing_variant_not_caught_yet(broken):
+    assert _caught_fencing(broken, range(8))
 
 
 def test_replica_mode_is_refused_until_it_exists():
