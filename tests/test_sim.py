@@ -27,7 +27,7 @@ CHUNKS = 3
 BROKEN_SEEDS = 10
 FENCE_BROKEN_SEEDS = 25
 # Fencing variants the simulator does not catch yet (see test_fencing_variant_not_caught_yet).
-FENCE_UNCAUGHT = ("fence_skip_lease_check", "claim_no_settle", "skip_fencing_reread")
+FENCE_UNCAUGHT = ("claim_no_settle", "skip_fencing_reread")
 
 
 def _sweep(seeds, fencing):
