@@ -318,12 +318,18 @@ class LinkSession:
         if self.need_ack:
             self._ack_now = True      # idle receiver: acknowledge what came in since the last frame
         if self.up and now_ms - self.last_tx_heartbeat_ms >= self.heartbeat_interval_ms:
-            # Heartbeats carry no sequence number (like an ack): on a lossy line they must
-            # not join the go-back-N backlog, or a lossy link grows it without bound.
             self.last_tx_heartbeat_ms = now_ms
             body = HEARTBEAT_STRUCT.pack(self.generation, now_ms, 0, bytes(7))
-            self._encode([0, F.LANE_CONTROL, M.MsgType.HEARTBEAT, 0, M.Resource.SESSION, 0, body,
-                          len(body), now_ms], F.FLAG_ACK_ONLY)
+            entry = [0, F.LANE_CONTROL, M.MsgType.HEARTBEAT, 0, M.Resource.SESSION, 0, body, len(body), now_ms]
+            if self.unacked or self.control_queue or self.data_queue:
+                # Heartbeats carry no sequence number (like an ack): on a lossy line they must
+                # not join the go-back-N backlog, or a lossy link grows it without bound.
+                self._encode(entry, F.FLAG_ACK_ONLY)
+            else:
+                # Idle: a sequenced heartbeat (a backlog of one at most), whose ack moves
+                # heard_ms, the owner's link lease; with no frame to ack, an idle owner's
+                # lease ran out and it held every request from then on.
+                self._emit(entry)
         if (not self.reliable_transport and self.unacked
                 and now_ms - self.last_progress_ms >= self.rto_ms):
             self.last_progress_ms = now_ms
