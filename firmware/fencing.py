@@ -437,6 +437,12 @@ class FenceMixin:
         if rec is None or rec.key() != claimed.key():
             self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="the owner renewed over our claim"))
             f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
+            if self.link.up:
+                # The link came up during the claim (CLAIMING ignores link_up): the record
+                # decides now. Left WATCHING, we would claim again over an owner that, with
+                # the link up, renews no record (VM pair: both owned lun1 at generations 2, 3).
+                self._read_record(f)
+                return Own.STARTING
             return Own.WATCHING
         f.record, f.generation = rec, rec.generation
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms

@@ -115,3 +115,20 @@ def test_paused_owner_resumes_fenced_and_drops_its_stale_lines():
     assert p.replies["late"] == (5, None)
     assert ("fenced", ) == tuple(n[0] for n in p.notes[0] if n[0] == "fenced")
     assert p.disks[0][:BS] == b"2" * BS                     # the stale line never reached the disk
+
+
+def test_a_claim_abandoned_while_the_link_came_up_rereads_the_record_and_becomes_partner():
+    # Seen on the VM pair: A claimed lun1 before B booted, the link came up during the
+    # claim (CLAIMING ignores link_up), B wrote over the claim, and A went back to WATCHING
+    # with the link up; B, owner with the link up, renews no record, so A claimed again
+    # after the wait and both owned lun1. Now the record decides once the claim is lost.
+    p = fenced_pair()
+    a, f = p.ctrl[0], p.ctrl[0].fence[1]
+    assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
+    f.state = Own.CLAIMING
+    f.pending_write = R.Record(1, 0, R.LunState.SOLO, f.generation + 1, 0, 400, bytes(16))
+    a._own_event(f, "record", R.parse_record_untrusted(p.records[1]))
+    for _ in range(150):                                   # past the takeover wait
+        p.tick(10)
+    assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
+    assert R.parse_record_untrusted(p.records[1]).owner == 1
