@@ -34,6 +34,11 @@ from vm.domain import GUEST_NBD_PORT, LINK_PORT_NAME
 DEVDAX_RESERVED_MIB = 2
 GUEST_STATE_DIR = "/run/twincache"        # guest tmpfs: unix sockets work here
 GUEST_SHARE_DIR = "/var/lib/twincache"    # 9p share of <run_dir>/<name>/state
+# A TCG guest runs Python several times slower and stalls now and then (9p, timer
+# catch-up): a first boot saw "peer silent for 1004 ms" with the local-process
+# timeout of 1 s. The interval stays 100 ms: an idle owner's link lease (lease_ms,
+# 400 ms) is renewed by the ack of each heartbeat.
+GUEST_CACHE_TIMING = {"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 3000}
 
 
 def pair_id(run_dir: pathlib.Path) -> str:
@@ -64,6 +69,7 @@ def controller_config(pair, name: str) -> dict:
                   "lun_size": (cfg.disk_size_mib << 20) - DATA_OFFSET_BYTES, "direct": True},
         "link": {"transport": "virtio", "device": f"/dev/virtio-ports/{LINK_PORT_NAME}", "listen": name == "a"},
         "nbd": {"tcp": f"0.0.0.0:{GUEST_NBD_PORT}"},
+        "cache": dict(GUEST_CACHE_TIMING),
     }
 
 

@@ -49,6 +49,7 @@ class PairConfig:
     nbd_host_ports: tuple = (11809, 11810)       # 127.0.0.1 ports forwarded to A's and B's NBD
     domain_type: str = "qemu"
     root_image: str = ""                         # vm/image.py image as the guest root (default: host / over 9p)
+    link_relay: bool = False                     # B connects to <run_dir>/link-relay.sock, a host relay to A's socket
 
     def __post_init__(self):
         self.cache_dir = pathlib.Path(self.cache_dir)
@@ -85,7 +86,12 @@ class VmPair:
         return self.run_dir / name / "console.log"
 
     def link_socket(self) -> pathlib.Path:
+        """The socket A's chardev binds."""
         return self.run_dir / "link.sock"
+
+    def link_connect_socket(self) -> pathlib.Path:
+        """The socket B's chardev connects to: A's, or a relay's (which a test can cut)."""
+        return self.run_dir / "link-relay.sock" if self.config.link_relay else self.link_socket()
 
     def disks(self) -> list[Disk]:
         return [Disk(str(self.run_dir / "disks" / f"disk{i}.img"), self.disk_serial(i))
@@ -122,7 +128,8 @@ class VmPair:
             name=self.domain_name(name), controller=name, kernel=str(self._assets.kernel),
             initrd=str(self._assets.initrd), nvram_path=str(self.nvram_path(name)),
             nvram_size_mib=self.config.nvram_size_mib, disks=self.disks(),
-            link_socket=str(self.link_socket()), link_listen=(name == "a"),
+            link_socket=str(self.link_socket() if name == "a" else self.link_connect_socket()),
+            link_listen=(name == "a"),
             console_log=str(self.console_path(name)), nbd_host_port=self.nbd_address(name)[1],
             memory_mib=self.config.memory_mib, domain_type=self.config.domain_type,
             command=command, after=after, state_dir=str(self.state_dir(name)),
