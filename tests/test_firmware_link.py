@@ -168,3 +168,25 @@ def test_silent_peer_times_out_and_heartbeats_keep_it_alive():
     assert a.up and b.up and b.stats["heartbeats_received"] >= 15
     with pytest.raises(LinkProtocolError, match="silent"):
         a.tick(2600)
+
+
+def test_an_idle_link_keeps_moving_heard_ms_the_owners_link_lease():
+    # Heartbeats on an idle link are sequenced, so the peer's ack moves heard_ms; before,
+    # an idle owner's link lease ran out and it held every host request from then on.
+    a, b = up_pair(heartbeat_interval_ms=100, heartbeat_timeout_ms=500)
+    for now in range(0, 3000, 10):
+        a.tick(now)
+        b.tick(now)
+        pump(a, b, now)
+    assert 2900 - 200 <= a.heard_ms <= 2990 and 2900 - 200 <= b.heard_ms <= 2990
+    assert len(a.unacked) <= 1 and len(b.unacked) <= 1
+
+
+def test_a_busy_link_sends_heartbeats_unsequenced():
+    a, b = up_pair(heartbeat_interval_ms=100, heartbeat_timeout_ms=5000)
+    for now in range(0, 1000, 10):
+        a.send(M.MsgType.HEARTBEAT, M.Resource.SESSION, bytes(24), lane=F.LANE_CONTROL)   # queued traffic
+        a.tick(now)
+        a.take_output()                  # never delivered: the backlog stays
+    heartbeats = [e for e in a.unacked if e[2] == M.MsgType.HEARTBEAT and e[6] != bytes(24)]
+    assert heartbeats == [], "a heartbeat joined the go-back-N backlog of a busy link"

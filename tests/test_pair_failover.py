@@ -199,3 +199,12 @@ def test_twenty_failover_and_failback_cycles_under_load_lose_nothing(local_pair)
         assert writer.check(read_block_via(pair, survivor, 0)) == [], f"cycle {cycle}"
     assert writer.check(read_block_via(pair, "a", 0)) == []
     assert len(writer.acked) > 500
+
+
+def test_an_owner_idle_past_its_lease_still_serves(local_pair):
+    # An idle link carried no sequenced frame, so the owner's link lease ran out and every
+    # request after a quiet second was held forever (seen on the VM pair, where tests pause).
+    local_pair.wait_settled()
+    time.sleep(1.5)
+    assert verified(qemu_io(local_pair.uri("a", 0), "write -P 0x61 0 4k", "read -P 0x61 0 4k"))
+    assert verified(qemu_io(local_pair.uri("b", 0), "read -P 0x61 0 4k"))
