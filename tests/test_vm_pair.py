@@ -13,8 +13,10 @@ them and run in file order.
 import base64
 import hashlib
 import json
+import random
 import secrets
 import socket
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -310,11 +312,11 @@ def test_initramfs_init_runs_the_command_after_the_ready_marker():
     assert "/sys/class/virtio-ports/" in script and str(assets.REPO) in script
 
 
-def test_modinfo_depends_from_a_built_initramfs_kernel_module():
-    tree = assets.DEFAULT_CACHE_DIR / "kernel"
+@pytest.mark.vm
+def test_modinfo_depends_from_a_built_initramfs_kernel_module(vm_pair):
+    tree = vm_pair.config.cache_dir / "kernel"          # the fixture fetched it
     modules = sorted(tree.glob("linux-image-*/lib/modules/*/kernel"))
-    if not modules:
-        pytest.skip("the kernel package is not downloaded yet (inv vm.setup)")
+    assert modules, f"no kernel package unpacked under {tree}"
     index = assets.module_index(modules[-1])
     order = assets.resolve_modules(index, ["virtio_scsi", "dax_pmem"])
     assert order.index("virtio") < order.index("virtio_scsi") and order.index("scsi_mod") < order.index("virtio_scsi")
@@ -330,31 +332,105 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
     assert libvirtd.uri(tmp_path.parent).endswith("/libvirtd/run/libvirt-sock")
 
 
-# --- phase 2 preview: the controller runtime in the guests ------------------------------------
+# --- phase 2: the controller runtime in both guests -------------------------------------------
+#
+# One boot of A and B running `twincache controller run` (ha mode, fencing on the shared
+# disks), then in file order: NBD through the forwards, mirrored writes read back through
+# both, a power cut of A under load (B takes over; A returns; failback), and a link cut
+# through the host relay (no split brain). Three guest boots; the times are printed.
+
+from fixtures.nbd_memserver import open_session  # noqa: E402
+from fixtures.pair import LoggedWriter, block_pattern, run  # noqa: E402
+from hal import nbd  # noqa: E402
+
+SETTLE_TIMEOUT_S = 90.0
+WALL_TIMES: dict[str, float] = {}
+
 
 def read_events(vm_pair, name: str) -> list[dict]:
     path = vm_pair.state_dir(name) / name / "events.jsonl"
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines(keepends=True)
     except FileNotFoundError:
         return []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
-def wait_event(vm_pair, name: str, kind: str, timeout_s: float = 60.0) -> dict:
+def wait_event(vm_pair, name: str, kind: str, timeout_s: float = 60.0, after: int = 0, **match) -> dict:
+    """The first `kind` event of controller `name` past the first `after` events that has `match`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for event in read_events(vm_pair, name):
-            if event["kind"] == kind:
+        for event in read_events(vm_pair, name)[after:]:
+            if event["kind"] == kind and all(event.get(k) == v for k, v in match.items()):
                 return event
-        assert vm_pair.is_running(name), vm_pair.console(name)
+        assert vm_pair.is_running(name), vm_pair.console(name)[-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"{name}: no {kind!r} {match} event in {timeout_s:.0f} s; events:\n"
+                         + "\n".join(json.dumps(e) for e in read_events(vm_pair, name)[-15:]))
+
+
+def lun_states(vm_pair) -> dict[str, dict[int, str]]:
+    """Each controller's last `ownership_state` per LUN, from its events (the guests' control
+    sockets are not reachable from the host)."""
+    states: dict[str, dict[int, str]] = {}
+    for name in "ab":
+        states[name] = {}
+        for event in read_events(vm_pair, name):
+            if event["kind"] == "ownership_state":
+                states[name][event["lun"]] = event["new"]
+    return states
+
+
+def wait_settled(vm_pair, timeout_s: float = SETTLE_TIMEOUT_S, owners=None) -> dict:
+    """Until every LUN has one owner and the other controller is its partner; `owners`
+    ({0: "a"}) also waits for those owners. Returns {lun: owner}."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = lun_states(vm_pair)
+        luns = set(range(vm_pair.config.disk_count))
+        settled = all(sorted((states["a"].get(l), states["b"].get(l))) == ["owner", "partner"] for l in luns)
+        current = {l: "a" if states["a"].get(l) == "owner" else "b" for l in luns}
+        if settled and all(current[l] == n for l, n in (owners or {}).items()):
+            return current
         time.sleep(0.2)
-    raise AssertionError(f"{name}: no {kind!r} event in {timeout_s:.0f} s:\n{vm_pair.console(name)[-3000:]}")
+    raise AssertionError(f"ownership did not settle in {timeout_s:.0f} s: {lun_states(vm_pair)}")
 
 
-@pytest.mark.vm
-@pytest.mark.slow
-def test_controllers_run_in_the_guests_and_serve_nbd_through_the_forward(vm_pair):
-    pytest.importorskip("hal.runtime", reason="the controller runtime is not in this tree yet")
+def nbd_uri(vm_pair, name: str, lun: int = 0) -> str:
+    host, port = vm_pair.nbd_address(name)
+    return f"nbd://{host}:{port}/lun{lun}"
+
+
+def qemu_io(uri: str, *cmds: str, check: bool = True):
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return run(args + [uri], check=check, timeout=180)
+
+
+def verified(out) -> bool:
+    return "Pattern verification failed" not in out.stdout + out.stderr
+
+
+def block_reader(vm_pair, name: str, lun: int = 0):
+    session = open_session(vm_pair.nbd_address(name), f"lun{lun}", timeout_s=30.0)
+
+    def read(block):
+        session.request(nbd.NBD_CMD_READ, block, block * 4096, 4096)
+        error, _, data = session.read_reply(4096)
+        assert error == 0, f"read of block {block} through {name}: errno {error}"
+        return data
+    return read
+
+
+def write_refused(vm_pair, name: str, lun: int) -> bool:
+    out = qemu_io(nbd_uri(vm_pair, name, lun), "write -P 0x99 128k 4k", check=False)
+    return out.returncode != 0 and "Input/output error" in out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def controllers(vm_pair):
+    """A and B running the controller, linked, with lun0 owned by A; returns the wall time."""
     from vm import guest
     vm_pair.down()
     vm_pair.prepare(fresh=True)
@@ -363,12 +439,117 @@ def test_controllers_run_in_the_guests_and_serve_nbd_through_the_forward(vm_pair
     for name in "ab":
         vm_pair.start(name, guest.controller_command(guest.write_controller_config(vm_pair, name), name))
     for name in "ab":
-        serving = wait_event(vm_pair, name, "serving", PROBE_TIMEOUT_S)
-        assert "lun0" in serving["exports"]
+        assert "lun0" in wait_event(vm_pair, name, "serving", PROBE_TIMEOUT_S)["exports"]
+        wait_event(vm_pair, name, "link_up", SETTLE_TIMEOUT_S)
+    wait_settled(vm_pair, owners={0: "a"})
+    WALL_TIMES["boot_to_lun0_owned_s"] = round(time.monotonic() - t0, 1)
+    yield vm_pair
+    print(f"\nvm pair phase 2 wall times: {WALL_TIMES}")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_controllers_serve_nbd_through_the_forward(controllers):
     for name in "ab":
-        assert wait_event(vm_pair, name, "link_up")["peer"] == "ab".index(name) ^ 1
-    print(f"\nvm controllers serving and linked in {time.monotonic() - t0:.1f} s")
-    for name in "ab":
-        with socket.create_connection(vm_pair.nbd_address(name), timeout=10) as conn:
+        with socket.create_connection(controllers.nbd_address(name), timeout=10) as conn:
             conn.settimeout(10)
             assert conn.makefile("rb").read(16) == b"NBDMAGICIHAVEOPT", f"{name}: no NBD greeting"
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_mirrored_writes_through_a_read_back_through_a_and_b(controllers):
+    pair = controllers
+    t0 = time.monotonic()
+    assert verified(qemu_io(nbd_uri(pair, "a"), "write -P 0x5a 0 1M", "write -P 0xa5 1M 64k",
+                            "read -P 0x5a 0 1M"))
+    for name in "ab":
+        assert verified(qemu_io(nbd_uri(pair, name), "read -P 0x5a 0 1M", "read -P 0xa5 1M 64k")), name
+    WALL_TIMES["qemu_io_1M_write_and_reads_s"] = round(time.monotonic() - t0, 1)
+    t1 = time.monotonic()
+    fio = ["fio", "--name=vmverify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=2M",
+           "--offset=4M", "--iodepth=4", "--verify=crc32c", "--verify_state_save=0", "--output-format=json"]
+    run(fio + [f"--uri={nbd_uri(pair, 'a')}", "--do_verify=0"], timeout=300)
+    run(fio + [f"--uri={nbd_uri(pair, 'b')}", "--verify_only"], timeout=300)
+    WALL_TIMES["fio_2M_write_a_verify_b_s"] = round(time.monotonic() - t1, 1)
+
+
+def run_writer_until(writer: LoggedWriter, stop: threading.Event, rng) -> None:
+    while not stop.is_set():
+        writer.run(16, rng)
+        if writer.inflight:          # the connection broke: it stays broken
+            time.sleep(0.2)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_power_cut_a_under_load_b_takes_over_every_acked_write_then_failback(controllers):
+    pair = controllers
+    from vm import guest
+    # Blocks 0..255 (the first MiB, over the 0x5a pattern); B forwards them to A, the owner.
+    writer = LoggedWriter(pair.nbd_address("b"), 0, blocks=256, depth=4)
+    writer.client.sock.settimeout(30.0)
+    rng, stop = random.Random(7), threading.Event()
+    writer.run(64, rng)
+    assert len(writer.acked) > 20 and writer.errors == 0, "writes through B before the cut failed"
+    thread = threading.Thread(target=run_writer_until, args=(writer, stop, rng), daemon=True)
+    thread.start()
+    time.sleep(2.0)
+    acked_before_cut = sum(writer.acked.values())
+    b_seen = len(read_events(pair, "b"))
+    cut_at = time.monotonic()
+    pair.power_cut("a")
+    wait_event(pair, "b", "takeover", SETTLE_TIMEOUT_S, after=b_seen, lun=0)
+    WALL_TIMES["power_cut_to_takeover_seen_s"] = round(time.monotonic() - cut_at, 1)
+    time.sleep(3.0)                  # B keeps taking writes as the sole owner
+    stop.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert sum(writer.acked.values()) > acked_before_cut, "no write was acknowledged across the cut"
+    assert writer.check(block_reader(pair, "b")) == [], "B lost or served stale acknowledged writes"
+    assert verified(qemu_io(nbd_uri(pair, "b"), "read -P 0xa5 1M 64k"))     # the mirrored-writes test's
+    nvram_after_cut = hashlib.sha256(pair.nvram_path("a").read_bytes()).hexdigest()
+    a_seen = len(read_events(pair, "a"))
+    t1 = time.monotonic()
+    pair.start("a", guest.controller_command(pair.run_dir / "a" / "controller.toml", "a"))
+    recovered = wait_event(pair, "a", "recovered", PROBE_TIMEOUT_S, after=a_seen)
+    assert recovered["dropped"] == 0, recovered           # every NVRAM record of the cut checks out
+    assert not [e for e in read_events(pair, "a")[a_seen:] if e["kind"] == "nvram_formatted"]
+    print(f"\nA after the power cut: {recovered} (NVRAM file sha256 {nvram_after_cut[:16]} at the cut)")
+    wait_event(pair, "a", "ownership", SETTLE_TIMEOUT_S, after=a_seen, lun=0, owner="a")
+    wait_settled(pair, owners={0: "a"})
+    WALL_TIMES["restart_a_to_failback_s"] = round(time.monotonic() - t1, 1)
+    assert writer.check(block_reader(pair, "a")) == [], "after failback A served stale data"
+    assert writer.check(block_reader(pair, "b")) == []
+    assert verified(qemu_io(nbd_uri(pair, "a"), "write -P 0x3c 2M 64k", "read -P 0xa5 1M 64k"))
+    assert verified(qemu_io(nbd_uri(pair, "b"), "read -P 0x3c 2M 64k"))
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_link_cut_through_the_relay_exactly_one_controller_accepts_writes_per_lun(controllers):
+    pair = controllers
+    owners = wait_settled(pair)
+    seen = {name: len(read_events(pair, name)) for name in "ab"}
+    cut_at = time.monotonic()
+    pair.relay.cut()
+    for name in "ab":
+        wait_event(pair, name, "link_down", 30, after=seen[name])
+    WALL_TIMES["link_cut_to_link_down_s"] = round(time.monotonic() - cut_at, 1)
+    time.sleep(3.0)                  # well past the takeover wait, under TCG too
+    for lun, owner in owners.items():
+        other = "ab"["ab".index(owner) ^ 1]
+        accepted = qemu_io(nbd_uri(pair, owner, lun), f"write -P 0x4{lun} 0 64k", f"read -P 0x4{lun} 0 64k")
+        assert verified(accepted), (lun, owner)
+        assert write_refused(pair, other, lun), f"lun{lun}: {other} accepted a write while {owner} owns it"
+    for name in "ab":
+        assert not [e for e in read_events(pair, name)[seen[name]:] if e["kind"] == "takeover"], name
+    t1 = time.monotonic()
+    pair.relay.heal()
+    for name in "ab":
+        wait_event(pair, name, "link_up", SETTLE_TIMEOUT_S, after=seen[name])
+    WALL_TIMES["link_heal_to_link_up_s"] = round(time.monotonic() - t1, 1)
+    for lun, owner in owners.items():
+        other = "ab"["ab".index(owner) ^ 1]
+        assert verified(qemu_io(nbd_uri(pair, other, lun), f"read -P 0x4{lun} 0 64k")), lun
+    assert wait_settled(pair) == owners
