@@ -30,7 +30,7 @@ BUSYBOX = pathlib.Path("/bin/busybox")
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "overlay", "virtio_scsi",
                  "sd_mod", "nfit", "libnvdimm", "nd_pmem", "dax_pmem", "device_dax", "virtio_net",
                  "virtio_blk", "ext4", "crc32c_generic"]      # the last three: a self-contained image root
-INITRAMFS_VERSION = 5      # bump when the init script or the module list changes
+INITRAMFS_VERSION = 6      # bump when the init script or the module list changes
 READY_MARKER = "TWINCACHE-READY"
 EXIT_MARKER = "TWINCACHE-EXIT"
 GUEST_ADDRESS = "10.0.2.15"
@@ -229,7 +229,8 @@ mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
-mount -t tmpfs tmpfs /newroot/tmp
+# No tmpfs over /tmp: it hid a repository cloned under /tmp (CI's mktemp -d); the
+# overlay's tmpfs upper already makes /tmp writable.
 mount -t tmpfs tmpfs /newroot/run
 if grep -q tcstate /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag 2>/dev/null; then
     mkdir -p /newroot/var/lib/twincache
