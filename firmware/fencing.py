@@ -112,6 +112,13 @@ TRANSITIONS = {
     (Own.REPLAYING, "tick"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
+    # Admin moves reach a LUN in whatever state it is; only settled states act on them.
+    (Own.STARTING, "move"): ("_noop", Own.STARTING),
+    (Own.FENCING, "move"): ("_noop", Own.FENCING),
+    (Own.SOLO, "move"): ("_noop", Own.SOLO),
+    (Own.WATCHING, "move"): ("_noop", Own.WATCHING),
+    (Own.CLAIMING, "move"): ("_noop", Own.CLAIMING),
+    (Own.REPLAYING, "move"): ("_noop", Own.REPLAYING),
     # Ownership requests reach a LUN in whatever state it is; only an owner acts on them.
     (Own.STARTING, "request"): ("_noop", Own.STARTING),
     (Own.FENCING, "request"): ("_noop", Own.FENCING),
