@@ -33,17 +33,6 @@ class LinkFaults:
         self.p_corrupt = p_corrupt
 
 
-def split_frames(data: bytes):
-    """Cut the bytes of whole frames (as the firmware emits them) into frames."""
-    frames, pos = [], 0
-    while pos < len(data):
-        head = F.parse_header_untrusted(data[pos:pos + F.HEADER_SIZE_BYTES])
-        end = pos + F.HEADER_SIZE_BYTES + head.payload_len + F.TRAILER_SIZE_BYTES
-        frames.append(data[pos:end])
-        pos = end
-    return frames
-
-
 class SimLink:
     """Direction d carries bytes from controller d to controller 1 - d."""
 
@@ -85,7 +74,7 @@ class SimLink:
         if self.reliable:
             return self._send_chunk(src, data, now_us, ordered=True)
         out = []
-        for frame in split_frames(data):
+        for frame in F.split_frames(data):
             chunk = b"".join(self.framers[src].encode([frame]))
             out += self._lossy(src, chunk, now_us)
         return out

@@ -14,32 +14,10 @@ import time
 
 import pytest
 
-from fixtures.pair import LoggedWriter, MiB, make_pair, run
+from fixtures.pair import LoggedWriter, MiB, make_pair, qemu_io, read_block_via, run, verified
 from hal import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")
-
-
-def qemu_io(uri, *cmds, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    return run(args + [uri], check=check)
-
-
-def verified(out):
-    return "Pattern verification failed" not in out.stdout + out.stderr
-
-
-def read_block_via(pair, name, lun):
-    session = pair.session(name, lun)
-
-    def read(block):
-        session.request(nbd.NBD_CMD_READ, block, block * 4096, 4096)
-        error, _, data = session.read_reply(4096)
-        assert error == 0
-        return data
-    return read
 
 
 @pytest.fixture

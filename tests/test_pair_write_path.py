@@ -12,17 +12,10 @@ import time
 
 import pytest
 
-from fixtures.pair import LoggedWriter, MiB, block_pattern, make_pair, run
+from fixtures.pair import LoggedWriter, MiB, block_pattern, make_pair, qemu_io, read_block_via, run
 from hal import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")
-
-
-def qemu_io(uri, *cmds, check=True):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    return run(args + [uri], check=check)
 
 
 def test_qemu_io_patterns_written_through_a_read_through_a_and_b(local_pair):
@@ -71,17 +64,6 @@ def test_fio_verify_crc32c_mixed_sizes_several_jobs(local_pair):
     jobs = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
     assert len(jobs) == 3 and all(j["error"] == 0 for j in jobs)
     assert all(j["write"]["io_bytes"] >= 16 * MiB for j in jobs)
-
-
-def read_block_via(pair, name, lun):
-    session = pair.session(name, lun)
-
-    def read(block):
-        session.request(nbd.NBD_CMD_READ, block, block * 4096, 4096)
-        error, _, data = session.read_reply(4096)
-        assert error == 0
-        return data
-    return read
 
 
 @pytest.mark.parametrize("victim", ["a", "b"])

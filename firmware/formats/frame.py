@@ -130,3 +130,14 @@ def parse_frame_untrusted(buf, where: str = ""):
     if crc32c(view[:end]) != crc:
         raise FormatError("frame CRC32C mismatch", where)
     return head, view[HEADER_SIZE_BYTES:end]
+
+
+def split_frames(data) -> list:
+    """Cut trusted bytes holding whole frames back to back (as the firmware emits them) into frames."""
+    frames, pos = [], 0
+    while pos < len(data):
+        head = parse_header_untrusted(data[pos:pos + HEADER_SIZE_BYTES])
+        end = pos + HEADER_SIZE_BYTES + head.payload_len + TRAILER_SIZE_BYTES
+        frames.append(data[pos:end])
+        pos = end
+    return frames
