@@ -83,10 +83,6 @@ class PrimaryCache:
             del self.lines[line.key]
             self.wbq.pop(line.key, None)
 
-    def by_block_live(self):
-        """Every line that still holds data the partner's mirror must have (current versions)."""
-        return [line for line in self.lines.values()]
-
     def freeable(self, line: Line) -> bool:
         return line.dead and not line.flushing and not line.pins and self.by_block[line.block] is line
 

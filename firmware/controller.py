@@ -38,7 +38,7 @@ from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
 
-EIO, EINVAL, ENOSPC, ESHUTDOWN, ESTALE = 5, 22, 28, 108, 116
+EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
 class Params:

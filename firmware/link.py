@@ -206,9 +206,6 @@ class LinkSession:
         entry = [0, lane, msg_type, flags, resource, tag, payload, size, 0]
         (self.control_queue if lane == F.LANE_CONTROL else self.data_queue).append(entry)
 
-    def queued_data_bytes(self) -> int:
-        return sum(e[7] for e in self.data_queue)
-
     def _emit(self, entry):
         seq = self.tx_seq
         if seq >= SEQ_LIMIT:

@@ -97,7 +97,7 @@ class PeerMixin:
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
         # A LUN still reading its record (STARTING) may turn out ours: mirror its lines too; if it
         # is the partner's, _drop_lines frees the partner's copies with flush-done.
-        lines = sorted((line for line in self.cache.by_block_live()
+        lines = sorted((line for line in self.cache.lines.values()
                         if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state == "starting"),
                        key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))

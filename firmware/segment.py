@@ -62,15 +62,6 @@ class Segment:
         self.nv[offset:offset + N.DESC_SIZE_BYTES] = N.FREE_DESCRIPTOR
         return offset, N.DESC_SIZE_BYTES
 
-    def store_state(self, index, state):
-        """Rewrite only the state of a valid descriptor (DIRTY <-> FLUSHING)."""
-        offset = self.desc_base + index * N.DESC_SIZE_BYTES
-        rec = N.parse_descriptor_untrusted(self.nv, offset)
-        N.pack_descriptor_into(self.nv, offset, state, rec.lun, rec.group_index, rec.group_count,
-                               rec.lba, rec.seq, rec.generation, rec.cache_id, rec.data_crc,
-                               rec.dirty_bitmap, rec.flags)
-        return offset, N.DESC_SIZE_BYTES
-
     def store_commit(self, committed_seq: int):
         """Record that every group up to `committed_seq` is committed; return the range to persist."""
         self.commit_counter += 1
