@@ -340,7 +340,7 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
 # through the host relay (no split brain). Three guest boots; the times are printed.
 
 from fixtures.nbd_memserver import open_session  # noqa: E402
-from fixtures.pair import LoggedWriter, block_pattern, run  # noqa: E402
+from fixtures.pair import LoggedWriter, run  # noqa: E402
 from hal import nbd  # noqa: E402
 
 SETTLE_TIMEOUT_S = 90.0
