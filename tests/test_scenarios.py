@@ -12,9 +12,7 @@ import time
 
 import pytest
 
-from fixtures.nbd_memserver import open_session
-from fixtures.pair import LoggedWriter, make_pair, qemu_io, verified
-from hal import nbd
+from fixtures.pair import LoggedWriter, block_reader, make_pair, qemu_io, verified
 
 TARGETS = ["local", pytest.param("vm", marks=[pytest.mark.vm, pytest.mark.slow])]
 
@@ -102,17 +100,6 @@ def pair(request, tmp_path_factory):
     target.close()
 
 
-def reader(pair, name, lun=0):
-    session = open_session(pair.address(name), f"lun{lun}", timeout_s=30.0)
-
-    def read(block):
-        session.request(nbd.NBD_CMD_READ, block, block * 4096, 4096)
-        error, _, data = session.read_reply(4096)
-        assert error == 0, f"read of block {block} through {name}: errno {error}"
-        return data
-    return read
-
-
 def test_write_through_a_reads_back_through_a_and_b(pair):
     assert verified(qemu_io(pair.uri("a", 0), "write -P 0x6d 0 256k", "write -P 0x6e 256k 4k"))
     for name in ("a", "b"):
@@ -140,10 +127,10 @@ def test_owner_crash_survivor_holds_every_acked_write_then_failback(pair):
     pair.wait_event("b", "takeover", since_b, lun=0)
     stop.set()
     thread.join(timeout=60)
-    assert len(writer.acked) > 100 and writer.check(reader(pair, "b")) == []
+    assert len(writer.acked) > 100 and writer.check(block_reader(pair.address("b"), "b")) == []
     since_a = pair.mark("a")
     pair.restart("a")
     pair.wait_event("a", "ownership", since_a, lun=0, owner="a")
     pair.wait_settled({0: "a"})
-    assert writer.check(reader(pair, "a")) == []
-    assert writer.check(reader(pair, "b")) == []
+    assert writer.check(block_reader(pair.address("a"), "a")) == []
+    assert writer.check(block_reader(pair.address("b"), "b")) == []

@@ -341,6 +341,7 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
 
 from fixtures.nbd_memserver import open_session  # noqa: E402
 from fixtures.pair import LoggedWriter, run  # noqa: E402
+from fixtures.pair import block_reader as pair_block_reader  # noqa: E402
 from hal import nbd  # noqa: E402
 
 SETTLE_TIMEOUT_S = 90.0
@@ -413,14 +414,7 @@ def verified(out) -> bool:
 
 
 def block_reader(vm_pair, name: str, lun: int = 0):
-    session = open_session(vm_pair.nbd_address(name), f"lun{lun}", timeout_s=30.0)
-
-    def read(block):
-        session.request(nbd.NBD_CMD_READ, block, block * 4096, 4096)
-        error, _, data = session.read_reply(4096)
-        assert error == 0, f"read of block {block} through {name}: errno {error}"
-        return data
-    return read
+    return pair_block_reader(vm_pair.nbd_address(name), name, lun)
 
 
 def write_refused(vm_pair, name: str, lun: int) -> bool:
