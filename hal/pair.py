@@ -162,7 +162,11 @@ class LocalPair:
 
     def up(self, wait_mirrored=True, timeout_s=30.0, **create_args) -> dict:
         self.create(**create_args)
-        started = [n for n in NAMES if self.pid(n) is None and not self.start(n) is None]
+        started = []
+        for name in NAMES:
+            if self.pid(name) is None:
+                self.start(name)
+                started.append(name)
         self.wait_serving(timeout_s=timeout_s, mirrored=wait_mirrored)
         return {"controllers": [self.describe(n) for n in NAMES], "started": started}
 
