@@ -22,7 +22,6 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fixtures.vm import vm_pair  # noqa: F401  (until fixtures/plugin.py registers it)
 from vm import assets, libvirtd
 from vm.domain import QEMU_NS, Disk, DomainSpec, domain_xml
 from vm.probe import BLOCK_BYTES, nvram_pattern
