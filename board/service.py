@@ -24,14 +24,10 @@ import tomllib
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
-NBD_REP_MAGIC = 0x3E889045565A9
-NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_OPT_ABORT = 2
-NBD_OPT_LIST = 3
-NBD_REP_ACK = 1
-NBD_REP_SERVER = 2
-NBD_REP_ERROR_BIT = 1 << 31
+# The protocol's numbers come from the host port's declaration of them (hal/nbd.py).
+from hal.nbd import (NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_OPT_ABORT,  # noqa: E402
+                     NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_FLAG_ERROR as NBD_REP_ERROR_BIT,
+                     NBD_REP_MAGIC, NBD_REP_SERVER)
 NBD_REPLIES_MAX = 4096          # exports listed before we call the server broken
 NBD_REPLY_DATA_MAX_BYTES = 65536
 
