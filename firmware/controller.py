@@ -160,6 +160,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.mirroring = False            # link up and the partner's mirror in sync
         self.sync_pending = False
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
+        self.resync_progress = None       # lines total / transferred / remaining of the running resync
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
         self.forwarded = {}               # tag -> host req awaiting the owner's reply
         self.next_tag = 1
@@ -219,6 +220,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         """What `twincache status` shows: role, link, LUNs, block counts, generation."""
         cache = self.cache
         owned = [f"lun{lun}" for lun in range(len(self.params.lun_sizes)) if self.owns(lun)]
+        dirty_by_lun = collections.Counter(line.lun for line in cache.lines.values())
         link = self.link.state
         if self.link.up:
             link = "mirrored" if self.mirroring else "resyncing"
@@ -231,8 +233,10 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             "primary_blocks": cache.capacity, **self.mirror.counts(),
             "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
+            "resync": dict(self.resync_progress) if self.resync_progress else None,
             "link_stats": dict(self.link.stats),
-            "luns": ({f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held)}
+            "luns": ({f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held),
+                                    "dirty_lines": dirty_by_lun.get(f.lun, 0)}
                       for f in self.fence} if self.fence is not None else {}),
         }
 

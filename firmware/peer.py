@@ -104,7 +104,11 @@ class PeerMixin:
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
         seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
         generation = self.generation & 0xFFFFFFFF
-        for line in lines:
+        probe = M.PING_STRUCT.pack(0)
+        for n, line in enumerate(lines):
+            if n and n % RESYNC_PROBE_LINES == 0:
+                # A progress probe in order with the lines: its answer says the partner has the first n.
+                send(T.PING, M.Resource.MIRROR, probe, tag=n)
             line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
             data = seg.data(line.block)
             crc = N.crc32c(data)
@@ -117,10 +121,24 @@ class PeerMixin:
         self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
         self.sync_pending = True
         self.resync_lines = lines
+        self.resync_progress = {"lines_total": len(lines), "lines_transferred": 0,
+                                "lines_remaining": len(lines)}
         self.out.append(A.Notify("resync_start", lines=len(lines)))
+
+    def _resync_transferred(self, n):
+        progress = self.resync_progress
+        if progress is None or n <= progress["lines_transferred"]:
+            return
+        progress["lines_transferred"] = n
+        progress["lines_remaining"] = progress["lines_total"] - n
+        self.out.append(A.Notify("resync_progress", lines_transferred=n,
+                                 lines_remaining=progress["lines_remaining"]))
 
     def _unpin_resync(self, mirrored):
         lines, self.resync_lines = self.resync_lines, []
+        if mirrored:
+            self._resync_transferred(len(lines))
+        self.resync_progress = None
         for line in lines:
             line.mirrored = line.mirrored or mirrored
             line.pins -= 1
@@ -190,10 +208,14 @@ class PeerMixin:
         self._finish_write(op, mirrored=True)
 
     def _on_ping(self, msg):
-        self.link.send(T.PONG, M.Resource.ADMIN, bytes(msg.payload), lane=F.LANE_CONTROL,
+        """Answer to the mailbox that asked: ADMIN (a round trip) or MIRROR (a resync progress probe)."""
+        self.link.send(T.PONG, msg.resource, bytes(msg.payload), lane=F.LANE_CONTROL,
                        tag=msg.tag, flags=F.FLAG_RESPONSE)
 
     def _on_pong(self, msg):
+        if msg.resource == M.Resource.MIRROR:
+            self._resync_transferred(msg.tag)
+            return
         (sent_ns,) = M.PING_STRUCT.unpack_from(msg.payload)
         self.out.append(A.Notify("pong", tag=msg.tag, sent_ns=sent_ns))
 
@@ -210,6 +232,8 @@ class PeerMixin:
     def _on_ignored(self, msg):
         self.stats[f"ignored_{msg.type}"] += 1
 
+
+RESYNC_PROBE_LINES = 32       # a resync asks the partner how far it got after every this many lines
 
 DISPATCH = {
     T.MIRROR_WRITE: "_on_mirror_write",

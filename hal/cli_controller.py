@@ -128,6 +128,13 @@ def cmd_status(args):
               f"generation {st['generation']}, owns {', '.join(st['owned_luns']) or 'no LUN'}")
         print(f"  primary: {st['dirty_blocks']} dirty, {st['free_blocks']} free of "
               f"{st['primary_blocks']} blocks; mirror: {st['mirror_blocks']} blocks held for the partner")
+        sync = st.get("resync")
+        if sync:
+            print(f"  resync to the partner: {sync['lines_transferred']} lines transferred, "
+                  f"{sync['lines_remaining']} remaining of {sync['lines_total']}")
+        for lun, info in sorted(st.get("luns", {}).items()):
+            if info.get("state") == "releasing":
+                print(f"  {lun}: handing over, {info.get('dirty_lines', 0)} dirty lines to destage first")
     return 0
 
 

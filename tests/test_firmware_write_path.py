@@ -167,3 +167,32 @@ def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbag
     assert [n for n in p.notes[1] if n[0] == "link_down"]
     p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN
     assert p.replies["w"] == (0, None)
+
+
+def test_resync_after_the_link_returns_reports_lines_transferred_and_remaining():
+    """Failback progress: the resync's probes (PING to the MIRROR mailbox, in order with the lines)
+    come back as resync_progress events and in status(), counting up to every line, then mirrored."""
+    p = idle_pair()
+    p.disconnect()
+    p.stall_disks()                                  # the degraded owner's eager destage cannot finish
+    lines = 100
+    for n in range(lines):
+        p.write(0, ("w", n), 0, n * BS, bytes([n]) * BS)
+    assert p.ctrl[0].status()["resync"] is None
+    for i in range(2):
+        p.run(i, p.ctrl[i].link_connected(bytes([i + 1]) * 32, p.now_ms))
+    seen = []
+    while p.wire[0] or p.wire[1]:
+        p.deliver(limit=8)
+        sync = p.ctrl[0].status()["resync"]
+        if sync is not None:
+            assert sync["lines_total"] == lines
+            assert sync["lines_transferred"] + sync["lines_remaining"] == lines
+            seen.append(sync["lines_transferred"])
+    assert seen and seen[0] < lines and seen == sorted(seen)
+    progress = [f for kind, f in p.notes[0] if kind == "resync_progress"]
+    assert [f["lines_transferred"] for f in progress] == [32, 64, 96, 100]
+    assert progress[-1]["lines_remaining"] == 0
+    assert p.ctrl[0].mirroring and p.ctrl[0].status()["resync"] is None
+    assert mirror_blocks(p, 1) == primary_lines(p, 0)
+    p.resume_disks()

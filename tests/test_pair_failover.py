@@ -134,8 +134,12 @@ def test_failback_to_a_returning_controller(local_pair, wipe):
     assert verified(qemu_io(pair.uri("b", 0), "write -P 0x22 1M 1M"))
     if wipe:
         os.unlink(pair.nvram_path("a"))
+    up_at = time.time() - 1
     pair.up()
     pair.wait_settled(owners={"lun0": "a", "lun1": "b"})
+    # the survivor rebuilt the returning controller's mirror segment (its progress reporting is
+    # tested line by line in tests/test_firmware_write_path.py: here it destaged eagerly while alone)
+    pair.wait_event("b", "resync_start", since=up_at)
     for name in ("a", "b"):
         assert verified(qemu_io(pair.uri(name, 0), "read -P 0x21 0 1M", "read -P 0x22 1M 1M"))
     status = pair.status("a")
