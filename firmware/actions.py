@@ -24,11 +24,15 @@ class Persist(Action):
 
 
 class Transmit(Action):
-    """Send link frames to the partner: each buffer is one whole frame, in order."""
-    __slots__ = ("buffers",)
+    """Send link frames to the partner: each buffer is one whole frame, in order.
 
-    def __init__(self, buffers):
+    `link` names the link when a controller has several (a log-shipping destination
+    serving several sources); 0 is the only link of a pair."""
+    __slots__ = ("buffers", "link")
+
+    def __init__(self, buffers, link=0):
         self.buffers = buffers
+        self.link = link
 
 
 class HostReply(Action):
@@ -93,10 +97,11 @@ class RecordWrite(Action):
 
 class LinkReset(Action):
     """Drop the link connection (protocol error, failed authentication, dead peer)."""
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "link")
 
-    def __init__(self, reason):
+    def __init__(self, reason, link=0):
         self.reason = reason
+        self.link = link
 
 
 class Notify(Action):

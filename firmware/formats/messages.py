@@ -234,6 +234,18 @@ ConsistencyPoint = Struct(
     "first_seq" / Int64ub,
     "last_seq" / Int64ub,
 )
+LogAck = Struct(                            # LOG_SHIP / CONSISTENCY_POINT with FLAG_RESPONSE
+    "source_id" / Int16ub,
+    "status" / Int16ub,                     # ErrorCode
+    "reserved0" / Int32ub,
+    "stored_seq" / Int64ub,                 # every entry up to here is in the destination's NVRAM
+    "filed_seq" / Int64ub,                  # ... and in the source's file on its disks
+    "applied_seq" / Int64ub,                # ... and applied to the image volume (last consistency point)
+)
+LOG_ACK = struct.Struct(">HHIQQQ")
+LOG_ENTRY_HEAD = struct.Struct(">QHHQI I")   # LogEntry before its data: seq lun flags lba data_crc length
+LOG_SHIP_HEAD = struct.Struct(">HHH")        # LogShip before its entries: source_id partition count
+CONSISTENCY_POINT = struct.Struct(">HHQQ")
 
 Error = Struct(
     "code" / Int16ub,                       # ErrorCode

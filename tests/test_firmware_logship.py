@@ -1,0 +1,259 @@
+"""Replica mode, NVRAM-log variant (claims 4), driven exactly with the in-memory rig.
+
+Each test names the topology and the fault: acknowledgement only once the
+destination stored the request, consistency points on a full partition and
+on the timer, reads of logged data, link cuts, crashes of either end, torn
+entries, frames that arrive early, the file's ring wrapping, fan-in, and
+recovery of the image after a disaster at the source.
+"""
+import hashlib
+
+from firmware.formats import frame as F
+from firmware.formats import logfile as LF
+from firmware.formats import messages as M
+from firmware.link import Delivered
+from firmware.logship import SOURCE_ID
+from fixtures.memlog import MemLog
+
+KiB = 1024
+
+
+def block(tag, n=4 * KiB):
+    return bytes([tag & 0xFF]) * n
+
+
+def small(**kw):
+    """Log partitions of 64 KiB: a consistency point every ~15 writes of 4 KiB."""
+    kw.setdefault("log_partition_bytes", 64 * KiB)
+    return MemLog(**kw)
+
+
+def test_write_is_acknowledged_only_once_the_destination_stored_it():
+    r = small()
+    r.connect()
+    r.run(("src", 0), r.src[0].host_write("w", 0, 0, block(1)))
+    assert "w" not in r.replies                          # in the source's NVRAM, not yet shipped
+    r.deliver()
+    assert r.replies["w"] == (0, None)
+    assert r.dst.feeds[0].expected == 2                  # the destination holds seq 1
+
+
+def test_full_partition_is_a_consistency_point_on_both_sides():
+    r = small()
+    r.connect()
+    for n in range(40):
+        r.write(0, ("w", n), n % 2, n * 4 * KiB, block(n))
+    assert all(r.replies[("w", n)] == (0, None) for n in range(40))
+    kinds = r.kinds(("src", 0))
+    assert kinds.count("consistency_point") >= 2
+    src_cp = max(f["last_seq"] for k, f in r.notes[("src", 0)] if k == "consistency_point")
+    dst = r.dst.feeds[0]
+    assert dst.applied_seq == src_cp
+    # the image holds exactly what the source's volume holds up to the consistency point
+    for n in range(40):
+        lun, off = n % 2, n * 4 * KiB
+        if n + 1 <= src_cp:
+            assert r.image(0, lun)[off:off + 4 * KiB] == block(n)
+            assert r.volume(0, lun)[off:off + 4 * KiB] == block(n)
+    # filed requests left the destination's NVRAM
+    assert dst.filed_seq == 40 and not dst.staged
+
+
+def test_reads_at_the_source_see_logged_requests_not_yet_applied():
+    r = small()
+    r.connect()
+    r.write(0, "a", 0, 8 * KiB, block(7, 8 * KiB))
+    r.write(0, "b", 0, 12 * KiB, block(9))              # overlaps the first: the newer wins
+    assert r.volume(0, 0)[8 * KiB:16 * KiB] == bytes(8 * KiB)   # nothing applied yet
+    err, data = r.read(0, "r", 0, 4 * KiB, 16 * KiB)
+    assert err == 0 and data == bytes(4 * KiB) + block(7) + block(9) + bytes(4 * KiB)
+
+
+def test_timer_consistency_point_applies_a_partly_filled_partition():
+    r = small(cp_interval_ms=100)
+    r.connect()
+    r.write(0, "a", 1, 0, block(3))
+    assert r.image(0, 1)[:4 * KiB] == bytes(4 * KiB)
+    for _ in range(12):
+        r.tick(10)
+    assert r.volume(0, 1)[:4 * KiB] == block(3)
+    assert r.image(0, 1)[:4 * KiB] == block(3)
+
+
+def test_link_cut_source_serves_alone_then_resends_in_order():
+    r = small()
+    r.connect()
+    r.write(0, "a", 0, 0, block(1))
+    r.cut()
+    for n in range(5):
+        r.write(0, ("d", n), 0, (n + 1) * 4 * KiB, block(10 + n))
+        assert r.replies[("d", n)] == (0, None)          # degraded: acknowledged from the source's NVRAM
+    assert r.src[0].status()["unshipped_entries"] == 5
+    r.connect()
+    assert r.dst.feeds[0].expected == 7
+    assert r.src[0].status()["unshipped_entries"] == 0
+    assert ("log_resume", {"after_seq": 1, "entries": 5}) in r.notes[("src", 0)]
+    r.recover("s0")
+    for n in range(5):
+        assert r.image(0, 0)[(n + 1) * 4 * KiB:(n + 2) * 4 * KiB] == block(10 + n)
+
+
+def test_frames_arriving_early_wait_so_the_file_stays_in_sequence_order():
+    r = small()
+    r.connect()
+    feed = r.dst.feeds[0]
+
+    def ship(seq, tag):
+        data = block(tag)
+        body = (M.LOG_SHIP_HEAD.pack(0, 0, 1) + M.LOG_ENTRY_HEAD.pack(seq, 0, 0, seq * 8, __import__(
+            "crc32c").crc32c(data), len(data)) + data)
+        r.run(("dst", None), r.dst._dispatch(0, Delivered(M.MsgType.LOG_SHIP, 0, M.Resource.REPLICATION, 0,
+                                                          memoryview(body))) or r.dst._take())
+
+    ship(3, 0x33)
+    ship(2, 0x22)
+    assert feed.expected == 1 and len(feed.early) == 2 and feed.filed_seq == 0   # nothing stored or acked
+    ship(1, 0x11)
+    assert feed.expected == 4 and feed.filed_seq == 3
+    assert [rec.seq for rec in feed.records] == [1, 2, 3]
+    offsets = [rec.data_off for rec in feed.records]
+    assert offsets == sorted(offsets)
+    ship(2, 0x99)                                        # a duplicate is dropped
+    assert r.dst.stats["duplicates"] == 1 and len(feed.records) == 3
+
+
+def test_destination_crash_refiles_from_nvram_and_finds_its_file_again():
+    r = small()
+    r.connect()
+    for n in range(20):
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    r.stall()                                            # the next entries reach its NVRAM, not the file
+    for n in range(20, 24):
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    assert all(r.replies[("w", n)] == (0, None) for n in range(24))
+    r.stalled = None                                     # the destination dies with its disks hung
+    r.crash_destination()
+    r.boot_destination()
+    feed = r.dst.feeds[0]
+    assert feed.ready and feed.filed_seq == 24 and feed.expected == 25
+    r.connect()
+    r.write(0, "after", 1, 0, block(0xAA))
+    assert r.replies["after"] == (0, None)
+    r.recover("s0")
+    for n in range(24):
+        assert r.image(0, 0)[n * 4 * KiB:(n + 1) * 4 * KiB] == block(n)
+    assert r.image(0, 1)[:4 * KiB] == block(0xAA)
+
+
+def test_source_crash_reapplies_its_log_and_resumes_where_the_destination_stands():
+    r = small()
+    r.connect()
+    for n in range(30):
+        r.write(0, ("w", n), 1, n * 4 * KiB, block(n))
+    r.crash_source(0)
+    r.boot_source(0)
+    src = r.src[0]
+    assert src.next_seq == 31
+    err, data = r.read(0, "r", 1, 0, 30 * 4 * KiB)
+    assert err == 0 and data == b"".join(block(n) for n in range(30))
+    r.connect()
+    r.write(0, "x", 1, 0, block(0x77))
+    assert r.replies["x"] == (0, None) and r.dst.feeds[0].expected == 32
+
+
+def test_torn_entry_at_the_source_is_dropped_on_restart_and_never_shipped():
+    r = small()
+    r.connect()
+    r.write(0, "a", 0, 0, block(1))
+    src = r.src[0]
+    part = src.active
+    r.cut()
+    r.write(0, "b", 0, 4 * KiB, block(2))
+    entry = part.entries[-1]
+    r.src_nv[0][entry.data_off + 100] ^= 0xFF            # torn data of the last entry
+    r.crash_source(0)
+    r.boot_source(0)
+    assert r.src[0].next_seq == 2
+    assert ("recovered", {"role": "source", "next_seq": 2, "torn_entries": 1, "logged_entries": 1}) in \
+        r.notes[("src", 0)]
+    r.connect()
+    assert r.dst.feeds[0].expected == 2
+
+
+def test_disaster_at_the_source_the_destination_recovers_every_acknowledged_write():
+    r = small()
+    r.connect()
+    acked = {}
+    for n in range(50):
+        off = (n * 7 % 64) * 4 * KiB
+        r.write(0, ("w", n), 0, off, block(n))
+        if r.replies.get(("w", n)) == (0, None):
+            acked[off] = block(n)
+    r.crash_source(0)                                    # the source site is gone
+    assert r.dst.feeds[0].applied_seq < 50               # the image stands at the last consistency point
+    r.recover("s0")
+    image = r.image(0, 0)
+    for off, data in acked.items():
+        assert image[off:off + 4 * KiB] == data
+    assert r.dst.feeds[0].applied_seq == 50
+
+
+def test_fan_in_two_sources_keep_their_own_file_and_image():
+    r = small(sources=2)
+    r.connect(0)
+    r.connect(1)
+    for n in range(20):
+        r.write(0, ("a", n), 0, n * 4 * KiB, block(0x10))
+        r.write(1, ("b", n), 0, n * 4 * KiB, block(0x20))
+    r.recover()
+    assert r.image(0, 0)[:80 * KiB] == block(0x10, 80 * KiB)
+    assert r.image(1, 0)[:80 * KiB] == block(0x20, 80 * KiB)
+    st = r.dst.status()["sources"]
+    assert st["s0"]["filed_seq"] == st["s1"]["filed_seq"] == 20
+
+
+def test_the_file_ring_wraps_and_a_restarted_destination_follows_the_wrap():
+    r = small(journal_bytes=160 * KiB)
+    r.connect()
+    expect = bytearray(1 << 20)
+    for n in range(120):
+        off = (n % 100) * 4 * KiB
+        r.write(0, ("w", n), 0, off, block(n))
+        assert r.replies[("w", n)] == (0, None)
+        expect[off:off + 4 * KiB] = block(n)
+    feed = r.dst.feeds[0]
+    assert feed.cp_count > 3 and r.dst.stats["journal_wraps"] >= 2
+    r.crash_destination()
+    r.boot_destination()
+    r.connect()
+    r.recover("s0")
+    assert hashlib.sha256(r.image(0, 0)).digest() == hashlib.sha256(expect).digest()
+
+
+def test_big_write_is_split_into_entries_and_acknowledged_once():
+    r = small()
+    r.connect()
+    data = bytes(range(256)) * 1024                      # 256 KiB: several partitions' worth
+    r.write(0, "big", 0, 0, data)
+    assert r.replies["big"] == (0, None)
+    r.recover("s0")
+    assert r.image(0, 0)[:len(data)] == data
+    err, back = r.read(0, "r", 0, 0, len(data))
+    assert err == 0 and back == data
+
+
+def test_destination_exports_are_read_only():
+    r = small()
+    r.run(("dst", None), r.dst.host_write("w", 0, 0, block(1)))
+    assert r.replies["w"][0] == 1                        # EPERM
+    r.run(("dst", None), r.dst.host_read("r", 0, 0, 4 * KiB))
+    assert r.replies["r"] == (0, bytes(4 * KiB))
+
+
+def test_bad_host_requests_get_einval_and_nothing_is_logged():
+    r = small()
+    r.connect()
+    r.write(0, "oob", 0, (1 << 20) - 512, block(1))
+    r.write(0, "odd", 0, 100, block(1, 512))
+    assert r.replies["oob"][0] == 22 and r.replies["odd"][0] == 22
+    assert r.src[0].next_seq == 1
