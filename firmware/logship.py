@@ -212,8 +212,8 @@ class _Session:
     def link_connected(self, nonce, now_ms, link=0):
         self.now_ms = now_ms
         session = self._link(link)
-        if session.state != "down":
-            self._link_down(link, "a new connection replaced the old one")
+        if session.state != "down":             # the runtime closed the old connection already
+            self._link_down(link, "a new connection replaced the old one", reset=False)
         session.connected(nonce, now_ms)
         return self._take()
 
@@ -306,6 +306,7 @@ class LogSource(_Session):
         self.apply_error = 0
         self.cp_through = 0                       # entries up to here are applied to our volume
         self.gap = None                           # the destination lost entries we no longer hold
+        self.resumed = False                      # the destination said where to resume, this session
         self._recover()
 
     # -- recovery -------------------------------------------------------------
@@ -387,7 +388,7 @@ class LogSource(_Session):
             if part is None:                  # no partition free: the rest waits, in order
                 self.waiting.appendleft((req, lun, offset + at, data[at:]))
                 self.stats["writes_waiting"] += 1
-                if self.link.up and self.gap is None:
+                if self.resumed and self.gap is None:
                     self._ship()              # what is logged goes out: its acks free partitions
                 return
             seq = self.next_seq
@@ -396,7 +397,8 @@ class LogSource(_Session):
             last = seq
         self.stats["host_writes"] += 1
         if self.link.up and self.gap is None:
-            self._ship()
+            if self.resumed:                  # else the destination's greeting starts the shipping
+                self._ship()
             self.pending.append((last, req))
         else:
             self.stats["writes_unshipped"] += 1
@@ -487,7 +489,7 @@ class LogSource(_Session):
                                  last_seq=part.last_seq))
         part.state = APPLIED
         self.out.append(self.log.write_header(part))
-        if self.link.up and self.gap is None:
+        if self.resumed and self.gap is None:
             self._send_cp()
         self._pump_apply()
         self._drain_waiting()
@@ -577,6 +579,7 @@ class LogSource(_Session):
         # wait for the destination's LOG_ACK: it says where to resume
 
     def _on_link_down(self, link):
+        self.resumed = False
         # everything still pending is durable here: acknowledge it (degraded), keep it to resend
         pending, self.pending = self.pending, collections.deque()
         for _seq, req in pending:
@@ -614,6 +617,7 @@ class LogSource(_Session):
                                            "it needs a full copy"))
             return
         self.gap = None
+        self.resumed = True
         self.acked_seq = max(self.acked_seq, stored)
         self.shipped_seq = stored
         self.out.append(A.Notify("log_resume", after_seq=stored, entries=len(held)))
@@ -643,8 +647,11 @@ class LogSource(_Session):
 
     def status(self):
         parts = self.log.parts
+        link = self.link.state
+        if self.link.up:
+            link = "shipping" if self.resumed and self.gap is None else "connected"
         return {"mode": "replica", "replica_variant": "log", "role": "source",
-                "link": self.link.state, "next_seq": self.next_seq, "acked_seq": self.acked_seq,
+                "link": link, "next_seq": self.next_seq, "acked_seq": self.acked_seq,
                 "unshipped_entries": max(0, self.next_seq - 1 - self.acked_seq),
                 "applied_seq": self.cp_through, "destination_applied_seq": self.dest_applied_seq,
                 "partitions": [{"index": p.index, "state": ("empty", "filling", "full", "applied")[p.state],
@@ -1183,7 +1190,9 @@ class LogDestination(_Session):
         return self._take()
 
     def status(self):
+        ready = all(f.ready and f.link.up for f in self.feeds)
         return {"mode": "replica", "replica_variant": "log", "role": "destination",
+                "link": "shipping" if ready else "waiting",
                 "sources": {f.p.name: {"link": f.link.state, "ready": f.ready, "stored_seq": f.expected - 1,
                                        "filed_seq": f.filed_seq, "applied_seq": f.applied_seq,
                                        "nvram_entries": len(f.staged), "file_records": len(f.records),

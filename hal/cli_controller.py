@@ -32,6 +32,11 @@ def register(sub):
     up.add_argument("--durability", choices=("controller", "host"), default="controller")
     up.add_argument("--link", choices=("unix", "tcp"), default="unix")
     up.add_argument("--mode", choices=("ha", "replica"), default="ha")
+    up.add_argument("--replica-variant", choices=("bitmap", "log"), default="bitmap",
+                    help="replica mode: cache-acknowledged with a destage bitmap, or NVRAM-log shipping "
+                         "(a is the source, b the destination)")
+    up.add_argument("--cp-interval-ms", type=int, default=2000,
+                    help="log variant: a consistency point at least this often")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for both to serve")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_pair_up)
@@ -43,6 +48,13 @@ def register(sub):
     st.add_argument("--dir", required=True)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    rec = sub.add_parser("recover", help="log variant: apply every request in the destination's file "
+                                          "to the image volume (after a disaster at the source)")
+    rec.add_argument("--dir", required=True)
+    rec.add_argument("--source", help="the source whose image to recover (default: every source)")
+    rec.add_argument("--timeout", type=float, default=120.0)
+    rec.set_defaults(func=cmd_recover)
 
     own = sub.add_parser("ownership", help="move LUN ownership between the controllers")
     osub = own.add_subparsers(dest="ownership_cmd", required=True)
@@ -61,14 +73,14 @@ def register(sub):
 
 def cmd_controller_run(args):
     from .interfaces import HalError
-    from .runtime import Runtime
+    from .runtime_log import make_runtime
     from firmware.formats import FormatError
     try:
         cfg = C.load(args.config)
     except C.ConfigError as exc:
         raise UsageError(str(exc)) from None
     try:
-        runtime = Runtime(cfg)
+        runtime = make_runtime(cfg)
     except (HalError, FormatError, OSError) as exc:
         raise CommandFailed(f"controller {cfg.name}: {exc}") from None
     runtime.run()
@@ -87,11 +99,16 @@ def cmd_pair_up(args):
                      nvram_size_bytes=C.parse_size(args.nvram_size, "--nvram-size"))
     except C.ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if args.mode != "ha":
-        raise UsageError("--mode replica is not built yet (issue 5); use --mode ha")
+    if args.mode == "replica" and args.replica_variant == "bitmap":
+        raise UsageError("--mode replica --replica-variant bitmap is not built yet (issue 5); "
+                         "use --replica-variant log or --mode ha")
+    if args.cp_interval_ms <= 0:
+        raise UsageError(f"--cp-interval-ms {args.cp_interval_ms}: must be positive")
+    variant = dict(replica_variant=args.replica_variant, cp_interval_ms=args.cp_interval_ms) \
+        if args.mode == "replica" else {}
     try:
         result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
-                                mode=args.mode, timeout_s=args.timeout, **sizes)
+                                mode=args.mode, timeout_s=args.timeout, **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
     if args.json:
@@ -124,6 +141,9 @@ def cmd_status(args):
         if "pid" not in st:
             print(f"controller {st['controller']}: {st.get('state')} ({st.get('error', '')})")
             continue
+        if st.get("replica_variant") == "log":
+            _print_log_status(st)
+            continue
         print(f"controller {st['name']} (pid {st['pid']}): {st['role']}, link {st['link']}, "
               f"generation {st['generation']}, owns {', '.join(st['owned_luns']) or 'no LUN'}")
         print(f"  primary: {st['dirty_blocks']} dirty, {st['free_blocks']} free of "
@@ -136,6 +156,51 @@ def cmd_status(args):
             if info.get("state") == "releasing":
                 print(f"  {lun}: handing over, {info.get('dirty_lines', 0)} dirty lines to destage first")
     return 0
+
+
+def _print_log_status(st):
+    print(f"controller {st['name']} (pid {st['pid']}): log {st['role']}, link {st['link']}")
+    if st["role"] == "source":
+        print(f"  logged through seq {st['next_seq'] - 1}; destination holds through {st['acked_seq']} "
+              f"({st['unshipped_entries']} unshipped); applied here through {st['applied_seq']}, "
+              f"at the destination through {st['destination_applied_seq']}")
+        print("  partitions: " + ", ".join(f"{p['index']} {p['state']} {p['entries']} entries "
+                                           f"{p['used_bytes'] * 100 // p['size_bytes']}%" for p in st["partitions"]))
+        if st.get("gap"):
+            print(f"  DESTINATION GAP {st['gap']}: shipping stopped (see events)")
+        return
+    for name, src in st["sources"].items():
+        print(f"  source {name}: link {src['link']}, stored {src['stored_seq']}, filed {src['filed_seq']}, "
+              f"applied {src['applied_seq']} ({src['consistency_points']} consistency points), "
+              f"{src['nvram_entries']} in NVRAM, {src['file_records']} in the file not yet applied")
+
+
+def cmd_recover(args):
+    from .control import request
+    pair = _pair(args)
+    meta = pair.meta()
+    if meta.get("replica_variant") != "log":
+        raise UsageError(f"{pair.dir}: recover is for a log-variant replica pair (pair up --mode replica "
+                         f"--replica-variant log)")
+    try:
+        answer = request(pair.control_path("b"), {"cmd": "recover", "source": args.source}, timeout_s=10)
+    except OSError as exc:
+        raise CommandFailed(f"the destination (b) is not reachable: {exc}") from None
+    if "error" in answer:
+        raise CommandFailed(f"destination: {answer['error']}")
+    deadline = time.monotonic() + args.timeout
+    targets = answer["targets"]
+    while time.monotonic() < deadline:
+        st = pair.status("b")
+        left = {n: t - st["sources"][n]["applied_seq"] for n, t in targets.items()
+                if st["sources"][n]["applied_seq"] < t}
+        if not left:
+            for n, t in targets.items():
+                print(f"image of {n} recovered through seq {st['sources'][n]['applied_seq']}")
+            return 0
+        print("recovering: " + ", ".join(f"{n} {k} requests to apply" for n, k in left.items()), file=sys.stderr)
+        time.sleep(0.2)
+    raise CommandFailed(f"recovery did not finish within {args.timeout} s")
 
 
 def cmd_ownership_move(args):

@@ -43,6 +43,21 @@
     heartbeat_interval_ms = 100
     heartbeat_timeout_ms = 1000
 
+    [replica]                  # mode = "replica" only
+    variant = "bitmap"         # "bitmap" (cache-acknowledged, destage bitmap) or "log" (NVRAM-log shipping)
+    role = "source"            # log variant: "source" or "destination"
+    source_id = 0              # log variant, source: its id at the destination
+    cp_interval_ms = 2000      # log variant, source: a consistency point at least this often
+
+    [[replica.sources]]        # log variant, destination: one table per source (fan-in)
+    name = "a"                 # names the source's exports (a-lun0, ...) and its status
+    source_id = 0
+    pair_id = "<32 hex digits>"  # the source's pair id (its NVRAM, its link's HELLO)
+    key_file = "DIR/pair.key"  # the key that source's link authenticates with
+    link_path = "DIR/link.sock"  # this destination listens here for that source (or link_address)
+    images = [0, 1]            # [disks] indexes of its image volumes, one per source LUN
+    journal = 2                # [disks] index of the disk holding its file of requests
+
 Sizes accept K, M, G suffixes (powers of 1024).
 """
 from __future__ import annotations
@@ -119,6 +134,27 @@ class CacheConfig:
 
 
 @dataclasses.dataclass
+class SourceEntry:
+    name: str
+    source_id: int
+    pair_id: bytes
+    key_file: str
+    link_path: str
+    link_address: str
+    images: list
+    journal: int
+
+
+@dataclasses.dataclass
+class ReplicaConfig:
+    variant: str = "bitmap"
+    role: str = "source"
+    source_id: int = 0
+    cp_interval_ms: int = 2000
+    sources: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class ControllerConfig:
     name: str
     controller_id: int
@@ -132,6 +168,7 @@ class ControllerConfig:
     nbd: NbdConfig
     cache: CacheConfig
     source: str = ""
+    replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
 
     @property
     def luns(self) -> int:
@@ -174,7 +211,7 @@ def load(path) -> ControllerConfig:
 
 
 def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
-    known = {"controller", "nvram", "disks", "link", "nbd", "cache"}
+    known = {"controller", "nvram", "disks", "link", "nbd", "cache", "replica"}
     if unknown := set(doc) - known:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}")
     c = _section(doc, "controller", where)
@@ -220,10 +257,53 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
                            for f in dataclasses.fields(CacheConfig)})
     if not 0 < cache.low_watermark < cache.high_watermark <= 1:
         raise ConfigError(f"{where}: [cache] need 0 < low_watermark < high_watermark <= 1")
+    replica = _replica(_section(doc, "replica", where), mode, len(disks.paths or disks.serials), where)
     return ControllerConfig(
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
         key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
-        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, source=where)
+        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, source=where, replica=replica)
+
+
+def _replica(r: dict, mode: str, disk_count: int, where: str) -> ReplicaConfig:
+    if r and mode != "replica":
+        raise ConfigError(f"{where}: [replica] needs [controller] mode = \"replica\"")
+    rc = ReplicaConfig(
+        variant=_choice(_take(r, "variant", str, "bitmap", where), ("bitmap", "log"), f"{where}: [replica] variant"),
+        role=_choice(_take(r, "role", str, "source", where), ("source", "destination"), f"{where}: [replica] role"),
+        source_id=_take(r, "source_id", int, 0, where),
+        cp_interval_ms=_take(r, "cp_interval_ms", int, 2000, where))
+    if rc.cp_interval_ms <= 0:
+        raise ConfigError(f"{where}: [replica] cp_interval_ms must be positive")
+    sources = _take(r, "sources", list, [], where)
+    if rc.variant == "log" and rc.role == "destination" and not sources:
+        raise ConfigError(f"{where}: a log destination needs at least one [[replica.sources]] table")
+    used, names, ids = set(), set(), set()
+    for k, s in enumerate(sources):
+        at = f"{where}: [[replica.sources]] #{k + 1}"
+        if not isinstance(s, dict):
+            raise ConfigError(f"{at} must be a table")
+        pair_hex = _take(s, "pair_id", str, "", at)
+        if not re.fullmatch(r"[0-9a-fA-F]{32}", pair_hex):
+            raise ConfigError(f"{at}: pair_id must be 32 hex digits")
+        entry = SourceEntry(
+            name=_take(s, "name", str, f"source{k}", at), source_id=_take(s, "source_id", int, k, at),
+            pair_id=bytes.fromhex(pair_hex), key_file=_take(s, "key_file", str, "", at),
+            link_path=_take(s, "link_path", str, "", at), link_address=_take(s, "link_address", str, "", at),
+            images=list(_take(s, "images", list, [], at)), journal=_take(s, "journal", int, -1, at))
+        if not entry.key_file or not (entry.link_path or entry.link_address):
+            raise ConfigError(f"{at}: needs key_file and link_path (or link_address)")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", entry.name) or entry.name in names or entry.source_id in ids:
+            raise ConfigError(f"{at}: name {entry.name!r} / source_id {entry.source_id} must be unique and simple")
+        for d in entry.images + [entry.journal]:
+            if not isinstance(d, int) or not 0 <= d < disk_count or d in used:
+                raise ConfigError(f"{at}: disk index {d!r} is not one of [disks] or is used twice")
+            used.add(d)
+        if not entry.images:
+            raise ConfigError(f"{at}: images lists no disk")
+        names.add(entry.name)
+        ids.add(entry.source_id)
+        rc.sources.append(entry)
+    return rc
 
 
 def dump(config: dict) -> str:
@@ -246,4 +326,6 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")

@@ -72,6 +72,8 @@ class ControlServer:
             self._ping(sock)
         elif cmd == "move":
             self._move(sock, request)
+        elif cmd == "recover":
+            self._recover(sock, request)
         elif cmd == "stop":
             self._send(sock, {"ok": True})
             self.runtime.stop()
@@ -93,6 +95,21 @@ class ControlServer:
             return
         self.runtime.execute(ctrl.move_lun(lun))
         self._send(sock, {"ok": True})
+
+    def _recover(self, sock, request):
+        """Log variant, destination: apply every filed request to the image volume(s)."""
+        ctrl = self.runtime.ctrl
+        if not hasattr(ctrl, "recover"):
+            self._send(sock, {"error": "recover is for a log-shipping destination"})
+            return
+        name = request.get("source")
+        names = [f.p.name for f in ctrl.feeds]
+        if name is not None and name not in names:
+            self._send(sock, {"error": f"no source {name!r} here (sources: {', '.join(names)})"})
+            return
+        self.runtime.execute(ctrl.recover(name))
+        self._send(sock, {"ok": True, "targets": {f.p.name: f.filed_seq for f in ctrl.feeds
+                                                  if name is None or f.p.name == name}})
 
     def _ping(self, sock):
         if not self.runtime.ctrl.link.up:

@@ -64,7 +64,8 @@ class LocalPair:
         return str(self.dir / name / "control.sock")
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
-               durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False):
+               durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False,
+               replica_variant="bitmap", cp_interval_ms=2000):
         if self.meta_path.exists():
             return self.meta()
         if luns < 1 or luns > 64:
@@ -74,17 +75,23 @@ class LocalPair:
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
                     link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy)
+        if mode == "replica":
+            meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
         (self.dir / "disks").mkdir(exist_ok=True)
         for name in NAMES:
             (self.dir / name).mkdir(exist_ok=True)
             self.config_path(name).write_text(C.dump(self._config(meta, name)))
-        cfg = C.load(self.config_path("a"))
-        DiskArray.open(cfg.disks, cfg.pair_id, create=True).close()
+        for name in (NAMES if meta.get("replica_variant") == "log" else ("a",)):   # log: each has its own
+            (self.dir / name / "disks").mkdir(exist_ok=True)
+            cfg = C.load(self.config_path(name))
+            DiskArray.open(cfg.disks, cfg.pair_id, create=True).close()
         self.meta_path.write_text(json.dumps(meta, indent=1))
         return meta
 
     def _config(self, meta, name) -> dict:
+        if meta.get("replica_variant") == "log":
+            return self._log_config(meta, name)
         d, cdir = self.dir, self.dir / name
         link = {"transport": meta["link"], "listen": name == "a"}
         if meta["link"] == "tcp":
@@ -104,6 +111,35 @@ class LocalPair:
             "link": link,
             "nbd": {"unix": str(cdir / "nbd.sock")},
             "cache": dict(meta.get("cache", {})),
+        }
+
+    def _log_config(self, meta, name) -> dict:
+        """Log variant: a is the source (its own disks), b the destination (image disks + a journal)."""
+        d, cdir = self.dir, self.dir / name
+        tcp = f"127.0.0.1:{meta['link_port']}" if meta["link"] == "tcp" else ""
+        link_path = str(d / ("link-proxy.sock" if meta.get("link_proxy") else "link.sock"))
+        n = meta["luns"]
+        if name == "a":
+            paths = [str(cdir / "disks" / f"disk{i}.img") for i in range(n)]
+            link = {"transport": meta["link"], "listen": False, **({"address": tcp} if tcp else {"path": link_path})}
+            replica = {"variant": "log", "role": "source", "source_id": 0, "cp_interval_ms": meta["cp_interval_ms"]}
+        else:
+            paths = [str(cdir / "disks" / f"image{i}.img") for i in range(n)] + [str(cdir / "disks" / "journal.img")]
+            link = {"transport": meta["link"], "listen": True, "path": str(d / "link.sock")}
+            source = {"name": "a", "source_id": 0, "pair_id": meta["pair_id"], "key_file": str(d / "pair.key"),
+                      "images": list(range(n)), "journal": n}
+            source.update({"link_address": tcp} if tcp else {"link_path": str(d / "link.sock")})
+            replica = {"variant": "log", "role": "destination", "sources": [source]}
+        return {
+            "controller": {"name": name, "mode": "replica", "pair_id": meta["pair_id"],
+                           "key_file": str(d / "pair.key"), "state_dir": str(cdir)},
+            "nvram": {"backend": "file", "path": str(cdir / "nvram.img"), "size": meta["nvram_size_bytes"],
+                      "durability": meta["durability"], "block_size": meta["block_size_bytes"]},
+            "disks": {"backend": "file", "lun_size": meta["lun_size_bytes"], "paths": paths},
+            "link": link,
+            "nbd": {"unix": str(cdir / "nbd.sock")},
+            "cache": dict(meta.get("cache", {})),
+            "replica": replica,
         }
 
     # -- processes ------------------------------------------------------------
@@ -151,7 +187,7 @@ class LocalPair:
         while pending and time.monotonic() < deadline:
             for name in sorted(pending):
                 st = self.status(name, 1.0)
-                if "pid" in st and (not mirrored or st.get("link") == "mirrored"):
+                if "pid" in st and (not mirrored or st.get("link") in ("mirrored", "shipping")):
                     pending.discard(name)
                 elif self.pid(name) is None:
                     log = (self.dir / name / "controller.log").read_text(errors="replace")[-2000:]

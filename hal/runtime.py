@@ -94,7 +94,7 @@ class Runtime:
         self.nvram = open_nvram(cfg)
         self.persist_needed = self.nvram.durability != "controller"
         self.disks = DiskArray.open(cfg.disks, cfg.pair_id).disks
-        self.endpoint, framer_cls, reliable = open_link_endpoint(cfg)
+        self.endpoint, framer_cls, reliable = self.open_link(cfg)
         self.framer_cls = framer_cls
         key = load_pair_key(cfg.key_file)
         params = firmware_params(cfg, self.disks, reliable)
@@ -102,7 +102,7 @@ class Runtime:
         if nvram_is_blank(nv):
             self._do_persists(format_nvram(nv, params))
             self.note("nvram_formatted", path=cfg.nvram.path, size_bytes=len(nv))
-        self.ctrl = Controller(params, nv, key, self.clock.monotonic_ms())
+        self.ctrl = self.make_firmware(params, nv, key)
         self.sel = selectors.DefaultSelector()
         self.clients = {}
         self.link = None
@@ -114,11 +114,21 @@ class Runtime:
         self.read_completions = []
         self.dirty_clients = set()
         self.link_buf = bytearray(LINK_RECV_BYTES)
-        self.exports = [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
-                                   description=f"twincache {cfg.name} LUN {d.lun}") for d in self.disks]
+        self.exports = self.make_exports(cfg)
         self.listeners = []
         self.control = ControlServer(self, os.path.join(cfg.state_dir, "control.sock"))
         self.execute(self.ctrl.start())
+
+    def open_link(self, cfg):
+        return open_link_endpoint(cfg)
+
+    def make_exports(self, cfg):
+        return [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
+                           description=f"twincache {cfg.name} LUN {d.lun}") for d in self.disks]
+
+    def make_firmware(self, params, nv, key):
+        """The firmware this runtime drives: the ha Controller (replica variants override)."""
+        return Controller(params, nv, key, self.clock.monotonic_ms())
 
     # -- logging --------------------------------------------------------------
 

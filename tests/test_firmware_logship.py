@@ -257,3 +257,27 @@ def test_bad_host_requests_get_einval_and_nothing_is_logged():
     r.write(0, "odd", 0, 100, block(1, 512))
     assert r.replies["oob"][0] == 22 and r.replies["odd"][0] == 22
     assert r.src[0].next_seq == 1
+
+
+def test_malformed_log_frames_reset_the_link_and_nothing_is_stored_or_lost():
+    r = small()
+    r.connect()
+    r.write(0, "a", 0, 0, block(1))
+    good = M.LOG_SHIP_HEAD.pack(0, 0, 1) + M.LOG_ENTRY_HEAD.pack(2, 0, 0, 8, 0xDEADBEEF, 4096) + block(2)
+    bad_bodies = [good,                                   # data failing its CRC
+                  good[:40],                              # cut short
+                  M.LOG_SHIP_HEAD.pack(7, 0, 0),          # another source's entries on this link
+                  M.LOG_SHIP_HEAD.pack(0, 0, 1) + M.LOG_ENTRY_HEAD.pack(2, 9, 0, 0, 0, 0)]   # no lun9
+    for body in bad_bodies:
+        src = r.src[0]
+        src.link.send(M.MsgType.LOG_SHIP, M.Resource.REPLICATION, body)
+        r.run(("src", 0), src._take())
+        r.deliver()
+        assert r.dst.feeds[0].link.state == "down" and r.dst.stats["link_errors"] >= 1
+        assert r.dst.feeds[0].expected == 2               # nothing of it stored
+        r.connect()
+        assert r.src[0].status()["link"] == "shipping"
+    r.write(0, "b", 0, 4 * KiB, block(3))
+    assert r.replies["b"] == (0, None)
+    r.recover("s0")
+    assert r.image(0, 0)[:8 * KiB] == block(1) + block(3)
