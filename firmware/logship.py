@@ -59,7 +59,7 @@ class LogParams:
 
     def __init__(self, pair_id, lun_sizes, *, source_id=0, cp_interval_ms=2000, max_write_bytes=4 << 20,
                  heartbeat_interval_ms=100, heartbeat_timeout_ms=1000, reliable_transport=True,
-                 data_window_bytes=4 << 20, waiting_max=1024):
+                 data_window_bytes=4 << 20, waiting_max=1024, buggify=None):
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
         self.source_id = source_id
@@ -70,6 +70,8 @@ class LogParams:
         self.reliable_transport = reliable_transport
         self.data_window_bytes = data_window_bytes
         self.waiting_max = waiting_max
+        # Deliberately broken variants for the simulator (hal/sim_log.py BROKEN_SITES): off in service.
+        self.buggify = buggify or (lambda site: False)
 
 
 def partition_header(index, state, first_seq, entries, used) -> bytes:
@@ -399,6 +401,9 @@ class LogSource(_Session):
         if self.link.up and self.gap is None:
             if self.resumed:                  # else the destination's greeting starts the shipping
                 self._ship()
+            if self.params.buggify("log_ack_before_ship"):
+                self.out.append(A.HostReply(req))
+                return
             self.pending.append((last, req))
         else:
             self.stats["writes_unshipped"] += 1
@@ -421,6 +426,8 @@ class LogSource(_Session):
         return nxt
 
     def _reusable(self, part):
+        if self.params.buggify("log_reuse_unshipped"):
+            return True
         return part.state == EMPTY or not part.entries or part.last_seq <= self.acked_seq
 
     def _close(self, part):
@@ -621,6 +628,8 @@ class LogSource(_Session):
         self.acked_seq = max(self.acked_seq, stored)
         self.shipped_seq = stored
         self.out.append(A.Notify("log_resume", after_seq=stored, entries=len(held)))
+        if self.params.buggify("log_skip_resend"):
+            self.shipped_seq = self.next_seq - 1
         self._ship()
         if self.cp_through > applied:
             self._send_cp()
@@ -972,10 +981,12 @@ class LogDestination(_Session):
             at = feed.tail if feed.tail + size <= end else LF.DATA_START
             return at if at + size <= end else None
         head = feed.records[0].data_off - LF.RECORD_ALIGN
-        if feed.tail >= head:
+        newest = feed.records[-1].data_off - LF.RECORD_ALIGN
+        if newest >= head:                 # not wrapped: [head, tail) is in use
             if feed.tail + size <= end:
                 return feed.tail
             return LF.DATA_START if LF.DATA_START + size <= head else None
+        # wrapped: [head, end) and [DATA_START, tail) are in use (tail == head is full, not empty)
         return feed.tail if feed.tail + size <= head else None
 
     def _file(self, feed):

@@ -93,7 +93,8 @@ class SimResult:
 class Sim:
     def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None, fencing=True):
         if mode != "ha":
-            raise ValueError(f"mode {mode!r}: only ha mode exists in the firmware so far")
+            raise ValueError(f"mode {mode!r}: this simulator runs ha mode; replica mode (the NVRAM-log "
+                             f"variant) runs in hal/sim_log.py")
         assert broken is None or broken in BROKEN_SITES, broken
         assert fencing or broken not in FENCE_SITES, f"{broken} needs fencing on"
         self.seed, self.mode, self.steps, self.broken = seed, mode, steps, broken

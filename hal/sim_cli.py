@@ -6,17 +6,26 @@ failure with the exact replay command, and the speed (seeds per minute,
 simulated host operations per second). `inv sim` (hal/tasks_sim.py) calls
 the same functions. Exit status 1 if any seed failed. Fencing (dynamic
 ownership through reservation records) is on unless `--static` asks for the
-old static ownership (lun % 2).
+old static ownership (lun % 2). `--mode replica` runs the NVRAM-log variant
+of replica mode (hal/sim_log.py).
 """
 import argparse
 import sys
 import time
 
 from .sim import BROKEN_SITES, run_seed
+from .sim_log import BROKEN_SITES as LOG_BROKEN_SITES
+from .sim_log import run_log_seed
+
+
+def _run(seed, mode, steps, broken, fencing):
+    if mode == "replica":
+        return run_log_seed(seed, steps, broken)
+    return run_seed(seed, mode, steps, broken, fencing)
 
 
 def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout, fencing=True):
-    result = run_seed(seed, mode, steps, broken, fencing)
+    result = _run(seed, mode, steps, broken, fencing)
     print(f"seed {seed}: {'ok' if result.ok else 'FAILED'}  trace {result.trace_hash}", file=out)
     print("  " + " ".join(f"{k}={v}" for k, v in sorted(result.stats.items())), file=out)
     if not result.ok:
@@ -29,9 +38,9 @@ def sweep(seeds, start=0, mode="ha", steps=300, broken=None, out=sys.stdout, pro
     failed, ops, events = [], 0, 0
     t0 = time.perf_counter()
     for n, seed in enumerate(range(start, start + seeds), 1):
-        result = run_seed(seed, mode, steps, broken, fencing)
-        ops += result.stats["ops"]
-        events += result.stats["events"]
+        result = _run(seed, mode, steps, broken, fencing)
+        ops += result.stats.get("ops", result.stats.get("writes", 0) + result.stats.get("reads", 0))
+        events += result.stats.get("events", result.stats.get("frames", 0))
         if not result.ok:
             failed.append(result)
             print(f"seed {seed} FAILED: {result.failure.splitlines()[0][:300]}\n  replay: {result.replay}",
@@ -55,12 +64,12 @@ def main(argv=None):
     ap.add_argument("--start", type=int, default=0, help="first seed of the sweep")
     ap.add_argument("--mode", default="ha", choices=("ha", "replica"))
     ap.add_argument("--steps", type=int, default=300, help="host operations per run")
-    ap.add_argument("--broken", choices=BROKEN_SITES, help="run a deliberately broken firmware variant")
+    ap.add_argument("--broken", choices=BROKEN_SITES + LOG_BROKEN_SITES,
+                    help="run a deliberately broken firmware variant (log_* sites: replica mode)")
     ap.add_argument("--static", action="store_true", help="static ownership (lun %% 2), fencing off")
     args = ap.parse_args(argv)
-    if args.mode != "ha":
-        print(f"mode {args.mode}: the firmware has no {args.mode} mode yet", file=sys.stderr)
-        return 2
+    if args.broken and (args.broken in LOG_BROKEN_SITES) != (args.mode == "replica"):
+        ap.error(f"--broken {args.broken} belongs to the other mode")
     if args.seed is not None:
         return 0 if run_one(args.seed, args.mode, args.steps, args.broken, fencing=not args.static).ok else 1
     failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken, fencing=not args.static)

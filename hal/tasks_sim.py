@@ -9,7 +9,7 @@ from invoke import task
 
 
 @task(help={"seed": "replay this one seed (prints its trace hash)", "seeds": "sweep this many seeds",
-            "start": "first seed of a sweep", "mode": "ha (replica once it exists)",
+            "start": "first seed of a sweep", "mode": "ha, or replica (the NVRAM-log variant)",
             "steps": "host operations per run", "broken": "a deliberately broken firmware variant",
             "static": "static ownership (lun % 2), fencing off"})
 def sim(c, seed=None, seeds=100, start=0, mode="ha", steps=300, broken=None, static=False):

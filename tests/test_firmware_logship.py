@@ -294,7 +294,7 @@ def test_record_torn_in_the_file_is_refiled_from_the_destination_nvram():
     r.stall()
     r.write(0, "x", 0, 3 * 4 * KiB, block(0x5A))
     assert r.replies["x"] == (0, None)                   # stored in the destination's NVRAM
-    (who, act), = [(w, a) for w, a in r.stalled if a.__class__.__name__ == "DiskWrite" and w[0] == "dst"]
+    (who, _ctrl, act), = [(w, c, a) for w, c, a in r.stalled if a.__class__.__name__ == "DiskWrite" and w[0] == "dst"]
     journal = r.dst_disks[r.feeds[0].journal_disk]
     half = bytes(act.data)[:len(act.data) // 2]
     journal[act.offset:act.offset + len(half)] = half    # the first half lands, then the power goes
@@ -332,3 +332,28 @@ def test_torn_entry_in_the_destination_nvram_was_never_acknowledged_and_is_resen
     assert r.dst.feeds[0].expected == 3
     r.recover("s0")
     assert r.image(0, 0)[:8 * KiB] == block(1) + block(2)
+
+
+def test_a_full_file_ring_holds_back_filing_until_a_consistency_point_frees_it():
+    """The ring wraps until its tail meets its head: that is full, not empty; filing waits for
+    the next consistency point and nothing unapplied is overwritten (the simulator found this)."""
+    r = small(journal_bytes=4 * KiB + 4 * 4608)           # room for four 4 KiB records
+    r.connect()
+    for n in range(4):
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    feed = r.dst.feeds[0]
+    assert feed.filed_seq == 4
+    src = r.src[0]                                        # a consistency point through seq 2
+    src.link.send(M.MsgType.CONSISTENCY_POINT, M.Resource.REPLICATION, M.CONSISTENCY_POINT.pack(0, 0, 0, 2))
+    r.run(("src", 0), src._take())
+    r.deliver()
+    assert feed.applied_seq == 2
+    for n in range(4, 7):                                 # 5 and 6 wrap into the freed space, 7 waits
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    assert feed.filed_seq == 6 and len(feed.staged) == 1 and r.dst.stats["journal_full"] >= 1
+    positions = [rec.data_off for rec in feed.records]
+    assert len(set(positions)) == len(positions) == 4
+    r.recover("s0")                                       # applies 3..6, frees the ring, files 7
+    r.recover("s0")
+    assert feed.filed_seq == 7 and feed.applied_seq == 7
+    assert r.image(0, 0)[:28 * KiB] == b"".join(block(n) for n in range(7))

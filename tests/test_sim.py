@@ -96,8 +96,8 @@ def test_fencing_variant_not_caught_yet(broken):
     assert _caught_fencing(broken, range(8))
 
 
-def test_replica_mode_is_refused_until_it_exists():
-    with pytest.raises(ValueError, match="only ha mode"):
+def test_the_ha_simulator_sends_replica_mode_to_its_own_simulator():
+    with pytest.raises(ValueError, match="this simulator runs ha mode"):
         run_seed(1, mode="replica")
 
 
