@@ -43,6 +43,15 @@
     heartbeat_interval_ms = 100
     heartbeat_timeout_ms = 1000
 
+    [replica]                  # mode = "replica" only; all optional
+    variant = "bitmap"         # "bitmap" (destage record, quick resync); "log" is reserved (not built)
+    primary = "a"              # which controller starts as primary on a new pair
+    ack = "cache"              # where the secondary holds a copy before the ack: "cache", "nvram", "disk"
+    range_size = "64K"         # bytes of LUN per record bit
+    resync_rate = 0            # bytes per second the resync may send; 0 = unlimited (sizes accepted)
+    resync_inflight_max = 16   # ranges in flight during a resync
+    auto_promote_after_ms = 0  # promote the secondary after this long without its peer; 0 = never
+
 Sizes accept K, M, G suffixes (powers of 1024).
 """
 from __future__ import annotations
@@ -119,6 +128,17 @@ class CacheConfig:
 
 
 @dataclasses.dataclass
+class ReplicaConfig:
+    variant: str = "bitmap"
+    primary: str = "a"
+    ack: str = "cache"
+    range_size_bytes: int = 64 << 10
+    resync_rate_bytes_s: int = 0
+    resync_inflight_max: int = 16
+    auto_promote_after_ms: int = 0
+
+
+@dataclasses.dataclass
 class ControllerConfig:
     name: str
     controller_id: int
@@ -131,6 +151,7 @@ class ControllerConfig:
     link: LinkConfig
     nbd: NbdConfig
     cache: CacheConfig
+    replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
     source: str = ""
 
     @property
@@ -174,7 +195,7 @@ def load(path) -> ControllerConfig:
 
 
 def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
-    known = {"controller", "nvram", "disks", "link", "nbd", "cache"}
+    known = {"controller", "nvram", "disks", "link", "nbd", "cache", "replica"}
     if unknown := set(doc) - known:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}")
     c = _section(doc, "controller", where)
@@ -220,10 +241,36 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
                            for f in dataclasses.fields(CacheConfig)})
     if not 0 < cache.low_watermark < cache.high_watermark <= 1:
         raise ConfigError(f"{where}: [cache] need 0 < low_watermark < high_watermark <= 1")
+    replica = _replica(_section(doc, "replica", where), where)
     return ControllerConfig(
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
         key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
-        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, source=where)
+        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, replica=replica,
+        source=where)
+
+
+def _replica(r: dict, where: str) -> ReplicaConfig:
+    known = {"variant", "primary", "ack", "range_size", "resync_rate", "resync_inflight_max",
+             "auto_promote_after_ms"}
+    if unknown := set(r) - known:
+        raise ConfigError(f"{where}: [replica] unknown key(s) {sorted(unknown)}")
+    rate = r.get("resync_rate", 0)
+    cfg = ReplicaConfig(
+        variant=_choice(_take(r, "variant", str, "bitmap", where), ("bitmap", "log"), f"{where}: [replica] variant"),
+        primary=_choice(_take(r, "primary", str, "a", where), ("a", "b"), f"{where}: [replica] primary"),
+        ack=_choice(_take(r, "ack", str, "cache", where), ("cache", "nvram", "disk"), f"{where}: [replica] ack"),
+        range_size_bytes=parse_size(r.get("range_size", "64K"), f"{where}: [replica] range_size"),
+        resync_rate_bytes_s=0 if rate == 0 else parse_size(rate, f"{where}: [replica] resync_rate"),
+        resync_inflight_max=_take(r, "resync_inflight_max", int, 16, where),
+        auto_promote_after_ms=_take(r, "auto_promote_after_ms", int, 0, where))
+    if cfg.variant == "log":
+        raise ConfigError(f"{where}: [replica] variant = \"log\" (NVRAM-log shipping) is reserved: not built yet")
+    size = cfg.range_size_bytes
+    if size < 4096 or size & (size - 1) or size > 4 << 20:
+        raise ConfigError(f"{where}: [replica] range_size must be a power of two from 4K to 4M")
+    if not 0 < cfg.resync_inflight_max <= 1024 or cfg.auto_promote_after_ms < 0:
+        raise ConfigError(f"{where}: [replica] resync_inflight_max 1..1024, auto_promote_after_ms >= 0")
+    return cfg
 
 
 def dump(config: dict) -> str:

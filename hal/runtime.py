@@ -62,6 +62,26 @@ def open_link_endpoint(cfg):
     return SerialLinkEndpoint(lk.device, lk.baud), CobsFramer, False
 
 
+def replica_settings(cfg):
+    """Replica mode: the firmware's settings, with fresh uuids from the OS (firmware draws no randomness)."""
+    if cfg.mode != "replica":
+        return None
+    from firmware.replica import ReplicaSettings
+    r = cfg.replica
+    return ReplicaSettings(lambda: int.from_bytes(os.urandom(8), "big") | 1, variant=r.variant, ack=r.ack,
+                           range_bytes=r.range_size_bytes, resync_rate_bytes_s=r.resync_rate_bytes_s,
+                           resync_inflight_max=r.resync_inflight_max,
+                           auto_promote_after_ms=r.auto_promote_after_ms,
+                           initial_primary="ab".index(r.primary))
+
+
+def make_controller(params, nv, key, now_ms):
+    if params.mode == "replica":
+        from firmware.replica import ReplicaController
+        return ReplicaController(params, nv, key, now_ms)
+    return Controller(params, nv, key, now_ms)
+
+
 def firmware_params(cfg, disks, reliable):
     c = cfg.cache
     return Params(cfg.controller_id, cfg.pair_id, [d.data_size for d in disks], mode=cfg.mode,
@@ -70,7 +90,7 @@ def firmware_params(cfg, disks, reliable):
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
-                  fencing=cfg.mode == "ha")
+                  fencing=cfg.mode == "ha", replica=replica_settings(cfg))
 
 
 class NbdClient:
@@ -102,7 +122,7 @@ class Runtime:
         if nvram_is_blank(nv):
             self._do_persists(format_nvram(nv, params))
             self.note("nvram_formatted", path=cfg.nvram.path, size_bytes=len(nv))
-        self.ctrl = Controller(params, nv, key, self.clock.monotonic_ms())
+        self.ctrl = make_controller(params, nv, key, self.clock.monotonic_ms())
         self.sel = selectors.DefaultSelector()
         self.clients = {}
         self.link = None
