@@ -17,6 +17,7 @@ the replicated host write is already on its way, and older data must not
 follow it.
 """
 from . import actions as A
+from .cache import LUN_SHIFT
 from .formats import frame as F
 from .formats import messages as M
 from .formats.nvram import crc32c
@@ -201,6 +202,7 @@ class ResyncMixin:
         body = M.ResyncDone.build(dict(current_uuid=rec.current_uuid, ranges=rs.done_ranges,
                                        bytes=rs.done_bytes, reserved=0))
         self.link.send(T.RESYNC_DONE, M.Resource.REPLICATION, body)
+        self._send_clean_sweep()
         values = dict(flags=rec.flags & ~M.STATE_FRESH)
         if rec.bitmap_uuid:
             values.update(history0=rec.bitmap_uuid, history1=rec.history0, bitmap_uuid=0)
@@ -212,6 +214,21 @@ class ResyncMixin:
                                  full=rs.full))
         self.last_resync = self._resync_status(rs)
         self.resync = None
+
+    def _send_clean_sweep(self):
+        """Every range this cache holds nothing of, as destaged: the target's RECEIVED record may
+        still name ranges destaged here while it was away (their messages were never sent)."""
+        rec, bs = self.rec, self.block_size
+        mask = (1 << LUN_SHIFT) - 1
+        dirty = {(key >> LUN_SHIFT, (key & mask) * bs // rec.range_bytes)
+                 for key in list(self.cache.lines) + list(self.flushing_keys)}
+        rpb = rec.range_bytes // 512
+        for lun, count in enumerate(rec.lun_ranges):
+            pairs = runs(r for r in range(count) if (lun, r) not in dirty)
+            for i in range(0, len(pairs), RANGES_PER_REQUEST):
+                body = M.DestagedRange.build(dict(lun=lun, ranges=[
+                    dict(lba=r * rpb, sectors=n * rpb) for r, n in pairs[i:i + RANGES_PER_REQUEST]]))
+                self.link.send(T.DESTAGED_RANGE, M.Resource.REPLICATION, body, lane=F.LANE_CONTROL)
 
     def _resync_status(self, rs):
         return {"total_bytes": rs.total_bytes, "done_bytes": rs.done_bytes,
