@@ -505,6 +505,10 @@ class ReplicaController(ResyncMixin, Controller):
 
     def promote(self, force=False, auto=False):
         """Make this side primary; refused while a connected peer is primary or mid-resync."""
+        self._promote(force, auto)
+        return self._take()
+
+    def _promote(self, force, auto):
         rec = self.rec
         reason = None
         if rec.role == PRIMARY:
@@ -516,7 +520,7 @@ class ReplicaController(ResyncMixin, Controller):
             reason = "this side's data is inconsistent (an unfinished resync) or unknown: --force to accept"
         if reason is not None:
             self.out.append(A.Notify("promote_refused", reason=reason))
-            return self._take()
+            return
         peer_gen = self.peer_side.generation if self.peer_side is not None else 0
         values = dict(role=PRIMARY, generation=max(rec.generation, peer_gen) + 1,
                       flags=rec.flags & ~(M.STATE_INCONSISTENT | M.STATE_FRESH))
@@ -527,7 +531,6 @@ class ReplicaController(ResyncMixin, Controller):
         for r in rec.update(**values):
             self._persist(r)
         self.out.append(A.Notify("promoted", auto=auto, forced=force, **self._ids()))
-        return self._take()
 
     def resolve(self, policy):
         """After a split brain: discard the data of the side `policy` names (a new handshake follows)."""
@@ -560,7 +563,7 @@ class ReplicaController(ResyncMixin, Controller):
         if (s.auto_promote_after_ms and self.rec.role == SECONDARY and self.sync == "standalone"
                 and not self.rec.flags & (M.STATE_INCONSISTENT | M.STATE_FRESH)
                 and now_ms - self.down_since_ms >= s.auto_promote_after_ms):
-            self.promote(auto=True)
+            self._promote(False, True)
         return super().tick(now_ms)
 
     def status(self) -> dict:
