@@ -77,6 +77,8 @@ def replica_settings(cfg):
 
 def make_controller(params, nv, key, now_ms):
     if params.mode == "replica":
+        # One module per variant: "bitmap" here; "log" (NVRAM-log shipping) plugs in beside it.
+        assert params.replica.variant == "bitmap", "config refuses the reserved variant"
         from firmware.replica import ReplicaController
         return ReplicaController(params, nv, key, now_ms)
     return Controller(params, nv, key, now_ms)

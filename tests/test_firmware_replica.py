@@ -429,3 +429,38 @@ def test_bad_destaged_range_and_foreign_range_size_reset_the_link():
     q.connect()
     assert q.state(0) == "standalone" and any("records" in f.get("reason", "") for k, f in q.notes[0]
                                               if k == "link_down")
+
+
+def test_primary_crash_with_copies_in_flight_restarts_as_source_and_converges():
+    p = pair(idle_flush_ms=50)
+    p.write(0, "acked", 0, 0, b"1" * BS)
+    p.deliver()
+    p.write(0, "lost", 0, 5 * RB, b"2" * BS)          # in a's NVRAM, its copy never arrives
+    p.wire[1].clear()
+    p.crash(0)
+    assert "lost" not in p.replies and p.ctrl[1].rec.role == M.ROLE_SECONDARY
+    p.boot(0)
+    assert p.ctrl[0].rec.test(SENT, 0, 5)              # recorded before the copy left
+    p.connect()
+    decision = p.events(0, "replica_decision")[-1]
+    assert decision["verdict"] == "become_source" and not decision["full"]
+    flush_all(p)
+    assert p.disks[0] == p.disks[1] and p.disks[1][0][5 * RB:5 * RB + BS] == b"2" * BS
+    assert p.ctrl[0].rec.counts == [0, 0] and p.ctrl[1].rec.counts == [0, 0]
+
+
+def test_old_primary_with_wiped_nvram_gets_back_what_it_had_not_destaged():
+    """The old primary's cache is gone with its NVRAM; the data it had not destaged (in the
+    secondary's RECEIVED record) comes back from the promoted secondary (a full resync: a fresh
+    NVRAM knows nothing of what its disks hold)."""
+    p = pair(idle_flush_ms=10**9)
+    p.write(0, "w", 1, 7 * RB, b"7" * BS)
+    p.deliver()
+    assert p.ctrl[1].rec.test(RECEIVED, 1, 7) and p.disks[0][1][7 * RB] == 0
+    p.crash(0)
+    p.nv[0][:] = bytes(len(p.nv[0]))                 # a's cache is lost with its NVRAM
+    p.run(1, p.ctrl[1].promote())
+    p.boot(0)
+    p.connect()
+    flush_all(p)
+    assert p.disks[0][1][7 * RB:7 * RB + BS] == b"7" * BS and p.disks[0] == p.disks[1]

@@ -237,3 +237,18 @@ def test_kill_either_side_mid_resync_and_the_resync_still_completes(tmp_path, vi
         assert_identical(pair)
     finally:
         pair.stop_all()
+
+
+def test_corrupted_replicate_on_the_wire_is_rejected_and_the_pair_recovers(proxied_rpair):
+    pair = proxied_rpair
+    pair.wait_serving()
+    since = time.time()
+    pair.proxy.mangle(min_bytes=32 << 10)            # a byte flipped inside a REPLICATE's data
+    assert verified(qemu_io(pair.uri("a", 0), "write -P 0x71 0 256k", "write -P 0x72 4M 256k"))
+    wait_for("the mangled chunk", lambda: pair.proxy.mangled == 1, 10)
+    down = pair.wait_event("b", "link_down", since=since)
+    assert "protocol error" in down["reason"]     # the framer dropped the bad frame: a gap, reset
+    pair.wait_event("a", "resync_done", since=since, side="source")
+    for name in ("a", "b"):
+        assert verified(qemu_io(pair.uri(name, 0), "read -P 0x71 0 256k", "read -P 0x72 4M 256k"))
+    assert_identical(pair)
