@@ -220,6 +220,9 @@ def test_kill_either_side_mid_resync_and_the_resync_still_completes(tmp_path, vi
         started = time.time()
         pair.up(wait_mirrored=False)
         pair.wait_event("a", "resync_progress", since=started)        # 12 MiB at 4 MB/s: ~3 s
+        progress = replica(pair, "a")["resync"]
+        assert 0 < progress["remaining_bytes"] < progress["total_bytes"] == 192 * (64 << 10)
+        assert 0 < progress["rate_bytes_s"] < 6e6                      # the rate limit holds
         pair.kill(victim)
         if victim == "b":
             assert verified(qemu_io(pair.uri("a", 0), "write -P 0x63 16M 64k"))   # still serving alone
@@ -230,7 +233,7 @@ def test_kill_either_side_mid_resync_and_the_resync_still_completes(tmp_path, vi
         again = time.time()
         pair.up()
         done = pair.wait_event("a", "resync_done", since=again, side="source", timeout_s=60)
-        assert done["ranges"] >= 1
+        assert done["ranges"] >= 1 and done["rate_bytes_s"] < 6e6
         for name in ("a", "b"):
             assert verified(qemu_io(pair.uri(name, 0), "read -P 0x61 0 8M"))
             assert verified(qemu_io(pair.uri(name, 1), "read -P 0x62 4M 4M"))
