@@ -49,7 +49,7 @@ class Params:
                  destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
-                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True):
+                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -74,6 +74,8 @@ class Params:
         self.takeover_wait_ms = takeover_wait_ms
         self.held_max = held_max
         self.auto_balance = auto_balance
+        # Replica mode settings (firmware/replica.py: ReplicaSettings); None in ha mode.
+        self.replica = replica
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 

@@ -253,6 +253,11 @@ def main(rounds=3, seconds=5, out_dir="bench-report"):
                    f"{min(fo):.2f}/{statistics.median(fo):.2f}/{max(fo):.2f} s. Bounded by "
                    f"takeover_wait_ms (900) + lease_ms + renew_interval_ms (claim read-back, 500) "
                    f"+ the mirror replay.\n")
+    try:
+        from .bench_replica import report as replica_report
+        report += replica_report()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        report += f"\nReplica quick resync: not measured ({exc}).\n"
     report += (f"\nNBD engine alone (Python, per request incl. reply): 4 KiB write "
                f"{engine['write']:.1f} us, 4 KiB read {engine['read']:.1f} us.\n")
     (out / "report.md").write_text(report)

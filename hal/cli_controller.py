@@ -37,6 +37,9 @@ def register(sub):
                          "(a is the source, b the destination)")
     up.add_argument("--cp-interval-ms", type=int, default=2000,
                     help="log variant: a consistency point at least this often")
+    up.add_argument("--ack", choices=("cache", "nvram", "disk"), default=None,
+                    help="replica mode: where the secondary holds a copy before it acknowledges")
+    up.add_argument("--resync-rate", default=None, help="replica mode: resync bytes per second (like 50M)")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for both to serve")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_pair_up)
@@ -64,6 +67,18 @@ def register(sub):
     mv.add_argument("--dir", required=True)
     mv.add_argument("--timeout", type=float, default=30.0)
     mv.set_defaults(func=cmd_ownership_move)
+
+    pr = sub.add_parser("promote", help="replica mode: make controller NAME the primary")
+    pr.add_argument("name", choices=("a", "b"))
+    pr.add_argument("--dir", required=True)
+    pr.add_argument("--force", action="store_true", help="even if its data is inconsistent (mid-resync)")
+    pr.set_defaults(func=cmd_promote)
+
+    rs = sub.add_parser("resolve", help="replica mode: resolve a split brain by discarding one side")
+    rs.add_argument("--dir", required=True)
+    rs.add_argument("--policy", required=True,
+                    choices=("discard-younger-primary", "discard-fewer-changes", "discard-a", "discard-b"))
+    rs.set_defaults(func=cmd_resolve)
 
     ev = sub.add_parser("events", help="stream the pair's events as JSON lines")
     ev.add_argument("--dir", required=True)
@@ -99,16 +114,20 @@ def cmd_pair_up(args):
                      nvram_size_bytes=C.parse_size(args.nvram_size, "--nvram-size"))
     except C.ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if args.mode == "replica" and args.replica_variant == "bitmap":
-        raise UsageError("--mode replica --replica-variant bitmap is not built yet (issue 5); "
-                         "use --replica-variant log or --mode ha")
     if args.cp_interval_ms <= 0:
         raise UsageError(f"--cp-interval-ms {args.cp_interval_ms}: must be positive")
+    replica = {}
+    if args.ack:
+        replica["ack"] = args.ack
+    if args.resync_rate:
+        replica["resync_rate"] = args.resync_rate
+    if replica and (args.mode != "replica" or args.replica_variant != "bitmap"):
+        raise UsageError("--ack and --resync-rate are for --mode replica (bitmap variant)")
     variant = dict(replica_variant=args.replica_variant, cp_interval_ms=args.cp_interval_ms) \
         if args.mode == "replica" else {}
     try:
         result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
-                                mode=args.mode, timeout_s=args.timeout, **sizes, **variant)
+                                mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
     if args.json:
@@ -146,6 +165,9 @@ def cmd_status(args):
             continue
         print(f"controller {st['name']} (pid {st['pid']}): {st['role']}, link {st['link']}, "
               f"generation {st['generation']}, owns {', '.join(st['owned_luns']) or 'no LUN'}")
+        if "replica" in st:
+            _print_replica(st)
+            continue
         print(f"  primary: {st['dirty_blocks']} dirty, {st['free_blocks']} free of "
               f"{st['primary_blocks']} blocks; mirror: {st['mirror_blocks']} blocks held for the partner")
         sync = st.get("resync")
@@ -201,6 +223,55 @@ def cmd_recover(args):
         print("recovering: " + ", ".join(f"{n} {k} requests to apply" for n, k in left.items()), file=sys.stderr)
         time.sleep(0.2)
     raise CommandFailed(f"recovery did not finish within {args.timeout} s")
+
+
+def _print_replica(st):
+    r = st["replica"]
+    print(f"  replica ({r['variant']}): state {r['state']}{' -- SPLIT BRAIN: run twincache resolve' if r['split_brain'] else ''}"
+          f", ack level {r['ack_level']}, flags {','.join(r['flags']) or '-'}")
+    print(f"  record: {r['record_bits']} ranges ({r['record_bytes']} B) copied to the peer and not destaged "
+          f"there; {r['received_bits']} ranges the peer has not destaged; {st['dirty_blocks']} dirty blocks here")
+    print(f"  generation ids: current {r['current_uuid']} bitmap {r['bitmap_uuid']} "
+          f"history {' '.join(r['history'])}")
+    rs = r["resync"]
+    if rs:
+        print(f"  resync: {rs['remaining_bytes']} of {rs['total_bytes']} B remaining, "
+              f"{rs['rate_bytes_s'] / 1e6:.1f} MB/s")
+
+
+def _replica_command(args, name, request):
+    from .control import request as send
+    pair = _pair(args)
+    pair.meta()
+    try:
+        return send(pair.control_path(name), request)
+    except OSError as exc:
+        raise CommandFailed(f"controller {name} is not reachable: {exc}") from None
+
+
+def cmd_promote(args):
+    answer = _replica_command(args, args.name, {"cmd": "promote", "force": args.force})
+    if "error" in answer:
+        raise CommandFailed(f"controller {args.name}: {answer['error']}")
+    print(f"controller {args.name} is primary (generation {answer.get('generation', '?')})")
+    return 0
+
+
+def cmd_resolve(args):
+    """Both controllers hear the policy; the one it names as the victim discards its data."""
+    answers, errors = {}, []
+    for name in ("a", "b"):
+        try:
+            answers[name] = _replica_command(args, name, {"cmd": "resolve", "policy": args.policy})
+        except CommandFailed as exc:
+            errors.append(str(exc))
+    for name, answer in answers.items():
+        if "victim" in answer:
+            print(f"split brain resolved by {args.policy}: controller {answer['victim']}'s changes are "
+                  f"discarded; it resyncs from its peer")
+            return 0
+    reasons = [f"{n}: {a.get('error')}" for n, a in answers.items()] + errors
+    raise CommandFailed("nothing resolved (" + "; ".join(reasons) + ")")
 
 
 def cmd_ownership_move(args):

@@ -43,11 +43,20 @@
     heartbeat_interval_ms = 100
     heartbeat_timeout_ms = 1000
 
-    [replica]                  # mode = "replica" only
-    variant = "bitmap"         # "bitmap" (cache-acknowledged, destage bitmap) or "log" (NVRAM-log shipping)
-    role = "source"            # log variant: "source" or "destination"
-    source_id = 0              # log variant, source: its id at the destination
-    cp_interval_ms = 2000      # log variant, source: a consistency point at least this often
+    [replica]                  # mode = "replica" only; all optional
+    variant = "bitmap"         # "bitmap" (cache-acknowledged, destage record, quick resync) or "log"
+                               # (NVRAM-log shipping with consistency points)
+    # bitmap variant:
+    primary = "a"              # which controller starts as primary on a new pair
+    ack = "cache"              # where the secondary holds a copy before the ack: "cache", "nvram", "disk"
+    range_size = "64K"         # bytes of LUN per record bit
+    resync_rate = 0            # bytes per second the resync may send; 0 = unlimited (sizes accepted)
+    resync_inflight_max = 16   # ranges in flight during a resync
+    auto_promote_after_ms = 0  # promote the secondary after this long without its peer; 0 = never
+    # log variant:
+    role = "source"            # "source" or "destination"
+    source_id = 0              # source: its id at the destination
+    cp_interval_ms = 2000      # source: a consistency point at least this often
 
     [[replica.sources]]        # log variant, destination: one table per source (fan-in)
     name = "a"                 # names the source's exports (a-lun0, ...) and its status
@@ -148,6 +157,12 @@ class SourceEntry:
 @dataclasses.dataclass
 class ReplicaConfig:
     variant: str = "bitmap"
+    primary: str = "a"
+    ack: str = "cache"
+    range_size_bytes: int = 64 << 10
+    resync_rate_bytes_s: int = 0
+    resync_inflight_max: int = 16
+    auto_promote_after_ms: int = 0
     role: str = "source"
     source_id: int = 0
     cp_interval_ms: int = 2000
@@ -167,8 +182,8 @@ class ControllerConfig:
     link: LinkConfig
     nbd: NbdConfig
     cache: CacheConfig
-    source: str = ""
     replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
+    source: str = ""
 
     @property
     def luns(self) -> int:
@@ -261,22 +276,40 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
     return ControllerConfig(
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
         key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
-        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, source=where, replica=replica)
+        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, replica=replica, source=where)
 
 
 def _replica(r: dict, mode: str, disk_count: int, where: str) -> ReplicaConfig:
+    known = {"variant", "primary", "ack", "range_size", "resync_rate", "resync_inflight_max",
+             "auto_promote_after_ms", "role", "source_id", "cp_interval_ms", "sources"}
+    if unknown := set(r) - known:
+        raise ConfigError(f"{where}: [replica] unknown key(s) {sorted(unknown)}")
     if r and mode != "replica":
         raise ConfigError(f"{where}: [replica] needs [controller] mode = \"replica\"")
-    rc = ReplicaConfig(
+    rate = r.get("resync_rate", 0)
+    cfg = ReplicaConfig(
         variant=_choice(_take(r, "variant", str, "bitmap", where), ("bitmap", "log"), f"{where}: [replica] variant"),
+        primary=_choice(_take(r, "primary", str, "a", where), ("a", "b"), f"{where}: [replica] primary"),
+        ack=_choice(_take(r, "ack", str, "cache", where), ("cache", "nvram", "disk"), f"{where}: [replica] ack"),
+        range_size_bytes=parse_size(r.get("range_size", "64K"), f"{where}: [replica] range_size"),
+        resync_rate_bytes_s=0 if rate == 0 else parse_size(rate, f"{where}: [replica] resync_rate"),
+        resync_inflight_max=_take(r, "resync_inflight_max", int, 16, where),
+        auto_promote_after_ms=_take(r, "auto_promote_after_ms", int, 0, where),
         role=_choice(_take(r, "role", str, "source", where), ("source", "destination"), f"{where}: [replica] role"),
         source_id=_take(r, "source_id", int, 0, where),
         cp_interval_ms=_take(r, "cp_interval_ms", int, 2000, where))
-    if rc.cp_interval_ms <= 0:
+    size = cfg.range_size_bytes
+    if size < 4096 or size & (size - 1) or size > 4 << 20:
+        raise ConfigError(f"{where}: [replica] range_size must be a power of two from 4K to 4M")
+    if not 0 < cfg.resync_inflight_max <= 1024 or cfg.auto_promote_after_ms < 0:
+        raise ConfigError(f"{where}: [replica] resync_inflight_max 1..1024, auto_promote_after_ms >= 0")
+    if cfg.cp_interval_ms <= 0:
         raise ConfigError(f"{where}: [replica] cp_interval_ms must be positive")
     sources = _take(r, "sources", list, [], where)
-    if rc.variant == "log" and rc.role == "destination" and not sources:
+    if cfg.variant == "log" and cfg.role == "destination" and not sources:
         raise ConfigError(f"{where}: a log destination needs at least one [[replica.sources]] table")
+    if sources and not (cfg.variant == "log" and cfg.role == "destination"):
+        raise ConfigError(f"{where}: [[replica.sources]] belongs to a log-variant destination")
     used, names, ids = set(), set(), set()
     for k, s in enumerate(sources):
         at = f"{where}: [[replica.sources]] #{k + 1}"
@@ -295,15 +328,15 @@ def _replica(r: dict, mode: str, disk_count: int, where: str) -> ReplicaConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", entry.name) or entry.name in names or entry.source_id in ids:
             raise ConfigError(f"{at}: name {entry.name!r} / source_id {entry.source_id} must be unique and simple")
         for d in entry.images + [entry.journal]:
-            if not isinstance(d, int) or not 0 <= d < disk_count or d in used:
+            if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < disk_count or d in used:
                 raise ConfigError(f"{at}: disk index {d!r} is not one of [disks] or is used twice")
             used.add(d)
         if not entry.images:
             raise ConfigError(f"{at}: images lists no disk")
         names.add(entry.name)
         ids.add(entry.source_id)
-        rc.sources.append(entry)
-    return rc
+        cfg.sources.append(entry)
+    return cfg
 
 
 def dump(config: dict) -> str:

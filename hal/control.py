@@ -2,7 +2,8 @@
 
 Requests, one JSON object a line: {"cmd": "status"}, {"cmd": "ping"} (a
 control-lane round trip to the partner, answered with its time in
-microseconds), {"cmd": "stop"}. Each gets one JSON object back. Used by
+microseconds), {"cmd": "stop"}; in replica mode {"cmd": "promote", "force":
+false} and {"cmd": "resolve", "policy": "discard-a"}. Each gets one JSON object back. Used by
 `twincache status`, `pair down` and the tests; never on the data path.
 """
 import json
@@ -74,6 +75,8 @@ class ControlServer:
             self._move(sock, request)
         elif cmd == "recover":
             self._recover(sock, request)
+        elif cmd in ("promote", "resolve"):
+            self._replica_admin(sock, cmd, request)
         elif cmd == "stop":
             self._send(sock, {"ok": True})
             self.runtime.stop()
@@ -110,6 +113,26 @@ class ControlServer:
         self.runtime.execute(ctrl.recover(name))
         self._send(sock, {"ok": True, "targets": {f.p.name: f.filed_seq for f in ctrl.feeds
                                                   if name is None or f.p.name == name}})
+    def _replica_admin(self, sock, cmd, request):
+        """Replica mode: promote this controller, or resolve a split brain by policy."""
+        ctrl = self.runtime.ctrl
+        if not hasattr(ctrl, cmd):
+            self._send(sock, {"error": f"{cmd} is for replica mode's bitmap variant; this controller runs "
+                                       f"{getattr(ctrl.params, 'mode', 'the log variant')}"})
+            return
+        if cmd == "promote":
+            actions = ctrl.promote(force=bool(request.get("force")))
+        else:
+            actions = ctrl.resolve(str(request.get("policy", "")))
+        answer = {"ok": True}
+        for act in actions:
+            kind = getattr(act, "kind", "")
+            if kind.endswith("_refused"):
+                answer = {"error": act.fields["reason"]}
+            elif kind in ("promoted", "resolved"):
+                answer = {"ok": True, **act.fields}
+        self.runtime.execute(actions)
+        self._send(sock, answer)
 
     def _ping(self, sock):
         if not self.runtime.ctrl.link.up:

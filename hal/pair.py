@@ -2,7 +2,8 @@
 
     DIR/pair.json        what the pair is (pair id, LUNs, sizes, link)
     DIR/pair.key         the pre-shared pairing key (0600)
-    DIR/disks/diskN.img  the shared disk array, one disk per LUN
+    DIR/disks/diskN.img  the shared disk array, one disk per LUN (mode ha)
+    DIR/a/disks/, DIR/b/disks/  each controller's own disk array (mode replica)
     DIR/a/, DIR/b/       per controller: config.toml, nvram.img, nbd.sock,
                          control.sock, events.jsonl, controller.log, pid
 
@@ -65,7 +66,7 @@ class LocalPair:
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
                durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False,
-               replica_variant="bitmap", cp_interval_ms=2000):
+               replica=None, replica_variant="bitmap", cp_interval_ms=2000):
         if self.meta_path.exists():
             return self.meta()
         if luns < 1 or luns > 64:
@@ -74,7 +75,8 @@ class LocalPair:
         meta = dict(pair_id=secrets.token_hex(16), luns=luns, lun_size_bytes=lun_size_bytes,
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
-                    link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy)
+                    link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy,
+                    replica=replica or {})
         if mode == "replica":
             meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
@@ -82,7 +84,7 @@ class LocalPair:
         for name in NAMES:
             (self.dir / name).mkdir(exist_ok=True)
             self.config_path(name).write_text(C.dump(self._config(meta, name)))
-        for name in (NAMES if meta.get("replica_variant") == "log" else ("a",)):   # log: each has its own
+        for name in NAMES if mode == "replica" else NAMES[:1]:     # replica: each has its own disks
             (self.dir / name / "disks").mkdir(exist_ok=True)
             cfg = C.load(self.config_path(name))
             DiskArray.open(cfg.disks, cfg.pair_id, create=True).close()
@@ -100,18 +102,22 @@ class LocalPair:
             link["path"] = str(d / "link-proxy.sock")     # a test relay in between (fixtures/linkproxy.py)
         else:
             link["path"] = str(d / "link.sock")
-        return {
+        disks = d / name / "disks" if meta["mode"] == "replica" else d / "disks"
+        config = {
             "controller": {"name": name, "mode": meta["mode"], "pair_id": meta["pair_id"],
                            "key_file": str(d / "pair.key"), "state_dir": str(cdir)},
             "nvram": {"backend": "file", "path": str(cdir / "nvram.img"),
                       "size": meta["nvram_size_bytes"], "durability": meta["durability"],
                       "block_size": meta["block_size_bytes"]},
             "disks": {"backend": "file", "lun_size": meta["lun_size_bytes"],
-                      "paths": [str(d / "disks" / f"disk{i}.img") for i in range(meta["luns"])]},
+                      "paths": [str(disks / f"disk{i}.img") for i in range(meta["luns"])]},
             "link": link,
             "nbd": {"unix": str(cdir / "nbd.sock")},
             "cache": dict(meta.get("cache", {})),
         }
+        if meta["mode"] == "replica":
+            config["replica"] = dict(meta.get("replica", {}))
+        return config
 
     def _log_config(self, meta, name) -> dict:
         """Log variant: a is the source (its own disks), b the destination (image disks + a journal)."""

@@ -62,6 +62,28 @@ def open_link_endpoint(cfg):
     return SerialLinkEndpoint(lk.device, lk.baud), CobsFramer, False
 
 
+def replica_settings(cfg):
+    """Replica mode: the firmware's settings, with fresh uuids from the OS (firmware draws no randomness)."""
+    if cfg.mode != "replica":
+        return None
+    from firmware.replica import ReplicaSettings
+    r = cfg.replica
+    return ReplicaSettings(lambda: int.from_bytes(os.urandom(8), "big") | 1, variant=r.variant, ack=r.ack,
+                           range_bytes=r.range_size_bytes, resync_rate_bytes_s=r.resync_rate_bytes_s,
+                           resync_inflight_max=r.resync_inflight_max,
+                           auto_promote_after_ms=r.auto_promote_after_ms,
+                           initial_primary="ab".index(r.primary))
+
+
+def make_controller(params, nv, key, now_ms):
+    if params.mode == "replica":
+        # The bitmap variant here; the log variant runs its own runtimes (hal/runtime_log.py).
+        assert params.replica.variant == "bitmap", "the log variant is not a Controller"
+        from firmware.replica import ReplicaController
+        return ReplicaController(params, nv, key, now_ms)
+    return Controller(params, nv, key, now_ms)
+
+
 def firmware_params(cfg, disks, reliable):
     c = cfg.cache
     return Params(cfg.controller_id, cfg.pair_id, [d.data_size for d in disks], mode=cfg.mode,
@@ -70,7 +92,7 @@ def firmware_params(cfg, disks, reliable):
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
-                  fencing=cfg.mode == "ha")
+                  fencing=cfg.mode == "ha", replica=replica_settings(cfg))
 
 
 class NbdClient:
@@ -127,8 +149,9 @@ class Runtime:
                            description=f"twincache {cfg.name} LUN {d.lun}") for d in self.disks]
 
     def make_firmware(self, params, nv, key):
-        """The firmware this runtime drives: the ha Controller (replica variants override)."""
-        return Controller(params, nv, key, self.clock.monotonic_ms())
+        """The firmware this runtime drives: ha, or replica's bitmap variant (the log variant's
+        runtimes in hal/runtime_log.py override this)."""
+        return make_controller(params, nv, key, self.clock.monotonic_ms())
 
     # -- logging --------------------------------------------------------------
 

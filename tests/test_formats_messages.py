@@ -115,11 +115,33 @@ VECTORS = {
         dict(sent_ns=0x0102030405060709),
         bytes.fromhex(
             "0102030405060709")),
+    "REPLICATE": (
+        dict(seq=42, lun=1, flags=1, reserved0=0, offset=0x10000, data_crc=0xdeadbeef, length=4, data=b"ABCD"),
+        bytes.fromhex(
+            "000000000000002a00010001000000000000000000010000deadbeef00000004"
+            "41424344")),
+    "REPLICATE_ACK": (
+        dict(seq=42, status=0, level=1, flags=2, reserved=0),
+        bytes.fromhex(
+            "000000000000002a0000010200000000")),
+    "REPLICA_STATE": (
+        dict(role=1, flags=2, ack_level=0, reserved0=0, range_bytes=65536, generation=3,
+             current_uuid=0x1111111111111111, bitmap_uuid=0x2222222222222222, history0=0x3333333333333333,
+             history1=0, sent_bits=5, received_bits=6, reserved=bytes(8)),
+        bytes.fromhex(
+            "0102000000010000000000000000000311111111111111112222222222222222"
+            "3333333333333333000000000000000000000000000000050000000000000006"
+            "0000000000000000")),
+    "RESYNC_DONE": (
+        dict(current_uuid=0x0102030405060708, ranges=256, bytes=16777216, reserved=0),
+        bytes.fromhex(
+            "0102030405060708000000000000010000000000010000000000000000000000")),
 }
 
 FIXED_SIZES = {"HELLO": 96, "AUTH": 32, "HEARTBEAT": 24, "MIRROR_ACK": 16, "METADATA": 40,
                "OWNERSHIP_REQUEST": 28, "OWNERSHIP_GRANT": 28, "OWNERSHIP_RELEASE": 28,
-               "CONSISTENCY_POINT": 20, "SYNC_BEGIN": 16, "SYNC_DONE": 16, "PING": 8, "PONG": 8}
+               "CONSISTENCY_POINT": 20, "SYNC_BEGIN": 16, "SYNC_DONE": 16, "PING": 8, "PONG": 8,
+               "REPLICATE_ACK": 16, "REPLICA_STATE": 72, "RESYNC_DONE": 32}
 
 
 def plain(value):
@@ -189,7 +211,26 @@ def test_io_twins_golden():
     assert M.IO_REPLY_HEAD.pack(0) + b"rd" == VECTORS["IO_REPLY"][1]
 
 
+def test_replicate_twins_golden():
+    golden = VECTORS["REPLICATE"][1]
+    assert M.REPLICATE_HEAD.unpack_from(golden) == (42, 1, 1, 0, 0x10000, 0xDEADBEEF, 4)
+    assert golden[M.REPLICATE_HEAD.size:] == b"ABCD"
+    assert M.REPLICATE_ACK.pack(42, 0, 1, 2, 0) == VECTORS["REPLICATE_ACK"][1]
+
+
 u8, u16, u32, u64 = (st.integers(0, (1 << b) - 1) for b in (8, 16, 32, 64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=u64, lun=u16, flags=u16, res=u32, offset=u64, crc=u32, data=st.binary(max_size=64),
+       status=u16, level=u8, aflags=u8)
+def test_replicate_twins_agree(seq, lun, flags, res, offset, crc, data, status, level, aflags):
+    fields = dict(seq=seq, lun=lun, flags=flags, reserved0=res, offset=offset, data_crc=crc,
+                  length=len(data), data=data)
+    assert M.Replicate.build(fields) == M.REPLICATE_HEAD.pack(seq, lun, flags, res, offset, crc, len(data)) + data
+    ack = dict(seq=seq, status=status, level=level, flags=aflags, reserved=res)
+    packed = M.REPLICATE_ACK.pack(seq, status, level, aflags, res)
+    assert M.ReplicateAck.build(ack) == packed and plain(M.ReplicateAck.parse(packed)) == ack
 
 
 @settings(max_examples=200, deadline=None)

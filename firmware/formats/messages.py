@@ -44,6 +44,10 @@ class MsgType(enum.IntEnum):
     SYNC_DONE = 21
     PING = 22                # control round trip (admin, tests)
     PONG = 23
+    REPLICATE = 24           # replica mode: one host write (or resync range) copied to the secondary
+    REPLICATE_ACK = 25       # the secondary holds it at the acknowledgement level
+    REPLICA_STATE = 26       # role, generation identifiers and record sizes, after link-up
+    RESYNC_DONE = 27         # the sync source sent every range: the target adopts its generation
 
 
 class Resource(enum.IntEnum):
@@ -276,6 +280,67 @@ Sync = Struct(                              # SYNC_BEGIN and SYNC_DONE
     "reserved" / Int32ub,
 )
 
+# -- replica mode (variant 1, firmware/replica.py) ------------------------------
+
+REPL_FUA = 0x01              # the host asked for FUA
+REPL_RESYNC = 0x02           # resync data (a recorded range), not a host write
+
+Replicate = Struct(
+    "seq" / Int64ub,                        # primary's write sequence, or the resync range number
+    "lun" / Int16ub,
+    "flags" / Int16ub,                      # REPL_*
+    "reserved0" / Int32ub,
+    "offset" / Int64ub,                     # bytes into the LUN
+    "data_crc" / Int32ub,                   # CRC32C of the data (checked before it enters the cache)
+    "length" / Int32ub,                     # bytes of data that follow
+    "data" / Bytes(this.length),
+)
+REPLICATE_HEAD = struct.Struct(">QHHIQII")
+assert REPLICATE_HEAD.size == 32
+
+ACK_CACHE, ACK_NVRAM, ACK_DISK = 0, 1, 2     # DRBD's protocols A/B/C, roughly: where the copy is
+ACK_LEVELS = ("cache", "nvram", "disk")
+
+ReplicateAck = Struct(
+    "seq" / Int64ub,                        # the REPLICATE acknowledged (its seq, and its flags below)
+    "status" / Int16ub,                     # ErrorCode
+    "level" / Int8ub,                       # ACK_*: where the secondary holds the data
+    "flags" / Int8ub,                       # REPL_RESYNC if it answers resync data
+    "reserved" / Int32ub,
+)
+REPLICATE_ACK = struct.Struct(">QHBBI")
+assert REPLICATE_ACK.size == 16
+
+ROLE_SECONDARY, ROLE_PRIMARY = 0, 1
+STATE_FRESH = 0x01           # NVRAM formatted since the pair last met: knows nothing of the data
+STATE_INCONSISTENT = 0x02    # a sync target that has not finished: its disks are a mix
+STATE_DISCARD = 0x04         # the operator chose this side's data to be discarded (split brain)
+
+ReplicaState = Struct(
+    "role" / Int8ub,                        # ROLE_*
+    "flags" / Int8ub,                       # STATE_*
+    "ack_level" / Int8ub,                   # ACK_*: what this side asks of its secondary
+    "reserved0" / Int8ub,
+    "range_bytes" / Int32ub,                # bytes of LUN per record bit; both ends must agree
+    "generation" / Int64ub,                 # role-change counter: larger = became primary later
+    "current_uuid" / Int64ub,               # DRBD-style generation identifiers
+    "bitmap_uuid" / Int64ub,                # current uuid when this side started recording alone, 0 if not
+    "history0" / Int64ub,
+    "history1" / Int64ub,
+    "sent_bits" / Int64ub,                  # set bits: ranges copied to the peer, not destaged there
+    "received_bits" / Int64ub,              # set bits: ranges the peer copied here, not destaged there
+    "reserved" / Bytes(8),
+)
+assert ReplicaState.sizeof() == 72
+
+ResyncDone = Struct(
+    "current_uuid" / Int64ub,               # the target adopts it: the sides are in sync
+    "ranges" / Int64ub,                     # ranges sent in this resync
+    "bytes" / Int64ub,                      # bytes sent
+    "reserved" / Int64ub,
+)
+RESYNC_END_LUN = 0xFFFF      # a RESYNC_REQUEST with this LUN ends the target's list of ranges
+
 Ping = Struct("sent_ns" / Int64ub)
 PING_STRUCT = struct.Struct(">Q")
 
@@ -303,6 +368,10 @@ BODIES = {
     MsgType.SYNC_DONE: Sync,
     MsgType.PING: Ping,
     MsgType.PONG: Ping,
+    MsgType.REPLICATE: Replicate,
+    MsgType.REPLICATE_ACK: ReplicateAck,
+    MsgType.REPLICA_STATE: ReplicaState,
+    MsgType.RESYNC_DONE: ResyncDone,
 }
 
 
