@@ -64,8 +64,8 @@ def open_link_endpoint(cfg):
 
 def replica_settings(cfg):
     """Replica mode: the firmware's settings, with fresh uuids from the OS (firmware draws no randomness)."""
-    if cfg.mode != "replica":
-        return None
+    if cfg.mode != "replica" or cfg.replica.variant != "bitmap":
+        return None                       # the log variant's firmware takes LogParams (hal/runtime_log.py)
     from firmware.replica import ReplicaSettings
     r = cfg.replica
     return ReplicaSettings(lambda: int.from_bytes(os.urandom(8), "big") | 1, variant=r.variant, ack=r.ack,
