@@ -300,7 +300,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
             self.range_writes[(lun, r)] += 1
         for p in self.rec.set(SENT, lun, ranges):       # recorded before the copy leaves
             self._persist(p)
-        if self.sync not in REPLICATING:
+        if self.sync not in REPLICATING or self.buggify("replica_skip_copy"):   # (a broken variant)
             self._new_data_generation()
             self._finish_write(op, mirrored=False, pinned=False)
             return

@@ -6,8 +6,9 @@ failure with the exact replay command, and the speed (seeds per minute,
 simulated host operations per second). `inv sim` (hal/tasks_sim.py) calls
 the same functions. Exit status 1 if any seed failed. Fencing (dynamic
 ownership through reservation records) is on unless `--static` asks for the
-old static ownership (lun % 2). `--mode replica` runs the NVRAM-log variant
-of replica mode (hal/sim_log.py).
+old static ownership (lun % 2). `--mode replica` simulates replica mode:
+`--variant bitmap` (hal/sim_replica.py, the default) or `--variant log`
+(hal/sim_log.py).
 """
 import argparse
 import sys
@@ -16,11 +17,17 @@ import time
 from .sim import BROKEN_SITES, run_seed
 from .sim_log import BROKEN_SITES as LOG_BROKEN_SITES
 from .sim_log import run_log_seed
+from .sim_replica import BROKEN_SITES as REPLICA_BROKEN_SITES
+from .sim_replica import run_replica_seed
+
+VARIANT = {"variant": "bitmap"}          # replica mode: which variant's simulator (set by main)
 
 
 def _run(seed, mode, steps, broken, fencing):
     if mode == "replica":
-        return run_log_seed(seed, steps, broken)
+        if VARIANT["variant"] == "log":
+            return run_log_seed(seed, steps, broken)
+        return run_replica_seed(seed, steps, broken)
     return run_seed(seed, mode, steps, broken, fencing)
 
 
@@ -64,12 +71,18 @@ def main(argv=None):
     ap.add_argument("--start", type=int, default=0, help="first seed of the sweep")
     ap.add_argument("--mode", default="ha", choices=("ha", "replica"))
     ap.add_argument("--steps", type=int, default=300, help="host operations per run")
-    ap.add_argument("--broken", choices=BROKEN_SITES + LOG_BROKEN_SITES,
-                    help="run a deliberately broken firmware variant (log_* sites: replica mode)")
+    ap.add_argument("--variant", choices=("bitmap", "log"), default="bitmap",
+                    help="replica mode: the bitmap variant or the NVRAM-log variant")
+    ap.add_argument("--broken", choices=BROKEN_SITES + LOG_BROKEN_SITES + REPLICA_BROKEN_SITES,
+                    help="run a deliberately broken firmware variant (log_*, replica_*: replica mode)")
     ap.add_argument("--static", action="store_true", help="static ownership (lun %% 2), fencing off")
     args = ap.parse_args(argv)
-    if args.broken and (args.broken in LOG_BROKEN_SITES) != (args.mode == "replica"):
-        ap.error(f"--broken {args.broken} belongs to the other mode")
+    VARIANT["variant"] = args.variant
+    if args.broken:
+        sites = BROKEN_SITES if args.mode == "ha" else (
+            LOG_BROKEN_SITES if args.variant == "log" else REPLICA_BROKEN_SITES)
+        if args.broken not in sites:
+            ap.error(f"--broken {args.broken} belongs to another mode or variant")
     if args.seed is not None:
         return 0 if run_one(args.seed, args.mode, args.steps, args.broken, fencing=not args.static).ok else 1
     failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken, fencing=not args.static)

@@ -20,7 +20,7 @@ Checkers (separate from the workload):
   - at the end, with everything healed and recovered, each surviving source
     and its image agree byte for byte and match the model;
   - bounded queues: waiting writes, early entries.
-A failing run returns the replay command, `inv sim --mode replica --seed N`.
+A failing run returns the replay command, `inv sim --mode replica --variant log --seed N`.
 """
 import hashlib
 import random
@@ -47,7 +47,7 @@ class LogSimResult:
         self.trace_hash = trace_hash
         self.stats = stats
         flags = f" --broken {broken}" if broken else ""
-        self.replay = f"inv sim --mode replica --seed {seed} --steps {steps}{flags}"
+        self.replay = f"inv sim --mode replica --variant log --seed {seed} --steps {steps}{flags}"
 
 
 def sector_data(version, lun, sector):

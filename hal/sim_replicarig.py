@@ -1,0 +1,145 @@
+"""An in-memory replica pair: two ReplicaControllers, each with its own disks.
+
+Like fixtures/mempair.py (bytearray NVRAM and disks, a link of two frame
+queues, disk I/O completing at once), but in replica mode: every controller
+owns its disks. `hold_acks`/`drop` let a test stop frames on the wire; uuids
+come from a seeded counter per controller and boot, so runs repeat exactly.
+Used by the firmware tests (fixtures/mem_replica.py) and the bitmap-variant
+simulator (hal/sim_replica.py).
+"""
+import collections
+
+from firmware import actions as A
+from firmware.controller import Params, format_nvram, nvram_is_blank
+from firmware.replica import ReplicaController, ReplicaSettings
+from firmware.formats.frame import split_frames as _split
+
+KEY = bytes(range(32))
+PAIR_ID = bytes.fromhex("0123456789abcdef0123456789abcdef")
+
+
+def split_frames(buffers):
+    return _split(b"".join(bytes(b) for b in buffers))
+
+
+class MemReplicaPair:
+    def __init__(self, luns=2, lun_size=1 << 20, nvram_size=4 << 20, block_size=4096, ack="cache",
+                 range_bytes=64 << 10, auto_promote_after_ms=0, resync_rate_bytes_s=0, **params):
+        self.lun_size = lun_size
+        self.nv = [bytearray(nvram_size) for _ in range(2)]
+        self.disks = [[bytearray(lun_size) for _ in range(luns)] for _ in range(2)]
+        self.boots = [0, 0]
+        self.uuid_counter = [0, 0]
+        self.settings = dict(ack=ack, range_bytes=range_bytes, auto_promote_after_ms=auto_promote_after_ms,
+                             resync_rate_bytes_s=resync_rate_bytes_s)
+        self.params = [self._params(i, luns, lun_size, block_size, params) for i in range(2)]
+        self.ctrl = [None, None]
+        self.wire = [collections.deque(), collections.deque()]
+        self.replies = {}
+        self.notes = [[], []]
+        self.now_ms = 0
+        self.disk_writes = [0, 0]
+        for i in range(2):
+            self.boot(i)
+
+    def _params(self, i, luns, lun_size, block_size, params):
+        def new_uuid():
+            self.uuid_counter[i] += 1
+            return (0xA0 + i) << 56 | self.boots[i] << 32 | self.uuid_counter[i]
+        settings = ReplicaSettings(new_uuid, **self.settings)
+        return Params(i, PAIR_ID, [lun_size] * luns, mode="replica", block_size_bytes=block_size,
+                      replica=settings, **params)
+
+    def boot(self, i):
+        self.boots[i] += 1
+        nv = memoryview(self.nv[i])
+        if nvram_is_blank(nv):
+            format_nvram(nv, self.params[i])
+        self.ctrl[i] = ReplicaController(self.params[i], nv, KEY, self.now_ms)
+        self.wire[i].clear()
+        self.run(i, self.ctrl[i].start())
+
+    def crash(self, i):
+        self.ctrl[i] = None
+        self.wire[0].clear()
+        self.wire[1].clear()
+        if self.ctrl[1 - i] is not None and self.ctrl[1 - i].link.state != "down":
+            self.run(1 - i, self.ctrl[1 - i].link_disconnected("peer crashed"))
+
+    def run(self, i, actions):
+        done = collections.deque()
+        self._run(i, actions, done)
+        while done:
+            if self.ctrl[i] is None:
+                return
+            self._run(i, self.ctrl[i].disk_done(*done.popleft()), done)
+
+    def _run(self, i, actions, done):
+        disks = self.disks[i]
+        for act in actions:
+            kind = act.__class__
+            if kind is A.Transmit:
+                self.wire[1 - i].extend(split_frames(act.buffers))
+            elif kind is A.HostReply:
+                self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
+            elif kind is A.DiskRead:
+                done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
+            elif kind is A.DiskWrite:
+                disks[act.lun][act.offset:act.offset + len(act.data)] = act.data
+                self.disk_writes[i] += 1
+                done.append((act.op, 0, None))
+            elif kind is A.DiskFlush:
+                done.append((act.op, 0, None))
+            elif kind is A.Notify:
+                self.notes[i].append((act.kind, act.fields))
+            elif kind is A.LinkReset:
+                self.disconnect()
+
+    def connect(self):
+        for i in range(2):
+            if self.ctrl[i].link.state != "down":
+                self.run(i, self.ctrl[i].link_disconnected("reconnect"))
+        self.wire[0].clear()                  # a new connection: nothing of the old one arrives
+        self.wire[1].clear()
+        for i in range(2):
+            self.run(i, self.ctrl[i].link_connected(bytes([i + 1]) * 32, self.now_ms))
+        self.deliver()
+
+    def disconnect(self):
+        self.wire[0].clear()
+        self.wire[1].clear()
+        for i in range(2):
+            if self.ctrl[i] is not None and self.ctrl[i].link.state != "down":
+                self.run(i, self.ctrl[i].link_disconnected("cut"))
+
+    def deliver(self, limit=1_000_000):
+        while (self.wire[0] or self.wire[1]) and limit:
+            for i in range(2):
+                if self.wire[i] and self.ctrl[i] is not None:
+                    self.run(i, self.ctrl[i].link_frame(self.wire[i].popleft(), self.now_ms))
+                    limit -= 1
+
+    def write(self, i, req, lun, offset, data, fua=False):
+        self.run(i, self.ctrl[i].host_write(req, lun, offset, data, fua))
+
+    def read(self, i, req, lun, offset, length):
+        self.run(i, self.ctrl[i].host_read(req, lun, offset, length))
+        return self.replies.get(req)
+
+    def tick(self, ms, steps=1):
+        for _ in range(steps):
+            self.now_ms += ms
+            for i in range(2):
+                if self.ctrl[i] is not None:
+                    self.run(i, self.ctrl[i].tick(self.now_ms))
+            self.deliver()
+
+    def settle(self, ms=2000):
+        """Let both destage everything (idle flush) and the record messages flow."""
+        self.tick(100, steps=ms // 100)
+
+    def events(self, i, kind):
+        return [f for k, f in self.notes[i] if k == kind]
+
+    def state(self, i):
+        return self.ctrl[i].sync
