@@ -49,7 +49,8 @@ class Params:
                  destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
-                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True):
+                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True,
+                 mirror_message_bytes_max=1 << 20):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -74,6 +75,9 @@ class Params:
         self.takeover_wait_ms = takeover_wait_ms
         self.held_max = held_max
         self.auto_balance = auto_balance
+        # A host write goes to the partner in MIRROR_WRITE messages of at most this much block
+        # data (one message for writes up to it); the partner commits the group when all are in.
+        self.mirror_message_bytes_max = mirror_message_bytes_max
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -149,6 +153,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.primary = Segment(nv, geometry, mirror=False)
         self.cache = PrimaryCache(self.primary.blocks, self.block_size)
         self.mirror = MirrorSide(Segment(nv, geometry, mirror=True), self.block_size // SECTOR_BYTES)
+        self.mirror_blocks_per_message = max(1, params.mirror_message_bytes_max // self.block_size)
         self.link = LinkSession(
             self.id, params.pair_id, key, mode=0 if params.mode == "ha" else 1,
             generation=self.generation, block_size_bytes=self.block_size,
@@ -423,20 +428,29 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             self._finish_write(op, mirrored=False, pinned=False)
             return
         count = len(pen)
-        generation = self.generation & 0xFFFFFFFF
-        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
-        for i, (line, data_crc) in enumerate(pen):
-            line.pins += 1      # the queued frame views the block: it must not be reused before the ack
-            ctx = (M.CTX_FIRST if i == 0 else 0) | (M.CTX_LAST if i == count - 1 else 0) | (
-                M.CTX_FUA if fua else 0)
-            send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
-                 (head.pack(line.block, line.lun, ctx, line.lba, seq, i, count, data_crc,
-                            line.bitmap.to_bytes(16, "big"), generation, self.block_size),
-                  seg.data(line.block)))
+        ctx = (M.CTX_FUA if fua else 0)
+        step = self.mirror_blocks_per_message
+        for first in range(0, count, step):
+            part = pen[first:first + step]
+            for line, _crc in part:
+                line.pins += 1  # the queued frame views the block: it must not be reused before the ack
+            self._send_mirror(op.lines[0].lun, ctx | (M.CTX_FIRST if first == 0 else 0)
+                              | (M.CTX_LAST if first + step >= count else 0), seq,
+                              self.generation & 0xFFFFFFFF, first, count, part)
         self.pending[seq] = op
         if self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
+
+    def _send_mirror(self, lun, ctx, seq, generation, first, count, part):
+        """One MIRROR_WRITE carrying blocks [first, first + len(part)) of write `seq` (count blocks)."""
+        seg, entry = self.primary, M.MIRROR_BLOCK.pack
+        entries = b"".join([entry(line.block, line.lba, crc, line.bitmap.to_bytes(16, "big"))
+                            for line, crc in part])
+        head = M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, generation, count, first, len(part), 0,
+                                        self.block_size)
+        self.link.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
+                       (head, entries, *[seg.data(line.block) for line, _crc in part]))
 
     def _finish_write(self, op, mirrored, pinned=True):
         if op.req is not None:

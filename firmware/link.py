@@ -24,7 +24,7 @@ from .formats import messages as M
 
 AUTH_LABEL = b"twincache-auth-v1"
 HEARTBEAT_STRUCT = M.HEARTBEAT_STRUCT
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2           # 2: MIRROR_WRITE carries 1..n blocks of a host write
 SEQ_LIMIT = (1 << 32) - 1
 
 

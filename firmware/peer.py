@@ -102,16 +102,12 @@ class PeerMixin:
                        key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
-        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
         generation = self.generation & 0xFFFFFFFF
         for line in lines:
             line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
-            data = seg.data(line.block)
-            crc = N.crc32c(data)
-            send(T.MIRROR_WRITE, M.Resource.MIRROR,
-                 (head.pack(line.block, line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.lba,
-                            line.seq, 0, 1, crc, line.bitmap.to_bytes(16, "big"), generation,
-                            self.block_size), data))
+            crc = N.crc32c(self.primary.data(line.block))
+            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq, generation,
+                              0, 1, [(line, crc)])
             if line.flushing:
                 self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])
         self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
@@ -136,13 +132,16 @@ class PeerMixin:
 
     def _on_mirror_write(self, msg):
         p = msg.payload
-        (cache_id, lun, ctx, lba, seq, gi, gc, data_crc, bitmap, generation,
-         length) = M.MIRROR_WRITE_HEAD.unpack_from(p)
-        data = p[M.MIRROR_WRITE_HEAD.size:]
-        if length != len(data):
-            raise MirrorError(f"mirror write says {length} bytes, carries {len(data)}")
-        persists, committed = self.mirror.write(cache_id, lun, ctx, lba, seq, gi, gc, data_crc,
-                                                int.from_bytes(bitmap, "big"), generation, data)
+        head, entry = M.MIRROR_WRITE_HEAD, M.MIRROR_BLOCK
+        if len(p) < head.size:
+            raise MirrorError(f"mirror write of {len(p)} bytes is shorter than its head")
+        lun, ctx, seq, generation, gc, first, count, _r, block_size = head.unpack_from(p)
+        data_at = head.size + count * entry.size
+        if block_size != self.block_size or len(p) != data_at + count * block_size:
+            raise MirrorError(f"mirror write of {count} blocks of {block_size} bytes is {len(p)} bytes")
+        entries = [(cache_id, lba, crc, int.from_bytes(bitmap, "big"))
+                   for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
+        persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:])
         out = self.out
         for offset, size in persists:
             out.append(A.Persist(offset, size))
@@ -150,6 +149,7 @@ class PeerMixin:
             self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(committed, 0, gc, 0),
                            lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
         self.stats["mirror_writes_received"] += 1
+        self.stats["mirror_blocks_received"] += count
 
     def _on_flush_refs(self, msg):
         refs = M.parse_block_refs_untrusted(msg.payload, "flush message")

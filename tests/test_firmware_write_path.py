@@ -55,16 +55,25 @@ def test_holding_pen_deletes_every_mirror_request_when_the_data_is_invalid():
     assert p.replies["again"] == (0, None) and len(mirror_blocks(p, 1)) == 3
 
 
-def test_multi_block_write_is_all_or_nothing_at_the_partner_across_its_crash():
+def test_multi_block_write_goes_to_the_partner_in_one_message():
     p = idle_pair()
+    p.write(0, "w", 0, 0, b"1" * 4 * BS)
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.MIRROR_WRITE]
+    p.deliver()
+    assert p.replies["w"] == (0, None) and len(mirror_blocks(p, 1)) == 4
+    assert p.ctrl[1].stats["mirror_writes_received"] == 1
+
+
+def test_multi_block_write_is_all_or_nothing_at_the_partner_across_its_crash():
+    p = idle_pair(mirror_message_bytes_max=2 * BS)  # a 4-block write travels in two messages
     p.write(0, "old", 0, 0, b"1" * 4 * BS)
     p.deliver()
     p.write(0, "new", 0, 0, b"2" * 4 * BS)
     frames = list(p.wire[1])
     p.wire[1].clear()
     mirror_writes = [f for f in frames if f[3] == M.MsgType.MIRROR_WRITE]
-    assert len(mirror_writes) == 4
-    for f in mirror_writes[:2]:                     # half of the group reaches b, then b dies
+    assert len(mirror_writes) == 2
+    for f in mirror_writes[:1]:                     # half of the group reaches b, then b dies
         p.run(1, p.ctrl[1].link_frame(f, 0))
     p.crash(1)
     p.boot(1)
@@ -101,7 +110,7 @@ def test_destage_sends_flush_begin_then_flush_done_and_frees_both_copies():
     assert p.disks[0][8 * BS:10 * BS] == b"d" * 2 * BS
     assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
     stats = p.ctrl[1].stats
-    assert stats["mirror_writes_received"] == 2
+    assert stats["mirror_blocks_received"] == 2 and stats["mirror_writes_received"] == 1
     assert p.ctrl[1].mirror.counts()["mirror_blocks"] == 0
 
 
@@ -167,3 +176,4 @@ def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbag
     assert [n for n in p.notes[1] if n[0] == "link_down"]
     p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN
     assert p.replies["w"] == (0, None)
+
