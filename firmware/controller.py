@@ -50,7 +50,7 @@ class Params:
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True,
-                 mirror_message_bytes_max=1 << 20):
+                 mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -78,6 +78,7 @@ class Params:
         # A host write goes to the partner in MIRROR_WRITE messages of at most this much block
         # data (one message for writes up to it); the partner commits the group when all are in.
         self.mirror_message_bytes_max = mirror_message_bytes_max
+        self.destage_extent_bytes_max = destage_extent_bytes_max   # adjacent lines in one disk write
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -154,6 +155,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.cache = PrimaryCache(self.primary.blocks, self.block_size)
         self.mirror = MirrorSide(Segment(nv, geometry, mirror=True), self.block_size // SECTOR_BYTES)
         self.mirror_blocks_per_message = max(1, params.mirror_message_bytes_max // self.block_size)
+        self.destage_extent_lines = max(1, params.destage_extent_bytes_max // self.block_size)
         self.link = LinkSession(
             self.id, params.pair_id, key, mode=0 if params.mode == "ha" else 1,
             generation=self.generation, block_size_bytes=self.block_size,

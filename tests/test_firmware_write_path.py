@@ -177,3 +177,16 @@ def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbag
     p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN
     assert p.replies["w"] == (0, None)
 
+
+def test_destage_writes_adjacent_whole_lines_as_one_extent_and_partial_lines_alone():
+    p = MemPair(idle_flush_ms=50, destage_extent_bytes_max=3 * BS)
+    p.connect()
+    p.write(0, "seq", 0, 8 * BS, b"s" * 4 * BS)           # lines 8..11, whole
+    p.write(0, "part", 0, 20 * BS + 512, b"p" * 1024)     # line 20, sectors 1-2 only
+    p.deliver()
+    p.tick(100)                                            # idle: destage everything
+    assert p.disks[0][8 * BS:12 * BS] == b"s" * 4 * BS
+    assert p.disks[0][20 * BS:21 * BS] == bytes(512) + b"p" * 1024 + bytes(BS - 1536)
+    assert p.disk_writes == 3                              # lines 8-10, line 11, line 20's run
+    assert p.ctrl[0].stats["destage_writes"] == 3 and p.ctrl[0].stats["destaged"] == 5
+    assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
