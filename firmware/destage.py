@@ -83,6 +83,7 @@ class DestageMixin:
             if key in taken or key in flushing or not self.may_write_disk(line.lun):
                 continue                  # (a flushing key: an older version is still being written)
             extent = [line]
+            taken.add(key)
             if line.bitmap == full:
                 nxt = wbq.get(key + 1)
                 while (nxt is not None and nxt.bitmap == full and len(extent) < extent_max

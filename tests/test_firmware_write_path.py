@@ -190,3 +190,15 @@ def test_destage_writes_adjacent_whole_lines_as_one_extent_and_partial_lines_alo
     assert p.disk_writes == 3                              # lines 8-10, line 11, line 20's run
     assert p.ctrl[0].stats["destage_writes"] == 3 and p.ctrl[0].stats["destaged"] == 5
     assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
+
+
+def test_destage_extent_never_takes_a_line_another_extent_holds():
+    """Line 5 is older than line 4: 5 starts an extent, then 4's extent must stop before 5."""
+    p = MemPair(idle_flush_ms=50)
+    p.connect()
+    p.write(0, "five", 0, 5 * BS, b"5" * BS)
+    p.write(0, "four", 0, 4 * BS, b"4" * BS)
+    p.deliver()
+    p.tick(100)
+    assert p.disks[0][4 * BS:6 * BS] == b"4" * BS + b"5" * BS
+    assert p.ctrl[0].stats["destaged"] == 2 and p.ctrl[0].cache.dirty_lines == 0
