@@ -50,7 +50,8 @@ class Params:
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True,
-                 mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20):
+                 mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
+                 batch_link_output=False):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -79,6 +80,9 @@ class Params:
         # data (one message for writes up to it); the partner commits the group when all are in.
         self.mirror_message_bytes_max = mirror_message_bytes_max
         self.destage_extent_bytes_max = destage_extent_bytes_max   # adjacent lines in one disk write
+        # True: entry points leave link output queued until flush_link() (the runtime calls it
+        # once per loop turn); False: every entry point returns its frames (simulator, tests).
+        self.batch_link_output = batch_link_output
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -166,6 +170,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
         self.mirroring = False            # link up and the partner's mirror in sync
         self.sync_pending = False
+        self.acks_owed = 0                # writes committed for the partner, not yet acknowledged
+        self.ack_seq = 0
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
         self.forwarded = {}               # tag -> host req awaiting the owner's reply
@@ -174,6 +180,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.next_op = 1
         self.waiting = collections.deque()  # host writes waiting for free blocks
         self.flushing_keys = collections.Counter()
+        self.flush_begin_refs = []        # sent together when the output is taken
+        self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []
         self.destaging = False
         self.destage_inflight = 0
@@ -246,15 +254,44 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
     # -- helpers --------------------------------------------------------------
 
     def _take(self):
-        if self.flush_done_refs and self.link.up:
-            self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        if not self.params.batch_link_output:
+            self._queue_refs()
+        out, self.out = self.out, []
+        return out
+
+    def flush_link(self):
+        """With batch_link_output: the link frames of everything handled since the last call.
+
+        The runtime calls it once per loop turn, so the frames of a turn go out together.
+        Flush-begin and flush-done references ride along with other frames and go out
+        on their own only at a tick or when many are waiting: they only tell the
+        partner what it may free (a late flush-done costs nothing, the owner's next
+        write to the block frees the copy anyway), so they need not wake it.
+        """
+        link = self.link
+        if (self.refs_due or link.control_queue or link.data_queue
+                or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):
+            self._queue_refs()
+        elif link.state != "down":
+            buffers = link.take_output()
+            if buffers:
+                self.out.append(A.Transmit(buffers))
+        out, self.out = self.out, []
+        return out
+
+    def _queue_refs(self):
+        self.refs_due = False
+        if self.link.up:
+            if self.flush_begin_refs:
+                self._send_refs(M.MsgType.FLUSH_BEGIN, self.flush_begin_refs)
+            if self.flush_done_refs:
+                self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        self.flush_begin_refs = []
         self.flush_done_refs = []
         if self.link.state != "down":
             buffers = self.link.take_output()
             if buffers:
                 self.out.append(A.Transmit(buffers))
-        out, self.out = self.out, []
-        return out
 
     def _send_refs(self, msg_type, refs):
         step = M.BLOCK_REFS_MAX
@@ -454,7 +491,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.link.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
                        (head, entries, *[seg.data(line.block) for line, _crc in part]))
 
-    def _finish_write(self, op, mirrored, pinned=True):
+    def _finish_write(self, op, mirrored, pinned=True, pump=True):
         if op.req is not None:
             self._reply(op.req, 0)
         for line in op.lines:
@@ -468,7 +505,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.stats["writes"] += 1
         if not mirrored:
             self.stats["writes_degraded"] += 1
-        self._pump()
+        if pump:
+            self._pump()
 
     def _maybe_free(self, line):
         if self.cache.freeable(line):

@@ -92,12 +92,10 @@ class DestageMixin:
                     taken.add(nxt.key)
                     nxt = wbq.get(nxt.key + 1)
             extents.append(extent)
-        begins = []
+        begins = self.flush_begin_refs if self.link.up else []
         for extent in extents:
             self._start_destage(extent)
-            begins.extend((line.block, line.seq) for line in extent)
-        if begins and self.link.up:
-            self._send_refs(M.MsgType.FLUSH_BEGIN, begins)
+            begins.extend([(line.block, line.seq) for line in extent])
 
     def _start_destage(self, extent):
         wbq, flushing = self.cache.wbq, self.flushing_keys
@@ -206,6 +204,7 @@ class DestageMixin:
     def tick(self, now_ms):
         """Time passes: heartbeats, dead-peer detection, leases, idle destage."""
         self.now_ms = now_ms
+        self.refs_due = True
         try:
             self.link.tick(now_ms)
         except LinkProtocolError as exc:    # the peer went silent

@@ -52,11 +52,21 @@ class PeerMixin:
                 if not was_up and link.up:
                     self._on_link_up()
                 if msg is not None:
+                    if msg.type != T.MIRROR_WRITE and self.acks_owed:
+                        self._send_mirror_ack()     # whatever answers this comes after the ack
                     self._dispatch(msg)
             except (LinkProtocolError, FormatError, MirrorError, FenceError) as exc:
                 self.stats["link_errors"] += 1
                 self._link_failed(f"protocol error: {exc}")
+        if self.acks_owed and link.up:
+            self._send_mirror_ack()
         return self._take()
+
+    def _send_mirror_ack(self):
+        """One cumulative MIRROR_ACK for every write committed since the last one."""
+        self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(self.ack_seq, 0, self.acks_owed, 0),
+                       lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
+        self.acks_owed = 0
 
     def _link_failed(self, reason, reset=True):
         """The session is over: complete what waited on the partner, go degraded."""
@@ -64,6 +74,8 @@ class PeerMixin:
         if reset:
             self.out.append(A.LinkReset(reason))
         self.link.disconnected()
+        self.acks_owed = 0
+        self.flush_begin_refs = []
         self.mirroring = False
         if self.sync_pending:
             self._unpin_resync(mirrored=False)
@@ -146,8 +158,10 @@ class PeerMixin:
         for offset, size in persists:
             out.append(A.Persist(offset, size))
         if committed is not None and not ctx & M.CTX_RESYNC:
-            self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(committed, 0, gc, 0),
-                           lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
+            self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
+            self.acks_owed += 1
+            if self.acks_owed == 0xFFFF:        # the count field's limit
+                self._send_mirror_ack()
         self.stats["mirror_writes_received"] += 1
         self.stats["mirror_blocks_received"] += count
 
@@ -181,13 +195,26 @@ class PeerMixin:
     # -- owner side -----------------------------------------------------------
 
     def _on_mirror_ack(self, msg):
-        seq, status, _count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
-        op = self.pending.pop(seq, None)
-        if op is None:
-            raise LinkProtocolError(f"mirror ack for unknown write {seq}")
+        """Cumulative: every write up to `seq` sent in this session is in the partner's NVRAM.
+
+        The partner commits groups in the order they arrive and they are sent in
+        seq order, so `pending` (in seq order) is acknowledged from its front.
+        """
+        seq, status, count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
         if status:
             raise LinkProtocolError(f"partner refused mirror write {seq}: error {status}")
-        self._finish_write(op, mirrored=True)
+        pending = self.pending
+        done = []
+        for pseq in pending:
+            if pseq > seq:
+                break
+            done.append(pseq)
+        if len(done) != count or not done or done[-1] != seq:
+            raise LinkProtocolError(f"mirror ack for {count} writes up to {seq} does not match "
+                                    f"the {len(done)} pending up to it")
+        for pseq in done:
+            self._finish_write(pending.pop(pseq), mirrored=True, pump=False)
+        self._pump()
 
     def _on_ping(self, msg):
         self.link.send(T.PONG, M.Resource.ADMIN, bytes(msg.payload), lane=F.LANE_CONTROL,

@@ -202,3 +202,44 @@ def test_destage_extent_never_takes_a_line_another_extent_holds():
     p.tick(100)
     assert p.disks[0][4 * BS:6 * BS] == b"4" * BS + b"5" * BS
     assert p.ctrl[0].stats["destaged"] == 2 and p.ctrl[0].cache.dirty_lines == 0
+
+
+def test_mirror_writes_of_one_link_read_get_one_cumulative_ack():
+    p = idle_pair()
+    for k in range(5):
+        p.write(0, f"w{k}", 0, k * 3 * BS, bytes([k]) * 2 * BS)
+    frames = list(p.wire[1])
+    p.wire[1].clear()
+    p.run(1, p.ctrl[1].link_frames(frames, 0))     # one read of the link brought all five
+    acks = [f for f in p.wire[0] if f[3] == M.MsgType.MIRROR_ACK]
+    assert len(acks) == 1
+    seq, status, count, _ = M.MIRROR_ACK.unpack_from(acks[0], 28)
+    assert (status, count) == (0, 5) and seq == max(p.ctrl[0].pending)
+    p.deliver()
+    assert all(p.replies[f"w{k}"] == (0, None) for k in range(5)) and not p.ctrl[0].pending
+
+
+def test_batched_link_output_waits_for_flush_link_and_refs_ride_along():
+    p = MemPair(idle_flush_ms=10**9, high_watermark=0.9, low_watermark=0.8, batch_link_output=True)
+    p.connect()
+    for _ in range(6):                                 # hello, auth, resync: a few round trips
+        for i in range(2):
+            p.run(i, p.ctrl[i].flush_link())
+        p.deliver()
+    assert p.ctrl[0].mirroring and p.ctrl[1].mirroring
+    acts = p.ctrl[0].host_write("w", 0, 0, b"x" * BS)
+    assert not [a for a in acts if type(a).__name__ == "Transmit"]
+    p.run(0, p.ctrl[0].flush_link())
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.MIRROR_WRITE]
+    p.run(1, p.ctrl[1].link_frames(list(p.wire[1]), 0))
+    p.wire[1].clear()
+    p.run(1, p.ctrl[1].flush_link())
+    p.run(0, p.ctrl[0].link_frames(list(p.wire[0]), 0))
+    p.wire[0].clear()
+    assert p.replies["w"] == (0, None)
+    p.ctrl[0].flush_done_refs.append((7, 1))          # alone, a ref does not wake the partner
+    p.run(0, p.ctrl[0].flush_link())
+    assert not p.wire[1]
+    p.run(0, p.ctrl[0].tick(0))                        # at the tick it goes
+    p.run(0, p.ctrl[0].flush_link())
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.FLUSH_DONE]

@@ -146,10 +146,10 @@ MIRROR_WRITE_HEAD = struct.Struct(">HHQIHHHHI")
 MIRROR_BLOCK = struct.Struct(">IQI16s")
 assert MIRROR_WRITE_HEAD.size == 28 and MIRROR_BLOCK.size == 32
 
-MirrorAck = Struct(
-    "seq" / Int64ub,                        # the write sequence acknowledged
+MirrorAck = Struct(                         # cumulative: one ack may answer many writes
+    "seq" / Int64ub,                        # every write up to this sequence (sent this session) is persisted
     "status" / Int16ub,                     # ErrorCode
-    "count" / Int16ub,                      # blocks of the group persisted
+    "count" / Int16ub,                      # writes this ack answers (since the previous ack)
     "reserved" / Int32ub,
 )
 MIRROR_ACK = struct.Struct(">QHHI")
