@@ -38,6 +38,8 @@ from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
 
+_crc32c = N.crc32c_raw
+
 EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
@@ -68,6 +70,7 @@ class Params:
         self.data_window_bytes = data_window_bytes
         self.waiting_max = waiting_max
         self.buggify = buggify or (lambda site: False)
+        self.buggify_on = buggify is not None
         # Ownership through the reservation records on shared disks (firmware/fencing.py).
         # Off: static ownership (lun % 2), for harnesses without reservation records.
         self.fencing = fencing
@@ -144,6 +147,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.out = []
         self.now_ms = now_ms
         self.buggify = params.buggify
+        self.buggify_on = params.buggify_on     # skip the calls on the hot path when nothing is broken
         sb, self.sb_slot = N.read_superblock_untrusted(nv, "NVRAM")
         if sb.controller_id != self.id or sb.pair_id != params.pair_id:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
@@ -354,7 +358,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         return op
 
     def _persist(self, rng):
-        if not self.buggify("skip_persist_metadata"):     # a broken variant for the simulator
+        if not (self.buggify_on and self.buggify("skip_persist_metadata")):  # a broken variant
             self.out.append(A.Persist(rng[0], rng[1]))
 
     # -- host I/O -------------------------------------------------------------
@@ -398,45 +402,74 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             self._write(*waiting.popleft())
 
     def _write(self, req, lun, offset, data, fua):
-        """Copy-on-write into free primary blocks, validate, then release the holding pen."""
-        seg, cache, out, bs = self.primary, self.cache, self.out, self.block_size
+        """Copy-on-write into free primary blocks, validate, then release the holding pen.
+
+        All data first (stored, then checked by CRC32C against the host's bytes), then
+        the descriptors, then the commit record: every block's data is persisted before
+        its descriptor, and a write with invalid data leaves no descriptor behind.
+        Adjacent ranges share one Persist.
+        """
+        seg, cache, bs = self.primary, self.cache, self.block_size
         first = offset // bs
-        count = (offset + len(data) - 1) // bs - first + 1
-        seq = self.next_seq
-        self.next_seq += 1
-        generation = self.generation & 0xFFFFFFFF
+        end = offset + len(data)
+        count = (end - 1) // bs - first + 1
+        full, lines, buggy = cache.full_bitmap, cache.lines, self.buggify_on
+        nv, data_base = seg.nv, seg.data_base
         pen = []          # holding pen: one mirror request per block, apart from the data (claims 2.6)
         pos = 0
-        for i in range(count):
+        # Ascending blocks: a sequential stream given a run of free blocks lands in one
+        # NVRAM range, which its destage then writes out without a copy.
+        blocks = sorted([cache.alloc() for _ in range(count)]) if count > 1 else [cache.alloc()]
+        for i, block in enumerate(blocks):
             start = (first + i) * bs
             lo = offset - start if i == 0 else 0
-            hi = min(offset + len(data) - start, bs)
-            block = cache.alloc()
-            view = seg.data(block)
+            hi = end - start if end - start < bs else bs
+            at = data_base + block * bs
             key = (lun << LUN_SHIFT) | (first + i)
-            bits = sector_bits(lo, hi)
-            if hi - lo != bs:
-                old = cache.lines.get(key)
+            if hi - lo == bs:
+                bits = full
+            else:
+                bits = sector_bits(lo, hi)
+                old = lines.get(key)
                 if old is not None:             # merge: the new version carries the old sectors too
-                    view[:] = seg.data(old.block)
+                    old_at = data_base + old.block * bs
+                    nv[at:at + bs] = nv[old_at:old_at + bs]
                     bits |= old.bitmap
             piece = data[pos:pos + hi - lo]
             pos += hi - lo
-            view[lo:hi] = piece
-            if self.buggify("nvram_store_corrupt"):
-                view[lo] ^= 0x5A                # a simulated bad store into NVRAM
-            out.append(A.Persist(seg.data_offset(block), bs))
-            crc = N.crc32c(piece)
-            if not self.buggify("skip_pen_validation") and N.crc32c(view[lo:hi]) != crc:  # claims 2.1
-                cache.free.append(block)
+            nv[at + lo:at + hi] = piece
+            if buggy and self.buggify("nvram_store_corrupt"):
+                nv[at + lo] ^= 0x5A             # a simulated bad store into NVRAM
+            crc = _crc32c(piece)
+            if _crc32c(nv[at + lo:at + hi]) != crc and not (buggy and self.buggify("skip_pen_validation")):
+                cache.free.extend(blocks[i:])   # claims 2.1: the data in NVRAM is not what the host sent
                 self._delete_pen(req, pen)
                 return
-            data_crc = crc if hi - lo == bs else N.crc32c(view)
-            self._persist(seg.store_descriptor(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq,
-                                               generation, data_crc, bits))
-            pen.append((Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), data_crc))
+            pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
+        seq = self.next_seq
+        self.next_seq += 1
+        generation = self.generation & 0xFFFFFFFF
+        self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
+        store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
+        self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
+                                  crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
-        self._release_pen(req, seq, pen, fua)
+        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), crc)
+                                     for block, key, start, bits, crc in pen], fua)
+
+    def _persist_runs(self, ranges, data=False):
+        """Persist (offset, length) ranges in order, joining each with the next when adjacent."""
+        if not data and self.buggify_on and self.buggify("skip_persist_metadata"):
+            return                              # a broken variant for the simulator
+        out = self.out
+        offset, length = ranges[0]
+        for o, n in ranges[1:]:
+            if o == offset + length:
+                length += n
+            else:
+                out.append(A.Persist(offset, length))
+                offset, length = o, n
+        out.append(A.Persist(offset, length))
 
     def _write_through(self, req, lun, offset, data, fua):
         """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
@@ -447,10 +480,12 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.stats["writes_through"] += 1
 
     def _delete_pen(self, req, pen):
-        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5)."""
-        for line, _crc in pen:
-            self._persist(self.primary.store_free(line.block))
-            self.cache.free.append(line.block)
+        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5).
+
+        No descriptor of the write was stored yet: its blocks are FREE in NVRAM already.
+        """
+        for block, *_ in pen:
+            self.cache.free.append(block)
         self.stats["writes_invalid"] += 1
         self.out.append(A.Notify("write_invalid", blocks=len(pen) + 1))
         self._reply(req, EIO)
@@ -477,7 +512,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
                               | (M.CTX_LAST if first + step >= count else 0), seq,
                               self.generation & 0xFFFFFFFF, first, count, part)
         self.pending[seq] = op
-        if self.buggify("ack_before_mirror"):
+        if self.buggify_on and self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
 
@@ -508,11 +543,11 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         if pump:
             self._pump()
 
-    def _maybe_free(self, line):
+    def _maybe_free(self, line, drain=True):
         if self.cache.freeable(line):
             self._persist(self.primary.store_free(line.block))
             self.cache.release_block(line)
-            if self.waiting:
+            if drain and self.waiting:
                 self._drain_waiting()
 
     def host_read(self, req, lun, offset, length):

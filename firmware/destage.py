@@ -108,9 +108,11 @@ class DestageMixin:
         line = extent[0]
         base = line.lba * SECTOR_BYTES
         if len(extent) > 1 or line.bitmap == self.cache.full_bitmap:
-            seg = self.primary
-            data = seg.data(line.block) if len(extent) == 1 else b"".join(
-                [seg.data(x.block) for x in extent])
+            seg, first = self.primary, line.block
+            if all(x.block == first + i for i, x in enumerate(extent)):
+                data = seg.nv[seg.data_offset(first):seg.data_offset(first + len(extent))]
+            else:       # blocks apart in NVRAM: one copy, still one disk write
+                data = b"".join([seg.data(x.block) for x in extent])
             self.disk_ops[op] = DestageOp(extent, 1)
             self.out.append(A.DiskWrite(op, line.lun, base, data))
         else:
@@ -152,9 +154,29 @@ class DestageMixin:
         return self._take()
 
     def _destage_done(self, entry):
+        """Lines are released last to first: the free stack then hands a sequential
+        stream ascending blocks again, so its next extent is one NVRAM range."""
         self.destage_inflight -= 1
-        for line in entry.lines:
-            self._line_destaged(line, entry.error)
+        if entry.error:
+            for line in entry.lines:
+                self._line_destaged(line, entry.error)
+            return
+        flushing, cache, refs = self.flushing_keys, self.cache, self.flush_done_refs
+        for line in reversed(entry.lines):
+            line.flushing = False
+            key = line.key
+            left = flushing[key] - 1
+            if left:
+                flushing[key] = left
+            else:
+                del flushing[key]
+            cache.remove_current(line)
+            refs.append((line.block, line.seq))
+            line.dead = True
+            self._maybe_free(line, drain=False)
+        self.stats["destaged"] += len(entry.lines)
+        if self.waiting:
+            self._drain_waiting()
 
     def _line_destaged(self, line, error):
         line.flushing = False

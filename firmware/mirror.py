@@ -80,7 +80,8 @@ class MirrorSide:
             self.group_seq = seq
         elif seq != self.group_seq or len(self.group) != first:
             raise MirrorError(f"mirror blocks {first}/{gc} of write {seq} arrived out of their group")
-        blocks, group, crc32c = self.blocks, self.group, N.crc32c
+        blocks, group, crc32c, nv, base = self.blocks, self.group, N.crc32c_raw, seg.nv, seg.data_base
+        datas, descs, store = [], [], seg.store_descriptor
         for i, (cache_id, lba, data_crc, bitmap) in enumerate(entries):
             piece = data[i * bs:(i + 1) * bs]
             if cache_id >= seg.blocks:
@@ -89,12 +90,13 @@ class MirrorSide:
                 raise MirrorError(f"mirror write to block {cache_id}: data CRC32C mismatch")
             if blocks[cache_id] is not None:      # the owner reused it: its decision wins
                 persists.append(self._free(cache_id))
-            offset = seg.data_offset(cache_id)
-            seg.nv[offset:offset + bs] = piece
-            persists.append((offset, bs))
-            persists.append(seg.store_descriptor(cache_id, DIRTY, lun, first + i, gc, lba, seq,
-                                                 generation, data_crc, bitmap))
+            offset = base + cache_id * bs
+            nv[offset:offset + bs] = piece        # data stored before its descriptor
+            datas.append((offset, bs))
+            descs.append(store(cache_id, DIRTY, lun, first + i, gc, lba, seq, generation, data_crc, bitmap))
             group.append((cache_id, lun, lba, bitmap))
+        persists += datas
+        persists += descs
         if len(group) < gc:
             return persists, None
         self._commit(seq, persists)

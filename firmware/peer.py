@@ -155,8 +155,14 @@ class PeerMixin:
                    for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
         persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:])
         out = self.out
-        for offset, size in persists:
-            out.append(A.Persist(offset, size))
+        offset, size = persists[0]
+        for o, n in persists[1:]:               # adjacent ranges share one Persist, order kept
+            if o == offset + size:
+                size += n
+            else:
+                out.append(A.Persist(offset, size))
+                offset, size = o, n
+        out.append(A.Persist(offset, size))
         if committed is not None and not ctx & M.CTX_RESYNC:
             self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
             self.acks_owed += 1
