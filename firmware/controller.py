@@ -38,6 +38,8 @@ from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
 
+_crc32c = N.crc32c_raw
+
 EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
@@ -49,7 +51,9 @@ class Params:
                  destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
-                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None):
+                 lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None,
+                 mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
+                 batch_link_output=False):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -66,6 +70,7 @@ class Params:
         self.data_window_bytes = data_window_bytes
         self.waiting_max = waiting_max
         self.buggify = buggify or (lambda site: False)
+        self.buggify_on = buggify is not None
         # Ownership through the reservation records on shared disks (firmware/fencing.py).
         # Off: static ownership (lun % 2), for harnesses without reservation records.
         self.fencing = fencing
@@ -76,6 +81,13 @@ class Params:
         self.auto_balance = auto_balance
         # Replica mode settings (firmware/replica.py: ReplicaSettings); None in ha mode.
         self.replica = replica
+        # A host write goes to the partner in MIRROR_WRITE messages of at most this much block
+        # data (one message for writes up to it); the partner commits the group when all are in.
+        self.mirror_message_bytes_max = mirror_message_bytes_max
+        self.destage_extent_bytes_max = destage_extent_bytes_max   # adjacent lines in one disk write
+        # True: entry points leave link output queued until flush_link() (the runtime calls it
+        # once per loop turn); False: every entry point returns its frames (simulator, tests).
+        self.batch_link_output = batch_link_output
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -137,6 +149,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.out = []
         self.now_ms = now_ms
         self.buggify = params.buggify
+        self.buggify_on = params.buggify_on     # skip the calls on the hot path when nothing is broken
         sb, self.sb_slot = N.read_superblock_untrusted(nv, "NVRAM")
         if sb.controller_id != self.id or sb.pair_id != params.pair_id:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
@@ -151,6 +164,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.primary = Segment(nv, geometry, mirror=False)
         self.cache = PrimaryCache(self.primary.blocks, self.block_size)
         self.mirror = MirrorSide(Segment(nv, geometry, mirror=True), self.block_size // SECTOR_BYTES)
+        self.mirror_blocks_per_message = max(1, params.mirror_message_bytes_max // self.block_size)
+        self.destage_extent_lines = max(1, params.destage_extent_bytes_max // self.block_size)
         self.link = LinkSession(
             self.id, params.pair_id, key, mode=0 if params.mode == "ha" else 1,
             generation=self.generation, block_size_bytes=self.block_size,
@@ -161,6 +176,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
         self.mirroring = False            # link up and the partner's mirror in sync
         self.sync_pending = False
+        self.acks_owed = 0                # writes committed for the partner, not yet acknowledged
+        self.ack_seq = 0
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
         self.resync_progress = None       # lines total / transferred / remaining of the running resync
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
@@ -170,6 +187,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.next_op = 1
         self.waiting = collections.deque()  # host writes waiting for free blocks
         self.flushing_keys = collections.Counter()
+        self.flush_begin_refs = []        # sent together when the output is taken
+        self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []
         self.destaging = False
         self.destage_inflight = 0
@@ -245,15 +264,44 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
     # -- helpers --------------------------------------------------------------
 
     def _take(self):
-        if self.flush_done_refs and self.link.up:
-            self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        if not self.params.batch_link_output:
+            self._queue_refs()
+        out, self.out = self.out, []
+        return out
+
+    def flush_link(self):
+        """With batch_link_output: the link frames of everything handled since the last call.
+
+        The runtime calls it once per loop turn, so the frames of a turn go out together.
+        Flush-begin and flush-done references ride along with other frames and go out
+        on their own only at a tick or when many are waiting: they only tell the
+        partner what it may free (a late flush-done costs nothing, the owner's next
+        write to the block frees the copy anyway), so they need not wake it.
+        """
+        link = self.link
+        if (self.refs_due or link.control_queue or link.data_queue
+                or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):
+            self._queue_refs()
+        elif link.state != "down":
+            buffers = link.take_output()
+            if buffers:
+                self.out.append(A.Transmit(buffers))
+        out, self.out = self.out, []
+        return out
+
+    def _queue_refs(self):
+        self.refs_due = False
+        if self.link.up:
+            if self.flush_begin_refs:
+                self._send_refs(M.MsgType.FLUSH_BEGIN, self.flush_begin_refs)
+            if self.flush_done_refs:
+                self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        self.flush_begin_refs = []
         self.flush_done_refs = []
         if self.link.state != "down":
             buffers = self.link.take_output()
             if buffers:
                 self.out.append(A.Transmit(buffers))
-        out, self.out = self.out, []
-        return out
 
     def _send_refs(self, msg_type, refs):
         step = M.BLOCK_REFS_MAX
@@ -316,7 +364,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         return op
 
     def _persist(self, rng):
-        if not self.buggify("skip_persist_metadata"):     # a broken variant for the simulator
+        if not (self.buggify_on and self.buggify("skip_persist_metadata")):  # a broken variant
             self.out.append(A.Persist(rng[0], rng[1]))
 
     # -- host I/O -------------------------------------------------------------
@@ -360,45 +408,74 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             self._write(*waiting.popleft())
 
     def _write(self, req, lun, offset, data, fua):
-        """Copy-on-write into free primary blocks, validate, then release the holding pen."""
-        seg, cache, out, bs = self.primary, self.cache, self.out, self.block_size
+        """Copy-on-write into free primary blocks, validate, then release the holding pen.
+
+        All data first (stored, then checked by CRC32C against the host's bytes), then
+        the descriptors, then the commit record: every block's data is persisted before
+        its descriptor, and a write with invalid data leaves no descriptor behind.
+        Adjacent ranges share one Persist.
+        """
+        seg, cache, bs = self.primary, self.cache, self.block_size
         first = offset // bs
-        count = (offset + len(data) - 1) // bs - first + 1
-        seq = self.next_seq
-        self.next_seq += 1
-        generation = self.generation & 0xFFFFFFFF
+        end = offset + len(data)
+        count = (end - 1) // bs - first + 1
+        full, lines, buggy = cache.full_bitmap, cache.lines, self.buggify_on
+        nv, data_base = seg.nv, seg.data_base
         pen = []          # holding pen: one mirror request per block, apart from the data (claims 2.6)
         pos = 0
-        for i in range(count):
+        # Ascending blocks: a sequential stream given a run of free blocks lands in one
+        # NVRAM range, which its destage then writes out without a copy.
+        blocks = sorted([cache.alloc() for _ in range(count)]) if count > 1 else [cache.alloc()]
+        for i, block in enumerate(blocks):
             start = (first + i) * bs
             lo = offset - start if i == 0 else 0
-            hi = min(offset + len(data) - start, bs)
-            block = cache.alloc()
-            view = seg.data(block)
+            hi = end - start if end - start < bs else bs
+            at = data_base + block * bs
             key = (lun << LUN_SHIFT) | (first + i)
-            bits = sector_bits(lo, hi)
-            if hi - lo != bs:
-                old = cache.lines.get(key)
+            if hi - lo == bs:
+                bits = full
+            else:
+                bits = sector_bits(lo, hi)
+                old = lines.get(key)
                 if old is not None:             # merge: the new version carries the old sectors too
-                    view[:] = seg.data(old.block)
+                    old_at = data_base + old.block * bs
+                    nv[at:at + bs] = nv[old_at:old_at + bs]
                     bits |= old.bitmap
             piece = data[pos:pos + hi - lo]
             pos += hi - lo
-            view[lo:hi] = piece
-            if self.buggify("nvram_store_corrupt"):
-                view[lo] ^= 0x5A                # a simulated bad store into NVRAM
-            out.append(A.Persist(seg.data_offset(block), bs))
-            crc = N.crc32c(piece)
-            if not self.buggify("skip_pen_validation") and N.crc32c(view[lo:hi]) != crc:  # claims 2.1
-                cache.free.append(block)
+            nv[at + lo:at + hi] = piece
+            if buggy and self.buggify("nvram_store_corrupt"):
+                nv[at + lo] ^= 0x5A             # a simulated bad store into NVRAM
+            crc = _crc32c(piece)
+            if _crc32c(nv[at + lo:at + hi]) != crc and not (buggy and self.buggify("skip_pen_validation")):
+                cache.free.extend(blocks[i:])   # claims 2.1: the data in NVRAM is not what the host sent
                 self._delete_pen(req, pen)
                 return
-            data_crc = crc if hi - lo == bs else N.crc32c(view)
-            self._persist(seg.store_descriptor(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq,
-                                               generation, data_crc, bits))
-            pen.append((Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), data_crc))
+            pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
+        seq = self.next_seq
+        self.next_seq += 1
+        generation = self.generation & 0xFFFFFFFF
+        self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
+        store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
+        self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
+                                  crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
-        self._release_pen(req, seq, pen, fua)
+        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), crc)
+                                     for block, key, start, bits, crc in pen], fua)
+
+    def _persist_runs(self, ranges, data=False):
+        """Persist (offset, length) ranges in order, joining each with the next when adjacent."""
+        if not data and self.buggify_on and self.buggify("skip_persist_metadata"):
+            return                              # a broken variant for the simulator
+        out = self.out
+        offset, length = ranges[0]
+        for o, n in ranges[1:]:
+            if o == offset + length:
+                length += n
+            else:
+                out.append(A.Persist(offset, length))
+                offset, length = o, n
+        out.append(A.Persist(offset, length))
 
     def _write_through(self, req, lun, offset, data, fua):
         """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
@@ -409,10 +486,12 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.stats["writes_through"] += 1
 
     def _delete_pen(self, req, pen):
-        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5)."""
-        for line, _crc in pen:
-            self._persist(self.primary.store_free(line.block))
-            self.cache.free.append(line.block)
+        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5).
+
+        No descriptor of the write was stored yet: its blocks are FREE in NVRAM already.
+        """
+        for block, *_ in pen:
+            self.cache.free.append(block)
         self.stats["writes_invalid"] += 1
         self.out.append(A.Notify("write_invalid", blocks=len(pen) + 1))
         self._reply(req, EIO)
@@ -429,22 +508,31 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             self._finish_write(op, mirrored=False, pinned=False)
             return
         count = len(pen)
-        generation = self.generation & 0xFFFFFFFF
-        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
-        for i, (line, data_crc) in enumerate(pen):
-            line.pins += 1      # the queued frame views the block: it must not be reused before the ack
-            ctx = (M.CTX_FIRST if i == 0 else 0) | (M.CTX_LAST if i == count - 1 else 0) | (
-                M.CTX_FUA if fua else 0)
-            send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
-                 (head.pack(line.block, line.lun, ctx, line.lba, seq, i, count, data_crc,
-                            line.bitmap.to_bytes(16, "big"), generation, self.block_size),
-                  seg.data(line.block)))
+        ctx = (M.CTX_FUA if fua else 0)
+        step = self.mirror_blocks_per_message
+        for first in range(0, count, step):
+            part = pen[first:first + step]
+            for line, _crc in part:
+                line.pins += 1  # the queued frame views the block: it must not be reused before the ack
+            self._send_mirror(op.lines[0].lun, ctx | (M.CTX_FIRST if first == 0 else 0)
+                              | (M.CTX_LAST if first + step >= count else 0), seq,
+                              self.generation & 0xFFFFFFFF, first, count, part)
         self.pending[seq] = op
-        if self.buggify("ack_before_mirror"):
+        if self.buggify_on and self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
 
-    def _finish_write(self, op, mirrored, pinned=True):
+    def _send_mirror(self, lun, ctx, seq, generation, first, count, part):
+        """One MIRROR_WRITE carrying blocks [first, first + len(part)) of write `seq` (count blocks)."""
+        seg, entry = self.primary, M.MIRROR_BLOCK.pack
+        entries = b"".join([entry(line.block, line.lba, crc, line.bitmap.to_bytes(16, "big"))
+                            for line, crc in part])
+        head = M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, generation, count, first, len(part), 0,
+                                        self.block_size)
+        self.link.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
+                       (head, entries, *[seg.data(line.block) for line, _crc in part]))
+
+    def _finish_write(self, op, mirrored, pinned=True, pump=True):
         if op.req is not None:
             self._reply(op.req, 0)
         for line in op.lines:
@@ -458,13 +546,14 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self.stats["writes"] += 1
         if not mirrored:
             self.stats["writes_degraded"] += 1
-        self._pump()
+        if pump:
+            self._pump()
 
-    def _maybe_free(self, line):
+    def _maybe_free(self, line, drain=True):
         if self.cache.freeable(line):
             self._persist(self.primary.store_free(line.block))
             self.cache.release_block(line)
-            if self.waiting:
+            if drain and self.waiting:
                 self._drain_waiting()
 
     def host_read(self, req, lun, offset, length):

@@ -21,10 +21,11 @@ DESTAGE_ERROR_PAUSE_MS = 200
 
 
 class DestageOp:
-    __slots__ = ("line", "remaining", "error")
+    """One disk write of adjacent lines (an extent), or of one partial line's dirty runs."""
+    __slots__ = ("lines", "remaining", "error")
 
-    def __init__(self, line, remaining):
-        self.line = line
+    def __init__(self, lines, remaining):
+        self.lines = lines
         self.remaining = remaining
         self.error = 0
 
@@ -64,38 +65,65 @@ class DestageMixin:
         return self.destaging and bool(cache.wbq) and self.now_ms >= self.destage_pause_until_ms
 
     def _pump(self):
-        """Start destage writes up to the in-flight bound, oldest dirty lines first."""
+        """Start destage writes up to the in-flight bound, oldest dirty lines first.
+
+        Whole lines adjacent on disk go out as one write (an extent of up to
+        destage_extent_bytes_max): a sequential host stream costs one disk write
+        per extent, not one per cache line.
+        """
         budget = self.params.destage_inflight_max - self.destage_inflight
         if budget <= 0 or not self._destage_wanted():
             return
-        chosen = []
-        flushing = self.flushing_keys
-        for key, line in self.cache.wbq.items():     # oldest first; stop at the budget
-            if len(chosen) == budget:
+        extents, taken = [], set()
+        flushing, wbq, full = self.flushing_keys, self.cache.wbq, self.cache.full_bitmap
+        extent_max = self.destage_extent_lines
+        for key, line in wbq.items():     # oldest first; stop at the budget
+            if len(extents) == budget:
                 break
-            if key not in flushing and self.may_write_disk(line.lun):
-                chosen.append(line)   # (a flushing key: an older version is still being written)
-        begins = []
-        for line in chosen:
-            self._start_destage(line)
-            begins.append((line.block, line.seq))
-        if begins and self.link.up:
-            self._send_refs(M.MsgType.FLUSH_BEGIN, begins)
+            if key in taken or key in flushing or not self.may_write_disk(line.lun):
+                continue                  # (a flushing key: an older version is still being written)
+            extent = [line]
+            taken.add(key)
+            if line.bitmap == full:
+                nxt = wbq.get(key + 1)
+                while (nxt is not None and nxt.bitmap == full and len(extent) < extent_max
+                       and nxt.key not in flushing and nxt.key not in taken):
+                    extent.append(nxt)
+                    taken.add(nxt.key)
+                    nxt = wbq.get(nxt.key + 1)
+            extents.append(extent)
+        begins = self.flush_begin_refs if self.link.up else []
+        for extent in extents:
+            self._start_destage(extent)
+            begins.extend([(line.block, line.seq) for line in extent])
 
-    def _start_destage(self, line):
-        del self.cache.wbq[line.key]
-        line.flushing = True
-        self.flushing_keys[line.key] += 1
+    def _start_destage(self, extent):
+        wbq, flushing = self.cache.wbq, self.flushing_keys
+        for line in extent:
+            del wbq[line.key]
+            line.flushing = True
+            flushing[line.key] += 1
         self.destage_inflight += 1
-        runs = list(dirty_runs(line.bitmap, 0, self.cache.sectors_per_line))
         op = self._new_op()
-        self.disk_ops[op] = DestageOp(line, len(runs))
-        view = self.primary.data(line.block)
+        line = extent[0]
         base = line.lba * SECTOR_BYTES
-        for s, e in runs:
-            a, b = s * SECTOR_BYTES, e * SECTOR_BYTES
-            self.out.append(A.DiskWrite(op, line.lun, base + a, view[a:b]))
-        self.stats["destage_started"] += 1
+        if len(extent) > 1 or line.bitmap == self.cache.full_bitmap:
+            seg, first = self.primary, line.block
+            if all(x.block == first + i for i, x in enumerate(extent)):
+                data = seg.nv[seg.data_offset(first):seg.data_offset(first + len(extent))]
+            else:       # blocks apart in NVRAM: one copy, still one disk write
+                data = b"".join([seg.data(x.block) for x in extent])
+            self.disk_ops[op] = DestageOp(extent, 1)
+            self.out.append(A.DiskWrite(op, line.lun, base, data))
+        else:
+            runs = list(dirty_runs(line.bitmap, 0, self.cache.sectors_per_line))
+            self.disk_ops[op] = DestageOp(extent, len(runs))
+            view = self.primary.data(line.block)
+            for s, e in runs:
+                a, b = s * SECTOR_BYTES, e * SECTOR_BYTES
+                self.out.append(A.DiskWrite(op, line.lun, base + a, view[a:b]))
+        self.stats["destage_started"] += len(extent)
+        self.stats["destage_writes"] += 1
 
     def disk_done(self, op, error=0, data=None):
         """A disk read or write finished; `error` is an errno (0 = success)."""
@@ -126,16 +154,39 @@ class DestageMixin:
         return self._take()
 
     def _destage_done(self, entry):
-        line = entry.line
-        line.flushing = False
+        """Lines are released last to first: the free stack then hands a sequential
+        stream ascending blocks again, so its next extent is one NVRAM range."""
         self.destage_inflight -= 1
+        if entry.error:
+            for line in entry.lines:
+                self._line_destaged(line, entry.error)
+            return
+        flushing, cache, refs = self.flushing_keys, self.cache, self.flush_done_refs
+        for line in reversed(entry.lines):
+            line.flushing = False
+            key = line.key
+            left = flushing[key] - 1
+            if left:
+                flushing[key] = left
+            else:
+                del flushing[key]
+            cache.remove_current(line)
+            refs.append((line.block, line.seq))
+            line.dead = True
+            self._maybe_free(line, drain=False)
+        self.stats["destaged"] += len(entry.lines)
+        if self.waiting:
+            self._drain_waiting()
+
+    def _line_destaged(self, line, error):
+        line.flushing = False
         self.flushing_keys[line.key] -= 1
         if not self.flushing_keys[line.key]:
             del self.flushing_keys[line.key]
-        if entry.error:
+        if error:
             self.stats["destage_errors"] += 1
             self.destage_pause_until_ms = self.now_ms + DESTAGE_ERROR_PAUSE_MS
-            self.out.append(A.Notify("disk_error", lun=line.lun, lba=line.lba, errno=entry.error))
+            self.out.append(A.Notify("disk_error", lun=line.lun, lba=line.lba, errno=error))
             if line.current:
                 self.cache.wbq[line.key] = line      # still dirty: try again later
             else:
@@ -175,6 +226,7 @@ class DestageMixin:
     def tick(self, now_ms):
         """Time passes: heartbeats, dead-peer detection, leases, idle destage."""
         self.now_ms = now_ms
+        self.refs_due = True
         try:
             self.link.tick(now_ms)
         except LinkProtocolError as exc:    # the peer went silent

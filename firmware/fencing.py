@@ -330,7 +330,8 @@ class FenceMixin:
             line.lun == lun for line in self._flushing_lines())
 
     def _flushing_lines(self):
-        return [e.line for e in self.disk_ops.values() if e.__class__.__name__ == "DestageOp"]
+        return [line for e in self.disk_ops.values() if e.__class__.__name__ == "DestageOp"
+                for line in e.lines]
 
     def _fencing_record(self, f, rec):
         if not self._still_mine(f, rec):

@@ -21,10 +21,11 @@ import hmac
 from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
+from .formats.nvram import crc32c_raw as _crc32c
 
 AUTH_LABEL = b"twincache-auth-v1"
 HEARTBEAT_STRUCT = M.HEARTBEAT_STRUCT
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2           # 2: MIRROR_WRITE carries 1..n blocks of a host write
 SEQ_LIMIT = (1 << 32) - 1
 
 
@@ -227,8 +228,10 @@ class LinkSession:
         # One buffer per frame: the 4 KiB copy out of NVRAM costs less than carrying
         # four small buffers per frame through the send queue and sendmsg's iovec.
         parts = (header, *payload) if payload.__class__ is tuple else (header, payload)
-        frame = b"".join(parts)
-        self.out.append(frame + F.TRAILER_STRUCT.pack(F.crc32c(frame)))
+        crc = 0
+        for part in parts:
+            crc = _crc32c(part, crc)
+        self.out.append(b"".join((*parts, F.TRAILER_STRUCT.pack(crc))))    # one copy of the payload
         self.need_ack = self._ack_now = False
         self.acked_sent = self.rx_expected
         self.stats["frames_sent"] += 1

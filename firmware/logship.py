@@ -245,6 +245,11 @@ class _Session:
                 self._link_down(link, f"protocol error: {exc}")
         return self._take()
 
+    def flush_link(self):
+        """The runtime's once-a-turn call (firmware/controller.py batches; every entry point here
+        already returned its frames)."""
+        return self._take()
+
     def _tick_links(self, now_ms):
         for link, session in self._links():
             try:

@@ -62,29 +62,42 @@ class MirrorSide:
                 persists.append(self.segment.store_free(index))
         return persists
 
-    def write(self, cache_id, lun, ctx, lba, seq, gi, gc, data_crc, bitmap, generation, data):
-        """Persist one mirror block; return (persist ranges, committed group seq or None)."""
+    def write(self, lun, seq, generation, first, gc, entries, data):
+        """Persist blocks [first, first + len(entries)) of write `seq`, a group of `gc` blocks.
+
+        `entries` are (cache_id, lba, data_crc, bitmap) and `data` their blocks back to
+        back. Return (persist ranges, committed group seq or None): the group joins
+        the view only once its last block is in (claims 1.10).
+        """
         seg = self.segment
-        if cache_id >= seg.blocks or len(data) != seg.block_size or not gi < gc:
-            raise MirrorError(f"mirror write to block {cache_id} of {len(data)} bytes, group {gi}/{gc}")
-        if N.crc32c(data) != data_crc:
-            raise MirrorError(f"mirror write to block {cache_id}: data CRC32C mismatch")
+        bs = seg.block_size
+        count = len(entries)
+        if not count or first + count > gc or len(data) != count * bs:
+            raise MirrorError(f"mirror write of blocks {first}+{count} of {gc}, {len(data)} bytes")
         persists = []
-        if gi == 0:
+        if first == 0:
             persists.extend(self.abandon_group())
-        existing = self.blocks[cache_id]
-        if existing is not None:          # the owner reused it: its decision wins
-            persists.append(self._free(cache_id))
-        seg.data(cache_id)[:] = data
-        persists.append((seg.data_offset(cache_id), seg.block_size))
-        persists.append(seg.store_descriptor(cache_id, DIRTY, lun, gi, gc, lba, seq, generation,
-                                             data_crc, bitmap))
-        if gi == 0:
             self.group_seq = seq
-        elif seq != self.group_seq or len(self.group) != gi:
-            raise MirrorError(f"mirror block {gi}/{gc} of write {seq} arrived out of its group")
-        self.group.append((cache_id, lun, lba, bitmap))
-        if len(self.group) < gc:
+        elif seq != self.group_seq or len(self.group) != first:
+            raise MirrorError(f"mirror blocks {first}/{gc} of write {seq} arrived out of their group")
+        blocks, group, crc32c, nv, base = self.blocks, self.group, N.crc32c_raw, seg.nv, seg.data_base
+        datas, descs, store = [], [], seg.store_descriptor
+        for i, (cache_id, lba, data_crc, bitmap) in enumerate(entries):
+            piece = data[i * bs:(i + 1) * bs]
+            if cache_id >= seg.blocks:
+                raise MirrorError(f"mirror write to block {cache_id} of {seg.blocks}")
+            if crc32c(piece) != data_crc:
+                raise MirrorError(f"mirror write to block {cache_id}: data CRC32C mismatch")
+            if blocks[cache_id] is not None:      # the owner reused it: its decision wins
+                persists.append(self._free(cache_id))
+            offset = base + cache_id * bs
+            nv[offset:offset + bs] = piece        # data stored before its descriptor
+            datas.append((offset, bs))
+            descs.append(store(cache_id, DIRTY, lun, first + i, gc, lba, seq, generation, data_crc, bitmap))
+            group.append((cache_id, lun, lba, bitmap))
+        persists += datas
+        persists += descs
+        if len(group) < gc:
             return persists, None
         self._commit(seq, persists)
         return persists, seq

@@ -52,11 +52,21 @@ class PeerMixin:
                 if not was_up and link.up:
                     self._on_link_up()
                 if msg is not None:
+                    if msg.type != T.MIRROR_WRITE and self.acks_owed:
+                        self._send_mirror_ack()     # whatever answers this comes after the ack
                     self._dispatch(msg)
             except (LinkProtocolError, FormatError, MirrorError, FenceError) as exc:
                 self.stats["link_errors"] += 1
                 self._link_failed(f"protocol error: {exc}")
+        if self.acks_owed and link.up:
+            self._send_mirror_ack()
         return self._take()
+
+    def _send_mirror_ack(self):
+        """One cumulative MIRROR_ACK for every write committed since the last one."""
+        self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(self.ack_seq, 0, self.acks_owed, 0),
+                       lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
+        self.acks_owed = 0
 
     def _link_failed(self, reason, reset=True):
         """The session is over: complete what waited on the partner, go degraded."""
@@ -64,6 +74,8 @@ class PeerMixin:
         if reset:
             self.out.append(A.LinkReset(reason))
         self.link.disconnected()
+        self.acks_owed = 0
+        self.flush_begin_refs = []
         self.mirroring = False
         if self.sync_pending:
             self._unpin_resync(mirrored=False)
@@ -102,20 +114,16 @@ class PeerMixin:
                        key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
-        seg, send, head = self.primary, self.link.send, M.MIRROR_WRITE_HEAD
         generation = self.generation & 0xFFFFFFFF
         probe = M.PING_STRUCT.pack(0)
         for n, line in enumerate(lines):
             if n and n % RESYNC_PROBE_LINES == 0:
                 # A progress probe in order with the lines: its answer says the partner has the first n.
-                send(T.PING, M.Resource.MIRROR, probe, tag=n)
+                self.link.send(T.PING, M.Resource.MIRROR, probe, tag=n)
             line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
-            data = seg.data(line.block)
-            crc = N.crc32c(data)
-            send(T.MIRROR_WRITE, M.Resource.MIRROR,
-                 (head.pack(line.block, line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.lba,
-                            line.seq, 0, 1, crc, line.bitmap.to_bytes(16, "big"), generation,
-                            self.block_size), data))
+            crc = N.crc32c(self.primary.data(line.block))
+            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq, generation,
+                              0, 1, [(line, crc)])
             if line.flushing:
                 self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])
         self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
@@ -154,20 +162,32 @@ class PeerMixin:
 
     def _on_mirror_write(self, msg):
         p = msg.payload
-        (cache_id, lun, ctx, lba, seq, gi, gc, data_crc, bitmap, generation,
-         length) = M.MIRROR_WRITE_HEAD.unpack_from(p)
-        data = p[M.MIRROR_WRITE_HEAD.size:]
-        if length != len(data):
-            raise MirrorError(f"mirror write says {length} bytes, carries {len(data)}")
-        persists, committed = self.mirror.write(cache_id, lun, ctx, lba, seq, gi, gc, data_crc,
-                                                int.from_bytes(bitmap, "big"), generation, data)
+        head, entry = M.MIRROR_WRITE_HEAD, M.MIRROR_BLOCK
+        if len(p) < head.size:
+            raise MirrorError(f"mirror write of {len(p)} bytes is shorter than its head")
+        lun, ctx, seq, generation, gc, first, count, _r, block_size = head.unpack_from(p)
+        data_at = head.size + count * entry.size
+        if block_size != self.block_size or len(p) != data_at + count * block_size:
+            raise MirrorError(f"mirror write of {count} blocks of {block_size} bytes is {len(p)} bytes")
+        entries = [(cache_id, lba, crc, int.from_bytes(bitmap, "big"))
+                   for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
+        persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:])
         out = self.out
-        for offset, size in persists:
-            out.append(A.Persist(offset, size))
+        offset, size = persists[0]
+        for o, n in persists[1:]:               # adjacent ranges share one Persist, order kept
+            if o == offset + size:
+                size += n
+            else:
+                out.append(A.Persist(offset, size))
+                offset, size = o, n
+        out.append(A.Persist(offset, size))
         if committed is not None and not ctx & M.CTX_RESYNC:
-            self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(committed, 0, gc, 0),
-                           lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
+            self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
+            self.acks_owed += 1
+            if self.acks_owed == 0xFFFF:        # the count field's limit
+                self._send_mirror_ack()
         self.stats["mirror_writes_received"] += 1
+        self.stats["mirror_blocks_received"] += count
 
     def _on_flush_refs(self, msg):
         refs = M.parse_block_refs_untrusted(msg.payload, "flush message")
@@ -199,13 +219,26 @@ class PeerMixin:
     # -- owner side -----------------------------------------------------------
 
     def _on_mirror_ack(self, msg):
-        seq, status, _count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
-        op = self.pending.pop(seq, None)
-        if op is None:
-            raise LinkProtocolError(f"mirror ack for unknown write {seq}")
+        """Cumulative: every write up to `seq` sent in this session is in the partner's NVRAM.
+
+        The partner commits groups in the order they arrive and they are sent in
+        seq order, so `pending` (in seq order) is acknowledged from its front.
+        """
+        seq, status, count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
         if status:
             raise LinkProtocolError(f"partner refused mirror write {seq}: error {status}")
-        self._finish_write(op, mirrored=True)
+        pending = self.pending
+        done = []
+        for pseq in pending:
+            if pseq > seq:
+                break
+            done.append(pseq)
+        if len(done) != count or not done or done[-1] != seq:
+            raise LinkProtocolError(f"mirror ack for {count} writes up to {seq} does not match "
+                                    f"the {len(done)} pending up to it")
+        for pseq in done:
+            self._finish_write(pending.pop(pseq), mirrored=True, pump=False)
+        self._pump()
 
     def _on_ping(self, msg):
         """Answer to the mailbox that asked: ADMIN (a round trip) or MIRROR (a resync progress probe)."""

@@ -55,22 +55,22 @@ class DestagedMixin:
         if not chosen:
             return super()._pump()
         for line in chosen[:budget]:
-            self._start_destage(line)
+            self._start_destage([line])        # one line per disk write here (an extent of one)
         return None
 
     def _destage_done(self, entry):
         super()._destage_done(entry)
-        line = entry.line
         if entry.error:
             return
-        for req in self.disk_waiters.pop(line, ()):
-            req.remaining -= 1
-            if req.remaining == 0:
-                self._reply(req, 0)
-        r = line.lba * SECTOR_BYTES // self.rec.range_bytes
-        if self._range_clean(line.lun, r):
-            self.destaged_out.add((line.lun, r))
-            self.peer_record.pop((line.lun, r), None)
+        for line in entry.lines:
+            for req in self.disk_waiters.pop(line, ()):
+                req.remaining -= 1
+                if req.remaining == 0:
+                    self._reply(req, 0)
+            r = line.lba * SECTOR_BYTES // self.rec.range_bytes
+            if self._range_clean(line.lun, r):
+                self.destaged_out.add((line.lun, r))
+                self.peer_record.pop((line.lun, r), None)
 
     def _range_clean(self, lun, r) -> bool:
         per = self.rec.range_bytes // self.block_size

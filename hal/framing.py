@@ -85,7 +85,8 @@ class StreamFramer(Framer):
                 continue
             self._pos = end + TRAILER_SIZE_BYTES
             self.frames_received += 1
-            return bytes(buf[start:self._pos])
+            with memoryview(buf) as view:
+                return bytes(view[start:self._pos])     # one copy (a bytearray slice would be two)
 
     def _seek_magic(self) -> bool:
         """Move to the next magic; keep a trailing byte that may begin one."""

@@ -92,7 +92,7 @@ def firmware_params(cfg, disks, reliable):
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
-                  fencing=cfg.mode == "ha", replica=replica_settings(cfg))
+                  fencing=cfg.mode == "ha", replica=replica_settings(cfg), batch_link_output=True)
 
 
 class NbdClient:
@@ -133,6 +133,7 @@ class Runtime:
         self.backoff = Backoff(initial_ms=20, max_ms=500)
         self.next_connect_ms = 0
         self.completions = []          # disk write and flush completions, fed back once a turn
+        self.disk_writes = []          # DiskWrite actions, carried out at the end of the turn
         self.read_completions = []
         self.dirty_clients = set()
         self.link_buf = bytearray(LINK_RECV_BYTES)
@@ -364,6 +365,8 @@ class Runtime:
         self.execute(self.ctrl.link_connected(os.urandom(32), now))
 
     def _link_read(self):
+        if self.disk_writes:
+            self._start_disk_writes()
         try:
             n = self.link.recv_into(self.link_buf)
         except (BlockingIOError, InterruptedError):
@@ -441,7 +444,7 @@ class Runtime:
             elif kind is A.HostReply:
                 self._host_reply(act)
             elif kind is A.DiskWrite:
-                self._disk_io(act, write=True)
+                self.disk_writes.append(act)     # after this turn's host replies: see _flush
             elif kind is A.DiskRead:
                 self._disk_io(act, write=False)
             elif kind is A.DiskFlush:
@@ -504,8 +507,14 @@ class Runtime:
         self.note(act.kind, **act.fields)
 
     def _flush(self):
+        """The end of a loop turn: disk completions, then the turn's link frames, then hosts.
+
+        The firmware batches its link output (batch_link_output): flush_link() hands
+        over the frames of the whole turn at once, so they share one sendmsg.
+        """
         if self.completions:
             self._complete_writes()
+        self.execute(self.ctrl.flush_link())
         if self.link is not None and self.link_out and not self.link_writing:
             self._flush_link()
         while self.dirty_clients:
@@ -513,6 +522,23 @@ class Runtime:
             for client in dirty:
                 if client.mask or client.out or client.conn.backlog or not client.conn.closed:
                     self._flush_client(client)
+            # Requests a client had buffered behind its in-flight bound ran just now.
+            self.execute(self.ctrl.flush_link())
+            if self.link is not None and self.link_out and not self.link_writing:
+                self._flush_link()
+        self._start_disk_writes()
+
+    def _start_disk_writes(self):
+        """Disk writes (destage, write-through, replay) wait until the turn's replies are out.
+
+        No host waits on a destage write, so a pwrite costs the acknowledged host
+        nothing. The data stays where the firmware pointed: a destaged line is pinned
+        until its completion, and _link_read starts these writes before the partner's
+        frames can store into a mirror block a replay is writing out.
+        """
+        writes, self.disk_writes = self.disk_writes, []
+        for act in writes:
+            self._disk_io(act, write=True)
 
     def status(self):
         st = self.ctrl.status()

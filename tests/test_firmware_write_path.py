@@ -55,16 +55,25 @@ def test_holding_pen_deletes_every_mirror_request_when_the_data_is_invalid():
     assert p.replies["again"] == (0, None) and len(mirror_blocks(p, 1)) == 3
 
 
-def test_multi_block_write_is_all_or_nothing_at_the_partner_across_its_crash():
+def test_multi_block_write_goes_to_the_partner_in_one_message():
     p = idle_pair()
+    p.write(0, "w", 0, 0, b"1" * 4 * BS)
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.MIRROR_WRITE]
+    p.deliver()
+    assert p.replies["w"] == (0, None) and len(mirror_blocks(p, 1)) == 4
+    assert p.ctrl[1].stats["mirror_writes_received"] == 1
+
+
+def test_multi_block_write_is_all_or_nothing_at_the_partner_across_its_crash():
+    p = idle_pair(mirror_message_bytes_max=2 * BS)  # a 4-block write travels in two messages
     p.write(0, "old", 0, 0, b"1" * 4 * BS)
     p.deliver()
     p.write(0, "new", 0, 0, b"2" * 4 * BS)
     frames = list(p.wire[1])
     p.wire[1].clear()
     mirror_writes = [f for f in frames if f[3] == M.MsgType.MIRROR_WRITE]
-    assert len(mirror_writes) == 4
-    for f in mirror_writes[:2]:                     # half of the group reaches b, then b dies
+    assert len(mirror_writes) == 2
+    for f in mirror_writes[:1]:                     # half of the group reaches b, then b dies
         p.run(1, p.ctrl[1].link_frame(f, 0))
     p.crash(1)
     p.boot(1)
@@ -101,7 +110,7 @@ def test_destage_sends_flush_begin_then_flush_done_and_frees_both_copies():
     assert p.disks[0][8 * BS:10 * BS] == b"d" * 2 * BS
     assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
     stats = p.ctrl[1].stats
-    assert stats["mirror_writes_received"] == 2
+    assert stats["mirror_blocks_received"] == 2 and stats["mirror_writes_received"] == 1
     assert p.ctrl[1].mirror.counts()["mirror_blocks"] == 0
 
 
@@ -196,3 +205,70 @@ def test_resync_after_the_link_returns_reports_lines_transferred_and_remaining()
     assert p.ctrl[0].mirroring and p.ctrl[0].status()["resync"] is None
     assert mirror_blocks(p, 1) == primary_lines(p, 0)
     p.resume_disks()
+
+
+def test_destage_writes_adjacent_whole_lines_as_one_extent_and_partial_lines_alone():
+    p = MemPair(idle_flush_ms=50, destage_extent_bytes_max=3 * BS)
+    p.connect()
+    p.write(0, "seq", 0, 8 * BS, b"s" * 4 * BS)           # lines 8..11, whole
+    p.write(0, "part", 0, 20 * BS + 512, b"p" * 1024)     # line 20, sectors 1-2 only
+    p.deliver()
+    p.tick(100)                                            # idle: destage everything
+    assert p.disks[0][8 * BS:12 * BS] == b"s" * 4 * BS
+    assert p.disks[0][20 * BS:21 * BS] == bytes(512) + b"p" * 1024 + bytes(BS - 1536)
+    assert p.disk_writes == 3                              # lines 8-10, line 11, line 20's run
+    assert p.ctrl[0].stats["destage_writes"] == 3 and p.ctrl[0].stats["destaged"] == 5
+    assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
+
+
+def test_destage_extent_never_takes_a_line_another_extent_holds():
+    """Line 5 is older than line 4: 5 starts an extent, then 4's extent must stop before 5."""
+    p = MemPair(idle_flush_ms=50)
+    p.connect()
+    p.write(0, "five", 0, 5 * BS, b"5" * BS)
+    p.write(0, "four", 0, 4 * BS, b"4" * BS)
+    p.deliver()
+    p.tick(100)
+    assert p.disks[0][4 * BS:6 * BS] == b"4" * BS + b"5" * BS
+    assert p.ctrl[0].stats["destaged"] == 2 and p.ctrl[0].cache.dirty_lines == 0
+
+
+def test_mirror_writes_of_one_link_read_get_one_cumulative_ack():
+    p = idle_pair()
+    for k in range(5):
+        p.write(0, f"w{k}", 0, k * 3 * BS, bytes([k]) * 2 * BS)
+    frames = list(p.wire[1])
+    p.wire[1].clear()
+    p.run(1, p.ctrl[1].link_frames(frames, 0))     # one read of the link brought all five
+    acks = [f for f in p.wire[0] if f[3] == M.MsgType.MIRROR_ACK]
+    assert len(acks) == 1
+    seq, status, count, _ = M.MIRROR_ACK.unpack_from(acks[0], 28)
+    assert (status, count) == (0, 5) and seq == max(p.ctrl[0].pending)
+    p.deliver()
+    assert all(p.replies[f"w{k}"] == (0, None) for k in range(5)) and not p.ctrl[0].pending
+
+
+def test_batched_link_output_waits_for_flush_link_and_refs_ride_along():
+    p = MemPair(idle_flush_ms=10**9, high_watermark=0.9, low_watermark=0.8, batch_link_output=True)
+    p.connect()
+    for _ in range(6):                                 # hello, auth, resync: a few round trips
+        for i in range(2):
+            p.run(i, p.ctrl[i].flush_link())
+        p.deliver()
+    assert p.ctrl[0].mirroring and p.ctrl[1].mirroring
+    acts = p.ctrl[0].host_write("w", 0, 0, b"x" * BS)
+    assert not [a for a in acts if type(a).__name__ == "Transmit"]
+    p.run(0, p.ctrl[0].flush_link())
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.MIRROR_WRITE]
+    p.run(1, p.ctrl[1].link_frames(list(p.wire[1]), 0))
+    p.wire[1].clear()
+    p.run(1, p.ctrl[1].flush_link())
+    p.run(0, p.ctrl[0].link_frames(list(p.wire[0]), 0))
+    p.wire[0].clear()
+    assert p.replies["w"] == (0, None)
+    p.ctrl[0].flush_done_refs.append((7, 1))          # alone, a ref does not wake the partner
+    p.run(0, p.ctrl[0].flush_link())
+    assert not p.wire[1]
+    p.run(0, p.ctrl[0].tick(0))                        # at the tick it goes
+    p.run(0, p.ctrl[0].flush_link())
+    assert [f[3] for f in p.wire[1]] == [M.MsgType.FLUSH_DONE]

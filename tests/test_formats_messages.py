@@ -30,12 +30,17 @@ VECTORS = {
         dict(generation=7, sent_ms=123456789, state=2, reserved=bytes(7)),
         bytes.fromhex(
             "000000000000000700000000075bcd150200000000000000")),
-    "MIRROR_WRITE": (
-        dict(cache_id=5, lun=1, context_flags=3, lba=0x1000, seq=42, group_index=0, group_count=1,
-             data_crc=0xdeadbeef, dirty_bitmap=b"\xff" + bytes(15), generation=7, length=8, data=b"ABCDEFGH"),
+    "MIRROR_WRITE": (       # blocks 1 and 2 of a 3-block write, 4-byte blocks
+        dict(lun=1, context_flags=3, seq=42, generation=7, group_count=3, first_index=1, count=2,
+             reserved=0, block_size=4,
+             blocks=[dict(cache_id=5, lba=0x1000, data_crc=0xdeadbeef, dirty_bitmap=b"\xff" + bytes(15)),
+                     dict(cache_id=6, lba=0x1008, data_crc=0x01020304, dirty_bitmap=bytes(15) + b"\x01")],
+             data=b"ABCDEFGH"),
         bytes.fromhex(
-            "00000005000100030000000000001000000000000000002a00000001deadbeef"
-            "ff00000000000000000000000000000000000007000000084142434445464748")),
+            "00010003000000000000002a0000000700030001000200000000000400000005"
+            "0000000000001000deadbeefff00000000000000000000000000000000000006"
+            "0000000000001008010203040000000000000000000000000000000141424344"
+            "45464748")),
     "MIRROR_ACK": (
         dict(seq=42, status=0, count=1, reserved=0),
         bytes.fromhex(
@@ -194,11 +199,13 @@ def test_hello_is_frozen():
     assert golden.hex().startswith("01010100" + "0000000000000007" + "0000001f")
 
 
-def test_mirror_write_head_twin_golden():
+def test_mirror_write_twins_golden():
     fields, golden = VECTORS["MIRROR_WRITE"]
     head = M.MIRROR_WRITE_HEAD.unpack_from(golden)
-    assert head == (5, 1, 3, 0x1000, 42, 0, 1, 0xDEADBEEF, b"\xff" + bytes(15), 7, 8)
-    assert golden[M.MIRROR_WRITE_HEAD.size:] == b"ABCDEFGH"
+    assert head == (1, 3, 42, 7, 3, 1, 2, 0, 4)
+    blocks = list(M.MIRROR_BLOCK.iter_unpack(golden[28:28 + 2 * 32]))
+    assert blocks == [(5, 0x1000, 0xDEADBEEF, b"\xff" + bytes(15)), (6, 0x1008, 0x01020304, bytes(15) + b"\x01")]
+    assert golden[28 + 2 * 32:] == b"ABCDEFGH"
 
 
 def test_mirror_ack_twin_golden():
@@ -234,15 +241,20 @@ def test_replicate_twins_agree(seq, lun, flags, res, offset, crc, data, status, 
 
 
 @settings(max_examples=200, deadline=None)
-@given(cache_id=u32, lun=u16, ctx=u16, lba=u64, seq=u64, gi=u16, gc=u16, crc=u32,
-       bitmap=st.binary(min_size=16, max_size=16), gen=u32, data=st.binary(max_size=64))
-def test_mirror_write_twin_agrees(cache_id, lun, ctx, lba, seq, gi, gc, crc, bitmap, gen, data):
-    fields = dict(cache_id=cache_id, lun=lun, context_flags=ctx, lba=lba, seq=seq, group_index=gi,
-                  group_count=gc, data_crc=crc, dirty_bitmap=bitmap, generation=gen,
-                  length=len(data), data=data)
+@given(lun=u16, ctx=u16, seq=u64, gen=u32, gc=u16, first=u16, reserved=u16, block_size=st.integers(0, 8),
+       blocks=st.lists(st.tuples(u32, u64, u32, st.binary(min_size=16, max_size=16)), min_size=0, max_size=4),
+       data=st.data())
+def test_mirror_write_twins_agree(lun, ctx, seq, gen, gc, first, reserved, block_size, blocks, data):
+    payload = data.draw(st.binary(min_size=len(blocks) * block_size, max_size=len(blocks) * block_size))
+    fields = dict(lun=lun, context_flags=ctx, seq=seq, generation=gen, group_count=gc, first_index=first,
+                  count=len(blocks), reserved=reserved, block_size=block_size,
+                  blocks=[dict(cache_id=c, lba=lba, data_crc=crc, dirty_bitmap=bm) for c, lba, crc, bm in blocks],
+                  data=payload)
     built = M.MirrorWrite.build(fields)
-    twin = M.MIRROR_WRITE_HEAD.pack(cache_id, lun, ctx, lba, seq, gi, gc, crc, bitmap, gen, len(data))
-    assert built == twin + data
+    twin = (M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, gen, gc, first, len(blocks), reserved, block_size)
+            + b"".join(M.MIRROR_BLOCK.pack(*b) for b in blocks) + payload)
+    assert built == twin
+    assert plain(M.MirrorWrite.parse(twin)) == fields
 
 
 @settings(max_examples=200, deadline=None)
@@ -302,8 +314,8 @@ def test_unknown_type_refused():
 
 
 def test_length_prefix_beyond_payload_refused():
-    # MIRROR_WRITE claiming 4 GiB of data in an 8-byte payload: refused, nothing allocated.
+    # MIRROR_WRITE claiming 4 GiB blocks in an 8-byte data field: refused, nothing allocated.
     fields, golden = VECTORS["MIRROR_WRITE"]
-    bad = golden[:52] + b"\xff\xff\xff\xff" + golden[56:]
+    bad = golden[:24] + b"\xff\xff\xff\xff" + golden[28:]
     with pytest.raises(FormatError):
         M.parse_body_untrusted(M.MsgType.MIRROR_WRITE, bad, "test")

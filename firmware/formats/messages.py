@@ -12,7 +12,7 @@ struct.Struct twin for the data path; tests check both agree.
 import enum
 import struct
 
-from construct import (Bytes, GreedyBytes, Int8ub, Int16ub,
+from construct import (Array, Bytes, GreedyBytes, Int8ub, Int16ub,
                        Int32ub, Int64ub, PascalString, Prefixed,
                        PrefixedArray, Struct, this)
 from construct.core import ConstructError
@@ -24,7 +24,7 @@ class MsgType(enum.IntEnum):
     HELLO = 1                # frozen forever
     AUTH = 2                 # HMAC-SHA256 challenge response
     HEARTBEAT = 3
-    MIRROR_WRITE = 4         # claims 1.10/1.11: atomic mirrored write with context
+    MIRROR_WRITE = 4         # claims 1.10/1.11: atomic mirrored write with context, 1..n blocks
     MIRROR_ACK = 5
     METADATA = 6             # claims 5.1: cache metadata of a mirror line
     FLUSH_BEGIN = 7          # claims 5.12: mirror copy temporarily invalid
@@ -126,27 +126,34 @@ Heartbeat = Struct(
 
 HEARTBEAT_STRUCT = struct.Struct(">QQB7s")   # the hot-path twin of Heartbeat
 
-MirrorWrite = Struct(
+MirrorBlock = Struct(                       # one cache block of a mirror write
     "cache_id" / Int32ub,                   # block index: same in owner's primary and partner's mirror
-    "lun" / Int16ub,
-    "context_flags" / Int16ub,              # CTX_*
     "lba" / Int64ub,                        # first sector (512 B) of the cache line
-    "seq" / Int64ub,                        # write sequence: one per host write (the group)
-    "group_index" / Int16ub,
-    "group_count" / Int16ub,
     "data_crc" / Int32ub,                   # CRC32C of the block data
     "dirty_bitmap" / Bytes(BITMAP_BYTES),   # one bit per 512 B sector of the line
-    "generation" / Int32ub,
-    "length" / Int32ub,                     # bytes of data that follow (the whole block)
-    "data" / Bytes(this.length),
 )
-MIRROR_WRITE_HEAD = struct.Struct(">IHHQQHHI16sII")
-assert MIRROR_WRITE_HEAD.size == 56
+MirrorWrite = Struct(                       # blocks [first_index, first_index + count) of one host write
+    "lun" / Int16ub,
+    "context_flags" / Int16ub,              # CTX_*
+    "seq" / Int64ub,                        # write sequence: one per host write (the group)
+    "generation" / Int32ub,
+    "group_count" / Int16ub,                # blocks in the whole host write
+    "first_index" / Int16ub,                # group index of this message's first block
+    "count" / Int16ub,                      # blocks in this message, >= 1
+    "reserved" / Int16ub,
+    "block_size" / Int32ub,                 # bytes of data per block
+    "blocks" / Array(this.count, MirrorBlock),
+    "data" / Bytes(this.count * this.block_size),   # the blocks' data, back to back
+)
+# The hot-path twins of MirrorWrite's head and of one MirrorBlock.
+MIRROR_WRITE_HEAD = struct.Struct(">HHQIHHHHI")
+MIRROR_BLOCK = struct.Struct(">IQI16s")
+assert MIRROR_WRITE_HEAD.size == 28 and MIRROR_BLOCK.size == 32
 
-MirrorAck = Struct(
-    "seq" / Int64ub,                        # the write sequence acknowledged
+MirrorAck = Struct(                         # cumulative: one ack may answer many writes
+    "seq" / Int64ub,                        # every write up to this sequence (sent this session) is persisted
     "status" / Int16ub,                     # ErrorCode
-    "count" / Int16ub,                      # blocks of the group persisted
+    "count" / Int16ub,                      # writes this ack answers (since the previous ack)
     "reserved" / Int32ub,
 )
 MIRROR_ACK = struct.Struct(">QHHI")

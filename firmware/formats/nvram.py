@@ -53,6 +53,9 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value)
 
 
+crc32c_raw = _crc32c.crc32c       # the same function without a Python frame, for the data path
+
+
 class BlockState(enum.IntEnum):
     FREE = 0        # no data; may be allocated
     DIRTY = 1       # holds data not yet on disk
