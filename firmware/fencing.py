@@ -81,7 +81,7 @@ TRANSITIONS = {
     (Own.FENCING, "tick"): ("_renew_if_due", Own.FENCING),
     (Own.FENCING, "record"): ("_fencing_record", None),
     (Own.FENCING, "written"): ("_fencing_written", None),
-    (Own.FENCING, "link_up"): ("_reread", Own.STARTING),
+    (Own.FENCING, "link_up"): ("_fencing_link_up", Own.STARTING),
     (Own.FENCING, "link_down"): ("_noop", Own.FENCING),
     (Own.SOLO, "tick"): ("_renew_if_due", Own.SOLO),
     (Own.SOLO, "record"): ("_owner_record", None),
@@ -343,6 +343,16 @@ class FenceMixin:
             self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
         return Own.FENCING
 
+    def _fencing_link_up(self, f):
+        """Back in sync before the LUN went solo: the resync just done mirrored the lines of the
+        writes whose mirror ack the link drop cut off, so they are acknowledged now. Left
+        waiting for a solo that never comes, they kept their lines pinned and the versions they
+        replaced alive in NVRAM, and a restart brought an old version back (seed 223)."""
+        acks, f.acks = f.acks, []
+        for op in acks:
+            self._finish_write(op, mirrored=True)
+        self._read_record(f)
+
     def _fencing_written(self, f):
         rec = f.pending_write
         if rec.state != R.LunState.SOLO:
@@ -381,7 +391,8 @@ class FenceMixin:
         acks, f.acks = f.acks, []
         for op in acks:
             op.req, req = None, op.req
-            self._reply(req, EIO)
+            if req is not None:
+                self._reply(req, EIO)
             self._finish_write(op, mirrored=False)
         self._drop_lines(f, "fenced")
         if rec is not None:

@@ -74,6 +74,8 @@ class PeerMixin:
         for seq in sorted(pending):
             op = pending[seq]
             if self.fence is not None and op.lines:
+                if op.req.__class__.__name__ == "Forwarded":
+                    op.req = None         # the forwarder failed it with the session; its tag dies too
                 self.fence[op.lines[0].lun].acks.append(op)   # acknowledged once on disk
             else:
                 self._finish_write(op, mirrored=False)
