@@ -102,7 +102,7 @@ TRANSITIONS = {
     (Own.WATCHING, "tick"): ("_renew_if_due", Own.WATCHING),
     (Own.WATCHING, "record"): ("_watch_record", None),
     (Own.WATCHING, "link_up"): ("_reread", Own.STARTING),
-    (Own.WATCHING, "link_down"): ("_noop", Own.WATCHING),
+    (Own.WATCHING, "link_down"): ("_watch_anew", Own.WATCHING),
     (Own.CLAIMING, "written"): ("_claim_written", Own.CLAIMING),
     (Own.CLAIMING, "tick"): ("_claim_tick", Own.CLAIMING),
     (Own.CLAIMING, "record"): ("_claim_record", None),
@@ -424,11 +424,19 @@ class FenceMixin:
         f.renew_due_ms = self.now_ms
         self._read_record(f)
 
+    def _watch_anew(self, f):
+        """The session ended: an owner on its link lease holds it until at most lease_ms past
+        the newest frame of its that we acknowledged, before now; the quiet time starts now."""
+        f.last_change_ms = self.now_ms
+
     def _watch_record(self, f, rec):
         key = rec.key() if rec is not None else None
         if rec is not None and rec.owner == self.id:
             return self._st_record(f, rec)          # it is ours (we claimed it earlier)
-        if key != f.last_seen:
+        if key != f.last_seen or self.link.up:
+            # With the session up (watching while our resync runs) the owner may serve on its
+            # link lease, which moves no record: a quiet record proves nothing, so the quiet
+            # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
             if rec is not None and (rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
                 f.void_mirror = True
