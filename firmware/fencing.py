@@ -75,7 +75,7 @@ TRANSITIONS = {
     (Own.STARTING, "tick"): ("_st_tick", Own.STARTING),
     (Own.OWNER, "link_down"): ("_to_fencing", Own.FENCING),
     (Own.OWNER, "link_up"): ("_reread", Own.STARTING),
-    (Own.OWNER, "tick"): ("_noop", Own.OWNER),
+    (Own.OWNER, "tick"): ("_linked_owner_tick", Own.OWNER),
     (Own.OWNER, "move"): ("_start_release", Own.RELEASING),
     (Own.OWNER, "request"): ("_start_release", Own.RELEASING),
     (Own.FENCING, "tick"): ("_renew_if_due", Own.FENCING),
@@ -88,7 +88,7 @@ TRANSITIONS = {
     (Own.SOLO, "written"): ("_noop", Own.SOLO),
     (Own.SOLO, "link_up"): ("_reread", Own.STARTING),
     (Own.SOLO, "link_down"): ("_noop", Own.SOLO),
-    (Own.RELEASING, "tick"): ("_release_if_clean", Own.RELEASING),
+    (Own.RELEASING, "tick"): ("_releasing_tick", Own.RELEASING),
     (Own.RELEASING, "written"): ("_release_written", None),
     (Own.RELEASING, "link_down"): ("_to_fencing", Own.FENCING),
     (Own.RELEASING, "request"): ("_noop", Own.RELEASING),
@@ -129,11 +129,11 @@ TRANSITIONS = {
     # A record write started before a state change lands afterwards: nothing to do.
     (Own.STARTING, "written"): ("_noop", Own.STARTING),
     (Own.OWNER, "written"): ("_noop", Own.OWNER),
-    (Own.OWNER, "record"): ("_owner_record_mirrored", Own.OWNER),
+    (Own.OWNER, "record"): ("_linked_owner_record", Own.OWNER),
     (Own.PARTNER, "written"): ("_noop", Own.PARTNER),
     (Own.PARTNER, "record"): ("_partner_record", Own.PARTNER),
     (Own.WATCHING, "written"): ("_noop", Own.WATCHING),
-    (Own.RELEASING, "record"): ("_noop", Own.RELEASING),
+    (Own.RELEASING, "record"): ("_linked_owner_record", Own.RELEASING),
 }
 STATES = [v for k, v in vars(Own).items() if not k.startswith("_")]
 EVENTS = ("record", "written", "link_up", "link_down", "tick", "move", "request", "grant", "replayed")
@@ -147,7 +147,7 @@ class LunFence:
     __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
-                 "want_back")
+                 "want_back", "counter_written")
 
     def __init__(self, lun):
         self.lun = lun
@@ -169,6 +169,7 @@ class LunFence:
         self.replay_left = 0
         self.move_tag = 0
         self.want_back = False            # failback: the preferred owner wants its LUN back
+        self.counter_written = 0          # the highest renewal counter we wrote (landed or not)
 
 
 class RecordOp:
@@ -214,6 +215,8 @@ class FenceMixin:
         self.out.append(A.RecordRead(op, f.lun))
 
     def _write_record(self, f, rec):
+        if rec.owner == self.id:
+            f.counter_written = max(f.counter_written, rec.counter)
         f.io_inflight = True
         f.pending_write = rec
         op = self._new_op()
@@ -244,6 +247,12 @@ class FenceMixin:
 
     def _new_record(self, f, owner, generation, state, counter=0):
         return R.Record(f.lun, owner, state, generation, counter, self.params.lease_ms, self.params.pair_id)
+
+    def _renewal(self, f, rec, generation, state):
+        """Our next record, with a counter above every one we wrote before: a renewal write that
+        failed may still have landed, and writing its key again looks like silence to the
+        partner, which then claims under a live owner (seed 32)."""
+        return self._new_record(f, self.id, generation, state, max(rec.counter, f.counter_written) + 1)
 
     def _renew_if_due(self, f):
         if not f.io_inflight and self.now_ms >= f.renew_due_ms:
@@ -295,8 +304,7 @@ class FenceMixin:
         if rec.owner == me:
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             if rec.state == R.LunState.SOLO and self.link.up:
-                self._write_record(f, self._new_record(f, me, rec.generation, R.LunState.MIRRORED,
-                                                       rec.counter + 1))
+                self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
             return self._owner_or_fencing(f)
         self._drop_lines(f, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
@@ -333,14 +341,15 @@ class FenceMixin:
         return [e.line for e in self.disk_ops.values() if e.__class__.__name__ == "DestageOp"]
 
     def _fencing_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         if self._lun_clean(f.lun):
-            self._write_record(f, self._new_record(f, self.id, rec.generation + 1, R.LunState.SOLO,
-                                                   rec.counter + 1))
+            self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
         else:
-            self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+            self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
         return Own.FENCING
 
     def _fencing_link_up(self, f):
@@ -365,14 +374,45 @@ class FenceMixin:
         return Own.SOLO
 
     def _owner_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
         return f.state
 
-    def _owner_record_mirrored(self, f, rec):
-        return None if self._still_mine(f, rec) else self._fenced(f, rec)
+    def _record_lost(self, f):
+        """We own the LUN and its record reads blank or corrupt: our first write of it failed, or
+        a write was torn. A claim is a whole record (and its claimant abandons it if it reads
+        anything else back), so nobody else owns it: write ours again; no lease from this read.
+        Fenced by a blank record instead, the owner left the LUN with no owner at all."""
+        self.out.append(A.Notify("reservation_rewritten", lun=f.lun, generation=f.generation))
+        state = f.record.state if f.record is not None else R.LunState.MIRRORED
+        self._write_record(f, self._new_record(f, self.id, f.generation, state, f.counter_written + 1))
+        return f.state
+
+    def _linked_owner_tick(self, f):
+        """Mirrored, an owner's lease comes from the link (frames the partner acknowledged); when
+        that will not last the next renew interval (heartbeats no faster than the lease), it
+        renews the record as an owner alone does. Otherwise an idle owner lost its lease at every
+        tick, and a handover could never destage (seed 108: stuck in RELEASING)."""
+        link_lease_ms = self.link.heard_ms + self.params.lease_ms
+        if self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms):
+            self._renew_if_due(f)
+
+    def _releasing_tick(self, f):
+        self._release_if_clean(f)
+        self._linked_owner_tick(f)
+
+    def _linked_owner_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
+        if not self._still_mine(f, rec):
+            return self._fenced(f, rec)
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
+        return None
 
     def _partner_record(self, f, rec):
         if rec is not None and rec.owner == self.id:
