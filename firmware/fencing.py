@@ -50,6 +50,7 @@ from .formats import reservation as R
 
 EIO = 5
 BALANCE_RETRY_MS = 1000
+REPLAY_RETRY_MS = 200
 
 
 class Own:
@@ -109,7 +110,7 @@ TRANSITIONS = {
     (Own.CLAIMING, "link_up"): ("_noop", Own.CLAIMING),
     (Own.CLAIMING, "link_down"): ("_noop", Own.CLAIMING),
     (Own.REPLAYING, "replayed"): ("_replayed", None),
-    (Own.REPLAYING, "tick"): ("_noop", Own.REPLAYING),
+    (Own.REPLAYING, "tick"): ("_replay_tick", Own.REPLAYING),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
     # Admin moves reach a LUN in whatever state it is; only settled states act on them.
@@ -147,7 +148,8 @@ class LunFence:
     __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
-                 "want_back", "counter_written")
+                 "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
+                 "held_lines")
 
     def __init__(self, lun):
         self.lun = lun
@@ -170,6 +172,10 @@ class LunFence:
         self.move_tag = 0
         self.want_back = False            # failback: the preferred owner wants its LUN back
         self.counter_written = 0          # the highest renewal counter we wrote (landed or not)
+        self.replay_failed = False        # a replay write of this round failed: the block stays
+        self.replay_retry_ms = None       # when the next replay round starts
+        self.replayed_generation = 0      # the claim this incarnation replayed to the end
+        self.held_lines = []              # dropped under an unconfirmed claim: kept in NVRAM, unused
 
 
 class RecordOp:
@@ -197,6 +203,9 @@ class FenceMixin:
         before = f.state
         result = getattr(self, handler)(f, *args)
         f.state = result or next_state
+        if before == Own.STARTING and f.state != Own.STARTING:
+            for r in self.mirror.settle(f.lun, keep=f.state == Own.CLAIMING):
+                self._persist(r)
         if f.state != before:
             self.out.append(A.Notify("ownership_state", lun=f.lun, old=before, new=f.state,
                                      generation=f.generation))
@@ -243,6 +252,7 @@ class FenceMixin:
             self.out.append(A.Notify("reservation_corrupt", lun=f.lun, error=str(exc)))
             rec = None
         f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+        self._settle_held(f, rec)
         self._own_event(f, "record", rec)
 
     def _new_record(self, f, owner, generation, state, counter=0):
@@ -267,6 +277,11 @@ class FenceMixin:
     def mirror_owned_by_peer(self, lun) -> bool:
         """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
         return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
+
+    def mirror_undecided(self, lun) -> bool:
+        """Is it too early to void our mirror blocks of `lun` the peer did not resend? Yes while we
+        read its record: it may name our own unfinished claim, whose replay needs them."""
+        return self.fence is not None and self.fence[lun].state == Own.STARTING
 
     def may_write_disk(self, lun) -> bool:
         """Destage only what we own under a valid lease: a stale owner's lines are older data."""
@@ -300,13 +315,16 @@ class FenceMixin:
                 f.record, f.generation = rec, 1
                 f.lease_until_ms = f.read_start_ms + self.params.lease_ms
                 return self._owner_or_fencing(f)
+        if rec.owner == me and rec.state == R.LunState.SOLO and rec.counter == 0 and (
+                f.replayed_generation != rec.generation):
+            return self._resume_claim(f, rec)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             if rec.state == R.LunState.SOLO and self.link.up:
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
             return self._owner_or_fencing(f)
-        self._drop_lines(f, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
+        self._drop_lines(f, rec, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
         f.void_mirror = rec.state != R.LunState.MIRRORED     # the owner went on alone: our copy is old
         if self.link.up and self.mirroring:
@@ -318,6 +336,15 @@ class FenceMixin:
             return Own.PARTNER
         f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.WATCHING
+
+    def _resume_claim(self, f, rec):
+        """Our claim (SOLO, counter 0: no renewal yet) that this incarnation never replayed: we
+        went down between claim and replay. The old owner dropped its lines when it saw the
+        claim, so our mirror holds the only other copy of its acknowledged writes: confirm the
+        claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
+        self.out.append(A.Notify("takeover_resumed", lun=f.lun, generation=rec.generation))
+        f.pending_write, f.claim_written_ms = rec, self.now_ms
+        return Own.CLAIMING
 
     def _owner_or_fencing(self, f):
         if self.link.up and self.mirroring:
@@ -434,26 +461,54 @@ class FenceMixin:
             if req is not None:
                 self._reply(req, EIO)
             self._finish_write(op, mirrored=False)
-        self._drop_lines(f, "fenced")
+        self._drop_lines(f, rec, "fenced")
         if rec is not None:
             f.record, f.generation = rec, rec.generation
             f.mirror_generation = -1
             f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.PARTNER if self.link.up else Own.WATCHING
 
-    def _drop_lines(self, f, reason):
-        """Forget this LUN's cached lines: another controller's data is newer."""
-        dropped = 0
-        for line in [line for line in self.cache.lines.values() if line.lun == f.lun]:
+    def _drop_lines(self, f, rec, reason):
+        """Stop using this LUN's cached lines: `rec` names another owner, whose data is newer.
+
+        Under a claim not yet confirmed (SOLO, counter 0: the claimant renews only after its
+        replay) the lines are held, not freed: the claimant replays its mirror copy of them,
+        which lives in the partner's blocks with the same numbers, and a block we reused would
+        overwrite that copy before the replay (seed 32: an acknowledged write lost). Held lines
+        stay DIRTY in NVRAM (after a restart they are held again) until a record shows the
+        claim confirmed, or our own claim writes them out."""
+        lines = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in lines:
             self.cache.remove_current(line)
+        if self._claim_unconfirmed(rec):
+            f.held_lines.extend(lines)
+        else:
+            self._forget_lines(lines, rec is not None)
+        if lines:
+            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=len(lines), reason=reason,
+                                     held=self._claim_unconfirmed(rec)))
+
+    def _claim_unconfirmed(self, rec) -> bool:
+        return rec is not None and rec.owner != self.id and (rec.state, rec.counter) == (R.LunState.SOLO, 0)
+
+    def _forget_lines(self, lines, partner_copy_too):
+        for line in lines:
             line.dead = True
-            rec = f.record                # the partner's copy goes too, unless its claim may still replay it
-            if rec is not None and rec.owner != self.id and (rec.state, rec.counter) != (R.LunState.SOLO, 0):
+            if partner_copy_too:            # the new owner replayed (or voided) its copy: free it
                 self.flush_done_refs.append((line.block, line.seq))
             self._maybe_free(line)
-            dropped += 1
-        if dropped:
-            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=dropped, reason=reason))
+
+    def _settle_held(self, f, rec):
+        """A record read while we hold lines: forget them once the claim is confirmed; take them
+        back if the LUN is ours again (nobody but us could have written over a claim we saw)."""
+        if f.held_lines and rec is not None and not self._claim_unconfirmed(rec):
+            held, f.held_lines = f.held_lines, []
+            if rec.owner == self.id:
+                for line in held:
+                    line.current = True
+                    self.cache.install(line)
+            else:
+                self._forget_lines(held, True)
 
     # -- the partner watching -------------------------------------------------
 
@@ -486,6 +541,8 @@ class FenceMixin:
         generation = (rec.generation if rec else f.generation) + 1
         self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
                                  silent_ms=self.now_ms - f.last_change_ms))
+        if f.void_mirror:
+            self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
         self._write_record(f, self._new_record(f, self.id, generation, R.LunState.SOLO))
         f.claim_written_ms = None
         return Own.CLAIMING
@@ -514,30 +571,57 @@ class FenceMixin:
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         return self._start_replay(f)
 
+    def _mirror_blocks_of(self, f):
+        return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
+
+    def _void_mirror(self, f):
+        """The owner went on alone (or ownership moved) since our copy was made: it is old data."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
+
     def _start_replay(self, f):
-        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13)."""
-        blocks = [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
-        if f.void_mirror:
-            for i, _b in blocks:
-                self._persist(self.mirror._free(i))
-            self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
-            blocks = []
+        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13).
+
+        A block leaves the mirror only once its replay write succeeded; one that failed is
+        written again in the next round, REPLAY_RETRY_MS later. Given up on, it was lost: the
+        takeover served the LUN from a disk without it (seed 159)."""
         f.replay_left = 0
-        for i, b in sorted(blocks, key=lambda ib: ib[1].seq):
-            self._replay_block(f, i, b)
+        f.replay_failed = False
+        f.replay_retry_ms = None
+        own = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in own:                # ours from before a claim by the partner we now overrule
+            self.cache.remove_current(line)
+        f.held_lines.extend(own)
+        held_keys = {line.key for line in f.held_lines}
+        for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
+            if b.key in held_keys:      # the partner's copy is older than our held version
+                self._persist(self.mirror._free(i))
+            else:
+                self._replay_block(f, i, b)
+        for line in f.held_lines:
+            self._replay_run(f, None, line, self.primary.data(line.block), line.lba, line.bitmap)
         if not f.replay_left:
             return self._replayed(f)
         return Own.REPLAYING
 
+    def _replay_tick(self, f):
+        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms:
+            return self._start_replay(f)
+        return None
+
     def _replay_block(self, f, index, block):
+        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
+
+    def _replay_run(self, f, index, line, view, lba, bitmap):
         from .cache import dirty_runs, SECTOR_BYTES
         from .destage import ReplayOp
-        view = self.mirror.segment.data(index)
-        runs = list(dirty_runs(block.bitmap, 0, self.mirror.sectors_per_line))
+        runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
-        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs))
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line)
         f.replay_left += 1
-        base = block.lba * SECTOR_BYTES
+        base = lba * SECTOR_BYTES
         for s, e in runs:
             self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
 
@@ -545,14 +629,23 @@ class FenceMixin:
         f = self.fence[entry.lun]
         if error:
             self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
+            f.replay_failed = True
+        elif entry.line is not None:
+            if entry.line in f.held_lines:
+                f.held_lines.remove(entry.line)
+                self._forget_lines([entry.line], True)
         else:
             self._persist(self.mirror._free(entry.index))
         f.replay_left -= 1
         if f.replay_left == 0 and f.state == Own.REPLAYING:
-            self._own_event(f, "replayed")
+            if f.replay_failed:
+                f.replay_retry_ms = self.now_ms + REPLAY_RETRY_MS
+            else:
+                self._own_event(f, "replayed")
 
     def _replayed(self, f):
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        f.replayed_generation = f.generation
         f.renew_due_ms = self.now_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
             self._read_record(f)
@@ -561,6 +654,8 @@ class FenceMixin:
 
     def _partner_tick(self, f):
         """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
+        if f.held_lines:
+            self._renew_if_due(f)         # watch the claim we hold lines for until it is confirmed
         if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
             f.last_change_ms = self.now_ms
             self._ask_ownership(f)

@@ -175,7 +175,7 @@ class PeerMixin:
             for r in self.mirror.sync_begin(self.mirror_owned_by_peer):
                 self._persist(r)
         else:
-            for r in self.mirror.sync_done():
+            for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided):
                 self._persist(r)
             self.link.send(T.SYNC_DONE, M.Resource.MIRROR, bytes(msg.payload), lane=F.LANE_CONTROL,
                            flags=F.FLAG_RESPONSE, tag=msg.tag)
