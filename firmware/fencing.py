@@ -320,6 +320,7 @@ class FenceMixin:
             return self._resume_claim(f, rec)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
+            self._free_stale_mirror(f)
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             if rec.state == R.LunState.SOLO and self.link.up:
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
@@ -581,6 +582,17 @@ class FenceMixin:
             self._persist(self.mirror._free(i))
         self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
 
+    def _free_stale_mirror(self, f):
+        """The LUN is ours, not by a claim still to replay: copies of it in our mirror are the old
+        owner's lines that it destaged before it released the LUN, their flush-done lost with the
+        link (a power cut right after a handover). Kept, no resync ever voids them (we own the
+        LUN), and a later claim would replay them over newer data (seed 269)."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        if blocks:
+            self.out.append(A.Notify("mirror_stale", lun=f.lun, blocks=len(blocks)))
+
     def _start_replay(self, f):
         """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13).
 
@@ -695,6 +707,7 @@ class FenceMixin:
         return Own.PARTNER
 
     def _granted(self, f, generation):
+        self._free_stale_mirror(f)
         f.generation = generation
         f.want_back = False
         f.lease_until_ms = self.now_ms + self.params.lease_ms
