@@ -12,24 +12,39 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    `lease_ms` after the start of its last successful renewal (a read of the
    record showing it still owns at its generation, then a counter bump), or,
    while the link is up and the partner mirrored, `lease_ms` after sending
-   the newest frame the partner has acknowledged (so a one-way cut, where the
-   owner still hears the partner but is not heard, ends the lease too). Every host request is checked against
-   the lease when it is handled: a controller paused by SIGSTOP resumes with
-   its clock past the lease, holds the request, and its next read of the
-   record tells it whether it still owns the LUN.
-2. The partner starts a takeover only when the link is down and then only
-   after watching the record not change for `takeover_wait_ms`. The owner's
-   last lease began no later than the last change (or link contact) the
-   partner saw, so that lease has expired before the partner writes its
-   claim.
-3. After writing its claim (owner = itself, generation + 1) the partner waits
-   another `lease_ms + renew_interval_ms` and reads the record back: if the
-   old owner renewed over it, the old owner is alive and the claim is
-   dropped; if not, any lease the old owner could have granted itself in the
-   race has expired too. Only then does it replay its mirror and serve.
+   the newest frame the partner has acknowledged (so a one-way cut, where
+   the owner still hears the partner but is not heard, ends the lease too).
+   A mirrored owner whose link lease would not last the next renew interval
+   (heartbeats no faster than the lease) renews the record as well. Every
+   host request is checked against the lease when it is handled: a
+   controller paused by SIGSTOP resumes with its clock past the lease, holds
+   the request, and its next read of the record tells it whether it still
+   owns the LUN.
+2. The partner starts a takeover only when the link session is down, and
+   then only after watching the record not change for `takeover_wait_ms`,
+   counted from its last change seen or from the end of the session,
+   whichever is later: an owner on its link lease moves no record, and that
+   lease ends at most `lease_ms` after the newest frame of the owner the
+   partner acknowledged, before the session ended. Every renewal writes a
+   counter above every counter its writer wrote before, so each renewal that
+   lands is a change the partner sees, and the owner's last lease began no
+   later than that change; a renewal whose write failed without landing
+   gives a lease the partner cannot see, which step 3 covers.
+3. After writing its claim (owner = itself, generation + 1, SOLO, counter 0)
+   the partner waits another `lease_ms + renew_interval_ms` and reads the
+   record back: if the old owner renewed over it, the old owner is alive and
+   the claim is dropped; if not, any lease the old owner could have granted
+   itself in the race has expired too. Only then does it replay its mirror
+   (every block, retrying failed writes) and serve; its first renewal after
+   the replay moves the counter off 0. A controller that finds its own claim
+   with counter 0 after a restart resumes it: settle, read back, replay.
 4. A controller that reads a record with another owner or a newer
-   generation stops serving that LUN at once and drops its cached lines for
-   it (they were replayed by the new owner, or voided).
+   generation stops serving that LUN at once. If the record is a confirmed
+   claim or any other owner's record, it drops its cached lines (they were
+   replayed by the new owner, or voided); under a claim still at counter 0
+   it holds them, unused but kept in NVRAM and their blocks not reused, so
+   the claimant's mirror copy (same block numbers) stays intact until its
+   replay, then drops them.
 The window left is between a lease check and the system call it guards (a
 pause landing exactly there): real arrays close it with SCSI persistent
 reservations on the disks, which a stale writer cannot pass.
