@@ -126,6 +126,7 @@ TRANSITIONS = {
     (Own.CLAIMING, "link_down"): ("_noop", Own.CLAIMING),
     (Own.REPLAYING, "replayed"): ("_replayed", None),
     (Own.REPLAYING, "tick"): ("_replay_tick", Own.REPLAYING),
+    (Own.REPLAYING, "record"): ("_replay_record", None),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
     # Admin moves reach a LUN in whatever state it is; only settled states act on them.
@@ -634,9 +635,19 @@ class FenceMixin:
         return Own.REPLAYING
 
     def _replay_tick(self, f):
-        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms:
-            return self._start_replay(f)
+        """A round failed: read the record before the next one. REPLAYING renews nothing, so a
+        partner may have claimed the LUN meanwhile (a pause); a round started without looking
+        landed under the old generation after the new owner's writes (seed 996)."""
+        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
+            f.replay_retry_ms = None
+            self._read_record(f)
         return None
+
+    def _replay_record(self, f, rec):
+        if rec is not None and rec.key() == f.pending_write.key():
+            return self._start_replay(f)
+        self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
+        return self._fenced(f, rec)
 
     def _replay_block(self, f, index, block):
         self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
