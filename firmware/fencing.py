@@ -30,7 +30,8 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    lands is a change the partner sees, and the owner's last lease began no
    later than that change; a renewal whose write failed without landing
    gives a lease the partner cannot see, which step 3 covers.
-3. After writing its claim (owner = itself, generation + 1, SOLO, counter 0)
+3. After writing its claim (owner = itself, generation + 2: above a solo
+   bump the owner may land meanwhile, SOLO, counter 0)
    the partner waits another `lease_ms + renew_interval_ms` and reads the
    record back: if the old owner renewed over it, the old owner is alive and
    the claim is dropped; if not, any lease the old owner could have granted
@@ -555,7 +556,10 @@ class FenceMixin:
             return Own.WATCHING
         if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
             return Own.WATCHING
-        generation = (rec.generation if rec else f.generation) + 1
+        # Two above what we read: the owner may bump its generation once (solo) between our
+        # read and our claim landing; a claim at + 1 named that same generation, and a claim
+        # that landed over the bump then served it too (seed 676: both served generation 9).
+        generation = (rec.generation if rec else f.generation) + 2
         self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
                                  silent_ms=self.now_ms - f.last_change_ms))
         if f.void_mirror:
