@@ -172,6 +172,20 @@ def test_owner_rewrites_a_blank_record_instead_of_fencing_itself():
     _passes(766)
 
 
+def test_replay_retry_rereads_the_record_after_a_pause():
+    """Seed 996: a replay round retried after a failed write, started after a pause during which
+    the partner claimed the LUN over, landed old-generation writes after the new owner's. Fixed:
+    a retry round starts only after a fresh read still shows our claim."""
+    _passes(996)
+
+
+def test_claim_generation_is_above_a_concurrent_solo_bump():
+    """Seed 676: a claim decided on a read taken just before the owner's solo bump landed named
+    the same generation as the bump (9) and landed over it: both controllers served generation 9.
+    Fixed: a claim takes the generation it read + 2."""
+    _passes(676)
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
