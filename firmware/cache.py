@@ -10,9 +10,10 @@ locations in the partner).
 
 Lines are copy-on-write: a host write always goes to a FREE block, and the
 version it replaces is freed only once the new one is safe (mirrored, or the
-write completed degraded). A block is returned to the free list when its line
-is dead (superseded or destaged), no destage write is in flight on it and no
-read has it pinned.
+write completed degraded). A dead line (superseded and safe, or destaged) has
+its NVRAM descriptor freed at once, so a restart never brings it back over
+newer data; its block returns to the free list only when no destage write is
+in flight on it and no read or queued frame has it pinned.
 """
 import collections
 
@@ -27,7 +28,7 @@ def line_key(lun: int, line_no: int) -> int:
 class Line:
     """One version of one cache line, held in one primary block."""
     __slots__ = ("block", "key", "lun", "lba", "seq", "bitmap", "current", "flushing",
-                 "pins", "dead", "mirrored")
+                 "pins", "dead", "mirrored", "forgotten")
 
     def __init__(self, block, key, lun, lba, seq, bitmap, mirrored):
         self.block = block
@@ -38,9 +39,10 @@ class Line:
         self.bitmap = bitmap        # bit s set: sector s of the line is dirty
         self.current = True         # it is the hash table's entry for its key
         self.flushing = False       # a destage write is in flight
-        self.pins = 0               # reads in flight that will overlay from it
+        self.pins = 0               # frames and reads in flight that view its block
         self.dead = False           # superseded and safe, or destaged
         self.mirrored = mirrored    # the partner holds it in its mirror segment
+        self.forgotten = False      # dead, and its descriptor is FREE in NVRAM (a restart ignores it)
 
 
 class PrimaryCache:

@@ -550,9 +550,18 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
             self._pump()
 
     def _maybe_free(self, line, drain=True):
-        if self.cache.freeable(line):
+        """Forget a dead line in NVRAM now; give its block back once nothing views it any more."""
+        cache = self.cache
+        if not line.dead or cache.by_block[line.block] is not line:
+            return
+        if not line.forgotten:
+            # Now, not when the pins go: a pinned stale version (a resync frame or a read still
+            # views it) that outlived a newer version's destage came back at a restart over
+            # newer data on disk (seeds 114, 223).
+            line.forgotten = True
             self._persist(self.primary.store_free(line.block))
-            self.cache.release_block(line)
+        if cache.freeable(line):
+            cache.release_block(line)
             if drain and self.waiting:
                 self._drain_waiting()
 

@@ -31,14 +31,16 @@ class DestageOp:
 
 
 class ReplayOp:
-    """Writing one of the partner's mirror blocks to disk during a takeover."""
-    __slots__ = ("lun", "index", "remaining", "error")
+    """Writing one of the partner's mirror blocks (or a line of ours held under its claim) to
+    disk during a takeover."""
+    __slots__ = ("lun", "index", "remaining", "error", "line")
 
-    def __init__(self, lun, index, remaining):
+    def __init__(self, lun, index, remaining, line=None):
         self.lun = lun
         self.index = index
         self.remaining = remaining
         self.error = 0
+        self.line = line
 
 
 class ThroughOp:

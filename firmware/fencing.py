@@ -12,24 +12,40 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    `lease_ms` after the start of its last successful renewal (a read of the
    record showing it still owns at its generation, then a counter bump), or,
    while the link is up and the partner mirrored, `lease_ms` after sending
-   the newest frame the partner has acknowledged (so a one-way cut, where the
-   owner still hears the partner but is not heard, ends the lease too). Every host request is checked against
-   the lease when it is handled: a controller paused by SIGSTOP resumes with
-   its clock past the lease, holds the request, and its next read of the
-   record tells it whether it still owns the LUN.
-2. The partner starts a takeover only when the link is down and then only
-   after watching the record not change for `takeover_wait_ms`. The owner's
-   last lease began no later than the last change (or link contact) the
-   partner saw, so that lease has expired before the partner writes its
-   claim.
-3. After writing its claim (owner = itself, generation + 1) the partner waits
-   another `lease_ms + renew_interval_ms` and reads the record back: if the
-   old owner renewed over it, the old owner is alive and the claim is
-   dropped; if not, any lease the old owner could have granted itself in the
-   race has expired too. Only then does it replay its mirror and serve.
+   the newest frame the partner has acknowledged (so a one-way cut, where
+   the owner still hears the partner but is not heard, ends the lease too).
+   A mirrored owner whose link lease would not last the next renew interval
+   (heartbeats no faster than the lease) renews the record as well. Every
+   host request is checked against the lease when it is handled: a
+   controller paused by SIGSTOP resumes with its clock past the lease, holds
+   the request, and its next read of the record tells it whether it still
+   owns the LUN.
+2. The partner starts a takeover only when the link session is down, and
+   then only after watching the record not change for `takeover_wait_ms`,
+   counted from its last change seen or from the end of the session,
+   whichever is later: an owner on its link lease moves no record, and that
+   lease ends at most `lease_ms` after the newest frame of the owner the
+   partner acknowledged, before the session ended. Every renewal writes a
+   counter above every counter its writer wrote before, so each renewal that
+   lands is a change the partner sees, and the owner's last lease began no
+   later than that change; a renewal whose write failed without landing
+   gives a lease the partner cannot see, which step 3 covers.
+3. After writing its claim (owner = itself, generation + 2: above a solo
+   bump the owner may land meanwhile, SOLO, counter 0)
+   the partner waits another `lease_ms + renew_interval_ms` and reads the
+   record back: if the old owner renewed over it, the old owner is alive and
+   the claim is dropped; if not, any lease the old owner could have granted
+   itself in the race has expired too. Only then does it replay its mirror
+   (every block, retrying failed writes) and serve; its first renewal after
+   the replay moves the counter off 0. A controller that finds its own claim
+   with counter 0 after a restart resumes it: settle, read back, replay.
 4. A controller that reads a record with another owner or a newer
-   generation stops serving that LUN at once and drops its cached lines for
-   it (they were replayed by the new owner, or voided).
+   generation stops serving that LUN at once. If the record is a confirmed
+   claim or any other owner's record, it drops its cached lines (they were
+   replayed by the new owner, or voided); under a claim still at counter 0
+   it holds them, unused but kept in NVRAM and their blocks not reused, so
+   the claimant's mirror copy (same block numbers) stays intact until its
+   replay, then drops them.
 The window left is between a lease check and the system call it guards (a
 pause landing exactly there): real arrays close it with SCSI persistent
 reservations on the disks, which a stale writer cannot pass.
@@ -50,6 +66,7 @@ from .formats import reservation as R
 
 EIO = 5
 BALANCE_RETRY_MS = 1000
+REPLAY_RETRY_MS = 200
 
 
 class Own:
@@ -75,20 +92,20 @@ TRANSITIONS = {
     (Own.STARTING, "tick"): ("_st_tick", Own.STARTING),
     (Own.OWNER, "link_down"): ("_to_fencing", Own.FENCING),
     (Own.OWNER, "link_up"): ("_reread", Own.STARTING),
-    (Own.OWNER, "tick"): ("_noop", Own.OWNER),
+    (Own.OWNER, "tick"): ("_linked_owner_tick", Own.OWNER),
     (Own.OWNER, "move"): ("_start_release", Own.RELEASING),
     (Own.OWNER, "request"): ("_start_release", Own.RELEASING),
     (Own.FENCING, "tick"): ("_renew_if_due", Own.FENCING),
     (Own.FENCING, "record"): ("_fencing_record", None),
     (Own.FENCING, "written"): ("_fencing_written", None),
-    (Own.FENCING, "link_up"): ("_reread", Own.STARTING),
+    (Own.FENCING, "link_up"): ("_fencing_link_up", Own.STARTING),
     (Own.FENCING, "link_down"): ("_noop", Own.FENCING),
     (Own.SOLO, "tick"): ("_renew_if_due", Own.SOLO),
     (Own.SOLO, "record"): ("_owner_record", None),
     (Own.SOLO, "written"): ("_noop", Own.SOLO),
     (Own.SOLO, "link_up"): ("_reread", Own.STARTING),
     (Own.SOLO, "link_down"): ("_noop", Own.SOLO),
-    (Own.RELEASING, "tick"): ("_release_if_clean", Own.RELEASING),
+    (Own.RELEASING, "tick"): ("_releasing_tick", Own.RELEASING),
     (Own.RELEASING, "written"): ("_release_written", None),
     (Own.RELEASING, "link_down"): ("_to_fencing", Own.FENCING),
     (Own.RELEASING, "request"): ("_noop", Own.RELEASING),
@@ -102,14 +119,15 @@ TRANSITIONS = {
     (Own.WATCHING, "tick"): ("_renew_if_due", Own.WATCHING),
     (Own.WATCHING, "record"): ("_watch_record", None),
     (Own.WATCHING, "link_up"): ("_reread", Own.STARTING),
-    (Own.WATCHING, "link_down"): ("_noop", Own.WATCHING),
+    (Own.WATCHING, "link_down"): ("_watch_anew", Own.WATCHING),
     (Own.CLAIMING, "written"): ("_claim_written", Own.CLAIMING),
     (Own.CLAIMING, "tick"): ("_claim_tick", Own.CLAIMING),
     (Own.CLAIMING, "record"): ("_claim_record", None),
     (Own.CLAIMING, "link_up"): ("_noop", Own.CLAIMING),
     (Own.CLAIMING, "link_down"): ("_noop", Own.CLAIMING),
     (Own.REPLAYING, "replayed"): ("_replayed", None),
-    (Own.REPLAYING, "tick"): ("_noop", Own.REPLAYING),
+    (Own.REPLAYING, "tick"): ("_replay_tick", Own.REPLAYING),
+    (Own.REPLAYING, "record"): ("_replay_record", None),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
     # Admin moves reach a LUN in whatever state it is; only settled states act on them.
@@ -129,11 +147,11 @@ TRANSITIONS = {
     # A record write started before a state change lands afterwards: nothing to do.
     (Own.STARTING, "written"): ("_noop", Own.STARTING),
     (Own.OWNER, "written"): ("_noop", Own.OWNER),
-    (Own.OWNER, "record"): ("_owner_record_mirrored", Own.OWNER),
+    (Own.OWNER, "record"): ("_linked_owner_record", Own.OWNER),
     (Own.PARTNER, "written"): ("_noop", Own.PARTNER),
     (Own.PARTNER, "record"): ("_partner_record", Own.PARTNER),
     (Own.WATCHING, "written"): ("_noop", Own.WATCHING),
-    (Own.RELEASING, "record"): ("_noop", Own.RELEASING),
+    (Own.RELEASING, "record"): ("_linked_owner_record", Own.RELEASING),
 }
 STATES = [v for k, v in vars(Own).items() if not k.startswith("_")]
 EVENTS = ("record", "written", "link_up", "link_down", "tick", "move", "request", "grant", "replayed")
@@ -147,7 +165,8 @@ class LunFence:
     __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
-                 "want_back")
+                 "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
+                 "held_lines")
 
     def __init__(self, lun):
         self.lun = lun
@@ -169,6 +188,11 @@ class LunFence:
         self.replay_left = 0
         self.move_tag = 0
         self.want_back = False            # failback: the preferred owner wants its LUN back
+        self.counter_written = 0          # the highest renewal counter we wrote (landed or not)
+        self.replay_failed = False        # a replay write of this round failed: the block stays
+        self.replay_retry_ms = None       # when the next replay round starts
+        self.replayed_generation = 0      # the claim this incarnation replayed to the end
+        self.held_lines = []              # dropped under an unconfirmed claim: kept in NVRAM, unused
 
 
 class RecordOp:
@@ -196,6 +220,9 @@ class FenceMixin:
         before = f.state
         result = getattr(self, handler)(f, *args)
         f.state = result or next_state
+        if before == Own.STARTING and f.state != Own.STARTING:
+            for r in self.mirror.settle(f.lun, keep=f.state == Own.CLAIMING):
+                self._persist(r)
         if f.state != before:
             self.out.append(A.Notify("ownership_state", lun=f.lun, old=before, new=f.state,
                                      generation=f.generation))
@@ -214,6 +241,8 @@ class FenceMixin:
         self.out.append(A.RecordRead(op, f.lun))
 
     def _write_record(self, f, rec):
+        if rec.owner == self.id:
+            f.counter_written = max(f.counter_written, rec.counter)
         f.io_inflight = True
         f.pending_write = rec
         op = self._new_op()
@@ -240,10 +269,17 @@ class FenceMixin:
             self.out.append(A.Notify("reservation_corrupt", lun=f.lun, error=str(exc)))
             rec = None
         f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+        self._settle_held(f, rec)
         self._own_event(f, "record", rec)
 
     def _new_record(self, f, owner, generation, state, counter=0):
         return R.Record(f.lun, owner, state, generation, counter, self.params.lease_ms, self.params.pair_id)
+
+    def _renewal(self, f, rec, generation, state):
+        """Our next record, with a counter above every one we wrote before: a renewal write that
+        failed may still have landed, and writing its key again looks like silence to the
+        partner, which then claims under a live owner (seed 32)."""
+        return self._new_record(f, self.id, generation, state, max(rec.counter, f.counter_written) + 1)
 
     def _renew_if_due(self, f):
         if not f.io_inflight and self.now_ms >= f.renew_due_ms:
@@ -258,6 +294,11 @@ class FenceMixin:
     def mirror_owned_by_peer(self, lun) -> bool:
         """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
         return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
+
+    def mirror_undecided(self, lun) -> bool:
+        """Is it too early to void our mirror blocks of `lun` the peer did not resend? Yes while we
+        read its record: it may name our own unfinished claim, whose replay needs them."""
+        return self.fence is not None and self.fence[lun].state == Own.STARTING
 
     def may_write_disk(self, lun) -> bool:
         """Destage only what we own under a valid lease: a stale owner's lines are older data."""
@@ -291,14 +332,17 @@ class FenceMixin:
                 f.record, f.generation = rec, 1
                 f.lease_until_ms = f.read_start_ms + self.params.lease_ms
                 return self._owner_or_fencing(f)
+        if rec.owner == me and rec.state == R.LunState.SOLO and rec.counter == 0 and (
+                f.replayed_generation != rec.generation):
+            return self._resume_claim(f, rec)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
+            self._free_stale_mirror(f)
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             if rec.state == R.LunState.SOLO and self.link.up:
-                self._write_record(f, self._new_record(f, me, rec.generation, R.LunState.MIRRORED,
-                                                       rec.counter + 1))
+                self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
             return self._owner_or_fencing(f)
-        self._drop_lines(f, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
+        self._drop_lines(f, rec, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
         f.void_mirror = rec.state != R.LunState.MIRRORED     # the owner went on alone: our copy is old
         if self.link.up and self.mirroring:
@@ -310,6 +354,15 @@ class FenceMixin:
             return Own.PARTNER
         f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.WATCHING
+
+    def _resume_claim(self, f, rec):
+        """Our claim (SOLO, counter 0: no renewal yet) that this incarnation never replayed: we
+        went down between claim and replay. The old owner dropped its lines when it saw the
+        claim, so our mirror holds the only other copy of its acknowledged writes: confirm the
+        claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
+        self.out.append(A.Notify("takeover_resumed", lun=f.lun, generation=rec.generation))
+        f.pending_write, f.claim_written_ms = rec, self.now_ms
+        return Own.CLAIMING
 
     def _owner_or_fencing(self, f):
         if self.link.up and self.mirroring:
@@ -334,15 +387,26 @@ class FenceMixin:
                 for line in e.lines]
 
     def _fencing_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         if self._lun_clean(f.lun):
-            self._write_record(f, self._new_record(f, self.id, rec.generation + 1, R.LunState.SOLO,
-                                                   rec.counter + 1))
+            self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
         else:
-            self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+            self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
         return Own.FENCING
+
+    def _fencing_link_up(self, f):
+        """Back in sync before the LUN went solo: the resync just done mirrored the lines of the
+        writes whose mirror ack the link drop cut off, so they are acknowledged now. Left
+        waiting for a solo that never comes, they kept their lines pinned and the versions they
+        replaced alive in NVRAM, and a restart brought an old version back (seed 223)."""
+        acks, f.acks = f.acks, []
+        for op in acks:
+            self._finish_write(op, mirrored=True)
+        self._read_record(f)
 
     def _fencing_written(self, f):
         rec = f.pending_write
@@ -356,14 +420,45 @@ class FenceMixin:
         return Own.SOLO
 
     def _owner_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        self._write_record(f, self._new_record(f, self.id, rec.generation, rec.state, rec.counter + 1))
+        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
         return f.state
 
-    def _owner_record_mirrored(self, f, rec):
-        return None if self._still_mine(f, rec) else self._fenced(f, rec)
+    def _record_lost(self, f):
+        """We own the LUN and its record reads blank or corrupt: our first write of it failed, or
+        a write was torn. A claim is a whole record (and its claimant abandons it if it reads
+        anything else back), so nobody else owns it: write ours again; no lease from this read.
+        Fenced by a blank record instead, the owner left the LUN with no owner at all."""
+        self.out.append(A.Notify("reservation_rewritten", lun=f.lun, generation=f.generation))
+        state = f.record.state if f.record is not None else R.LunState.MIRRORED
+        self._write_record(f, self._new_record(f, self.id, f.generation, state, f.counter_written + 1))
+        return f.state
+
+    def _linked_owner_tick(self, f):
+        """Mirrored, an owner's lease comes from the link (frames the partner acknowledged); when
+        that will not last the next renew interval (heartbeats no faster than the lease), it
+        renews the record as an owner alone does. Otherwise an idle owner lost its lease at every
+        tick, and a handover could never destage (seed 108: stuck in RELEASING)."""
+        link_lease_ms = self.link.heard_ms + self.params.lease_ms
+        if self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms):
+            self._renew_if_due(f)
+
+    def _releasing_tick(self, f):
+        self._release_if_clean(f)
+        self._linked_owner_tick(f)
+
+    def _linked_owner_record(self, f, rec):
+        if rec is None:
+            return self._record_lost(f)
+        if not self._still_mine(f, rec):
+            return self._fenced(f, rec)
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
+        return None
 
     def _partner_record(self, f, rec):
         if rec is not None and rec.owner == self.id:
@@ -382,28 +477,57 @@ class FenceMixin:
         acks, f.acks = f.acks, []
         for op in acks:
             op.req, req = None, op.req
-            self._reply(req, EIO)
+            if req is not None:
+                self._reply(req, EIO)
             self._finish_write(op, mirrored=False)
-        self._drop_lines(f, "fenced")
+        self._drop_lines(f, rec, "fenced")
         if rec is not None:
             f.record, f.generation = rec, rec.generation
             f.mirror_generation = -1
             f.last_seen, f.last_change_ms = rec.key(), self.now_ms
         return Own.PARTNER if self.link.up else Own.WATCHING
 
-    def _drop_lines(self, f, reason):
-        """Forget this LUN's cached lines: another controller's data is newer."""
-        dropped = 0
-        for line in [line for line in self.cache.lines.values() if line.lun == f.lun]:
+    def _drop_lines(self, f, rec, reason):
+        """Stop using this LUN's cached lines: `rec` names another owner, whose data is newer.
+
+        Under a claim not yet confirmed (SOLO, counter 0: the claimant renews only after its
+        replay) the lines are held, not freed: the claimant replays its mirror copy of them,
+        which lives in the partner's blocks with the same numbers, and a block we reused would
+        overwrite that copy before the replay (seed 32: an acknowledged write lost). Held lines
+        stay DIRTY in NVRAM (after a restart they are held again) until a record shows the
+        claim confirmed, or our own claim writes them out."""
+        lines = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in lines:
             self.cache.remove_current(line)
+        if self._claim_unconfirmed(rec):
+            f.held_lines.extend(lines)
+        else:
+            self._forget_lines(lines, rec is not None)
+        if lines:
+            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=len(lines), reason=reason,
+                                     held=self._claim_unconfirmed(rec)))
+
+    def _claim_unconfirmed(self, rec) -> bool:
+        return rec is not None and rec.owner != self.id and (rec.state, rec.counter) == (R.LunState.SOLO, 0)
+
+    def _forget_lines(self, lines, partner_copy_too):
+        for line in lines:
             line.dead = True
-            rec = f.record                # the partner's copy goes too, unless its claim may still replay it
-            if rec is not None and rec.owner != self.id and (rec.state, rec.counter) != (R.LunState.SOLO, 0):
+            if partner_copy_too:            # the new owner replayed (or voided) its copy: free it
                 self.flush_done_refs.append((line.block, line.seq))
             self._maybe_free(line)
-            dropped += 1
-        if dropped:
-            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=dropped, reason=reason))
+
+    def _settle_held(self, f, rec):
+        """A record read while we hold lines: forget them once the claim is confirmed; take them
+        back if the LUN is ours again (nobody but us could have written over a claim we saw)."""
+        if f.held_lines and rec is not None and not self._claim_unconfirmed(rec):
+            held, f.held_lines = f.held_lines, []
+            if rec.owner == self.id:
+                for line in held:
+                    line.current = True
+                    self.cache.install(line)
+            else:
+                self._forget_lines(held, True)
 
     # -- the partner watching -------------------------------------------------
 
@@ -414,20 +538,33 @@ class FenceMixin:
         f.renew_due_ms = self.now_ms
         self._read_record(f)
 
+    def _watch_anew(self, f):
+        """The session ended: an owner on its link lease holds it until at most lease_ms past
+        the newest frame of its that we acknowledged, before now; the quiet time starts now."""
+        f.last_change_ms = self.now_ms
+
     def _watch_record(self, f, rec):
         key = rec.key() if rec is not None else None
         if rec is not None and rec.owner == self.id:
             return self._st_record(f, rec)          # it is ours (we claimed it earlier)
-        if key != f.last_seen:
+        if key != f.last_seen or self.link.up:
+            # With the session up (watching while our resync runs) the owner may serve on its
+            # link lease, which moves no record: a quiet record proves nothing, so the quiet
+            # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
             if rec is not None and (rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
                 f.void_mirror = True
             return Own.WATCHING
         if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
             return Own.WATCHING
-        generation = (rec.generation if rec else f.generation) + 1
+        # Two above what we read: the owner may bump its generation once (solo) between our
+        # read and our claim landing; a claim at + 1 named that same generation, and a claim
+        # that landed over the bump then served it too (seed 676: both served generation 9).
+        generation = (rec.generation if rec else f.generation) + 2
         self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
                                  silent_ms=self.now_ms - f.last_change_ms))
+        if f.void_mirror:
+            self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
         self._write_record(f, self._new_record(f, self.id, generation, R.LunState.SOLO))
         f.claim_written_ms = None
         return Own.CLAIMING
@@ -456,30 +593,78 @@ class FenceMixin:
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         return self._start_replay(f)
 
+    def _mirror_blocks_of(self, f):
+        return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
+
+    def _void_mirror(self, f):
+        """The owner went on alone (or ownership moved) since our copy was made: it is old data."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
+
+    def _free_stale_mirror(self, f):
+        """The LUN is ours, not by a claim still to replay: copies of it in our mirror are the old
+        owner's lines that it destaged before it released the LUN, their flush-done lost with the
+        link (a power cut right after a handover). Kept, no resync ever voids them (we own the
+        LUN), and a later claim would replay them over newer data (seed 269)."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        if blocks:
+            self.out.append(A.Notify("mirror_stale", lun=f.lun, blocks=len(blocks)))
+
     def _start_replay(self, f):
-        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13)."""
-        blocks = [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
-        if f.void_mirror:
-            for i, _b in blocks:
-                self._persist(self.mirror._free(i))
-            self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
-            blocks = []
+        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13).
+
+        A block leaves the mirror only once its replay write succeeded; one that failed is
+        written again in the next round, REPLAY_RETRY_MS later. Given up on, it was lost: the
+        takeover served the LUN from a disk without it (seed 159)."""
         f.replay_left = 0
-        for i, b in sorted(blocks, key=lambda ib: ib[1].seq):
-            self._replay_block(f, i, b)
+        f.replay_failed = False
+        f.replay_retry_ms = None
+        own = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in own:                # ours from before a claim by the partner we now overrule
+            self.cache.remove_current(line)
+        f.held_lines.extend(own)
+        held_keys = {line.key for line in f.held_lines}
+        for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
+            if b.key in held_keys:      # the partner's copy is older than our held version
+                self._persist(self.mirror._free(i))
+            else:
+                self._replay_block(f, i, b)
+        for line in f.held_lines:
+            self._replay_run(f, None, line, self.primary.data(line.block), line.lba, line.bitmap)
         if not f.replay_left:
             return self._replayed(f)
         return Own.REPLAYING
 
+    def _replay_tick(self, f):
+        """A round failed: read the record before the next one. REPLAYING renews nothing, so a
+        partner may have claimed the LUN meanwhile (a pause); a round started without looking
+        landed under the old generation after the new owner's writes (seed 996)."""
+        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
+            f.replay_retry_ms = None
+            self._read_record(f)
+        return None
+
+    def _replay_record(self, f, rec):
+        if rec is not None and rec.key() == f.pending_write.key():
+            return self._start_replay(f)
+        self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
+        return self._fenced(f, rec)
+
     def _replay_block(self, f, index, block):
+        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
+
+    def _replay_run(self, f, index, line, view, lba, bitmap):
         from .cache import dirty_runs, SECTOR_BYTES
         from .destage import ReplayOp
-        view = self.mirror.segment.data(index)
-        runs = list(dirty_runs(block.bitmap, 0, self.mirror.sectors_per_line))
+        runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
-        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs))
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line)
         f.replay_left += 1
-        base = block.lba * SECTOR_BYTES
+        base = lba * SECTOR_BYTES
         for s, e in runs:
             self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
 
@@ -487,14 +672,23 @@ class FenceMixin:
         f = self.fence[entry.lun]
         if error:
             self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
+            f.replay_failed = True
+        elif entry.line is not None:
+            if entry.line in f.held_lines:
+                f.held_lines.remove(entry.line)
+                self._forget_lines([entry.line], True)
         else:
             self._persist(self.mirror._free(entry.index))
         f.replay_left -= 1
         if f.replay_left == 0 and f.state == Own.REPLAYING:
-            self._own_event(f, "replayed")
+            if f.replay_failed:
+                f.replay_retry_ms = self.now_ms + REPLAY_RETRY_MS
+            else:
+                self._own_event(f, "replayed")
 
     def _replayed(self, f):
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        f.replayed_generation = f.generation
         f.renew_due_ms = self.now_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
             self._read_record(f)
@@ -503,6 +697,8 @@ class FenceMixin:
 
     def _partner_tick(self, f):
         """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
+        if f.held_lines:
+            self._renew_if_due(f)         # watch the claim we hold lines for until it is confirmed
         if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
             f.last_change_ms = self.now_ms
             self._ask_ownership(f)
@@ -542,6 +738,7 @@ class FenceMixin:
         return Own.PARTNER
 
     def _granted(self, f, generation):
+        self._free_stale_mirror(f)
         f.generation = generation
         f.want_back = False
         f.lease_until_ms = self.now_ms + self.params.lease_ms

@@ -42,6 +42,7 @@ class MirrorSide:
         self.group = []                            # blocks of the group being received
         self.group_seq = -1
         self.unconfirmed = None                    # during a resync: blocks not yet resent
+        self.undecided = set()                     # not resent, kept until their LUN's owner is known
 
     @property
     def used_blocks(self) -> int:
@@ -126,6 +127,7 @@ class MirrorSide:
     def _free(self, cache_id):
         block = self.blocks[cache_id]
         self.blocks[cache_id] = None
+        self.undecided.discard(cache_id)
         if block is not None and self.view.get(block.key) == cache_id:
             del self.view[block.key]
         return self.segment.store_free(cache_id)
@@ -152,12 +154,29 @@ class MirrorSide:
         """The owner resends its live lines; blocks of LUNs `voidable` rejects are kept (a takeover's)."""
         persists = self.abandon_group()
         self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None and voidable(b.lun)}
+        self.undecided = set()
         return persists
 
-    def sync_done(self):
-        persists = [self._free(i) for i in sorted(self.unconfirmed or ())]
+    def sync_done(self, voidable=lambda lun: True, undecided=lambda lun: False):
+        """Free what the owner did not resend; blocks of `undecided` LUNs wait for settle(), and
+        those of LUNs no longer `voidable` (taken over since sync_begin) are kept."""
+        persists = []
+        for i in sorted(self.unconfirmed or ()):
+            block = self.blocks[i]
+            if block is None:
+                continue
+            if undecided(block.lun):
+                self.undecided.add(i)
+            elif voidable(block.lun):
+                persists.append(self._free(i))
         self.unconfirmed = None
         return persists
+
+    def settle(self, lun, keep):
+        """`lun`'s owner is known: its blocks the last resync did not resend are kept or freed."""
+        mine = [i for i in self.undecided if self.blocks[i] is not None and self.blocks[i].lun == lun]
+        self.undecided.difference_update(mine)
+        return [] if keep else [self._free(i) for i in sorted(mine)]
 
     def counts(self):
         states = [b.state for b in self.blocks if b is not None]

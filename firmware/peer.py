@@ -86,6 +86,8 @@ class PeerMixin:
         for seq in sorted(pending):
             op = pending[seq]
             if self.fence is not None and op.lines:
+                if op.req.__class__.__name__ == "Forwarded":
+                    op.req = None         # the forwarder failed it with the session; its tag dies too
                 self.fence[op.lines[0].lun].acks.append(op)   # acknowledged once on disk
             else:
                 self._finish_write(op, mirrored=False)
@@ -211,7 +213,7 @@ class PeerMixin:
             for r in self.mirror.sync_begin(self.mirror_owned_by_peer):
                 self._persist(r)
         else:
-            for r in self.mirror.sync_done():
+            for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided):
                 self._persist(r)
             self.link.send(T.SYNC_DONE, M.Resource.MIRROR, bytes(msg.payload), lane=F.LANE_CONTROL,
                            flags=F.FLAG_RESPONSE, tag=msg.tag)

@@ -32,7 +32,7 @@ import traceback
 from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
-from firmware.fencing import OWNING, Own
+from firmware.fencing import OWNING, SERVING, Own
 from firmware.formats import FormatError
 from firmware.formats import reservation as R
 
@@ -288,8 +288,19 @@ class Sim:
                 self._link_reset(i, act.reason)
             elif kind is A.Notify:
                 self.notes[act.kind] = self.notes.get(act.kind, 0) + 1
+                if act.kind == "ownership_state" and act.fields["new"] in SERVING and self.split is not None:
+                    self._began_serving(i, n.ctrl, act.fields)
             else:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+
+    def _began_serving(self, i, ctrl, fields):
+        """A LUN became OWNER or SOLO: if it holds a valid lease now, it accepts host I/O from this
+        instant, a serving act, so an old owner serving afterwards is caught even if no host
+        came to the new one yet. (A state entered with its lease already run out, e.g. after a
+        pause, serves nothing until its next read of the record.)"""
+        f = ctrl.fence[fields["lun"]]
+        if f.state in SERVING and f.generation == fields["generation"] and ctrl._lease_ok(f):
+            self.split.act(i, f.lun, f.generation, self.now_us, f"began serving ({f.state})")
 
     def _disk_io(self, i, n, act, write):
         if write and not self.fencing and act.lun % 2 != i:

@@ -176,8 +176,11 @@ class FaultSchedule:
         lf = sim.link.faults
         lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
         self._heal()
-        for n in sim.nodes:
-            n.paused_until_us = 0
+        # A paused controller's events wait in the queue until its pause ends; clearing the
+        # pause would not bring them back, and the partner would time the link out in the
+        # middle of the read-back (seed 241). Let the pause run out instead.
+        resume_us = max(n.paused_until_us for n in sim.nodes)
+        sim.run_until(lambda: sim.now_us >= resume_us, sim.plan.settle_limit_us, "the end of a pause")
         self._power_on()
         self.settle("mirrored and quiet after the workload")
         self.readback("read back after the workload")

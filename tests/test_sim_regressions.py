@@ -13,26 +13,10 @@ from hal.sim import Sim, run_seed
 STEPS = 120
 # seed -> diagnosis (a one-liner; the xfail tests below carry the detail where known)
 KNOWN_BAD_SEEDS = {
-    4: "acked write missing from the partner's mirror after ownership moves (not yet diagnosed)",
-    29: "stale mirror lines kept in the partner after lines were dropped (not yet diagnosed)",
-    30: "acked write missing from the partner's mirror (not yet diagnosed)",
-    32: "owner in FENCING keeps renewing the same record key after a record EIO; partner claims; "
-        "owner drops its dirty lines on seeing the unconfirmed claim: acked write lost",
-    37: "split brain: a controller whose resync is not done reads the record with the link up and "
-        "goes WATCHING; the OWNER (link lease) never renews the record, so the claim succeeds",
-    83: "stale mirror lines kept (not yet diagnosed; shows since coalesced destage shifted its trace)",
-    108: "handover stuck in RELEASING after the workload (not yet diagnosed)",
-    114: "firmware raised (not yet diagnosed)",
-    128: "stale mirror lines kept (not yet diagnosed)",
-    154: "stale mirror lines kept (not yet diagnosed)",
-    158: "stale mirror lines kept (not yet diagnosed; shows since the resync progress probes shifted its trace)",
-    159: "restart recovers a LUN without an acked write (not yet diagnosed)",
-    161: "acked write missing from the partner's mirror (not yet diagnosed)",
-    182: "restart recovers a LUN without an acked write (not yet diagnosed)",
-    194: "acked write lost after the owner dropped its dirty lines on being fenced (looks like 32; "
-         "not fully diagnosed; shows since coalesced destage shifted its trace)",
-    217: "stale mirror lines kept (not yet diagnosed)",
-    223: "restart recovers an old write over a newer acked one (not yet diagnosed)",
+    4: "no progress after the workload: the link handshake never completes again (a auth-sent, b "
+       "hello-sent), both sides stay solo/watching (not yet diagnosed)",
+    30: "split brain: a disk write of b under generation 2 lands after a's under generation 3 "
+        "(not yet diagnosed)",
 }
 
 
@@ -90,40 +74,122 @@ def test_a_renewal_landing_during_a_handover_is_not_the_release():
     assert result.ok or "served by both" not in result.failure
 
 
-# -- fencing: bugs found, not fixed yet ----------------------------------------------
+# -- fencing and restart: found by the sweep, fixed (each failed before its fix) ------
 
-# Not strict since coalesced destage shifted the traces: seeds 37 and 32 pass now without a fix (the
-# bugs stand; the scenarios need seeds that show them again).
-@pytest.mark.xfail(strict=False, reason="WATCHING with the link up claims from an OWNER that never renews")
+def _passes(seed):
+    result = run_seed(seed, steps=STEPS)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 def test_no_claim_while_the_owner_serves_on_its_link_lease():
     """Seed 37: a restarted controller reads the record before its resync is done, so with the
     link up it goes WATCHING (not PARTNER); the owner, OWNER with the link up, takes its lease
-    from link acknowledgements and never bumps the record's counter, so the watcher sees a quiet
-    record, claims after takeover_wait_ms, and both serve lun0 (b at generation 3, a at 4)."""
-    result = run_seed(37, steps=STEPS)
-    assert result.ok, result.failure.splitlines()[0]
+    from link acknowledgements and never bumps the record's counter, so the watcher saw a quiet
+    record, claimed after takeover_wait_ms, and both served lun0 (b at generation 3, a at 4).
+    Fixed: in WATCHING a record read with the session up restarts the quiet time, and so does
+    the session ending; no claim happens until the owner's link lease has surely run out."""
+    _passes(37)
 
 
 def test_ownership_move_while_a_lun_reads_its_record():
     """Seed 92: the CLI path (hal/control.py _move) only checks owns() and link.up; a LUN still
-    STARTING has no (starting, move) transition and move_lun raises FenceError."""
-    result = run_seed(92, steps=STEPS)
-    assert result.ok, result.failure.splitlines()[0]
+    STARTING has no (starting, move) transition and move_lun raised FenceError."""
+    _passes(92)
 
 
-@pytest.mark.xfail(strict=False, reason="lines dropped on an unconfirmed claim: acked write lost")
 def test_owner_keeps_its_lines_until_a_claim_is_confirmed():
-    """Seed 32: the owner, FENCING, renews; a renewal write fails with EIO and the next one writes
-    the same record key, so the partner sees a quiet record and claims. The owner then reads the
-    claim (SOLO, counter 0), drops its dirty lines of lun2 ("they were replayed by the new
-    owner"), and an acknowledged write is gone from every copy. Needs: drop lines only once a
-    claim is confirmed, and renewals whose key differs from every key written before."""
-    result = run_seed(32, steps=STEPS)
-    assert result.ok, result.failure.splitlines()[0]
+    """Seed 32: the owner, FENCING, renewed; a renewal write failed with EIO but landed and the
+    next one wrote the same record key, so the partner saw a quiet record and claimed. The
+    owner read the claim (SOLO, counter 0), dropped its dirty lines of lun2 and reused their
+    blocks: the mirror writes of the reuse overwrote the claimant's copy (block i of a primary
+    is block i of the partner's mirror) before its replay; and a power cut in CLAIMING made the
+    claimant serve after the restart without replaying at all. Fixed: renewals take a counter
+    above every one written before; lines dropped under an unconfirmed claim are held (DIRTY in
+    NVRAM, blocks not reused) until a record shows the claim confirmed; a claim found at counter
+    0 after a restart is resumed (settle, read back, replay)."""
+    _passes(32)
 
 
-@pytest.mark.xfail(strict=False, reason="known firmware bugs, most not yet diagnosed; see KNOWN_BAD_SEEDS")
-@pytest.mark.parametrize("seed", sorted(set(KNOWN_BAD_SEEDS) - {32, 37, 92}))
+def test_claim_cut_short_by_a_power_cut_is_resumed_after_the_restart():
+    """Seed 182: a claimed lun1 and lost power in CLAIMING; after the restart it read its own claim,
+    went FENCING -> SOLO and served lun1 without replaying its mirror, so b's acknowledged
+    writes (b had dropped its lines on seeing the claim) were gone. Fixed: a record naming us,
+    SOLO with counter 0, that this incarnation did not replay is resumed as a claim; a resync
+    from the partner arriving before the record is read keeps those mirror blocks."""
+    _passes(182)
+
+
+def test_replay_write_error_is_retried_not_skipped():
+    """Seed 159: replay writes failed with EIO; the takeover completed anyway and served lun1 from
+    a disk without those blocks (restart: "sector 631 holds write 0"). Fixed: a mirror block
+    leaves the mirror only once its replay write succeeded; failed ones are written again."""
+    _passes(159)
+
+
+def test_handover_destages_when_heartbeats_are_as_slow_as_the_lease():
+    """Seed 108: heartbeat 20 ms = lease 20 ms: a mirrored owner's link lease ran out at every
+    tick and an OWNER never renews the record, so a handover in RELEASING never destaged (no
+    progress). Fixed: OWNER and RELEASING renew the record when the link lease runs thin."""
+    _passes(108)
+
+
+def test_a_dead_line_is_forgotten_in_nvram_while_a_resync_still_pins_it():
+    """Seed 114: a line destaged while the resync frame still pinned it kept its DIRTY descriptor
+    until the unpin; a power cut came first and the restart recovered it over newer
+    write-through data. Fixed: a dead line's descriptor is freed at once; pins only keep its
+    block from reuse."""
+    _passes(114)
+
+
+def test_writes_cut_off_from_their_mirror_ack_complete_when_the_link_resyncs():
+    """Seed 223: writes parked at a link drop (waiting to be acknowledged once on disk, solo)
+    were never completed when the link came back first: their lines stayed pinned and the
+    versions they replaced stayed in NVRAM, and a restart recovered an old version over a newer
+    destaged one. Fixed: (FENCING, link_up) completes them as mirrored (the resync sent them)."""
+    _passes(223)
+
+
+@pytest.mark.parametrize("seed", [29, 128, 154, 161, 217, 269])
+def test_a_lun_that_becomes_ours_frees_the_old_owners_copies_in_our_mirror(seed):
+    """Seed 269 (and 29, 128, 154, 161, 217, listed as mirror bugs before): a handover's flush-done
+    was lost to a power cut, so the new owner kept the old owner's (destaged) lines of the LUN
+    in its mirror, where no resync voids them ("stale mirror lines kept"). Fixed: a LUN that
+    becomes ours by its record or a grant frees its copies in our mirror."""
+    _passes(seed)
+
+
+def test_final_phase_lets_a_pause_run_out():
+    """Seed 241: the final phase cleared a pause, but the paused controller's events stayed queued
+    at the old pause end; its partner timed the link out during the read-back and a read failed
+    "with no faults left". Fixed in the simulator: the final phase waits for pauses to end."""
+    _passes(241)
+
+
+def test_owner_rewrites_a_blank_record_instead_of_fencing_itself():
+    """Seed 766: the default owner's first record write failed and never landed; a renewal read
+    found a blank record and the owner fenced itself: nobody owned lun2. Fixed: an owner reading
+    a blank or corrupt record writes its own again."""
+    _passes(766)
+
+
+def test_replay_retry_rereads_the_record_after_a_pause():
+    """Seed 996: a replay round retried after a failed write, started after a pause during which
+    the partner claimed the LUN over, landed old-generation writes after the new owner's. Fixed:
+    a retry round starts only after a fresh read still shows our claim."""
+    _passes(996)
+
+
+def test_claim_generation_is_above_a_concurrent_solo_bump():
+    """Seed 676: a claim decided on a read taken just before the owner's solo bump landed named
+    the same generation as the bump (9) and landed over it: both controllers served generation 9.
+    Fixed: a claim takes the generation it read + 2."""
+    _passes(676)
+
+
+# -- known bad seeds, not fixed yet ------------------------------------------------------
+
+@pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
+@pytest.mark.parametrize("seed", sorted(KNOWN_BAD_SEEDS))
 def test_known_bad_seed(seed):
     result = run_seed(seed, steps=STEPS)
     assert result.ok, f"{KNOWN_BAD_SEEDS[seed]}: {result.failure.splitlines()[0][:200]}"
