@@ -315,6 +315,14 @@ class LinkSession:
             return
         if now_ms - self.last_rx_ms > self.heartbeat_timeout_ms:
             raise LinkProtocolError(f"peer silent for {now_ms - self.last_rx_ms} ms")
+        if (self.reliable_transport and self.unacked
+                and now_ms - self.unacked[0][8] > self.heartbeat_timeout_ms):
+            # A reliable transport never loses a frame, so one the peer does not acknowledge while it
+            # still talks was cut out on the way (a CRC the framer dropped): nothing would ever
+            # resend it, so the session starts over (a resync follows). Seen in the simulator (seed
+            # 641): a lost SYNC_DONE answer left the owner resyncing forever under live heartbeats.
+            raise LinkProtocolError(f"frame {self.unacked[0][0]} unacknowledged for "
+                                    f"{now_ms - self.unacked[0][8]} ms while the peer talks")
         if self.need_ack:
             self._ack_now = True      # idle receiver: acknowledge what came in since the last frame
         if self.up and now_ms - self.last_tx_heartbeat_ms >= self.heartbeat_interval_ms:

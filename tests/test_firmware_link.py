@@ -159,6 +159,21 @@ def test_a_gap_on_a_reliable_transport_resets_the_session():
         b.receive(frames[1], 0)
 
 
+def test_a_frame_lost_last_on_a_reliable_transport_resets_the_session_under_live_heartbeats():
+    """Seed 641: the last sequenced frame was cut out (a CRC the framer dropped); later heartbeats
+    are unsequenced while it is unacked, so the peer sees no gap and keeps the session alive.
+    The sender now gives up on a frame unacknowledged past the heartbeat timeout."""
+    a, b = up_pair(heartbeat_interval_ms=100, heartbeat_timeout_ms=500)
+    a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(1), lane=F.LANE_CONTROL, tag=1)
+    a.take_output()                                   # lost on the way
+    with pytest.raises(LinkProtocolError, match="unacknowledged"):
+        for now in range(0, 2000, 50):
+            a.tick(now)
+            b.tick(now)
+            pump(a, b, now)
+    assert b.up and now < 1000                        # the peer talked all along; a gave up in time
+
+
 def test_silent_peer_times_out_and_heartbeats_keep_it_alive():
     a, b = up_pair(heartbeat_interval_ms=100, heartbeat_timeout_ms=500)
     for now in range(0, 2000, 50):
