@@ -403,9 +403,17 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
         self._pump()
 
     def _drain_waiting(self):
+        """Writes that waited for free blocks are routed again: the LUN may have changed hands or
+        lost its mirror meanwhile (a write taken in while FENCING was acknowledged from this NVRAM
+        alone, then dropped when the partner's takeover fenced us: seed 30 of another run)."""
         waiting, free = self.waiting, self.cache.free
         while waiting and len(free) >= self._lines_spanned(waiting[0][2], len(waiting[0][3])):
-            self._write(*waiting.popleft())
+            req, lun, offset, data, fua = waiting.popleft()
+            here = self._route("w", req, lun, offset, data, fua)
+            if here:
+                self._write(req, lun, offset, data, fua)
+            elif here is not None:
+                self._forward(req, M.IoOp.WRITE, lun, offset, len(data), data, fua)
 
     def _write(self, req, lun, offset, data, fua):
         """Copy-on-write into free primary blocks, validate, then release the holding pen.
