@@ -343,8 +343,11 @@ class FenceMixin:
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
             return self._owner_or_fencing(f)
         self._drop_lines(f, rec, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
-        f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED else -1
-        f.void_mirror = rec.state != R.LunState.MIRRORED     # the owner went on alone: our copy is old
+        # The owner went on alone (SOLO): our copy is old. Not so a claim not yet confirmed: the
+        # claimer has destaged nothing, and the lines it resent us may be the only other copy (seed 419).
+        claim = self._claim_unconfirmed(rec)
+        f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED or claim else -1
+        f.void_mirror = rec.state != R.LunState.MIRRORED and not claim
         if self.link.up and self.mirroring:
             if self.params.auto_balance and f.lun % 2 == self.id:
                 self.out.append(A.Notify("failback_request", lun=f.lun))
@@ -552,7 +555,8 @@ class FenceMixin:
             # link lease, which moves no record: a quiet record proves nothing, so the quiet
             # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
-            if rec is not None and (rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
+            if rec is not None and not self._claim_unconfirmed(rec) and (
+                    rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
                 f.void_mirror = True
             return Own.WATCHING
         if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):

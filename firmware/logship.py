@@ -353,7 +353,8 @@ class LogSource(_Session):
     def host_write(self, req, lun, offset, data, fua=False):
         if self._check(req, lun, offset, len(data)):
             if self.waiting:
-                self._wait(req, lun, offset, memoryview(data))
+                # a copy: the host's buffer (the NBD connection's) is reused once this call returns
+                self._wait(req, lun, offset, memoryview(bytes(data)))
             else:
                 self._write(req, lun, offset, memoryview(data))
         return self._take()
@@ -393,7 +394,7 @@ class LogSource(_Session):
             chunk = data[at:at + step]
             part = self._room(len(chunk))
             if part is None:                  # no partition free: the rest waits, in order
-                self.waiting.appendleft((req, lun, offset + at, data[at:]))
+                self.waiting.appendleft((req, lun, offset + at, memoryview(bytes(data[at:]))))   # a copy
                 self.stats["writes_waiting"] += 1
                 if self.resumed and self.gap is None:
                     self._ship()              # what is logged goes out: its acks free partitions

@@ -112,7 +112,7 @@ class PeerMixin:
         # A LUN still reading its record (STARTING) may turn out ours: mirror its lines too; if it
         # is the partner's, _drop_lines frees the partner's copies with flush-done.
         lines = sorted((line for line in self.cache.lines.values()
-                        if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state == "starting"),
+                        if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state in RESYNC_ALSO),
                        key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
@@ -268,6 +268,10 @@ class PeerMixin:
         self.stats[f"ignored_{msg.type}"] += 1
 
 
+# Lines of LUNs in these states go out in a resync too: a LUN still reading its record may turn
+# out ours; one we are claiming back (a resumed claim) holds lines whose other copy is the
+# partner's mirror, which this resync would otherwise free (seed 419).
+RESYNC_ALSO = ("starting", "claiming", "replaying")
 RESYNC_PROBE_LINES = 32       # a resync asks the partner how far it got after every this many lines
 
 DISPATCH = {

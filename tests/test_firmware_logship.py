@@ -357,3 +357,25 @@ def test_a_full_file_ring_holds_back_filing_until_a_consistency_point_frees_it()
     r.recover("s0")
     assert feed.filed_seq == 7 and feed.applied_seq == 7
     assert r.image(0, 0)[:28 * KiB] == b"".join(block(n) for n in range(7))
+
+
+def test_a_write_that_waits_for_a_partition_keeps_its_own_copy_of_the_data():
+    """Found on real processes (the destination killed under load): a write that waited for a free
+    partition kept a view of the host's buffer, which the NBD connection reuses for the next
+    request; when it was logged later it carried another request's data."""
+    r = small()
+    r.cut()                                              # nothing is acknowledged: partitions fill
+    buf = bytearray(block(0x11))
+    for n in range(200):
+        r.run(("src", 0), r.src[0].host_write(("w", n), 0, n * 4 * KiB, block(n)))
+        if r.src[0].waiting:
+            break
+    waiting_at = n + 1
+    r.run(("src", 0), r.src[0].host_write("late", 0, 255 * 4 * KiB, buf))
+    assert r.src[0].waiting
+    buf[:] = block(0x99)                                 # the connection reuses its buffer
+    r.connect()                                          # acks free partitions; waiting writes go in
+    assert r.replies["late"] == (0, None)
+    r.recover("s0")
+    assert r.image(0, 0)[255 * 4 * KiB:256 * 4 * KiB] == block(0x11)
+    assert waiting_at < 200

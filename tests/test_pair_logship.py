@@ -141,7 +141,10 @@ def test_destination_killed_under_load_source_serves_alone_then_catches_up(log_p
     killed_at = time.time()
     pair.kill("b")
     sent_at_kill = writer.next_version
-    wait_for("writes acknowledged by the source alone", lambda: writer.next_version > sent_at_kill + 100)
+    # the source goes on alone until every log partition holds entries the destination lacks
+    # (it keeps them to resend); then writes wait for the destination
+    wait_for("writes acknowledged by the source alone, or its log full of unshipped entries",
+             lambda: writer.next_version > sent_at_kill + 100 or pair.status("a")["waiting_writes"] > 0)
     assert pair.status("a")["unshipped_entries"] > 0
     pair.up(timeout_s=30)                            # b restarts on its NVRAM and disks
     wait_for("writes through the restarted destination", lambda: writer.next_version > sent_at_kill + 400)
