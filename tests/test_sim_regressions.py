@@ -15,8 +15,8 @@ STEPS = 120
 KNOWN_BAD_SEEDS = {
     4: "no progress after the workload: the link handshake never completes again (a auth-sent, b "
        "hello-sent), both sides stay solo/watching (not yet diagnosed)",
-    30: "split brain: a disk write of b under generation 2 lands after a's under generation 3 "
-        "(not yet diagnosed)",
+    30: "no progress after the workload: the pair never settles (a LUN stays replaying on b) "
+        "(not yet diagnosed; failed with a split brain before this branch's fixes)",
 }
 
 
