@@ -15,8 +15,6 @@ STEPS = 120
 KNOWN_BAD_SEEDS = {
     4: "no progress after the workload: the link handshake never completes again (a auth-sent, b "
        "hello-sent), both sides stay solo/watching (not yet diagnosed)",
-    30: "no progress after the workload: the pair never settles (a LUN stays replaying on b) "
-        "(not yet diagnosed; failed with a split brain before this branch's fixes)",
 }
 
 
@@ -184,6 +182,13 @@ def test_claim_generation_is_above_a_concurrent_solo_bump():
     the same generation as the bump (9) and landed over it: both controllers served generation 9.
     Fixed: a claim takes the generation it read + 2."""
     _passes(676)
+
+
+def test_replay_retry_survives_a_failed_record_read():
+    """Seed 30: the record read before a replay retry round failed with EIO; the round was no
+    longer due, so the LUN stayed REPLAYING forever (no progress). Fixed: the round stays due
+    until the read comes back."""
+    _passes(30)
 
 
 # -- known bad seeds, not fixed yet ------------------------------------------------------
