@@ -648,8 +648,7 @@ class FenceMixin:
         partner may have claimed the LUN meanwhile (a pause); a round started without looking
         landed under the old generation after the new owner's writes (seed 996)."""
         if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
-            f.replay_retry_ms = None
-            self._read_record(f)
+            self._read_record(f)        # due until the record comes back: a failed read is retried
         return None
 
     def _replay_record(self, f, rec):
