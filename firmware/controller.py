@@ -524,7 +524,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin):
                 line.pins += 1  # the queued frame views the block: it must not be reused before the ack
             self._send_mirror(op.lines[0].lun, ctx | (M.CTX_FIRST if first == 0 else 0)
                               | (M.CTX_LAST if first + step >= count else 0), seq,
-                              self.generation & 0xFFFFFFFF, first, count, part)
+                              self.mirror_generation_of(op.lines[0].lun), first, count, part)
         self.pending[seq] = op
         if self.buggify_on and self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch

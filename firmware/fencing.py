@@ -166,7 +166,7 @@ class LunFence:
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
-                 "held_lines")
+                 "held_lines", "peer_generation")
 
     def __init__(self, lun):
         self.lun = lun
@@ -193,6 +193,7 @@ class LunFence:
         self.replay_retry_ms = None       # when the next replay round starts
         self.replayed_generation = 0      # the claim this incarnation replayed to the end
         self.held_lines = []              # dropped under an unconfirmed claim: kept in NVRAM, unused
+        self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
 
 
 class RecordOp:
@@ -290,6 +291,18 @@ class FenceMixin:
             self._own_event(f, "tick")
             if f.held and self._lease_ok(f):
                 self._release_held(f)
+
+    def mirror_generation_of(self, lun) -> int:
+        """The generation mirror writes of `lun` carry: the LUN's own (its owner's fencing token)."""
+        return (self.fence[lun].generation if self.fence is not None else self.generation) & 0xFFFFFFFF
+
+    def mirror_written_at(self, lun, generation):
+        """The owner mirrored a write of `lun` at `generation`: remember it for the void decision
+        (seeds 377 and 5134: a partner that never read the owner's newer record voided its mirror,
+        acknowledged writes with it, at the takeover)."""
+        if self.fence is not None and 0 <= lun < len(self.fence):
+            f = self.fence[lun]
+            f.peer_generation = max(f.peer_generation, generation)
 
     def mirror_owned_by_peer(self, lun) -> bool:
         """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
@@ -535,7 +548,9 @@ class FenceMixin:
     # -- the partner watching -------------------------------------------------
 
     def _to_watching(self, f):
-        f.mirror_generation = f.generation
+        # The owner may have moved the LUN to a new generation without our reading the record (it
+        # went solo and back while its resync to us was pending): its mirror writes said so.
+        f.mirror_generation = max(f.generation, f.peer_generation)
         f.void_mirror = False           # mirrored up to the link drop: our copy is the partner's data
         f.last_seen, f.last_change_ms = None, self.now_ms
         f.renew_due_ms = self.now_ms

@@ -174,6 +174,8 @@ class PeerMixin:
         entries = [(cache_id, lba, crc, int.from_bytes(bitmap, "big"))
                    for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
         persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:])
+        if not ctx & M.CTX_RESYNC:
+            self.mirror_written_at(lun, generation)
         out = self.out
         offset, size = persists[0]
         for o, n in persists[1:]:               # adjacent ranges share one Persist, order kept

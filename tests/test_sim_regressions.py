@@ -218,6 +218,17 @@ def test_seed_4_passes_again():
     _passes(4)
 
 
+def test_a_partner_judges_its_mirror_by_the_generation_the_owner_mirrored_at():
+    """Fixed (seed 5134 at 300 steps; seed 377 of another run): the partner read lun2's record at
+    generation 3 while the owner's resync was pending; the owner then went on at generation 4 and
+    mirrored 55 lines to it. When the owner crashed, the partner compared the record (4) with the
+    generation it had last read (3), judged its mirror void ("the owner went on alone") and freed
+    it at its claim: acknowledged write 75 was gone. Mirror writes now carry the LUN's generation
+    (the owner's fencing token), and the partner's void decision uses the newest it was mirrored at."""
+    result = run_seed(5134, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
