@@ -25,8 +25,8 @@ STATIC_SEEDS = 150
 SWEEP_STEPS = 120
 CHUNKS = 3
 BROKEN_SEEDS = 10
-FENCE_BROKEN_SEEDS = 50        # fence_skip_lease_check is caught by ~1 seed in 40 (seed 6, then 48 once
-                               # coalesced destage shifted the traces); the search stops at the first
+FENCE_BROKEN_SEEDS = 120       # takeover_no_wait is first caught at seed 93 since the fencing fixes;
+                               # fence_skip_lease_check by ~1 seed in 40; the search stops at the first
 # Fencing variants the simulator does not catch yet (see test_fencing_variant_not_caught_yet).
 FENCE_UNCAUGHT = ("claim_no_settle", "skip_fencing_reread")
 
