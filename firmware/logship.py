@@ -273,6 +273,16 @@ class _Session:
         out, self.out = self.out, []
         return out
 
+    def _init_common(self, params, nv, now_ms):
+        """What both ends start with; returns the NVRAM superblock."""
+        self.params = params
+        self.nv = nv
+        self.now_ms = now_ms
+        self.out = []
+        self.stats = collections.Counter()
+        sb, _slot = N.read_superblock_untrusted(nv, "NVRAM")
+        return sb
+
     def _op(self, what):
         op = self.next_op
         self.next_op += 1
@@ -284,12 +294,7 @@ class LogSource(_Session):
     """The source: logs, ships, acknowledges hosts, applies partitions at consistency points."""
 
     def __init__(self, params: LogParams, nv, key, now_ms=0):
-        self.params = params
-        self.nv = nv
-        self.now_ms = now_ms
-        self.out = []
-        self.stats = collections.Counter()
-        sb, _slot = N.read_superblock_untrusted(nv, "NVRAM")
+        sb = self._init_common(params, nv, now_ms)
         if sb.pair_id != params.pair_id or sb.controller_id != SOURCE_ID:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair {sb.pair_id.hex()}, "
                               f"not the source of {params.pair_id.hex()}")
@@ -716,12 +721,10 @@ class Feed:
         self.applied_seq = 0
         self.cp_count = 0
         self.tail = LF.DATA_START
-        self.head = LF.DATA_START
         self.cp_target = 0
         self.cp = None                            # the running apply: dict
         self.scan_at = LF.DATA_START
         self.scan_wrapped = False
-        self.recover_requested = False
         self.recovered_nvram = None               # entries the NVRAM scan found, until the file scan ends
         self.filing_batch = []                    # the entries of the records in flight
         self.file_error = 0
@@ -731,12 +734,7 @@ class LogDestination(_Session):
     """The destination: stores shipped entries in NVRAM, files them, applies them at consistency points."""
 
     def __init__(self, params: LogParams, feeds, nv, now_ms=0):
-        self.params = params
-        self.nv = nv
-        self.now_ms = now_ms
-        self.out = []
-        self.stats = collections.Counter()
-        sb, _slot = N.read_superblock_untrusted(nv, "NVRAM")
+        sb = self._init_common(params, nv, now_ms)
         if sb.controller_id != DEST_ID:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id}, not a destination")
         if len(feeds) > sb.log_partitions:
@@ -789,14 +787,14 @@ class LogDestination(_Session):
                                      error="the source's file header is damaged; not serving this source"))
             return
         if hdr is None:
-            feed.applied_seq, feed.head, feed.cp_count = 0, LF.DATA_START, 0
+            feed.applied_seq, feed.cp_count = 0, 0
             feed.tail = LF.DATA_START
             self._write_header(feed, ("header_init", feed), 0, LF.DATA_START, 1, 0)
             return
         if hdr.source_id != feed.p.source_id or hdr.pair_id != feed.p.pair_id:
             self.out.append(A.Notify("journal_foreign", source=feed.p.name, found_source=hdr.source_id))
             return
-        feed.applied_seq, feed.head, feed.cp_count = hdr.applied_seq, hdr.head_offset, hdr.cp_count
+        feed.applied_seq, feed.cp_count = hdr.applied_seq, hdr.cp_count
         feed.filed_seq = hdr.applied_seq
         feed.tail = hdr.head_offset
         feed.scan_at, feed.scan_wrapped = hdr.head_offset, False
@@ -1043,7 +1041,6 @@ class LogDestination(_Session):
         """After a disaster at the source: apply every request in the file to the image."""
         for feed in self.feeds:
             if name is None or feed.p.name == name:
-                feed.recover_requested = True
                 feed.cp_target = max(feed.cp_target, feed.filed_seq)
                 self.out.append(A.Notify("recover_start", source=feed.p.name, through_seq=feed.filed_seq,
                                          records=len(feed.records)))

@@ -217,7 +217,7 @@ class LogSim:
             self._forget_requests(k)
             self.down[("src", k)] = step + rng.randrange(1, 20)
         elif kind == "crash_dst" and r.dst is not None:
-            self._unstall(drop=True)
+            self._unstall()
             r.crash_destination()
             self._collect()
             self.down[("dst", None)] = step + rng.randrange(1, 20)
@@ -242,12 +242,10 @@ class LogSim:
         for req in [q for q, p in self.reads.items() if p[0] == k]:
             del self.reads[req]
 
-    def _unstall(self, drop=False):
+    def _unstall(self):
         r = self.rig
         if r.stalled is None:
             return
-        if drop:                                  # the owner of the parked I/O is dying: let it land
-            pass
         r.unstall()
         self._collect()
 
