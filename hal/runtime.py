@@ -140,6 +140,9 @@ class Runtime:
         self.exports = self.make_exports(cfg)
         self.listeners = []
         self.control = ControlServer(self, os.path.join(cfg.state_dir, "control.sock"))
+        # Recovery may have taken long (a full NVRAM scan under TCG took about a second): the
+        # firmware's clock is the one it was built with until told otherwise (see execute).
+        self.ctrl.set_time(self.clock.monotonic_ms())
         self.execute(self.ctrl.start())
 
     def open_link(self, cfg):
@@ -415,15 +418,26 @@ class Runtime:
         Read completions are fed back at once (a host waits on them); destage
         write completions wait for the end of the loop turn, so a long run of
         destaging is spread over turns instead of holding up host requests.
+
+        The firmware is told the time before each completion: a read may have blocked
+        for long, and the firmware stamps what it learns with its clock. A reservation
+        record read at start-up, judged by the clock of before recovery, made a restarted
+        controller see its live partner's record as silent for a second and claim every
+        LUN over it (VM pair, after a power cut).
         """
         self._execute(actions)
         reads = self.read_completions
-        while reads:
-            op, err, data = reads.pop()
-            self._execute(self.ctrl.disk_done(op, err, data))
+        if reads:
+            set_time, clock = self.ctrl.set_time, self.clock.monotonic_ms
+            while reads:
+                op, err, data = reads.pop()
+                set_time(clock())
+                self._execute(self.ctrl.disk_done(op, err, data))
 
     def _complete_writes(self):
         done, self.completions = self.completions, []
+        if done:
+            self.ctrl.set_time(self.clock.monotonic_ms())
         for op, err, data in done:
             self.execute(self.ctrl.disk_done(op, err, data))
 

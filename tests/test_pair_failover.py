@@ -146,6 +146,34 @@ def test_failback_to_a_returning_controller(local_pair, wipe):
     assert status["link"] == "mirrored" and status["owned_luns"] == ["lun0"]
 
 
+def test_a_restart_slower_than_the_takeover_wait_claims_nothing_from_a_live_partner(local_pair):
+    """A returning controller whose recovery outlasts takeover_wait_ms reads the live partner's
+    records afterwards: it must count their silence from then, not from before recovery, and
+    get its LUN back by a failback grant. Under TCG a VM controller once claimed every LUN over
+    its live partner this way (fixtures/slow_start.py reproduces the slow recovery here)."""
+    pair = local_pair
+    pair.wait_settled()
+    assert verified(qemu_io(pair.uri("a", 0), "write -P 0x31 0 1M"))
+    pair.kill("a")
+    pair.wait_event("b", "takeover", lun=0)
+    restarted_at = time.time()
+    log = open(pair.dir / "a" / "controller.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "fixtures.slow_start", "--config", str(pair.config_path("a")),
+                             "--recovery-ms", "1500"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    log.close()
+    (pair.dir / "a" / "pid").write_text(str(proc.pid))
+    pair._procs["a"] = proc
+    granted = pair.wait_event("a", "ownership", since=restarted_at, lun=0, owner="a")
+    pair.wait_settled(owners={"lun0": "a", "lun1": "b"})
+    claims = [e for e in pair.events("a") if e["ts"] >= restarted_at and e["kind"].startswith("takeover")]
+    assert claims == [], f"a claimed LUNs its live partner held: {claims}"
+    assert not [e for e in pair.events("b", "fenced") if e["ts"] >= restarted_at]
+    assert granted["generation"] > 0
+    for name in ("a", "b"):
+        assert verified(qemu_io(pair.uri(name, 0), "read -P 0x31 0 1M"))
+
+
 def test_ownership_move_by_cli_keeps_the_data(local_pair):
     pair = local_pair
     pair.wait_settled()

@@ -43,6 +43,9 @@ class LocalTarget:
     def wait_event(self, name, kind, since, **match):
         return self.pair.wait_event(name, kind, since=since, timeout_s=60, **match)
 
+    def events_since(self, name, since, kind):
+        return [e for e in self.pair.events(name, kind) if e["ts"] >= since]
+
     def wait_settled(self, owners):
         self.pair.wait_settled(owners={f"lun{lun}": n for lun, n in owners.items()}, timeout_s=60)
 
@@ -83,6 +86,9 @@ class VmTarget:
 
     def wait_event(self, name, kind, since, **match):
         return self.V.wait_event(self.vm, name, kind, self.V.SETTLE_TIMEOUT_S, after=since, **match)
+
+    def events_since(self, name, since, kind):
+        return [e for e in self.V.read_events(self.vm, name)[since:] if e["kind"] == kind]
 
     def wait_settled(self, owners):
         self.V.wait_settled(self.vm, owners=owners)
@@ -138,8 +144,9 @@ def owner_crash_survivor_holds_every_acked_write_then_failback(pair):
     assert len(writer.acked) > 100 and writer.check(block_reader(pair.address("b"), "b")) == []
     since_a = pair.mark("a")
     pair.restart("a")
-    pair.wait_event("a", "ownership", since_a, lun=0, owner="a")
+    pair.wait_event("a", "ownership", since_a, lun=0, owner="a")     # a grant from b, the live owner
     pair.wait_settled({0: "a"})
+    assert not pair.events_since("a", since_a, "takeover_claim"), "a claimed LUNs its live partner held"
     assert writer.check(block_reader(pair.address("a"), "a")) == []
     assert writer.check(block_reader(pair.address("b"), "b")) == []
 
