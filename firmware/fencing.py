@@ -31,18 +31,20 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    later than that change; a renewal whose write failed without landing
    gives a lease the partner cannot see, which step 3 covers.
 3. After writing its claim (owner = itself, generation + 2: above a solo
-   bump the owner may land meanwhile, SOLO, counter 0)
+   bump the owner may land meanwhile, state CLAIMED, counter 0)
    the partner waits another `lease_ms + renew_interval_ms` and reads the
    record back: if the old owner renewed over it, the old owner is alive and
    the claim is dropped; if not, any lease the old owner could have granted
    itself in the race has expired too. Only then does it replay its mirror
-   (every block, retrying failed writes) and serve; its first renewal after
-   the replay moves the counter off 0. A controller that finds its own claim
-   with counter 0 after a restart resumes it: settle, read back, replay.
+   (every block, retrying failed writes) and serve. It renews while it
+   replays, still CLAIMED, so a long replay looks alive to a returning old
+   owner that watches the record; its first renewal after the replay writes
+   SOLO. A controller that finds its own CLAIMED record after a restart
+   resumes it: settle, read back, replay.
 4. A controller that reads a record with another owner or a newer
    generation stops serving that LUN at once. If the record is a confirmed
    claim or any other owner's record, it drops its cached lines (they were
-   replayed by the new owner, or voided); under a claim still at counter 0
+   replayed by the new owner, or voided); under a claim still CLAIMED
    it holds them, unused but kept in NVRAM and their blocks not reused, so
    the claimant's mirror copy (same block numbers) stays intact until its
    replay, then drops them.
@@ -130,6 +132,7 @@ TRANSITIONS = {
     (Own.REPLAYING, "record"): ("_replay_record", None),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
+    (Own.REPLAYING, "written"): ("_noop", Own.REPLAYING),     # a renewal during the replay
     # Admin moves reach a LUN in whatever state it is; only settled states act on them.
     (Own.STARTING, "move"): ("_noop", Own.STARTING),
     (Own.FENCING, "move"): ("_noop", Own.FENCING),
@@ -155,6 +158,11 @@ TRANSITIONS = {
 }
 STATES = [v for k, v in vars(Own).items() if not k.startswith("_")]
 EVENTS = ("record", "written", "link_up", "link_down", "tick", "move", "request", "grant", "replayed")
+
+
+def _settled(state):
+    """The state an owner renews with once its replay is done: a claim becomes SOLO."""
+    return R.LunState.SOLO if state == R.LunState.CLAIMED else state
 
 
 class FenceError(Exception):
@@ -345,14 +353,14 @@ class FenceMixin:
                 f.record, f.generation = rec, 1
                 f.lease_until_ms = f.read_start_ms + self.params.lease_ms
                 return self._owner_or_fencing(f)
-        if rec.owner == me and rec.state == R.LunState.SOLO and rec.counter == 0 and (
+        if rec.owner == me and rec.state == R.LunState.CLAIMED and (
                 f.replayed_generation != rec.generation):
             return self._resume_claim(f, rec)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
             self._free_stale_mirror(f)
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-            if rec.state == R.LunState.SOLO and self.link.up:
+            if rec.state != R.LunState.MIRRORED and self.link.up:
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
             return self._owner_or_fencing(f)
         self._drop_lines(f, rec, f"lun{f.lun} is owned by controller {'ab'[peer]} at generation {rec.generation}")
@@ -372,7 +380,7 @@ class FenceMixin:
         return Own.WATCHING
 
     def _resume_claim(self, f, rec):
-        """Our claim (SOLO, counter 0: no renewal yet) that this incarnation never replayed: we
+        """Our claim (CLAIMED: its replay not done) that this incarnation never replayed: we
         went down between claim and replay. The old owner dropped its lines when it saw the
         claim, so our mirror holds the only other copy of its acknowledged writes: confirm the
         claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
@@ -411,7 +419,7 @@ class FenceMixin:
         if self._lun_clean(f.lun):
             self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
         else:
-            self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
+            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         return Own.FENCING
 
     def _fencing_link_up(self, f):
@@ -441,7 +449,7 @@ class FenceMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
+        self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         return f.state
 
     def _record_lost(self, f):
@@ -451,6 +459,8 @@ class FenceMixin:
         Fenced by a blank record instead, the owner left the LUN with no owner at all."""
         self.out.append(A.Notify("reservation_rewritten", lun=f.lun, generation=f.generation))
         state = f.record.state if f.record is not None else R.LunState.MIRRORED
+        if f.state != Own.REPLAYING:
+            state = _settled(state)
         self._write_record(f, self._new_record(f, self.id, f.generation, state, f.counter_written + 1))
         return f.state
 
@@ -473,7 +483,7 @@ class FenceMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        self._write_record(f, self._renewal(f, rec, rec.generation, rec.state))
+        self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         return None
 
     def _partner_record(self, f, rec):
@@ -506,8 +516,7 @@ class FenceMixin:
     def _drop_lines(self, f, rec, reason):
         """Stop using this LUN's cached lines: `rec` names another owner, whose data is newer.
 
-        Under a claim not yet confirmed (SOLO, counter 0: the claimant renews only after its
-        replay) the lines are held, not freed: the claimant replays its mirror copy of them,
+        Under a claim not yet confirmed (CLAIMED: the claimant's replay is not done) the lines are held, not freed: the claimant replays its mirror copy of them,
         which lives in the partner's blocks with the same numbers, and a block we reused would
         overwrite that copy before the replay (seed 32: an acknowledged write lost). Held lines
         stay DIRTY in NVRAM (after a restart they are held again) until a record shows the
@@ -524,7 +533,7 @@ class FenceMixin:
                                      held=self._claim_unconfirmed(rec)))
 
     def _claim_unconfirmed(self, rec) -> bool:
-        return rec is not None and rec.owner != self.id and (rec.state, rec.counter) == (R.LunState.SOLO, 0)
+        return rec is not None and rec.owner != self.id and rec.state == R.LunState.CLAIMED
 
     def _forget_lines(self, lines, partner_copy_too):
         for line in lines:
@@ -584,7 +593,7 @@ class FenceMixin:
                                  silent_ms=self.now_ms - f.last_change_ms))
         if f.void_mirror:
             self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
-        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.SOLO))
+        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
         f.claim_written_ms = None
         return Own.CLAIMING
 
@@ -659,16 +668,25 @@ class FenceMixin:
         return Own.REPLAYING
 
     def _replay_tick(self, f):
-        """A round failed: read the record before the next one. REPLAYING renews nothing, so a
+        """Renew the claim while the replay runs, and read the record before a retry round: a
         partner may have claimed the LUN meanwhile (a pause); a round started without looking
-        landed under the old generation after the new owner's writes (seed 996)."""
+        landed under the old generation after the new owner's writes (seed 996). Without the
+        renewals, a replay longer than takeover_wait_ms looked dead to an old owner that came
+        back with the link down, and it claimed the LUN over the replay."""
         if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
             self._read_record(f)        # due until the record comes back: a failed read is retried
+        else:
+            self._renew_if_due(f)
         return None
 
     def _replay_record(self, f, rec):
-        if rec is not None and rec.key() == f.pending_write.key():
-            return self._start_replay(f)
+        if rec is not None and rec.owner == self.id and rec.generation == f.generation and (
+                rec.state == R.LunState.CLAIMED):
+            f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+            if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.replay_left:
+                return self._start_replay(f)
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.CLAIMED))
+            return Own.REPLAYING
         self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
         return self._fenced(f, rec)
 

@@ -126,9 +126,47 @@ def test_a_claim_abandoned_while_the_link_came_up_rereads_the_record_and_becomes
     a, f = p.ctrl[0], p.ctrl[0].fence[1]
     assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
     f.state = Own.CLAIMING
-    f.pending_write = R.Record(1, 0, R.LunState.SOLO, f.generation + 1, 0, 400, bytes(16))
+    f.pending_write = R.Record(1, 0, R.LunState.CLAIMED, f.generation + 1, 0, 400, bytes(16))
     a._own_event(f, "record", R.parse_record_untrusted(p.records[1]))
     for _ in range(150):                                   # past the takeover wait
         p.tick(10)
     assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
     assert R.parse_record_untrusted(p.records[1]).owner == 1
+
+
+def test_a_long_replay_renews_its_claim_so_a_returning_owner_waits_and_holds_its_lines():
+    # A takeover's replay that outlasts takeover_wait_ms (a large mirror, slow disks) must look
+    # alive to the old owner coming back with the link down: before the claim renewed during
+    # the replay, the old owner claimed the LUN over it after the wait.
+    p = fenced_pair()
+    p.write(0, "w", 0, 0, b"m" * 2 * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    p.crash(0)
+    p.stall_disks()                                          # the replay's disk writes hang
+    for _ in range(300):
+        p.tick(10)
+        if p.ctrl[1].fence[0].state == Own.REPLAYING:
+            break
+    assert p.ctrl[1].fence[0].state == Own.REPLAYING
+    claim = R.parse_record_untrusted(p.records[0])
+    assert (claim.owner, claim.state) == (1, R.LunState.CLAIMED)
+    p.boot(0)                                                # back, with the link still down
+    for _ in range(300):                                     # 3 s: far past the takeover wait
+        p.tick(10)
+    a = p.ctrl[0]
+    assert a.fence[0].state == Own.WATCHING
+    assert not [n for n in p.notes[0] if n[0] == "takeover_claim"]
+    assert a.fence[0].held_lines                             # kept for the claimant's replay
+    renewed = R.parse_record_untrusted(p.records[0])
+    assert (renewed.owner, renewed.state, renewed.generation) == (1, R.LunState.CLAIMED, claim.generation)
+    assert renewed.counter > claim.counter
+    p.resume_disks()
+    for _ in range(50):
+        p.tick(10)
+    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert R.parse_record_untrusted(p.records[0]).state == R.LunState.SOLO
+    assert p.disks[0][:2 * BS] == b"m" * 2 * BS              # replayed
+    assert not a.fence[0].held_lines                         # the claim confirmed: forgotten
+    p.read(1, "r", 0, 0, 2 * BS)
+    assert p.replies["r"] == (0, b"m" * 2 * BS)

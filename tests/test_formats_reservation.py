@@ -49,3 +49,19 @@ def test_arbitrary_bytes_parse_or_raise_format_error(blob):
         R.parse_record_untrusted(blob)
     except FormatError:
         pass
+
+
+def test_golden_bytes_of_a_claim_in_progress():
+    # A takeover's claim: owner a, CLAIMED while its replay runs, counter 0 (no renewal yet).
+    data = R.build_record(R.Record(0, 0, R.LunState.CLAIMED, 9, 0, 400, PAIR))
+    assert data[:56] == bytes.fromhex(
+        "5443525356000001" "0001" "0000" "00" "02" "0000"
+        "0000000000000009" "0000000000000000" "00000190" "00000000") + PAIR
+    assert data[-4:].hex() == "3f20a014"          # CRC32C of the 508 bytes before it
+    parsed = R.parse_record_untrusted(data)
+    assert parsed.key() == (0, R.LunState.CLAIMED, 9, 0)
+    bad = bytearray(data)
+    bad[13] = 3                                   # no such state
+    bad[-4:] = R.crc32c(bytes(bad[:-4])).to_bytes(4, "big")
+    with pytest.raises(FormatError):
+        R.parse_record_untrusted(bytes(bad))

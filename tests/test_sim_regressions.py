@@ -102,7 +102,8 @@ def test_owner_keeps_its_lines_until_a_claim_is_confirmed():
     claimant serve after the restart without replaying at all. Fixed: renewals take a counter
     above every one written before; lines dropped under an unconfirmed claim are held (DIRTY in
     NVRAM, blocks not reused) until a record shows the claim confirmed; a claim found at counter
-    0 after a restart is resumed (settle, read back, replay)."""
+    0 after a restart is resumed (settle, read back, replay). A claim is marked by the record
+    state CLAIMED now, which the claimant renews during its replay."""
     _passes(32)
 
 
@@ -110,7 +111,7 @@ def test_claim_cut_short_by_a_power_cut_is_resumed_after_the_restart():
     """Seed 182: a claimed lun1 and lost power in CLAIMING; after the restart it read its own claim,
     went FENCING -> SOLO and served lun1 without replaying its mirror, so b's acknowledged
     writes (b had dropped its lines on seeing the claim) were gone. Fixed: a record naming us,
-    SOLO with counter 0, that this incarnation did not replay is resumed as a claim; a resync
+    SOLO with counter 0 (CLAIMED now), that this incarnation did not replay is resumed as a claim; a resync
     from the partner arriving before the record is read keeps those mirror blocks."""
     _passes(182)
 

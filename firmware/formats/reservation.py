@@ -15,8 +15,10 @@ cannot be trusted (see firmware/fencing.py for the argument).
   renewal began; a taker waits longer than this, measured on its own
   monotonic clock from the last change it saw (durations only: no clock is
   compared across controllers, so clock offset does not matter).
-- `state`: MIRRORED (the partner's mirror segment is valid for this LUN) or
-  SOLO (the owner went on alone: the partner's mirror copy is void).
+- `state`: MIRRORED (the partner's mirror segment is valid for this LUN),
+  SOLO (the owner went on alone: the partner's mirror copy is void), or
+  CLAIMED (a takeover: the claimant is replaying its mirror of the old
+  owner's lines, and renews while it does; the old owner holds its lines).
 """
 import enum
 
@@ -35,6 +37,7 @@ NO_OWNER = 0xFF
 class LunState(enum.IntEnum):
     MIRRORED = 0
     SOLO = 1
+    CLAIMED = 2
 
 
 ReservationFields = Struct(
@@ -90,6 +93,6 @@ def parse_record_untrusted(buf, where: str = "") -> Record | None:
         v = Reservation.parse(bytes(buf[:RECORD_BYTES])).fields.value
     except ConstructError as exc:
         raise FormatError(f"bad reservation record: {str(exc).splitlines()[0]}", where) from None
-    if v.version != RESERVATION_VERSION or v.state not in (0, 1) or v.owner not in (0, 1, NO_OWNER):
+    if v.version != RESERVATION_VERSION or v.state not in (0, 1, 2) or v.owner not in (0, 1, NO_OWNER):
         raise FormatError("reservation record fields out of range", where)
     return Record(v.lun, v.owner, v.state, v.generation, v.counter, v.lease_ms, v.pair_id)
