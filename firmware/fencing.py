@@ -174,7 +174,7 @@ class LunFence:
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
-                 "held_lines", "peer_generation")
+                 "held_lines", "held_generation", "peer_generation")
 
     def __init__(self, lun):
         self.lun = lun
@@ -201,6 +201,7 @@ class LunFence:
         self.replay_retry_ms = None       # when the next replay round starts
         self.replayed_generation = 0      # the claim this incarnation replayed to the end
         self.held_lines = []              # dropped under an unconfirmed claim: kept in NVRAM, unused
+        self.held_generation = 0          # the generation of the claim we hold them for
         self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
 
 
@@ -264,6 +265,11 @@ class FenceMixin:
         if error:
             self.out.append(A.Notify("reservation_io_error", lun=f.lun, errno=error))
             f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+            if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None:
+                # The claim may have landed or not: settle as if it had, then the read-back
+                # decides. Waiting for a "written" that never came left the LUN CLAIMING for
+                # good, with the hosts' requests held (seed 7254 at 300 steps).
+                f.claim_written_ms = self.now_ms
             return
         if entry.write:
             f.record = entry.record
@@ -526,6 +532,7 @@ class FenceMixin:
             self.cache.remove_current(line)
         if self._claim_unconfirmed(rec):
             f.held_lines.extend(lines)
+            f.held_generation = rec.generation
         else:
             self._forget_lines(lines, rec is not None)
         if lines:
@@ -544,15 +551,21 @@ class FenceMixin:
 
     def _settle_held(self, f, rec):
         """A record read while we hold lines: forget them once the claim is confirmed; take them
-        back if the LUN is ours again (nobody but us could have written over a claim we saw)."""
-        if f.held_lines and rec is not None and not self._claim_unconfirmed(rec):
-            held, f.held_lines = f.held_lines, []
-            if rec.owner == self.id:
-                for line in held:
-                    line.current = True
-                    self.cache.install(line)
-            else:
-                self._forget_lines(held, True)
+        back only if our own older record landed over the claim, which its claimant then
+        abandoned (nobody served the LUN meanwhile). A record naming us at a newer generation
+        came from a grant after the claimant served: the held lines are older than its writes
+        (seed 7119 at 300 steps: taken back after a failback, write 103 came back over 156).
+        Our own claim's replay (CLAIMING, REPLAYING) deals with them itself."""
+        if (not f.held_lines or rec is None or self._claim_unconfirmed(rec)
+                or f.state in (Own.CLAIMING, Own.REPLAYING)):
+            return
+        held, f.held_lines = f.held_lines, []
+        if rec.owner == self.id and rec.generation < f.held_generation:
+            for line in held:
+                line.current = True
+                self.cache.install(line)
+        else:
+            self._forget_lines(held, True)
 
     # -- the partner watching -------------------------------------------------
 
@@ -774,6 +787,9 @@ class FenceMixin:
         return Own.PARTNER
 
     def _granted(self, f, generation):
+        if f.held_lines:                # the granter's confirmed claim replayed them, then it served
+            held, f.held_lines = f.held_lines, []
+            self._forget_lines(held, True)
         self._free_stale_mirror(f)
         f.generation = generation
         f.want_back = False

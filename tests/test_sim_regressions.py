@@ -230,6 +230,27 @@ def test_a_partner_judges_its_mirror_by_the_generation_the_owner_mirrored_at():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_held_lines_are_forgotten_when_the_lun_comes_back_by_a_grant():
+    """Fixed (seed 7119 at 300 steps): a crashed, b claimed lun0 and replayed a's line (write 103)
+    from its mirror, then served it and wrote 156. a restarted, read b's claim before b's first
+    renewal and held its lines; b then granted lun0 back to a (failback), and a's next record
+    read named a itself, so a took its held lines back as current: after a power cut, write 103
+    came back over 156. Held lines are now taken back only when our own older record landed over
+    an abandoned claim; a grant, or a record at a newer generation, forgets them."""
+    result = run_seed(7119, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_a_claim_whose_write_failed_is_read_back_not_waited_for_forever():
+    """Fixed (seed 7254 at 300 steps, partitions and pauses every 20 ms, 2 % disk errors): b's
+    claim write of lun0 failed with EIO. CLAIMING settles from the "written" event, which never
+    came, so lun0 stayed CLAIMING for the rest of the run with 8 host requests held, while the
+    link flapped and the other LUNs changed hands about once a second. A failed claim write now
+    settles as if it landed, and the read-back decides (it may have landed before the error)."""
+    result = run_seed(7254, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
