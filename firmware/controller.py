@@ -34,6 +34,8 @@ from .formats import nvram as N
 from .link import LinkProtocolError, LinkSession
 from .destage import DestageMixin
 from .fencing import OWNING, FenceMixin, Own
+from .handover import HandoverMixin
+from .takeover import TakeoverMixin
 from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
@@ -141,7 +143,7 @@ class ReadOp:
         self.overlay = overlay
 
 
-class Controller(DestageMixin, PeerMixin, FenceMixin):
+class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin):
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id

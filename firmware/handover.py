@@ -1,0 +1,75 @@
+"""Moving a LUN's ownership while the link is up: the CLI, failback and balancing.
+
+The owner asked for a LUN (OWNERSHIP_REQUEST, or `twincache ownership move`)
+destages the LUN's dirty lines, writes the record naming its partner at the
+next generation and sends OWNERSHIP_GRANT; the preferred owner of a LUN asks
+for it back until it has it (failback). The states and the table are in
+firmware/fencing.py.
+"""
+from . import actions as A
+from .fencing import BALANCE_RETRY_MS, FenceError, Own
+from .formats import messages as M
+from .formats import reservation as R
+
+
+class HandoverMixin:
+    def move_lun(self, lun, tag=0):
+        """Admin: bring `lun` to this controller (or give it away if we own it)."""
+        f = self.fence[lun]
+        f.move_tag = tag
+        self._own_event(f, "move")
+        return self._take()
+
+    def _ask_ownership(self, f):
+        body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=f.generation,
+                                      reserved=bytes(8)))
+        self.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=f.move_tag)
+
+    def _start_release(self, f):
+        self.out.append(A.Notify("handover_start", lun=f.lun))
+        self.destaging = True
+        self._pump()
+
+    def _release_if_clean(self, f):
+        if not f.io_inflight and self._lun_clean(f.lun):
+            self._write_record(f, self._new_record(f, 1 - self.id, f.generation + 1, R.LunState.MIRRORED))
+
+    def _release_written(self, f):
+        rec = f.pending_write
+        if rec.owner == self.id:          # an earlier write of ours landed: the release record is next
+            return Own.RELEASING
+        f.generation = rec.generation
+        body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=rec.generation,
+                                      reserved=bytes(8)))
+        self.link.send(M.MsgType.OWNERSHIP_GRANT, M.Resource.OWNERSHIP, body, tag=f.move_tag)
+        self.out.append(A.Notify("handover", lun=f.lun, to="ab"[1 - self.id], generation=rec.generation))
+        return Own.PARTNER
+
+    def _granted(self, f, generation):
+        if f.held_lines:                # the granter's confirmed claim replayed them, then it served
+            held, f.held_lines = f.held_lines, []
+            self._forget_lines(held, True)
+        self._free_stale_mirror(f)
+        f.generation = generation
+        f.want_back = False
+        f.lease_until_ms = self.now_ms + self.params.lease_ms
+        self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
+
+    def _on_ownership(self, msg):
+        body = M.parse_body_untrusted(msg.type, msg.payload, "ownership message")
+        if body.lun >= len(self.fence):
+            raise FenceError(f"ownership message for lun{body.lun}")
+        f = self.fence[body.lun]
+        if msg.type == M.MsgType.OWNERSHIP_REQUEST:
+            f.move_tag = msg.tag
+            self._own_event(f, "request")
+        elif msg.type == M.MsgType.OWNERSHIP_GRANT:
+            self._own_event(f, "grant", body.generation)
+
+    def _partner_tick(self, f):
+        """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
+        if f.held_lines:
+            self._renew_if_due(f)         # watch the claim we hold lines for until it is confirmed
+        if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
+            f.last_change_ms = self.now_ms
+            self._ask_ownership(f)

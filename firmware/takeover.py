@@ -1,0 +1,247 @@
+"""Takeover in ha mode: watching a silent owner's record, claiming, replaying the mirror.
+
+The half of the ownership state machine (firmware/fencing.py: the table, the
+lease rules and the argument for them) that runs on the partner of a LUN's
+owner once the link is gone: it watches the reservation record for
+`takeover_wait_ms` of silence, writes a claim (state CLAIMED), reads it back
+after the settle time, replays its mirror segment's lines of the LUN and
+serves. The old owner's side of a claim is here too: lines it holds, unused,
+while a claim is not yet confirmed.
+"""
+from . import actions as A
+from .fencing import REPLAY_RETRY_MS, Own
+from .formats import reservation as R
+
+
+class TakeoverMixin:
+    def _resume_claim(self, f, rec):
+        """Our claim (CLAIMED: its replay not done) that this incarnation never replayed: we
+        went down between claim and replay. The old owner dropped its lines when it saw the
+        claim, so our mirror holds the only other copy of its acknowledged writes: confirm the
+        claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
+        self.out.append(A.Notify("takeover_resumed", lun=f.lun, generation=rec.generation))
+        f.pending_write, f.claim_written_ms = rec, self.now_ms
+        return Own.CLAIMING
+
+    def _drop_lines(self, f, rec, reason):
+        """Stop using this LUN's cached lines: `rec` names another owner, whose data is newer.
+
+        Under a claim not yet confirmed (CLAIMED: the claimant's replay is not done) the lines are held, not freed: the claimant replays its mirror copy of them,
+        which lives in the partner's blocks with the same numbers, and a block we reused would
+        overwrite that copy before the replay (seed 32: an acknowledged write lost). Held lines
+        stay DIRTY in NVRAM (after a restart they are held again) until a record shows the
+        claim confirmed, or our own claim writes them out."""
+        lines = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in lines:
+            self.cache.remove_current(line)
+        if self._claim_unconfirmed(rec):
+            f.held_lines.extend(lines)
+            f.held_generation = rec.generation
+        else:
+            self._forget_lines(lines, rec is not None)
+        if lines:
+            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=len(lines), reason=reason,
+                                     held=self._claim_unconfirmed(rec)))
+
+    def _claim_unconfirmed(self, rec) -> bool:
+        return rec is not None and rec.owner != self.id and rec.state == R.LunState.CLAIMED
+
+    def _forget_lines(self, lines, partner_copy_too):
+        for line in lines:
+            line.dead = True
+            if partner_copy_too:            # the new owner replayed (or voided) its copy: free it
+                self.flush_done_refs.append((line.block, line.seq))
+            self._maybe_free(line)
+
+    def _settle_held(self, f, rec):
+        """A record read while we hold lines: forget them once the claim is confirmed; take them
+        back only if our own older record landed over the claim, which its claimant then
+        abandoned (nobody served the LUN meanwhile). A record naming us at a newer generation
+        came from a grant after the claimant served: the held lines are older than its writes
+        (seed 7119 at 300 steps: taken back after a failback, write 103 came back over 156).
+        Our own claim's replay (CLAIMING, REPLAYING) deals with them itself."""
+        if (not f.held_lines or rec is None or self._claim_unconfirmed(rec)
+                or f.state in (Own.CLAIMING, Own.REPLAYING)):
+            return
+        held, f.held_lines = f.held_lines, []
+        if rec.owner == self.id and rec.generation < f.held_generation:
+            for line in held:
+                line.current = True
+                self.cache.install(line)
+        else:
+            self._forget_lines(held, True)
+
+    def _to_watching(self, f):
+        # The owner may have moved the LUN to a new generation without our reading the record (it
+        # went solo and back while its resync to us was pending): its mirror writes said so.
+        f.mirror_generation = max(f.generation, f.peer_generation)
+        f.void_mirror = False           # mirrored up to the link drop: our copy is the partner's data
+        f.last_seen, f.last_change_ms = None, self.now_ms
+        f.renew_due_ms = self.now_ms
+        self._read_record(f)
+
+    def _watch_anew(self, f):
+        """The session ended: an owner on its link lease holds it until at most lease_ms past
+        the newest frame of its that we acknowledged, before now; the quiet time starts now."""
+        f.last_change_ms = self.now_ms
+
+    def _watch_record(self, f, rec):
+        key = rec.key() if rec is not None else None
+        if rec is not None and rec.owner == self.id:
+            return self._st_record(f, rec)          # it is ours (we claimed it earlier)
+        if key != f.last_seen or self.link.up:
+            # With the session up (watching while our resync runs) the owner may serve on its
+            # link lease, which moves no record: a quiet record proves nothing, so the quiet
+            # time counts from when the session ends (seed 37: both served lun0).
+            f.last_seen, f.last_change_ms = key, self.now_ms
+            if rec is not None and not self._claim_unconfirmed(rec) and (
+                    rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
+                f.void_mirror = True
+            return Own.WATCHING
+        if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
+            return Own.WATCHING
+        # Two above what we read: the owner may bump its generation once (solo) between our
+        # read and our claim landing; a claim at + 1 named that same generation, and a claim
+        # that landed over the bump then served it too (seed 676: both served generation 9).
+        generation = (rec.generation if rec else f.generation) + 2
+        self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
+                                 silent_ms=self.now_ms - f.last_change_ms))
+        if f.void_mirror:
+            self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
+        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
+        f.claim_written_ms = None
+        return Own.CLAIMING
+
+    def _claim_written(self, f):
+        f.claim_written_ms = self.now_ms
+
+    def _claim_tick(self, f):
+        settle = 0 if self.buggify("claim_no_settle") else self.params.lease_ms + self.params.renew_interval_ms
+        if f.claim_written_ms is not None and self.now_ms - f.claim_written_ms >= settle and not f.io_inflight:
+            self._read_record(f)
+
+    def _claim_record(self, f, rec):
+        claimed = f.pending_write
+        if rec is None or rec.key() != claimed.key():
+            self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="the owner renewed over our claim"))
+            f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
+            if self.link.up:
+                # The link came up during the claim (CLAIMING ignores link_up): the record
+                # decides now. Left WATCHING, we would claim again over an owner that, with
+                # the link up, renews no record (VM pair: both owned lun1 at generations 2, 3).
+                self._read_record(f)
+                return Own.STARTING
+            return Own.WATCHING
+        f.record, f.generation = rec, rec.generation
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        return self._start_replay(f)
+
+    def _mirror_blocks_of(self, f):
+        return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
+
+    def _void_mirror(self, f):
+        """The owner went on alone (or ownership moved) since our copy was made: it is old data."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
+
+    def _free_stale_mirror(self, f):
+        """The LUN is ours, not by a claim still to replay: copies of it in our mirror are the old
+        owner's lines that it destaged before it released the LUN, their flush-done lost with the
+        link (a power cut right after a handover). Kept, no resync ever voids them (we own the
+        LUN), and a later claim would replay them over newer data (seed 269)."""
+        blocks = self._mirror_blocks_of(f)
+        for i, _b in blocks:
+            self._persist(self.mirror._free(i))
+        if blocks:
+            self.out.append(A.Notify("mirror_stale", lun=f.lun, blocks=len(blocks)))
+
+    def _start_replay(self, f):
+        """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13).
+
+        A block leaves the mirror only once its replay write succeeded; one that failed is
+        written again in the next round, REPLAY_RETRY_MS later. Given up on, it was lost: the
+        takeover served the LUN from a disk without it (seed 159)."""
+        f.replay_left = 0
+        f.replay_failed = False
+        f.replay_retry_ms = None
+        own = [line for line in self.cache.lines.values() if line.lun == f.lun]
+        for line in own:                # ours from before a claim by the partner we now overrule
+            self.cache.remove_current(line)
+        f.held_lines.extend(own)
+        held_keys = {line.key for line in f.held_lines}
+        for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
+            if b.key in held_keys:      # the partner's copy is older than our held version
+                self._persist(self.mirror._free(i))
+            else:
+                self._replay_block(f, i, b)
+        for line in f.held_lines:
+            self._replay_run(f, None, line, self.primary.data(line.block), line.lba, line.bitmap)
+        if not f.replay_left:
+            return self._replayed(f)
+        return Own.REPLAYING
+
+    def _replay_tick(self, f):
+        """Renew the claim while the replay runs, and read the record before a retry round: a
+        partner may have claimed the LUN meanwhile (a pause); a round started without looking
+        landed under the old generation after the new owner's writes (seed 996). Without the
+        renewals, a replay longer than takeover_wait_ms looked dead to an old owner that came
+        back with the link down, and it claimed the LUN over the replay."""
+        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
+            self._read_record(f)        # due until the record comes back: a failed read is retried
+        else:
+            self._renew_if_due(f)
+        return None
+
+    def _replay_record(self, f, rec):
+        if rec is not None and rec.owner == self.id and rec.generation == f.generation and (
+                rec.state == R.LunState.CLAIMED):
+            f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+            if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.replay_left:
+                return self._start_replay(f)
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.CLAIMED))
+            return Own.REPLAYING
+        self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
+        return self._fenced(f, rec)
+
+    def _replay_block(self, f, index, block):
+        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
+
+    def _replay_run(self, f, index, line, view, lba, bitmap):
+        from .cache import dirty_runs, SECTOR_BYTES
+        from .destage import ReplayOp
+        runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
+        op = self._new_op()
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line)
+        f.replay_left += 1
+        base = lba * SECTOR_BYTES
+        for s, e in runs:
+            self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
+
+    def _replay_done(self, entry, error):
+        f = self.fence[entry.lun]
+        if error:
+            self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
+            f.replay_failed = True
+        elif entry.line is not None:
+            if entry.line in f.held_lines:
+                f.held_lines.remove(entry.line)
+                self._forget_lines([entry.line], True)
+        else:
+            self._persist(self.mirror._free(entry.index))
+        f.replay_left -= 1
+        if f.replay_left == 0 and f.state == Own.REPLAYING:
+            if f.replay_failed:
+                f.replay_retry_ms = self.now_ms + REPLAY_RETRY_MS
+            else:
+                self._own_event(f, "replayed")
+
+    def _replayed(self, f):
+        self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        f.replayed_generation = f.generation
+        f.renew_due_ms = self.now_ms
+        if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
+            self._read_record(f)
+            return Own.STARTING
+        return Own.SOLO
