@@ -158,7 +158,7 @@ TRANSITIONS = {
     (Own.PARTNER, "written"): ("_noop", Own.PARTNER),
     (Own.PARTNER, "record"): ("_partner_record", Own.PARTNER),
     (Own.WATCHING, "written"): ("_noop", Own.WATCHING),
-    (Own.RELEASING, "record"): ("_linked_owner_record", Own.RELEASING),
+    (Own.RELEASING, "record"): ("_releasing_record", Own.RELEASING),
 }
 STATES = [v for k, v in vars(Own).items() if not k.startswith("_")]
 EVENTS = ("record", "written", "link_up", "link_down", "tick", "move", "request", "grant", "replayed")

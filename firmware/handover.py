@@ -7,7 +7,7 @@ for it back until it has it (failback). The states and the table are in
 firmware/fencing.py.
 """
 from . import actions as A
-from .fencing import BALANCE_RETRY_MS, FenceError, Own
+from .fencing import BALANCE_RETRY_MS, FenceError, Own, _settled
 from .formats import messages as M
 from .formats import reservation as R
 
@@ -31,8 +31,25 @@ class HandoverMixin:
         self._pump()
 
     def _release_if_clean(self, f):
+        """Clean: read the record first, and write the release only over our own (see below)."""
         if not f.io_inflight and self._lun_clean(f.lun):
+            self._read_record(f)
+
+    def _releasing_record(self, f, rec):
+        """The release record is written like a renewal: after a fresh read that shows the LUN
+        still ours at our generation. Written blind, a release delayed past our lease (a pause
+        while RELEASING) landed over the claim of a partner that had taken the LUN meanwhile,
+        and the partner then served at the release's older generation (seed 8126 at 300 steps)."""
+        if rec is None:
+            return self._record_lost(f)
+        if not self._still_mine(f, rec):
+            return self._fenced(f, rec)
+        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        if self._lun_clean(f.lun):
             self._write_record(f, self._new_record(f, 1 - self.id, f.generation + 1, R.LunState.MIRRORED))
+        else:
+            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
+        return None
 
     def _release_written(self, f):
         rec = f.pending_write

@@ -251,6 +251,16 @@ def test_a_claim_whose_write_failed_is_read_back_not_waited_for_forever():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_release_is_written_only_over_our_own_record():
+    """Fixed (seed 8126 at 300 steps): b, RELEASING lun2 to a, went silent; a claimed lun2 at
+    generation 6 and served it alone. b's release record (owner a, generation 5), written without
+    reading the record first, then landed over a's claim, and a, reading its own name there after
+    the link came back, served lun2 at generation 5 after serving it at 6. The release is now
+    written like a renewal: after a fresh read that shows the LUN still ours at our generation."""
+    result = run_seed(8126, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
