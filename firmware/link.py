@@ -122,6 +122,7 @@ class LinkSession:
         self.last_tx_heartbeat_ms = 0
         self.last_progress_ms = 0
         self.last_retransmit_ms = -1 << 62
+        self.connected_ms = 0
 
     def _fire(self, event, *args):
         try:
@@ -148,7 +149,7 @@ class LinkSession:
         self._reset_session()
         self.nonce = nonce
         self.now_ms = now_ms
-        self.last_rx_ms = self.last_tx_heartbeat_ms = self.last_progress_ms = now_ms
+        self.last_rx_ms = self.last_tx_heartbeat_ms = self.last_progress_ms = self.connected_ms = now_ms
         body = M.Hello.build(dict(
             protocol_min=PROTOCOL_VERSION, protocol_max=PROTOCOL_VERSION,
             controller_id=self.controller_id, mode=self.mode, generation=self.generation,
@@ -315,6 +316,11 @@ class LinkSession:
             return
         if now_ms - self.last_rx_ms > self.heartbeat_timeout_ms:
             raise LinkProtocolError(f"peer silent for {now_ms - self.last_rx_ms} ms")
+        if self.state != S.UP and now_ms - self.connected_ms > 2 * self.heartbeat_timeout_ms:
+            # Frames carry no session id: on a lossy line a stale ack from the last session can
+            # acknowledge our new HELLO, which is then never resent while the peer still waits
+            # for it, and both sides keep talking (seed 8709 at 300 steps: stuck for a minute).
+            raise LinkProtocolError(f"handshake not finished in {now_ms - self.connected_ms} ms")
         if (self.reliable_transport and self.unacked
                 and now_ms - self.unacked[0][8] > self.heartbeat_timeout_ms):
             # A reliable transport never loses a frame, so one the peer does not acknowledge while it

@@ -205,3 +205,28 @@ def test_a_busy_link_sends_heartbeats_unsequenced():
         a.take_output()                  # never delivered: the backlog stays
     heartbeats = [e for e in a.unacked if e[2] == M.MsgType.HEARTBEAT and e[6] != bytes(24)]
     assert heartbeats == [], "a heartbeat joined the go-back-N backlog of a busy link"
+
+
+def test_a_handshake_that_stalls_while_the_peer_talks_is_started_over():
+    # Seed 8709 at 300 steps (lossy line): a stale ack of the last session acknowledged a's new
+    # HELLO, which a then never resent; b, waiting for it, kept acknowledging a's AUTH as out of
+    # order, so each heard the other and neither session ended. The handshake has a deadline.
+    a, b = session(0, reliable_transport=False), session(1, reliable_transport=False)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    a.take_output()                                     # a's HELLO is lost on the line
+    a.receive(split_frames(b.take_output())[0], 0)      # b's HELLO arrives: a sends AUTH
+    assert (a.state, b.state) == (S.AUTH_SENT, S.HELLO_SENT)
+    a.unacked.popleft()                                 # the stale ack: a's HELLO counts as delivered
+    limit = 2 * a.heartbeat_timeout_ms
+    now = 0
+    with pytest.raises(LinkProtocolError, match="handshake not finished"):
+        while now <= limit + 100:
+            now += 50
+            for src, dst in ((a, b), (b, a)):           # both keep talking: nobody is silent
+                for frame in split_frames(src.take_output()):
+                    dst.receive(frame, now)
+            b.tick(now) if b.state != S.DOWN else None
+            a.tick(now)
+    assert now > limit
+    assert b.state == S.HELLO_SENT                      # b never got a's HELLO

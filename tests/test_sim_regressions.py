@@ -261,6 +261,15 @@ def test_a_release_is_written_only_over_our_own_record():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_stalled_handshake_on_a_lossy_line_starts_over():
+    """Fixed (seed 8709 at 300 steps, lossy line): after a reset, a stale acknowledgement of the
+    last session acknowledged a's new HELLO, so a never resent it; b waited for it and kept
+    acknowledging a's AUTH as out of order. Each heard the other, no session ended, and the
+    pair stayed unmirrored for the last minute. A handshake now has a deadline."""
+    result = run_seed(8709, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
