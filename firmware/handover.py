@@ -77,6 +77,12 @@ class HandoverMixin:
         if body.lun >= len(self.fence):
             raise FenceError(f"ownership message for lun{body.lun}")
         f = self.fence[body.lun]
+        if body.scope != 0:
+            # The format has room for one cache line (scope 1); ownership and its fencing are per
+            # LUN here, so a line is never handed out alone: say so, change nothing.
+            self.out.append(A.Notify("ownership_refused", lun=body.lun, scope=body.scope, lba=body.lba,
+                                     reason="only whole-LUN ownership is served"))
+            return
         if msg.type == M.MsgType.OWNERSHIP_REQUEST:
             f.move_tag = msg.tag
             self._own_event(f, "request")

@@ -170,3 +170,25 @@ def test_a_long_replay_renews_its_claim_so_a_returning_owner_waits_and_holds_its
     assert not a.fence[0].held_lines                         # the claim confirmed: forgotten
     p.read(1, "r", 0, 0, 2 * BS)
     assert p.replies["r"] == (0, b"m" * 2 * BS)
+
+
+def test_a_cache_line_ownership_request_is_refused_and_changes_nothing():
+    from firmware.formats import messages as M
+    p = fenced_pair()
+    p.write(0, "w", 0, 0, b"q" * BS)
+    p.deliver()
+    b = p.ctrl[1]
+    body = M.Ownership.build(dict(lun=0, scope=1, reserved0=0, lba=8, generation=b.fence[0].generation,
+                                  reserved=bytes(8)))
+    b.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=7)
+    p.run(1, b.flush_link())
+    p.deliver()
+    for _ in range(20):
+        p.tick(10)
+    assert ("ownership_refused", {"lun": 0, "scope": 1, "lba": 8,
+                                  "reason": "only whole-LUN ownership is served"}) in p.notes[0]
+    assert states(p, 0) == [Own.OWNER, Own.PARTNER] and states(p, 1) == [Own.PARTNER, Own.OWNER]
+    assert not [n for n in p.notes[0] if n[0] == "handover_start"]
+    p.read(1, "r", 0, 0, BS)                                # forwarded to a, still the owner
+    p.deliver()
+    assert p.replies["r"] == (0, b"q" * BS)
