@@ -150,10 +150,10 @@ class MirrorSide:
                 persists.append(self._free(cache_id))
         return persists
 
-    def sync_begin(self, voidable=lambda lun: True):
-        """The owner resends its live lines; blocks of LUNs `voidable` rejects are kept (a takeover's)."""
+    def sync_begin(self):
+        """The owner resends its live lines: until then every block is unconfirmed (sync_done decides)."""
         persists = self.abandon_group()
-        self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None and voidable(b.lun)}
+        self.unconfirmed = {i for i, b in enumerate(self.blocks) if b is not None}
         self.undecided = set()
         return persists
 

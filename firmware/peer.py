@@ -212,7 +212,9 @@ class PeerMixin:
                         self._own_event(f, "link_up")
             return
         if msg.type == T.SYNC_BEGIN:
-            for r in self.mirror.sync_begin(self.mirror_owned_by_peer):
+            # Every block is unconfirmed until resent; what is kept is decided at SYNC_DONE, by
+            # the LUN's state then (see mirror_undecided).
+            for r in self.mirror.sync_begin():
                 self._persist(r)
         else:
             for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided):

@@ -270,6 +270,17 @@ def test_a_stalled_handshake_on_a_lossy_line_starts_over():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_mirror_lines_kept_for_an_abandoned_claim_are_freed():
+    """Fixed (seed 9937 at 300 steps): b was claiming lun2 when the link came back; the resync
+    kept b's mirror lines of lun2 (a claim's replay needs them), then the claim was abandoned
+    (a had claimed over it and served alone). Nothing freed the 67 lines kept for it: older than
+    a's data on disk, they waited in b's mirror for the next takeover to replay them. Lines of a
+    LUN being claimed are now undecided at the end of a resync, and freed if the claim is
+    abandoned."""
+    result = run_seed(9937, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
