@@ -42,6 +42,11 @@ class HandoverMixin:
         and the partner then served at the release's older generation (seed 8126 at 300 steps)."""
         if rec is None:
             return self._record_lost(f)
+        released = f.pending_write
+        if released is not None and released.owner != self.id and rec.key() == released.key():
+            # Our release landed though its write reported an error: it is done, grant. Taken
+            # for another owner's record, it left the LUN with no owner (seed 10003).
+            return self._release_written(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms

@@ -281,6 +281,16 @@ def test_mirror_lines_kept_for_an_abandoned_claim_are_freed():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+@pytest.mark.parametrize("seed", [10003, 10336])
+def test_a_release_that_landed_despite_an_error_is_granted(seed):
+    """Fixed (seeds 10003 and 10336 at 300 steps, with the release written after a read): a's
+    release record of lun1 landed but its write reported EIO; the next read showed b as owner
+    at the next generation, a took that for a claim and stepped down, and b, never granted,
+    stayed partner too: nobody owned lun1. A record equal to our own release is a release done."""
+    result = run_seed(seed, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
