@@ -40,11 +40,12 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    record back: if the old owner renewed over it, the old owner is alive and
    the claim is dropped; if not, any lease the old owner could have granted
    itself in the race has expired too. Only then does it replay its mirror
-   (every block, retrying failed writes) and serve. It renews while it
-   replays, still CLAIMED, so a long replay looks alive to a returning old
-   owner that watches the record; its first renewal after the replay writes
-   SOLO. A controller that finds its own CLAIMED record after a restart
-   resumes it: settle, read back, replay.
+   (every block, retrying failed writes). It renews while it replays, still
+   CLAIMED, so a long replay looks alive to a returning old owner that
+   watches the record; then it writes SOLO and only once that landed does it
+   serve. So a CLAIMED record means its claimant has served nothing. A
+   controller that finds its own CLAIMED record after a restart resumes it:
+   settle, read back, replay.
 4. A controller that reads a record with another owner or a newer
    generation stops serving that LUN at once. If the record is a confirmed
    claim or any other owner's record, it drops its cached lines (they were
@@ -136,7 +137,7 @@ TRANSITIONS = {
     (Own.REPLAYING, "record"): ("_replay_record", None),
     (Own.REPLAYING, "link_up"): ("_noop", Own.REPLAYING),
     (Own.REPLAYING, "link_down"): ("_noop", Own.REPLAYING),
-    (Own.REPLAYING, "written"): ("_noop", Own.REPLAYING),     # a renewal during the replay
+    (Own.REPLAYING, "written"): ("_replay_written", Own.REPLAYING),
     # Admin moves reach a LUN in whatever state it is; only settled states act on them.
     (Own.STARTING, "move"): ("_noop", Own.STARTING),
     (Own.FENCING, "move"): ("_noop", Own.FENCING),
@@ -178,7 +179,7 @@ class LunFence:
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
-                 "held_lines", "held_generation", "peer_generation")
+                 "held_lines", "held_generation", "peer_generation", "replay_complete")
 
     def __init__(self, lun):
         self.lun = lun
@@ -206,6 +207,7 @@ class LunFence:
         self.replayed_generation = 0      # the claim this incarnation replayed to the end
         self.held_lines = []              # dropped under an unconfirmed claim: kept in NVRAM, unused
         self.held_generation = 0          # the generation of the claim we hold them for
+        self.replay_complete = False      # our takeover's replay is done: SOLO goes to the record next
         self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
 
 

@@ -166,6 +166,7 @@ class TakeoverMixin:
         f.replay_left = 0
         f.replay_failed = False
         f.replay_retry_ms = None
+        f.replay_complete = False
         own = [line for line in self.cache.lines.values() if line.lun == f.lun]
         for line in own:                # ours from before a claim by the partner we now overrule
             self.cache.remove_current(line)
@@ -196,14 +197,26 @@ class TakeoverMixin:
 
     def _replay_record(self, f, rec):
         if rec is not None and rec.owner == self.id and rec.generation == f.generation and (
-                rec.state == R.LunState.CLAIMED):
+                rec.state in (R.LunState.CLAIMED, R.LunState.SOLO)):
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+            if f.replay_complete:
+                if rec.state == R.LunState.SOLO:          # our SOLO landed though its write failed
+                    return self._takeover_done(f)
+                self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
+                return Own.REPLAYING
             if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.replay_left:
                 return self._start_replay(f)
             self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.CLAIMED))
             return Own.REPLAYING
         self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
         return self._fenced(f, rec)
+
+    def _replay_written(self, f):
+        if f.pending_write.state == R.LunState.SOLO:
+            return self._takeover_done(f)
+        if f.replay_complete:             # a renewal of the claim landed after the replay ended
+            self._read_record(f)
+        return None
 
     def _replay_block(self, f, index, block):
         self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
@@ -238,9 +251,19 @@ class TakeoverMixin:
                 self._own_event(f, "replayed")
 
     def _replayed(self, f):
-        self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        """The replay is done: publish it (the record goes from CLAIMED to SOLO) before serving.
+        A claimant that served while its record still said CLAIMED let its partner take the
+        record for a claim that had served nothing and keep an older mirror copy, which that
+        partner's own takeover then replayed over the served writes (seed 10302 at 300 steps).
+        The SOLO record follows a fresh read, like every renewal."""
+        f.replay_complete = True
         f.replayed_generation = f.generation
-        f.renew_due_ms = self.now_ms
+        self._read_record(f)              # in flight already: its completion leads here again
+        return Own.REPLAYING
+
+    def _takeover_done(self, f):
+        self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
+        f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
             self._read_record(f)
             return Own.STARTING
