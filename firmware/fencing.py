@@ -18,8 +18,10 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    while the link is up and the partner mirrored, `lease_ms` after sending
    the newest frame the partner has acknowledged (so a one-way cut, where
    the owner still hears the partner but is not heard, ends the lease too).
-   A mirrored owner whose link lease would not last the next renew interval
-   (heartbeats no faster than the lease) renews the record as well. Every
+   A mirrored owner still reads the record every renew interval (a claim
+   written while the link was down may land after the link came back), and
+   whose link lease would not last the next renew interval (heartbeats no
+   faster than the lease) renews the record as well. Every
    host request is checked against the lease when it is handled: a
    controller paused by SIGSTOP resumes with its clock past the lease, holds
    the request, and its next read of the record tells it whether it still
@@ -471,13 +473,15 @@ class FenceMixin:
         return f.state
 
     def _linked_owner_tick(self, f):
-        """Mirrored, an owner's lease comes from the link (frames the partner acknowledged); when
-        that will not last the next renew interval (heartbeats no faster than the lease), it
-        renews the record as an owner alone does. Otherwise an idle owner lost its lease at every
-        tick, and a handover could never destage (seed 108: stuck in RELEASING)."""
-        link_lease_ms = self.link.heard_ms + self.params.lease_ms
-        if self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms):
-            self._renew_if_due(f)
+        """Mirrored, an owner's lease comes from the link (frames the partner acknowledged). It
+        still reads the record every renew interval: a claim written while the link was down
+        can land after the link came back and after the partner's own reading of the record,
+        and nothing else would tell this owner; serving on its link lease, it never looked, and
+        the claimant took the LUN over it (seed 10726 at 300 steps: both OWNER of lun1). When
+        the link lease will not last the next renew interval (heartbeats no faster than the
+        lease), the read is followed by a renewal as an owner alone does; otherwise an idle
+        owner lost its lease at every tick (seed 108: stuck in RELEASING)."""
+        self._renew_if_due(f)
 
     def _releasing_tick(self, f):
         self._release_if_clean(f)
@@ -488,8 +492,10 @@ class FenceMixin:
             return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
-        f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
+        link_lease_ms = self.link.heard_ms + self.params.lease_ms
+        if self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms):
+            f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         return None
 
     def _partner_record(self, f, rec):
