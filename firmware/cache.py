@@ -28,9 +28,9 @@ def line_key(lun: int, line_no: int) -> int:
 class Line:
     """One version of one cache line, held in one primary block."""
     __slots__ = ("block", "key", "lun", "lba", "seq", "bitmap", "current", "flushing",
-                 "pins", "dead", "mirrored", "forgotten", "generation")
+                 "pins", "dead", "mirrored", "forgotten")
 
-    def __init__(self, block, key, lun, lba, seq, bitmap, mirrored, generation=0):
+    def __init__(self, block, key, lun, lba, seq, bitmap, mirrored):
         self.block = block
         self.key = key
         self.lun = lun
@@ -43,7 +43,6 @@ class Line:
         self.dead = False           # superseded and safe, or destaged
         self.mirrored = mirrored    # the partner holds it in its mirror segment
         self.forgotten = False      # dead, and its descriptor is FREE in NVRAM (a restart ignores it)
-        self.generation = generation  # the LUN's generation it was written at (32 bits; 0 unknown)
 
 
 class PrimaryCache:

@@ -213,8 +213,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         taken = set()
         for rb in by_seq:
             key = line_key(rb.lun, rb.lba * SECTOR_BYTES // self.block_size)
-            line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False,
-                        generation=rb.generation)
+            line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False)
             old = cache.install(line)
             taken.add(rb.index)
             if old is not None:
@@ -465,13 +464,13 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
             pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
         seq = self.next_seq
         self.next_seq += 1
-        generation = self.mirror_generation_of(lun)    # the LUN's, as its mirror writes carry
+        generation = self.generation & 0xFFFFFFFF
         self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
         store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
         self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
                                   crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
-        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False, generation), crc)
+        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), crc)
                                      for block, key, start, bits, crc in pen], fua)
 
     def _persist_runs(self, ranges, data=False):

@@ -116,6 +116,7 @@ class PeerMixin:
                        key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
+        generation = self.generation & 0xFFFFFFFF
         probe = M.PING_STRUCT.pack(0)
         for n, line in enumerate(lines):
             if n and n % RESYNC_PROBE_LINES == 0:
@@ -123,8 +124,8 @@ class PeerMixin:
                 self.link.send(T.PING, M.Resource.MIRROR, probe, tag=n)
             line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
             crc = N.crc32c(self.primary.data(line.block))
-            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq,
-                              self._resync_generation(line), 0, 1, [(line, crc)])
+            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq, generation,
+                              0, 1, [(line, crc)])
             if line.flushing:
                 self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])
         self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
@@ -133,16 +134,6 @@ class PeerMixin:
         self.resync_progress = {"lines_total": len(lines), "lines_transferred": 0,
                                 "lines_remaining": len(lines)}
         self.out.append(A.Notify("resync_start", lines=len(lines)))
-
-    def _resync_generation(self, line):
-        """The generation a resent line carries: the one it was written at (a restarted owner
-        resyncs before it knows its LUNs' generations), or, for a LUN we are taking over, the
-        claim's: the partner's own takeover must replay those lines, not judge them stale."""
-        if self.fence is not None:
-            f = self.fence[line.lun]
-            if f.state in ("claiming", "replaying") and f.pending_write is not None:
-                return max(line.generation, f.pending_write.generation & 0xFFFFFFFF, f.generation & 0xFFFFFFFF)
-        return line.generation
 
     def _resync_transferred(self, n):
         progress = self.resync_progress

