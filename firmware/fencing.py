@@ -427,7 +427,9 @@ class FenceMixin:
         if self._lun_clean(f.lun):
             self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
         else:
-            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
+            # Dirty lines here were mirrored (a solo owner writes through): the partner's copy is
+            # good, so MIRRORED, even over a SOLO left from before whose MIRRORED rewrite failed.
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
         return Own.FENCING
 
     def _fencing_link_up(self, f):
@@ -441,8 +443,11 @@ class FenceMixin:
         self._read_record(f)
 
     def _fencing_written(self, f):
+        """Solo once the bump to the next generation (written clean) has landed. A renewal that
+        merely found SOLO in the record is not one: taken for it, an owner went solo with dirty
+        lines and served a newer write-through under an older cached line (seed 16701)."""
         rec = f.pending_write
-        if rec.state != R.LunState.SOLO:
+        if rec.state != R.LunState.SOLO or rec.generation <= f.generation:
             return Own.FENCING
         f.generation = rec.generation
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
@@ -493,9 +498,11 @@ class FenceMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         link_lease_ms = self.link.heard_ms + self.params.lease_ms
-        if self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms):
+        if rec.state != R.LunState.MIRRORED or (
+                self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms)):
+            # Mirrored: the record says so, also when the write of MIRRORED at link-up failed.
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
         return None
 
     def _partner_record(self, f, rec):

@@ -321,6 +321,27 @@ def test_a_claim_landing_after_the_link_came_back_fences_the_linked_owner():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_an_owner_goes_solo_only_by_its_own_clean_bump():
+    """Fixed (seed 16701 at 300 steps): b's write of MIRRORED at link-up failed (EIO), so its
+    record still said SOLO while it owned lun3 mirrored. When the link dropped, b FENCING renewed
+    that SOLO record and took the renewal for its bump: it went solo with a dirty line (17) still
+    cached, wrote 22 through to disk and then served 17 over it. A FENCING renewal with dirty
+    lines now writes MIRRORED, solo needs the bump to the next generation, and a mirrored owner
+    rewrites a record that does not say MIRRORED."""
+    result = run_seed(16701, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_mirror_blocks_of_an_older_generation_are_replayed_after_unconfirmed_claims():
+    """Seed 16675 at 300 steps, a data loss introduced by a fix and backed out the same session:
+    a takeover that skipped mirror blocks written at an older generation than the newest it had
+    seen lost write 2. Generations also move by claims, and two claims in turn (b's, then a's,
+    each cut short by a crash before its replay) had moved lun2 on while a's line was still
+    dirty and held, so the block b skipped was the only copy that reached no disk."""
+    result = run_seed(16675, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
