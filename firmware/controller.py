@@ -178,6 +178,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
         self.mirroring = False            # link up and the partner's mirror in sync
         self.sync_pending = False
+        self.resync_again = False         # a LUN went solo during the resync: resend before mirroring
         self.acks_owed = 0                # writes committed for the partner, not yet acknowledged
         self.ack_seq = 0
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE

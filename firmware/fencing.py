@@ -450,6 +450,8 @@ class FenceMixin:
         if rec.state != R.LunState.SOLO or rec.generation <= f.generation:
             return Own.FENCING
         f.generation = rec.generation
+        if self.sync_pending:
+            self.resync_again = True
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
         acks, f.acks = f.acks, []
         for op in acks:

@@ -344,17 +344,18 @@ def test_mirror_blocks_of_an_older_generation_are_replayed_after_unconfirmed_cla
 
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="known, diagnosed, not fixed: see the docstring")
-def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror():
-    """Seed 13790 at 300 steps (seeds 10086 and 12311 of other runs): a restarted owner resynced
+@pytest.mark.parametrize("seed", [13790, 10086, 12311])
+def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
+    """Fixed (seed 13790 at 300 steps; 10086 and 12311 of other runs): a restarted owner resynced
     its dirty lines to b; the resync not done, it went FENCING, destaged line X, went SOLO at the
     next generation and wrote X anew straight to disk. The flush-done for X travelled behind the
     slow resync, so for a while b's mirror held the old X while the owner was mirrored again: a
-    link failure then would let b replay it over the newer X. A takeover cannot tell that block
-    from a needed one: skipping blocks of an older generation was tried and lost a write when
-    generations had moved by claims (seed 16675), so it was backed out."""
-    result = run_seed(13790, steps=300)
-    assert result.ok, f"{result.failure.splitlines()[0][:300]}"
+    link failure then would let b replay it over the newer X. An owner whose LUN goes solo during
+    a resync now resyncs again before it mirrors: the flush-dones go first, and b frees what the
+    second resync does not resend. (Skipping mirror blocks of an older generation at a takeover
+    was tried first and lost a write when generations had moved by claims: seed 16675.)"""
+    result = run_seed(seed, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
 @pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
