@@ -190,6 +190,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         self.next_op = 1
         self.waiting = collections.deque()  # host writes waiting for free blocks
         self.flushing_keys = collections.Counter()
+        self.flush_queue = {}             # lun -> ops whose writes wait for the next disk flush
+        self.flush_busy = set()           # LUNs with a DiskFlush in flight
         self.flush_begin_refs = []        # sent together when the output is taken
         self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []
@@ -281,6 +283,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         partner what it may free (a late flush-done costs nothing, the owner's next
         write to the block frees the copy anyway), so they need not wake it.
         """
+        self._start_flushes()
         link = self.link
         if (self.refs_due or link.control_queue or link.data_queue
                 or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):

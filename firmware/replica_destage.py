@@ -58,10 +58,9 @@ class DestagedMixin:
             self._start_destage([line])        # one line per disk write here (an extent of one)
         return None
 
-    def _destage_done(self, entry):
-        super()._destage_done(entry)
-        if entry.error:
-            return
+    def _destage_durable(self, entry):
+        """The destage of these lines is on disk and flushed: only now is a range clean."""
+        super()._destage_durable(entry)
         for line in entry.lines:
             for req in self.disk_waiters.pop(line, ()):
                 req.remaining -= 1

@@ -13,6 +13,15 @@ from .fencing import REPLAY_RETRY_MS, Own
 from .formats import reservation as R
 
 
+class ReplayRound:
+    """The replay writes of one round that completed, waiting for the flush of their LUN."""
+    __slots__ = ("lun", "entries")
+
+    def __init__(self, lun, entries):
+        self.lun = lun
+        self.entries = entries
+
+
 class TakeoverMixin:
     def _resume_claim(self, f, rec):
         """Our claim (CLAIMED: its replay not done) that this incarnation never replayed: we
@@ -164,6 +173,7 @@ class TakeoverMixin:
         written again in the next round, REPLAY_RETRY_MS later. Given up on, it was lost: the
         takeover served the LUN from a disk without it (seed 159)."""
         f.replay_left = 0
+        f.replay_written = []
         f.replay_failed = False
         f.replay_retry_ms = None
         f.replay_complete = False
@@ -219,32 +229,55 @@ class TakeoverMixin:
         return None
 
     def _replay_block(self, f, index, block):
-        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
+        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap, block)
 
-    def _replay_run(self, f, index, line, view, lba, bitmap):
+    def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
         from .cache import dirty_runs, SECTOR_BYTES
         from .destage import ReplayOp
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
-        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line)
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line, block)
         f.replay_left += 1
         base = lba * SECTOR_BYTES
         for s, e in runs:
             self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
 
     def _replay_done(self, entry, error):
+        """A replay write completed: the block waits for the flush that ends the round before it
+        leaves the mirror (freed on a completed write alone, a power cut of the disk's cache
+        lost it with the only other copy gone)."""
         f = self.fence[entry.lun]
         if error:
             self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
             f.replay_failed = True
-        elif entry.line is not None:
-            if entry.line in f.held_lines:
-                f.held_lines.remove(entry.line)
-                self._forget_lines([entry.line], True)
         else:
-            self._persist(self.mirror._free(entry.index))
+            f.replay_written.append(entry)
         f.replay_left -= 1
-        if f.replay_left == 0 and f.state == Own.REPLAYING:
+        if f.replay_left == 0:
+            written, f.replay_written = f.replay_written, []
+            if written:
+                self._after_flush(f.lun, ReplayRound(f.lun, written))
+            else:
+                self._replay_round_end(f)
+
+    def _replay_durable(self, rnd, error):
+        """The flush after a replay round: free what it made durable, or replay it all again."""
+        f = self.fence[rnd.lun]
+        if error:
+            self.out.append(A.Notify("replay_error", lun=f.lun, block=-1, errno=error))
+            f.replay_failed = True
+        else:
+            for entry in rnd.entries:
+                if entry.line is not None:
+                    if entry.line in f.held_lines:
+                        f.held_lines.remove(entry.line)
+                        self._forget_lines([entry.line], True)
+                elif self.mirror.blocks[entry.index] is entry.block:   # not overwritten since
+                    self._persist(self.mirror._free(entry.index))
+        self._replay_round_end(f)
+
+    def _replay_round_end(self, f):
+        if f.state == Own.REPLAYING and not f.replay_left:
             if f.replay_failed:
                 f.replay_retry_ms = self.now_ms + REPLAY_RETRY_MS
             else:
