@@ -20,6 +20,8 @@
     serials = []               # with backend = "serial"
     lun_size = "256M"
     direct = false             # O_DIRECT
+    write_cache = "os"         # "os" (the kernel's) or "volatile": tests only, writes stay in the
+                               # controller's memory until a flush (hal/disk_volatile.py)
 
     [link]
     transport = "unix"         # "unix", "tcp", "serial" (pyserial URL or tty) or "virtio" (fd I/O)
@@ -112,6 +114,7 @@ class DiskConfig:
     serials: list = dataclasses.field(default_factory=list)
     lun_size_bytes: int = 256 << 20
     direct: bool = False
+    write_cache: str = "os"
 
 
 @dataclasses.dataclass
@@ -248,7 +251,9 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         backend=_choice(_take(d, "backend", str, "file", where), ("file", "serial"), f"{where}: [disks] backend"),
         paths=list(_take(d, "paths", list, [], where)), serials=list(_take(d, "serials", list, [], where)),
         lun_size_bytes=parse_size(d.get("lun_size", "256M"), f"{where}: [disks] lun_size"),
-        direct=_take(d, "direct", bool, False, where))
+        direct=_take(d, "direct", bool, False, where),
+        write_cache=_choice(_take(d, "write_cache", str, "os", where), ("os", "volatile"),
+                            f"{where}: [disks] write_cache"))
     if not (disks.paths or disks.serials):
         raise ConfigError(f"{where}: [disks] needs paths (or serials) for at least one LUN")
     if disks.lun_size_bytes % 4096:

@@ -27,6 +27,7 @@ from firmware.formats.disklabel import (DATA_OFFSET_BYTES, LABEL_SIZE_BYTES, RES
                                         parse_disklabel_untrusted)
 
 from .disk_file import FileDisk
+from .disk_volatile import VolatileCacheDisk
 from .interfaces import Disk, HalError
 
 
@@ -114,6 +115,8 @@ def _open_disk(path: str, lun: int, serial: str, pair_id: bytes, config, create:
         raw = FileDisk(path, total_bytes, direct=config.direct, create=True)
     else:
         raw = FileDisk(path, direct=config.direct)
+    if getattr(config, "write_cache", "os") == "volatile":
+        raw = VolatileCacheDisk(raw)
     try:
         if raw.size_bytes < total_bytes:
             raise HalError(f"{path}: disk is {raw.size_bytes} bytes, LUN {lun} needs {total_bytes} "
