@@ -55,7 +55,7 @@ class Params:
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None,
                  mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
-                 batch_link_output=False):
+                 batch_link_output=False, destage_flush_batch_bytes=8 << 20):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -87,6 +87,9 @@ class Params:
         # data (one message for writes up to it); the partner commits the group when all are in.
         self.mirror_message_bytes_max = mirror_message_bytes_max
         self.destage_extent_bytes_max = destage_extent_bytes_max   # adjacent lines in one disk write
+        # Destaged lines wait for a disk flush before their NVRAM copies are freed; while more
+        # destage writes of the LUN are going out, one flush waits for this much of them.
+        self.destage_flush_batch_bytes = destage_flush_batch_bytes
         # True: entry points leave link output queued until flush_link() (the runtime calls it
         # once per loop turn); False: every entry point returns its frames (simulator, tests).
         self.batch_link_output = batch_link_output
@@ -192,6 +195,10 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         self.flushing_keys = collections.Counter()
         self.flush_queue = {}             # lun -> ops whose writes wait for the next disk flush
         self.flush_busy = set()           # LUNs with a DiskFlush in flight
+        self.flush_queue_lines = collections.Counter()   # lun -> destaged lines waiting for a flush
+        self.flush_urgent = set()         # LUNs where a host write or a replay waits for the flush
+        self.destage_writing = collections.Counter()     # lun -> destage writes in flight
+        self.destage_flush_batch_lines = max(1, params.destage_flush_batch_bytes // self.block_size)
         self.flush_begin_refs = []        # sent together when the output is taken
         self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []

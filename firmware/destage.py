@@ -124,6 +124,7 @@ class DestageMixin:
 
     def _start_destage(self, extent):
         wbq, flushing = self.cache.wbq, self.flushing_keys
+        self.destage_writing[extent[0].lun] += 1
         for line in extent:
             del wbq[line.key]
             line.flushing = True
@@ -186,6 +187,12 @@ class DestageMixin:
     def _destage_done(self, entry):
         """The extent's disk write completed: durable only once a flush of its LUN says so."""
         self.destage_inflight -= 1
+        lun = entry.lines[0].lun
+        left = self.destage_writing[lun] - 1
+        if left:
+            self.destage_writing[lun] = left
+        else:
+            del self.destage_writing[lun]
         if entry.error:
             for line in entry.lines:
                 self._line_destaged(line, entry.error)
@@ -220,16 +227,30 @@ class DestageMixin:
     # -- disk flushes ---------------------------------------------------------
 
     def _after_flush(self, lun, waiter):
-        """`waiter` (a DestageOp, ThroughOp or ReplayOp whose writes completed) waits for the next
-        flush of `lun`; _start_flushes issues it."""
+        """`waiter` (a DestageOp, ThroughOp or ReplayRound whose writes completed) waits for the
+        next flush of `lun`; _start_flushes issues it."""
         self.flush_queue.setdefault(lun, []).append(waiter)
+        if waiter.__class__ is DestageOp:
+            self.flush_queue_lines[lun] += len(waiter.lines)
+        else:
+            self.flush_urgent.add(lun)
 
     def _start_flushes(self):
-        """One DiskFlush per LUN with waiters and no flush in flight."""
+        """One DiskFlush per LUN with waiters and no flush in flight. While destage writes of the
+        LUN are still going out, its lines wait for a batch (destage_flush_batch_bytes) instead:
+        a flush per round of destage_inflight_max writes cost random-write destage more than
+        half its throughput on file disks; a host write (write-through) or a replay round never
+        waits for a batch."""
         queue, busy = self.flush_queue, self.flush_busy
+        batch = self.destage_flush_batch_lines
         for lun in [lun for lun in queue if lun not in busy]:
+            if (self.destage_writing[lun] and lun not in self.flush_urgent
+                    and self.flush_queue_lines[lun] < batch):
+                continue
             op = self._new_op()
             self.disk_ops[op] = FlushOp(lun, queue.pop(lun))
+            self.flush_queue_lines.pop(lun, None)
+            self.flush_urgent.discard(lun)
             busy.add(lun)
             self.out.append(A.DiskFlush(op, lun))
             self.stats["disk_flushes"] += 1

@@ -12,6 +12,8 @@ anyone keeps. The cache is by sector, so overlapping writes keep the newest.
 """
 from __future__ import annotations
 
+import threading
+
 from .interfaces import Disk
 
 
@@ -24,6 +26,7 @@ class VolatileCacheDisk(Disk):
         self.sector_size_bytes = raw.sector_size_bytes
         self.block_device = raw.block_device
         self.cache = {}                  # sector -> bytes, not yet on the file
+        self.lock = threading.Lock()     # writes vs the flush thread's clean-up
         self.flushes = 0
 
     def read_into(self, offset: int, buf) -> None:
@@ -42,24 +45,33 @@ class VolatileCacheDisk(Disk):
         view = memoryview(data).cast("B")
         self.raw._check(offset, len(view), "write")
         size, cache, first = self.sector_size_bytes, self.cache, offset // self.sector_size_bytes
-        for k in range(len(view) // size):
-            cache[first + k] = bytes(view[k * size:(k + 1) * size])
+        sectors = [bytes(view[k * size:(k + 1) * size]) for k in range(len(view) // size)]
+        with self.lock:
+            for k, sec in enumerate(sectors):
+                cache[first + k] = sec
 
     def flush(self) -> None:
-        """Write the cache out in runs of adjacent sectors, then make the file durable."""
+        """Write the cache out in runs of adjacent sectors, then make the file durable. It may
+        run in a flush thread while the loop writes on: what it wrote leaves the cache only if
+        no newer write replaced it meanwhile."""
         size, cache = self.sector_size_bytes, self.cache
+        with self.lock:
+            snapshot = dict(cache)
         run_start, run = None, []
-        for sector in sorted(cache):
+        for sector in sorted(snapshot):
             if run and sector != run_start + len(run):
                 self.raw.write(run_start * size, b"".join(run))
                 run = []
             if not run:
                 run_start = sector
-            run.append(cache[sector])
+            run.append(snapshot[sector])
         if run:
             self.raw.write(run_start * size, b"".join(run))
         self.raw.flush()
-        cache.clear()
+        with self.lock:
+            for sector, data in snapshot.items():
+                if cache.get(sector) is data:
+                    del cache[sector]
         self.flushes += 1
 
     def close(self) -> None:
