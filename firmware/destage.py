@@ -277,7 +277,7 @@ class DestageMixin:
             self.stats["destage_errors"] += 1
             self._disk_write_failed(line.lun, line.lba * SECTOR_BYTES, error)   # backoff, one report
             if line.current:
-                self.cache.wbq[line.key] = line      # still dirty: try again later
+                self._requeue_failed(line)           # still dirty: try again after the backoff
             else:
                 self._maybe_free(line)
             return
