@@ -162,12 +162,13 @@ class DiskHealth:
         return self._clear(h, now_ms, reason) if h.state != OK else []
 
     def _clear(self, h, now_ms, reason):
-        out = []
-        if h.burst.count:
-            out.append(A.Notify("disk_error", lun=h.lun, **h.burst.take(now_ms)))
-        kind = "lun_recovered" if h.state == DEGRADED else "disk_recovered"
-        out.append(A.Notify(kind, lun=h.lun, failing_ms=now_ms - h.failing_since_ms, errors=h.errors,
-                            reason=reason))
+        """Errors not reported yet stay counted for the next report, within the rate. A run of
+        failures shorter than a report interval ends quietly: a bad sector among good ones
+        would otherwise say "recovered" at every retry."""
+        failing_ms, out = now_ms - h.failing_since_ms, []
+        if h.state == DEGRADED or failing_ms >= self.interval_ms:
+            kind = "lun_recovered" if h.state == DEGRADED else "disk_recovered"
+            out.append(A.Notify(kind, lun=h.lun, failing_ms=failing_ms, errors=h.errors, reason=reason))
         h.state, h.failing_since_ms, h.errors = OK, None, 0
         self.failing.discard(h.lun)
         return out
@@ -200,7 +201,10 @@ class DiskHealth:
     def tick(self, now_ms) -> tuple:
         """Reports due and LUNs degraded now: (notifications, newly degraded LUNs)."""
         out, degraded = [], []
-        for h in [self.luns[lun] for lun in sorted(self.failing | self.pending)]:
+        # Longest unreported first: with more LUNs failing than reports an interval allows,
+        # each gets its turn.
+        for h in sorted([self.luns[lun] for lun in self.failing | self.pending],
+                        key=lambda h: (h.burst.reported_ms is not None, h.burst.reported_ms or 0, h.lun)):
             if h.state == FAILING and now_ms - h.failing_since_ms >= self.degraded_after_ms:
                 h.state = DEGRADED
                 degraded.append(h.lun)
@@ -221,8 +225,9 @@ class DiskHealth:
                 self.window_reports += 1
                 fields = burst.take(now_ms)
                 if kind == "disk_error":
-                    fields.update(state=h.state, failing_ms=now_ms - h.failing_since_ms,
-                                  retry_in_ms=max(0, h.retry.at_ms - now_ms))
+                    fields.update(state=h.state, retry_in_ms=max(0, h.retry.at_ms - now_ms))
+                    if h.failing_since_ms is not None:
+                        fields["failing_ms"] = now_ms - h.failing_since_ms
                 out.append(A.Notify(kind, lun=h.lun, **fields))
         if h.burst.count or h.record_bursts["write"].count or h.record_bursts["read"].count:
             self.pending.add(h.lun)
@@ -256,15 +261,21 @@ class DiskHealthMixin:
         64 MiB NVRAM full of a failed disk's lines, at every tick, read and completion)."""
         self.disk_health.luns[line.lun].parked[line.key] = line
 
-    def _unpark(self, lun):
-        """The LUN's retry is due (or its disk works again): its parked lines queue for destage,
-        those still current; a newer version, or a line dropped meanwhile, is not written."""
+    def _unpark(self, lun, probe=False):
+        """Parked lines queue for destage again, those still current (a newer version, or a
+        line dropped meanwhile, is not written). A probe takes one line, the one parked
+        longest: a failing disk gets one write a retry, not the whole cache, and a bad spot
+        cannot hold the good lines of its extent back for good, since each probe that lands
+        brings the rest back (and a probe that fails goes to the end of the line)."""
         h = self.disk_health.luns[lun]
-        parked, h.parked = h.parked, {}
         wbq, lines = self.cache.wbq, self.cache.lines
-        for key, line in parked.items():
+        while h.parked:
+            key = next(iter(h.parked))
+            line = h.parked.pop(key)
             if line.current and not line.dead and lines.get(key) is line and key not in wbq:
                 wbq[key] = line
+                if probe:
+                    return
 
     def _disk_write_ok(self, lun):
         health = self.disk_health
@@ -283,7 +294,7 @@ class DiskHealthMixin:
         self.out.extend(notes)
         for lun in health.failing:
             if health.luns[lun].parked and health.may_write(lun, self.now_ms):
-                self._unpark(lun)
+                self._unpark(lun, probe=True)
         for lun in degraded:
             self._refuse_waiting(lun)
         for lun in list(health.failing):

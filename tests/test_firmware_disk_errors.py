@@ -21,13 +21,14 @@ class FailingDiskPair(MemPair):
 
     def __init__(self, **kw):
         self.failing, self.record_failing = set(), set()
+        self.bad = []                   # (lun, start, end): data writes touching these bytes fail
         self.attempts = []              # (now_ms, lun, ok) of every data write
         super().__init__(**kw)
 
     def _run(self, i, actions, done):
         for act in actions:
             kind = act.__class__
-            if kind in (A.DiskWrite, A.DiskFlush) and act.lun in self.failing:
+            if kind in (A.DiskWrite, A.DiskFlush) and (act.lun in self.failing or self._bad(act)):
                 self.attempts.append((self.now_ms, act.lun, False))
                 done.append((act.op, EIO, None))
             elif kind is A.RecordWrite and act.lun in self.record_failing:
@@ -36,6 +37,10 @@ class FailingDiskPair(MemPair):
                 if kind is A.DiskWrite:
                     self.attempts.append((self.now_ms, act.lun, True))
                 super()._run(i, [act], done)
+
+    def _bad(self, act):
+        return act.__class__ is A.DiskWrite and any(
+            lun == act.lun and act.offset < end and start < act.offset + len(act.data) for lun, start, end in self.bad)
 
     def notes_of(self, i, kind):
         return [fields for k, fields in self.notes[i] if k == kind]
@@ -72,6 +77,7 @@ def test_destage_retries_of_a_failing_lun_back_off_and_the_other_lun_destages_on
     rounds = retry_rounds(p, 0)
     gaps = [b - a for a, b in zip(rounds, rounds[1:])]
     assert gaps[:6] == [200, 400, 800, 1600, 3200, 3200], gaps
+    assert not p.ctrl[0].cache.wbq                      # waiting for the retry, out of every pump's way
     # lun1's lines went to disk meanwhile, all of them, and once each
     assert p.disks[1][:8 * BS] == b"".join(bytes([0x51 + n % 7]) * BS for n in range(8))
     assert p.ctrl[0].cache.dirty_lines == 8            # lun0's lines stay dirty in NVRAM
@@ -94,19 +100,54 @@ def test_backoff_starts_over_after_a_write_that_succeeds():
 
 
 def test_a_failing_disk_is_reported_once_per_lun_per_interval_with_counts_and_offsets():
-    p = pair(degraded_after_ms=10**9)
+    p = pair(degraded_after_ms=10**9, disk_retry_max_ms=200)       # a retry round every 200 ms
     p.failing.add(0)
     fill(p, 0, 100)
     p.run_for(60_000)
     reports = p.notes_of(0, "disk_error")
     failed = p.ctrl[0].stats["destage_errors"]
-    assert failed > 500                                 # 100 lines, retried for a minute
+    assert failed > 350                                 # 100 lines, then a probe every 200 ms
     assert len(reports) <= 62                           # one a second, not one per line per retry
     assert all(r["lun"] == 0 and r["errno"] == EIO and r["count"] >= 1 for r in reports)
     assert reports[0]["first_offset"] == 0
     assert all(0 <= r["first_offset"] <= 99 * BS and 0 <= r["last_offset"] <= 99 * BS for r in reports)
     pending = p.ctrl[0].disk_health.luns[0].burst.count
     assert sum(r["count"] for r in reports) + pending == failed
+
+
+def test_reports_of_many_failing_luns_stay_a_few_per_second_in_all():
+    p = pair(luns=12, degraded_after_ms=10**9, disk_retry_max_ms=200)      # a retry round every 200 ms
+    mine = [lun for lun in range(12) if lun % 2 == 0]    # a owns the even LUNs
+    p.failing.update(mine)
+    for lun in mine:
+        fill(p, lun, 20)
+    p.run_for(30_000)
+    reports = [(t, k) for t, (k, _f) in enumerate(p.notes[0]) if k == "disk_error"]
+    assert len(reports) <= 4 * 31
+    by_lun = {lun: len([f for f in p.notes_of(0, "disk_error") if f["lun"] == lun]) for lun in mine}
+    assert all(n >= 12 for n in by_lun.values()), by_lun         # every LUN gets its turn
+
+
+def test_one_bad_spot_holds_back_only_its_own_line_and_the_lun_recovers_when_it_heals():
+    """Line 5 of an extent of 12 cannot be written: one probe a retry finds the good lines,
+    each probe that lands brings the others back, and only the bad line stays dirty. With
+    nothing else of the LUN to write, the bound runs out and it degrades (no write has
+    succeeded since); once the spot takes writes again, it recovers."""
+    p = pair(degraded_after_ms=5_000)
+    p.bad.append((0, 5 * BS, 6 * BS))
+    fill(p, 0, 12)
+    p.run_for(4_000)
+    assert [line.lba * 512 for line in p.ctrl[0].cache.lines.values()] == [5 * BS]
+    good = b"".join(bytes([0x11 + n % 7]) * BS for n in range(12))
+    assert p.disks[0][:5 * BS] == good[:5 * BS] and p.disks[0][6 * BS:12 * BS] == good[6 * BS:]
+    p.run_for(6_000)
+    assert p.notes_of(0, "lun_degraded")
+    assert all(f["first_offset"] == f["last_offset"] == 5 * BS for f in p.notes_of(0, "disk_error")[-3:])
+    assert len([k for k, _f in p.notes[0] if k.startswith(("disk_", "lun_"))]) <= 14
+    p.bad.clear()
+    p.run_for(6_000)
+    assert p.notes_of(0, "lun_recovered") and p.ctrl[0].cache.dirty_lines == 0
+    assert p.disks[0][:12 * BS] == good
 
 
 def test_a_lun_failing_past_the_bound_is_degraded_its_writes_get_eio_and_reads_are_served():
