@@ -179,3 +179,40 @@ def test_lun_disk_failing_writes_degrades_within_the_bound_and_recovers_with_eve
         assert block_pattern(0, 0, 1) != bytes(4096)
     finally:
         pair.stop_all()
+
+
+def test_a_takeover_claim_whose_record_write_fails_says_so_backs_off_and_completes_once_healed(
+        tmp_path, monkeypatch):
+    """The owner of lun0 dies while lun0's disk fails writes: the survivor's claim cannot be
+    written. It must say that (not "the owner renewed over our claim"), try again less and less
+    often, and take the LUN over with every acknowledged write once the disk heals."""
+    monkeypatch.setenv("TWINCACHE_TEST_FAULTS", "1")
+    pair = make_pair(tmp_path, cache={"disk_retry_max_ms": 4000}, disks={"fault_files": True})
+    try:
+        pair.wait_settled()
+        rng = random.Random(17)
+        writer = TimedWriter(pair.socket_path("b"), 0, blocks=1024, depth=8)   # via b, owned by a
+        writer.run_until(time.time() + 1.0, rng)
+        assert writer.errors == 0 and writer.acked
+        control = pathlib.Path(pair.disk_path(0) + ".fail-writes")
+        control.touch()
+        killed_at = time.time()
+        pair.kill("a")
+        time.sleep(14.0)
+        events = [e for e in pair.events("b") if e["ts"] >= killed_at]
+        claims = [e["ts"] for e in events if e["kind"] == "takeover_claim" and e["lun"] == 0]
+        abandoned = [e for e in events if e["kind"] == "takeover_abandoned" and e["lun"] == 0]
+        failed = [e for e in events if e["kind"] == "reservation_write_failed" and e["lun"] == 0]
+        gaps = [round(b - a, 2) for a, b in zip(claims, claims[1:])]
+        print("claims after the kill:", [round(t - killed_at, 2) for t in claims], "gaps", gaps)
+        assert abandoned and all("record write failed (errno 5)" in e["reason"] for e in abandoned)
+        assert failed and "CLAIMED" in failed[0]["record"]
+        assert len(claims) <= 6, gaps                     # 10 in 14 s, looping every 1.4 s
+        assert gaps[-1] > 3.0, gaps                       # backing off
+        healed_at = time.time()
+        control.unlink()
+        took = pair.wait_event("b", "takeover", since=healed_at, lun=0, timeout_s=15)
+        print("takeover after the heal:", round(took["ts"] - healed_at, 2), "s")
+        assert writer.check(read_block_via(pair, "b", 0)) == []
+    finally:
+        pair.stop_all()
