@@ -3,10 +3,14 @@
 Owns what the firmware does when a LUN's disk fails writes, after the arrays
 people trust:
 
-- Retries back off. After a failed destage (or replay) write the LUN's lines
-  wait `disk_retry_initial_ms` before the next try; every round that fails
-  again doubles the wait, up to `disk_retry_max_ms`; the first write that
-  succeeds brings it back to the start. Other LUNs destage on meanwhile.
+- Retries back off. After a failed destage (or replay) write or flush, the
+  LUN's lines wait out of the write-back queue for `disk_retry_initial_ms`;
+  then one of them, the one parked longest, goes to the disk as a probe.
+  Every round that fails again doubles the wait, up to `disk_retry_max_ms`;
+  the first write made durable (its flush succeeded) brings the wait back to
+  the start and the parked lines back to the queue. So a dying disk gets one
+  write a round, and a bad spot holds back only its own line. Other LUNs
+  destage on meanwhile.
 - Reports are coalesced. The first error of a burst is reported at once;
   after it, one `disk_error` per LUN per `disk_report_interval_ms` at most,
   carrying the count of failed line writes since the last report, the first
@@ -19,8 +23,8 @@ people trust:
   answers its new host writes with EIO at once (every write needs free cache
   blocks, copy-on-write, and only a working disk frees them), fails the
   writes that waited for blocks on it, still serves reads, and keeps its
-  dirty lines in NVRAM, retried with backoff. The first destage write that
-  succeeds clears it (`lun_recovered`).
+  dirty lines in NVRAM, retried with backoff. The first write made durable
+  on it clears it (`lun_recovered`).
 - Reservation-record I/O that fails is reported as what it is
   (`reservation_write_failed`, `reservation_read_failed`, coalesced the same
   way), and a takeover claim whose record write failed is not tried again
@@ -136,12 +140,13 @@ class DiskHealth:
         return self._report(h, now_ms)
 
     def write_ok(self, lun, now_ms) -> list:
-        """A write to the LUN's data area succeeded: the disk works; the backoff starts over."""
+        """Writes to the LUN's data area were made durable (their flush succeeded): the disk
+        works; the backoff starts over."""
         h = self.luns[lun]
         h.retry.ok()
         if h.state == OK:
             return []
-        return self._clear(h, now_ms, "a destage write succeeded")
+        return self._clear(h, now_ms, "writes to the disk succeed again")
 
     def may_write(self, lun, now_ms) -> bool:
         return now_ms >= self.luns[lun].retry.at_ms
