@@ -308,8 +308,11 @@ class DiskHealthMixin:
                 self._unpark(lun)
 
     def _refuse_degraded_write(self, req, lun) -> bool:
-        """A degraded LUN's writes get EIO at once: waiting, they would wait for a disk."""
-        if not self.disk_health.degraded(lun):
+        """A degraded LUN's writes get EIO at once: waiting, they would wait for a disk.
+
+        In ha mode only. A replica secondary answers its peer's copies, not hosts, and an
+        error there resets the link; replica mode reports and retries, and leaves it at that."""
+        if not self.disk_health.degraded(lun) or self.params.mode != "ha":
             return False
         self.stats["writes_refused_degraded"] += 1
         self._reply(req, EIO)
@@ -318,6 +321,8 @@ class DiskHealthMixin:
     def _refuse_waiting(self, lun):
         """The LUN went degraded: its writes waiting for free blocks get EIO now, and so do
         waiting writes of other LUNs that could only ever get blocks from its lines."""
+        if self.params.mode != "ha":
+            return
         kept, usable = [], self._usable_blocks()
         for entry in self.waiting:
             if entry[1] == lun or usable < self._lines_spanned(entry[2], len(entry[3])):
@@ -339,4 +344,4 @@ class DiskHealthMixin:
 
     def _blocks_never_free(self, needed) -> bool:
         """A write about to wait for `needed` free blocks that can never come gets EIO instead."""
-        return self.disk_health.any_degraded() and self._usable_blocks() < needed
+        return self.disk_health.any_degraded() and self.params.mode == "ha" and self._usable_blocks() < needed

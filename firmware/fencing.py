@@ -360,8 +360,9 @@ class FenceMixin:
     def may_write_disk(self, lun) -> bool:
         """Destage only what we own under a valid lease (a stale owner's lines are older data),
         and not while the LUN's disk backs off after failed writes (firmware/diskhealth.py)."""
-        return self.disk_health.may_write(lun, self.now_ms) and (
-            self.fence is None or self._lease_ok(self.fence[lun]))
+        if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
+            return False
+        return self.fence is None or self._lease_ok(self.fence[lun])
 
     def _lease_ok(self, f) -> bool:
         if self.buggify("fence_skip_lease_check") and f.state in OWNING:
