@@ -217,3 +217,21 @@ def test_a_takeover_claim_whose_record_write_fails_says_so_backs_off_and_complet
         assert writer.check(read_block_via(pair, "b", 0)) == []
     finally:
         pair.stop_all()
+
+
+def test_fault_files_need_the_test_environment_and_the_knobs_reach_the_firmware(monkeypatch):
+    from hal import config as C
+    from hal.runtime import firmware_params
+    doc = {"controller": {"name": "a", "pair_id": "00" * 16},
+           "disks": {"paths": ["/nonexistent/disk0.img"], "fault_files": True},
+           "nbd": {"unix": "/nonexistent/nbd.sock"},
+           "cache": {"degraded_after_ms": 1234, "disk_retry_max_ms": 800}}
+    monkeypatch.delenv("TWINCACHE_TEST_FAULTS", raising=False)
+    with pytest.raises(C.ConfigError, match="fault_files is for tests"):
+        C.from_dict(doc)
+    monkeypatch.setenv("TWINCACHE_TEST_FAULTS", "1")
+    cfg = C.from_dict(doc)
+    params = firmware_params(cfg, [type("D", (), {"data_size": 1 << 20})()], True)
+    assert (params.degraded_after_ms, params.disk_retry_max_ms) == (1234, 800)
+    with pytest.raises(C.ConfigError, match="degraded_after_ms"):
+        C.from_dict(dict(doc, cache={"degraded_after_ms": 0}))
