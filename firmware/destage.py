@@ -9,7 +9,9 @@ flush-begin (its mirror copy is temporarily invalid, claims 5.12) and, once
 the disk write is done, flush-done (the copy is clean and its block reusable,
 claims 5.13, 5.14). Two versions of one line are never on their way to the
 disk at once, so disk writes of a line land in order. Also the disk_done and
-tick entry points, and the read completions they carry.
+tick entry points, and the read completions they carry. A failed destage
+write (or flush) goes back to the write-back queue; when its LUN is tried again,
+how it is reported and when the LUN counts as degraded is firmware/diskhealth.py's.
 
 Durability: a disk write that completed may still sit in the disk's volatile
 write cache (the host page cache for a file, the drive's cache for a device),
@@ -28,7 +30,6 @@ from .formats import messages as M
 from .link import LinkProtocolError
 
 EIO = 5
-DESTAGE_ERROR_PAUSE_MS = 200
 
 
 class DestageOp:
@@ -82,12 +83,12 @@ class DestageMixin:
         cache, p = self.cache, self.params
         used = cache.used_blocks / cache.capacity
         urgent = bool(self.waiting) or not self.mirroring or self._fence_wants_destage() or (
-            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms)
+            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms) or bool(self.disk_health.failing)
         if urgent or used >= p.high_watermark:
             self.destaging = True
         elif used <= p.low_watermark:
             self.destaging = False
-        return self.destaging and bool(cache.wbq) and self.now_ms >= self.destage_pause_until_ms
+        return self.destaging and bool(cache.wbq)
 
     def _pump(self):
         """Start destage writes up to the in-flight bound, oldest dirty lines first.
@@ -259,6 +260,8 @@ class DestageMixin:
         self.flush_busy.discard(entry.lun)
         if error:
             self.stats["flush_errors"] += 1
+        elif entry.waiters:
+            self._disk_write_ok(entry.lun)      # durable writes: the disk works (diskhealth.py)
         for w in entry.waiters:
             kind = w.__class__
             if kind is DestageOp:
@@ -293,10 +296,9 @@ class DestageMixin:
             del self.flushing_keys[line.key]
         if error:
             self.stats["destage_errors"] += 1
-            self.destage_pause_until_ms = self.now_ms + DESTAGE_ERROR_PAUSE_MS
-            self.out.append(A.Notify("disk_error", lun=line.lun, lba=line.lba, errno=error))
+            self._disk_write_failed(line.lun, line.lba * SECTOR_BYTES, error)   # backoff, one report
             if line.current:
-                self.cache.wbq[line.key] = line      # still dirty: try again later
+                self._requeue_failed(line)           # still dirty: try again after the backoff
             else:
                 self._maybe_free(line)
             return
@@ -342,6 +344,7 @@ class DestageMixin:
             self._link_failed(str(exc))
         if self.fence is not None:
             self.fence_tick()
+        self._disk_health_tick()
         self._pump()
         self._start_flushes()
         return self._take()

@@ -272,7 +272,11 @@ class FenceMixin:
         f = self.fence[entry.lun]
         f.io_inflight = False
         if error:
-            self.out.append(A.Notify("reservation_io_error", lun=f.lun, errno=error))
+            rec = entry.record         # reported as what failed, coalesced (firmware/diskhealth.py)
+            self.out.extend(self.disk_health.record_failed(
+                f.lun, entry.write, error, self.now_ms, state=f.state,
+                **({"record": f"{R.LunState(rec.state).name} owner {rec.owner} generation "
+                              f"{rec.generation} counter {rec.counter}"} if entry.write else {})))
             f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
             if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None:
                 # The claim may have landed or not: settle as if it had, then the read-back
@@ -281,6 +285,7 @@ class FenceMixin:
                 f.claim_written_ms = self.now_ms
             return
         if entry.write:
+            self.disk_health.record_written(f.lun)
             f.record = entry.record
             self._own_event(f, "written")
             return
@@ -353,7 +358,10 @@ class FenceMixin:
         return self.fence is not None and self.fence[lun].state in (Own.STARTING, Own.CLAIMING)
 
     def may_write_disk(self, lun) -> bool:
-        """Destage only what we own under a valid lease: a stale owner's lines are older data."""
+        """Destage only what we own under a valid lease (a stale owner's lines are older data),
+        and not while the LUN's disk backs off after failed writes (firmware/diskhealth.py)."""
+        if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
+            return False
         return self.fence is None or self._lease_ok(self.fence[lun])
 
     def _lease_ok(self, f) -> bool:

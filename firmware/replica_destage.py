@@ -34,7 +34,7 @@ class DestagedMixin:
             self.destaging = True
         elif used <= p.low_watermark:
             self.destaging = False
-        return self.destaging and bool(cache.wbq) and self.now_ms >= self.destage_pause_until_ms
+        return self.destaging and bool(cache.wbq)
 
     def _pump(self):
         """The secondary destages by its mirror of the record, whole ranges, oldest first (claims 13)."""
@@ -48,6 +48,8 @@ class DestagedMixin:
         wbq, flushing = self.cache.wbq, self.flushing_keys
         for lun, r in self.peer_record:
             base = (lun << LUN_SHIFT) | r * per
+            if not self.disk_health.may_write(lun, self.now_ms):
+                continue                       # its disk failed: backing off (firmware/diskhealth.py)
             chosen.extend(line for key in range(base, base + per)
                           if (line := wbq.get(key)) is not None and key not in flushing)
             if len(chosen) >= budget:

@@ -110,11 +110,14 @@ class DiskArray:
 def _open_disk(path: str, lun: int, serial: str, pair_id: bytes, config, create: bool,
                generation: int) -> ArrayDisk:
     total_bytes = DATA_OFFSET_BYTES + config.lun_size_bytes
+    disk_cls = FileDisk
+    if getattr(config, "fault_files", False):       # tests only: hal/disk_faulty.py
+        from .disk_faulty import FaultyFileDisk as disk_cls
     if create and config.backend == "file" and not pathlib.Path(path).is_block_device():
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        raw = FileDisk(path, total_bytes, direct=config.direct, create=True)
+        raw = disk_cls(path, total_bytes, direct=config.direct, create=True)
     else:
-        raw = FileDisk(path, direct=config.direct)
+        raw = disk_cls(path, direct=config.direct)
     if getattr(config, "write_cache", "os") == "volatile":
         raw = VolatileCacheDisk(raw)
     try:

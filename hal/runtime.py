@@ -93,6 +93,7 @@ def firmware_params(cfg, disks, reliable):
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
+                  degraded_after_ms=c.degraded_after_ms, disk_retry_max_ms=c.disk_retry_max_ms,
                   fencing=cfg.mode == "ha", replica=replica_settings(cfg), batch_link_output=True)
 
 
