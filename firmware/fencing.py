@@ -239,7 +239,8 @@ class FenceMixin:
         before = f.state
         result = getattr(self, handler)(f, *args)
         f.state = result or next_state
-        if before == Own.STARTING and f.state != Own.STARTING:
+        if before == Own.STARTING and f.state != Own.STARTING and not (
+                f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f)):
             for r in self.mirror.settle(f.lun, keep=f.state == Own.CLAIMING):
                 self._persist(r)
         if f.state != before:
@@ -333,18 +334,11 @@ class FenceMixin:
             f.peer_generation = max(f.peer_generation, generation)
 
     def mirror_owned_by_peer(self, lun) -> bool:
-        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over,
-        and not while the newest record we read is the peer's claim still CLAIMED: the peer's
-        lines it holds under a claim are not resent, and if the claim is cut short its old owner
-        forgets them once our own claim is confirmed, so our copy must be there to replay (seed
-        16675 at 300 steps: voided at a resync under b's claim, then b crashed, a claimed and
-        replayed a mirror without write 34)."""
-        if self.fence is None:
-            return True
-        f = self.fence[lun]
-        return f.state in (Own.PARTNER, Own.WATCHING, Own.STARTING) and not self._peer_claim_open(f)
+        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
+        return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
 
     def _peer_claim_open(self, f) -> bool:
+        """The newest record we read of this LUN is the peer's claim, still CLAIMED."""
         seen = f.last_seen if f.state == Own.WATCHING and f.last_seen is not None else (
             f.record.key() if f.record is not None else None)
         return seen is not None and seen[0] != self.id and seen[1] == R.LunState.CLAIMED
@@ -354,8 +348,17 @@ class FenceMixin:
         read its record: it may name our own unfinished claim, whose replay needs them. And while
         we claim it: confirmed, the replay needs them; abandoned (the owner renewed over it), they
         are older than the owner's data and go when the LUN leaves STARTING. Kept outright, they
-        stayed for a later takeover to replay (seed 9937 at 300 steps: 67 stale lines of lun2)."""
-        return self.fence is not None and self.fence[lun].state in (Own.STARTING, Own.CLAIMING)
+        stayed for a later takeover to replay (seed 9937 at 300 steps: 67 stale lines of lun2).
+        And while the newest record we read is the peer's own claim, still CLAIMED: the lines it
+        holds under it are not resent, and if the claim is cut short by a crash, the peer forgets
+        them once our own claim is confirmed, so our copy must be there for our replay (seed
+        16675 at 300 steps: voided at a resync under b's claim, b crashed, a claimed and replayed
+        a mirror without write 34). They are settled when a read shows the claim gone."""
+        if self.fence is None:
+            return False
+        f = self.fence[lun]
+        return f.state in (Own.STARTING, Own.CLAIMING) or (
+            f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f))
 
     def may_write_disk(self, lun) -> bool:
         """Destage only what we own under a valid lease (a stale owner's lines are older data),
@@ -528,6 +531,13 @@ class FenceMixin:
     def _partner_record(self, f, rec):
         if rec is not None and rec.owner == self.id:
             return self._st_record(f, rec)
+        if rec is not None:
+            f.record = rec
+            if not self._claim_unconfirmed(rec) and self.mirror.has_undecided(f.lun):
+                # The peer's claim we kept mirror blocks for is confirmed (its replay wrote its
+                # held lines) or gone: our copies are older than its data now.
+                for r in self.mirror.settle(f.lun, keep=False):
+                    self._persist(r)
         return None
 
     def _still_mine(self, f, rec) -> bool:

@@ -96,8 +96,8 @@ class HandoverMixin:
 
     def _partner_tick(self, f):
         """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
-        if f.held_lines:
-            self._renew_if_due(f)         # watch the claim we hold lines for until it is confirmed
+        if f.held_lines or self.mirror.has_undecided(f.lun):
+            self._renew_if_due(f)         # watch the claim we hold lines or copies for until it is confirmed
         if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
             f.last_change_ms = self.now_ms
             self._ask_ownership(f)

@@ -172,6 +172,10 @@ class MirrorSide:
         self.unconfirmed = None
         return persists
 
+    def has_undecided(self, lun) -> bool:
+        blocks = self.blocks
+        return any(blocks[i] is not None and blocks[i].lun == lun for i in self.undecided)
+
     def settle(self, lun, keep):
         """`lun`'s owner is known: its blocks the last resync did not resend are kept or freed."""
         mine = [i for i in self.undecided if self.blocks[i] is not None and self.blocks[i].lun == lun]

@@ -348,6 +348,19 @@ def test_mirror_blocks_of_an_older_generation_are_replayed_after_unconfirmed_cla
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+@pytest.mark.parametrize("seed", [601357, 601907, 602059])
+def test_mirror_copies_kept_for_a_peers_open_claim_are_settled_once_it_is_confirmed(seed):
+    """Seeds 601357, 601907, 602059 at 300 steps, after the fix of seed 16675 first kept them
+    outright: a partner keeps the mirror blocks of a LUN the peer did not resend while the
+    newest record it read is the peer's claim still CLAIMED (the peer's lines held under it are
+    not resent). Kept outright they stayed for good once the claim was confirmed (15-60 stale
+    lines in the mirror of the owner). They are undecided now: the partner watches the record
+    while it holds any and voids them when a read shows the claim confirmed; the simulator's
+    quiet point waits for that read."""
+    result = run_seed(seed, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # -- known bad seeds, not fixed yet ------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [13790, 10086, 12311])
