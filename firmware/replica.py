@@ -136,6 +136,8 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         self.range_writes = collections.Counter()     # (lun, r) -> host writes so far (resync re-reads)
         self.peer_record = collections.OrderedDict()  # mirror of the peer's record: (lun, r), oldest first
         self.destaged_out = set()
+        self.unflushed = {}                           # lun -> [DestageOp] written, awaiting a flush
+        self.flushes_inflight = {}                    # lun -> the op of its flush in flight
         self.disk_waiters = {}                        # Line -> [ReplicaReq] (ack level "disk")
         self.held = collections.deque()               # host writes held during the handshake
         self.down_since_ms = now_ms
@@ -273,6 +275,14 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
             self._reply(req, EIO)                # a mix of old and new data: never served
             return None
         return True
+
+    def _persist(self, rng):
+        if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)
+            super()._persist(rng)
+
+    def _persist_runs(self, ranges, data=False):
+        if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)
+            super()._persist_runs(ranges, data)
 
     def _release_held(self):
         held, self.held = self.held, collections.deque()

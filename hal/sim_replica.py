@@ -31,7 +31,12 @@ from .sim_replicarig import MemReplicaPair
 SECTOR = 512
 LUN_BYTES = 256 * 1024
 LUNS = 2
-BROKEN_SITES = ("replica_skip_copy",)   # the primary acknowledges a write it never copied to the peer
+# Deliberately broken firmware variants, each with the probability its site fires at:
+# replica_skip_copy: the primary acknowledges a write it never copied to the peer;
+# replica_skip_persist: an NVRAM persist is not issued (its stores may be lost at a crash);
+# replica_destage_no_flush: destaged lines are freed and announced without a disk flush.
+BROKEN_P = {"replica_skip_copy": 1.0, "replica_skip_persist": 0.3, "replica_destage_no_flush": 1.0}
+BROKEN_SITES = tuple(BROKEN_P)
 
 
 class ReplicaSimResult:
@@ -50,11 +55,13 @@ class ReplicaSim:
         assert broken is None or broken in BROKEN_SITES, broken
         self.seed, self.steps, self.broken = seed, steps, broken
         rng = self.rng = random.Random(seed)
-        self.rig = MemReplicaPair(luns=LUNS, lun_size=LUN_BYTES, nvram_size=2 << 20,
+        # crash fates and broken sites draw from their own streams: the schedule stays the seed's
+        self.buggify_rng = random.Random(seed * 2 + 1)
+        self.rig = MemReplicaPair(seed=seed * 2,luns=LUNS, lun_size=LUN_BYTES, nvram_size=2 << 20,
                                   ack=rng.choice(["cache", "nvram", "disk"]),
                                   range_bytes=rng.choice([4096, 16384, 65536]),
                                   idle_flush_ms=rng.choice([50, 500]),
-                                  buggify=(lambda site: site == broken) if broken else None)
+                                  buggify=self._buggify if broken else None)
         self.model = Model()
         self.version = 0
         self.primary = 0                  # where the hosts send their I/O
@@ -66,6 +73,9 @@ class ReplicaSim:
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "promotions": 0, "split_brains": 0, "frames": 0}
         self.rig.connect()
+
+    def _buggify(self, site):
+        return site == self.broken and self.buggify_rng.random() < BROKEN_P[site]
 
     # -- replies ---------------------------------------------------------------------
 
