@@ -30,7 +30,12 @@ from firmware.logship import SECTOR
 
 from .sim_logrig import MemLog
 
-BROKEN_SITES = ("log_ack_before_ship", "log_skip_resend", "log_reuse_unshipped")
+# Deliberately broken firmware variants, each with the probability its site fires at:
+# log_skip_persist: an NVRAM persist of either end is not issued;
+# log_destage_no_flush: applying a partition, filing and a consistency point skip their disk flushes.
+BROKEN_P = {"log_ack_before_ship": 1.0, "log_skip_resend": 1.0, "log_reuse_unshipped": 1.0,
+            "log_skip_persist": 0.3, "log_destage_no_flush": 1.0}
+BROKEN_SITES = tuple(BROKEN_P)
 LUN_BYTES = 128 * 1024
 VERSION = struct.Struct(">QII")          # version, lun, sector: what every sector written says
 
@@ -97,10 +102,12 @@ class LogSim:
         assert broken is None or broken in BROKEN_SITES, broken
         self.seed, self.steps, self.broken = seed, steps, broken
         rng = self.rng = random.Random(seed)
-        self.rig = MemLog(sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
+        # crash fates and broken sites draw from their own streams: the schedule stays the seed's
+        self.buggify_rng = random.Random(seed * 2 + 1)
+        self.rig = MemLog(seed=seed * 2, buggify=self._buggify if broken else None,sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
                           journal_bytes=rng.choice([96 * 1024, 256 * 1024, 1 << 20]),
                           log_partition_bytes=rng.choice([16 * 1024, 32 * 1024, 64 * 1024]),
-                          cp_interval_ms=rng.choice([30, 200, 10 ** 9]), broken=broken)
+                          cp_interval_ms=rng.choice([30, 200, 10 ** 9]))
         self.model = Model()
         self.version = 0
         self.pending = {}          # req -> (source, lun, first sector, sectors, version)
@@ -113,6 +120,9 @@ class LogSim:
                       "stalls": 0, "disasters": 0, "frames": 0}
         for k in range(self.rig.n):
             self.rig.connect(k)
+
+    def _buggify(self, site):
+        return site == self.broken and self.buggify_rng.random() < BROKEN_P[site]
 
     # -- driving the rig, classifying host replies -------------------------------------
 
