@@ -771,6 +771,15 @@ class LogDestination(_Session):
         feed.recovered_nvram = [e for e in feed.part.entries]
         self.out.append(A.Notify("recovering", source=feed.p.name, nvram_entries=len(feed.part.entries),
                                  torn_entries=torn))
+        # After a kill of this process (not a power cut) the file may show records and a header
+        # still in the disk's volatile cache: flush it before they are trusted to drop entries from
+        # NVRAM, or a power cut later takes records whose entries are gone from here.
+        self.out.append(A.DiskFlush(self._op(("boot_flush", feed)), feed.p.journal_disk))
+
+    def _boot_flushed(self, feed, error):
+        if error:
+            self.out.append(A.Notify("journal_error", source=feed.p.name, error=error))
+            return
         self.out.append(A.DiskRead(self._op(("header", feed)), feed.p.journal_disk, 0,
                                    LF.HEADER_BYTES * LF.HEADER_SLOTS))
 
@@ -1127,7 +1136,9 @@ class LogDestination(_Session):
 
     def disk_done(self, op, error, data):
         kind, what = self.ops.pop(op)
-        if kind == "header":
+        if kind == "boot_flush":
+            self._boot_flushed(what, error)
+        elif kind == "header":
             self._header_read(what, error, data)
         elif kind == "header_init":
             if error:

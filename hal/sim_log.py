@@ -6,7 +6,8 @@ unchanged LogSource and LogDestination run on the in-memory rig
 (hal/sim_logrig.py); frames wait on the wires and are delivered a few at a
 time, so acknowledgements, crashes and cuts interleave.
 
-Faults: crash and restart of a source or of the destination, link cut and
+Faults: crash (a power cut or a kill of the process: see _power_cut; the
+rig's disks have a volatile write cache) and restart of a source or of the destination, link cut and
 reconnect, disks that hang and resume (writes, flushes and reads park), and
 once per run perhaps a disaster: a source lost for good, after which the
 destination recovers its image from the file.
@@ -222,13 +223,13 @@ class LogSim:
         kind = rng.choice(["crash_src", "crash_dst", "cut", "stall", "stall"])
         if kind == "crash_src" and self._live():
             k = rng.choice(self._live())
-            r.crash_source(k)
+            r.crash_source(k, power=self._power_cut())
             self._collect()
             self._forget_requests(k)
             self.down[("src", k)] = step + rng.randrange(1, 20)
         elif kind == "crash_dst" and r.dst is not None:
             self._unstall()
-            r.crash_destination()
+            r.crash_destination(power=self._power_cut())
             self._collect()
             self.down[("dst", None)] = step + rng.randrange(1, 20)
         elif kind == "cut":
@@ -244,6 +245,12 @@ class LogSim:
         else:
             return
         self.stats["crashes" if kind.startswith("crash") else kind + "s"] += 1
+
+    def _power_cut(self):
+        """A crash is a power cut of that end (NVRAM stores not persisted and disk writes not
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
+        the disks' caches for the next power cut). Drawn from the rig's crash stream."""
+        return self.rig.rng.random() < 0.5
 
     def _forget_requests(self, k):
         """A crashed source never answers what it held: those writes stay issued, unacknowledged."""

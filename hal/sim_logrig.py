@@ -95,22 +95,25 @@ class MemLog:
                                   self.dst_nvram.buffer, self.now_ms)
         self.run(("dst", None), self.dst.start())
 
-    def crash_source(self, k, worst=False):
+    def crash_source(self, k, worst=False, power=True):
         """Source k loses power: its parked I/O, unpersisted NVRAM stores and unflushed disk writes
-        meet their fate (worst: every store and write that can be lost is)."""
+        meet their fate (worst: every store and write that can be lost is). power=False: only its
+        process dies (a kill); NVRAM and the disks' caches keep everything until a power cut."""
         self._settle_parked(("src", k))
         self.src[k] = None
-        self._power_cut(("src", k), self.src_nvram[k], worst)
+        self._power_cut(("src", k), self.src_nvram[k], worst, power)
         self._cut(k)
 
-    def crash_destination(self, worst=False):
+    def crash_destination(self, worst=False, power=True):
         self._settle_parked(("dst", None))
         self.dst = None
-        self._power_cut(("dst", None), self.dst_nvram, worst)
+        self._power_cut(("dst", None), self.dst_nvram, worst, power)
         for k in range(self.n):
             self._cut(k)
 
-    def _power_cut(self, who, nvram, worst):
+    def _power_cut(self, who, nvram, worst, power):
+        if not power:
+            return
         nvram.crash(self.rng, *((0.0, 1.0) if worst else ()))
         for disk in self._disks(who):
             disk.crash(who, self.rng, worst)

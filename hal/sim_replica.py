@@ -6,7 +6,8 @@ in-memory replica pair (hal/sim_replicarig.py); frames wait on the wire and
 are delivered a few at a time, so acknowledgements, crashes and cuts
 interleave.
 
-Faults: crash and restart of the secondary (quick resync), crash of the
+Faults: crash (a power cut, or a kill of the process: see _power_cut; the
+rig's disks have a volatile write cache) and restart of the secondary (quick resync), crash of the
 primary followed either by its restart or by promotion of the secondary
 (the old primary returns as secondary, or as the other half of a split
 brain, resolved by policy), link cut and reconnect, time passing (destage,
@@ -163,13 +164,13 @@ class ReplicaSim:
         kind = rng.choice(["crash_secondary", "crash_primary", "cut"])
         p, s = self.primary, 1 - self.primary
         if kind == "crash_secondary" and self._alive(s):
-            r.crash(s)
+            r.crash(s, power=self._power_cut())
             self._collect()
             self.down[("boot", s)] = step + rng.randrange(1, 30)
             self.stats["crashes"] += 1
         elif kind == "crash_primary" and self._alive(p) and self._alive(s) and not any(
                 k == "boot" for k, _ in self.down):       # with the link up, or cut (then: split brain)
-            r.crash(p)
+            r.crash(p, power=self._power_cut())
             self._collect()
             self._forget()
             self.stats["crashes"] += 1
@@ -182,6 +183,12 @@ class ReplicaSim:
             self._collect()
             self.down[("connect", None)] = step + rng.randrange(1, 30)
             self.stats["cuts"] += 1
+
+    def _power_cut(self):
+        """A crash is a power cut of the controller (NVRAM stores not persisted and disk writes not
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM
+        and the disk's cache for the next power cut). Drawn from the rig's crash stream."""
+        return self.rig.rng.random() < 0.5
 
     def _promote(self, s):
         r = self.rig

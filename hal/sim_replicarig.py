@@ -72,13 +72,15 @@ class MemReplicaPair:
         self.wire[i].clear()
         self.run(i, self.ctrl[i].start())
 
-    def crash(self, i, worst=False):
+    def crash(self, i, worst=False, power=True):
         """Controller i loses power: unpersisted NVRAM stores and unflushed disk writes meet their
-        fate (worst: all of them are lost)."""
+        fate (worst: all of them are lost). power=False: only its process dies (a kill); NVRAM and
+        the disks' caches keep everything, and a later power cut decides it."""
         self.ctrl[i] = None
-        self.nvram[i].crash(self.rng, *((0.0, 1.0) if worst else ()))
-        for disk in self.disks[i]:
-            disk.crash(i, self.rng, worst)
+        if power:
+            self.nvram[i].crash(self.rng, *((0.0, 1.0) if worst else ()))
+            for disk in self.disks[i]:
+                disk.crash(i, self.rng, worst)
         self.wire[0].clear()
         self.wire[1].clear()
         if self.ctrl[1 - i] is not None and self.ctrl[1 - i].link.state != "down":

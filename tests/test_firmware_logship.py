@@ -440,3 +440,23 @@ def test_consistency_point_records_its_header_only_after_the_image_flush():
     assert r.dst.feeds[0].applied_seq == 0
     r.recover("s0")
     assert r.image(0, 1)[:4 * KiB] == block(5)
+
+
+def test_destination_restarted_after_a_kill_flushes_before_it_trusts_its_file():
+    """The destination's process dies with a file record written but not flushed: it is in the
+    disk's cache, visible. The restart must not drop the entry from NVRAM on the strength of a
+    record a later power cut can still take: it flushes its disks before it reads them."""
+    r = small()
+    r.connect()
+    r.hold_flushes()
+    r.write(0, "w", 0, 0, block(1))
+    assert r.replies["w"] == (0, None) and r.dst.feeds[0].filed_seq == 0
+    r.crash_destination(power=False)
+    r.held_flushes = None                                # the dead process's flush never completes
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 1 and not r.dst.feeds[0].staged
+    r.crash_destination(worst=True)                      # now the power goes
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 1
+    r.recover("s0")
+    assert r.image(0, 0)[:4 * KiB] == block(1)
