@@ -116,6 +116,7 @@ class LogSim:
         self.next_req = 0
         self.lost = set()          # sources lost for good (disaster)
         self.down = {}             # what is down -> step it comes back
+        self.killed = set()        # ends whose process died, power still on: ("src", k), ("dst", None)
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "stalls": 0, "disasters": 0, "frames": 0}
@@ -223,13 +224,13 @@ class LogSim:
         kind = rng.choice(["crash_src", "crash_dst", "cut", "stall", "stall"])
         if kind == "crash_src" and self._live():
             k = rng.choice(self._live())
-            r.crash_source(k, power=self._power_cut())
+            self._crash(('src', k))
             self._collect()
             self._forget_requests(k)
             self.down[("src", k)] = step + rng.randrange(1, 20)
         elif kind == "crash_dst" and r.dst is not None:
             self._unstall()
-            r.crash_destination(power=self._power_cut())
+            self._crash(('dst', None))
             self._collect()
             self.down[("dst", None)] = step + rng.randrange(1, 20)
         elif kind == "cut":
@@ -246,11 +247,25 @@ class LogSim:
             return
         self.stats["crashes" if kind.startswith("crash") else kind + "s"] += 1
 
-    def _power_cut(self):
+    def _crash(self, who):
         """A crash is a power cut of that end (NVRAM stores not persisted and disk writes not
         flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
-        the disks' caches for the next power cut). Drawn from the rig's crash stream."""
-        return self.rig.rng.random() < 0.5
+        the disks' caches); a killed end's power goes too before its restart half the time, else
+        the next power cut decides. Drawn from the rig's crash stream."""
+        r = self.rig
+        power = r.rng.random() < 0.5
+        if who[0] == "src":
+            r.crash_source(who[1], power=power)
+        else:
+            r.crash_destination(power=power)
+        if not power:
+            self.killed.add(who)
+
+    def _before_boot(self, who):
+        if who in self.killed:
+            self.killed.discard(who)
+            if self.rig.rng.random() < 0.5:
+                self.rig.power_cut(who)
 
     def _forget_requests(self, k):
         """A crashed source never answers what it held: those writes stay issued, unacknowledged."""
@@ -274,12 +289,14 @@ class LogSim:
             del self.down[what]
             side, k = what
             if side == "src" and k not in self.lost:
+                self._before_boot(what)
                 r.boot_source(k)
                 self._collect()
                 if r.dst is not None:
                     r.connect(k)
                     self._collect()
             elif side == "dst":
+                self._before_boot(what)
                 r.boot_destination()
                 self._collect()
                 for j in self._live():
@@ -304,6 +321,7 @@ class LogSim:
         self._forget_requests(k)
         if r.dst is None:
             self.down.pop(("dst", None), None)
+            self._before_boot(("dst", None))
             r.boot_destination()
             self._collect()
         self.heal(10 ** 9, everything=False)

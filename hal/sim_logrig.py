@@ -101,19 +101,23 @@ class MemLog:
         process dies (a kill); NVRAM and the disks' caches keep everything until a power cut."""
         self._settle_parked(("src", k))
         self.src[k] = None
-        self._power_cut(("src", k), self.src_nvram[k], worst, power)
+        if power:
+            self.power_cut(("src", k), worst)
         self._cut(k)
 
     def crash_destination(self, worst=False, power=True):
         self._settle_parked(("dst", None))
         self.dst = None
-        self._power_cut(("dst", None), self.dst_nvram, worst, power)
+        if power:
+            self.power_cut(("dst", None), worst)
         for k in range(self.n):
             self._cut(k)
 
-    def _power_cut(self, who, nvram, worst, power):
-        if not power:
-            return
+    def power_cut(self, who, worst=False):
+        """The power of ("src", k) or ("dst", None) goes (its process is dead already, or dies now)."""
+        assert self._ctrl(who) is None
+        side, k = who
+        nvram = self.src_nvram[k] if side == "src" else self.dst_nvram
         nvram.crash(self.rng, *((0.0, 1.0) if worst else ()))
         for disk in self._disks(who):
             disk.crash(who, self.rng, worst)

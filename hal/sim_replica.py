@@ -70,6 +70,7 @@ class ReplicaSim:
         self.reads = {}
         self.next_req = 0
         self.down = {}                    # what is down -> step it comes back
+        self.killed = set()               # controllers whose process died, power still on
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "promotions": 0, "split_brains": 0, "frames": 0}
@@ -164,13 +165,13 @@ class ReplicaSim:
         kind = rng.choice(["crash_secondary", "crash_primary", "cut"])
         p, s = self.primary, 1 - self.primary
         if kind == "crash_secondary" and self._alive(s):
-            r.crash(s, power=self._power_cut())
+            self._crash(s)
             self._collect()
             self.down[("boot", s)] = step + rng.randrange(1, 30)
             self.stats["crashes"] += 1
         elif kind == "crash_primary" and self._alive(p) and self._alive(s) and not any(
                 k == "boot" for k, _ in self.down):       # with the link up, or cut (then: split brain)
-            r.crash(p, power=self._power_cut())
+            self._crash(p)
             self._collect()
             self._forget()
             self.stats["crashes"] += 1
@@ -184,11 +185,24 @@ class ReplicaSim:
             self.down[("connect", None)] = step + rng.randrange(1, 30)
             self.stats["cuts"] += 1
 
-    def _power_cut(self):
+    def _crash(self, i):
         """A crash is a power cut of the controller (NVRAM stores not persisted and disk writes not
-        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM
-        and the disk's cache for the next power cut). Drawn from the rig's crash stream."""
-        return self.rig.rng.random() < 0.5
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
+        the disks' caches); a killed controller's power goes too before its restart half the
+        time, else the next power cut decides. Drawn from the rig's crash stream."""
+        r = self.rig
+        power = r.rng.random() < 0.5
+        r.crash(i, power=power)
+        if not power:
+            self.killed.add(i)
+
+    def _boot(self, i):
+        r = self.rig
+        if i in self.killed:
+            self.killed.discard(i)
+            if r.rng.random() < 0.5:
+                r.power_cut(i)
+        r.boot(i)
 
     def _promote(self, s):
         r = self.rig
@@ -214,7 +228,7 @@ class ReplicaSim:
             del self.down[what]
             kind, i = what
             if kind == "boot":
-                r.boot(i)
+                self._boot(i)
                 self._collect()
             if all(self._alive(j) for j in range(2)) and ("connect", None) not in self.down:
                 r.connect()
@@ -281,7 +295,7 @@ class ReplicaSim:
         self.heal(10 ** 9, everything=True)
         for i in range(2):
             if not self._alive(i):
-                r.boot(i)
+                self._boot(i)
                 self._collect()
         r.connect()
         self._collect(shipped=True)

@@ -78,13 +78,18 @@ class MemReplicaPair:
         the disks' caches keep everything, and a later power cut decides it."""
         self.ctrl[i] = None
         if power:
-            self.nvram[i].crash(self.rng, *((0.0, 1.0) if worst else ()))
-            for disk in self.disks[i]:
-                disk.crash(i, self.rng, worst)
+            self.power_cut(i, worst)
         self.wire[0].clear()
         self.wire[1].clear()
         if self.ctrl[1 - i] is not None and self.ctrl[1 - i].link.state != "down":
             self.run(1 - i, self.ctrl[1 - i].link_disconnected("peer crashed"))
+
+    def power_cut(self, i, worst=False):
+        """The power of controller i goes (its process is dead already, or dies now)."""
+        assert self.ctrl[i] is None
+        self.nvram[i].crash(self.rng, *((0.0, 1.0) if worst else ()))
+        for disk in self.disks[i]:
+            disk.crash(i, self.rng, worst)
 
     def run(self, i, actions):
         done = collections.deque()
