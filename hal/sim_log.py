@@ -6,7 +6,7 @@ unchanged LogSource and LogDestination run on the in-memory rig
 (hal/sim_logrig.py); frames wait on the wires and are delivered a few at a
 time, so acknowledgements, crashes and cuts interleave.
 
-Faults: crash (a power cut or a kill of the process: see _power_cut; the
+Faults: crash (a power cut or a kill of the process: see _crash; the
 rig's disks have a volatile write cache) and restart of a source or of the destination, link cut and
 reconnect, disks that hang and resume (writes, flushes and reads park), and
 once per run perhaps a disaster: a source lost for good, after which the

@@ -6,8 +6,9 @@ in-memory replica pair (hal/sim_replicarig.py); frames wait on the wire and
 are delivered a few at a time, so acknowledgements, crashes and cuts
 interleave.
 
-Faults: crash (a power cut, or a kill of the process: see _power_cut; the
-rig's disks have a volatile write cache) and restart of the secondary (quick resync), crash of the
+Faults: crash (a power cut, or a kill of the process: see _crash; the rig's
+disks have a volatile write cache) and restart of the secondary (quick
+resync), disks that hang and resume (reads, writes and flushes park), crash of the
 primary followed either by its restart or by promotion of the secondary
 (the old primary returns as secondary, or as the other half of a split
 brain, resolved by policy), link cut and reconnect, time passing (destage,
@@ -73,7 +74,7 @@ class ReplicaSim:
         self.killed = set()               # controllers whose process died, power still on
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
-                      "promotions": 0, "split_brains": 0, "frames": 0}
+                      "promotions": 0, "split_brains": 0, "frames": 0, "stalls": 0}
         self.rig.connect()
 
     def _buggify(self, site):
@@ -162,7 +163,7 @@ class ReplicaSim:
 
     def fault(self, step):
         rng, r = self.rng, self.rig
-        kind = rng.choice(["crash_secondary", "crash_primary", "cut"])
+        kind = rng.choice(["crash_secondary", "crash_primary", "cut", "stall"])
         p, s = self.primary, 1 - self.primary
         if kind == "crash_secondary" and self._alive(s):
             self._crash(s)
@@ -175,6 +176,7 @@ class ReplicaSim:
             self._collect()
             self._forget()
             self.stats["crashes"] += 1
+            self._unstall()                               # a promotion reads the whole LUN
             if rng.random() < 0.5 and r.ctrl[s].status()["role"] == "secondary" and self._promote(s):
                 self.down[("boot", p)] = step + rng.randrange(5, 40)
             else:
@@ -184,6 +186,16 @@ class ReplicaSim:
             self._collect()
             self.down[("connect", None)] = step + rng.randrange(1, 30)
             self.stats["cuts"] += 1
+        elif kind == "stall" and r.stalled is None:
+            r.stall()
+            self.down[("stall", None)] = step + rng.randrange(1, 10)
+            self.stats["stalls"] += 1
+
+    def _unstall(self):
+        if self.rig.stalled is not None:
+            self.down.pop(("stall", None), None)
+            self.rig.unstall()
+            self._collect()
 
     def _crash(self, i):
         """A crash is a power cut of the controller (NVRAM stores not persisted and disk writes not
@@ -227,6 +239,10 @@ class ReplicaSim:
                 continue
             del self.down[what]
             kind, i = what
+            if kind == "stall":
+                self.rig.unstall()
+                self._collect()
+                continue
             if kind == "boot":
                 self._boot(i)
                 self._collect()

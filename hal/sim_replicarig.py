@@ -49,6 +49,7 @@ class MemReplicaPair:
         self.now_ms = 0
         self.disk_writes = [0, 0]
         self.held_flushes = None          # a list while flushes are held: (i, op, disk, mark), unanswered
+        self.stalled = None               # a list while the disks hang: (i, ctrl, act, flush mark)
         for i in range(2):
             self.boot(i)
 
@@ -76,6 +77,7 @@ class MemReplicaPair:
         """Controller i loses power: unpersisted NVRAM stores and unflushed disk writes meet their
         fate (worst: all of them are lost). power=False: only its process dies (a kill); NVRAM and
         the disks' caches keep everything, and a later power cut decides it."""
+        self._settle_parked(i)
         self.ctrl[i] = None
         if power:
             self.power_cut(i, worst)
@@ -109,6 +111,12 @@ class MemReplicaPair:
                 self.wire[1 - i].extend(split_frames(act.buffers))
             elif kind is A.HostReply:
                 self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
+            elif self.stalled is not None and kind in (A.DiskWrite, A.DiskFlush, A.DiskRead):
+                # the write's data is taken now (DMA); a flush covers what completed before it
+                mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
+                if kind is A.DiskWrite:
+                    act = A.DiskWrite(act.op, act.lun, act.offset, bytes(act.data))
+                self.stalled.append((i, self.ctrl[i], act, mark))
             elif kind is A.DiskRead:
                 done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
             elif kind is A.DiskWrite:
@@ -128,6 +136,35 @@ class MemReplicaPair:
                 self.disconnect()
             else:
                 raise UnknownAction(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+
+    def stall(self):
+        """The disks hang: reads, writes and flushes park, unanswered, until unstall()."""
+        self.stalled = []
+
+    def unstall(self):
+        stalled, self.stalled = self.stalled, None
+        for i, ctrl, act, mark in stalled:
+            if self.ctrl[i] is not ctrl:            # its controller died: _settle_parked saw to it
+                continue
+            if act.__class__ is A.DiskFlush:
+                self.disks[i][act.lun].flush_done(mark)
+                self.run(i, ctrl.disk_done(act.op, 0, None))
+            else:
+                self.run(i, [act])
+
+    def _settle_parked(self, i):
+        """Controller i dies: its parked writes reach the disk's cache (the power cut, if any, then
+        decides their fate); none completes, and its parked flushes never happen."""
+        if self.stalled is None:
+            return
+        keep = []
+        for entry in self.stalled:
+            j, _ctrl, act, _mark = entry
+            if j != i:
+                keep.append(entry)
+            elif act.__class__ is A.DiskWrite:
+                self.disks[i][act.lun].write(i, act.offset, act.data)
+        self.stalled = keep
 
     def hold_flushes(self):
         """Disk flushes from now on neither complete nor make anything durable until release_flushes()."""

@@ -282,6 +282,23 @@ def test_crash_after_the_destage_write_before_the_flush_loses_nothing(side):
     assert p.disks[0] == p.disks[1] and p.disks[side][0][:BS] == b"g" * BS
 
 
+def test_a_failed_flush_keeps_the_lines_dirty_and_they_are_destaged_again():
+    p = pair()
+    p.write(0, "w", 0, 0, b"e" * BS)
+    p.deliver()
+    c = p.ctrl[1]
+    c.params.idle_flush_ms = 50
+    p.hold_flushes()
+    p.tick(100, steps=2)
+    (_i, _ctrl, op, _disk, _mark), = p.held_flushes
+    p.held_flushes = None
+    p.run(1, c.disk_done(op, 5, None))              # EIO from the flush
+    assert c.stats["destage_errors"] == 1 and c.cache.used_blocks == 1 and c.stats["destaged_ranges_sent"] == 0
+    assert p.ctrl[0].rec.test(SENT, 0, 0)
+    p.tick(300, steps=3)                            # after the error pause: written and flushed again
+    assert c.cache.used_blocks == 0 and not p.ctrl[0].rec.test(SENT, 0, 0)
+
+
 def test_one_flush_covers_every_destage_write_of_a_lun_before_it():
     p = pair()
     for k in range(6):
