@@ -15,6 +15,9 @@ destination recovers its image from the file.
 Checkers (separate from the workload):
   - a read at a source returns, for every sector, the latest acknowledged
     write or a newer one already issued;
+  - a write acknowledged through the destination is held there at that
+    instant (image, file or NVRAM), and still after a restart of the
+    destination;
   - after a disaster, the recovered image holds every write acknowledged as
     shipped (acknowledged through the destination's ack) or a newer one;
     writes acknowledged by a source alone (link down: degraded) are exempt;
@@ -144,12 +147,51 @@ class LogSim:
                 self.stats["shipped_acks"] += shipped
                 for s in range(first, first + count):
                     self.model.ack((k, lun, s), version, shipped)
+                if shipped:
+                    self._check_held(k, lun, first, count, version)
             elif req in self.reads:
                 k, lun, first, floor = self.reads.pop(req)
                 if err:
                     raise LogSimFailure(f"read {req} at source {k} failed with {err}")
                 for i, v in enumerate(decode(data, lun, first, f"read at source {k}")):
                     self.model.check(f"read at source {k}", (k, lun, first + i), v, floor)
+
+    def _check_held(self, k, lun, first, count, version):
+        """A write acknowledged through the destination is held there now: in its image, its file
+        or its NVRAM (what a recovery at this instant would apply), at this version or newer."""
+        view = self._held_view(k, lun, first * SECTOR, (first + count) * SECTOR)
+        if view is not None:
+            floor = {(k, lun, first + i): version for i in range(count)}
+            self._check_view(view, k, lun, first, floor, "write acknowledged through the destination")
+
+    def _check_destination(self):
+        """After a restart of the destination: it still holds every write it acknowledged."""
+        for k in range(self.rig.n):
+            for lun in range(self.rig.luns):
+                view = self._held_view(k, lun, 0, LUN_BYTES)
+                if view is not None:
+                    self._check_view(view, k, lun, 0, self.model.shipped, "the restarted destination")
+
+    def _check_view(self, view, k, lun, first, floor, what):
+        what = f"{what}, at the destination (source {k})"
+        for i, v in enumerate(decode(view, lun, first, what)):
+            self.model.check(what, (k, lun, first + i), v, floor)
+
+    def _held_view(self, k, lun, lo, hi):
+        """Bytes [lo, hi) of source k's LUN as the destination holds them: image, then the file's
+        records not yet applied, then the entries in its NVRAM; None while it is not ready."""
+        r = self.rig
+        if r.dst is None or not r.dst.feeds[k].ready:
+            return None
+        feed = r.dst.feeds[k]
+        view = bytearray(r.image(k, lun)[lo:hi])
+        journal = r.dst_disks[feed.p.journal_disk]
+        for entries, media in ((feed.records, journal), (feed.staged, r.dst_nv)):
+            for e in entries:
+                a, b = max(lo, e.offset), min(hi, e.offset + e.length)
+                if e.lun == lun and a < b:
+                    view[a - lo:b - lo] = media[e.data_off + a - e.offset:e.data_off + b - e.offset]
+        return view
 
     def _live(self):
         return [k for k in range(self.rig.n) if k not in self.lost and self.rig.src[k] is not None]
@@ -299,6 +341,7 @@ class LogSim:
                 self._before_boot(what)
                 r.boot_destination()
                 self._collect()
+                self._check_destination()
                 for j in self._live():
                     if ("cut", j) not in self.down:
                         r.connect(j)
