@@ -33,6 +33,7 @@ from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, LinkSession
 from .destage import DestageMixin
+from .diskhealth import DiskHealth, DiskHealthMixin
 from .fencing import OWNING, FenceMixin, Own
 from .handover import HandoverMixin
 from .takeover import TakeoverMixin
@@ -55,7 +56,8 @@ class Params:
                  waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None,
                  mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
-                 batch_link_output=False):
+                 batch_link_output=False, destage_flush_batch_bytes=8 << 20, degraded_after_ms=30_000,
+                 disk_retry_initial_ms=200, disk_retry_max_ms=5_000, disk_report_interval_ms=1_000):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -87,9 +89,18 @@ class Params:
         # data (one message for writes up to it); the partner commits the group when all are in.
         self.mirror_message_bytes_max = mirror_message_bytes_max
         self.destage_extent_bytes_max = destage_extent_bytes_max   # adjacent lines in one disk write
+        # Destaged lines wait for a disk flush before their NVRAM copies are freed; while more
+        # destage writes of the LUN are going out, one flush waits for this much of them.
+        self.destage_flush_batch_bytes = destage_flush_batch_bytes
         # True: entry points leave link output queued until flush_link() (the runtime calls it
         # once per loop turn); False: every entry point returns its frames (simulator, tests).
         self.batch_link_output = batch_link_output
+        # A LUN's disk failing writes (firmware/diskhealth.py): retries back off from the initial
+        # delay to the max; one report per LUN per interval; degraded after this long.
+        self.degraded_after_ms = degraded_after_ms
+        self.disk_retry_initial_ms = disk_retry_initial_ms
+        self.disk_retry_max_ms = disk_retry_max_ms
+        self.disk_report_interval_ms = disk_report_interval_ms
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -143,7 +154,7 @@ class ReadOp:
         self.overlay = overlay
 
 
-class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin):
+class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin):
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id
@@ -190,15 +201,21 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         self.next_op = 1
         self.waiting = collections.deque()  # host writes waiting for free blocks
         self.flushing_keys = collections.Counter()
+        self.flush_queue = {}             # lun -> ops whose writes wait for the next disk flush
+        self.flush_busy = set()           # LUNs with a DiskFlush in flight
+        self.flush_queue_lines = collections.Counter()   # lun -> destaged lines waiting for a flush
+        self.flush_urgent = set()         # LUNs where a host write or a replay waits for the flush
+        self.destage_writing = collections.Counter()     # lun -> destage writes in flight
+        self.destage_flush_batch_lines = max(1, params.destage_flush_batch_bytes // self.block_size)
         self.flush_begin_refs = []        # sent together when the output is taken
         self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []
         self.destaging = False
         self.destage_inflight = 0
-        self.destage_pause_until_ms = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
         self.fence = None
+        self.disk_health = DiskHealth(len(params.lun_sizes), params)
         self._recover()
         if params.fencing:
             self._init_fencing()
@@ -259,6 +276,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
             "resync": dict(self.resync_progress) if self.resync_progress else None,
             "link_stats": dict(self.link.stats),
+            "disks": self.disk_health.status(self.now_ms),
             "luns": ({f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held),
                                     "dirty_lines": dirty_by_lun.get(f.lun, 0)}
                       for f in self.fence} if self.fence is not None else {}),
@@ -281,6 +299,7 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         partner what it may free (a late flush-done costs nothing, the owner's next
         write to the block frees the copy anyway), so they need not wake it.
         """
+        self._start_flushes()
         link = self.link
         if (self.refs_due or link.control_queue or link.data_queue
                 or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):
@@ -383,6 +402,8 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
         if error or length > self.params.max_write_bytes or length == 0:
             self._reply(req, error or EINVAL)
             return
+        if self._refuse_degraded_write(req, lun):
+            return
         here = self._route("w", req, lun, offset, data, fua)
         if here is None:
             return
@@ -400,6 +421,9 @@ class Controller(DestageMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMix
     def _wait(self, req, lun, offset, data, fua):
         if len(self.waiting) >= self.params.waiting_max:
             self._reply(req, ENOSPC)
+            return
+        if self._blocks_never_free(self._lines_spanned(offset, len(data))):
+            self._reply(req, EIO)               # they are held by degraded LUNs' lines
             return
         self.waiting.append((req, lun, offset, bytes(data), fua))
         self.stats["writes_waited"] += 1

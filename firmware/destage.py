@@ -9,15 +9,27 @@ flush-begin (its mirror copy is temporarily invalid, claims 5.12) and, once
 the disk write is done, flush-done (the copy is clean and its block reusable,
 claims 5.13, 5.14). Two versions of one line are never on their way to the
 disk at once, so disk writes of a line land in order. Also the disk_done and
-tick entry points, and the read completions they carry.
+tick entry points, and the read completions they carry. A failed destage
+write (or flush) goes back to the write-back queue; when its LUN is tried again,
+how it is reported and when the LUN counts as degraded is firmware/diskhealth.py's.
+
+Durability: a disk write that completed may still sit in the disk's volatile
+write cache (the host page cache for a file, the drive's cache for a device),
+lost at a power cut. Freeing an NVRAM copy is the point of no return, so a
+destaged line, a write-through host write and a replayed mirror block wait for
+a DiskFlush of their LUN issued after their write completed: only then are
+the blocks freed, the host answered, or flush-done sent to the partner. One
+flush per LUN is in flight at a time; everything whose write completed
+meanwhile waits for the next one, so a destage round costs one flush, not
+one per line (with batch_link_output the flushes go out once per loop turn).
 """
 from . import actions as A
 from .cache import SECTOR_BYTES, dirty_runs
+from .fencing import RecordOp
 from .formats import messages as M
 from .link import LinkProtocolError
 
 EIO = 5
-DESTAGE_ERROR_PAUSE_MS = 200
 
 
 class DestageOp:
@@ -33,14 +45,25 @@ class DestageOp:
 class ReplayOp:
     """Writing one of the partner's mirror blocks (or a line of ours held under its claim) to
     disk during a takeover."""
-    __slots__ = ("lun", "index", "remaining", "error", "line")
+    __slots__ = ("lun", "index", "remaining", "error", "line", "block")
 
-    def __init__(self, lun, index, remaining, line=None):
+    def __init__(self, lun, index, remaining, line=None, block=None):
         self.lun = lun
         self.index = index
         self.remaining = remaining
         self.error = 0
         self.line = line
+        self.block = block
+
+
+class FlushOp:
+    """One disk flush of a LUN, and what waits for it: every write its waiters made completed
+    before it was issued, so its success makes them durable."""
+    __slots__ = ("lun", "waiters")
+
+    def __init__(self, lun, waiters):
+        self.lun = lun
+        self.waiters = waiters
 
 
 class ThroughOp:
@@ -54,17 +77,18 @@ class ThroughOp:
         self.flushed = False
 
 
+
 class DestageMixin:
     def _destage_wanted(self) -> bool:
         cache, p = self.cache, self.params
         used = cache.used_blocks / cache.capacity
         urgent = bool(self.waiting) or not self.mirroring or self._fence_wants_destage() or (
-            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms)
+            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms) or bool(self.disk_health.failing)
         if urgent or used >= p.high_watermark:
             self.destaging = True
         elif used <= p.low_watermark:
             self.destaging = False
-        return self.destaging and bool(cache.wbq) and self.now_ms >= self.destage_pause_until_ms
+        return self.destaging and bool(cache.wbq)
 
     def _pump(self):
         """Start destage writes up to the in-flight bound, oldest dirty lines first.
@@ -101,6 +125,7 @@ class DestageMixin:
 
     def _start_destage(self, extent):
         wbq, flushing = self.cache.wbq, self.flushing_keys
+        self.destage_writing[extent[0].lun] += 1
         for line in extent:
             del wbq[line.key]
             line.flushing = True
@@ -138,6 +163,9 @@ class DestageMixin:
             if entry.remaining == 0:
                 del self.disk_ops[op]
                 self._destage_done(entry)
+        elif kind is FlushOp:
+            del self.disk_ops[op]
+            self._flush_done(entry, error)
         elif kind is ThroughOp:
             self._through_done(op, entry, error)
         elif kind is ReplayOp:
@@ -146,23 +174,40 @@ class DestageMixin:
             if entry.remaining == 0:
                 del self.disk_ops[op]
                 self._replay_done(entry, entry.error)
-        elif kind.__name__ == "RecordOp":
+        elif kind is RecordOp:
             del self.disk_ops[op]
             self._record_done(entry, error, data)
         else:
             del self.disk_ops[op]
             self._read_done(entry, error, data)
         self._pump()
+        if not self.params.batch_link_output:
+            self._start_flushes()
         return self._take()
 
     def _destage_done(self, entry):
-        """Lines are released last to first: the free stack then hands a sequential
-        stream ascending blocks again, so its next extent is one NVRAM range."""
+        """The extent's disk write completed: durable only once a flush of its LUN says so."""
         self.destage_inflight -= 1
+        lun = entry.lines[0].lun
+        left = self.destage_writing[lun] - 1
+        if left:
+            self.destage_writing[lun] = left
+        else:
+            del self.destage_writing[lun]
         if entry.error:
             for line in entry.lines:
                 self._line_destaged(line, entry.error)
             return
+        if self.buggify_on and self.buggify("destage_no_flush"):
+            self._destage_durable(entry)        # a broken variant: free before the disk flushed
+            return
+        self._after_flush(entry.lines[0].lun, entry)
+
+    def _destage_durable(self, entry):
+        """The disk flushed the extent: the lines are clean, their NVRAM copies free.
+
+        Lines are released last to first: the free stack then hands a sequential
+        stream ascending blocks again, so its next extent is one NVRAM range."""
         flushing, cache, refs = self.flushing_keys, self.cache, self.flush_done_refs
         for line in reversed(entry.lines):
             line.flushing = False
@@ -180,6 +225,70 @@ class DestageMixin:
         if self.waiting:
             self._drain_waiting()
 
+    # -- disk flushes ---------------------------------------------------------
+
+    def _after_flush(self, lun, waiter):
+        """`waiter` (a DestageOp, ThroughOp or ReplayRound whose writes completed) waits for the
+        next flush of `lun`; _start_flushes issues it."""
+        self.flush_queue.setdefault(lun, []).append(waiter)
+        if waiter.__class__ is DestageOp:
+            self.flush_queue_lines[lun] += len(waiter.lines)
+        else:
+            self.flush_urgent.add(lun)
+
+    def _start_flushes(self):
+        """One DiskFlush per LUN with waiters and no flush in flight. While destage writes of the
+        LUN are still going out, its lines wait for a batch (destage_flush_batch_bytes) instead:
+        a flush per round of destage_inflight_max writes cost random-write destage more than
+        half its throughput on file disks; a host write (write-through) or a replay round never
+        waits for a batch."""
+        queue, busy = self.flush_queue, self.flush_busy
+        batch = self.destage_flush_batch_lines
+        for lun in [lun for lun in queue if lun not in busy]:
+            if (self.destage_writing[lun] and lun not in self.flush_urgent
+                    and self.flush_queue_lines[lun] < batch):
+                continue
+            op = self._new_op()
+            self.disk_ops[op] = FlushOp(lun, queue.pop(lun))
+            self.flush_queue_lines.pop(lun, None)
+            self.flush_urgent.discard(lun)
+            busy.add(lun)
+            self.out.append(A.DiskFlush(op, lun))
+            self.stats["disk_flushes"] += 1
+
+    def _flush_done(self, entry, error):
+        self.flush_busy.discard(entry.lun)
+        if error:
+            self.stats["flush_errors"] += 1
+        elif entry.waiters:
+            self._disk_write_ok(entry.lun)      # durable writes: the disk works (diskhealth.py)
+        for w in entry.waiters:
+            kind = w.__class__
+            if kind is DestageOp:
+                if error:
+                    for line in w.lines:
+                        self._line_destaged(line, error)
+                else:
+                    self._destage_durable(w)
+            elif kind is ThroughOp:
+                self._reply(w.req, EIO if error else 0)
+            else:
+                self._replay_durable(w, error)
+
+    def _flushing_lines(self):
+        """Lines on their way to the disk: a destage write in flight, or done and waiting for
+        the flush that makes it durable."""
+        lines = []
+        for e in self.disk_ops.values():
+            kind = e.__class__
+            if kind is DestageOp:
+                lines.extend(e.lines)
+            elif kind is FlushOp:
+                lines.extend(line for w in e.waiters if w.__class__ is DestageOp for line in w.lines)
+        for waiters in self.flush_queue.values():
+            lines.extend(line for w in waiters if w.__class__ is DestageOp for line in w.lines)
+        return lines
+
     def _line_destaged(self, line, error):
         line.flushing = False
         self.flushing_keys[line.key] -= 1
@@ -187,10 +296,9 @@ class DestageMixin:
             del self.flushing_keys[line.key]
         if error:
             self.stats["destage_errors"] += 1
-            self.destage_pause_until_ms = self.now_ms + DESTAGE_ERROR_PAUSE_MS
-            self.out.append(A.Notify("disk_error", lun=line.lun, lba=line.lba, errno=error))
+            self._disk_write_failed(line.lun, line.lba * SECTOR_BYTES, error)   # backoff, one report
             if line.current:
-                self.cache.wbq[line.key] = line      # still dirty: try again later
+                self._requeue_failed(line)           # still dirty: try again after the backoff
             else:
                 self._maybe_free(line)
             return
@@ -201,12 +309,13 @@ class DestageMixin:
         self._maybe_free(line)
 
     def _through_done(self, op, entry, error):
-        if not error and entry.fua and not entry.flushed:
-            entry.flushed = True
-            self.out.append(A.DiskFlush(op, entry.lun))
-            return
+        """A write-through host write is answered once a flush made it durable (FUA or not:
+        with no NVRAM copy, the disk's cache is the only one)."""
         del self.disk_ops[op]
-        self._reply(entry.req, EIO if error else 0)
+        if error:
+            self._reply(entry.req, EIO)
+        else:
+            self._after_flush(entry.lun, entry)
 
     def _read_done(self, entry, error, data):
         for line in entry.overlay:
@@ -235,7 +344,9 @@ class DestageMixin:
             self._link_failed(str(exc))
         if self.fence is not None:
             self.fence_tick()
+        self._disk_health_tick()
         self._pump()
+        self._start_flushes()
         return self._take()
 
     def set_time(self, now_ms):

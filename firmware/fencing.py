@@ -179,7 +179,7 @@ class FenceError(Exception):
 class LunFence:
     __slots__ = ("lun", "state", "record", "generation", "renew_due_ms", "io_inflight", "lease_until_ms",
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
-                 "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
+                 "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "replay_written", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
                  "held_lines", "held_generation", "peer_generation", "replay_complete")
 
@@ -201,6 +201,7 @@ class LunFence:
         self.held = collections.deque()   # host requests waiting for the LUN to settle
         self.acks = []                    # writes whose mirror ack was cut off by the link drop
         self.replay_left = 0
+        self.replay_written = []          # replay writes of this round done, waiting for the flush
         self.move_tag = 0
         self.want_back = False            # failback: the preferred owner wants its LUN back
         self.counter_written = 0          # the highest renewal counter we wrote (landed or not)
@@ -271,7 +272,11 @@ class FenceMixin:
         f = self.fence[entry.lun]
         f.io_inflight = False
         if error:
-            self.out.append(A.Notify("reservation_io_error", lun=f.lun, errno=error))
+            rec = entry.record         # reported as what failed, coalesced (firmware/diskhealth.py)
+            self.out.extend(self.disk_health.record_failed(
+                f.lun, entry.write, error, self.now_ms, state=f.state,
+                **({"record": f"{R.LunState(rec.state).name} owner {rec.owner} generation "
+                              f"{rec.generation} counter {rec.counter}"} if entry.write else {})))
             f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
             if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None:
                 # The claim may have landed or not: settle as if it had, then the read-back
@@ -280,6 +285,7 @@ class FenceMixin:
                 f.claim_written_ms = self.now_ms
             return
         if entry.write:
+            self.disk_health.record_written(f.lun)
             f.record = entry.record
             self._own_event(f, "written")
             return
@@ -327,8 +333,21 @@ class FenceMixin:
             f.peer_generation = max(f.peer_generation, generation)
 
     def mirror_owned_by_peer(self, lun) -> bool:
-        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
-        return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
+        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over,
+        and not while the newest record we read is the peer's claim still CLAIMED: the peer's
+        lines it holds under a claim are not resent, and if the claim is cut short its old owner
+        forgets them once our own claim is confirmed, so our copy must be there to replay (seed
+        16675 at 300 steps: voided at a resync under b's claim, then b crashed, a claimed and
+        replayed a mirror without write 34)."""
+        if self.fence is None:
+            return True
+        f = self.fence[lun]
+        return f.state in (Own.PARTNER, Own.WATCHING, Own.STARTING) and not self._peer_claim_open(f)
+
+    def _peer_claim_open(self, f) -> bool:
+        seen = f.last_seen if f.state == Own.WATCHING and f.last_seen is not None else (
+            f.record.key() if f.record is not None else None)
+        return seen is not None and seen[0] != self.id and seen[1] == R.LunState.CLAIMED
 
     def mirror_undecided(self, lun) -> bool:
         """Is it too early to void our mirror blocks of `lun` the peer did not resend? Yes while we
@@ -339,7 +358,10 @@ class FenceMixin:
         return self.fence is not None and self.fence[lun].state in (Own.STARTING, Own.CLAIMING)
 
     def may_write_disk(self, lun) -> bool:
-        """Destage only what we own under a valid lease: a stale owner's lines are older data."""
+        """Destage only what we own under a valid lease (a stale owner's lines are older data),
+        and not while the LUN's disk backs off after failed writes (firmware/diskhealth.py)."""
+        if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
+            return False
         return self.fence is None or self._lease_ok(self.fence[lun])
 
     def _lease_ok(self, f) -> bool:
@@ -413,10 +435,6 @@ class FenceMixin:
         return not any(line.lun == lun for line in self.cache.lines.values()) and not any(
             op.lines and op.lines[0].lun == lun for op in self.pending.values()) and not any(
             line.lun == lun for line in self._flushing_lines())
-
-    def _flushing_lines(self):
-        return [line for e in self.disk_ops.values() if e.__class__.__name__ == "DestageOp"
-                for line in e.lines]
 
     def _fencing_record(self, f, rec):
         if rec is None:

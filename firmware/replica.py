@@ -136,8 +136,6 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         self.range_writes = collections.Counter()     # (lun, r) -> host writes so far (resync re-reads)
         self.peer_record = collections.OrderedDict()  # mirror of the peer's record: (lun, r), oldest first
         self.destaged_out = set()
-        self.unflushed = {}                           # lun -> [DestageOp] written, awaiting a flush
-        self.flushes_inflight = {}                    # lun -> the op of its flush in flight
         self.disk_waiters = {}                        # Line -> [ReplicaReq] (ack level "disk")
         self.held = collections.deque()               # host writes held during the handshake
         self.down_since_ms = now_ms

@@ -7,18 +7,9 @@ holds anything of a range after a destage sends DESTAGED_RANGE (claims 11,
 18); the receiver clears that range in SENT, unless a copy of it to the
 sender is still unacknowledged (a host write or resync data in flight), and
 in RECEIVED (claims 9, 16). The ack level "disk" completes here too.
-
-A destage write that completed is not yet durable: the disk may hold it in a
-volatile cache. Its lines stay in NVRAM (and their keys flushing, so their
-ranges are not clean) until a DiskFlush of that LUN issued after the write
-completed has completed too; only then are they freed, the ack level "disk"
-answered and the range announced. One flush covers every destage write of
-the LUN that completed before it, and at most one is in flight per LUN: the
-writes that complete meanwhile wait for the next one.
 """
 import collections
 
-from . import actions as A
 from .cache import LUN_SHIFT, SECTOR_BYTES
 from .formats import frame as F
 from .formats import messages as M
@@ -27,15 +18,6 @@ from .record import RECEIVED, SENT, runs
 T = M.MsgType
 PRIMARY = M.ROLE_PRIMARY
 PEERED = ("synced", "sync-source", "sync-target")  # destaged-range messages mean something
-
-
-class DestageFlush:
-    """One DiskFlush of a LUN, covering the destage writes (DestageOps) that completed before it."""
-    __slots__ = ("lun", "entries")
-
-    def __init__(self, lun, entries):
-        self.lun = lun
-        self.entries = entries
 
 
 class DestagedMixin:
@@ -52,7 +34,7 @@ class DestagedMixin:
             self.destaging = True
         elif used <= p.low_watermark:
             self.destaging = False
-        return self.destaging and bool(cache.wbq) and self.now_ms >= self.destage_pause_until_ms
+        return self.destaging and bool(cache.wbq)
 
     def _pump(self):
         """The secondary destages by its mirror of the record, whole ranges, oldest first (claims 13)."""
@@ -66,6 +48,8 @@ class DestagedMixin:
         wbq, flushing = self.cache.wbq, self.flushing_keys
         for lun, r in self.peer_record:
             base = (lun << LUN_SHIFT) | r * per
+            if not self.disk_health.may_write(lun, self.now_ms):
+                continue                       # its disk failed: backing off (firmware/diskhealth.py)
             chosen.extend(line for key in range(base, base + per)
                           if (line := wbq.get(key)) is not None and key not in flushing)
             if len(chosen) >= budget:
@@ -76,40 +60,9 @@ class DestagedMixin:
             self._start_destage([line])        # one line per disk write here (an extent of one)
         return None
 
-    def _destage_done(self, entry):
-        """A destage write finished: durable only after the next flush of its LUN."""
-        if entry.error or (self.buggify_on and self.buggify("replica_destage_no_flush")):     # (a broken variant)
-            self._destage_durable(entry)
-            return
-        lun = entry.lines[0].lun
-        self.unflushed.setdefault(lun, []).append(entry)
-        if lun not in self.flushes_inflight:
-            self._start_flush(lun)
-
-    def _start_flush(self, lun):
-        op = self._new_op()
-        self.flushes_inflight[lun] = op
-        self.disk_ops[op] = DestageFlush(lun, self.unflushed.pop(lun))
-        self.out.append(A.DiskFlush(op, lun))
-
-    def disk_done(self, op, error=0, data=None):
-        flush = self.disk_ops.get(op)
-        if flush.__class__ is not DestageFlush:
-            return super().disk_done(op, error, data)
-        del self.disk_ops[op]
-        del self.flushes_inflight[flush.lun]
-        for entry in flush.entries:      # a failed flush fails its writes: their lines stay dirty
-            entry.error = error
-            self._destage_durable(entry)
-        if flush.lun in self.unflushed:
-            self._start_flush(flush.lun)
-        self._pump()
-        return self._take()
-
     def _destage_durable(self, entry):
-        super()._destage_done(entry)
-        if entry.error:
-            return
+        """The destage of these lines is on disk and flushed: only now is a range clean."""
+        super()._destage_durable(entry)
         for line in entry.lines:
             for req in self.disk_waiters.pop(line, ()):
                 req.remaining -= 1

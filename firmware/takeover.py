@@ -9,8 +9,18 @@ serves. The old owner's side of a claim is here too: lines it holds, unused,
 while a claim is not yet confirmed.
 """
 from . import actions as A
+from .cache import SECTOR_BYTES
 from .fencing import REPLAY_RETRY_MS, Own
 from .formats import reservation as R
+
+
+class ReplayRound:
+    """The replay writes of one round that completed, waiting for the flush of their LUN."""
+    __slots__ = ("lun", "entries")
+
+    def __init__(self, lun, entries):
+        self.lun = lun
+        self.entries = entries
 
 
 class TakeoverMixin:
@@ -100,6 +110,8 @@ class TakeoverMixin:
             return Own.WATCHING
         if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
             return Own.WATCHING
+        if not self.disk_health.may_claim(f.lun, self.now_ms):
+            return Own.WATCHING         # our last claim's write failed: back off (firmware/diskhealth.py)
         # Two above what we read: the owner may bump its generation once (solo) between our
         # read and our claim landing; a claim at + 1 named that same generation, and a claim
         # that landed over the bump then served it too (seed 676: both served generation 9).
@@ -123,7 +135,7 @@ class TakeoverMixin:
     def _claim_record(self, f, rec):
         claimed = f.pending_write
         if rec is None or rec.key() != claimed.key():
-            self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="the owner renewed over our claim"))
+            self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason=self._abandon_reason(f, rec)))
             f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
             if self.link.up:
                 # The link came up during the claim (CLAIMING ignores link_up): the record
@@ -135,6 +147,17 @@ class TakeoverMixin:
         f.record, f.generation = rec, rec.generation
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         return self._start_replay(f)
+
+    def _abandon_reason(self, f, rec):
+        """Why the record read back is not our claim. Taken for a renewal by the owner, a claim
+        whose own write had failed was tried again every 1.4 s, each time reported as a live
+        owner (a disk failing writes): the record unchanged since we watched it says otherwise."""
+        errno = self.disk_health.record_write_errno(f.lun)
+        if not errno:
+            return "the owner renewed over our claim"
+        if (rec.key() if rec is not None else None) == f.last_seen:
+            return f"our claim's record write failed (errno {errno}); the record is unchanged"
+        return f"our claim's record write failed (errno {errno}) and the record changed"
 
     def _mirror_blocks_of(self, f):
         return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
@@ -164,6 +187,7 @@ class TakeoverMixin:
         written again in the next round, REPLAY_RETRY_MS later. Given up on, it was lost: the
         takeover served the LUN from a disk without it (seed 159)."""
         f.replay_left = 0
+        f.replay_written = []
         f.replay_failed = False
         f.replay_retry_ms = None
         f.replay_complete = False
@@ -219,34 +243,58 @@ class TakeoverMixin:
         return None
 
     def _replay_block(self, f, index, block):
-        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap)
+        self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap, block)
 
-    def _replay_run(self, f, index, line, view, lba, bitmap):
+    def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
         from .cache import dirty_runs, SECTOR_BYTES
         from .destage import ReplayOp
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
-        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line)
+        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line, block)
         f.replay_left += 1
         base = lba * SECTOR_BYTES
         for s, e in runs:
             self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
 
     def _replay_done(self, entry, error):
+        """A replay write completed: the block waits for the flush that ends the round before it
+        leaves the mirror (freed on a completed write alone, a power cut of the disk's cache
+        lost it with the only other copy gone)."""
         f = self.fence[entry.lun]
         if error:
-            self.out.append(A.Notify("replay_error", lun=f.lun, block=entry.index, errno=error))
+            lba = entry.line.lba if entry.line is not None else self.mirror.blocks[entry.index].lba
+            self._disk_write_failed(f.lun, lba * SECTOR_BYTES, error)    # reported coalesced
             f.replay_failed = True
-        elif entry.line is not None:
-            if entry.line in f.held_lines:
-                f.held_lines.remove(entry.line)
-                self._forget_lines([entry.line], True)
         else:
-            self._persist(self.mirror._free(entry.index))
+            f.replay_written.append(entry)
         f.replay_left -= 1
-        if f.replay_left == 0 and f.state == Own.REPLAYING:
-            if f.replay_failed:
-                f.replay_retry_ms = self.now_ms + REPLAY_RETRY_MS
+        if f.replay_left == 0:
+            written, f.replay_written = f.replay_written, []
+            if written:
+                self._after_flush(f.lun, ReplayRound(f.lun, written))
+            else:
+                self._replay_round_end(f)
+
+    def _replay_durable(self, rnd, error):
+        """The flush after a replay round: free what it made durable, or replay it all again."""
+        f = self.fence[rnd.lun]
+        if error:
+            self._disk_write_failed(f.lun, None, error)     # the flush failed: reported coalesced
+            f.replay_failed = True
+        else:
+            for entry in rnd.entries:
+                if entry.line is not None:
+                    if entry.line in f.held_lines:
+                        f.held_lines.remove(entry.line)
+                        self._forget_lines([entry.line], True)
+                elif self.mirror.blocks[entry.index] is entry.block:   # not overwritten since
+                    self._persist(self.mirror._free(entry.index))
+        self._replay_round_end(f)
+
+    def _replay_round_end(self, f):
+        if f.state == Own.REPLAYING and not f.replay_left:
+            if f.replay_failed:     # the next round waits for the disk's backoff too
+                f.replay_retry_ms = max(self.now_ms + REPLAY_RETRY_MS, self.disk_health.retry_at_ms(f.lun))
             else:
                 self._own_event(f, "replayed")
 

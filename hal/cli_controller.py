@@ -177,6 +177,11 @@ def cmd_status(args):
         for lun, info in sorted(st.get("luns", {}).items()):
             if info.get("state") == "releasing":
                 print(f"  {lun}: handing over, {info.get('dirty_lines', 0)} dirty lines to destage first")
+        for lun, disk in sorted(st.get("disks", {}).items()):
+            if disk["state"] != "ok":
+                print(f"  {lun}: disk {disk['state'].upper()}: writes failing for {disk['failing_ms'] / 1000:.1f} s "
+                      f"({disk['errors']} failed), next retry in {disk['retry_in_ms']} ms"
+                      + ("; new writes get EIO, reads are served" if disk["state"] == "degraded" else ""))
     return 0
 
 

@@ -20,6 +20,9 @@
     serials = []               # with backend = "serial"
     lun_size = "256M"
     direct = false             # O_DIRECT
+    write_cache = "os"         # "os" (the kernel's) or "volatile": tests only, writes stay in the
+                               # controller's memory until a flush (hal/disk_volatile.py)
+    fault_files = false        # tests only (needs TWINCACHE_TEST_FAULTS=1): hal/disk_faulty.py
 
     [link]
     transport = "unix"         # "unix", "tcp", "serial" (pyserial URL or tty) or "virtio" (fd I/O)
@@ -42,6 +45,8 @@
     destage_inflight_max = 64
     heartbeat_interval_ms = 100
     heartbeat_timeout_ms = 1000
+    degraded_after_ms = 30000  # a LUN whose destage writes fail this long goes degraded (writes get EIO)
+    disk_retry_max_ms = 5000   # failed destage writes are retried after 200 ms, doubling up to this
 
     [replica]                  # mode = "replica" only; all optional
     variant = "bitmap"         # "bitmap" (cache-acknowledged, destage record, quick resync) or "log"
@@ -72,6 +77,7 @@ Sizes accept K, M, G suffixes (powers of 1024).
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 import tomllib
@@ -112,6 +118,8 @@ class DiskConfig:
     serials: list = dataclasses.field(default_factory=list)
     lun_size_bytes: int = 256 << 20
     direct: bool = False
+    write_cache: str = "os"
+    fault_files: bool = False
 
 
 @dataclasses.dataclass
@@ -140,6 +148,8 @@ class CacheConfig:
     destage_inflight_max: int = 64
     heartbeat_interval_ms: int = 100
     heartbeat_timeout_ms: int = 1000
+    degraded_after_ms: int = 30000
+    disk_retry_max_ms: int = 5000
 
 
 @dataclasses.dataclass
@@ -248,7 +258,12 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         backend=_choice(_take(d, "backend", str, "file", where), ("file", "serial"), f"{where}: [disks] backend"),
         paths=list(_take(d, "paths", list, [], where)), serials=list(_take(d, "serials", list, [], where)),
         lun_size_bytes=parse_size(d.get("lun_size", "256M"), f"{where}: [disks] lun_size"),
-        direct=_take(d, "direct", bool, False, where))
+        direct=_take(d, "direct", bool, False, where),
+        write_cache=_choice(_take(d, "write_cache", str, "os", where), ("os", "volatile"),
+                            f"{where}: [disks] write_cache"),
+        fault_files=_take(d, "fault_files", bool, False, where))
+    if disks.fault_files and os.environ.get("TWINCACHE_TEST_FAULTS") != "1":
+        raise ConfigError(f"{where}: [disks] fault_files is for tests: it needs TWINCACHE_TEST_FAULTS=1")
     if not (disks.paths or disks.serials):
         raise ConfigError(f"{where}: [disks] needs paths (or serials) for at least one LUN")
     if disks.lun_size_bytes % 4096:
@@ -272,6 +287,8 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
                            for f in dataclasses.fields(CacheConfig)})
     if not 0 < cache.low_watermark < cache.high_watermark <= 1:
         raise ConfigError(f"{where}: [cache] need 0 < low_watermark < high_watermark <= 1")
+    if cache.degraded_after_ms <= 0 or cache.disk_retry_max_ms < 200:
+        raise ConfigError(f"{where}: [cache] need degraded_after_ms > 0 and disk_retry_max_ms >= 200")
     replica = _replica(_section(doc, "replica", where), mode, len(disks.paths or disks.serials), where)
     return ControllerConfig(
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),

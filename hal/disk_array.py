@@ -27,6 +27,7 @@ from firmware.formats.disklabel import (DATA_OFFSET_BYTES, LABEL_SIZE_BYTES, RES
                                         parse_disklabel_untrusted)
 
 from .disk_file import FileDisk
+from .disk_volatile import VolatileCacheDisk
 from .interfaces import Disk, HalError
 
 
@@ -109,11 +110,16 @@ class DiskArray:
 def _open_disk(path: str, lun: int, serial: str, pair_id: bytes, config, create: bool,
                generation: int) -> ArrayDisk:
     total_bytes = DATA_OFFSET_BYTES + config.lun_size_bytes
+    disk_cls = FileDisk
+    if getattr(config, "fault_files", False):       # tests only: hal/disk_faulty.py
+        from .disk_faulty import FaultyFileDisk as disk_cls
     if create and config.backend == "file" and not pathlib.Path(path).is_block_device():
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        raw = FileDisk(path, total_bytes, direct=config.direct, create=True)
+        raw = disk_cls(path, total_bytes, direct=config.direct, create=True)
     else:
-        raw = FileDisk(path, direct=config.direct)
+        raw = disk_cls(path, direct=config.direct)
+    if getattr(config, "write_cache", "os") == "volatile":
+        raw = VolatileCacheDisk(raw)
     try:
         if raw.size_bytes < total_bytes:
             raise HalError(f"{path}: disk is {raw.size_bytes} bytes, LUN {lun} needs {total_bytes} "

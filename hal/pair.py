@@ -66,7 +66,7 @@ class LocalPair:
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
                durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False,
-               replica=None, replica_variant="bitmap", cp_interval_ms=2000):
+               replica=None, replica_variant="bitmap", cp_interval_ms=2000, disks=None):
         if self.meta_path.exists():
             return self.meta()
         if luns < 1 or luns > 64:
@@ -76,7 +76,7 @@ class LocalPair:
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
                     link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy,
-                    replica=replica or {})
+                    replica=replica or {}, disks=disks or {})
         if mode == "replica":
             meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
@@ -110,7 +110,8 @@ class LocalPair:
                       "size": meta["nvram_size_bytes"], "durability": meta["durability"],
                       "block_size": meta["block_size_bytes"]},
             "disks": {"backend": "file", "lun_size": meta["lun_size_bytes"],
-                      "paths": [str(disks / f"disk{i}.img") for i in range(meta["luns"])]},
+                      "paths": [str(disks / f"disk{i}.img") for i in range(meta["luns"])],
+                      **meta.get("disks", {})},
             "link": link,
             "nbd": {"unix": str(cdir / "nbd.sock")},
             "cache": dict(meta.get("cache", {})),

@@ -29,6 +29,7 @@ from .backoff import Backoff
 from .clock import MonotonicClock
 from .control import ControlServer
 from .disk_array import DiskArray
+from .disk_flush import FlushWorker
 from .framing import CobsFramer, StreamFramer
 from .keyfile import load_pair_key
 
@@ -92,6 +93,7 @@ def firmware_params(cfg, disks, reliable):
                   destage_inflight_max=c.destage_inflight_max,
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
+                  degraded_after_ms=c.degraded_after_ms, disk_retry_max_ms=c.disk_retry_max_ms,
                   fencing=cfg.mode == "ha", replica=replica_settings(cfg), batch_link_output=True)
 
 
@@ -126,6 +128,8 @@ class Runtime:
             self.note("nvram_formatted", path=cfg.nvram.path, size_bytes=len(nv))
         self.ctrl = self.make_firmware(params, nv, key)
         self.sel = selectors.DefaultSelector()
+        self.flusher = FlushWorker()
+        self.sel.register(self.flusher.fileno(), selectors.EVENT_READ, ("flush", None))
         self.clients = {}
         self.link = None
         self.link_out = []
@@ -246,6 +250,8 @@ class Runtime:
             self._accept(obj)
         elif kind == "link-listen":
             self._maybe_connect(self.clock.monotonic_ms(), accept=True)
+        elif kind == "flush":
+            self.completions.extend(self.flusher.done())
         else:
             self.control.ready(obj, mask)
 
@@ -508,11 +514,8 @@ class Runtime:
             self.read_completions.append((act.op, exc.errno or errno.EIO, None))
 
     def _disk_flush(self, act):
-        try:
-            self.disks[act.lun].flush()
-            self.completions.append((act.op, 0, None))
-        except OSError as exc:
-            self.completions.append((act.op, exc.errno or errno.EIO, None))
+        """In the flush thread (hal/disk_flush.py): the loop goes on meanwhile."""
+        self.flusher.submit(act.op, self.disks[act.lun])
 
     def _notify(self, act):
         if act.kind == "pong":
@@ -575,6 +578,7 @@ class Runtime:
         self._link_close("shutting down")
         self.endpoint.close()
         self.control.close()
+        self.flusher.close()
         for disk in self.disks:
             disk.close()
         self.note("stopped")

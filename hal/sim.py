@@ -56,7 +56,7 @@ NVRAM_BYTES = 2 << 20
 # within a few seeds. The fencing sites only exist with fencing on.
 FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata",
-                "read_skip_cache") + FENCE_SITES
+                "read_skip_cache", "destage_no_flush") + FENCE_SITES
 
 
 class Node:
@@ -277,10 +277,9 @@ class Sim:
                 self._host_reply(i, act)
             elif kind is A.DiskWrite or kind is A.DiskRead:
                 self._disk_io(i, n, act, kind is A.DiskWrite)
-            elif kind is A.DiskFlush:           # no volatile disk cache: a flush only takes time
-                error = 5 if act.lun in self.disks.vanished else 0
-                self.at(self.now_us + self.disks.rng.randint(*self.disks.faults.latency_us), i,
-                        self._disk_done, i, act.op, error, None)
+            elif kind is A.DiskFlush:           # makes i's writes that completed before it durable
+                io, latency_us = self.disks.submit_flush(i, n.epoch, act)
+                self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
             elif kind is A.RecordRead or kind is A.RecordWrite:
                 io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
@@ -443,7 +442,7 @@ class Sim:
         image = C.mirror_image(nv)
         luns = range(o, LUNS, 2) if not self.fencing else [lun for lun in range(LUNS) if self._mirrored_lun(o, lun)]
         for lun in luns:
-            buf = C.lun_image(self.disks.disks[lun], lun, image, nv)
+            buf = C.lun_image(self.disks.image_without(lun, o), lun, image, nv)
             self.model.check(f"failover image of lun{lun} from {'ab'[1 - o]}'s mirror", lun, 0, buf,
                              self.now_us, self.now_us)
         return True

@@ -1,8 +1,12 @@
 """Simulated disk array: one in-memory disk per LUN, shared by both controllers (ha mode).
 
-A write is durable when it completes (the firmware issues no disk flushes and
-the array is modelled without a volatile write cache); a read returns the
-disk's content at its completion time.
+Disks have a volatile write cache, like a drive's or the host page cache over
+a file: a write that completed is visible to every read at once, but durable
+only once a DiskFlush of that LUN, issued by the same controller after the
+write completed, has completed too. A crash or power cut of a controller
+loses its unflushed writes, each one whole, not at all, or torn at a random
+sector, chosen independently (so they may land out of order). `disks` is what
+reads see; `durable` is what a power cut of everyone would leave.
 
 Faults injected (seeded, from `DiskFaults`):
 - latency: every I/O completes after a random delay, so completions reorder;
@@ -32,9 +36,10 @@ RECORD_BYTES = 512
 
 
 class DiskIo:
-    __slots__ = ("ctrl", "epoch", "op", "write", "lun", "offset", "length", "data", "done", "record", "gen")
+    __slots__ = ("ctrl", "epoch", "op", "write", "lun", "offset", "length", "data", "done", "record", "gen",
+                 "flush")
 
-    def __init__(self, ctrl, epoch, op, write, lun, offset, length, data, record=False):
+    def __init__(self, ctrl, epoch, op, write, lun, offset, length, data, record=False, flush=None):
         self.ctrl = ctrl
         self.epoch = epoch
         self.op = op
@@ -46,17 +51,35 @@ class DiskIo:
         self.done = False
         self.record = record               # the reservation record, not the data area
         self.gen = None                    # the generation the writer held (split-brain checker)
+        self.flush = flush                 # a flush: the newest landed write it covers (its seq)
+
+
+class Landed:
+    """A write in a disk's volatile cache: visible, not yet durable."""
+    __slots__ = ("seq", "ctrl", "lun", "offset", "data")
+
+    def __init__(self, seq, ctrl, lun, offset, data):
+        self.seq = seq
+        self.ctrl = ctrl
+        self.lun = lun
+        self.offset = offset
+        self.data = data
 
 
 class SimDiskArray:
     def __init__(self, lun_sizes, rng, faults: DiskFaults):
         self.disks = [bytearray(size) for size in lun_sizes]
+        self.durable = [bytearray(size) for size in lun_sizes]
+        self.durable_seq = [[0] * (size // SECTOR_BYTES) for size in lun_sizes]   # per sector: newest landed
+        self.unflushed = []                  # Landed, in landing order
+        self.landed = 0                      # landing sequence number
         self.records = [bytearray(RECORD_BYTES) for _ in lun_sizes]   # blank: never written
         self.rng = rng
         self.faults = faults
         self.inflight = {}                   # DiskIo -> None: insertion order keeps replays exact
         self.vanished = set()                # LUNs whose disk is gone for now
-        self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0, "record_reads": 0, "record_writes": 0}
+        self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0, "record_reads": 0, "record_writes": 0,
+                      "flushes": 0, "unflushed_lost": 0}
         self.on_apply = None               # called with (io, sectors) whenever a write lands
 
     def submit(self, ctrl, epoch, act, write):
@@ -78,6 +101,13 @@ class SimDiskArray:
         lo, hi = self.faults.latency_us
         return io, self.rng.randint(lo, hi)
 
+    def submit_flush(self, ctrl, epoch, act):
+        """Start a flush of `act.lun`: it covers ctrl's writes that landed before now."""
+        io = DiskIo(ctrl, epoch, act.op, False, act.lun, 0, 0, None, flush=self.landed)
+        self.inflight[io] = None
+        lo, hi = self.faults.latency_us
+        return io, self.rng.randint(lo, hi)
+
     def complete(self, io):
         """The I/O finishes now: apply it; return (errno, data)."""
         self.inflight.pop(io, None)
@@ -85,6 +115,8 @@ class SimDiskArray:
         f, rng = self.faults, self.rng
         if io.record:
             return self._complete_record(io)
+        if io.flush is not None:
+            return self._complete_flush(io)
         if io.write:
             self.stats["writes"] += 1
             if io.lun in self.vanished or rng.random() < f.p_write_eio:
@@ -113,18 +145,73 @@ class SimDiskArray:
             return 0, None
         return 0, bytearray(self.records[io.lun])
 
+    def _complete_flush(self, io):
+        self.stats["flushes"] += 1
+        if io.lun in self.vanished or self.rng.random() < self.faults.p_write_eio:
+            self.stats["eio"] += 1
+            return EIO, None
+        keep = []
+        for w in self.unflushed:
+            if w.ctrl == io.ctrl and w.lun == io.lun and w.seq <= io.flush:
+                self._make_durable(w, len(w.data) // SECTOR_BYTES)
+            else:
+                keep.append(w)
+        self.unflushed = keep
+        return 0, None
+
+    def _make_durable(self, w, sectors):
+        """Sector by sector, unless a later landed write is durable there already."""
+        seqs, durable, first = self.durable_seq[w.lun], self.durable[w.lun], w.offset // SECTOR_BYTES
+        for k in range(sectors):
+            if seqs[first + k] < w.seq:
+                seqs[first + k] = w.seq
+                durable[(first + k) * SECTOR_BYTES:(first + k + 1) * SECTOR_BYTES] = \
+                    w.data[k * SECTOR_BYTES:(k + 1) * SECTOR_BYTES]
+
     def _apply(self, io, sectors):
         if io.record:
             if sectors:
                 self.records[io.lun][:] = io.data
-        else:
+        elif sectors:
             end = io.offset + sectors * SECTOR_BYTES
-            self.disks[io.lun][io.offset:end] = io.data[:sectors * SECTOR_BYTES]
+            data = io.data[:sectors * SECTOR_BYTES]
+            self.disks[io.lun][io.offset:end] = data
+            self.landed += 1
+            self.unflushed.append(Landed(self.landed, io.ctrl, io.lun, io.offset, data))
         if self.on_apply is not None and sectors:
             self.on_apply(io, sectors)
 
+    def image_without(self, lun, ctrl):
+        """LUN `lun` as it would be if controller `ctrl` lost power now: its unflushed writes gone."""
+        image = bytearray(self.durable[lun])
+        for w in self.unflushed:
+            if w.lun == lun and w.ctrl != ctrl:
+                image[w.offset:w.offset + len(w.data)] = w.data
+        return image
+
+    def _drop_cache(self, ctrl):
+        """ctrl's unflushed writes: each lands whole, not at all, or torn, independently."""
+        rng, lost, keep, luns = self.rng, 0, [], set()
+        for w in self.unflushed:
+            if w.ctrl != ctrl:
+                keep.append(w)
+                continue
+            sectors = len(w.data) // SECTOR_BYTES
+            cut = rng.choice((0, 0, sectors, rng.randint(0, sectors)))
+            lost += cut < sectors
+            self._make_durable(w, cut)
+            luns.add(w.lun)
+        self.unflushed = keep
+        self.stats["unflushed_lost"] += lost
+        for lun in luns:                    # what reads see now: the durable image and others' writes
+            self.disks[lun][:] = self.durable[lun]
+            for w in keep:
+                if w.lun == lun:
+                    self.disks[lun][w.offset:w.offset + len(w.data)] = w.data
+
     def crash(self, ctrl):
-        """Controller `ctrl` lost power: its writes in flight land whole, not at all, or torn."""
+        """Controller `ctrl` lost power: its writes in flight land whole, not at all, or torn, and
+        so do its writes still in the disks' volatile cache."""
         for io in [io for io in self.inflight if io.ctrl == ctrl]:
             self.inflight.pop(io, None)
             io.done = True
@@ -135,6 +222,7 @@ class SimDiskArray:
                     cut = self.rng.choice((0, 1))        # one sector: whole or not at all
                 self.stats["torn"] += 0 < cut < sectors
                 self._apply(io, cut)
+        self._drop_cache(ctrl)
 
     def ios_inflight(self, ctrl) -> int:
         return sum(1 for io in self.inflight if io.ctrl == ctrl)

@@ -36,9 +36,11 @@ LUNS = 2
 # Deliberately broken firmware variants, each with the probability its site fires at:
 # replica_skip_copy: the primary acknowledges a write it never copied to the peer;
 # replica_skip_persist: an NVRAM persist is not issued (its stores may be lost at a crash);
-# replica_destage_no_flush: destaged lines are freed and announced without a disk flush.
+# replica_destage_no_flush: destaged lines are freed and announced without a disk flush (the
+# site is destage_no_flush in the destage code replica mode shares with ha: firmware/destage.py).
 BROKEN_P = {"replica_skip_copy": 1.0, "replica_skip_persist": 0.3, "replica_destage_no_flush": 1.0}
 BROKEN_SITES = tuple(BROKEN_P)
+SITE_OF = {"replica_destage_no_flush": "destage_no_flush"}
 
 
 class ReplicaSimResult:
@@ -78,7 +80,7 @@ class ReplicaSim:
         self.rig.connect()
 
     def _buggify(self, site):
-        return site == self.broken and self.buggify_rng.random() < BROKEN_P[site]
+        return site == SITE_OF.get(self.broken, self.broken) and self.buggify_rng.random() < BROKEN_P[self.broken]
 
     # -- replies ---------------------------------------------------------------------
 

@@ -114,6 +114,43 @@ def test_destage_sends_flush_begin_then_flush_done_and_frees_both_copies():
     assert p.ctrl[1].mirror.counts()["mirror_blocks"] == 0
 
 
+def test_destage_frees_nothing_and_sends_no_flush_done_before_the_disk_flush():
+    """A completed disk write may still be in the disk's volatile cache: both NVRAM copies stay
+    until a flush of the LUN says durable; one flush covers the whole destage round."""
+    p = MemPair(idle_flush_ms=50)
+    p.connect()
+    for k in range(4):
+        p.write(0, f"w{k}", 0, (8 + 2 * k) * BS, bytes([k + 1]) * BS)
+    p.deliver()
+    p.stall_flushes()
+    p.tick(100)                                     # idle: destage everything, writes complete
+    assert p.disks[0][8 * BS:9 * BS] == b"\x01" * BS
+    p.deliver()
+    assert len(p.stalled_flushes) == 1              # one flush in flight per LUN
+    assert len(mirror_blocks(p, 1)) == 4 and p.ctrl[0].cache.dirty_lines == 4
+    p.resume_flushes()
+    p.deliver()
+    assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
+    # The round's four writes share one flush: it waits until none of the LUN's is in flight.
+    assert p.ctrl[0].stats["disk_flushes"] == 1
+
+
+def test_a_failed_flush_keeps_the_lines_dirty_and_destages_them_again():
+    p = MemPair(idle_flush_ms=50)
+    p.connect()
+    p.write(0, "w", 0, 0, b"x" * BS)
+    p.deliver()
+    p.stall_flushes()
+    p.tick(100)
+    p.resume_flushes(error=5)
+    p.deliver()
+    assert len(mirror_blocks(p, 1)) == 1 and p.ctrl[0].cache.dirty_lines == 1
+    assert p.ctrl[0].stats["flush_errors"] == 1
+    p.tick(1000)                                    # retried after the error pause: flushed now
+    p.deliver()
+    assert mirror_blocks(p, 1) == {} and p.ctrl[0].cache.dirty_lines == 0
+
+
 def test_rewrite_goes_to_a_new_block_and_frees_the_old_one_only_after_the_mirror_ack():
     p = idle_pair()
     p.write(0, "v1", 0, 0, b"1" * BS)

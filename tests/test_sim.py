@@ -167,6 +167,42 @@ def test_disk_write_inflight_at_crash_is_whole_absent_or_torn_by_sector():
     assert outcomes == {"whole", "none", "torn"}
 
 
+def test_disk_cache_write_is_visible_at_once_and_durable_only_after_a_flush():
+    disks = SimDiskArray([64 * 1024], random.Random(1), DiskFaults())
+    io, _ = disks.submit(0, 0, _Write(1, 0, 0, b"\xaa" * 1024), write=True)
+    assert disks.complete(io) == (0, None)
+    assert disks.disks[0][:1024] == b"\xaa" * 1024 and disks.durable[0][:1024] == bytes(1024)
+    io, _ = disks.submit(1, 0, _Write(2, 0, 4096, b"\xbb" * 512), write=True)
+    disks.complete(io)
+    flush, _ = disks.submit_flush(1, 0, _Write(3, 0, 0, b""))      # b's flush covers b's write only
+    assert disks.complete(flush) == (0, None)
+    assert disks.durable[0][4096:4608] == b"\xbb" * 512 and disks.durable[0][:1024] == bytes(1024)
+    late, _ = disks.submit(0, 0, _Write(4, 0, 8192, b"\xcc" * 512), write=True)
+    flush, _ = disks.submit_flush(0, 0, _Write(5, 0, 0, b""))
+    disks.complete(late)                            # landed after the flush was issued: not covered
+    disks.complete(flush)
+    assert disks.durable[0][:1024] == b"\xaa" * 1024 and disks.durable[0][8192:8704] == bytes(512)
+
+
+def test_disk_cache_unflushed_writes_of_a_crashed_controller_are_kept_lost_or_torn():
+    outcomes = set()
+    for seed in range(60):
+        disks = SimDiskArray([64 * 1024], random.Random(seed), DiskFaults())
+        io, _ = disks.submit(0, 0, _Write(1, 0, 0, b"\xff" * 8192), write=True)
+        disks.complete(io)
+        other, _ = disks.submit(1, 0, _Write(2, 0, 16384, b"\xee" * 512), write=True)
+        disks.complete(other)
+        disks.crash(0)
+        written = bytes(disks.disks[0][:8192])
+        assert written == bytes(disks.durable[0][:8192])
+        assert disks.disks[0][16384:16896] == b"\xee" * 512        # b's write is b's to lose
+        cut = written.find(b"\x00")
+        cut = 8192 if cut < 0 else cut
+        assert cut % 512 == 0 and written == b"\xff" * cut + bytes(8192 - cut)
+        outcomes.add("whole" if cut == 8192 else "none" if cut == 0 else "torn")
+    assert outcomes == {"whole", "none", "torn"}
+
+
 def _frames(count):
     from firmware.link import LinkSession
     a = LinkSession(0, bytes(16), bytes(32))

@@ -337,7 +337,13 @@ def test_mirror_blocks_of_an_older_generation_are_replayed_after_unconfirmed_cla
     a takeover that skipped mirror blocks written at an older generation than the newest it had
     seen lost write 2. Generations also move by claims, and two claims in turn (b's, then a's,
     each cut short by a crash before its replay) had moved lun2 on while a's line was still
-    dirty and held, so the block b skipped was the only copy that reached no disk."""
+    dirty and held, so the block b skipped was the only copy that reached no disk.
+    Since the disks have a volatile cache the seed runs another course and found another loss
+    (write 34 of lun0): a's resync from b voided a's mirror copy of b's line while the record
+    was b's claim, still CLAIMED (b holds its lines under it and does not resend them); b
+    crashed before its replay, a claimed and replayed a mirror without the line, and b forgot
+    its held copy once a's claim was confirmed. A resync now keeps mirror blocks of a LUN whose
+    newest record read is the peer's open claim (mirror_owned_by_peer)."""
     result = run_seed(16675, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
