@@ -48,7 +48,7 @@ class MemReplicaPair:
         self.notes = [[], []]
         self.now_ms = 0
         self.disk_writes = [0, 0]
-        self.held_flushes = None          # a list while flushes are held: (i, op, disk, mark), unanswered
+        self.held_flushes = None          # a list while flushes are held: (i, ctrl, op, disk, mark)
         self.stalled = None               # a list while the disks hang: (i, ctrl, act, flush mark)
         for i in range(2):
             self.boot(i)
