@@ -6,10 +6,10 @@ unchanged LogSource and LogDestination run on the in-memory rig
 (hal/sim_logrig.py); frames wait on the wires and are delivered a few at a
 time, so acknowledgements, crashes and cuts interleave.
 
-Faults: crash (a power cut or a kill of the process: see _crash; the
-rig's disks have a volatile write cache) and restart of a source or of the destination, link cut and
-reconnect, disks that hang and resume (writes, flushes and reads park), and
-once per run perhaps a disaster: a source lost for good, after which the
+Faults: crash (a power cut or a kill of the process: see _crash; the rig's
+disks have a volatile write cache) and restart of a source or of the
+destination, link cut and reconnect, disks that hang and resume (writes,
+flushes and reads park), and once per run perhaps a disaster: a source lost for good, after which the
 destination recovers its image from the file.
 
 Checkers (separate from the workload):
@@ -108,7 +108,8 @@ class LogSim:
         rng = self.rng = random.Random(seed)
         # crash fates and broken sites draw from their own streams: the schedule stays the seed's
         self.buggify_rng = random.Random(seed * 2 + 1)
-        self.rig = MemLog(seed=seed * 2, buggify=self._buggify if broken else None,sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
+        self.rig = MemLog(sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
+                          seed=seed * 2, buggify=self._buggify if broken else None,
                           journal_bytes=rng.choice([96 * 1024, 256 * 1024, 1 << 20]),
                           log_partition_bytes=rng.choice([16 * 1024, 32 * 1024, 64 * 1024]),
                           cp_interval_ms=rng.choice([30, 200, 10 ** 9]))

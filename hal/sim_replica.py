@@ -8,8 +8,8 @@ interleave.
 
 Faults: crash (a power cut, or a kill of the process: see _crash; the rig's
 disks have a volatile write cache) and restart of the secondary (quick
-resync), disks that hang and resume (reads, writes and flushes park), crash of the
-primary followed either by its restart or by promotion of the secondary
+resync), disks that hang and resume (reads, writes and flushes park), crash
+of the primary followed either by its restart or by promotion of the secondary
 (the old primary returns as secondary, or as the other half of a split
 brain, resolved by policy), link cut and reconnect, time passing (destage,
 destaged-range messages).
@@ -80,7 +80,8 @@ class ReplicaSim:
         self.rig.connect()
 
     def _buggify(self, site):
-        return site == SITE_OF.get(self.broken, self.broken) and self.buggify_rng.random() < BROKEN_P[self.broken]
+        return (site == SITE_OF.get(self.broken, self.broken)
+                and self.buggify_rng.random() < BROKEN_P[self.broken])
 
     # -- replies ---------------------------------------------------------------------
 
