@@ -1056,11 +1056,15 @@ class LogDestination(_Session):
     # -- consistency points: the file -> the image volume ---------------------------------
 
     def recover(self, name=None):
-        """After a disaster at the source: apply every request in the file to the image."""
+        """After a disaster at the source: apply every request this side acknowledged to the image.
+
+        Through the last one stored, not the last one filed: with the file ring full, entries wait
+        in NVRAM for the space this very consistency point frees, and are applied as they are filed
+        (recovering only what was filed when it was called left an acknowledged write out)."""
         for feed in self.feeds:
             if name is None or feed.p.name == name:
-                feed.cp_target = max(feed.cp_target, feed.filed_seq)
-                self.out.append(A.Notify("recover_start", source=feed.p.name, through_seq=feed.filed_seq,
+                feed.cp_target = max(feed.cp_target, feed.expected - 1)
+                self.out.append(A.Notify("recover_start", source=feed.p.name, through_seq=feed.expected - 1,
                                          records=len(feed.records)))
                 self._pump_cp(feed)
         return self._take()

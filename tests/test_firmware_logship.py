@@ -360,6 +360,22 @@ def test_a_full_file_ring_holds_back_filing_until_a_consistency_point_frees_it()
     assert r.image(0, 0)[:28 * KiB] == b"".join(block(n) for n in range(7))
 
 
+def test_recover_applies_entries_waiting_in_nvram_for_a_full_file_ring():
+    """Found by the simulator (seed 310084 at 1000 steps): recover() applied what was filed when
+    it was called; an acknowledged entry waiting in NVRAM for room in the full ring was filed once
+    that consistency point freed the room, but never applied, and the image lacked it."""
+    r = small(journal_bytes=4 * KiB + 4 * 4608)           # room for four 4 KiB records
+    r.connect()
+    for n in range(5):                                    # the fifth waits in NVRAM: the ring is full
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    feed = r.dst.feeds[0]
+    assert feed.filed_seq == 4 and [e.seq for e in feed.staged] == [5]
+    assert r.replies[("w", 4)] == (0, None)
+    r.recover("s0")
+    assert feed.filed_seq == 5 and feed.applied_seq == 5
+    assert r.image(0, 0)[:20 * KiB] == b"".join(block(n) for n in range(5))
+
+
 def test_a_write_that_waits_for_a_partition_keeps_its_own_copy_of_the_data():
     """Found on real processes (the destination killed under load): a write that waited for a free
     partition kept a view of the host's buffer, which the NBD connection reuses for the next

@@ -59,3 +59,13 @@ def test_file_ring_full_after_a_wrap_is_not_taken_for_empty(seed):
     record lies, not by comparing tail and head."""
     result = run_log_seed(seed, STEPS)
     assert result.ok, result.failure.splitlines()[0]
+
+
+def test_recover_applies_entries_filed_after_it_was_called():
+    """Found by a 1000-step sweep (seed 310084): the destination's file ring was full when the run
+    ended, so the last acknowledged entry waited in its NVRAM; recover() applied only what was
+    filed when it was called, and the entry, filed once that consistency point freed the ring,
+    was never applied: the image lacked an acknowledged write. Fixed in LogDestination.recover:
+    it recovers through the last entry stored (acknowledged), applied as it is filed."""
+    result = run_log_seed(310084, 1000)
+    assert result.ok, result.failure.splitlines()[0]
