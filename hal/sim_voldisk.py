@@ -28,11 +28,19 @@ SECTOR_BYTES = 512
 
 
 class VolatileDisk(bytearray):
-    """One disk: the bytearray is its visible content; `durable` what survives a crash."""
+    """One disk: the bytearray is its visible content; `durable` what survives a crash.
+
+    Every sector remembers which write made it durable (its sequence number and writer): a write
+    never lands over a newer one of another controller (in a disk's cache the newer replaced it),
+    only the crashed controller's own unflushed writes may land in any order."""
 
     def __init__(self, size_bytes):
         super().__init__(size_bytes)
+        assert size_bytes % SECTOR_BYTES == 0
         self.durable = bytearray(size_bytes)
+        sectors = size_bytes // SECTOR_BYTES
+        self.durable_seq = [0] * sectors
+        self.durable_writer = [None] * sectors
         self.unflushed = []          # [seq, writer, offset, bytes], oldest first
         self.seq = 0                 # writes completed so far
         self.stats = {"writes": 0, "flushes": 0, "dropped": 0, "torn": 0}
@@ -40,7 +48,7 @@ class VolatileDisk(bytearray):
     def write(self, writer, offset, data):
         """A write completes: visible now, durable after a flush issued from now on."""
         data = bytes(data)
-        assert 0 <= offset and offset + len(data) <= len(self), (offset, len(data))
+        assert 0 <= offset and offset + len(data) <= len(self) and offset % SECTOR_BYTES == 0, offset
         self[offset:offset + len(data)] = data
         self.seq += 1
         self.unflushed.append((self.seq, writer, offset, data))
@@ -51,20 +59,40 @@ class VolatileDisk(bytearray):
         return self.seq
 
     def flush_done(self, mark):
-        """The flush completes: every write it covers is durable."""
+        """The flush completes: every write it covers is durable (whoever wrote it: the disk's
+        cache is flushed as a whole)."""
         self.stats["flushes"] += 1
         keep = []
         for w in self.unflushed:
             if w[0] <= mark:
-                self.durable[w[2]:w[2] + len(w[3])] = w[3]
+                self._land(*w)
             else:
                 keep.append(w)
         self.unflushed = keep
 
+    def _land(self, seq, writer, offset, data, sectors=None):
+        """Sectors of one write (all, or those listed) reach the medium, except where a newer
+        write of another writer is there already."""
+        first, n = offset // SECTOR_BYTES, len(data) // SECTOR_BYTES
+        dseq, dwriter = self.durable_seq, self.durable_writer
+        if sectors is None and max(dseq[first:first + n]) < seq:      # the usual case, at once
+            self.durable[offset:offset + len(data)] = data
+            dseq[first:first + n] = [seq] * n
+            dwriter[first:first + n] = [writer] * n
+            return
+        for s in range(n) if sectors is None else sectors:
+            i = first + s
+            if dseq[i] > seq and dwriter[i] != writer:
+                continue
+            self.durable[(first + s) * SECTOR_BYTES:(first + s + 1) * SECTOR_BYTES] = \
+                data[s * SECTOR_BYTES:(s + 1) * SECTOR_BYTES]
+            dseq[i], dwriter[i] = seq, writer
+
     def land(self, offset, data):
         """A store the test puts on the medium itself (durable at once), e.g. half a torn write."""
+        self.seq += 1
         self[offset:offset + len(data)] = data
-        self.durable[offset:offset + len(data)] = data
+        self._land(self.seq, None, offset, bytes(data))
 
     def crash(self, writer, rng, worst=False):
         """`writer` lost power: decide the fate of its unflushed writes; the rest stay pending.
@@ -74,20 +102,24 @@ class VolatileDisk(bytearray):
             return
         self.unflushed = [w for w in self.unflushed if w[1] != writer]
         rng.shuffle(mine)
-        for _seq, _w, offset, data in mine:
+        for w in mine:
             fate = 1 if worst else rng.randrange(3)
             if fate == 0:
-                self.durable[offset:offset + len(data)] = data
+                self._land(*w)
             elif fate == 1:
                 self.stats["dropped"] += 1
             else:
                 self.stats["torn"] += 1
-                for s in range(0, len(data), SECTOR_BYTES):
-                    if rng.random() < 0.5:
-                        self.durable[offset + s:offset + s + SECTOR_BYTES] = data[s:s + SECTOR_BYTES]
+                n = len(w[3]) // SECTOR_BYTES
+                self._land(*w, sectors=[s for s in range(n) if rng.random() < 0.5])
         self[:] = self.durable
-        for _seq, _w, offset, data in self.unflushed:    # other controllers' writes stay visible
-            self[offset:offset + len(data)] = data
+        dseq = self.durable_seq
+        for seq, _w, offset, data in self.unflushed:    # other controllers' writes stay visible
+            first = offset // SECTOR_BYTES
+            for s in range(len(data) // SECTOR_BYTES):
+                if dseq[first + s] < seq:
+                    self[offset + s * SECTOR_BYTES:offset + (s + 1) * SECTOR_BYTES] = \
+                        data[s * SECTOR_BYTES:(s + 1) * SECTOR_BYTES]
 
 
 def new_nvram(size_bytes):

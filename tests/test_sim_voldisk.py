@@ -80,3 +80,20 @@ def test_every_rig_loses_stores_it_was_not_asked_to_persist(rig):
     crash(worst=True)
     assert nvram.mem[at:at + 4] == b"keep" and nvram.mem[at + 4096:at + 4100] == bytes(4)
     boot()
+
+
+def test_an_older_unflushed_write_never_lands_over_a_newer_one_of_the_other_writer():
+    """Shared disks (ha): a's write was replaced in the disk's cache by b's newer one; whatever of
+    b's landed at b's crash, a's crash later cannot bring a's older bytes back over it."""
+    fates = set()
+    for seed in range(30):
+        d = VolatileDisk(4096)
+        d.write(0, 0, b"a" * 1024)                  # a's
+        d.write(1, 0, b"b" * 1024)                  # b's, newer, over it
+        d.crash(1, random.Random(seed))
+        landed = [d.durable[i * 512:(i + 1) * 512] == b"b" * 512 for i in range(2)]
+        assert all(d[i * 512:(i + 1) * 512] == (b"b" if landed[i] else b"a") * 512 for i in range(2))
+        d.crash(0, random.Random(seed + 100))
+        assert all(d[i * 512:(i + 1) * 512] == b"b" * 512 for i in range(2) if landed[i])
+        fates.add(tuple(landed))
+    assert len(fates) > 1
