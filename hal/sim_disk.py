@@ -184,10 +184,19 @@ class SimDiskArray:
     def image_without(self, lun, ctrl):
         """LUN `lun` as it would be if controller `ctrl` lost power now: its unflushed writes gone."""
         image = bytearray(self.durable[lun])
-        for w in self.unflushed:
-            if w.lun == lun and w.ctrl != ctrl:
-                image[w.offset:w.offset + len(w.data)] = w.data
+        self._overlay(image, lun, [w for w in self.unflushed if w.lun == lun and w.ctrl != ctrl])
         return image
+
+    def _overlay(self, image, lun, writes):
+        """Unflushed writes over the durable image, each sector only where it landed after the
+        write that is durable there (an older write still cached never hides a newer one)."""
+        seqs = self.durable_seq[lun]
+        for w in writes:                    # in landing order
+            first = w.offset // SECTOR_BYTES
+            for k in range(len(w.data) // SECTOR_BYTES):
+                if seqs[first + k] < w.seq:
+                    image[(first + k) * SECTOR_BYTES:(first + k + 1) * SECTOR_BYTES] = \
+                        w.data[k * SECTOR_BYTES:(k + 1) * SECTOR_BYTES]
 
     def _drop_cache(self, ctrl):
         """ctrl's unflushed writes: each lands whole, not at all, or torn, independently."""
@@ -205,9 +214,7 @@ class SimDiskArray:
         self.stats["unflushed_lost"] += lost
         for lun in luns:                    # what reads see now: the durable image and others' writes
             self.disks[lun][:] = self.durable[lun]
-            for w in keep:
-                if w.lun == lun:
-                    self.disks[lun][w.offset:w.offset + len(w.data)] = w.data
+            self._overlay(self.disks[lun], lun, [w for w in keep if w.lun == lun])
 
     def crash(self, ctrl):
         """Controller `ctrl` lost power: its writes in flight land whole, not at all, or torn, and

@@ -198,7 +198,9 @@ def test_twenty_failover_and_failback_cycles_under_load_lose_nothing(local_pair)
         victim = "a" if cycle % 2 == 0 else "b"
         survivor = "b" if victim == "a" else "a"
         writer.reconnect(pair.socket_path(survivor))       # the host writes through the survivor
-        t = threading.Thread(target=writer.run, args=(100000, rng))
+        # Writes across the kill, the takeover and the restart: 3 s, not a count (on the LUN
+        # the survivor took over alone each write waits for a disk flush).
+        t = threading.Thread(target=writer.run, args=(100000, rng), kwargs={"seconds": 3})
         t.start()
         time.sleep(0.3)
         pair.kill(victim)

@@ -73,7 +73,9 @@ def test_sigkill_of_the_owner_under_load_loses_no_acknowledged_write(local_pair,
     rng = random.Random(11)
     writer.run(3000, rng)                      # warm: data in both NVRAMs, some destaged
     import threading
-    t = threading.Thread(target=writer.run, args=(100000, rng))
+    # Writes go on across the kill and the takeover for 10 s: through b they are written through
+    # to disk once b owns lun0 alone, each answered after a disk flush, so a count would time out.
+    t = threading.Thread(target=writer.run, args=(100000, rng), kwargs={"seconds": 10})
     t.start()
     time.sleep(0.5)
     local_pair.kill("a")

@@ -184,6 +184,21 @@ def test_disk_cache_write_is_visible_at_once_and_durable_only_after_a_flush():
     assert disks.durable[0][:1024] == b"\xaa" * 1024 and disks.durable[0][8192:8704] == bytes(512)
 
 
+def test_disk_cache_an_older_unflushed_write_never_hides_a_newer_durable_one():
+    """Seed 600438 at 300 steps: b's failed destage write (never flushed) of write 18 stayed in
+    b's cache; a later wrote 43 there and flushed it; the failover image laid b's old write over it."""
+    disks = SimDiskArray([64 * 1024], random.Random(3), DiskFaults())
+    old, _ = disks.submit(1, 0, _Write(1, 0, 0, b"\x18" * 512), write=True)
+    disks.complete(old)                             # b's write, never flushed
+    new, _ = disks.submit(0, 0, _Write(2, 0, 0, b"\x43" * 512), write=True)
+    disks.complete(new)
+    flush, _ = disks.submit_flush(0, 0, _Write(3, 0, 0, b""))
+    disks.complete(flush)
+    assert disks.image_without(0, 0)[:512] == b"\x43" * 512
+    disks.crash(0)                                  # rebuilds what reads see: still the newest
+    assert disks.disks[0][:512] == b"\x43" * 512
+
+
 def test_disk_cache_unflushed_writes_of_a_crashed_controller_are_kept_lost_or_torn():
     outcomes = set()
     for seed in range(60):
