@@ -283,6 +283,11 @@ class _Session:
         sb, _slot = N.read_superblock_untrusted(nv, "NVRAM")
         return sb
 
+    def _persist(self, act):
+        """Every NVRAM persist of either end goes out here."""
+        if not self.params.buggify("log_skip_persist"):        # (a broken variant)
+            self.out.append(act)
+
     def _op(self, what):
         op = self.next_op
         self.next_op += 1
@@ -332,7 +337,7 @@ class LogSource(_Session):
         for p in live[:-1]:
             if p.state != FULL:
                 p.state = FULL
-                self.out.append(self.log.write_header(p))
+                self._persist(self.log.write_header(p))
         self.active = live[-1] if live and live[-1].state == FILLING else None
         for p in live:
             if p.state == FULL:
@@ -406,7 +411,7 @@ class LogSource(_Session):
                 return
             seq = self.next_seq
             self.next_seq += 1
-            self.out.append(self.log.append(part, seq, lun, offset + at, chunk))
+            self._persist(self.log.append(part, seq, lun, offset + at, chunk))
             last = seq
         self.stats["host_writes"] += 1
         if self.link.up and self.gap is None:
@@ -432,7 +437,7 @@ class LogSource(_Session):
             return None
         nxt = min(free, key=lambda p: p.index if p.state == EMPTY else p.first_seq)
         nxt.state, nxt.first_seq, nxt.entries, nxt.used, nxt.started_ms = FILLING, self.next_seq, [], PART_HEAD, self.now_ms
-        self.out.append(self.log.write_header(nxt))
+        self._persist(self.log.write_header(nxt))
         self.active = nxt
         return nxt
 
@@ -444,7 +449,7 @@ class LogSource(_Session):
     def _close(self, part):
         """The active partition is full (or its timer fired): apply it, then a consistency point."""
         part.state = FULL
-        self.out.append(self.log.write_header(part))
+        self._persist(self.log.write_header(part))
         self.out.append(A.Notify("consistency_point_start", partition=part.index, first_seq=part.first_seq,
                                  last_seq=part.last_seq))
         if self.active is part:
@@ -467,8 +472,9 @@ class LogSource(_Session):
         if not self.apply_waves:
             luns = sorted({e.lun for e in part.entries})
             self.apply_left = len(luns)
-            if not luns:
+            if not luns or self.params.buggify("log_destage_no_flush"):     # (a broken variant)
                 self._applied(part)
+                return
             for lun in luns:
                 self.out.append(A.DiskFlush(self._op(("flush", part)), lun))
             return
@@ -506,7 +512,7 @@ class LogSource(_Session):
         self.out.append(A.Notify("consistency_point", partition=part.index, first_seq=part.first_seq,
                                  last_seq=part.last_seq))
         part.state = APPLIED
-        self.out.append(self.log.write_header(part))
+        self._persist(self.log.write_header(part))
         if self.resumed and self.gap is None:
             self._send_cp()
         self._pump_apply()
@@ -765,13 +771,22 @@ class LogDestination(_Session):
         feed.recovered_nvram = [e for e in feed.part.entries]
         self.out.append(A.Notify("recovering", source=feed.p.name, nvram_entries=len(feed.part.entries),
                                  torn_entries=torn))
+        # After a kill of this process (not a power cut) the file may show records and a header
+        # still in the disk's volatile cache: flush it before they are trusted to drop entries from
+        # NVRAM, or a power cut later takes records whose entries are gone from here.
+        self.out.append(A.DiskFlush(self._op(("boot_flush", feed)), feed.p.journal_disk))
+
+    def _boot_flushed(self, feed, error):
+        if error:
+            self.out.append(A.Notify("journal_error", source=feed.p.name, error=error))
+            return
         self.out.append(A.DiskRead(self._op(("header", feed)), feed.p.journal_disk, 0,
                                    LF.HEADER_BYTES * LF.HEADER_SLOTS))
 
     def _reset_partition(self, feed, first_seq):
         part = feed.part
         part.state, part.first_seq, part.entries, part.used = FILLING, first_seq, [], PART_HEAD
-        self.out.append(self.log.write_header(part))
+        self._persist(self.log.write_header(part))
 
     def _header_read(self, feed, error, data):
         if error:
@@ -972,7 +987,7 @@ class LogDestination(_Session):
         if not self._room(feed, len(data)):
             feed.early[seq] = (lun, offset, bytes(data))     # waits (unacknowledged) for filing
             return
-        self.out.append(self.log.append(feed.part, seq, lun, offset, data))
+        self._persist(self.log.append(feed.part, seq, lun, offset, data))
         feed.staged.append(feed.part.entries[-1])
         feed.expected = seq + 1
         self.stats["entries_stored"] += 1
@@ -1015,6 +1030,9 @@ class LogDestination(_Session):
         feed.filing_batch = batch
 
     def _filed_writes_done(self, feed):
+        if self.params.buggify("log_destage_no_flush"):     # (a broken variant)
+            self._filed(feed)
+            return
         self.out.append(A.DiskFlush(self._op(("file_flush", feed)), feed.p.journal_disk))
 
     def _filed(self, feed):
@@ -1038,11 +1056,15 @@ class LogDestination(_Session):
     # -- consistency points: the file -> the image volume ---------------------------------
 
     def recover(self, name=None):
-        """After a disaster at the source: apply every request in the file to the image."""
+        """After a disaster at the source: apply every request this side acknowledged to the image.
+
+        Through the last one stored, not the last one filed: with the file ring full, entries wait
+        in NVRAM for the space this very consistency point frees, and are applied as they are filed
+        (recovering only what was filed when it was called left an acknowledged write out)."""
         for feed in self.feeds:
             if name is None or feed.p.name == name:
-                feed.cp_target = max(feed.cp_target, feed.filed_seq)
-                self.out.append(A.Notify("recover_start", source=feed.p.name, through_seq=feed.filed_seq,
+                feed.cp_target = max(feed.cp_target, feed.expected - 1)
+                self.out.append(A.Notify("recover_start", source=feed.p.name, through_seq=feed.expected - 1,
                                          records=len(feed.records)))
                 self._pump_cp(feed)
         return self._take()
@@ -1077,7 +1099,9 @@ class LogDestination(_Session):
                 self.out.append(A.DiskWrite(self._op(("cp", feed)), feed.p.image_disks[r.lun], r.offset,
                                             cp["data"][r.seq]))
             return
-        if cp["stage"] == "write":
+        if cp["stage"] == "write" and self.params.buggify("log_destage_no_flush"):     # (a broken variant)
+            cp["stage"] = "flush"
+        elif cp["stage"] == "write":
             cp["stage"] = "flush"
             disks = sorted({feed.p.image_disks[r.lun] for r in cp["records"]})
             cp["left"] = len(disks)
@@ -1094,7 +1118,9 @@ class LogDestination(_Session):
             cp["left"] = 1
             self._write_header(feed, ("cp", feed), cp["through"], head, cp["through"] + 1, feed.cp_count + 1)
             return
-        if cp["stage"] == "header":
+        if cp["stage"] == "header" and self.params.buggify("log_destage_no_flush"):    # (a broken variant)
+            cp["stage"] = "header_flush"
+        elif cp["stage"] == "header":
             cp["stage"] = "header_flush"
             cp["left"] = 1
             self.out.append(A.DiskFlush(self._op(("cp", feed)), feed.p.journal_disk))
@@ -1114,7 +1140,9 @@ class LogDestination(_Session):
 
     def disk_done(self, op, error, data):
         kind, what = self.ops.pop(op)
-        if kind == "header":
+        if kind == "boot_flush":
+            self._boot_flushed(what, error)
+        elif kind == "header":
             self._header_read(what, error, data)
         elif kind == "header_init":
             if error:

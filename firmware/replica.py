@@ -274,6 +274,14 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
             return None
         return True
 
+    def _persist(self, rng):
+        if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)
+            super()._persist(rng)
+
+    def _persist_runs(self, ranges, data=False):
+        if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)
+            super()._persist_runs(ranges, data)
+
     def _release_held(self):
         held, self.held = self.held, collections.deque()
         for entry in held:

@@ -6,14 +6,18 @@ unchanged LogSource and LogDestination run on the in-memory rig
 (hal/sim_logrig.py); frames wait on the wires and are delivered a few at a
 time, so acknowledgements, crashes and cuts interleave.
 
-Faults: crash and restart of a source or of the destination, link cut and
-reconnect, disks that hang and resume (writes, flushes and reads park), and
-once per run perhaps a disaster: a source lost for good, after which the
+Faults: crash (a power cut or a kill of the process: see _crash; the rig's
+disks have a volatile write cache) and restart of a source or of the
+destination, link cut and reconnect, disks that hang and resume (writes,
+flushes and reads park), and once per run perhaps a disaster: a source lost for good, after which the
 destination recovers its image from the file.
 
 Checkers (separate from the workload):
   - a read at a source returns, for every sector, the latest acknowledged
     write or a newer one already issued;
+  - a write acknowledged through the destination is held there at that
+    instant (image, file or NVRAM), and still after a restart of the
+    destination;
   - after a disaster, the recovered image holds every write acknowledged as
     shipped (acknowledged through the destination's ack) or a newer one;
     writes acknowledged by a source alone (link down: degraded) are exempt;
@@ -30,7 +34,12 @@ from firmware.logship import SECTOR
 
 from .sim_logrig import MemLog
 
-BROKEN_SITES = ("log_ack_before_ship", "log_skip_resend", "log_reuse_unshipped")
+# Deliberately broken firmware variants, each with the probability its site fires at:
+# log_skip_persist: an NVRAM persist of either end is not issued;
+# log_destage_no_flush: applying a partition, filing and a consistency point skip their disk flushes.
+BROKEN_P = {"log_ack_before_ship": 1.0, "log_skip_resend": 1.0, "log_reuse_unshipped": 1.0,
+            "log_skip_persist": 0.3, "log_destage_no_flush": 1.0}
+BROKEN_SITES = tuple(BROKEN_P)
 LUN_BYTES = 128 * 1024
 VERSION = struct.Struct(">QII")          # version, lun, sector: what every sector written says
 
@@ -97,10 +106,13 @@ class LogSim:
         assert broken is None or broken in BROKEN_SITES, broken
         self.seed, self.steps, self.broken = seed, steps, broken
         rng = self.rng = random.Random(seed)
+        # crash fates and broken sites draw from their own streams: the schedule stays the seed's
+        self.buggify_rng = random.Random(seed * 2 + 1)
         self.rig = MemLog(sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
+                          seed=seed * 2, buggify=self._buggify if broken else None,
                           journal_bytes=rng.choice([96 * 1024, 256 * 1024, 1 << 20]),
                           log_partition_bytes=rng.choice([16 * 1024, 32 * 1024, 64 * 1024]),
-                          cp_interval_ms=rng.choice([30, 200, 10 ** 9]), broken=broken)
+                          cp_interval_ms=rng.choice([30, 200, 10 ** 9]))
         self.model = Model()
         self.version = 0
         self.pending = {}          # req -> (source, lun, first sector, sectors, version)
@@ -108,11 +120,15 @@ class LogSim:
         self.next_req = 0
         self.lost = set()          # sources lost for good (disaster)
         self.down = {}             # what is down -> step it comes back
+        self.killed = set()        # ends whose process died, power still on: ("src", k), ("dst", None)
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "stalls": 0, "disasters": 0, "frames": 0}
         for k in range(self.rig.n):
             self.rig.connect(k)
+
+    def _buggify(self, site):
+        return site == self.broken and self.buggify_rng.random() < BROKEN_P[site]
 
     # -- driving the rig, classifying host replies -------------------------------------
 
@@ -132,12 +148,51 @@ class LogSim:
                 self.stats["shipped_acks"] += shipped
                 for s in range(first, first + count):
                     self.model.ack((k, lun, s), version, shipped)
+                if shipped:
+                    self._check_held(k, lun, first, count, version)
             elif req in self.reads:
                 k, lun, first, floor = self.reads.pop(req)
                 if err:
                     raise LogSimFailure(f"read {req} at source {k} failed with {err}")
                 for i, v in enumerate(decode(data, lun, first, f"read at source {k}")):
                     self.model.check(f"read at source {k}", (k, lun, first + i), v, floor)
+
+    def _check_held(self, k, lun, first, count, version):
+        """A write acknowledged through the destination is held there now: in its image, its file
+        or its NVRAM (what a recovery at this instant would apply), at this version or newer."""
+        view = self._held_view(k, lun, first * SECTOR, (first + count) * SECTOR)
+        if view is not None:
+            floor = {(k, lun, first + i): version for i in range(count)}
+            self._check_view(view, k, lun, first, floor, "write acknowledged through the destination")
+
+    def _check_destination(self):
+        """After a restart of the destination: it still holds every write it acknowledged."""
+        for k in range(self.rig.n):
+            for lun in range(self.rig.luns):
+                view = self._held_view(k, lun, 0, LUN_BYTES)
+                if view is not None:
+                    self._check_view(view, k, lun, 0, self.model.shipped, "the restarted destination")
+
+    def _check_view(self, view, k, lun, first, floor, what):
+        what = f"{what}, at the destination (source {k})"
+        for i, v in enumerate(decode(view, lun, first, what)):
+            self.model.check(what, (k, lun, first + i), v, floor)
+
+    def _held_view(self, k, lun, lo, hi):
+        """Bytes [lo, hi) of source k's LUN as the destination holds them: image, then the file's
+        records not yet applied, then the entries in its NVRAM; None while it is not ready."""
+        r = self.rig
+        if r.dst is None or not r.dst.feeds[k].ready:
+            return None
+        feed = r.dst.feeds[k]
+        view = bytearray(r.image(k, lun)[lo:hi])
+        journal = r.dst_disks[feed.p.journal_disk]
+        for entries, media in ((feed.records, journal), (feed.staged, r.dst_nv)):
+            for e in entries:
+                a, b = max(lo, e.offset), min(hi, e.offset + e.length)
+                if e.lun == lun and a < b:
+                    view[a - lo:b - lo] = media[e.data_off + a - e.offset:e.data_off + b - e.offset]
+        return view
 
     def _live(self):
         return [k for k in range(self.rig.n) if k not in self.lost and self.rig.src[k] is not None]
@@ -212,13 +267,13 @@ class LogSim:
         kind = rng.choice(["crash_src", "crash_dst", "cut", "stall", "stall"])
         if kind == "crash_src" and self._live():
             k = rng.choice(self._live())
-            r.crash_source(k)
+            self._crash(('src', k))
             self._collect()
             self._forget_requests(k)
             self.down[("src", k)] = step + rng.randrange(1, 20)
         elif kind == "crash_dst" and r.dst is not None:
             self._unstall()
-            r.crash_destination()
+            self._crash(('dst', None))
             self._collect()
             self.down[("dst", None)] = step + rng.randrange(1, 20)
         elif kind == "cut":
@@ -234,6 +289,26 @@ class LogSim:
         else:
             return
         self.stats["crashes" if kind.startswith("crash") else kind + "s"] += 1
+
+    def _crash(self, who):
+        """A crash is a power cut of that end (NVRAM stores not persisted and disk writes not
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
+        the disks' caches); a killed end's power goes too before its restart half the time, else
+        the next power cut decides. Drawn from the rig's crash stream."""
+        r = self.rig
+        power = r.rng.random() < 0.5
+        if who[0] == "src":
+            r.crash_source(who[1], power=power)
+        else:
+            r.crash_destination(power=power)
+        if not power:
+            self.killed.add(who)
+
+    def _before_boot(self, who):
+        if who in self.killed:
+            self.killed.discard(who)
+            if self.rig.rng.random() < 0.5:
+                self.rig.power_cut(who)
 
     def _forget_requests(self, k):
         """A crashed source never answers what it held: those writes stay issued, unacknowledged."""
@@ -257,14 +332,17 @@ class LogSim:
             del self.down[what]
             side, k = what
             if side == "src" and k not in self.lost:
+                self._before_boot(what)
                 r.boot_source(k)
                 self._collect()
                 if r.dst is not None:
                     r.connect(k)
                     self._collect()
             elif side == "dst":
+                self._before_boot(what)
                 r.boot_destination()
                 self._collect()
+                self._check_destination()
                 for j in self._live():
                     if ("cut", j) not in self.down:
                         r.connect(j)
@@ -287,6 +365,7 @@ class LogSim:
         self._forget_requests(k)
         if r.dst is None:
             self.down.pop(("dst", None), None)
+            self._before_boot(("dst", None))
             r.boot_destination()
             self._collect()
         self.heal(10 ** 9, everything=False)

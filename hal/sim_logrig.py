@@ -3,17 +3,25 @@
 Used by the firmware tests (through fixtures/memlog.py) and by the replica-mode
 simulator (hal/sim_log.py), which adds the fault schedule and the checkers.
 
-NVRAM and disks are bytearrays, each link is two queues of whole frames,
-disk I/O completes at once (or parks while `stall` is set, like a hung
-disk). Firmware tests of replica mode's NVRAM-log variant drive exact
-sequences with it: crash and restart of either end, link cuts, torn entries.
+Each link is two queues of whole frames, disk I/O completes at once (or
+parks while `stall` is set, like a hung disk). Firmware tests of replica
+mode's NVRAM-log variant drive exact sequences with it: crash and restart of
+either end, link cuts, torn entries.
+
+NVRAM and disks crash as hal/sim_voldisk.py says: a crash of an end loses
+(keeps, or tears) its NVRAM stores it did not persist and its disk writes no
+flush covered, decided by the rig's own random.Random(seed). `src_nv[k]` and
+`dst_nv` are the NVRAMs' memory; the disks are what reads see.
 """
 import collections
+import random
 
 from firmware import actions as A
 from firmware.controller import Params, format_nvram, nvram_is_blank
 from firmware.formats import frame as F
 from firmware.logship import DEST_ID, SOURCE_ID, FeedParams, LogDestination, LogParams, LogSource
+
+from .sim_voldisk import UnknownAction, VolatileDisk, new_nvram, power_on
 
 KEY = bytes(range(32))
 SECTOR = 512
@@ -28,24 +36,28 @@ class MemLog:
     source, image disks and a journal disk."""
 
     def __init__(self, sources=1, luns=2, lun_size=1 << 20, nvram_size=2 << 20, journal_bytes=4 << 20,
-                 cp_interval_ms=10**9, log_partition_bytes=None, broken=None):
+                 cp_interval_ms=10**9, log_partition_bytes=None, broken=None, buggify=None, seed=0):
         self.n = sources
         self.luns = luns
         self.lun_size = lun_size
         self.journal_bytes = journal_bytes
         self.now_ms = 0
-        self.src_nv = [bytearray(nvram_size) for _ in range(sources)]
-        self.dst_nv = bytearray(nvram_size)
-        self.src_disks = [[bytearray(lun_size) for _ in range(luns)] for _ in range(sources)]
+        self.rng = random.Random(seed)            # crash fates only
+        self.src_nvram = [new_nvram(nvram_size) for _ in range(sources)]
+        self.dst_nvram = new_nvram(nvram_size)
+        self.src_nv = [n.mem for n in self.src_nvram]
+        self.dst_nv = self.dst_nvram.mem
+        self.src_disks = [[VolatileDisk(lun_size) for _ in range(luns)] for _ in range(sources)]
         self.dst_disks = []
         self.feeds = []
         for k in range(sources):
             images = list(range(len(self.dst_disks), len(self.dst_disks) + luns))
-            self.dst_disks += [bytearray(lun_size) for _ in range(luns)]
-            self.dst_disks.append(bytearray(journal_bytes))
+            self.dst_disks += [VolatileDisk(lun_size) for _ in range(luns)]
+            self.dst_disks.append(VolatileDisk(journal_bytes))
             self.feeds.append(FeedParams(k, pair_id(k), KEY, [lun_size] * luns, images, images[-1] + 1,
                                          journal_bytes, partition=k, name=f"s{k}"))
-        buggify = (lambda site: site == broken) if broken else None
+        if buggify is None and broken:
+            buggify = lambda site: site == broken      # noqa: E731
         self.params = [LogParams(pair_id(k), [lun_size] * luns, source_id=k, cp_interval_ms=cp_interval_ms,
                                  buggify=buggify) for k in range(sources)]
         self.log_partition_bytes = log_partition_bytes
@@ -57,37 +69,58 @@ class MemLog:
         self.replies = {}
         self.notes = collections.defaultdict(list)
         self.stalled = None
+        self.held_flushes = None      # a list while flushes are held: (who, ctrl, op, disk, mark)
         for k in range(sources):
             self.boot_source(k)
         self.boot_destination()
 
-    def _format(self, nv, controller_id, pid):
+    def _format(self, nvram, controller_id, pid):
+        power_on(nvram)
+        nv = nvram.mem
         if nvram_is_blank(memoryview(nv)):
             from firmware.formats import nvram as N
             fields = N.plan_layout(len(nv), 4096, controller_id, pid,
                                    log_partition_bytes=self.log_partition_bytes)
             nv[0:256] = N.build_superblock(fields)
+            nvram.persist(0, 256)
 
     def boot_source(self, k):
-        self._format(self.src_nv[k], SOURCE_ID, pair_id(k))
-        self.src[k] = LogSource(self.params[k], memoryview(self.src_nv[k]), KEY, self.now_ms)
+        self._format(self.src_nvram[k], SOURCE_ID, pair_id(k))
+        self.src[k] = LogSource(self.params[k], self.src_nvram[k].buffer, KEY, self.now_ms)
         self.run(("src", k), self.src[k].start())
 
     def boot_destination(self):
-        self._format(self.dst_nv, DEST_ID, bytes(16))
-        self.dst = LogDestination(LogParams(bytes(16), [], buggify=self.params[0].buggify), self.feeds, memoryview(self.dst_nv), self.now_ms)
+        self._format(self.dst_nvram, DEST_ID, bytes(16))
+        self.dst = LogDestination(LogParams(bytes(16), [], buggify=self.params[0].buggify), self.feeds,
+                                  self.dst_nvram.buffer, self.now_ms)
         self.run(("dst", None), self.dst.start())
 
-    def crash_source(self, k):
+    def crash_source(self, k, worst=False, power=True):
+        """Source k loses power: its parked I/O, unpersisted NVRAM stores and unflushed disk writes
+        meet their fate (worst: every store and write that can be lost is). power=False: only its
+        process dies (a kill); NVRAM and the disks' caches keep everything until a power cut."""
         self._settle_parked(("src", k))
         self.src[k] = None
+        if power:
+            self.power_cut(("src", k), worst)
         self._cut(k)
 
-    def crash_destination(self):
+    def crash_destination(self, worst=False, power=True):
         self._settle_parked(("dst", None))
         self.dst = None
+        if power:
+            self.power_cut(("dst", None), worst)
         for k in range(self.n):
             self._cut(k)
+
+    def power_cut(self, who, worst=False):
+        """The power of ("src", k) or ("dst", None) goes (its process is dead already, or dies now)."""
+        assert self._ctrl(who) is None
+        side, k = who
+        nvram = self.src_nvram[k] if side == "src" else self.dst_nvram
+        nvram.crash(self.rng, *((0.0, 1.0) if worst else ()))
+        for disk in self._disks(who):
+            disk.crash(who, self.rng, worst)
 
     def _cut(self, k):
         self.wire_to_dst[k].clear()
@@ -129,7 +162,9 @@ class MemLog:
         disks = self._disks(who)
         for act in actions:
             kind = act.__class__
-            if kind is A.Transmit:
+            if kind is A.Persist:
+                (self.src_nvram[k] if side == "src" else self.dst_nvram).persist(act.offset, act.length)
+            elif kind is A.Transmit:
                 link = k if side == "src" else act.link
                 if self.connected[link]:
                     wire = self.wire_to_dst[link] if side == "src" else self.wire_to_src[link]
@@ -137,44 +172,68 @@ class MemLog:
             elif kind is A.HostReply:
                 self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
             elif self.stalled is not None and kind in (A.DiskWrite, A.DiskFlush, A.DiskRead):
-                self.stalled.append((who, self._ctrl(who), act))
+                # a flush covers the writes completed when it is issued, not when the disk resumes
+                mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
+                self.stalled.append((who, self._ctrl(who), act, mark))
             elif kind is A.DiskRead:
                 done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
             elif kind is A.DiskWrite:
-                disks[act.lun][act.offset:act.offset + len(act.data)] = act.data
+                disks[act.lun].write(who, act.offset, act.data)
                 done.append((act.op, 0, None))
+            elif kind is A.DiskFlush and self.held_flushes is not None:
+                disk = disks[act.lun]
+                self.held_flushes.append((who, self._ctrl(who), act.op, disk, disk.flush_mark()))
             elif kind is A.DiskFlush:
+                disk = disks[act.lun]
+                disk.flush_done(disk.flush_mark())
                 done.append((act.op, 0, None))
             elif kind is A.Notify:
                 self.notes[who].append((act.kind, act.fields))
             elif kind is A.LinkReset:
                 self._cut(k if side == "src" else act.link)
+            else:
+                raise UnknownAction(f"{side} {k} asked for an unknown action {act!r}")
 
     def _settle_parked(self, who):
-        """A controller dies: its parked disk writes land now (a power cut comes after them, never
-        in the middle of the next incarnation's I/O); nothing of it completes."""
+        """A controller dies: its parked disk writes reach the disk's cache now (the power cut then
+        decides their fate, never in the middle of the next incarnation's I/O); nothing of it
+        completes, and its parked flushes never happen."""
         if self.stalled is None:
             return
         keep = []
         for entry in self.stalled:
-            w, _ctrl, act = entry
+            w, _ctrl, act, _mark = entry
             if w != who:
                 keep.append(entry)
             elif act.__class__ is A.DiskWrite:
-                self._disks(w)[act.lun][act.offset:act.offset + len(act.data)] = act.data
+                self._disks(w)[act.lun].write(w, act.offset, act.data)
         self.stalled = keep
+
+    def hold_flushes(self):
+        """Disk flushes from now on neither complete nor make anything durable until release_flushes()
+        (writes and reads go on)."""
+        self.held_flushes = []
+
+    def release_flushes(self):
+        held, self.held_flushes = self.held_flushes, None
+        for who, ctrl, op, disk, mark in held:
+            if self._ctrl(who) is ctrl:     # a crashed controller's flush never completes
+                disk.flush_done(mark)
+                self.run(who, ctrl.disk_done(op, 0, None))
 
     def stall(self):
         self.stalled = []
 
     def unstall(self):
         stalled, self.stalled = self.stalled, None
-        for who, ctrl, act in stalled:
-            if self._ctrl(who) is ctrl:
+        for who, ctrl, act, mark in stalled:
+            if self._ctrl(who) is not ctrl:         # its controller died: _settle_parked saw to it
+                continue
+            if act.__class__ is A.DiskFlush:
+                self._disks(who)[act.lun].flush_done(mark)
+                self.run(who, ctrl.disk_done(act.op, 0, None))
+            else:
                 self.run(who, [act])
-            elif act.__class__ is A.DiskWrite:      # its controller died: the write still lands
-                disks = self._disks(who)
-                disks[act.lun][act.offset:act.offset + len(act.data)] = act.data
 
     def deliver(self, limit=1_000_000):
         while limit and any(self.wire_to_dst[k] or self.wire_to_src[k] for k in range(self.n)):

@@ -6,8 +6,10 @@ in-memory replica pair (hal/sim_replicarig.py); frames wait on the wire and
 are delivered a few at a time, so acknowledgements, crashes and cuts
 interleave.
 
-Faults: crash and restart of the secondary (quick resync), crash of the
-primary followed either by its restart or by promotion of the secondary
+Faults: crash (a power cut, or a kill of the process: see _crash; the rig's
+disks have a volatile write cache) and restart of the secondary (quick
+resync), disks that hang and resume (reads, writes and flushes park), crash
+of the primary followed either by its restart or by promotion of the secondary
 (the old primary returns as secondary, or as the other half of a split
 brain, resolved by policy), link cut and reconnect, time passing (destage,
 destaged-range messages).
@@ -31,7 +33,14 @@ from .sim_replicarig import MemReplicaPair
 SECTOR = 512
 LUN_BYTES = 256 * 1024
 LUNS = 2
-BROKEN_SITES = ("replica_skip_copy",)   # the primary acknowledges a write it never copied to the peer
+# Deliberately broken firmware variants, each with the probability its site fires at:
+# replica_skip_copy: the primary acknowledges a write it never copied to the peer;
+# replica_skip_persist: an NVRAM persist is not issued (its stores may be lost at a crash);
+# replica_destage_no_flush: destaged lines are freed and announced without a disk flush (the
+# site is destage_no_flush in the destage code replica mode shares with ha: firmware/destage.py).
+BROKEN_P = {"replica_skip_copy": 1.0, "replica_skip_persist": 0.3, "replica_destage_no_flush": 1.0}
+BROKEN_SITES = tuple(BROKEN_P)
+SITE_OF = {"replica_destage_no_flush": "destage_no_flush"}
 
 
 class ReplicaSimResult:
@@ -50,11 +59,13 @@ class ReplicaSim:
         assert broken is None or broken in BROKEN_SITES, broken
         self.seed, self.steps, self.broken = seed, steps, broken
         rng = self.rng = random.Random(seed)
-        self.rig = MemReplicaPair(luns=LUNS, lun_size=LUN_BYTES, nvram_size=2 << 20,
+        # crash fates and broken sites draw from their own streams: the schedule stays the seed's
+        self.buggify_rng = random.Random(seed * 2 + 1)
+        self.rig = MemReplicaPair(seed=seed * 2,luns=LUNS, lun_size=LUN_BYTES, nvram_size=2 << 20,
                                   ack=rng.choice(["cache", "nvram", "disk"]),
                                   range_bytes=rng.choice([4096, 16384, 65536]),
                                   idle_flush_ms=rng.choice([50, 500]),
-                                  buggify=(lambda site: site == broken) if broken else None)
+                                  buggify=self._buggify if broken else None)
         self.model = Model()
         self.version = 0
         self.primary = 0                  # where the hosts send their I/O
@@ -62,10 +73,15 @@ class ReplicaSim:
         self.reads = {}
         self.next_req = 0
         self.down = {}                    # what is down -> step it comes back
+        self.killed = set()               # controllers whose process died, power still on
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
-                      "promotions": 0, "split_brains": 0, "frames": 0}
+                      "promotions": 0, "split_brains": 0, "frames": 0, "stalls": 0}
         self.rig.connect()
+
+    def _buggify(self, site):
+        return (site == SITE_OF.get(self.broken, self.broken)
+                and self.buggify_rng.random() < BROKEN_P[self.broken])
 
     # -- replies ---------------------------------------------------------------------
 
@@ -150,19 +166,20 @@ class ReplicaSim:
 
     def fault(self, step):
         rng, r = self.rng, self.rig
-        kind = rng.choice(["crash_secondary", "crash_primary", "cut"])
+        kind = rng.choice(["crash_secondary", "crash_primary", "cut", "stall"])
         p, s = self.primary, 1 - self.primary
         if kind == "crash_secondary" and self._alive(s):
-            r.crash(s)
+            self._crash(s)
             self._collect()
             self.down[("boot", s)] = step + rng.randrange(1, 30)
             self.stats["crashes"] += 1
         elif kind == "crash_primary" and self._alive(p) and self._alive(s) and not any(
                 k == "boot" for k, _ in self.down):       # with the link up, or cut (then: split brain)
-            r.crash(p)
+            self._crash(p)
             self._collect()
             self._forget()
             self.stats["crashes"] += 1
+            self._unstall()                               # a promotion reads the whole LUN
             if rng.random() < 0.5 and r.ctrl[s].status()["role"] == "secondary" and self._promote(s):
                 self.down[("boot", p)] = step + rng.randrange(5, 40)
             else:
@@ -172,6 +189,35 @@ class ReplicaSim:
             self._collect()
             self.down[("connect", None)] = step + rng.randrange(1, 30)
             self.stats["cuts"] += 1
+        elif kind == "stall" and r.stalled is None:
+            r.stall()
+            self.down[("stall", None)] = step + rng.randrange(1, 10)
+            self.stats["stalls"] += 1
+
+    def _unstall(self):
+        if self.rig.stalled is not None:
+            self.down.pop(("stall", None), None)
+            self.rig.unstall()
+            self._collect()
+
+    def _crash(self, i):
+        """A crash is a power cut of the controller (NVRAM stores not persisted and disk writes not
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
+        the disks' caches); a killed controller's power goes too before its restart half the
+        time, else the next power cut decides. Drawn from the rig's crash stream."""
+        r = self.rig
+        power = r.rng.random() < 0.5
+        r.crash(i, power=power)
+        if not power:
+            self.killed.add(i)
+
+    def _boot(self, i):
+        r = self.rig
+        if i in self.killed:
+            self.killed.discard(i)
+            if r.rng.random() < 0.5:
+                r.power_cut(i)
+        r.boot(i)
 
     def _promote(self, s):
         r = self.rig
@@ -196,8 +242,12 @@ class ReplicaSim:
                 continue
             del self.down[what]
             kind, i = what
+            if kind == "stall":
+                self.rig.unstall()
+                self._collect()
+                continue
             if kind == "boot":
-                r.boot(i)
+                self._boot(i)
                 self._collect()
             if all(self._alive(j) for j in range(2)) and ("connect", None) not in self.down:
                 r.connect()
@@ -264,7 +314,7 @@ class ReplicaSim:
         self.heal(10 ** 9, everything=True)
         for i in range(2):
             if not self._alive(i):
-                r.boot(i)
+                self._boot(i)
                 self._collect()
         r.connect()
         self._collect(shipped=True)

@@ -1,18 +1,25 @@
 """An in-memory replica pair: two ReplicaControllers, each with its own disks.
 
-Like fixtures/mempair.py (bytearray NVRAM and disks, a link of two frame
-queues, disk I/O completing at once), but in replica mode: every controller
-owns its disks. `hold_acks`/`drop` let a test stop frames on the wire; uuids
-come from a seeded counter per controller and boot, so runs repeat exactly.
-Used by the firmware tests (fixtures/mem_replica.py) and the bitmap-variant
-simulator (hal/sim_replica.py).
+Like fixtures/mempair.py (a link of two frame queues, disk I/O completing at
+once), but in replica mode: every controller owns its disks. uuids come from
+a seeded counter per controller and boot, so runs repeat exactly. Used by the
+firmware tests (fixtures/mem_replica.py) and the bitmap-variant simulator
+(hal/sim_replica.py).
+
+NVRAM and disks crash as hal/sim_voldisk.py says: `crash(i)` loses (keeps,
+or tears) controller i's NVRAM stores it did not persist and its disk writes
+no flush covered, decided by the rig's own random.Random(seed). `nv[i]` is
+the NVRAM's memory; `disks[i][lun]` what reads see.
 """
 import collections
+import random
 
 from firmware import actions as A
 from firmware.controller import Params, format_nvram, nvram_is_blank
 from firmware.replica import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
+
+from .sim_voldisk import UnknownAction, VolatileDisk, new_nvram, power_on
 
 KEY = bytes(range(32))
 PAIR_ID = bytes.fromhex("0123456789abcdef0123456789abcdef")
@@ -24,10 +31,12 @@ def split_frames(buffers):
 
 class MemReplicaPair:
     def __init__(self, luns=2, lun_size=1 << 20, nvram_size=4 << 20, block_size=4096, ack="cache",
-                 range_bytes=64 << 10, auto_promote_after_ms=0, resync_rate_bytes_s=0, **params):
+                 range_bytes=64 << 10, auto_promote_after_ms=0, resync_rate_bytes_s=0, seed=0, **params):
         self.lun_size = lun_size
-        self.nv = [bytearray(nvram_size) for _ in range(2)]
-        self.disks = [[bytearray(lun_size) for _ in range(luns)] for _ in range(2)]
+        self.rng = random.Random(seed)            # crash fates only
+        self.nvram = [new_nvram(nvram_size) for _ in range(2)]
+        self.nv = [n.mem for n in self.nvram]
+        self.disks = [[VolatileDisk(lun_size) for _ in range(luns)] for _ in range(2)]
         self.boots = [0, 0]
         self.uuid_counter = [0, 0]
         self.settings = dict(ack=ack, range_bytes=range_bytes, auto_promote_after_ms=auto_promote_after_ms,
@@ -39,6 +48,8 @@ class MemReplicaPair:
         self.notes = [[], []]
         self.now_ms = 0
         self.disk_writes = [0, 0]
+        self.held_flushes = None          # a list while flushes are held: (i, ctrl, op, disk, mark)
+        self.stalled = None               # a list while the disks hang: (i, ctrl, act, flush mark)
         for i in range(2):
             self.boot(i)
 
@@ -52,19 +63,35 @@ class MemReplicaPair:
 
     def boot(self, i):
         self.boots[i] += 1
-        nv = memoryview(self.nv[i])
+        nvram = self.nvram[i]
+        power_on(nvram)
+        nv = nvram.buffer
         if nvram_is_blank(nv):
-            format_nvram(nv, self.params[i])
+            for offset, length in format_nvram(nv, self.params[i]):
+                nvram.persist(offset, length)
         self.ctrl[i] = ReplicaController(self.params[i], nv, KEY, self.now_ms)
         self.wire[i].clear()
         self.run(i, self.ctrl[i].start())
 
-    def crash(self, i):
+    def crash(self, i, worst=False, power=True):
+        """Controller i loses power: unpersisted NVRAM stores and unflushed disk writes meet their
+        fate (worst: all of them are lost). power=False: only its process dies (a kill); NVRAM and
+        the disks' caches keep everything, and a later power cut decides it."""
+        self._settle_parked(i)
         self.ctrl[i] = None
+        if power:
+            self.power_cut(i, worst)
         self.wire[0].clear()
         self.wire[1].clear()
         if self.ctrl[1 - i] is not None and self.ctrl[1 - i].link.state != "down":
             self.run(1 - i, self.ctrl[1 - i].link_disconnected("peer crashed"))
+
+    def power_cut(self, i, worst=False):
+        """The power of controller i goes (its process is dead already, or dies now)."""
+        assert self.ctrl[i] is None
+        self.nvram[i].crash(self.rng, *((0.0, 1.0) if worst else ()))
+        for disk in self.disks[i]:
+            disk.crash(i, self.rng, worst)
 
     def run(self, i, actions):
         done = collections.deque()
@@ -78,22 +105,77 @@ class MemReplicaPair:
         disks = self.disks[i]
         for act in actions:
             kind = act.__class__
-            if kind is A.Transmit:
+            if kind is A.Persist:
+                self.nvram[i].persist(act.offset, act.length)
+            elif kind is A.Transmit:
                 self.wire[1 - i].extend(split_frames(act.buffers))
             elif kind is A.HostReply:
                 self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
+            elif self.stalled is not None and kind in (A.DiskWrite, A.DiskFlush, A.DiskRead):
+                # the write's data is taken now (DMA); a flush covers what completed before it
+                mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
+                if kind is A.DiskWrite:
+                    act = A.DiskWrite(act.op, act.lun, act.offset, bytes(act.data))
+                self.stalled.append((i, self.ctrl[i], act, mark))
             elif kind is A.DiskRead:
                 done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
             elif kind is A.DiskWrite:
-                disks[act.lun][act.offset:act.offset + len(act.data)] = act.data
+                disks[act.lun].write(i, act.offset, act.data)
                 self.disk_writes[i] += 1
                 done.append((act.op, 0, None))
+            elif kind is A.DiskFlush and self.held_flushes is not None:
+                disk = disks[act.lun]
+                self.held_flushes.append((i, self.ctrl[i], act.op, disk, disk.flush_mark()))
             elif kind is A.DiskFlush:
+                disk = disks[act.lun]
+                disk.flush_done(disk.flush_mark())
                 done.append((act.op, 0, None))
             elif kind is A.Notify:
                 self.notes[i].append((act.kind, act.fields))
             elif kind is A.LinkReset:
                 self.disconnect()
+            else:
+                raise UnknownAction(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+
+    def stall(self):
+        """The disks hang: reads, writes and flushes park, unanswered, until unstall()."""
+        self.stalled = []
+
+    def unstall(self):
+        stalled, self.stalled = self.stalled, None
+        for i, ctrl, act, mark in stalled:
+            if self.ctrl[i] is not ctrl:            # its controller died: _settle_parked saw to it
+                continue
+            if act.__class__ is A.DiskFlush:
+                self.disks[i][act.lun].flush_done(mark)
+                self.run(i, ctrl.disk_done(act.op, 0, None))
+            else:
+                self.run(i, [act])
+
+    def _settle_parked(self, i):
+        """Controller i dies: its parked writes reach the disk's cache (the power cut, if any, then
+        decides their fate); none completes, and its parked flushes never happen."""
+        if self.stalled is None:
+            return
+        keep = []
+        for entry in self.stalled:
+            j, _ctrl, act, _mark = entry
+            if j != i:
+                keep.append(entry)
+            elif act.__class__ is A.DiskWrite:
+                self.disks[i][act.lun].write(i, act.offset, act.data)
+        self.stalled = keep
+
+    def hold_flushes(self):
+        """Disk flushes from now on neither complete nor make anything durable until release_flushes()."""
+        self.held_flushes = []
+
+    def release_flushes(self):
+        held, self.held_flushes = self.held_flushes, None
+        for i, ctrl, op, disk, mark in held:
+            if self.ctrl[i] is ctrl:        # a crashed controller's flush never completes
+                disk.flush_done(mark)
+                self.run(i, ctrl.disk_done(op, 0, None))
 
     def connect(self):
         for i in range(2):

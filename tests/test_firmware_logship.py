@@ -170,8 +170,8 @@ def test_torn_entry_at_the_source_is_dropped_on_restart_and_never_shipped():
     r.cut()
     r.write(0, "b", 0, 4 * KiB, block(2))
     entry = part.entries[-1]
-    r.src_nv[0][entry.data_off + 100] ^= 0xFF            # torn data of the last entry
     r.crash_source(0)
+    r.src_nv[0][entry.data_off + 100] ^= 0xFF            # the power cut tore the last entry's data
     r.boot_source(0)
     assert r.src[0].next_seq == 2
     assert ("recovered", {"role": "source", "next_seq": 2, "torn_entries": 1, "logged_entries": 1}) in \
@@ -294,10 +294,11 @@ def test_record_torn_in_the_file_is_refiled_from_the_destination_nvram():
     r.stall()
     r.write(0, "x", 0, 3 * 4 * KiB, block(0x5A))
     assert r.replies["x"] == (0, None)                   # stored in the destination's NVRAM
-    (who, _ctrl, act), = [(w, c, a) for w, c, a in r.stalled if a.__class__.__name__ == "DiskWrite" and w[0] == "dst"]
+    (who, _ctrl, act), = [(w, c, a) for w, c, a, _m in r.stalled
+                          if a.__class__.__name__ == "DiskWrite" and w[0] == "dst"]
     journal = r.dst_disks[r.feeds[0].journal_disk]
     half = bytes(act.data)[:len(act.data) // 2]
-    journal[act.offset:act.offset + len(half)] = half    # the first half lands, then the power goes
+    journal.land(act.offset, half)                       # the first half lands, then the power goes
     r.stalled = None
     r.crash_destination()
     r.boot_destination()
@@ -322,10 +323,10 @@ def test_torn_entry_in_the_destination_nvram_was_never_acknowledged_and_is_resen
     assert "b" not in r.replies
     feed = r.dst.feeds[0]
     entry = feed.part.entries[-1]
-    r.dst_nv[entry.data_off + 7] ^= 0xFF
     r.stalled = None
     r.wire_to_src[0].clear()
     r.crash_destination()
+    r.dst_nv[entry.data_off + 7] ^= 0xFF                 # the power cut tore the entry
     r.boot_destination()
     assert r.dst.feeds[0].expected == 2                  # seq 2 is gone from its NVRAM
     r.connect()                                          # the source resends it
@@ -359,6 +360,22 @@ def test_a_full_file_ring_holds_back_filing_until_a_consistency_point_frees_it()
     assert r.image(0, 0)[:28 * KiB] == b"".join(block(n) for n in range(7))
 
 
+def test_recover_applies_entries_waiting_in_nvram_for_a_full_file_ring():
+    """Found by the simulator (seed 310084 at 1000 steps): recover() applied what was filed when
+    it was called; an acknowledged entry waiting in NVRAM for room in the full ring was filed once
+    that consistency point freed the room, but never applied, and the image lacked it."""
+    r = small(journal_bytes=4 * KiB + 4 * 4608)           # room for four 4 KiB records
+    r.connect()
+    for n in range(5):                                    # the fifth waits in NVRAM: the ring is full
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    feed = r.dst.feeds[0]
+    assert feed.filed_seq == 4 and [e.seq for e in feed.staged] == [5]
+    assert r.replies[("w", 4)] == (0, None)
+    r.recover("s0")
+    assert feed.filed_seq == 5 and feed.applied_seq == 5
+    assert r.image(0, 0)[:20 * KiB] == b"".join(block(n) for n in range(5))
+
+
 def test_a_write_that_waits_for_a_partition_keeps_its_own_copy_of_the_data():
     """Found on real processes (the destination killed under load): a write that waited for a free
     partition kept a view of the host's buffer, which the NBD connection reuses for the next
@@ -379,3 +396,83 @@ def test_a_write_that_waits_for_a_partition_keeps_its_own_copy_of_the_data():
     r.recover("s0")
     assert r.image(0, 0)[255 * 4 * KiB:256 * 4 * KiB] == block(0x11)
     assert waiting_at < 200
+
+
+# -- durability: nothing leaves NVRAM before a disk flush says the disk has it ---------------
+
+def test_destination_drops_filed_entries_from_nvram_only_after_the_file_flush():
+    """The file's records are written, their flush is held: the entries stay in the destination's
+    NVRAM. A power cut drops every unflushed record; the restart files them again from NVRAM."""
+    r = small()
+    r.connect()
+    r.hold_flushes()
+    for n in range(3):
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    feed = r.dst.feeds[0]
+    assert [e.seq for e in feed.staged] == [1, 2, 3] and feed.filed_seq == 0
+    r.crash_destination(worst=True)
+    r.held_flushes = None
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 3
+    r.recover("s0")
+    assert r.image(0, 0)[:12 * KiB] == block(0) + block(1) + block(2)
+
+
+def test_source_marks_a_partition_applied_only_after_the_volume_flush():
+    """A consistency point's volume writes are done, their flush is held: the partition is not
+    APPLIED and nothing tells the destination. A power cut drops the writes; the restart applies
+    the partition again from NVRAM."""
+    r = small(cp_interval_ms=100)
+    r.connect()
+    r.write(0, "a", 1, 0, block(3))
+    r.hold_flushes()
+    for _ in range(12):
+        r.tick(10)
+    src = r.src[0]
+    assert r.volume(0, 1)[:4 * KiB] == block(3) and src.cp_through == 0 and src.applying is not None
+    assert r.dst.feeds[0].applied_seq == 0
+    r.crash_source(0, worst=True)
+    r.held_flushes = None
+    assert r.volume(0, 1)[:4 * KiB] == bytes(4 * KiB)
+    r.boot_source(0)
+    assert r.src[0].cp_through == 1 and r.volume(0, 1)[:4 * KiB] == block(3)
+
+
+def test_consistency_point_records_its_header_only_after_the_image_flush():
+    """The image writes of a consistency point are done, their flush held: the file header still
+    says nothing is applied, and the records stay. After a power cut that drops the image writes,
+    recovery applies them again."""
+    r = small()
+    r.connect()
+    r.write(0, "a", 1, 0, block(5))
+    r.hold_flushes()
+    r.recover("s0")                                      # a consistency point through seq 1
+    feed = r.dst.feeds[0]
+    assert r.image(0, 1)[:4 * KiB] == block(5)
+    assert feed.cp is not None and feed.applied_seq == 0 and len(feed.records) == 1
+    r.crash_destination(worst=True)
+    r.held_flushes = None
+    r.boot_destination()
+    assert r.dst.feeds[0].applied_seq == 0
+    r.recover("s0")
+    assert r.image(0, 1)[:4 * KiB] == block(5)
+
+
+def test_destination_restarted_after_a_kill_flushes_before_it_trusts_its_file():
+    """The destination's process dies with a file record written but not flushed: it is in the
+    disk's cache, visible. The restart must not drop the entry from NVRAM on the strength of a
+    record a later power cut can still take: it flushes its disks before it reads them."""
+    r = small()
+    r.connect()
+    r.hold_flushes()
+    r.write(0, "w", 0, 0, block(1))
+    assert r.replies["w"] == (0, None) and r.dst.feeds[0].filed_seq == 0
+    r.crash_destination(power=False)
+    r.held_flushes = None                                # the dead process's flush never completes
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 1 and not r.dst.feeds[0].staged
+    r.crash_destination(worst=True)                      # now the power goes
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 1
+    r.recover("s0")
+    assert r.image(0, 0)[:4 * KiB] == block(1)

@@ -240,6 +240,83 @@ def test_destaged_range_does_not_clear_a_range_with_a_copy_in_flight():
     assert p.ctrl[0].rec.test(SENT, 0, 0)        # still recorded: w2 may not be destaged there
 
 
+@pytest.mark.parametrize("side", [0, 1])
+def test_destage_frees_nvram_and_announces_the_range_only_after_a_flush(side):
+    """Both sides: a destage write that completed is in the disk's volatile cache; the line stays
+    in NVRAM, its range dirty and unannounced, until a flush of the LUN completed after it."""
+    p = pair(ack="cache")
+    p.write(0, "w", 0, 0, b"f" * BS)
+    p.deliver()
+    other = 1 - side
+    bit = SENT if side == 1 else RECEIVED          # what the other side clears when told
+    p.hold_flushes()
+    c = p.ctrl[side]
+    c.params.idle_flush_ms = 50
+    p.tick(100, steps=3)
+    assert p.disks[side][0][:BS] == b"f" * BS         # written ...
+    assert not c.cache.wbq and c.cache.used_blocks == 1 and c.flush_busy == {0}
+    assert p.ctrl[other].rec.test(bit, 0, 0)          # ... but not announced
+    assert c.stats["destaged_ranges_sent"] == 0
+    p.release_flushes()
+    p.deliver()
+    assert c.cache.used_blocks == 0 and c.stats["destaged_ranges_sent"] == 1
+    assert not p.ctrl[other].rec.test(bit, 0, 0)
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_crash_after_the_destage_write_before_the_flush_loses_nothing(side):
+    """The disk drops every write no flush covered when its controller loses power: the line must
+    still be in NVRAM at the restart, destaged again, and both sides end identical."""
+    p = pair(ack="nvram")
+    p.write(0, "w", 0, 0, b"g" * BS)
+    p.deliver()
+    p.hold_flushes()
+    p.ctrl[side].params.idle_flush_ms = 50
+    p.tick(100, steps=3)
+    p.crash(side, worst=True)
+    p.held_flushes = None
+    assert p.disks[side][0][:BS] == bytes(BS)       # the unflushed destage write is gone
+    p.boot(side)
+    p.connect()
+    flush_all(p)
+    assert p.disks[0] == p.disks[1] and p.disks[side][0][:BS] == b"g" * BS
+
+
+def test_a_failed_flush_keeps_the_lines_dirty_and_they_are_destaged_again():
+    p = pair()
+    p.write(0, "w", 0, 0, b"e" * BS)
+    p.deliver()
+    c = p.ctrl[1]
+    c.params.idle_flush_ms = 50
+    p.hold_flushes()
+    p.tick(100, steps=2)
+    (_i, _ctrl, op, _disk, _mark), = p.held_flushes
+    p.held_flushes = None
+    p.run(1, c.disk_done(op, 5, None))              # EIO from the flush
+    assert c.stats["destage_errors"] == 1 and c.cache.used_blocks == 1
+    assert c.stats["destaged_ranges_sent"] == 0
+    assert p.ctrl[0].rec.test(SENT, 0, 0)
+    p.tick(300, steps=3)                            # after the error pause: written and flushed again
+    assert c.cache.used_blocks == 0 and not p.ctrl[0].rec.test(SENT, 0, 0)
+
+
+def test_one_flush_covers_every_destage_write_of_a_lun_before_it():
+    p = pair()
+    for k in range(6):
+        p.write(0, k, k % 2, k * RB, b"h" * BS)
+    p.deliver()
+    flushes = []
+    c = p.ctrl[1]
+    c.destaging = True
+    acts = c.tick(10**6)
+    while acts:
+        flushes += [a.lun for a in acts if isinstance(a, A.DiskFlush)]
+        done = [(a.op, 0, None) for a in acts if isinstance(a, (A.DiskWrite, A.DiskFlush))]
+        acts = [x for d in done for x in c.disk_done(*d)]
+    assert c.cache.used_blocks == 0
+    assert sorted(flushes) == [0, 1]              # the round's writes share one flush per LUN
+
+
 def test_secondary_destages_by_its_mirror_of_the_record_whole_ranges_first():
     p = pair()
     c = p.ctrl[1]

@@ -43,6 +43,9 @@ def test_runs_exercise_the_faults():
 
 @pytest.mark.parametrize("broken", BROKEN_SITES)
 def test_broken_variant_is_caught(broken):
+    """Measured over seeds 0-99 at 300 steps: log_ack_before_ship 100 (17 before the destination
+    was checked at each acknowledgement), log_skip_resend 81, log_reuse_unshipped 84,
+    log_skip_persist 52, log_destage_no_flush 99 caught."""
     caught = [seed for seed in range(BROKEN_SEEDS) if not run_log_seed(seed, STEPS, broken).ok]
     assert caught, f"the replica simulator missed {broken} in {BROKEN_SEEDS} seeds"
 
@@ -55,4 +58,14 @@ def test_file_ring_full_after_a_wrap_is_not_taken_for_empty(seed):
     to the image. Fixed in LogDestination._place: the ring is judged wrapped by where its newest
     record lies, not by comparing tail and head."""
     result = run_log_seed(seed, STEPS)
+    assert result.ok, result.failure.splitlines()[0]
+
+
+def test_recover_applies_entries_filed_after_it_was_called():
+    """Found by a 1000-step sweep (seed 310084): the destination's file ring was full when the run
+    ended, so the last acknowledged entry waited in its NVRAM; recover() applied only what was
+    filed when it was called, and the entry, filed once that consistency point freed the ring,
+    was never applied: the image lacked an acknowledged write. Fixed in LogDestination.recover:
+    it recovers through the last entry stored (acknowledged), applied as it is filed."""
+    result = run_log_seed(310084, 1000)
     assert result.ok, result.failure.splitlines()[0]

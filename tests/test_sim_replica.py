@@ -36,11 +36,13 @@ def test_runs_exercise_promotion_split_brain_and_cuts():
     for seed in range(25):
         for k, v in run_replica_seed(seed, STEPS).stats.items():
             totals[k] = totals.get(k, 0) + v
-    for kind in ("crashes", "cuts", "promotions", "split_brains", "shipped_acks"):
+    for kind in ("crashes", "cuts", "stalls", "promotions", "split_brains", "shipped_acks"):
         assert totals[kind] > 0, totals
 
 
 @pytest.mark.parametrize("broken", BROKEN_SITES)
 def test_broken_variant_is_caught(broken):
+    """Measured over seeds 0-99 at 300 steps: replica_skip_copy 67, replica_skip_persist 42,
+    replica_destage_no_flush 83 caught. Ten seeds must catch each at least twice."""
     caught = [seed for seed in range(10) if not run_replica_seed(seed, STEPS, broken).ok]
-    assert caught, f"the replica simulator missed {broken} in 10 seeds"
+    assert len(caught) >= 2, f"the replica simulator caught {broken} in {caught} of 10 seeds"
