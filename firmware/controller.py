@@ -664,8 +664,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         return self._take()
 
     def host_trim(self, req, lun, offset, length):
-        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded."""
-        self._reply(req, self._check_range(lun, offset, length))
+        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded.
+        A trim beyond the end is EINVAL (the spec keeps ENOSPC for writes)."""
+        error = self._check_range(lun, offset, length)
+        self._reply(req, EINVAL if error else 0)
         return self._take()
 
     def host_write_zeroes(self, req, lun, offset, length, fua=False):

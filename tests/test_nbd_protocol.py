@@ -335,7 +335,7 @@ MALFORMED = {
     "read_straddles_end": ("lun0", nbd.NBD_CMD_READ, 0, 64 * MiB - 512, 1024, 0, nbd.NBD_EINVAL),
     "write_out_of_range": ("lun0", nbd.NBD_CMD_WRITE, 0, 64 * MiB, 512, 512, nbd.NBD_ENOSPC),
     "offset_overflow": ("lun0", nbd.NBD_CMD_WRITE, 0, (1 << 64) - 512, 512, 512, nbd.NBD_ENOSPC),
-    "trim_out_of_range": ("lun0", nbd.NBD_CMD_TRIM, 0, 64 * MiB, 4096, 0, nbd.NBD_ENOSPC),
+    "trim_out_of_range": ("lun0", nbd.NBD_CMD_TRIM, 0, 64 * MiB, 4096, 0, nbd.NBD_EINVAL),
     "zeroes_out_of_range": ("lun0", nbd.NBD_CMD_WRITE_ZEROES, 0, 63 * MiB, 2 * MiB, 0, nbd.NBD_ENOSPC),
     "oversized_read": ("lun0", nbd.NBD_CMD_READ, 0, 0, 8 * MiB, 0, nbd.NBD_EINVAL),
     "oversized_write": ("lun0", nbd.NBD_CMD_WRITE, 0, 0, 8 * MiB, 8 * MiB, nbd.NBD_EINVAL),
