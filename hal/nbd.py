@@ -327,7 +327,10 @@ class NbdConnection:
         return requests
 
     def reply(self, request_or_cookie, error: int = 0, data=None) -> None:
-        """Queue the simple reply to a surfaced request (data: the READ payload)."""
+        """Queue the simple reply to a surfaced request (data: the READ payload).
+
+        With max_output_bytes set, answer with the request, not its cookie: a READ's
+        owed data is released by the request's length."""
         if type(request_or_cookie) is NbdRequest:
             cookie = request_or_cookie.cookie
             assert data is None or error or (request_or_cookie.op == NBD_CMD_READ
