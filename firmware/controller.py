@@ -107,7 +107,7 @@ class Params:
         # waiting_max), so forwarded work never crowds out the heartbeats.
         self.forward_inflight_max = forward_inflight_max
         self.forward_inflight_bytes_max = forward_inflight_bytes_max
-        # A WRITE_ZEROES goes into the cache in pieces of at most 1 MiB, this many at a time.
+        # WRITE_ZEROES go into the cache in pieces of at most 1 MiB, this many at a time in all.
         self.zero_pieces_inflight_max = zero_pieces_inflight_max
         assert forward_inflight_max > 0 and forward_inflight_bytes_max >= max_write_bytes
         assert zero_pieces_inflight_max > 0
@@ -208,6 +208,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.forwarded = {}               # tag -> host req awaiting the owner's reply
         self.forward_waiting = collections.deque()   # forwards held back by the window, in order
         self.forward_bytes = 0            # data of the forwarded requests in flight
+        self.zero_jobs = collections.deque()     # WRITE_ZEROES with pieces still to start, in order
+        self.zero_pieces_inflight = 0
+        self.zero_pumping = False
         self.next_tag = 1
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
@@ -347,8 +350,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if req.__class__ is _Part:
             job = req.job
             job.inflight -= 1
+            self.zero_pieces_inflight -= 1
             job.error = job.error or error
-            self._zero_pump(job)
+            self._zero_maybe_done(job)
+            self._zero_pump()
             return
         if req.__class__ is Forwarded:
             payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
@@ -698,27 +703,38 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self.last_host_io_ms = self.now_ms
             self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
             return
-        self._zero_pump(_ZeroJob(req, lun, offset, length, fua))
+        self.zero_jobs.append(_ZeroJob(req, lun, offset, length, fua))
+        self._zero_pump()
 
     def _partner_owns(self, lun):
         if self.fence is None:
             return not self.owns(lun)
         return self.fence[lun].state == Own.PARTNER
 
-    def _zero_pump(self, job):
-        """Start pieces while fewer than zero_pieces_inflight_max are out; reply when all are done.
-        A loop, not recursion: a piece may complete before _host_write returns."""
-        if job.pumping or job.done:
+    def _zero_pump(self):
+        """Start pieces of the waiting WRITE_ZEROES, in order, while fewer than
+        zero_pieces_inflight_max are out in all. A loop, not recursion: a piece may
+        complete before _host_write returns."""
+        if self.zero_pumping:
             return
-        job.pumping = True
+        self.zero_pumping = True
+        jobs, limit = self.zero_jobs, self.params.zero_pieces_inflight_max
         chunk = min(self.params.max_write_bytes, len(_ZEROES))
-        while not job.error and job.inflight < self.params.zero_pieces_inflight_max and job.next < job.end:
+        while jobs and self.zero_pieces_inflight < limit:
+            job = jobs[0]
+            if job.error or job.next >= job.end:
+                jobs.popleft()                  # every piece started (or one failed)
+                self._zero_maybe_done(job)
+                continue
             start, size = job.next, min(chunk, job.end - job.next)
             job.next += size
             job.inflight += 1
+            self.zero_pieces_inflight += 1
             self._host_write(_Part(job), job.lun, start, _ZEROES[:size], job.fua)
-        job.pumping = False
-        if not job.inflight and (job.error or job.next >= job.end):
+        self.zero_pumping = False
+
+    def _zero_maybe_done(self, job):
+        if not job.done and not job.inflight and (job.error or job.next >= job.end):
             job.done = True
             self._reply(job.req, job.error)
 
@@ -821,7 +837,7 @@ def _forward_cost(op, length):
 
 class _ZeroJob:
     """One WRITE_ZEROES carried out here, in pieces; replies when all are done."""
-    __slots__ = ("req", "lun", "next", "end", "fua", "inflight", "error", "pumping", "done")
+    __slots__ = ("req", "lun", "next", "end", "fua", "inflight", "error", "done")
 
     def __init__(self, req, lun, offset, length, fua):
         self.req = req
@@ -831,7 +847,6 @@ class _ZeroJob:
         self.fua = fua
         self.inflight = 0
         self.error = 0
-        self.pumping = False
         self.done = False
 
 
