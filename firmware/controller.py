@@ -762,7 +762,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         p = self.params
         if len(self.forwarded) >= p.forward_inflight_max:
             return False
-        return not self.forward_bytes or self.forward_bytes + _forward_cost(op, length) <= p.forward_inflight_bytes_max
+        # One request always fits an empty window, however large.
+        cost = _forward_cost(op, length)
+        return not self.forward_bytes or self.forward_bytes + cost <= p.forward_inflight_bytes_max
 
     def _send_forward(self, entry):
         _req, op, lun, offset, length, data, fua = entry

@@ -100,15 +100,14 @@ def firmware_params(cfg, disks, reliable):
 
 
 class NbdClient:
-    __slots__ = ("sock", "conn", "out", "mask", "peer", "handshake_deadline_ms")
+    __slots__ = ("sock", "conn", "out", "mask", "peer")
 
-    def __init__(self, sock, conn, peer="", handshake_deadline_ms=0):
+    def __init__(self, sock, conn, peer=""):
         self.sock = sock
         self.conn = conn
         self.out = []
         self.mask = selectors.EVENT_READ      # what the selector watches for
         self.peer = peer                      # who connected, for per-client accounting
-        self.handshake_deadline_ms = handshake_deadline_ms
 
 
 def _peer_key(sock):
@@ -306,11 +305,10 @@ class Runtime:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = NBD.NbdConnection(self.exports, max_inflight=nb.max_inflight, peer=peer,
                                  max_output_bytes=nb.max_output_mib << 20)
-        deadline_ms = self.clock.monotonic_ms() + nb.handshake_timeout_ms
-        client = NbdClient(sock, conn, peer, deadline_ms)
+        client = NbdClient(sock, conn, peer)
         self.clients[sock.fileno()] = client
         self.clients_per_peer[peer] = self.clients_per_peer.get(peer, 0) + 1
-        self.handshaking[client] = deadline_ms
+        self.handshaking[client] = self.clock.monotonic_ms() + nb.handshake_timeout_ms
         self.sel.register(sock, selectors.EVENT_READ, ("nbd", client))
         self.dirty_clients.add(client)
 
