@@ -12,7 +12,7 @@ from invoke import Collection, task
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
-APT_PACKAGES = ["qemu-utils", "libnbd-bin", "nbdkit", "fio", "qemu-system-x86",
+APT_PACKAGES = ["qemu-utils", "libnbd-bin", "python3-libnbd", "nbdkit", "fio", "qemu-system-x86",
                 "qemu-block-extra", "libvirt-daemon-system", "libvirt-dev", "pkg-config",
                 "busybox-static", "ndctl", "socat"]
 

@@ -57,7 +57,8 @@ class Params:
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None,
                  mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
                  batch_link_output=False, destage_flush_batch_bytes=8 << 20, degraded_after_ms=30_000,
-                 disk_retry_initial_ms=200, disk_retry_max_ms=5_000, disk_report_interval_ms=1_000):
+                 disk_retry_initial_ms=200, disk_retry_max_ms=5_000, disk_report_interval_ms=1_000,
+                 forward_inflight_max=64, forward_inflight_bytes_max=8 << 20, zero_pieces_inflight_max=4):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -101,6 +102,15 @@ class Params:
         self.disk_retry_initial_ms = disk_retry_initial_ms
         self.disk_retry_max_ms = disk_retry_max_ms
         self.disk_report_interval_ms = disk_report_interval_ms
+        # Host I/O forwarded to the owner: at most this many requests, and this much data
+        # (written, or to be read), in flight on the link; the rest wait in order (as many as
+        # waiting_max), so forwarded work never crowds out the heartbeats.
+        self.forward_inflight_max = forward_inflight_max
+        self.forward_inflight_bytes_max = forward_inflight_bytes_max
+        # WRITE_ZEROES go into the cache in pieces of at most 1 MiB, this many at a time in all.
+        self.zero_pieces_inflight_max = zero_pieces_inflight_max
+        assert forward_inflight_max > 0 and forward_inflight_bytes_max >= max_write_bytes
+        assert zero_pieces_inflight_max > 0
         assert takeover_wait_ms > lease_ms + renew_interval_ms, "the fencing argument needs this margin"
 
 
@@ -196,6 +206,11 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.resync_progress = None       # lines total / transferred / remaining of the running resync
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
         self.forwarded = {}               # tag -> host req awaiting the owner's reply
+        self.forward_waiting = collections.deque()   # forwards held back by the window, in order
+        self.forward_bytes = 0            # data of the forwarded requests in flight
+        self.zero_jobs = collections.deque()     # WRITE_ZEROES with pieces still to start, in order
+        self.zero_pieces_inflight = 0
+        self.zero_pumping = False
         self.next_tag = 1
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
@@ -273,6 +288,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
             "primary_blocks": cache.capacity, **self.mirror.counts(),
             "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
+            "forwarded_inflight": len(self.forwarded), "forwarded_waiting": len(self.forward_waiting),
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
             "resync": dict(self.resync_progress) if self.resync_progress else None,
             "link_stats": dict(self.link.stats),
@@ -332,11 +348,12 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
 
     def _reply(self, req, error=0, data=None):
         if req.__class__ is _Part:
-            joint = req.joint
-            joint.error = joint.error or error
-            joint.remaining -= 1
-            if joint.remaining == 0:
-                self._reply(joint.req, joint.error)
+            job = req.job
+            job.inflight -= 1
+            self.zero_pieces_inflight -= 1
+            job.error = job.error or error
+            self._zero_maybe_done(job)
+            self._zero_pump()
             return
         if req.__class__ is Forwarded:
             payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
@@ -664,40 +681,113 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         return self._take()
 
     def host_trim(self, req, lun, offset, length):
-        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded."""
-        self._reply(req, self._check_range(lun, offset, length))
+        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded.
+        A trim beyond the end is EINVAL (the spec keeps ENOSPC for writes)."""
+        error = self._check_range(lun, offset, length)
+        self._reply(req, EINVAL if error else 0)
         return self._take()
 
     def host_write_zeroes(self, req, lun, offset, length, fua=False):
+        self._host_write_zeroes(req, lun, offset, length, fua)
+        return self._take()
+
+    def _host_write_zeroes(self, req, lun, offset, length, fua):
+        """Zeroes travel as a range: the partner's LUN gets the request forwarded as offset and
+        length; here they go into the cache in pieces, a few at a time, so a 4 GiB request
+        costs a few MiB of memory and never floods the link."""
         error = self._check_range(lun, offset, length)
         if error or length == 0:
             self._reply(req, error or EINVAL)
-            return self._take()
-        chunk = min(self.params.max_write_bytes, 1 << 20)
-        if length <= chunk:
-            self._host_write(req, lun, offset, bytes(length), fua)
-            return self._take()
-        joint = _Joint(req, (length + chunk - 1) // chunk)
-        for start in range(offset, offset + length, chunk):
-            self._host_write(_Part(joint), lun, start, bytes(min(chunk, offset + length - start)), fua)
-        return self._take()
+            return
+        if self._partner_owns(lun):
+            self.last_host_io_ms = self.now_ms
+            self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
+            return
+        self.zero_jobs.append(_ZeroJob(req, lun, offset, length, fua))
+        self._zero_pump()
+
+    def _partner_owns(self, lun):
+        if self.fence is None:
+            return not self.owns(lun)
+        return self.fence[lun].state == Own.PARTNER
+
+    def _zero_pump(self):
+        """Start pieces of the waiting WRITE_ZEROES, in order, while fewer than
+        zero_pieces_inflight_max are out in all. A loop, not recursion: a piece may
+        complete before _host_write returns."""
+        if self.zero_pumping:
+            return
+        self.zero_pumping = True
+        jobs, limit = self.zero_jobs, self.params.zero_pieces_inflight_max
+        chunk = min(self.params.max_write_bytes, len(_ZEROES))
+        while jobs and self.zero_pieces_inflight < limit:
+            job = jobs[0]
+            if job.error or job.next >= job.end:
+                jobs.popleft()                  # every piece started (or one failed)
+                self._zero_maybe_done(job)
+                continue
+            start, size = job.next, min(chunk, job.end - job.next)
+            job.next += size
+            job.inflight += 1
+            self.zero_pieces_inflight += 1
+            self._host_write(_Part(job), job.lun, start, _ZEROES[:size], job.fua)
+        self.zero_pumping = False
+
+    def _zero_maybe_done(self, job):
+        if not job.done and not job.inflight and (job.error or job.next >= job.end):
+            job.done = True
+            self._reply(job.req, job.error)
 
     # -- forwarding -----------------------------------------------------------
 
     def _forward(self, req, op, lun, offset, length, data, fua):
+        """Send a host request to the owner, or queue it behind the forwarding window."""
         if not self.link.up:
             self._reply(req, EIO)
             self.stats["forward_refused"] += 1
             return
-        tag = self.next_tag
-        self.next_tag = tag % 0xFFFFFFFF + 1
-        self.forwarded[tag] = (req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
-        head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
         # The host's data views the NBD receive buffer, which is reused before the
         # frame goes out: the forwarded copy must own its bytes.
+        entry = (req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
+        if self.forward_waiting or not self._forward_room(op, length):
+            if len(self.forward_waiting) >= self.params.waiting_max:
+                self._reply(req, ENOSPC)
+                return
+            self.forward_waiting.append(entry)
+            self.stats["forwards_waited"] += 1
+            return
+        self._send_forward(entry)
+
+    def _forward_room(self, op, length):
+        p = self.params
+        if len(self.forwarded) >= p.forward_inflight_max:
+            return False
+        # One request always fits an empty window, however large.
+        cost = _forward_cost(op, length)
+        return not self.forward_bytes or self.forward_bytes + cost <= p.forward_inflight_bytes_max
+
+    def _send_forward(self, entry):
+        _req, op, lun, offset, length, data, fua = entry
+        tag = self.next_tag
+        self.next_tag = tag % 0xFFFFFFFF + 1
+        self.forwarded[tag] = entry
+        self.forward_bytes += _forward_cost(op, length)
+        head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
         self.link.send(M.MsgType.IO_REQUEST, M.Resource.HOST_IO,
                        head + data if data is not None else head, tag=tag)
         self.stats["forwarded"] += 1
+
+    def _drain_forwards(self):
+        waiting = self.forward_waiting
+        while waiting and self.link.up and self._forward_room(waiting[0][1], waiting[0][4]):
+            self._send_forward(waiting.popleft())
+
+    def _fail_forwards(self):
+        """The link is down: every forwarded request in flight or waiting fails with EIO."""
+        entries = list(self.forwarded.values()) + list(self.forward_waiting)
+        self.forwarded, self.forward_waiting, self.forward_bytes = {}, collections.deque(), 0
+        for entry in entries:
+            self._reply(entry[0], EIO)
 
     def _on_io_request(self, msg):
         op, fua, lun, offset, length = M.IO_REQUEST_HEAD.unpack_from(msg.payload)
@@ -709,6 +799,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._host_write(req, lun, offset, data, bool(fua))
         elif op == M.IoOp.READ:
             self._host_read(req, lun, offset, length)
+        elif op == M.IoOp.WRITE_ZEROES and not data:
+            self._host_write_zeroes(req, lun, offset, length, bool(fua))
         elif op == M.IoOp.FLUSH:
             self._reply(req, 0)
         else:
@@ -719,10 +811,14 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if entry is None:
             raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
         req, op, lun, offset, length, data, fua = entry
+        self.forward_bytes -= _forward_cost(op, length)
+        self._drain_forwards()
         (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
         if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
                 self._host_write(req, lun, offset, data, fua)
+            elif op == M.IoOp.WRITE_ZEROES:
+                self._host_write_zeroes(req, lun, offset, length, fua)
             else:
                 self._host_read(req, lun, offset, length)
             return
@@ -732,19 +828,34 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self._reply(req, error, data)      # req may be a part, or a request the partner forwarded here
 
 
-class _Joint:
-    """One host WRITE_ZEROES split into cache-sized parts; replies when all are done."""
-    __slots__ = ("req", "remaining", "error")
+_ZEROES = bytes(1 << 20)          # the data of one WRITE_ZEROES piece, shared
 
-    def __init__(self, req, parts):
+
+def _forward_cost(op, length):
+    """Link data a forwarded request puts in flight: its write data or the read data to come.
+    Zeroes and flushes travel as ranges."""
+    return length if op == M.IoOp.WRITE or op == M.IoOp.READ else 0
+
+
+class _ZeroJob:
+    """One WRITE_ZEROES carried out here, in pieces; replies when all are done."""
+    __slots__ = ("req", "lun", "next", "end", "fua", "inflight", "error", "done")
+
+    def __init__(self, req, lun, offset, length, fua):
         self.req = req
-        self.remaining = parts
+        self.lun = lun
+        self.next = offset                # the first byte no piece has covered yet
+        self.end = offset + length
+        self.fua = fua
+        self.inflight = 0
         self.error = 0
+        self.done = False
 
 
 class _Part:
-    __slots__ = ("joint",)
+    """One piece of a _ZeroJob, as the write path's request."""
+    __slots__ = ("job",)
 
-    def __init__(self, joint):
-        self.joint = joint
+    def __init__(self, job):
+        self.job = job
 

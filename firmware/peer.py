@@ -92,9 +92,7 @@ class PeerMixin:
                 self.fence[op.lines[0].lun].acks.append(op)   # acknowledged once on disk
             else:
                 self._finish_write(op, mirrored=False)
-        forwarded, self.forwarded = self.forwarded, {}
-        for entry in forwarded.values():
-            self._reply(entry[0], EIO)
+        self._fail_forwards()
         if self.fence is not None:
             for f in self.fence:
                 self._own_event(f, "link_down")

@@ -35,8 +35,11 @@
     [nbd]
     unix = "DIR/a/nbd.sock"    # optional; one of unix / tcp at least
     tcp = "127.0.0.1:10809"    # optional
-    max_connections = 16
+    max_connections = 64
+    max_connections_per_client = 0  # per peer (TCP address, unix uid); 0 = max_connections
     max_inflight = 128         # requests in flight per connection
+    max_output_mib = 32        # replies queued for a client that does not read them; then stop reading it
+    handshake_timeout_ms = 10000  # a connection not through the handshake by then is closed
 
     [cache]                    # tuning, all optional
     high_watermark = 0.5       # start destaging above this dirty fraction
@@ -136,8 +139,11 @@ class LinkConfig:
 class NbdConfig:
     unix: str = ""
     tcp: str = ""
-    max_connections: int = 16
+    max_connections: int = 64
+    max_connections_per_client: int = 0     # 0: only max_connections applies
     max_inflight: int = 128
+    max_output_mib: int = 32
+    handshake_timeout_ms: int = 10_000
 
 
 @dataclasses.dataclass
@@ -276,11 +282,18 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         address=_take(lk, "address", str, "", where), device=_take(lk, "device", str, "", where),
         baud=_take(lk, "baud", int, 115200, where))
     nb = _section(doc, "nbd", where)
+    nbd_defaults = NbdConfig()
     nbd = NbdConfig(unix=_take(nb, "unix", str, "", where), tcp=_take(nb, "tcp", str, "", where),
-                    max_connections=_take(nb, "max_connections", int, 16, where),
-                    max_inflight=_take(nb, "max_inflight", int, 128, where))
+                    **{k: _take(nb, k, int, getattr(nbd_defaults, k), where)
+                       for k in ("max_connections", "max_connections_per_client", "max_inflight",
+                                 "max_output_mib", "handshake_timeout_ms")})
     if not (nbd.unix or nbd.tcp):
         raise ConfigError(f"{where}: [nbd] needs unix or tcp")
+    if (nbd.max_connections < 1 or nbd.max_connections_per_client < 0 or nbd.handshake_timeout_ms < 100
+            or not 4 <= nbd.max_output_mib <= 1024 or not 1 <= nbd.max_inflight <= 4096):
+        raise ConfigError(f"{where}: [nbd] needs max_connections >= 1, max_connections_per_client >= 0, "
+                          f"handshake_timeout_ms >= 100, 4 <= max_output_mib <= 1024 and "
+                          f"1 <= max_inflight <= 4096")
     ca = _section(doc, "cache", where)
     defaults = CacheConfig()
     cache = CacheConfig(**{f.name: _take(ca, f.name, type(getattr(defaults, f.name)), getattr(defaults, f.name), where)

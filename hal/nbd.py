@@ -24,6 +24,11 @@ Rules:
   works in sectors.
 - Backpressure: at most `max_inflight` requests are surfaced; complete requests
   beyond that stay in the receive buffer (`backlog`) until `received(0)`.
+  Output is bounded too (`max_output_bytes`): replies queued and not yet sent
+  (the runtime reports sends with `sent()`) plus READ data still owed. Past
+  the bound the engine surfaces nothing more and stops wanting reads, so a
+  client that never reads its replies costs at most the bound plus one
+  request's payload; it goes on once the output drains.
 - Simple replies only: NBD_OPT_STRUCTURED_REPLY is answered NBD_REP_ERR_UNSUP,
   which the spec allows. So are STARTTLS (NOTLS mode), metadata contexts and
   extended headers.
@@ -127,6 +132,7 @@ OPTION_DISCARD_MAX_BYTES = 1 << 20          # larger options are a denial of ser
 INTEROP_PAYLOAD_BYTES = 32 << 20            # the spec's interoperable maximum (2^25)
 RECV_CHUNK_MIN_BYTES = 64 << 10             # recv_buffer() always offers at least this
 INFLIGHT_MAX = 4096
+OUTPUT_UNBOUNDED = 1 << 62                  # max_output_bytes when the caller never reports sends
 
 _REQUEST = struct.Struct(">IHHQQI")         # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")       # magic, error, cookie
@@ -143,6 +149,7 @@ assert REQUEST_SIZE_BYTES == 28 and _SIMPLE_REPLY.size == 16 and _OPTION_REPLY.s
 GREETING = struct.pack(">QQH", NBD_MAGIC, NBD_IHAVEOPT, HANDSHAKE_FLAGS)
 _ZEROES_124 = bytes(124)
 _WRITE_OPS = frozenset((NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES))
+_SPACE_OPS = frozenset((NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES))   # ENOSPC beyond the end
 
 
 class NbdOptionError(ValueError):
@@ -246,10 +253,16 @@ class NbdConnection:
     """
 
     def __init__(self, exports: list[Export], max_inflight: int = 128,
-                 max_payload_bytes: int = 4 << 20, peer: str = ""):
+                 max_payload_bytes: int = 4 << 20, peer: str = "",
+                 max_output_bytes: int | None = None):
         assert exports and len({e.name for e in exports}) == len(exports), "export names are unique"
         assert 0 < max_inflight <= INFLIGHT_MAX
         assert 0 < max_payload_bytes <= INTEROP_PAYLOAD_BYTES
+        assert max_output_bytes is None or max_output_bytes >= max_payload_bytes
+        # None: the caller does not call sent(), and the output is not bounded here.
+        self.max_output_bytes = OUTPUT_UNBOUNDED if max_output_bytes is None else max_output_bytes
+        self.unsent_bytes = len(GREETING)   # queued output the runtime has not reported sent
+        self.read_bytes_owed = 0            # READ data of surfaced requests not yet replied
         self.exports = list(exports)
         self._by_name = {e.name: e for e in exports}
         self.max_inflight = max_inflight
@@ -278,8 +291,18 @@ class NbdConnection:
 
     @property
     def want_read(self) -> bool:
-        return (not self.closed and not self._draining and not self.backlog
-                and self.inflight < self.max_inflight)
+        return not self.closed and not self._draining and not self.backlog and self.has_room
+
+    @property
+    def has_room(self) -> bool:
+        """Below both bounds: in-flight requests, and output queued or owed."""
+        return (self.inflight < self.max_inflight
+                and self.unsent_bytes + self.read_bytes_owed < self.max_output_bytes)
+
+    def sent(self, nbytes: int) -> None:
+        """The runtime sent `nbytes` of what pending_output() handed over."""
+        self.unsent_bytes -= nbytes
+        assert self.unsent_bytes >= 0, "sent more than was queued"
 
     def recv_buffer(self) -> memoryview:
         """Where to recv_into next: at least 64 KiB, room for a whole max-size request."""
@@ -304,11 +327,16 @@ class NbdConnection:
         return requests
 
     def reply(self, request_or_cookie, error: int = 0, data=None) -> None:
-        """Queue the simple reply to a surfaced request (data: the READ payload)."""
+        """Queue the simple reply to a surfaced request (data: the READ payload).
+
+        With max_output_bytes set, answer with the request, not its cookie: a READ's
+        owed data is released by the request's length."""
         if type(request_or_cookie) is NbdRequest:
             cookie = request_or_cookie.cookie
             assert data is None or error or (request_or_cookie.op == NBD_CMD_READ
                                              and len(data) == request_or_cookie.length)
+            if request_or_cookie.op == NBD_CMD_READ:
+                self.read_bytes_owed -= request_or_cookie.length
         else:
             cookie = request_or_cookie
         assert self.inflight > 0, "reply without a request in flight"
@@ -316,8 +344,10 @@ class NbdConnection:
         if self.closed:
             return                          # hung up: nobody to send it to
         self._out.append(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie))
+        self.unsent_bytes += 16
         if data is not None and not error:  # an errored READ carries no payload
             self._out.append(data)
+            self.unsent_bytes += len(data)
         if self._draining and not self.inflight:
             self._close("client sent NBD_CMD_DISC")
 
@@ -366,10 +396,10 @@ class NbdConnection:
         One function on purpose: a call per request costs as much as the parse.
         """
         mv, pos, end = self._mv, self._start, self._end
-        unpack, inflight_max = _REQUEST.unpack_from, self.max_inflight
+        unpack, inflight_max, output_max = _REQUEST.unpack_from, self.max_inflight, self.max_output_bytes
         self.backlog = False
         while end - pos >= 28:
-            if self.inflight >= inflight_max:
+            if self.inflight >= inflight_max or self.unsent_bytes + self.read_bytes_owed >= output_max:
                 self.backlog = True
                 self._need = 28
                 break
@@ -401,6 +431,8 @@ class NbdConnection:
                 continue
             requests.append(NbdRequest(cookie, op, flags, self.export, offset, length, data))
             self.inflight += 1
+            if op == NBD_CMD_READ:
+                self.read_bytes_owed += length
         else:
             self._need = 28
         self._start = pos
@@ -440,7 +472,9 @@ class NbdConnection:
         if (offset | length) & self._align_mask:
             return NBD_EINVAL                   # not aligned to the advertised minimum block
         if offset + length > self._size:
-            return NBD_EINVAL if op == NBD_CMD_READ else NBD_ENOSPC  # ENOSPC for writes, per spec
+            # The spec: ENOSPC for a write (WRITE, WRITE_ZEROES) beyond the end,
+            # EINVAL for a read or a trim.
+            return NBD_ENOSPC if op in _SPACE_OPS else NBD_EINVAL
         return 0
 
     def _refuse_write(self, cookie, error, length) -> bool:
@@ -454,6 +488,7 @@ class NbdConnection:
 
     def _queue_reply(self, cookie, error) -> None:
         self._out.append(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie))
+        self.unsent_bytes += 16
 
     def _disconnect(self) -> bool:
         self._draining = True
@@ -473,8 +508,10 @@ class NbdConnection:
             self._fatal(f"NBD_OPT_EXPORT_NAME for unknown export {bytes(data)[:64]!r}")
             return
         self._out.append(_EXPORT_NAME_REPLY.pack(export.size_bytes, export.transmission_flags))
+        self.unsent_bytes += _EXPORT_NAME_REPLY.size
         if not self.no_zeroes:
             self._out.append(_ZEROES_124)
+            self.unsent_bytes += len(_ZEROES_124)
         self._enter_state(export)
 
     def _opt_abort(self, option, data) -> None:
@@ -535,6 +572,7 @@ class NbdConnection:
 
     def _option_reply(self, option, reply_type, data=b"") -> None:
         self._out.append(_OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply_type, len(data)) + data)
+        self.unsent_bytes += _OPTION_REPLY.size + len(data)
 
     # -- state ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -35,6 +36,7 @@ from .keyfile import load_pair_key
 
 TICK_MS = 10
 LINK_RECV_BYTES = 1 << 20
+REFUSAL_NOTE_INTERVAL_MS = 10_000   # refused connections are counted; one event per kind per interval
 NBD_OP = {NBD.NBD_CMD_READ, NBD.NBD_CMD_WRITE, NBD.NBD_CMD_FLUSH, NBD.NBD_CMD_TRIM,
           NBD.NBD_CMD_WRITE_ZEROES}
 
@@ -98,13 +100,28 @@ def firmware_params(cfg, disks, reliable):
 
 
 class NbdClient:
-    __slots__ = ("sock", "conn", "out", "mask")
+    __slots__ = ("sock", "conn", "out", "mask", "peer")
 
-    def __init__(self, sock, conn):
+    def __init__(self, sock, conn, peer=""):
         self.sock = sock
         self.conn = conn
         self.out = []
         self.mask = selectors.EVENT_READ      # what the selector watches for
+        self.peer = peer                      # who connected, for per-client accounting
+
+
+def _peer_key(sock):
+    """The client a connection counts against: its IP address, or its uid on a unix socket."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return "unix"
+        return f"uid:{struct.unpack('3i', creds)[1]}"
+    try:
+        return sock.getpeername()[0]
+    except OSError:                       # gone already
+        return "tcp"
 
 
 class Runtime:
@@ -131,6 +148,11 @@ class Runtime:
         self.flusher = FlushWorker()
         self.sel.register(self.flusher.fileno(), selectors.EVENT_READ, ("flush", None))
         self.clients = {}
+        self.clients_per_peer = {}     # peer -> connections open
+        self.handshaking = {}          # NbdClient -> handshake deadline (ms), until it reaches transmission
+        self.refused = {"nbd": 0, "link": 0}       # connections refused, by listener
+        self.refused_noted = {"nbd": (0, -REFUSAL_NOTE_INTERVAL_MS), "link": (0, -REFUSAL_NOTE_INTERVAL_MS)}
+        self.nbd_handshake_timeouts = 0
         self.link = None
         self.link_out = []
         self.link_writing = False
@@ -226,6 +248,8 @@ class Runtime:
             if now >= next_tick:
                 next_tick = now + TICK_MS
                 self._maybe_connect(now)
+                if self.handshaking:
+                    self._expire_handshakes(now)
                 self.execute(self.ctrl.tick(now))
             self._flush()
         self.close()
@@ -249,7 +273,7 @@ class Runtime:
         elif kind == "nbd-listen":
             self._accept(obj)
         elif kind == "link-listen":
-            self._maybe_connect(self.clock.monotonic_ms(), accept=True)
+            self._link_listen_ready()
         elif kind == "flush":
             self.completions.extend(self.flusher.done())
         else:
@@ -262,17 +286,50 @@ class Runtime:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        if len(self.clients) >= self.cfg.nbd.max_connections:
+        except OSError as exc:          # EMFILE and the like: the backlog waits, note it once
+            self._count_refusal("nbd", f"accept failed: {exc}")
+            return
+        nb = self.cfg.nbd
+        peer = _peer_key(sock)
+        per_client = nb.max_connections_per_client or nb.max_connections
+        if len(self.clients) >= nb.max_connections:
             sock.close()
-            self.note("nbd_refused", reason=f"{self.cfg.nbd.max_connections} connections already")
+            self._count_refusal("nbd", f"{nb.max_connections} connections already")
+            return
+        if self.clients_per_peer.get(peer, 0) >= per_client:
+            sock.close()
+            self._count_refusal("nbd", f"{per_client} connections from {peer} already")
             return
         sock.setblocking(False)
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = NbdClient(sock, NBD.NbdConnection(self.exports, max_inflight=self.cfg.nbd.max_inflight))
+        conn = NBD.NbdConnection(self.exports, max_inflight=nb.max_inflight, peer=peer,
+                                 max_output_bytes=nb.max_output_mib << 20)
+        client = NbdClient(sock, conn, peer)
         self.clients[sock.fileno()] = client
+        self.clients_per_peer[peer] = self.clients_per_peer.get(peer, 0) + 1
+        self.handshaking[client] = self.clock.monotonic_ms() + nb.handshake_timeout_ms
         self.sel.register(sock, selectors.EVENT_READ, ("nbd", client))
         self.dirty_clients.add(client)
+
+    def _expire_handshakes(self, now):
+        """Close connections that have not finished the handshake by their deadline: a socket
+        that connects and says nothing would otherwise hold a connection slot for ever."""
+        for client, deadline_ms in list(self.handshaking.items()):
+            if client.conn.export is not None or client.conn.closed:
+                del self.handshaking[client]
+            elif now >= deadline_ms:
+                self.nbd_handshake_timeouts += 1
+                self._drop_client(client)
+
+    def _count_refusal(self, kind, reason):
+        """Count a refused connection; note it at most once per interval, with the count since."""
+        self.refused[kind] += 1
+        now = self.clock.monotonic_ms()
+        count_noted, noted_ms = self.refused_noted[kind]
+        if now - noted_ms >= REFUSAL_NOTE_INTERVAL_MS:
+            self.refused_noted[kind] = (self.refused[kind], now)
+            self.note(f"{kind}_refused", reason=reason, refused=self.refused[kind] - count_noted)
 
     def _nbd_read(self, client):
         conn = client.conn
@@ -313,7 +370,11 @@ class Runtime:
         if client.mask:
             self.sel.unregister(client.sock)
         client.mask = 0
-        self.clients.pop(client.sock.fileno(), None)
+        if self.clients.pop(client.sock.fileno(), None) is not None:
+            left = self.clients_per_peer.pop(client.peer, 1) - 1
+            if left:
+                self.clients_per_peer[client.peer] = left
+        self.handshaking.pop(client, None)
         client.sock.close()
         client.conn.closed = True
         self.dirty_clients.discard(client)
@@ -331,12 +392,13 @@ class Runtime:
                 self._drop_client(client)
                 return
             _consume(out, sent)
+            conn.sent(sent)
             if out and not sent:
                 break
         if conn.closed and not out:
             self._drop_client(client)
             return
-        if conn.backlog and conn.inflight < conn.max_inflight:
+        if conn.backlog and conn.has_room:
             self._nbd_requests(client, conn.received(0))
         self._watch(client, (selectors.EVENT_READ if conn.want_read else 0)
                     | (selectors.EVENT_WRITE if out else 0))
@@ -355,8 +417,33 @@ class Runtime:
 
     # -- link -----------------------------------------------------------------
 
+    def _link_listen_ready(self):
+        """A connection waits on the link listener. It becomes the link only while the link is
+        down and the backoff since the last attempt has run out; otherwise it is accepted and
+        closed at once, and counted. Left pending, it kept the listener readable and the loop
+        spinning until the link next dropped; and taken at once every time, forged hellos got
+        as many tries as they liked."""
+        now = self.clock.monotonic_ms()
+        if self.link is None and now >= self.next_connect_ms:
+            self._maybe_connect(now, accept=True)
+            return
+        transport = self.endpoint.accept()
+        if transport is not None:
+            transport.close()
+            self._count_refusal("link", "link up" if self.link is not None else "backing off")
+
+    def _link_session_up(self):
+        session = getattr(self.ctrl, "link", None)
+        return bool(getattr(session, "up", False))
+
     def _maybe_connect(self, now, accept=False):
-        if self.link is not None or (now < self.next_connect_ms and not accept):
+        if self.link is not None:
+            # The backoff starts over only once a session authenticated: a peer that connects
+            # and fails the hello waits longer each time.
+            if self._link_session_up():
+                self.backoff.reset()
+            return
+        if now < self.next_connect_ms and not accept:
             return
         try:
             transport = self.endpoint.connect()
@@ -364,9 +451,9 @@ class Runtime:
             transport = None
             self.note("link_connect_error", error=str(exc))
         if transport is None:
-            self.next_connect_ms = now + self.backoff.next_delay_ms()
+            if self.endpoint.listen_fileno() is None:   # nothing pending is no failure for a listener
+                self.next_connect_ms = now + self.backoff.next_delay_ms()
             return
-        self.backoff.reset()
         self.link = transport
         self.framer = self.framer_cls(transport.name)
         self.link_out = []
@@ -537,7 +624,9 @@ class Runtime:
         while self.dirty_clients:
             dirty, self.dirty_clients = self.dirty_clients, set()
             for client in dirty:
-                if client.mask or client.out or client.conn.backlog or not client.conn.closed:
+                # Every client not yet dropped: one that sent NBD_CMD_DISC has no watch and
+                # is closed by its last reply, which is still to be sent.
+                if client.sock.fileno() != -1:
                     self._flush_client(client)
             # Requests a client had buffered behind its in-flight bound ran just now.
             self.execute(self.ctrl.flush_link())
@@ -560,7 +649,9 @@ class Runtime:
     def status(self):
         st = self.ctrl.status()
         st.update(name=self.cfg.name, pid=os.getpid(), exports=self.exports_uris(),
-                  nbd_clients=len(self.clients), durability=self.nvram.durability,
+                  nbd_clients=len(self.clients), nbd_refused=self.refused["nbd"],
+                  nbd_handshake_timeouts=self.nbd_handshake_timeouts, link_refused=self.refused["link"],
+                  durability=self.nvram.durability,
                   link_transport=self.cfg.link.transport)
         return st
 

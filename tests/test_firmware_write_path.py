@@ -309,3 +309,72 @@ def test_batched_link_output_waits_for_flush_link_and_refs_ride_along():
     p.run(0, p.ctrl[0].tick(0))                        # at the tick it goes
     p.run(0, p.ctrl[0].flush_link())
     assert [f[3] for f in p.wire[1]] == [M.MsgType.FLUSH_DONE]
+
+
+def test_write_zeroes_through_the_partner_travels_as_one_range():
+    """Issue 15: zeroes for the partner's LUN go over the link as offset and length, not data."""
+    p = idle_pair(lun_size=4 << 20)
+    p.write(0, "ones", 0, 0, b"\x01" * 2 * BS)
+    p.deliver()
+    p.run(1, p.ctrl[1].host_write_zeroes("z", 0, 0, 4 << 20))
+    sent = sum(len(f) for f in p.wire[0])
+    assert sent < 256 and p.ctrl[1].stats["forwarded"] == 1
+    p.deliver()
+    for _ in range(100):
+        if "z" in p.replies:
+            break
+        p.tick(10)
+    assert p.replies["z"] == (0, None)
+    p.read(1, "r", 0, 0, 2 * BS)
+    p.deliver()
+    assert p.replies["r"] == (0, bytes(2 * BS))
+
+
+def test_write_zeroes_goes_into_the_cache_a_few_pieces_at_a_time():
+    p = idle_pair(lun_size=4 << 20, zero_pieces_inflight_max=2)
+    p.run(0, p.ctrl[0].host_write_zeroes("z", 0, 0, 4 << 20))
+    assert len(p.ctrl[0].pending) <= 2              # 1 MiB pieces waiting for their mirror ack
+    assert sum(len(f) for f in p.wire[1]) < 2 * (1 << 20) + 4096
+    for _ in range(100):
+        if "z" in p.replies:
+            break
+        p.deliver()
+        p.tick(10)
+    assert p.replies["z"] == (0, None)
+
+
+def test_forwarded_requests_beyond_the_window_wait_and_go_in_order():
+    p = idle_pair(forward_inflight_max=2)
+    for i in range(5):
+        p.write(1, ("w", i), 0, i * BS, bytes([i + 1]) * BS)
+    st = p.ctrl[1].status()
+    assert (st["forwarded_inflight"], st["forwarded_waiting"]) == (2, 3)
+    p.deliver()
+    assert all(p.replies[("w", i)] == (0, None) for i in range(5))
+    assert p.ctrl[1].status()["forwarded_waiting"] == 0
+    p.read(1, "r", 0, 0, 5 * BS)
+    p.deliver()
+    assert p.replies["r"] == (0, b"".join(bytes([i + 1]) * BS for i in range(5)))
+
+
+def test_forwarded_requests_waiting_fail_with_the_link():
+    p = idle_pair(forward_inflight_max=1)
+    for i in range(3):
+        p.write(1, ("w", i), 0, i * BS, b"w" * BS)
+    p.disconnect()
+    assert all(p.replies[("w", i)] == (5, None) for i in range(3))
+    assert p.ctrl[1].status()["forwarded_waiting"] == 0
+
+
+def test_write_zeroes_pieces_are_bounded_across_requests():
+    p = idle_pair(lun_size=4 << 20, zero_pieces_inflight_max=2)
+    for i in range(4):
+        p.run(0, p.ctrl[0].host_write_zeroes(("z", i), 0, i << 20, 1 << 20))
+    assert len(p.ctrl[0].pending) <= 2 and p.ctrl[0].zero_pieces_inflight == 2
+    for _ in range(100):
+        if all(("z", i) in p.replies for i in range(4)):
+            break
+        p.deliver()
+        p.tick(10)
+    assert all(p.replies[("z", i)] == (0, None) for i in range(4))
+    assert p.ctrl[0].zero_pieces_inflight == 0 and not p.ctrl[0].zero_jobs

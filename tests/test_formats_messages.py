@@ -218,6 +218,19 @@ def test_io_twins_golden():
     assert M.IO_REPLY_HEAD.pack(0) + b"rd" == VECTORS["IO_REPLY"][1]
 
 
+# A forwarded WRITE_ZEROES is a range: 1 GiB at 64 KiB on LUN 1, FUA, and no data.
+IO_REQUEST_ZEROES = (dict(op=4, fua=1, lun=1, offset=0x10000, length=1 << 30, data=b""),
+                     bytes.fromhex("040100010000000000010000" "40000000"))
+
+
+def test_io_request_write_zeroes_golden():
+    fields, golden = IO_REQUEST_ZEROES
+    assert M.IoRequest.build(fields) == golden
+    assert plain(M.parse_body_untrusted(M.MsgType.IO_REQUEST, golden, "test")) == fields
+    assert len(golden) == M.IO_REQUEST_HEAD.size == 16       # the head alone
+    assert M.IO_REQUEST_HEAD.unpack(golden) == (M.IoOp.WRITE_ZEROES, 1, 1, 0x10000, 1 << 30)
+
+
 def test_replicate_twins_golden():
     golden = VECTORS["REPLICATE"][1]
     assert M.REPLICATE_HEAD.unpack_from(golden) == (42, 1, 1, 0, 0x10000, 0xDEADBEEF, 4)

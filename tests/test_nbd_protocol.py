@@ -191,6 +191,23 @@ def test_backpressure_holds_requests_beyond_max_inflight():
     assert conn.want_read and not conn.backlog and conn.inflight == 0
 
 
+def test_output_bound_holds_requests_until_the_replies_are_sent():
+    """Issue 15: reads whose replies are not sent stop the parsing; sent() lets it go on."""
+    conn = ready_conn(max_output_bytes=8 * MiB)
+    conn.sent(conn.unsent_bytes)                    # the handshake's output went out
+    reqs, _ = feed(conn, b"".join(request(nbd.NBD_CMD_READ, c, 0, 4 * MiB) for c in range(6)))
+    assert [r.cookie for r, _ in reqs] == [0, 1] and conn.backlog and not conn.want_read
+    for r, _ in reqs:
+        conn.reply(r, data=bytes(4 * MiB))
+    assert conn.read_bytes_owed == 0 and conn.unsent_bytes == 2 * (4 * MiB + 16)
+    assert not conn.has_room and conn.received(0) == []
+    conn.pending_output()
+    conn.sent(4 * MiB)                              # half of it went out: room for one more read
+    assert conn.has_room and [r.cookie for r in conn.received(0)] == [2] and conn.backlog
+    conn.sent(4 * MiB + 32)
+    assert [r.cookie for r in conn.received(0)] == [3]
+
+
 def test_oversized_write_payload_is_skipped_then_einval():
     conn = ready_conn(max_payload_bytes=64 << 10)
     wire = (request(nbd.NBD_CMD_WRITE, 1, 0, 1 * MiB, data=b"\xee" * MiB)
@@ -335,7 +352,7 @@ MALFORMED = {
     "read_straddles_end": ("lun0", nbd.NBD_CMD_READ, 0, 64 * MiB - 512, 1024, 0, nbd.NBD_EINVAL),
     "write_out_of_range": ("lun0", nbd.NBD_CMD_WRITE, 0, 64 * MiB, 512, 512, nbd.NBD_ENOSPC),
     "offset_overflow": ("lun0", nbd.NBD_CMD_WRITE, 0, (1 << 64) - 512, 512, 512, nbd.NBD_ENOSPC),
-    "trim_out_of_range": ("lun0", nbd.NBD_CMD_TRIM, 0, 64 * MiB, 4096, 0, nbd.NBD_ENOSPC),
+    "trim_out_of_range": ("lun0", nbd.NBD_CMD_TRIM, 0, 64 * MiB, 4096, 0, nbd.NBD_EINVAL),
     "zeroes_out_of_range": ("lun0", nbd.NBD_CMD_WRITE_ZEROES, 0, 63 * MiB, 2 * MiB, 0, nbd.NBD_ENOSPC),
     "oversized_read": ("lun0", nbd.NBD_CMD_READ, 0, 0, 8 * MiB, 0, nbd.NBD_EINVAL),
     "oversized_write": ("lun0", nbd.NBD_CMD_WRITE, 0, 0, 8 * MiB, 8 * MiB, nbd.NBD_EINVAL),

@@ -270,7 +270,7 @@ IoRequest = Struct(
     "fua" / Int8ub,
     "lun" / Int16ub,
     "offset" / Int64ub,                     # bytes
-    "length" / Int32ub,                     # bytes
+    "length" / Int32ub,                     # bytes; for WRITE_ZEROES and TRIM the range, sent without data
     "data" / GreedyBytes,                   # WRITE only
 )
 IO_REQUEST_HEAD = struct.Struct(">BBHQI")
