@@ -40,7 +40,7 @@ from . import sim_check as C
 from .sim_check import Model, SimFailure, SplitBrain
 from .sim_clock import VirtualClock
 from .sim_disk import DiskFaults, SimDiskArray
-from .sim_faults import FaultPlan, FaultSchedule
+from .sim_faults import FENCE_SITES, FaultPlan, FaultSchedule
 from .sim_link import LinkFaults, SimLink
 from .sim_nvram import SimNvram
 from .sim_workload import Req, Workload
@@ -54,7 +54,6 @@ NVRAM_BYTES = 2 << 20
 # Deliberately broken firmware variants (buggify sites in firmware/controller.py and
 # firmware/fencing.py) the checkers must catch: tests/test_sim.py asserts each is caught
 # within a few seeds. The fencing sites only exist with fencing on.
-FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata",
                 "read_skip_cache") + FENCE_SITES
 
@@ -101,7 +100,7 @@ class Sim:
         self.fencing = fencing
         root = random.Random(seed)
         self.rng = {name: random.Random(root.getrandbits(64))
-                    for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify")}
+                    for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify", "fence")}
         self.plan = FaultPlan(self.rng["plan"], broken, fencing)
         for name, value in (overrides or {}).items():     # scenario tests pin knobs and faults
             assert hasattr(self.plan, name), name
@@ -284,12 +283,15 @@ class Sim:
             elif kind is A.RecordRead or kind is A.RecordWrite:
                 io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
+                self.faults.record_io(i)            # a pause right after the submission
             elif kind is A.LinkReset:
                 self._link_reset(i, act.reason)
             elif kind is A.Notify:
                 self.notes[act.kind] = self.notes.get(act.kind, 0) + 1
                 if act.kind == "ownership_state" and act.fields["new"] in SERVING and self.split is not None:
                     self._began_serving(i, n.ctrl, act.fields)
+                if act.kind == "ownership_state" and act.fields["new"] in (Own.CLAIMING, Own.REPLAYING):
+                    self.faults.claim_began(i)
             else:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
 
@@ -315,6 +317,8 @@ class Sim:
         if io.done:
             return                          # its controller crashed: disks.crash() decided its fate
         error, data = self.disks.complete(io)
+        if io.record and io.epoch == self.nodes[i].epoch:
+            self.faults.record_io(i)            # a pause right before the controller hears of it
         self.at(self.now_us, i, self._disk_done, i, io.op, error, data)
 
     def _disk_done(self, i, op, error, data):

@@ -16,6 +16,9 @@ seen by both controllers like the rest of the disk. Record I/O takes the
 same latency and EIO faults (a vanished disk fails it too); a record is one
 sector, so a record write in flight at a crash lands whole or not at all,
 and a record write that fails with EIO may or may not have landed.
+- slow record I/O: for a while, one controller's record I/O (its path to the
+  reservation area) takes `record_latency_us[ctrl]`, far longer than data
+  I/O; a slow read sees the record as it is when it completes.
 """
 EIO = 5
 SECTOR_BYTES = 512
@@ -58,6 +61,7 @@ class SimDiskArray:
         self.vanished = set()                # LUNs whose disk is gone for now
         self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0, "record_reads": 0, "record_writes": 0}
         self.on_apply = None               # called with (io, sectors) whenever a write lands
+        self.record_latency_us = [None, None]   # per controller: (lo, hi) while its record I/O is slow
 
     def submit(self, ctrl, epoch, act, write):
         """Start an I/O; return (DiskIo, latency in us). Write data is copied now (the DMA)."""
@@ -75,7 +79,7 @@ class SimDiskArray:
         assert not write or len(data) == RECORD_BYTES
         io = DiskIo(ctrl, epoch, act.op, write, act.lun, 0, RECORD_BYTES, data, record=True)
         self.inflight[io] = None
-        lo, hi = self.faults.latency_us
+        lo, hi = self.record_latency_us[ctrl] or self.faults.latency_us
         return io, self.rng.randint(lo, hi)
 
     def complete(self, io):

@@ -9,7 +9,12 @@ knobs that shape the run (heartbeat, watermarks, windows, transport).
 faults injected at seeded intervals (crash and restart of one controller,
 power cut of both, partition one-way or both ways and heal, a paused
 controller, a vanishing disk, a slow peer, and with fencing an ownership
-move through the CLI path); then the final phase: heal
+move through the CLI path); with fencing, fault plans aimed at it: pauses
+placed at a controller's reservation-record I/O (right after it is submitted,
+or right before its completion is delivered, so the controller acts on a
+read that is old by its own clock), slow record I/O for a while, and a crash
+and restart of a controller while one of its LUNs is CLAIMING or REPLAYING;
+then the final phase: heal
 everything, restart what is down, wait until the pair is mirrored and quiet
 (with fencing: every LUN settled as owner on one side, partner on the other),
 check mirrors and what a failover would find, read every LUN back through
@@ -21,6 +26,8 @@ from firmware.formats.messages import MsgType
 from .sim_check import SimFailure, check_mirror_equal
 
 LEGIT_SITES = {"nvram_store_corrupt": 0.02}     # faults the firmware must handle
+# Deliberately broken fencing variants (buggify sites in firmware/fencing.py, firmware/takeover.py).
+FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 SETTLE_LIMIT_US = 60_000_000
 HEARTBEAT = MsgType.HEARTBEAT
 
@@ -56,6 +63,23 @@ class FaultPlan:
         if broken:
             self.buggify[broken] = 1.0 if broken != "skip_persist_metadata" else 0.3
             self.kinds = sorted(set(self.kinds) | {"crash"} | ({"pause", "partition"} if fencing else set()))
+        self._fencing_plans(on, rng, broken in FENCE_SITES, fencing)
+
+    def _fencing_plans(self, on, rng, forced, fencing):
+        """Faults aimed at fencing, drawn after every other knob (a seed keeps its other knobs);
+        a broken fencing variant gets all of them. p_record_pause: per record I/O, the chance its
+        controller is paused right after submitting it or right before hearing its completion;
+        p_claim_crash: per LUN entering CLAIMING or REPLAYING, the chance its controller crashes
+        (and restarts) before the claim is through; "slow_record": a fault kind."""
+        self.p_record_pause = self.p_claim_crash = 0.0
+        if not fencing:
+            return
+        if on(0.5) or forced:
+            self.p_record_pause = rng.choice((0.01, 0.03, 0.1))
+        if on(0.4) or forced:
+            self.p_claim_crash = rng.choice((0.2, 0.5))
+        if on(0.4) or forced:
+            self.kinds.append("slow_record")
 
 
 class FaultSchedule:
@@ -64,6 +88,7 @@ class FaultSchedule:
         self.rng = sim.rng["fault"]
         self.counts = {}
         self.active = True
+        self.armed = False                  # fencing fault plans fire once the workload runs
 
     def run(self):
         sim = self.sim
@@ -71,6 +96,7 @@ class FaultSchedule:
             sim.boot(i)
         sim.reconnect()
         sim.run_until(lambda: all(n.ctrl.mirroring for n in sim.nodes), sim.plan.settle_limit_us, "first mirroring")
+        self.armed = True
         for c in range(sim.plan.clients):
             sim.at(sim.now_us + c, -1, sim.client_next, c)
         if sim.plan.kinds:
@@ -151,6 +177,55 @@ class FaultSchedule:
     def _unslow(self, d):
         self.sim.link.slow[d] = 1
 
+    def _slow_record(self):
+        """One controller's path to the reservation records (or both) slows to lease_ms/2..lease_ms
+        per I/O for a while: still within the settle time, so a renewal in flight lands before a
+        claimant's read-back (the argument in firmware/fencing.py assumes record I/O completes
+        within lease_ms)."""
+        sim, p = self.sim, self.sim.plan
+        for d in self.rng.choice(([0], [1], [0, 1])):
+            sim.disks.record_latency_us[d] = (p.lease_ms * 500, p.lease_ms * 1000)
+        self._later(1_000, 300_000, self._unslow_record)
+
+    def _unslow_record(self):
+        self.sim.disks.record_latency_us = [None, None]
+
+    def record_io(self, i):
+        """Controller i submitted a record I/O, or is about to hear of one: maybe pause it right now."""
+        sim, p = self.sim, self.sim.plan
+        rng = sim.rng["fence"]
+        if not (self.active and self.armed and p.p_record_pause and rng.random() < p.p_record_pause):
+            return
+        n = sim.nodes[i]
+        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes):
+            return
+        if rng.random() < 0.5:              # shorter than a lease: the re-read guard does not fire
+            pause_ms = rng.randint(1, p.lease_ms)
+        else:                               # long enough for the partner to take over meanwhile
+            pause_ms = rng.randint(p.lease_ms, 2 * (6 * p.heartbeat_ms + p.takeover_wait_ms + p.lease_ms + p.renew_ms))
+        n.paused_until_us = sim.now_us + pause_ms * 1000
+        self.counts["record_pause"] = self.counts.get("record_pause", 0) + 1
+
+    def claim_began(self, i):
+        """A LUN of controller i entered CLAIMING or REPLAYING: maybe crash i before it is through."""
+        sim, p = self.sim, self.sim.plan
+        rng = sim.rng["fence"]
+        if self.active and self.armed and p.p_claim_crash and rng.random() < p.p_claim_crash:
+            delay_us = rng.randint(0, (p.lease_ms + p.renew_ms) * 1000)
+            sim.at(sim.now_us + delay_us, -1, self._crash_in_claim, i, sim.nodes[i].epoch)
+
+    def _crash_in_claim(self, i, epoch):
+        sim = self.sim
+        n = sim.nodes[i]
+        if not self.active or not n.alive or n.epoch != epoch:
+            return
+        if not any(f.state in (Own.CLAIMING, Own.REPLAYING) for f in n.ctrl.fence):
+            return
+        sim.check_failover(i)
+        sim.crash(i, "crash inside a claim")
+        self.counts["claim_crash"] = self.counts.get("claim_crash", 0) + 1
+        self._later(1_000, 300_000, sim.restart, i)
+
     def _move(self):
         sim = self.sim
         i, lun = self.rng.randrange(2), self.rng.randrange(len(sim.lun_sizes))
@@ -173,6 +248,7 @@ class FaultSchedule:
         sim.disks.faults.p_read_eio = sim.disks.faults.p_write_eio = 0.0
         sim.disks.vanished.clear()
         sim.link.slow = [1, 1]
+        sim.disks.record_latency_us = [None, None]
         lf = sim.link.faults
         lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
         self._heal()
