@@ -94,8 +94,7 @@ class TakeoverMixin:
             # link lease, which moves no record: a quiet record proves nothing, so the quiet
             # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
-            if rec is not None and not self._claim_unconfirmed(rec) and (
-                    rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
+            if self._voids_mirror(f, rec):
                 f.void_mirror = True
             return Own.WATCHING
         if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
@@ -112,6 +111,15 @@ class TakeoverMixin:
         f.claim_written_ms = None
         return Own.CLAIMING
 
+    def _voids_mirror(self, f, rec) -> bool:
+        """Does `rec` make our mirror copy of the LUN old data? Yes once its owner went on alone
+        (SOLO: it destaged first and writes through since) or moved it to another generation
+        than the one it mirrored to us at; not under a claim still CLAIMED, whose claimant has
+        destaged nothing (seed 419). Every record we take note of is judged by this, also the
+        one that ends our own claim."""
+        return rec is not None and not self._claim_unconfirmed(rec) and (
+            rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation)
+
     def _claim_written(self, f):
         f.claim_written_ms = self.now_ms
 
@@ -124,6 +132,7 @@ class TakeoverMixin:
         claimed = f.pending_write
         if rec is None or rec.key() != claimed.key():
             self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="the owner renewed over our claim"))
+            self._abandon_mirror(f, claimed, rec)
             f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
             if self.link.up:
                 # The link came up during the claim (CLAIMING ignores link_up): the record
@@ -135,6 +144,18 @@ class TakeoverMixin:
         f.record, f.generation = rec, rec.generation
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         return self._start_replay(f)
+
+    def _abandon_mirror(self, f, claimed, rec):
+        """A claim given up on its read-back judges the mirror lines it kept against the record
+        that beat it, as a watch read would: that record is now the last seen, so no later read
+        with its key judges them again. Kept, they waited for a later claim, which replayed
+        them over the owner's newer write-through (an owner that went SOLO renewed over our
+        claim). The lines were judged valid against the record we claimed over, two below
+        our claim's generation (also after a restart, when the claim is resumed)."""
+        f.mirror_generation = claimed.generation - 2
+        if self._voids_mirror(f, rec):
+            f.void_mirror = False
+            self._void_mirror(f)
 
     def _mirror_blocks_of(self, f):
         return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]

@@ -192,3 +192,45 @@ def test_a_cache_line_ownership_request_is_refused_and_changes_nothing():
     p.read(1, "r", 0, 0, BS)                                # forwarded to a, still the owner
     p.deliver()
     assert p.replies["r"] == (0, b"q" * BS)
+
+
+def _frozen(p, i, ticks):
+    """Tick the pair with controller i stopped (no events at all), then let it run again."""
+    stopped, p.ctrl[i] = p.ctrl[i], None
+    for _ in range(ticks):
+        p.tick(10)
+    p.ctrl[i] = stopped
+    stopped.set_time(p.now_ms)
+    return stopped
+
+
+def test_a_claim_abandoned_to_a_solo_owner_voids_the_mirror_it_kept():
+    # b claimed lun0 on the record a wrote mirrored; a's renewal, read before the claim landed,
+    # landed over it as a SOLO bump, so b's read-back abandoned the claim. The abandon took the
+    # SOLO record as seen without judging the mirror by it: no later read showed a new key, and
+    # b's next takeover replayed a's old mirrored line over a's newer write-through.
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * 2 * BS)
+    p.deliver()
+    assert p.replies["old"] == (0, None)
+    mirrored = R.parse_record_untrusted(p.records[0])
+    p.disconnect()
+    b = _frozen(p, 1, 100)                                   # a destages and goes solo meanwhile
+    assert p.ctrl[0].fence[0].state == Own.SOLO
+    solo = R.parse_record_untrusted(p.records[0])
+    assert solo.state == R.LunState.SOLO and solo.generation == mirrored.generation + 1
+    f = b.fence[0]
+    assert f.state == Own.WATCHING and b._mirror_blocks_of(f)
+    f.state = Own.CLAIMING                                    # b's claim, decided on the mirrored record
+    f.pending_write = R.Record(0, 1, R.LunState.CLAIMED, mirrored.generation + 2, 0, 400, p.params[1].pair_id)
+    f.claim_written_ms = p.now_ms
+    b._own_event(f, "record", solo)                           # its read-back shows a's SOLO record
+    assert f.state == Own.WATCHING and not b._mirror_blocks_of(f)
+    p.write(0, "new", 0, 0, b"2" * 2 * BS)                    # write-through, solo
+    assert p.replies["new"] == (0, None)
+    p.crash(0)
+    for _ in range(300):
+        p.tick(10)
+    assert f.state == Own.SOLO
+    p.read(1, "r", 0, 0, 2 * BS)
+    assert p.replies["r"] == (0, b"2" * 2 * BS)
