@@ -234,3 +234,46 @@ def test_a_claim_abandoned_to_a_solo_owner_voids_the_mirror_it_kept():
     assert f.state == Own.SOLO
     p.read(1, "r", 0, 0, 2 * BS)
     assert p.replies["r"] == (0, b"2" * 2 * BS)
+
+
+def _bump_alone(p, i, ticks=30):
+    """Controller i boots with the link down and goes solo: one generation bump of its LUNs."""
+    p.boot(i)
+    for _ in range(ticks):
+        p.tick(10)
+    assert p.ctrl[i].fence[0].state == Own.SOLO
+
+
+def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
+    # b watched a crashed owner's record past the takeover wait; its last read landed while b
+    # was paused (shorter than a lease, so the re-read guard let it through). Meanwhile a
+    # restarted twice and bumped lun0 twice, g -> g+1 -> g+2. Acting on the old read, b claimed
+    # g+2: the generation a served at, the fencing token, was held by both.
+    p = fenced_pair()
+    p.disconnect()
+    p.crash(0)
+    b = p.ctrl[1]
+    f = b.fence[0]
+    for _ in range(30):
+        p.tick(10)
+    assert f.state == Own.WATCHING
+    old = bytes(p.records[0])
+    g = R.parse_record_untrusted(old).generation
+    f.renew_due_ms = 10**9                                   # b reads only when this test says
+    while p.now_ms - f.last_change_ms < p.params[1].takeover_wait_ms:
+        p.tick(10)
+    b._read_record(f)                                        # in flight: its answer will be `old`
+    (read,) = [a for a in b._take() if a.__class__.__name__ == "RecordRead"]
+    stopped, p.ctrl[1] = b, None                             # b paused, 300 ms < lease_ms
+    _bump_alone(p, 0, 13)
+    p.crash(0)
+    _bump_alone(p, 0, 13)
+    assert R.parse_record_untrusted(p.records[0]).generation == g + 2
+    p.ctrl[1] = stopped
+    b.set_time(p.now_ms)
+    assert p.now_ms - f.read_start_ms < p.params[1].lease_ms
+    p.run(1, b.disk_done(read.op, 0, bytearray(old)))        # the old answer, heard after the pause
+    claims = [n[1]["generation"] for n in p.notes[1] if n[0] == "takeover_claim"]
+    assert g + 2 not in claims
+    rec = R.parse_record_untrusted(p.records[0])
+    assert (rec.owner, rec.generation) == (0, g + 2)
