@@ -56,15 +56,19 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    serve. So a CLAIMED record means its claimant has served nothing. A
    controller that finds its own CLAIMED record after a restart resumes it:
    settle, read back, replay.
-   Why + 2 suffices: an owner bumps its generation only after a read
-   showing its own record, and never sooner than `renew_interval_ms` after
-   its previous bump completed or after it booted (so a restart does not
-   shorten it); a claim counts as decided on its read only if its write
-   completed less than `renew_interval_ms` after that read began. The
-   owner's first bump after our read landed after the read began; a second
-   would land `renew_interval_ms` later still, so after our claim: it then
-   either saw our claim and bumped nothing, or landed over the claim and
-   our read-back drops it. A claim whose write completed later is not
+   Why + 2 suffices, and why our mirror is still the owner's data: an
+   owner bumps its generation only after a read showing its own record, and
+   never sooner than `lease_ms` after its previous bump completed or after
+   it booted (so a restart does not shorten it); having bumped, it serves
+   alone only once a read begun `lease_ms` after the bump completed still
+   shows its record. Our claim was decided on a read begun less than
+   `renew_interval_ms` (at most `lease_ms / 2`) before we wrote it, so it
+   lands less than `lease_ms` after that read began. An owner's bump that
+   landed after our read saw the record was followed by its wait: its
+   next read saw our claim and it stepped down having written nothing
+   through (our mirror is its data, destaged before the bump), and it
+   bumped no second time before our claim landed. As a guard, a claim
+   whose write completed `lease_ms` or more after its read began is not
    settled on: a fresh read that still shows it claims again, two above it.
    Abandoned on its read-back, a claim judges the mirror lines it kept
    against the record that beat it, as a watch read would (a SOLO owner's,
@@ -87,7 +91,9 @@ reservations on the disks, which a stale writer cannot pass.
 Losing the link while alive, an owner first destages every dirty line of
 the LUN (its partner may still replay the same data, which is harmless),
 then bumps the generation with state SOLO (the partner's mirror copy is now
-void: a later takeover must not replay it), then serves write-through, so
+void: a later takeover must not replay it), waits `lease_ms` and reads the
+record again (step 3: a claim decided before the bump has landed by then),
+then serves write-through, so
 nothing acknowledged lives only in its NVRAM. Writes that waited for a mirror
 ack when the link dropped are acknowledged once they are on disk.
 """
@@ -207,7 +213,7 @@ class LunFence:
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
                  "held_lines", "held_generation", "peer_generation", "replay_complete", "claim_read_ms",
-                 "claim_stale", "bump_after_ms", "claim_over_generation")
+                 "claim_stale", "bump_after_ms", "claim_over_generation", "solo_after_ms")
 
     def __init__(self, lun):
         self.lun = lun
@@ -239,7 +245,8 @@ class LunFence:
         self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
         self.claim_read_ms = 0            # when the read our claim was decided on began
         self.claim_stale = False          # our claim's write completed late: a fresh read decides
-        self.bump_after_ms = 0            # no solo bump before this (renew_interval_ms after the last)
+        self.bump_after_ms = 0            # no solo bump before this (lease_ms after the last, or boot)
+        self.solo_after_ms = None         # our bump landed: solo on a read begun at or after this
         self.claim_over_generation = 0    # the generation of the record our claim was decided on
 
 
@@ -258,7 +265,7 @@ class FenceMixin:
     def _init_fencing(self):
         self.fence = [LunFence(lun) for lun in range(len(self.params.lun_sizes))]
         for f in self.fence:
-            f.bump_after_ms = self.now_ms + self.params.renew_interval_ms
+            f.bump_after_ms = self.now_ms + self.params.lease_ms
             self._read_record(f)
 
     def _own_event(self, f, event, *args):
@@ -438,6 +445,7 @@ class FenceMixin:
     # -- the owner alone ------------------------------------------------------
 
     def _to_fencing(self, f):
+        f.solo_after_ms = None
         f.renew_due_ms = self.now_ms
         self._read_record(f)
         self._pump()
@@ -457,6 +465,10 @@ class FenceMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
+        if f.solo_after_ms is not None:
+            # Our bump landed: solo on a read begun lease_ms after it, still showing it (see below).
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
+            return self._go_solo(f) if f.read_start_ms >= f.solo_after_ms else Own.FENCING
         if self._lun_clean(f.lun) and self.now_ms >= f.bump_after_ms:
             self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
         elif self._lun_clean(f.lun):
@@ -486,7 +498,17 @@ class FenceMixin:
         if rec.state != R.LunState.SOLO or rec.generation <= f.generation:
             return Own.FENCING
         f.generation = rec.generation
-        f.bump_after_ms = self.now_ms + self.params.renew_interval_ms
+        f.bump_after_ms = self.now_ms + self.params.lease_ms
+        f.solo_after_ms = f.renew_due_ms = self.now_ms + self.params.lease_ms
+        return Own.FENCING
+
+    def _go_solo(self, f):
+        """Serve alone, write-through, at the generation of our bump. Only after a read begun
+        lease_ms after the bump completed still showed it: a claim decided on our record from
+        before the bump (its claimant had not seen it, so it keeps its mirror copy) lands within
+        lease_ms of that read, and such a claim then fences us before we wrote anything through
+        that its replay would overwrite."""
+        f.solo_after_ms = None
         if self.sync_pending:
             self.resync_again = True
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))

@@ -117,11 +117,12 @@ class TakeoverMixin:
         return Own.CLAIMING
 
     def _fresh(self, f) -> bool:
-        """Is the record read just answered fresh enough to claim on, by our own clock now? A
+        """Is the record read just answered fresh enough to claim on, by our own clock now (begun
+        less than renew_interval_ms, at most lease_ms / 2, ago: firmware/fencing.py step 3)? A
         read that landed during a pause shorter than lease_ms passes the re-read guard of
         _record_done, and a claim taken on it named two above a generation the owner had left
         twice meanwhile (restarted and bumped each time): both served one generation."""
-        return self.now_ms - f.read_start_ms < self.params.renew_interval_ms
+        return self.now_ms - f.read_start_ms < min(self.params.renew_interval_ms, self.params.lease_ms // 2)
 
     def _write_claim(self, f, generation):
         self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
@@ -130,12 +131,12 @@ class TakeoverMixin:
         f.claim_stale = False
 
     def _claim_landed(self, f):
-        """Our claim's write is over (landed, or failed and maybe landed). It lands after a second
-        bump of the owner only if it completed renew_interval_ms or more after the read it was
-        decided on began (an owner bumps again no sooner than that after its last bump landed,
-        also across a restart: firmware/fencing.py _may_bump). Such a claim may share the owner's
-        generation: it is not settled on; a fresh read decides (_claim_record)."""
-        if self.now_ms - f.claim_read_ms >= self.params.renew_interval_ms:
+        """Our claim's write is over (landed, or failed and maybe landed). It can land after a second
+        bump of the owner only if it completed lease_ms or more after the read it was decided on
+        began (an owner bumps again no sooner than that after its last bump completed, also
+        across a restart: firmware/fencing.py _fencing_record). Such a claim may share the
+        owner's generation: it is not settled on; a fresh read decides (_claim_record)."""
+        if self.now_ms - f.claim_read_ms >= self.params.lease_ms:
             f.claim_stale = True
             self.out.append(A.Notify("takeover_claim_late", lun=f.lun, generation=f.pending_write.generation))
             self._read_record(f)

@@ -292,6 +292,10 @@ class Sim:
                     self._began_serving(i, n.ctrl, act.fields)
                 if act.kind == "ownership_state" and act.fields["new"] in (Own.CLAIMING, Own.REPLAYING):
                     self.faults.claim_began(i)
+                elif act.kind == "ownership_state" and act.fields["new"] == Own.WATCHING:
+                    self.faults.began_watching(i)
+                elif act.kind == "solo":
+                    self.faults.went_solo(i)
             else:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
 
@@ -328,7 +332,16 @@ class Sim:
         ctrl = self.nodes[i].ctrl
         self.execute(i, ctrl.tick(self.ms(i)))
         C.check_bounds(ctrl, self.disks.ios_inflight(i))
+        if self.split is not None:
+            self._holds_leases(i, ctrl)
         self.at(self.now_us + TICK_US, i, self._tick, i)
+
+    def _holds_leases(self, i, ctrl):
+        """Every tick a LUN spends OWNER or SOLO under a valid lease is a serving act: it would
+        accept host I/O at this instant, whether or not a host comes (promise 4 is about that)."""
+        for f in ctrl.fence:
+            if f.state in SERVING and ctrl._lease_ok(f):
+                self.split.act(i, f.lun, f.generation, self.now_us, f"holds a lease ({f.state})")
 
     # -- the link -------------------------------------------------------------
 

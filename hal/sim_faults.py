@@ -70,16 +70,19 @@ class FaultPlan:
         a broken fencing variant gets all of them. p_record_pause: per record I/O, the chance its
         controller is paused right after submitting it or right before hearing its completion;
         p_claim_crash: per LUN entering CLAIMING or REPLAYING, the chance its controller crashes
-        (and restarts) before the claim is through; "slow_record": a fault kind."""
+        (and restarts) before the claim is through; "slow_record", "isolate_eio" and
+        "isolate_slow_claims" are fault kinds."""
         self.p_record_pause = self.p_claim_crash = 0.0
         if not fencing:
             return
         if on(0.5) or forced:
-            self.p_record_pause = rng.choice((0.01, 0.03, 0.1))
+            self.p_record_pause = rng.choice((0.02, 0.05, 0.1))
         if on(0.4) or forced:
             self.p_claim_crash = rng.choice((0.2, 0.5))
         if on(0.4) or forced:
             self.kinds.append("slow_record")
+        if on(0.4) or forced:
+            self.kinds += ["isolate_eio", "isolate_slow_claims"]
 
 
 class FaultSchedule:
@@ -89,6 +92,10 @@ class FaultSchedule:
         self.counts = {}
         self.active = True
         self.armed = False                  # fencing fault plans fire once the workload runs
+        self.quiet_until_us = 0             # a fencing scenario runs undisturbed until then
+        self.on_solo = self.on_watch = None # the controller whose record path fails at its solo, slows at its watch
+        self.waiting = None                 # the scenario waiting for both controllers to run
+        self.scenarios_due = 0              # early scenarios not yet started
 
     def run(self):
         sim = self.sim
@@ -101,10 +108,15 @@ class FaultSchedule:
             sim.at(sim.now_us + c, -1, sim.client_next, c)
         if sim.plan.kinds:
             sim.at(sim.now_us + sim.plan.fault_interval_us, -1, self.inject)
+        scenarios = [k for k in ("isolate_eio", "isolate_slow_claims") if k in sim.plan.kinds]
+        sim.rng["fence"].shuffle(scenarios)
+        for kind in scenarios:              # each once early; the workload lasts until they are over
+            sim.at(sim.now_us + sim.rng["fence"].randint(0, 100_000), -1, getattr(self, "_" + kind))
+        self.scenarios_due = len(scenarios)
         sim.at(sim.now_us + 100_000, -1, self.sample_failover)
         w = sim.workload
-        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding, sim.plan.settle_limit_us,
-                      "the end of the workload")
+        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding and not self.scenarios_due
+                      and sim.now_us >= self.quiet_until_us, sim.plan.settle_limit_us, "the end of the workload")
         self.final()
 
     # -- injection ------------------------------------------------------------
@@ -114,8 +126,9 @@ class FaultSchedule:
             return
         sim, rng = self.sim, self.rng
         kind = rng.choice(sim.plan.kinds)
-        getattr(self, "_" + kind)()
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if sim.now_us >= self.quiet_until_us:
+            getattr(self, "_" + kind)()
+            self.counts[kind] = self.counts.get(kind, 0) + 1
         interval_us = sim.plan.fault_interval_us
         sim.at(sim.now_us + rng.randint(interval_us // 2, 2 * interval_us), -1, self.inject)
 
@@ -151,6 +164,8 @@ class FaultSchedule:
 
     def _heal(self):
         sim = self.sim
+        if self.active and sim.now_us < self.quiet_until_us:
+            return                          # a fencing scenario keeps its link cut until it ends
         for t, dst, conn, chunk in sim.link.heal(sim.now_us):
             sim.at(t, dst, sim._deliver, dst, conn, chunk)
 
@@ -177,18 +192,93 @@ class FaultSchedule:
     def _unslow(self, d):
         self.sim.link.slow[d] = 1
 
+    def _takeover_ms(self):
+        """Long enough for the partner to notice, watch the record, claim and settle."""
+        p = self.sim.plan
+        return 6 * p.heartbeat_ms + p.takeover_wait_ms + p.lease_ms + p.renew_ms + 20
+
+    def _isolate(self, duration_ms):
+        """Cut the link both ways for `duration_ms` (a record-path fault alone moves no LUN)."""
+        self.sim.link.partition([0, 1])
+        self.sim.at(self.sim.now_us + duration_ms * 1000, -1, self._heal)
+
     def _slow_record(self):
-        """One controller's path to the reservation records (or both) slows to lease_ms/2..lease_ms
-        per I/O for a while: still within the settle time, so a renewal in flight lands before a
-        claimant's read-back (the argument in firmware/fencing.py assumes record I/O completes
-        within lease_ms)."""
-        sim, p = self.sim, self.sim.plan
-        for d in self.rng.choice(([0], [1], [0, 1])):
-            sim.disks.record_latency_us[d] = (p.lease_ms * 500, p.lease_ms * 1000)
-        self._later(1_000, 300_000, self._unslow_record)
+        """One controller's path to the reservation records (or both) slows to lease_ms/4..lease_ms/2
+        per write, and per read unless only writes are slow, for a while, often with the link
+        cut: a read and the renewal written after it still land within a lease, so before a
+        claimant's read-back (the argument in firmware/fencing.py assumes it)."""
+        sim, p, rng = self.sim, self.sim.plan, self.rng
+        slow = (p.lease_ms * 250, p.lease_ms * 500)
+        for d in rng.choice(([0], [1], [0, 1])):
+            sim.disks.record_latency_us[d] = slow
+            sim.disks.record_write_only[d] = rng.random() < 0.5
+        duration_ms = rng.randint(self._takeover_ms() // 2, 2 * self._takeover_ms())
+        if rng.random() < 0.5:
+            self._isolate(duration_ms)
+        sim.at(sim.now_us + duration_ms * 1000, -1, self._unslow_record)
 
     def _unslow_record(self):
         self.sim.disks.record_latency_us = [None, None]
+
+    def _scenario(self, retry):
+        """Cut the link for long enough that a LUN changes hands, and let nothing else happen
+        meanwhile; return the controller that owns a LUN (the one the scenario aims at). Only with
+        both controllers up and running and no scenario under way: else try again 50 ms later."""
+        sim = self.sim
+        if not self.active:
+            return None
+        if sim.now_us < self.quiet_until_us or not all(n.alive and n.paused_until_us <= sim.now_us
+                                                       for n in sim.nodes):
+            if self.waiting is None or self.waiting == retry:
+                self.waiting = retry        # one scenario waits at a time
+                sim.at(sim.now_us + 50_000, -1, retry)
+            return None
+        self.waiting = None
+        self.scenarios_due = max(0, self.scenarios_due - 1)
+        duration_ms = self.rng.randint(2 * self._takeover_ms(), 3 * self._takeover_ms())
+        self.quiet_until_us = sim.now_us + duration_ms * 1000
+        sim.link.partition([0, 1])
+        sim.at(self.quiet_until_us, -1, self._scenario_end)
+        owners = [n.id for n in sim.nodes if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.fence)]
+        return self.rng.choice(owners or [0, 1])
+
+    def _scenario_end(self):
+        self.quiet_until_us = 0
+        self._heal()
+        disks = self.sim.disks
+        self.on_solo = self.on_watch = None
+        disks.record_write_eio = [False, False]
+        disks.record_latency_us = [None, None]
+
+    def _isolate_eio(self):
+        """The link is cut and, once a LUN of controller i went solo, i's record writes fail for the
+        rest of the scenario, its reads still working: its renewals alone give it leases its
+        partner cannot see (what the claim's settle covers)."""
+        i = self._scenario(self._isolate_eio)
+        if i is not None:
+            self.on_solo = i
+
+    def went_solo(self, i):
+        p, disks = self.sim.plan, self.sim.disks
+        if self.on_solo == i:
+            self.on_solo = None
+            self.counts["record_eio"] = self.counts.get("record_eio", 0) + 1
+            disks.record_write_eio[i] = True
+
+    def _isolate_slow_claims(self):
+        """The link is cut and, once a LUN of controller i began watching its owner, i's record
+        writes (its claims) take lease_ms/4..lease_ms/2 for the rest of the scenario."""
+        i = self._scenario(self._isolate_slow_claims)
+        if i is not None:
+            self.on_watch = 1 - i       # the partner of an owner: it watches, then claims
+
+    def began_watching(self, i):
+        p, disks = self.sim.plan, self.sim.disks
+        if self.on_watch == i:
+            self.on_watch = None
+            self.counts["slow_claims"] = self.counts.get("slow_claims", 0) + 1
+            disks.record_latency_us[i] = (p.lease_ms * 250, p.lease_ms * 500)
+            disks.record_write_only[i] = True
 
     def record_io(self, i):
         """Controller i submitted a record I/O, or is about to hear of one: maybe pause it right now."""
@@ -197,12 +287,12 @@ class FaultSchedule:
         if not (self.active and self.armed and p.p_record_pause and rng.random() < p.p_record_pause):
             return
         n = sim.nodes[i]
-        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes):
+        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes) or sim.now_us < self.quiet_until_us:
             return
-        if rng.random() < 0.5:              # shorter than a lease: the re-read guard does not fire
+        if rng.random() < 0.3:              # shorter than a lease: the re-read guard does not fire
             pause_ms = rng.randint(1, p.lease_ms)
         else:                               # long enough for the partner to take over meanwhile
-            pause_ms = rng.randint(p.lease_ms, 2 * (6 * p.heartbeat_ms + p.takeover_wait_ms + p.lease_ms + p.renew_ms))
+            pause_ms = rng.randint(self._takeover_ms(), 2 * self._takeover_ms())
         n.paused_until_us = sim.now_us + pause_ms * 1000
         self.counts["record_pause"] = self.counts.get("record_pause", 0) + 1
 
@@ -249,6 +339,7 @@ class FaultSchedule:
         sim.disks.vanished.clear()
         sim.link.slow = [1, 1]
         sim.disks.record_latency_us = [None, None]
+        self._scenario_end()
         lf = sim.link.faults
         lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
         self._heal()

@@ -236,19 +236,12 @@ def test_a_claim_abandoned_to_a_solo_owner_voids_the_mirror_it_kept():
     assert p.replies["r"] == (0, b"2" * 2 * BS)
 
 
-def _bump_alone(p, i, ticks=30):
-    """Controller i boots with the link down and goes solo: one generation bump of its LUNs."""
-    p.boot(i)
-    for _ in range(ticks):
-        p.tick(10)
-    assert p.ctrl[i].fence[0].state == Own.SOLO
-
-
 def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
     # b watched a crashed owner's record past the takeover wait; its last read landed while b
     # was paused (shorter than a lease, so the re-read guard let it through). Meanwhile a
-    # restarted twice and bumped lun0 twice, g -> g+1 -> g+2. Acting on the old read, b claimed
-    # g+2: the generation a served at, the fencing token, was held by both.
+    # restarted twice and bumped lun0 twice, g -> g+1 -> g+2 (written here as records: an owner
+    # now bumps no sooner than lease_ms after its boot or last bump). Acting on the old read, b
+    # claimed g+2: the generation a served at, the fencing token, was held by both.
     p = fenced_pair()
     p.disconnect()
     p.crash(0)
@@ -265,10 +258,10 @@ def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
     b._read_record(f)                                        # in flight: its answer will be `old`
     (read,) = [a for a in b._take() if a.__class__.__name__ == "RecordRead"]
     stopped, p.ctrl[1] = b, None                             # b paused, 300 ms < lease_ms
-    _bump_alone(p, 0, 13)
-    p.crash(0)
-    _bump_alone(p, 0, 13)
-    assert R.parse_record_untrusted(p.records[0]).generation == g + 2
+    for bump in (1, 2):
+        for _ in range(15):
+            p.tick(10)
+        p.records[0] = R.build_record(R.Record(0, 0, R.LunState.SOLO, g + bump, 1, 400, p.params[0].pair_id))
     p.ctrl[1] = stopped
     b.set_time(p.now_ms)
     assert p.now_ms - f.read_start_ms < p.params[1].lease_ms
