@@ -120,6 +120,7 @@ class Sim:
             p_drop=self.plan.p_link_loss, p_dup=self.plan.p_link_loss, p_reorder=self.plan.p_link_loss / 2,
             p_corrupt=self.plan.p_link_corrupt))
         self.split = SplitBrain(LUNS) if fencing else None
+        self.record_changes = [[] for _ in range(LUNS)]    # (t_us, writer) of record writes landing
         self.disks.on_apply = self._landed if fencing else None
         self.params = [self._params(i) for i in range(2)]
         self.nodes = [Node(0), Node(1)]
@@ -230,7 +231,12 @@ class Sim:
             setattr(ctrl, name, serve)
 
     def _landed(self, io, sectors):
-        if not io.record and io.gen is not None:
+        if io.record:
+            changes = self.record_changes[io.lun]
+            changes.append((self.now_us, io.ctrl))
+            del changes[:-64]
+            return
+        if io.gen is not None:
             self.split.act(io.ctrl, io.lun, io.gen, self.now_us, f"a disk write landing at {io.offset}")
 
     def crash(self, i, why):
@@ -281,6 +287,8 @@ class Sim:
                 self.at(self.now_us + self.disks.rng.randint(*self.disks.faults.latency_us), i,
                         self._disk_done, i, act.op, error, None)
             elif kind is A.RecordRead or kind is A.RecordWrite:
+                if kind is A.RecordWrite:
+                    self._check_quiet_claim(i, n.ctrl, act)
                 io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
                 self.faults.record_io(i)            # a pause right after the submission
@@ -298,6 +306,25 @@ class Sim:
                     self.faults.went_solo(i)
             else:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+
+    def _check_quiet_claim(self, i, ctrl, act):
+        """Step 2 of the argument in firmware/fencing.py, judged on the shared record: a claim over
+        the partner's record is decided on a read begun after the record had been quiet (no
+        write of the partner landing) for takeover_wait_ms; the claimant saw every write that
+        landed before its reads. A claim made again over our own late claim is not a new
+        decision and is not judged."""
+        rec = R.parse_record_untrusted(bytes(act.data), "claim")
+        f = ctrl.fence[act.lun]
+        if rec.state != R.LunState.CLAIMED or rec.counter or rec.owner != i or (
+                f.claim_over_generation != rec.generation - 2):
+            return
+        read_us = (f.read_start_ms - self.nodes[i].clock_offset_ms) * 1000
+        quiet_from_us = read_us - self.plan.takeover_wait_ms * 1000 + 1000     # ms rounding
+        for t_us, writer in self.record_changes[act.lun]:
+            if writer != i and quiet_from_us < t_us <= read_us:
+                raise SimFailure(f"claim without the quiet time: controller {'ab'[i]} claimed lun{act.lun} "
+                                 f"at {self.now_us} us on a read begun at {read_us} us, and "
+                                 f"{'ab'[writer]}'s record write landed at {t_us} us")
 
     def _began_serving(self, i, ctrl, fields):
         """A LUN became OWNER or SOLO: if it holds a valid lease now, it accepts host I/O from this

@@ -21,7 +21,8 @@ and a record write that fails with EIO may or may not have landed.
   I/O (its writes only, if `record_write_only[ctrl]`); a slow read sees the
   record as it is when it completes;
 - failing record writes: for a while, one controller's record writes fail
-  with EIO without landing (its reads still work).
+  with EIO without landing (its reads still work, unless its record reads
+  fail too: its path to the reservation area is gone).
 """
 EIO = 5
 SECTOR_BYTES = 512
@@ -66,6 +67,7 @@ class SimDiskArray:
         self.on_apply = None               # called with (io, sectors) whenever a write lands
         self.record_latency_us = [None, None]   # per controller: (lo, hi) while its record I/O is slow
         self.record_write_eio = [False, False]  # per controller: its record writes fail, not landing
+        self.record_read_eio = [False, False]   # per controller: its record reads fail
         self.record_write_only = [False, False]  # per controller: only its record writes are slow
 
     def submit(self, ctrl, epoch, act, write):
@@ -114,7 +116,7 @@ class SimDiskArray:
         f, rng = self.faults, self.rng
         self.stats["record_writes" if io.write else "record_reads"] += 1
         p = f.p_write_eio if io.write else f.p_read_eio
-        if io.write and self.record_write_eio[io.ctrl]:
+        if self.record_write_eio[io.ctrl] if io.write else self.record_read_eio[io.ctrl]:
             self.stats["eio"] += 1
             return EIO, None
         if io.lun in self.vanished or rng.random() < p:

@@ -94,7 +94,7 @@ class FaultSchedule:
         self.armed = False                  # fencing fault plans fire once the workload runs
         self.quiet_until_us = 0             # a fencing scenario runs undisturbed until then
         self.on_solo = self.on_watch = None # the controller whose record path fails at its solo, slows at its watch
-        self.waiting = None                 # the scenario waiting for both controllers to run
+        self.waiting = []                   # scenarios waiting for both controllers to run, in turn
         self.scenarios_due = 0              # early scenarios not yet started
 
     def run(self):
@@ -220,7 +220,13 @@ class FaultSchedule:
     def _unslow_record(self):
         self.sim.disks.record_latency_us = [None, None]
 
-    def _scenario(self, retry):
+    def _retry_scenario(self):
+        kind = self.waiting.pop(0)
+        getattr(self, "_" + kind)()
+        if self.waiting and self.waiting[0] != kind:
+            self.sim.at(self.sim.now_us + 50_000, -1, self._retry_scenario)
+
+    def _scenario(self, kind):
         """Cut the link for long enough that a LUN changes hands, and let nothing else happen
         meanwhile; return the controller that owns a LUN (the one the scenario aims at). Only with
         both controllers up and running and no scenario under way: else try again 50 ms later."""
@@ -229,11 +235,11 @@ class FaultSchedule:
             return None
         if sim.now_us < self.quiet_until_us or not all(n.alive and n.paused_until_us <= sim.now_us
                                                        for n in sim.nodes):
-            if self.waiting is None or self.waiting == retry:
-                self.waiting = retry        # one scenario waits at a time
-                sim.at(sim.now_us + 50_000, -1, retry)
+            if kind not in self.waiting:    # each kind waits once, in turn
+                self.waiting.append(kind)
+                if len(self.waiting) == 1:
+                    sim.at(sim.now_us + 50_000, -1, self._retry_scenario)
             return None
-        self.waiting = None
         self.scenarios_due = max(0, self.scenarios_due - 1)
         duration_ms = self.rng.randint(2 * self._takeover_ms(), 3 * self._takeover_ms())
         self.quiet_until_us = sim.now_us + duration_ms * 1000
@@ -248,13 +254,15 @@ class FaultSchedule:
         disks = self.sim.disks
         self.on_solo = self.on_watch = None
         disks.record_write_eio = [False, False]
+        disks.record_read_eio = [False, False]
         disks.record_latency_us = [None, None]
 
     def _isolate_eio(self):
         """The link is cut and, once a LUN of controller i went solo, i's record writes fail for the
-        rest of the scenario, its reads still working: its renewals alone give it leases its
-        partner cannot see (what the claim's settle covers)."""
-        i = self._scenario(self._isolate_eio)
+        rest of the scenario, and half the time its record reads too. Reads working, its renewals
+        alone give it leases its partner cannot see (what the claim's settle covers); failing,
+        it must stop serving once its lease runs out, while the partner takes over."""
+        i = self._scenario("isolate_eio")
         if i is not None:
             self.on_solo = i
 
@@ -264,11 +272,12 @@ class FaultSchedule:
             self.on_solo = None
             self.counts["record_eio"] = self.counts.get("record_eio", 0) + 1
             disks.record_write_eio[i] = True
+            disks.record_read_eio[i] = self.sim.rng["fence"].random() < 0.5   # the whole path is gone
 
     def _isolate_slow_claims(self):
         """The link is cut and, once a LUN of controller i began watching its owner, i's record
         writes (its claims) take lease_ms/4..lease_ms/2 for the rest of the scenario."""
-        i = self._scenario(self._isolate_slow_claims)
+        i = self._scenario("isolate_slow_claims")
         if i is not None:
             self.on_watch = 1 - i       # the partner of an owner: it watches, then claims
 
