@@ -21,7 +21,13 @@ it hands a controller, on that controller's own monotonic clock (a random
 offset per boot: controllers never share a clock). Disk I/O lands on the disk
 at its completion time even while its controller is paused; only the news
 of it waits for the controller to resume (SIGSTOP stops the process, not the
-disk). No split brain is judged by `SplitBrain` (hal/sim_check.py).
+disk). No split brain is judged by `SplitBrain` (hal/sim_check.py), fed with
+every serving act, including every tick a LUN spends OWNER or SOLO under a
+valid lease; step 2 of the fencing argument (a claim only on a record quiet
+for takeover_wait_ms) is judged on the shared record as claims are written.
+The fault plans aimed at fencing (hal/sim_faults.py) hook in here: pauses at
+record I/O, crashes inside a claim, scenarios placed at a LUN going solo or
+beginning to watch.
 `fencing=False` keeps static ownership (lun % 2) and its checks.
 """
 import hashlib

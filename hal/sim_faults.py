@@ -12,9 +12,11 @@ controller, a vanishing disk, a slow peer, and with fencing an ownership
 move through the CLI path); with fencing, fault plans aimed at it: pauses
 placed at a controller's reservation-record I/O (right after it is submitted,
 or right before its completion is delivered, so the controller acts on a
-read that is old by its own clock), slow record I/O for a while, and a crash
-and restart of a controller while one of its LUNs is CLAIMING or REPLAYING;
-then the final phase: heal
+read that is old by its own clock), slow record I/O for a while, a crash and
+restart of a controller while one of its LUNs is CLAIMING or REPLAYING, and
+two scenarios run undisturbed with the link cut (record writes of an owner
+alone failing, its reads working or not; a watcher's claims slow to land),
+each once early and then as a fault kind; then the final phase: heal
 everything, restart what is down, wait until the pair is mirrored and quiet
 (with fencing: every LUN settled as owner on one side, partner on the other),
 check mirrors and what a failover would find, read every LUN back through
@@ -96,6 +98,7 @@ class FaultSchedule:
         self.on_solo = self.on_watch = None # the controller whose record path fails at its solo, slows at its watch
         self.waiting = []                   # scenarios waiting for both controllers to run, in turn
         self.scenarios_due = 0              # early scenarios not yet started
+        self.scenario = None                # the kind of the last scenario started
 
     def run(self):
         sim = self.sim
@@ -241,6 +244,7 @@ class FaultSchedule:
                     sim.at(sim.now_us + 50_000, -1, self._retry_scenario)
             return None
         self.scenarios_due = max(0, self.scenarios_due - 1)
+        self.scenario = kind
         duration_ms = self.rng.randint(2 * self._takeover_ms(), 3 * self._takeover_ms())
         self.quiet_until_us = sim.now_us + duration_ms * 1000
         sim.link.partition([0, 1])
@@ -259,7 +263,7 @@ class FaultSchedule:
 
     def _isolate_eio(self):
         """The link is cut and, once a LUN of controller i went solo, i's record writes fail for the
-        rest of the scenario, and half the time its record reads too. Reads working, its renewals
+        rest of the scenario, and now and then its record reads too. Reads working, its renewals
         alone give it leases its partner cannot see (what the claim's settle covers); failing,
         it must stop serving once its lease runs out, while the partner takes over."""
         i = self._scenario("isolate_eio")
@@ -272,7 +276,7 @@ class FaultSchedule:
             self.on_solo = None
             self.counts["record_eio"] = self.counts.get("record_eio", 0) + 1
             disks.record_write_eio[i] = True
-            disks.record_read_eio[i] = self.sim.rng["fence"].random() < 0.5   # the whole path is gone
+            disks.record_read_eio[i] = self.sim.rng["fence"].random() < 0.3   # the whole path is gone
 
     def _isolate_slow_claims(self):
         """The link is cut and, once a LUN of controller i began watching its owner, i's record
@@ -296,8 +300,9 @@ class FaultSchedule:
         if not (self.active and self.armed and p.p_record_pause and rng.random() < p.p_record_pause):
             return
         n = sim.nodes[i]
-        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes) or sim.now_us < self.quiet_until_us:
-            return
+        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes) or (
+                sim.now_us < self.quiet_until_us and self.scenario == "isolate_eio"):
+            return                          # (pauses would only hide the leases that scenario is about)
         if rng.random() < 0.3:              # shorter than a lease: the re-read guard does not fire
             pause_ms = rng.randint(1, p.lease_ms)
         else:                               # long enough for the partner to take over meanwhile
