@@ -297,7 +297,7 @@ class Sim:
                     self._check_quiet_claim(i, n.ctrl, act)
                 io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
-                self.faults.record_io(i)            # a pause right after the submission
+                self.faults.record_io(i, act.lun)   # a pause right after the submission
             elif kind is A.LinkReset:
                 self._link_reset(i, act.reason)
             elif kind is A.Notify:
@@ -355,7 +355,7 @@ class Sim:
             return                          # its controller crashed: disks.crash() decided its fate
         error, data = self.disks.complete(io)
         if io.record and io.epoch == self.nodes[i].epoch:
-            self.faults.record_io(i)            # a pause right before the controller hears of it
+            self.faults.record_io(i, io.lun)    # a pause right before the controller hears of it
         self.at(self.now_us, i, self._disk_done, i, io.op, error, data)
 
     def _disk_done(self, i, op, error, data):

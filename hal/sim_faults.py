@@ -22,7 +22,7 @@ everything, restart what is down, wait until the pair is mirrored and quiet
 check mirrors and what a failover would find, read every LUN back through
 both controllers, cut the power of both, recover, and read back again.
 """
-from firmware.fencing import Own
+from firmware.fencing import OWNING, Own
 from firmware.formats.messages import MsgType
 
 from .sim_check import SimFailure, check_mirror_equal
@@ -80,7 +80,7 @@ class FaultPlan:
         if on(0.5) or forced:
             self.p_record_pause = rng.choice((0.02, 0.05, 0.1))
         if on(0.4) or forced:
-            self.p_claim_crash = rng.choice((0.2, 0.5))
+            self.p_claim_crash = rng.choice((0.1, 0.25))
         if on(0.4) or forced:
             self.kinds.append("slow_record")
         if on(0.4) or forced:
@@ -99,6 +99,7 @@ class FaultSchedule:
         self.waiting = []                   # scenarios waiting for both controllers to run, in turn
         self.scenarios_due = 0              # early scenarios not yet started
         self.scenario = None                # the kind of the last scenario started
+        self.record_pause_next_us = 0       # no pause at record I/O before this
 
     def run(self):
         sim = self.sim
@@ -293,8 +294,10 @@ class FaultSchedule:
             disks.record_latency_us[i] = (p.lease_ms * 250, p.lease_ms * 500)
             disks.record_write_only[i] = True
 
-    def record_io(self, i):
-        """Controller i submitted a record I/O, or is about to hear of one: maybe pause it right now."""
+    def record_io(self, i, lun):
+        """Controller i submitted a record I/O for `lun`, or is about to hear of one: maybe pause it
+        right now; long enough for the partner to take the LUN over only if i owns it (an owner
+        renewing: it then acts on a read older than its lease), shorter than a lease otherwise."""
         sim, p = self.sim, self.sim.plan
         rng = sim.rng["fence"]
         if not (self.active and self.armed and p.p_record_pause and rng.random() < p.p_record_pause):
@@ -303,11 +306,14 @@ class FaultSchedule:
         if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes) or (
                 sim.now_us < self.quiet_until_us and self.scenario == "isolate_eio"):
             return                          # (pauses would only hide the leases that scenario is about)
-        if rng.random() < 0.3:              # shorter than a lease: the re-read guard does not fire
+        if sim.now_us < self.record_pause_next_us:
+            return                          # the pair runs a while between them: a pause is not a death
+        if rng.random() < 0.3 or n.ctrl.fence[lun].state not in OWNING:   # the re-read guard does not fire
             pause_ms = rng.randint(1, p.lease_ms)
         else:                               # long enough for the partner to take over meanwhile
             pause_ms = rng.randint(self._takeover_ms(), 2 * self._takeover_ms())
         n.paused_until_us = sim.now_us + pause_ms * 1000
+        self.record_pause_next_us = n.paused_until_us + self._takeover_ms() * 500
         self.counts["record_pause"] = self.counts.get("record_pause", 0) + 1
 
     def claim_began(self, i):
