@@ -270,3 +270,33 @@ def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
     assert g + 2 not in claims
     rec = R.parse_record_untrusted(p.records[0])
     assert (rec.owner, rec.generation) == (0, g + 2)
+
+
+def test_an_owner_that_bumped_serves_alone_only_after_a_claim_decided_before_it_would_have_landed():
+    # The link is cut; a destages and bumps lun0 to SOLO at g+1. b's claim, decided on the record
+    # a had written before (MIRRORED at g, so b keeps its mirror copy of a's lines), lands just
+    # after the bump. Had a served write-through at g+1 meanwhile, b's replay of its mirror
+    # would later overwrite that write. a serves alone only after a read begun lease_ms after
+    # its bump still shows it: here that read shows b's claim, and a has written nothing.
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * BS)
+    p.deliver()
+    mirrored = R.parse_record_untrusted(p.records[0])
+    p.ctrl[1] = None                                          # b stopped: its claim is written below
+    p.wire[0].clear()
+    p.run(0, p.ctrl[0].link_disconnected("cut"))
+    f = p.ctrl[0].fence[0]
+    for _ in range(100):
+        p.tick(10)
+        if R.parse_record_untrusted(p.records[0]).state == R.LunState.SOLO:
+            break
+    assert f.state == Own.FENCING and R.parse_record_untrusted(p.records[0]).generation == mirrored.generation + 1
+    p.write(0, "new", 0, 0, b"2" * BS)                        # held: not solo yet
+    assert "new" not in p.replies
+    claim = R.Record(0, 1, R.LunState.CLAIMED, mirrored.generation + 2, 0, 400, p.params[1].pair_id)
+    p.records[0] = R.build_record(claim)                     # b's claim lands over the bump
+    for _ in range(60):
+        p.tick(10)
+    assert f.state == Own.WATCHING
+    assert p.replies.get("new", (5, None))[0] != 0
+    assert p.disks[0][:BS] != b"2" * BS                      # nothing written through at g+1
