@@ -272,7 +272,7 @@ class FaultSchedule:
             self.on_solo = i
 
     def went_solo(self, i):
-        p, disks = self.sim.plan, self.sim.disks
+        disks = self.sim.disks
         if self.on_solo == i:
             self.on_solo = None
             self.counts["record_eio"] = self.counts.get("record_eio", 0) + 1
