@@ -366,6 +366,18 @@ def test_a_claim_is_decided_on_what_its_reads_saw_by_the_claimants_clock(seed):
     _passes300(seed)
 
 
+def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
+    """Fixed (seed 201100 at 300 steps, on this work merged with main's flushing disks): a
+    restarted with 24 dirty lines of lun0 and held them under b's claim; b went down, a claimed
+    lun0 over b's unconfirmed claim and, still CLAIMING, resynced with the restarted b. A resync
+    sent current lines only, not held ones, so b, which had the 24 in its mirror, freed them at
+    the end of the resync. a then crashed inside its claim, b claimed lun0 with an empty mirror
+    and served it without a's acknowledged writes (a read found write 0 where 12 was), while a
+    held the only copy. A resync now also sends the lines held under a claim of a LUN we claim
+    ourselves (firmware/peer.py RESYNC_HELD)."""
+    _passes300(201100)
+
+
 def test_record_pauses_leave_the_pair_running_between_them():
     """Fixed in the simulator (seed 200230 at 300 steps): a pause placed at a record I/O fired
     again at the first record I/O after the last one ended, so one controller stayed paused for
