@@ -300,3 +300,37 @@ def test_an_owner_that_bumped_serves_alone_only_after_a_claim_decided_before_it_
     assert f.state == Own.WATCHING
     assert p.replies.get("new", (5, None))[0] != 0
     assert p.disks[0][:BS] != b"2" * BS                      # nothing written through at g+1
+
+
+def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
+    # a's lines are held under b's claim; b dies, a claims lun0 over it and, while claiming,
+    # resyncs with the restarted b, whose mirror has those lines. Not resent, they were freed by
+    # the resync, and a crash of a inside its claim left b to take lun0 over without them.
+    p = fenced_pair()
+    p.write(0, "w", 0, 0, b"w" * 2 * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    p.crash(0)
+    p.stall_disks()                                          # b's replay hangs: its claim stays CLAIMED
+    for _ in range(300):
+        p.tick(10)
+        if p.ctrl[1].fence[0].state == Own.REPLAYING:
+            break
+    p.boot(0)                                                # link down: a holds its lines under b's claim
+    for _ in range(5):
+        p.tick(10)
+    assert p.ctrl[0].fence[0].held_lines
+    p.crash(1)
+    p.stalled_writes = []                                    # b's hung replay writes die with it
+    for _ in range(300):
+        p.tick(10)
+        if p.ctrl[0].fence[0].state == Own.CLAIMING:
+            break
+    assert p.ctrl[0].fence[0].state == Own.CLAIMING
+    p.boot(1)
+    p.connect()
+    for _ in range(3):
+        p.tick(10)
+    b = p.ctrl[1]
+    assert b._mirror_blocks_of(b.fence[0])                  # a's held lines are in b's mirror again
+    p.resume_disks()
