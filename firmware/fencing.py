@@ -35,7 +35,15 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    counter above every counter its writer wrote before, so each renewal that
    lands is a change the partner sees, and the owner's last lease began no
    later than that change; a renewal whose write failed without landing
-   gives a lease the partner cannot see, which step 3 covers.
+   gives a lease the partner cannot see, which step 3 covers. The quiet
+   time is what the reads saw: from the change to the start of the latest
+   read, never to the moment its answer is heard (a pause in between is
+   no observation).
+   A claim is decided only on a read that is fresh by the claimant's own
+   clock at the moment it acts: begun less than `renew_interval_ms` before
+   (otherwise it reads again). A read answered after a pause shorter than
+   `lease_ms` passes the re-read guard of every read, and a claim taken on
+   it was two above a view the owner had left twice meanwhile.
 3. After writing its claim (owner = itself, generation + 2: above a solo
    bump the owner may land meanwhile, state CLAIMED, counter 0)
    the partner waits another `lease_ms + renew_interval_ms` and reads the
@@ -48,6 +56,27 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    serve. So a CLAIMED record means its claimant has served nothing. A
    controller that finds its own CLAIMED record after a restart resumes it:
    settle, read back, replay.
+   Why + 2 suffices, and why our mirror is still the owner's data: an
+   owner bumps its generation only after a read showing its own record, and
+   never sooner than `lease_ms` after its previous bump completed or after
+   it booted (so a restart does not shorten it); having bumped, it serves
+   alone only once a read begun `lease_ms` after the bump completed still
+   shows its record. Our claim was decided on a read begun less than
+   `renew_interval_ms` (at most `lease_ms / 2`) before we wrote it, so it
+   lands less than `lease_ms` after that read began. An owner's bump that
+   landed after our read saw the record was followed by its wait: its
+   next read saw our claim and it stepped down having written nothing
+   through (our mirror is its data, destaged before the bump), and it
+   bumped no second time before our claim landed. As a guard, a claim
+   whose write completed `lease_ms` or more after its read began is not
+   settled on: a fresh read that still shows it claims again, two above it.
+   Abandoned on its read-back, a claim judges the mirror lines it kept
+   against the record that beat it, as a watch read would (a SOLO owner's,
+   or another generation's, makes them old data: freed). The record is then
+   taken as seen, so no later read judges them, and kept they were replayed
+   by a later claim over the owner's newer write-through.
+   All this assumes record I/O completes within `lease_ms / 2`: a renewal's
+   read and write then land before a claimant's read-back.
 4. A controller that reads a record with another owner or a newer
    generation stops serving that LUN at once. If the record is a confirmed
    claim or any other owner's record, it drops its cached lines (they were
@@ -62,7 +91,9 @@ reservations on the disks, which a stale writer cannot pass.
 Losing the link while alive, an owner first destages every dirty line of
 the LUN (its partner may still replay the same data, which is harmless),
 then bumps the generation with state SOLO (the partner's mirror copy is now
-void: a later takeover must not replay it), then serves write-through, so
+void: a later takeover must not replay it), waits `lease_ms` and reads the
+record again (step 3: a claim decided before the bump has landed by then),
+then serves write-through, so
 nothing acknowledged lives only in its NVRAM. Writes that waited for a mirror
 ack when the link dropped are acknowledged once they are on disk.
 """
@@ -181,7 +212,8 @@ class LunFence:
                  "read_start_ms", "last_seen", "last_change_ms", "mirror_generation", "pending_write",
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "replay_written", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
-                 "held_lines", "held_generation", "peer_generation", "replay_complete")
+                 "held_lines", "held_generation", "peer_generation", "replay_complete", "claim_read_ms",
+                 "claim_stale", "bump_after_ms", "claim_over_generation", "solo_after_ms")
 
     def __init__(self, lun):
         self.lun = lun
@@ -212,6 +244,11 @@ class LunFence:
         self.held_generation = 0          # the generation of the claim we hold them for
         self.replay_complete = False      # our takeover's replay is done: SOLO goes to the record next
         self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
+        self.claim_read_ms = 0            # when the read our claim was decided on began
+        self.claim_stale = False          # our claim's write completed late: a fresh read decides
+        self.bump_after_ms = 0            # no solo bump before this (lease_ms after the last, or boot)
+        self.solo_after_ms = None         # our bump landed: solo on a read begun at or after this
+        self.claim_over_generation = 0    # the generation of the record our claim was decided on
 
 
 class RecordOp:
@@ -229,6 +266,7 @@ class FenceMixin:
     def _init_fencing(self):
         self.fence = [LunFence(lun) for lun in range(len(self.params.lun_sizes))]
         for f in self.fence:
+            f.bump_after_ms = self.now_ms + self.params.lease_ms
             self._read_record(f)
 
     def _own_event(self, f, event, *args):
@@ -279,11 +317,13 @@ class FenceMixin:
                 **({"record": f"{R.LunState(rec.state).name} owner {rec.owner} generation "
                               f"{rec.generation} counter {rec.counter}"} if entry.write else {})))
             f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
-            if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None:
+            if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None and not f.claim_stale:
                 # The claim may have landed or not: settle as if it had, then the read-back
                 # decides. Waiting for a "written" that never came left the LUN CLAIMING for
                 # good, with the hosts' requests held (seed 7254 at 300 steps).
-                f.claim_written_ms = self.now_ms
+                self._claim_landed(f)
+            elif f.state == Own.CLAIMING and f.claim_stale and not f.io_inflight:
+                self._read_record(f)    # the read that decides on a late claim failed: again
             return
         if entry.write:
             self.disk_health.record_written(f.lun)
@@ -430,6 +470,7 @@ class FenceMixin:
     # -- the owner alone ------------------------------------------------------
 
     def _to_fencing(self, f):
+        f.solo_after_ms = None
         f.renew_due_ms = self.now_ms
         self._read_record(f)
         self._pump()
@@ -445,8 +486,15 @@ class FenceMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        if self._lun_clean(f.lun):
+        if f.solo_after_ms is not None:
+            # Our bump landed: solo on a read begun lease_ms after it, still showing it (see below).
+            self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
+            return self._go_solo(f) if f.read_start_ms >= f.solo_after_ms else Own.FENCING
+        if self._lun_clean(f.lun) and self.now_ms >= f.bump_after_ms:
             self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
+        elif self._lun_clean(f.lun):
+            # Too soon after our last bump (or our boot) for another: renew, bump at a later read.
+            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         else:
             # Dirty lines here were mirrored (a solo owner writes through): the partner's copy is
             # good, so MIRRORED, even over a SOLO left from before whose MIRRORED rewrite failed.
@@ -471,6 +519,17 @@ class FenceMixin:
         if rec.state != R.LunState.SOLO or rec.generation <= f.generation:
             return Own.FENCING
         f.generation = rec.generation
+        f.bump_after_ms = self.now_ms + self.params.lease_ms
+        f.solo_after_ms = f.renew_due_ms = self.now_ms + self.params.lease_ms
+        return Own.FENCING
+
+    def _go_solo(self, f):
+        """Serve alone, write-through, at the generation of our bump. Only after a read begun
+        lease_ms after the bump completed still showed it: a claim decided on our record from
+        before the bump (its claimant had not seen it, so it keeps its mirror copy) lands within
+        lease_ms of that read, and such a claim then fences us before we wrote anything through
+        that its replay would overwrite."""
+        f.solo_after_ms = None
         if self.sync_pending:
             self.resync_again = True
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))

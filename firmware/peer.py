@@ -110,9 +110,16 @@ class PeerMixin:
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
         # A LUN still reading its record (STARTING) may turn out ours: mirror its lines too; if it
         # is the partner's, _drop_lines frees the partner's copies with flush-done.
-        lines = sorted((line for line in self.cache.lines.values()
-                        if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state in RESYNC_ALSO),
-                       key=lambda line: line.seq)
+        lines = [line for line in self.cache.lines.values()
+                 if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state in RESYNC_ALSO]
+        if self.fence is not None:
+            # Lines we hold (a claim over them was not confirmed) while we claim their LUN
+            # ourselves: our replay writes them, but if we go down first, the partner's claim
+            # replays its mirror copy, the only other one. Not resent, the resync freed it
+            # (seed 201100 at 300 steps: a held 24 lines, crashed in its claim, and b took the
+            # LUN over with none of them).
+            lines += [line for f in self.fence if f.state in RESYNC_HELD for line in f.held_lines]
+        lines.sort(key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
         generation = self.generation & 0xFFFFFFFF
@@ -284,6 +291,7 @@ class PeerMixin:
 # out ours; one we are claiming back (a resumed claim) holds lines whose other copy is the
 # partner's mirror, which this resync would otherwise free (seed 419).
 RESYNC_ALSO = ("starting", "claiming", "replaying")
+RESYNC_HELD = ("claiming", "replaying")
 RESYNC_PROBE_LINES = 32       # a resync asks the partner how far it got after every this many lines
 
 DISPATCH = {

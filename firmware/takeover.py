@@ -31,6 +31,8 @@ class TakeoverMixin:
         claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
         self.out.append(A.Notify("takeover_resumed", lun=f.lun, generation=rec.generation))
         f.pending_write, f.claim_written_ms = rec, self.now_ms
+        f.claim_stale = False
+        f.claim_over_generation = rec.generation - 2      # (a claim made again after a late one: older)
         return Own.CLAIMING
 
     def _drop_lines(self, f, rec, reason):
@@ -104,11 +106,13 @@ class TakeoverMixin:
             # link lease, which moves no record: a quiet record proves nothing, so the quiet
             # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
-            if rec is not None and not self._claim_unconfirmed(rec) and (
-                    rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation):
+            if self._voids_mirror(f, rec):
                 f.void_mirror = True
             return Own.WATCHING
-        if self.now_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
+        if f.read_start_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
+            return Own.WATCHING         # quiet is what our reads saw, up to the start of this one
+        if not self._fresh(f):
+            self._read_record(f)        # answered after a pause shorter than a lease: look again
             return Own.WATCHING
         if not self.disk_health.may_claim(f.lun, self.now_ms):
             return Own.WATCHING         # our last claim's write failed: back off (firmware/diskhealth.py)
@@ -120,12 +124,48 @@ class TakeoverMixin:
                                  silent_ms=self.now_ms - f.last_change_ms))
         if f.void_mirror:
             self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
-        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
-        f.claim_written_ms = None
+        self._write_claim(f, generation)
+        f.claim_over_generation = generation - 2
         return Own.CLAIMING
 
-    def _claim_written(self, f):
+    def _fresh(self, f) -> bool:
+        """Is the record read just answered fresh enough to claim on, by our own clock now (begun
+        less than renew_interval_ms, at most lease_ms / 2, ago: firmware/fencing.py step 3)? A
+        read that landed during a pause shorter than lease_ms passes the re-read guard of
+        _record_done, and a claim taken on it named two above a generation the owner had left
+        twice meanwhile (restarted and bumped each time): both served one generation."""
+        return self.now_ms - f.read_start_ms < min(self.params.renew_interval_ms, self.params.lease_ms // 2)
+
+    def _write_claim(self, f, generation):
+        self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
+        f.claim_read_ms = f.read_start_ms
+        f.claim_written_ms = None
+        f.claim_stale = False
+
+    def _claim_landed(self, f):
+        """Our claim's write is over (landed, or failed and maybe landed). It can land after a second
+        bump of the owner only if it completed lease_ms or more after the read it was decided on
+        began (an owner bumps again no sooner than that after its last bump completed, also
+        across a restart: firmware/fencing.py _fencing_record). Such a claim may share the
+        owner's generation: it is not settled on; a fresh read decides (_claim_record)."""
+        if self.now_ms - f.claim_read_ms >= self.params.lease_ms:
+            f.claim_stale = True
+            self.out.append(A.Notify("takeover_claim_late", lun=f.lun, generation=f.pending_write.generation))
+            self._read_record(f)
+            return
         f.claim_written_ms = self.now_ms
+
+    def _voids_mirror(self, f, rec) -> bool:
+        """Does `rec` make our mirror copy of the LUN old data? Yes once its owner went on alone
+        (SOLO: it destaged first and writes through since) or moved it to another generation
+        than the one it mirrored to us at; not under a claim still CLAIMED, whose claimant has
+        destaged nothing (seed 419). Every record we take note of is judged by this, also the
+        one that ends our own claim."""
+        return rec is not None and not self._claim_unconfirmed(rec) and (
+            rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation)
+
+    def _claim_written(self, f):
+        self._claim_landed(f)
 
     def _claim_tick(self, f):
         settle = 0 if self.buggify("claim_no_settle") else self.params.lease_ms + self.params.renew_interval_ms
@@ -134,8 +174,16 @@ class TakeoverMixin:
 
     def _claim_record(self, f, rec):
         claimed = f.pending_write
+        if f.claim_stale and rec is not None and rec.key() == claimed.key():
+            # Our late claim is what the record holds: claim again, two above it, on this read.
+            if self._fresh(f):
+                self._write_claim(f, claimed.generation + 2)
+            else:
+                self._read_record(f)
+            return Own.CLAIMING
         if rec is None or rec.key() != claimed.key():
             self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason=self._abandon_reason(f, rec)))
+            self._abandon_mirror(f, rec)
             f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
             if self.link.up:
                 # The link came up during the claim (CLAIMING ignores link_up): the record
@@ -158,6 +206,17 @@ class TakeoverMixin:
         if (rec.key() if rec is not None else None) == f.last_seen:
             return f"our claim's record write failed (errno {errno}); the record is unchanged"
         return f"our claim's record write failed (errno {errno}) and the record changed"
+
+    def _abandon_mirror(self, f, rec):
+        """A claim given up on its read-back judges the mirror lines it kept against the record
+        that beat it, as a watch read would: that record is now the last seen, so no later read
+        with its key judges them again. Kept, they waited for a later claim, which replayed
+        them over the owner's newer write-through (an owner that went SOLO renewed over our
+        claim). The lines were judged valid against the record we claimed over."""
+        f.mirror_generation = f.claim_over_generation
+        if self._voids_mirror(f, rec):
+            f.void_mirror = False
+            self._void_mirror(f)
 
     def _mirror_blocks_of(self, f):
         return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]

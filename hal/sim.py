@@ -21,7 +21,13 @@ it hands a controller, on that controller's own monotonic clock (a random
 offset per boot: controllers never share a clock). Disk I/O lands on the disk
 at its completion time even while its controller is paused; only the news
 of it waits for the controller to resume (SIGSTOP stops the process, not the
-disk). No split brain is judged by `SplitBrain` (hal/sim_check.py).
+disk). No split brain is judged by `SplitBrain` (hal/sim_check.py), fed with
+every serving act, including every tick a LUN spends OWNER or SOLO under a
+valid lease; step 2 of the fencing argument (a claim only on a record quiet
+for takeover_wait_ms) is judged on the shared record as claims are written.
+The fault plans aimed at fencing (hal/sim_faults.py) hook in here: pauses at
+record I/O, crashes inside a claim, scenarios placed at a LUN going solo or
+beginning to watch.
 `fencing=False` keeps static ownership (lun % 2) and its checks.
 """
 import hashlib
@@ -40,7 +46,7 @@ from . import sim_check as C
 from .sim_check import Model, SimFailure, SplitBrain
 from .sim_clock import VirtualClock
 from .sim_disk import DiskFaults, SimDiskArray
-from .sim_faults import FaultPlan, FaultSchedule
+from .sim_faults import FENCE_SITES, FaultPlan, FaultSchedule
 from .sim_link import LinkFaults, SimLink
 from .sim_nvram import SimNvram
 from .sim_workload import Req, Workload
@@ -54,7 +60,6 @@ NVRAM_BYTES = 2 << 20
 # Deliberately broken firmware variants (buggify sites in firmware/controller.py and
 # firmware/fencing.py) the checkers must catch: tests/test_sim.py asserts each is caught
 # within a few seeds. The fencing sites only exist with fencing on.
-FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata",
                 "read_skip_cache", "destage_no_flush") + FENCE_SITES
 
@@ -101,7 +106,7 @@ class Sim:
         self.fencing = fencing
         root = random.Random(seed)
         self.rng = {name: random.Random(root.getrandbits(64))
-                    for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify")}
+                    for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify", "fence")}
         self.plan = FaultPlan(self.rng["plan"], broken, fencing)
         for name, value in (overrides or {}).items():     # scenario tests pin knobs and faults
             assert hasattr(self.plan, name), name
@@ -121,6 +126,7 @@ class Sim:
             p_drop=self.plan.p_link_loss, p_dup=self.plan.p_link_loss, p_reorder=self.plan.p_link_loss / 2,
             p_corrupt=self.plan.p_link_corrupt))
         self.split = SplitBrain(LUNS) if fencing else None
+        self.record_changes = [[] for _ in range(LUNS)]    # (t_us, writer) of record writes landing
         self.disks.on_apply = self._landed if fencing else None
         self.params = [self._params(i) for i in range(2)]
         self.nodes = [Node(0), Node(1)]
@@ -231,7 +237,12 @@ class Sim:
             setattr(ctrl, name, serve)
 
     def _landed(self, io, sectors):
-        if not io.record and io.gen is not None:
+        if io.record:
+            changes = self.record_changes[io.lun]
+            changes.append((self.now_us, io.ctrl))
+            del changes[:-64]
+            return
+        if io.gen is not None:
             self.split.act(io.ctrl, io.lun, io.gen, self.now_us, f"a disk write landing at {io.offset}")
 
     def crash(self, i, why):
@@ -281,16 +292,44 @@ class Sim:
                 io, latency_us = self.disks.submit_flush(i, n.epoch, act)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
             elif kind is A.RecordRead or kind is A.RecordWrite:
+                if kind is A.RecordWrite:
+                    self._check_quiet_claim(i, n.ctrl, act)
                 io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
                 self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
+                self.faults.record_io(i, act.lun)   # a pause right after the submission
             elif kind is A.LinkReset:
                 self._link_reset(i, act.reason)
             elif kind is A.Notify:
                 self.notes[act.kind] = self.notes.get(act.kind, 0) + 1
                 if act.kind == "ownership_state" and act.fields["new"] in SERVING and self.split is not None:
                     self._began_serving(i, n.ctrl, act.fields)
+                if act.kind == "ownership_state" and act.fields["new"] in (Own.CLAIMING, Own.REPLAYING):
+                    self.faults.claim_began(i)
+                elif act.kind == "ownership_state" and act.fields["new"] == Own.WATCHING:
+                    self.faults.began_watching(i)
+                elif act.kind == "solo":
+                    self.faults.went_solo(i)
             else:
                 raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+
+    def _check_quiet_claim(self, i, ctrl, act):
+        """Step 2 of the argument in firmware/fencing.py, judged on the shared record: a claim over
+        the partner's record is decided on a read begun after the record had been quiet (no
+        write of the partner landing) for takeover_wait_ms; the claimant saw every write that
+        landed before its reads. A claim made again over our own late claim is not a new
+        decision and is not judged."""
+        rec = R.parse_record_untrusted(bytes(act.data), "claim")
+        f = ctrl.fence[act.lun]
+        if rec.state != R.LunState.CLAIMED or rec.counter or rec.owner != i or (
+                f.claim_over_generation != rec.generation - 2):
+            return
+        read_us = (f.read_start_ms - self.nodes[i].clock_offset_ms) * 1000
+        quiet_from_us = read_us - self.plan.takeover_wait_ms * 1000 + 1000     # ms rounding
+        for t_us, writer in self.record_changes[act.lun]:
+            if writer != i and quiet_from_us < t_us <= read_us:
+                raise SimFailure(f"claim without the quiet time: controller {'ab'[i]} claimed lun{act.lun} "
+                                 f"at {self.now_us} us on a read begun at {read_us} us, and "
+                                 f"{'ab'[writer]}'s record write landed at {t_us} us")
 
     def _began_serving(self, i, ctrl, fields):
         """A LUN became OWNER or SOLO: if it holds a valid lease now, it accepts host I/O from this
@@ -314,6 +353,8 @@ class Sim:
         if io.done:
             return                          # its controller crashed: disks.crash() decided its fate
         error, data = self.disks.complete(io)
+        if io.record and io.epoch == self.nodes[i].epoch:
+            self.faults.record_io(i, io.lun)    # a pause right before the controller hears of it
         self.at(self.now_us, i, self._disk_done, i, io.op, error, data)
 
     def _disk_done(self, i, op, error, data):
@@ -323,7 +364,16 @@ class Sim:
         ctrl = self.nodes[i].ctrl
         self.execute(i, ctrl.tick(self.ms(i)))
         C.check_bounds(ctrl, self.disks.ios_inflight(i))
+        if self.split is not None:
+            self._holds_leases(i, ctrl)
         self.at(self.now_us + TICK_US, i, self._tick, i)
+
+    def _holds_leases(self, i, ctrl):
+        """Every tick a LUN spends OWNER or SOLO under a valid lease is a serving act: it would
+        accept host I/O at this instant, whether or not a host comes (promise 4 is about that)."""
+        for f in ctrl.fence:
+            if f.state in SERVING and ctrl._lease_ok(f):
+                self.split.act(i, f.lun, f.generation, self.now_us, f"holds a lease ({f.state})")
 
     # -- the link -------------------------------------------------------------
 

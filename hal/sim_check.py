@@ -201,9 +201,10 @@ class SplitBrain:
     to carry out itself (into its cache, write-through, or a read; forwarded
     requests count for the owner that serves them, never for the forwarder),
     and every data write of the LUN landing on the shared disk (destage,
-    write-through, takeover replay), and the instant a controller starts
+    write-through, takeover replay), the instant a controller starts
     serving a LUN (its state becomes OWNER or SOLO under a valid lease: from
-    then on it accepts host I/O, whether or not a host comes). Two rules, both checkable and
+    then on it accepts host I/O, whether or not a host comes), and every tick
+    it still does so. Two rules, both checkable and
     failable:
     1. one generation, one controller: a generation of a LUN is served by at
        most one controller (a claim, a handover and a solo bump each make a

@@ -20,6 +20,13 @@ seen by both controllers like the rest of the disk. Record I/O takes the
 same latency and EIO faults (a vanished disk fails it too); a record is one
 sector, so a record write in flight at a crash lands whole or not at all,
 and a record write that fails with EIO may or may not have landed.
+- slow record I/O: for a while, one controller's record I/O (its path to the
+  reservation area) takes `record_latency_us[ctrl]`, far longer than data
+  I/O (its writes only, if `record_write_only[ctrl]`); a slow read sees the
+  record as it is when it completes;
+- failing record writes: for a while, one controller's record writes fail
+  with EIO without landing (its reads still work, unless its record reads
+  fail too: its path to the reservation area is gone).
 """
 EIO = 5
 SECTOR_BYTES = 512
@@ -81,6 +88,10 @@ class SimDiskArray:
         self.stats = {"reads": 0, "writes": 0, "eio": 0, "torn": 0, "record_reads": 0, "record_writes": 0,
                       "flushes": 0, "unflushed_lost": 0}
         self.on_apply = None               # called with (io, sectors) whenever a write lands
+        self.record_latency_us = [None, None]   # per controller: (lo, hi) while its record I/O is slow
+        self.record_write_eio = [False, False]  # per controller: its record writes fail, not landing
+        self.record_read_eio = [False, False]   # per controller: its record reads fail
+        self.record_write_only = [False, False]  # per controller: only its record writes are slow
 
     def submit(self, ctrl, epoch, act, write):
         """Start an I/O; return (DiskIo, latency in us). Write data is copied now (the DMA)."""
@@ -98,8 +109,10 @@ class SimDiskArray:
         assert not write or len(data) == RECORD_BYTES
         io = DiskIo(ctrl, epoch, act.op, write, act.lun, 0, RECORD_BYTES, data, record=True)
         self.inflight[io] = None
-        lo, hi = self.faults.latency_us
-        return io, self.rng.randint(lo, hi)
+        slow = self.record_latency_us[ctrl]
+        if slow is None or not write and self.record_write_only[ctrl]:
+            slow = self.faults.latency_us
+        return io, self.rng.randint(*slow)
 
     def submit_flush(self, ctrl, epoch, act):
         """Start a flush of `act.lun`: it covers ctrl's writes that landed before now."""
@@ -135,6 +148,9 @@ class SimDiskArray:
         f, rng = self.faults, self.rng
         self.stats["record_writes" if io.write else "record_reads"] += 1
         p = f.p_write_eio if io.write else f.p_read_eio
+        if self.record_write_eio[io.ctrl] if io.write else self.record_read_eio[io.ctrl]:
+            self.stats["eio"] += 1
+            return EIO, None
         if io.lun in self.vanished or rng.random() < p:
             self.stats["eio"] += 1
             if io.write and rng.random() < 0.5:     # the error came after the sector landed

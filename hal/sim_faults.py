@@ -9,18 +9,27 @@ knobs that shape the run (heartbeat, watermarks, windows, transport).
 faults injected at seeded intervals (crash and restart of one controller,
 power cut of both, partition one-way or both ways and heal, a paused
 controller, a vanishing disk, a slow peer, and with fencing an ownership
-move through the CLI path); then the final phase: heal
+move through the CLI path); with fencing, fault plans aimed at it: pauses
+placed at a controller's reservation-record I/O (right after it is submitted,
+or right before its completion is delivered, so the controller acts on a
+read that is old by its own clock), slow record I/O for a while, a crash and
+restart of a controller while one of its LUNs is CLAIMING or REPLAYING, and
+two scenarios run undisturbed with the link cut (record writes of an owner
+alone failing, its reads working or not; a watcher's claims slow to land),
+each once early and then as a fault kind; then the final phase: heal
 everything, restart what is down, wait until the pair is mirrored and quiet
 (with fencing: every LUN settled as owner on one side, partner on the other),
 check mirrors and what a failover would find, read every LUN back through
 both controllers, cut the power of both, recover, and read back again.
 """
-from firmware.fencing import Own
+from firmware.fencing import OWNING, Own
 from firmware.formats.messages import MsgType
 
 from .sim_check import SimFailure, check_mirror_equal
 
 LEGIT_SITES = {"nvram_store_corrupt": 0.02}     # faults the firmware must handle
+# Deliberately broken fencing variants (buggify sites in firmware/fencing.py, firmware/takeover.py).
+FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 SETTLE_LIMIT_US = 60_000_000
 HEARTBEAT = MsgType.HEARTBEAT
 
@@ -56,6 +65,26 @@ class FaultPlan:
         if broken:
             self.buggify[broken] = 1.0 if broken != "skip_persist_metadata" else 0.3
             self.kinds = sorted(set(self.kinds) | {"crash"} | ({"pause", "partition"} if fencing else set()))
+        self._fencing_plans(on, rng, broken in FENCE_SITES, fencing)
+
+    def _fencing_plans(self, on, rng, forced, fencing):
+        """Faults aimed at fencing, drawn after every other knob (a seed keeps its other knobs);
+        a broken fencing variant gets all of them. p_record_pause: per record I/O, the chance its
+        controller is paused right after submitting it or right before hearing its completion;
+        p_claim_crash: per LUN entering CLAIMING or REPLAYING, the chance its controller crashes
+        (and restarts) before the claim is through; "slow_record", "isolate_eio" and
+        "isolate_slow_claims" are fault kinds."""
+        self.p_record_pause = self.p_claim_crash = 0.0
+        if not fencing:
+            return
+        if on(0.5) or forced:
+            self.p_record_pause = rng.choice((0.02, 0.05, 0.1))
+        if on(0.4) or forced:
+            self.p_claim_crash = rng.choice((0.1, 0.25))
+        if on(0.4) or forced:
+            self.kinds.append("slow_record")
+        if on(0.4) or forced:
+            self.kinds += ["isolate_eio", "isolate_slow_claims"]
 
 
 class FaultSchedule:
@@ -64,6 +93,13 @@ class FaultSchedule:
         self.rng = sim.rng["fault"]
         self.counts = {}
         self.active = True
+        self.armed = False                  # fencing fault plans fire once the workload runs
+        self.quiet_until_us = 0             # a fencing scenario runs undisturbed until then
+        self.on_solo = self.on_watch = None # the controller whose record path fails at its solo, slows at its watch
+        self.waiting = []                   # scenarios waiting for both controllers to run, in turn
+        self.scenarios_due = 0              # early scenarios not yet started
+        self.scenario = None                # the kind of the last scenario started
+        self.record_pause_next_us = 0       # no pause at record I/O before this
 
     def run(self):
         sim = self.sim
@@ -71,14 +107,20 @@ class FaultSchedule:
             sim.boot(i)
         sim.reconnect()
         sim.run_until(lambda: all(n.ctrl.mirroring for n in sim.nodes), sim.plan.settle_limit_us, "first mirroring")
+        self.armed = True
         for c in range(sim.plan.clients):
             sim.at(sim.now_us + c, -1, sim.client_next, c)
         if sim.plan.kinds:
             sim.at(sim.now_us + sim.plan.fault_interval_us, -1, self.inject)
+        scenarios = [k for k in ("isolate_eio", "isolate_slow_claims") if k in sim.plan.kinds]
+        sim.rng["fence"].shuffle(scenarios)
+        for kind in scenarios:              # each once early; the workload lasts until they are over
+            sim.at(sim.now_us + sim.rng["fence"].randint(0, 100_000), -1, getattr(self, "_" + kind))
+        self.scenarios_due = len(scenarios)
         sim.at(sim.now_us + 100_000, -1, self.sample_failover)
         w = sim.workload
-        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding, sim.plan.settle_limit_us,
-                      "the end of the workload")
+        sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding and not self.scenarios_due
+                      and sim.now_us >= self.quiet_until_us, sim.plan.settle_limit_us, "the end of the workload")
         self.final()
 
     # -- injection ------------------------------------------------------------
@@ -88,8 +130,9 @@ class FaultSchedule:
             return
         sim, rng = self.sim, self.rng
         kind = rng.choice(sim.plan.kinds)
-        getattr(self, "_" + kind)()
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if sim.now_us >= self.quiet_until_us:
+            getattr(self, "_" + kind)()
+            self.counts[kind] = self.counts.get(kind, 0) + 1
         interval_us = sim.plan.fault_interval_us
         sim.at(sim.now_us + rng.randint(interval_us // 2, 2 * interval_us), -1, self.inject)
 
@@ -125,6 +168,8 @@ class FaultSchedule:
 
     def _heal(self):
         sim = self.sim
+        if self.active and sim.now_us < self.quiet_until_us:
+            return                          # a fencing scenario keeps its link cut until it ends
         for t, dst, conn, chunk in sim.link.heal(sim.now_us):
             sim.at(t, dst, sim._deliver, dst, conn, chunk)
 
@@ -151,6 +196,146 @@ class FaultSchedule:
     def _unslow(self, d):
         self.sim.link.slow[d] = 1
 
+    def _takeover_ms(self):
+        """Long enough for the partner to notice, watch the record, claim and settle."""
+        p = self.sim.plan
+        return 6 * p.heartbeat_ms + p.takeover_wait_ms + p.lease_ms + p.renew_ms + 20
+
+    def _isolate(self, duration_ms):
+        """Cut the link both ways for `duration_ms` (a record-path fault alone moves no LUN)."""
+        self.sim.link.partition([0, 1])
+        self.sim.at(self.sim.now_us + duration_ms * 1000, -1, self._heal)
+
+    def _slow_record(self):
+        """One controller's path to the reservation records (or both) slows to lease_ms/4..lease_ms/2
+        per write, and per read unless only writes are slow, for a while, often with the link
+        cut: a read and the renewal written after it still land within a lease, so before a
+        claimant's read-back (the argument in firmware/fencing.py assumes it)."""
+        sim, p, rng = self.sim, self.sim.plan, self.rng
+        slow = (p.lease_ms * 250, p.lease_ms * 500)
+        for d in rng.choice(([0], [1], [0, 1])):
+            sim.disks.record_latency_us[d] = slow
+            sim.disks.record_write_only[d] = rng.random() < 0.5
+        duration_ms = rng.randint(self._takeover_ms() // 2, 2 * self._takeover_ms())
+        if rng.random() < 0.5:
+            self._isolate(duration_ms)
+        sim.at(sim.now_us + duration_ms * 1000, -1, self._unslow_record)
+
+    def _unslow_record(self):
+        self.sim.disks.record_latency_us = [None, None]
+
+    def _retry_scenario(self):
+        kind = self.waiting.pop(0)
+        getattr(self, "_" + kind)()
+        if self.waiting and self.waiting[0] != kind:
+            self.sim.at(self.sim.now_us + 50_000, -1, self._retry_scenario)
+
+    def _scenario(self, kind):
+        """Cut the link for long enough that a LUN changes hands, and let nothing else happen
+        meanwhile; return the controller that owns a LUN (the one the scenario aims at). Only with
+        both controllers up and running and no scenario under way: else try again 50 ms later."""
+        sim = self.sim
+        if not self.active:
+            return None
+        if sim.now_us < self.quiet_until_us or not all(n.alive and n.paused_until_us <= sim.now_us
+                                                       for n in sim.nodes):
+            if kind not in self.waiting:    # each kind waits once, in turn
+                self.waiting.append(kind)
+                if len(self.waiting) == 1:
+                    sim.at(sim.now_us + 50_000, -1, self._retry_scenario)
+            return None
+        self.scenarios_due = max(0, self.scenarios_due - 1)
+        self.scenario = kind
+        duration_ms = self.rng.randint(2 * self._takeover_ms(), 3 * self._takeover_ms())
+        self.quiet_until_us = sim.now_us + duration_ms * 1000
+        sim.link.partition([0, 1])
+        sim.at(self.quiet_until_us, -1, self._scenario_end)
+        owners = [n.id for n in sim.nodes if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.fence)]
+        return self.rng.choice(owners or [0, 1])
+
+    def _scenario_end(self):
+        self.quiet_until_us = 0
+        self._heal()
+        disks = self.sim.disks
+        self.on_solo = self.on_watch = None
+        disks.record_write_eio = [False, False]
+        disks.record_read_eio = [False, False]
+        disks.record_latency_us = [None, None]
+
+    def _isolate_eio(self):
+        """The link is cut and, once a LUN of controller i went solo, i's record writes fail for the
+        rest of the scenario, and now and then its record reads too. Reads working, its renewals
+        alone give it leases its partner cannot see (what the claim's settle covers); failing,
+        it must stop serving once its lease runs out, while the partner takes over."""
+        i = self._scenario("isolate_eio")
+        if i is not None:
+            self.on_solo = i
+
+    def went_solo(self, i):
+        disks = self.sim.disks
+        if self.on_solo == i:
+            self.on_solo = None
+            self.counts["record_eio"] = self.counts.get("record_eio", 0) + 1
+            disks.record_write_eio[i] = True
+            disks.record_read_eio[i] = self.sim.rng["fence"].random() < 0.3   # the whole path is gone
+
+    def _isolate_slow_claims(self):
+        """The link is cut and, once a LUN of controller i began watching its owner, i's record
+        writes (its claims) take lease_ms/4..lease_ms/2 for the rest of the scenario."""
+        i = self._scenario("isolate_slow_claims")
+        if i is not None:
+            self.on_watch = 1 - i       # the partner of an owner: it watches, then claims
+
+    def began_watching(self, i):
+        p, disks = self.sim.plan, self.sim.disks
+        if self.on_watch == i:
+            self.on_watch = None
+            self.counts["slow_claims"] = self.counts.get("slow_claims", 0) + 1
+            disks.record_latency_us[i] = (p.lease_ms * 250, p.lease_ms * 500)
+            disks.record_write_only[i] = True
+
+    def record_io(self, i, lun):
+        """Controller i submitted a record I/O for `lun`, or is about to hear of one: maybe pause it
+        right now; long enough for the partner to take the LUN over only if i owns it (an owner
+        renewing: it then acts on a read older than its lease), shorter than a lease otherwise."""
+        sim, p = self.sim, self.sim.plan
+        rng = sim.rng["fence"]
+        if not (self.active and self.armed and p.p_record_pause and rng.random() < p.p_record_pause):
+            return
+        n = sim.nodes[i]
+        if not n.alive or any(m.paused_until_us > sim.now_us for m in sim.nodes) or (
+                sim.now_us < self.quiet_until_us and self.scenario == "isolate_eio"):
+            return                          # (pauses would only hide the leases that scenario is about)
+        if sim.now_us < self.record_pause_next_us:
+            return                          # the pair runs a while between them: a pause is not a death
+        if rng.random() < 0.3 or n.ctrl.fence[lun].state not in OWNING:   # the re-read guard does not fire
+            pause_ms = rng.randint(1, p.lease_ms)
+        else:                               # long enough for the partner to take over meanwhile
+            pause_ms = rng.randint(self._takeover_ms(), 2 * self._takeover_ms())
+        n.paused_until_us = sim.now_us + pause_ms * 1000
+        self.record_pause_next_us = n.paused_until_us + self._takeover_ms() * 500
+        self.counts["record_pause"] = self.counts.get("record_pause", 0) + 1
+
+    def claim_began(self, i):
+        """A LUN of controller i entered CLAIMING or REPLAYING: maybe crash i before it is through."""
+        sim, p = self.sim, self.sim.plan
+        rng = sim.rng["fence"]
+        if self.active and self.armed and p.p_claim_crash and rng.random() < p.p_claim_crash:
+            delay_us = rng.randint(0, (p.lease_ms + p.renew_ms) * 1000)
+            sim.at(sim.now_us + delay_us, -1, self._crash_in_claim, i, sim.nodes[i].epoch)
+
+    def _crash_in_claim(self, i, epoch):
+        sim = self.sim
+        n = sim.nodes[i]
+        if not self.active or not n.alive or n.epoch != epoch:
+            return
+        if not any(f.state in (Own.CLAIMING, Own.REPLAYING) for f in n.ctrl.fence):
+            return
+        sim.check_failover(i)
+        sim.crash(i, "crash inside a claim")
+        self.counts["claim_crash"] = self.counts.get("claim_crash", 0) + 1
+        self._later(1_000, 300_000, sim.restart, i)
+
     def _move(self):
         sim = self.sim
         i, lun = self.rng.randrange(2), self.rng.randrange(len(sim.lun_sizes))
@@ -173,6 +358,8 @@ class FaultSchedule:
         sim.disks.faults.p_read_eio = sim.disks.faults.p_write_eio = 0.0
         sim.disks.vanished.clear()
         sim.link.slow = [1, 1]
+        sim.disks.record_latency_us = [None, None]
+        self._scenario_end()
         lf = sim.link.faults
         lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
         self._heal()

@@ -192,3 +192,145 @@ def test_a_cache_line_ownership_request_is_refused_and_changes_nothing():
     p.read(1, "r", 0, 0, BS)                                # forwarded to a, still the owner
     p.deliver()
     assert p.replies["r"] == (0, b"q" * BS)
+
+
+def _frozen(p, i, ticks):
+    """Tick the pair with controller i stopped (no events at all), then let it run again."""
+    stopped, p.ctrl[i] = p.ctrl[i], None
+    for _ in range(ticks):
+        p.tick(10)
+    p.ctrl[i] = stopped
+    stopped.set_time(p.now_ms)
+    return stopped
+
+
+def test_a_claim_abandoned_to_a_solo_owner_voids_the_mirror_it_kept():
+    # b claimed lun0 on the record a wrote mirrored; a's renewal, read before the claim landed,
+    # landed over it as a SOLO bump, so b's read-back abandoned the claim. The abandon took the
+    # SOLO record as seen without judging the mirror by it: no later read showed a new key, and
+    # b's next takeover replayed a's old mirrored line over a's newer write-through.
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * 2 * BS)
+    p.deliver()
+    assert p.replies["old"] == (0, None)
+    mirrored = R.parse_record_untrusted(p.records[0])
+    p.disconnect()
+    b = _frozen(p, 1, 100)                                   # a destages and goes solo meanwhile
+    assert p.ctrl[0].fence[0].state == Own.SOLO
+    solo = R.parse_record_untrusted(p.records[0])
+    assert solo.state == R.LunState.SOLO and solo.generation == mirrored.generation + 1
+    f = b.fence[0]
+    assert f.state == Own.WATCHING and b._mirror_blocks_of(f)
+    f.state = Own.CLAIMING                                    # b's claim, decided on the mirrored record
+    f.pending_write = R.Record(0, 1, R.LunState.CLAIMED, mirrored.generation + 2, 0, 400, p.params[1].pair_id)
+    f.claim_written_ms = p.now_ms
+    b._own_event(f, "record", solo)                           # its read-back shows a's SOLO record
+    assert f.state == Own.WATCHING and not b._mirror_blocks_of(f)
+    p.write(0, "new", 0, 0, b"2" * 2 * BS)                    # write-through, solo
+    assert p.replies["new"] == (0, None)
+    p.crash(0)
+    for _ in range(300):
+        p.tick(10)
+    assert f.state == Own.SOLO
+    p.read(1, "r", 0, 0, 2 * BS)
+    assert p.replies["r"] == (0, b"2" * 2 * BS)
+
+
+def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
+    # b watched a crashed owner's record past the takeover wait; its last read landed while b
+    # was paused (shorter than a lease, so the re-read guard let it through). Meanwhile a
+    # restarted twice and bumped lun0 twice, g -> g+1 -> g+2 (written here as records: an owner
+    # now bumps no sooner than lease_ms after its boot or last bump). Acting on the old read, b
+    # claimed g+2: the generation a served at, the fencing token, was held by both.
+    p = fenced_pair()
+    p.disconnect()
+    p.crash(0)
+    b = p.ctrl[1]
+    f = b.fence[0]
+    for _ in range(30):
+        p.tick(10)
+    assert f.state == Own.WATCHING
+    old = bytes(p.records[0])
+    g = R.parse_record_untrusted(old).generation
+    f.renew_due_ms = 10**9                                   # b reads only when this test says
+    while p.now_ms - f.last_change_ms < p.params[1].takeover_wait_ms:
+        p.tick(10)
+    b._read_record(f)                                        # in flight: its answer will be `old`
+    (read,) = [a for a in b._take() if a.__class__.__name__ == "RecordRead"]
+    stopped, p.ctrl[1] = b, None                             # b paused, 300 ms < lease_ms
+    for bump in (1, 2):
+        for _ in range(15):
+            p.tick(10)
+        p.records[0] = R.build_record(R.Record(0, 0, R.LunState.SOLO, g + bump, 1, 400, p.params[0].pair_id))
+    p.ctrl[1] = stopped
+    b.set_time(p.now_ms)
+    assert p.now_ms - f.read_start_ms < p.params[1].lease_ms
+    p.run(1, b.disk_done(read.op, 0, bytearray(old)))        # the old answer, heard after the pause
+    claims = [n[1]["generation"] for n in p.notes[1] if n[0] == "takeover_claim"]
+    assert g + 2 not in claims
+    rec = R.parse_record_untrusted(p.records[0])
+    assert (rec.owner, rec.generation) == (0, g + 2)
+
+
+def test_an_owner_that_bumped_serves_alone_only_after_a_claim_decided_before_it_would_have_landed():
+    # The link is cut; a destages and bumps lun0 to SOLO at g+1. b's claim, decided on the record
+    # a had written before (MIRRORED at g, so b keeps its mirror copy of a's lines), lands just
+    # after the bump. Had a served write-through at g+1 meanwhile, b's replay of its mirror
+    # would later overwrite that write. a serves alone only after a read begun lease_ms after
+    # its bump still shows it: here that read shows b's claim, and a has written nothing.
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * BS)
+    p.deliver()
+    mirrored = R.parse_record_untrusted(p.records[0])
+    p.ctrl[1] = None                                          # b stopped: its claim is written below
+    p.wire[0].clear()
+    p.run(0, p.ctrl[0].link_disconnected("cut"))
+    f = p.ctrl[0].fence[0]
+    for _ in range(100):
+        p.tick(10)
+        if R.parse_record_untrusted(p.records[0]).state == R.LunState.SOLO:
+            break
+    assert f.state == Own.FENCING and R.parse_record_untrusted(p.records[0]).generation == mirrored.generation + 1
+    p.write(0, "new", 0, 0, b"2" * BS)                        # held: not solo yet
+    assert "new" not in p.replies
+    claim = R.Record(0, 1, R.LunState.CLAIMED, mirrored.generation + 2, 0, 400, p.params[1].pair_id)
+    p.records[0] = R.build_record(claim)                     # b's claim lands over the bump
+    for _ in range(60):
+        p.tick(10)
+    assert f.state == Own.WATCHING
+    assert p.replies.get("new", (5, None))[0] != 0
+    assert p.disks[0][:BS] != b"2" * BS                      # nothing written through at g+1
+
+
+def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
+    # a's lines are held under b's claim; b dies, a claims lun0 over it and, while claiming,
+    # resyncs with the restarted b, whose mirror has those lines. Not resent, they were freed by
+    # the resync, and a crash of a inside its claim left b to take lun0 over without them.
+    p = fenced_pair()
+    p.write(0, "w", 0, 0, b"w" * 2 * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    p.crash(0)
+    p.stall_disks()                                          # b's replay hangs: its claim stays CLAIMED
+    for _ in range(300):
+        p.tick(10)
+        if p.ctrl[1].fence[0].state == Own.REPLAYING:
+            break
+    p.boot(0)                                                # link down: a holds its lines under b's claim
+    for _ in range(5):
+        p.tick(10)
+    assert p.ctrl[0].fence[0].held_lines
+    p.crash(1)
+    p.stalled_writes = []                                    # b's hung replay writes die with it
+    for _ in range(300):
+        p.tick(10)
+        if p.ctrl[0].fence[0].state == Own.CLAIMING:
+            break
+    assert p.ctrl[0].fence[0].state == Own.CLAIMING
+    p.boot(1)
+    p.connect()
+    for _ in range(3):
+        p.tick(10)
+    b = p.ctrl[1]
+    assert b._mirror_blocks_of(b.fence[0])                  # a's held lines are in b's mirror again
+    p.resume_disks()

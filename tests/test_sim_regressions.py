@@ -85,6 +85,11 @@ def _passes(seed):
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def _passes300(seed):
+    result = run_seed(seed, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 def test_no_claim_while_the_owner_serves_on_its_link_lease():
     """Seed 37: a restarted controller reads the record before its resync is done, so with the
     link up it goes WATCHING (not PARTNER); the owner, OWNER with the link up, takes its lease
@@ -359,6 +364,46 @@ def test_mirror_copies_kept_for_a_peers_open_claim_are_settled_once_it_is_confir
     quiet point waits for that read."""
     result = run_seed(seed, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+# -- found with the fault plans aimed at fencing (pauses at record I/O, slow and failing record
+#    paths, crashes inside a claim), 300 steps; each failed before its fix -----------------
+
+@pytest.mark.parametrize("seed", [200009, 200051, 200077])
+def test_a_claim_is_decided_on_what_its_reads_saw_by_the_claimants_clock(seed):
+    """Fixed (seeds 200009, 200051, 200077 at 300 steps, failing with the firmware before the fix):
+    a watcher counted the record's quiet time up to the moment it heard a read's answer, not to
+    the moment the read began, and acted on the answer however old it was by then. A read is
+    proof of quiet only up to its start (a disk may answer from any instant after it), and an
+    answer heard late, after a pause shorter than lease_ms (the re-read guard lets it through)
+    or a slow read (seed 200077: begun 34 ms before the claim), may be older than a change the
+    owner landed meanwhile: a claim taken on it named two above a generation a restarted owner
+    had left twice, so both held one generation (the fencing token), and the simulator's
+    check of step 2 ("claim without the quiet time") failed. A claim is now decided only on a
+    read begun less than renew_interval_ms (at most lease_ms / 2) before the claimant acts,
+    and the quiet time runs to the start of that read (firmware/fencing.py step 2)."""
+    _passes300(seed)
+
+
+def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
+    """Fixed (seed 201100 at 300 steps, on this work merged with main's flushing disks): a
+    restarted with 24 dirty lines of lun0 and held them under b's claim; b went down, a claimed
+    lun0 over b's unconfirmed claim and, still CLAIMING, resynced with the restarted b. A resync
+    sent current lines only, not held ones, so b, which had the 24 in its mirror, freed them at
+    the end of the resync. a then crashed inside its claim, b claimed lun0 with an empty mirror
+    and served it without a's acknowledged writes (a read found write 0 where 12 was), while a
+    held the only copy. A resync now also sends the lines held under a claim of a LUN we claim
+    ourselves (firmware/peer.py RESYNC_HELD)."""
+    _passes300(201100)
+
+
+def test_record_pauses_leave_the_pair_running_between_them():
+    """Fixed in the simulator (seed 200230 at 300 steps): a pause placed at a record I/O fired
+    again at the first record I/O after the last one ended, so one controller stayed paused for
+    the rest of the run; the link never came back and the hosts' requests to it waited for a
+    minute ("no progress"). A pause is not a death: record pauses now come at most one per half
+    a takeover time after the last one ended."""
+    _passes300(200230)
 
 
 # -- known bad seeds, not fixed yet ------------------------------------------------------
