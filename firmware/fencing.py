@@ -377,6 +377,14 @@ class FenceMixin:
         """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
         return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
 
+    def mirror_ours(self, lun) -> bool:
+        """Does a resync's copy of `lun` go, resent or not (as it lands, and at SYNC_DONE)? Yes
+        for a LUN we own: a restarted peer resent lines it held from before it lost the LUN,
+        before its read of the record told it so; its flush-done for them (a control frame)
+        overtook the resync's data, and the copy stayed in our mirror for a later claim of ours
+        to replay over our own newer write-through (seed 13790 at 300 steps: write 19 over 90)."""
+        return self.fence is not None and self.fence[lun].state in OWNING
+
     def _peer_claim_open(self, f) -> bool:
         """The newest record we read of this LUN is the peer's claim, still CLAIMED."""
         seen = f.last_seen if f.state == Own.WATCHING and f.last_seen is not None else (

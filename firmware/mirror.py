@@ -157,10 +157,11 @@ class MirrorSide:
         self.undecided = set()
         return persists
 
-    def sync_done(self, voidable=lambda lun: True, undecided=lambda lun: False):
+    def sync_done(self, voidable=lambda lun: True, undecided=lambda lun: False, ours=lambda lun: False):
         """Free what the owner did not resend; blocks of `undecided` LUNs wait for settle(), and
-        those of LUNs no longer `voidable` (taken over since sync_begin) are kept."""
-        persists = []
+        those of LUNs no longer `voidable` (taken over since sync_begin) are kept. Blocks of LUNs
+        that are `ours` go, resent or not: the peer resent lines of a LUN it no longer owns."""
+        persists = [self._free(i) for i, b in enumerate(self.blocks) if b is not None and ours(b.lun)]
         for i in sorted(self.unconfirmed or ()):
             block = self.blocks[i]
             if block is None:

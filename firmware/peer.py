@@ -191,6 +191,8 @@ class PeerMixin:
                 out.append(A.Persist(offset, size))
                 offset, size = o, n
         out.append(A.Persist(offset, size))
+        if committed is not None and ctx & M.CTX_RESYNC and self.mirror_ours(lun):
+            self._free_stale_mirror(self.fence[lun])    # resent lines of a LUN the peer lost to us
         if committed is not None and not ctx & M.CTX_RESYNC:
             self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
             self.acks_owed += 1
@@ -232,7 +234,7 @@ class PeerMixin:
             for r in self.mirror.sync_begin():
                 self._persist(r)
         else:
-            for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided):
+            for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided, self.mirror_ours):
                 self._persist(r)
             self.link.send(T.SYNC_DONE, M.Resource.MIRROR, bytes(msg.payload), lane=F.LANE_CONTROL,
                            flags=F.FLAG_RESPONSE, tag=msg.tag)

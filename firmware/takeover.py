@@ -160,9 +160,14 @@ class TakeoverMixin:
         (SOLO: it destaged first and writes through since) or moved it to another generation
         than the one it mirrored to us at; not under a claim still CLAIMED, whose claimant has
         destaged nothing (seed 419). Every record we take note of is judged by this, also the
-        one that ends our own claim."""
+        one that ends our own claim. A SOLO record at the generation the owner mirrored to us at
+        voids nothing: SOLO is written at a generation only before mirroring at it (a takeover's
+        end, or a bump to the next one), and the MIRRORED rewrite after it may not have landed
+        when the owner died (seed 93 at 120 steps: an owner mirrored three writes at generation
+        3 and died; its record still said SOLO at 3, and the partner voided its copies)."""
         return rec is not None and not self._claim_unconfirmed(rec) and (
-            rec.state == R.LunState.SOLO or rec.generation != f.mirror_generation)
+            rec.generation != f.mirror_generation
+            or rec.state == R.LunState.SOLO and f.peer_generation < rec.generation)
 
     def _claim_written(self, f):
         self._claim_landed(f)

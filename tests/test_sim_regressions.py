@@ -406,7 +406,15 @@ def test_record_pauses_leave_the_pair_running_between_them():
     _passes300(200230)
 
 
-# -- known bad seeds, not fixed yet ------------------------------------------------------
+def test_a_solo_record_at_the_generation_mirrored_at_voids_no_copy():
+    """Fixed (seed 93 at 120 steps, with the fault plans aimed at fencing): a took lun3 over at
+    generation 3 (SOLO), came back to mirrored at 3 and mirrored three writes to b, then died
+    before its MIRRORED rewrite landed. b, watching, read SOLO at 3 and voided its copies: the
+    writes were lost. SOLO is written at a generation only before mirroring at it, so copies
+    mirrored at the record's generation stay (firmware/takeover.py _voids_mirror)."""
+    result = run_seed(93, steps=120)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
 
 @pytest.mark.parametrize("seed", [13790, 10086, 12311])
 def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
@@ -417,7 +425,13 @@ def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
     link failure then would let b replay it over the newer X. An owner whose LUN goes solo during
     a resync now resyncs again before it mirrors: the flush-dones go first, and b frees what the
     second resync does not resend. (Skipping mirror blocks of an older generation at a takeover
-    was tried first and lost a write when generations had moved by claims: seed 16675.)"""
+    was tried first and lost a write when generations had moved by claims: seed 16675.)
+    With the fault plans aimed at fencing, 13790 runs another course and found another loss: a
+    restarted a resynced lines of lun0 before its read of the record told it b owned lun0 now;
+    its flush-done for them (a control frame) overtook the resync's data, b kept the copies
+    while it served lun0 SOLO, and after a's claim over a pause of b and a crash inside it, b's
+    own claim replayed write 19 over its newer 90. Resent copies of a LUN we own go as they
+    land (firmware/fencing.py mirror_ours)."""
     result = run_seed(seed, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
