@@ -441,3 +441,22 @@ def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
 def test_known_bad_seed(seed):
     result = run_seed(seed, steps=STEPS)
     assert result.ok, f"{KNOWN_BAD_SEEDS[seed]}: {result.failure.splitlines()[0][:200]}"
+
+
+# Found by a sweep of fresh seeds at 300 steps on the merged tree (fault plans aimed at fencing,
+# disks with a volatile cache); open: diagnosed only this far. Not strict: a change anywhere may
+# send a seed another way, and a pass then proves nothing.
+OPEN_SEEDS_300 = {
+    700558: "lost write: b's claim at generation 7 replayed a mirror copy (write 14) older than "
+            "what b had written through SOLO at generation 3 (154); the copy came with a's resync "
+            "after a's claim at 5 over a pause of b, and was not voided when a died",
+    700954: "claim without the quiet time: b claimed lun0 on a read begun 182 ms after a's record "
+            "write landed (the simulator's check of step 2); b's view of the last change is older",
+}
+
+
+@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_300")
+@pytest.mark.parametrize("seed", sorted(OPEN_SEEDS_300))
+def test_open_seed_at_300_steps(seed):
+    result = run_seed(seed, steps=300)
+    assert result.ok, f"{OPEN_SEEDS_300[seed]}: {result.failure.splitlines()[0][:200]}"
