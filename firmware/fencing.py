@@ -52,8 +52,11 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    itself in the race has expired too. Only then does it replay its mirror
    (every block, retrying failed writes). It renews while it replays, still
    CLAIMED, so a long replay looks alive to a returning old owner that
-   watches the record; then it writes SOLO and only once that landed does it
-   serve. So a CLAIMED record means its claimant has served nothing. A
+   watches the record; then it writes SOLO and serves only once a read begun
+   `lease_ms` after that SOLO landed still shows it, as after a solo bump
+   (below): a claim decided on our CLAIMED record before the SOLO landed
+   lands within `lease_ms` and fences us before we wrote anything through
+   that its replay of older held lines would overwrite. So a CLAIMED record means its claimant has served nothing. A
    controller that finds its own CLAIMED record after a restart resumes it:
    settle, read back, replay.
    Why + 2 suffices, and why our mirror is still the owner's data: an
@@ -612,6 +615,7 @@ class FenceMixin:
 
     def _fenced(self, f, rec):
         """Someone else owns the LUN now: stop at once, drop our copies (promise 4)."""
+        f.solo_after_ms = None
         self.out.append(A.Notify("fenced", lun=f.lun, record_owner=getattr(rec, "owner", None),
                                  record_generation=getattr(rec, "generation", None),
                                  our_generation=f.generation))

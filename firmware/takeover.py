@@ -255,6 +255,7 @@ class TakeoverMixin:
         f.replay_failed = False
         f.replay_retry_ms = None
         f.replay_complete = False
+        f.solo_after_ms = None
         own = [line for line in self.cache.lines.values() if line.lun == f.lun]
         for line in own:                # ours from before a claim by the partner we now overrule
             self.cache.remove_current(line)
@@ -288,8 +289,12 @@ class TakeoverMixin:
                 rec.state in (R.LunState.CLAIMED, R.LunState.SOLO)):
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             if f.replay_complete:
-                if rec.state == R.LunState.SOLO:          # our SOLO landed though its write failed
-                    return self._takeover_done(f)
+                if rec.state == R.LunState.SOLO:
+                    if f.solo_after_ms is None:           # our SOLO landed though its write failed
+                        f.solo_after_ms = self.now_ms + self.params.lease_ms
+                    if f.read_start_ms >= f.solo_after_ms:
+                        f.solo_after_ms = None
+                        return self._takeover_done(f)
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
                 return Own.REPLAYING
             if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.replay_left:
@@ -301,7 +306,14 @@ class TakeoverMixin:
 
     def _replay_written(self, f):
         if f.pending_write.state == R.LunState.SOLO:
-            return self._takeover_done(f)
+            # Serve only on a read begun lease_ms after our SOLO landed, still showing it, as after
+            # a solo bump (firmware/fencing.py step 3): a claim decided on our CLAIMED record just
+            # before lands within lease_ms, and then fences us before we wrote anything through
+            # that its replay of older held lines would overwrite (seed 700558 at 300 steps: a
+            # slow claim landed after our SOLO and replayed write 14 over our write-through 154).
+            if f.solo_after_ms is None:
+                f.solo_after_ms = f.renew_due_ms = self.now_ms + self.params.lease_ms
+            return None
         if f.replay_complete:             # a renewal of the claim landed after the replay ended
             self._read_record(f)
         return None

@@ -303,6 +303,9 @@ class Sim:
                 self.notes[act.kind] = self.notes.get(act.kind, 0) + 1
                 if act.kind == "ownership_state" and act.fields["new"] in SERVING and self.split is not None:
                     self._began_serving(i, n.ctrl, act.fields)
+                if (act.kind == "ownership_state" and act.fields["old"] == Own.CLAIMING
+                        and act.fields["new"] == Own.REPLAYING):
+                    self._check_claim_settled(i, n.ctrl, act.fields["lun"])
                 if act.kind == "ownership_state" and act.fields["new"] in (Own.CLAIMING, Own.REPLAYING):
                     self.faults.claim_began(i)
                 elif act.kind == "ownership_state" and act.fields["new"] == Own.WATCHING:
@@ -330,6 +333,22 @@ class Sim:
                 raise SimFailure(f"claim without the quiet time: controller {'ab'[i]} claimed lun{act.lun} "
                                  f"at {self.now_us} us on a read begun at {read_us} us, and "
                                  f"{'ab'[writer]}'s record write landed at {t_us} us")
+
+    def _check_claim_settled(self, i, ctrl, lun):
+        """Step 3 of the argument in firmware/fencing.py, judged on the shared record: a claim is
+        confirmed (its replay begins) on a read begun lease_ms + renew_interval_ms or more after
+        the claim landed, when any lease the old owner could have granted itself has run out."""
+        mine = [t_us for t_us, writer in self.record_changes[lun] if writer == i]
+        if not mine:
+            return
+        f = ctrl.fence[lun]
+        read_us = (f.read_start_ms - self.nodes[i].clock_offset_ms) * 1000
+        settle_us = (self.plan.lease_ms + self.plan.renew_ms) * 1000 - 1000      # ms rounding
+        landed_us = max(t for t in mine if t <= read_us) if any(t <= read_us for t in mine) else None
+        if landed_us is not None and read_us - landed_us < settle_us:
+            raise SimFailure(f"claim confirmed without the settle time: controller {'ab'[i]} read its "
+                             f"claim of lun{lun} back at {read_us} us, {read_us - landed_us} us after it "
+                             f"landed (lease + renew interval: {settle_us + 1000} us)")
 
     def _began_serving(self, i, ctrl, fields):
         """A LUN became OWNER or SOLO: if it holds a valid lease now, it accepts host I/O from this

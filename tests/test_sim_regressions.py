@@ -443,13 +443,22 @@ def test_known_bad_seed(seed):
     assert result.ok, f"{KNOWN_BAD_SEEDS[seed]}: {result.failure.splitlines()[0][:200]}"
 
 
+def test_a_takeover_serves_only_a_lease_after_its_solo_landed():
+    """Fixed (seed 700558 at 300 steps): b's claim at generation 3 was slow to read back, so a
+    (holding its own old lines under that claim) saw the record quiet and claimed at 5 on a
+    fresh read; its claim write was slow to land. b meanwhile read its own CLAIMED record,
+    replayed, wrote SOLO at 3 and served, writing 154 through; then a's claim landed over it,
+    and a's replay of its held lines (write 14, from generation 1) went over 154. A takeover
+    now serves only once a read begun lease_ms after its SOLO landed still shows it, as an
+    owner does after a solo bump: a's claim landed first and fenced b before it served."""
+    result = run_seed(700558, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Found by a sweep of fresh seeds at 300 steps on the merged tree (fault plans aimed at fencing,
 # disks with a volatile cache); open: diagnosed only this far. Not strict: a change anywhere may
 # send a seed another way, and a pass then proves nothing.
 OPEN_SEEDS_300 = {
-    700558: "lost write: b's claim at generation 7 replayed a mirror copy (write 14) older than "
-            "what b had written through SOLO at generation 3 (154); the copy came with a's resync "
-            "after a's claim at 5 over a pause of b, and was not voided when a died",
     700954: "claim without the quiet time: b claimed lun0 on a read begun 182 ms after a's record "
             "write landed (the simulator's check of step 2); b's view of the last change is older",
 }
