@@ -440,6 +440,8 @@ class FenceMixin:
         me, peer = self.id, 1 - self.id
         if rec is None:                        # never written: the default owner claims it
             default = f.lun % 2
+            if f.acks:
+                self._settle_acks(f, default == me)
             rec = self._new_record(f, default, 1, R.LunState.MIRRORED)
             if default == me:
                 self._write_record(f, rec)
@@ -449,6 +451,8 @@ class FenceMixin:
         if rec.owner == me and rec.state == R.LunState.CLAIMED and (
                 f.replayed_generation != rec.generation):
             return self._resume_claim(f, rec)
+        if f.acks:
+            self._settle_acks(f, rec.owner == me and rec.generation == f.generation)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
             self._free_stale_mirror(f)
@@ -514,13 +518,25 @@ class FenceMixin:
 
     def _fencing_link_up(self, f):
         """Back in sync before the LUN went solo: the resync just done mirrored the lines of the
-        writes whose mirror ack the link drop cut off, so they are acknowledged now. Left
-        waiting for a solo that never comes, they kept their lines pinned and the versions they
-        replaced alive in NVRAM, and a restart brought an old version back (seed 223)."""
+        writes whose mirror ack the link drop cut off, or they were destaged meanwhile; they are
+        acknowledged at the read of the record this starts, if it still names us (_settle_acks).
+        Left waiting for a solo that never comes, they kept their lines pinned and the versions
+        they replaced alive in NVRAM, and a restart brought an old version back (seed 223)."""
+        self._read_record(f)
+
+    def _settle_acks(self, f, ours):
+        """Writes whose mirror ack the link drop cut off, at the first record read after the link
+        came back. Acknowledged only if the record still names us at our generation: a line of
+        theirs destaged while the partner could not hear us is on disk but not in the partner's
+        mirror, and a claim the partner made meanwhile replays an older copy over it (seed 711369
+        at 300 steps: b acknowledged write 37 after a's claim had replayed 34 over it)."""
         acks, f.acks = f.acks, []
         for op in acks:
-            self._finish_write(op, mirrored=True)
-        self._read_record(f)
+            if not ours:
+                op.req, req = None, op.req
+                if req is not None:
+                    self._reply(req, EIO)
+            self._finish_write(op, mirrored=ours)
 
     def _fencing_written(self, f):
         """Solo once the bump to the next generation (written clean) has landed. A renewal that

@@ -455,6 +455,17 @@ def test_a_takeover_serves_only_a_lease_after_its_solo_landed():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_writes_cut_off_from_their_mirror_ack_are_acknowledged_only_if_the_record_still_names_us():
+    """Fixed (seed 711369 at 300 steps): b owned lun1; a one-way cut left b hearing a but not
+    heard, so b destaged write 37 (its mirror write lost on the way) while a watched, claimed and
+    replayed its older copy, 34, over it. When the link came back b, FENCING, acknowledged 37 as
+    mirrored by the resync; its line had been destaged, so the resync did not carry it, and the
+    disk held 34. Such writes are now acknowledged at the next read of the record, only if it
+    still names us at our generation, and fail with EIO otherwise."""
+    result = run_seed(711369, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Found by a sweep of fresh seeds at 300 steps on the merged tree (fault plans aimed at fencing,
 # disks with a volatile cache); open: diagnosed only this far. Not strict: a change anywhere may
 # send a seed another way, and a pass then proves nothing.
