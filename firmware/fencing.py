@@ -216,7 +216,8 @@ class LunFence:
                  "claim_written_ms", "void_mirror", "held", "acks", "replay_left", "replay_written", "move_tag",
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
                  "held_lines", "held_generation", "peer_generation", "replay_complete", "claim_read_ms",
-                 "claim_stale", "bump_after_ms", "claim_over_generation", "solo_after_ms")
+                 "claim_stale", "bump_after_ms", "claim_over_generation", "solo_after_ms",
+                 "acks_generation")
 
     def __init__(self, lun):
         self.lun = lun
@@ -235,6 +236,7 @@ class LunFence:
         self.void_mirror = False
         self.held = collections.deque()   # host requests waiting for the LUN to settle
         self.acks = []                    # writes whose mirror ack was cut off by the link drop
+        self.acks_generation = 0          # the generation we owned the LUN at when they were cut off
         self.replay_left = 0
         self.replay_written = []          # replay writes of this round done, waiting for the flush
         self.move_tag = 0
@@ -452,7 +454,7 @@ class FenceMixin:
                 f.replayed_generation != rec.generation):
             return self._resume_claim(f, rec)
         if f.acks:
-            self._settle_acks(f, rec.owner == me and rec.generation == f.generation)
+            self._settle_acks(f, rec.owner == me and rec.generation == f.acks_generation)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
             self._free_stale_mirror(f)

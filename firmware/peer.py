@@ -89,7 +89,10 @@ class PeerMixin:
             if self.fence is not None and op.lines:
                 if op.req.__class__.__name__ == "Forwarded":
                     op.req = None         # the forwarder failed it with the session; its tag dies too
-                self.fence[op.lines[0].lun].acks.append(op)   # acknowledged once on disk
+                f = self.fence[op.lines[0].lun]
+                if not f.acks:
+                    f.acks_generation = f.generation
+                f.acks.append(op)         # acknowledged once on disk, or at a record read naming us
             else:
                 self._finish_write(op, mirrored=False)
         self._fail_forwards()

@@ -466,6 +466,16 @@ def test_writes_cut_off_from_their_mirror_ack_are_acknowledged_only_if_the_recor
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_writes_cut_off_at_one_generation_are_not_acknowledged_at_a_later_one():
+    """Fixed (seed 730982 at 1000 steps): b's writes cut off from their mirror ack at generation
+    3 waited while a claimed lun0 at 5 (replaying its older copy, write 59, over b's destaged 62)
+    and b took it back at 7; at the next read b found itself owner and acknowledged them. The
+    generation they were cut off at is kept with them, and only a record naming us at that one
+    acknowledges them."""
+    result = run_seed(730982, steps=1000)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Found by a sweep of fresh seeds at 300 steps on the merged tree (fault plans aimed at fencing,
 # disks with a volatile cache); open: diagnosed only this far. Not strict: a change anywhere may
 # send a seed another way, and a pass then proves nothing.
