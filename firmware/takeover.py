@@ -217,8 +217,11 @@ class TakeoverMixin:
         that beat it, as a watch read would: that record is now the last seen, so no later read
         with its key judges them again. Kept, they waited for a later claim, which replayed
         them over the owner's newer write-through (an owner that went SOLO renewed over our
-        claim). The lines were judged valid against the record we claimed over."""
-        f.mirror_generation = f.claim_over_generation
+        claim). The lines were judged valid against the record we claimed over, and copies the
+        owner mirrored to us since, at its generation, are its live data (seed 742602 at 300
+        steps: the link came back during our claim, the owner mirrored at 4, and our abandon
+        voided those copies with the old ones)."""
+        f.mirror_generation = max(f.claim_over_generation, f.peer_generation)
         if self._voids_mirror(f, rec):
             f.void_mirror = False
             self._void_mirror(f)

@@ -466,6 +466,17 @@ def test_writes_cut_off_from_their_mirror_ack_are_acknowledged_only_if_the_recor
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_an_abandoned_claim_keeps_what_the_owner_mirrored_to_it_since():
+    """Fixed (seed 742602 at 300 steps): b claimed lun0 over a at 3; a bumped to 4, the link came
+    back during b's claim and a mirrored writes to b at 4; b's read-back found a's record and
+    abandoned, judging its mirror against a record at 4 as if its copies were all from 3, and
+    voided a's live copies with the old ones (a failover then lacked writes 64 and 133). The
+    copies are judged at the newest generation the owner mirrored to us at; the old ones not
+    resent go when the LUN leaves STARTING."""
+    result = run_seed(742602, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 def test_writes_cut_off_at_one_generation_are_not_acknowledged_at_a_later_one():
     """Fixed (seed 730982 at 1000 steps): b's writes cut off from their mirror ack at generation
     3 waited while a claimed lun0 at 5 (replaying its older copy, write 59, over b's destaged 62)
