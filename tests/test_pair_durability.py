@@ -9,11 +9,10 @@ as the write returned, and the data lived only in a cache that a power cut
 loses.
 """
 import random
-import time
 
 import pytest
 
-from fixtures.pair import LoggedWriter, MiB, PairHandle, block_pattern, read_block_via
+from fixtures.pair import LoggedWriter, MiB, PairHandle, block_pattern, read_block_via, wait_for
 
 pytestmark = pytest.mark.needs("qemu-io")
 
@@ -29,15 +28,6 @@ def _volatile_pair(tmp_path):
         path.write_text(path.read_text().replace("[disks]\n", '[disks]\nwrite_cache = "volatile"\n', 1))
     pair.up()
     return pair
-
-
-def wait_for(cond, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {timeout_s} s")
 
 
 def _stats(pair, name):
