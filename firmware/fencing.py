@@ -38,7 +38,8 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    gives a lease the partner cannot see, which step 3 covers. The quiet
    time is what the reads saw: from the change to the start of the latest
    read, never to the moment its answer is heard (a pause in between is
-   no observation).
+   no observation). A record never written is seen as none: the default
+   owner's first write of it is a change like any other.
    A claim is decided only on a read that is fresh by the claimant's own
    clock at the moment it acts: begun less than `renew_interval_ms` before
    (otherwise it reads again). A read answered after a pause shorter than
@@ -440,6 +441,7 @@ class FenceMixin:
 
     def _st_record(self, f, rec):
         me, peer = self.id, 1 - self.id
+        seen = rec.key() if rec is not None else None
         if rec is None:                        # never written: the default owner claims it
             default = f.lun % 2
             if f.acks:
@@ -475,7 +477,10 @@ class FenceMixin:
                 f.last_change_ms = self.now_ms
                 f.want_back = True
             return Own.PARTNER
-        f.last_seen, f.last_change_ms = rec.key(), self.now_ms
+        # What we read, not the default record we stand in for it: the owner's first write is
+        # that very record, and taken for it that write was no change, so a claim counted its
+        # quiet time from before it landed (seed 700954: 182 ms of the 200).
+        f.last_seen, f.last_change_ms = seen, self.now_ms
         return Own.WATCHING
 
     def _owner_or_fencing(self, f):

@@ -334,3 +334,27 @@ def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
     b = p.ctrl[1]
     assert b._mirror_blocks_of(b.fence[0])                  # a's held lines are in b's mirror again
     p.resume_disks()
+
+
+def test_the_owners_first_record_write_is_a_change_to_a_partner_that_read_none():
+    # b booted with the link down and read no record at all (a fresh pair whose owner had yet
+    # to write one); a then wrote lun0's first record: the default one, owner a, generation 1,
+    # counter 0. b stood in that very record for the missing one, so the write looked like no
+    # change and b claimed 200 ms after its own boot, 182 ms after a's write landed (seed
+    # 700954): a's lease began at its read, so it could still be serving.
+    p = MemPair(fencing=True, idle_flush_ms=10**9, high_watermark=0.9, low_watermark=0.8)
+    p.crash(0)
+    p.crash(1)
+    p.records = [bytes(512) for _ in p.records]
+    p.boot(1)
+    b, wait = p.ctrl[1], p.params[1].takeover_wait_ms
+    for _ in range(5):
+        p.tick(10)
+    assert b.fence[0].state == Own.WATCHING
+    written_ms = p.now_ms
+    p.records[0] = R.build_record(R.Record(0, 0, R.LunState.MIRRORED, 1, 0, p.params[0].lease_ms,
+                                           p.params[0].pair_id))
+    while not any(n[0] == "takeover_claim" and n[1]["lun"] == 0 for n in p.notes[1]):
+        assert p.now_ms < written_ms + 10 * wait, "b never claimed the LUN of its silent partner"
+        p.tick(10)
+    assert p.now_ms - written_ms >= wait
