@@ -254,6 +254,12 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
 
     def _route(self, kind, req, lun, offset, arg, fua):
         rec = self.rec
+        if req.__class__ is ReplicaReq:
+            # A copy from the primary that waited for free blocks, routed again when they came:
+            # stored as it came, no host write (refused with EPERM here, it ended every resync
+            # that filled a restarted secondary's cache). One from an ended session is dropped:
+            # the primary's SENT record resends its range, and newer data may have come since.
+            return True if req.session == self.session_no and rec.role == SECONDARY else None
         if kind == "w":
             if rec.role != PRIMARY:
                 self.stats["writes_refused_secondary"] += 1

@@ -8,13 +8,16 @@ interleave.
 
 Faults: crash (a power cut, or a kill of the process: see _crash; the rig's
 disks have a volatile write cache) and restart of the secondary (quick
-resync), disks that hang and resume (reads, writes and flushes park), crash
+resync), disks that hang and resume (reads, writes and flushes park; both
+sides' or only the secondary's, in an NVRAM that half the seeds make smaller
+than the LUNs, so its cache fills and copies wait for free blocks), crash
 of the primary followed either by its restart or by promotion of the secondary
 (the old primary returns as secondary, or as the other half of a split
 brain, resolved by policy), link cut and reconnect, time passing (destage,
 destaged-range messages).
 
 Checkers (separate from the workload):
+  - no session ends on a protocol error (nothing here corrupts a frame);
   - a read at the primary returns, for every sector, the latest acknowledged
     write or a newer one already issued;
   - after a promotion, the new primary holds every write acknowledged through
@@ -61,7 +64,12 @@ class ReplicaSim:
         rng = self.rng = random.Random(seed)
         # crash fates and broken sites draw from their own streams: the schedule stays the seed's
         self.buggify_rng = random.Random(seed * 2 + 1)
-        self.rig = MemReplicaPair(seed=seed * 2,luns=LUNS, lun_size=LUN_BYTES, nvram_size=2 << 20,
+        self.side_rng = random.Random(seed * 5 + 3)
+        # Half the seeds get an NVRAM smaller than both LUNs, so the secondary's cache fills (a
+        # restarted secondary's resync copies then wait for free blocks). Drawn from its own
+        # stream: the schedule stays the seed's.
+        nvram_size = random.Random(seed * 3 + 2).choice([2 << 20, 768 << 10])
+        self.rig = MemReplicaPair(seed=seed * 2, luns=LUNS, lun_size=LUN_BYTES, nvram_size=nvram_size,
                                   ack=rng.choice(["cache", "nvram", "disk"]),
                                   range_bytes=rng.choice([4096, 16384, 65536]),
                                   idle_flush_ms=rng.choice([50, 500]),
@@ -74,6 +82,7 @@ class ReplicaSim:
         self.next_req = 0
         self.down = {}                    # what is down -> step it comes back
         self.killed = set()               # controllers whose process died, power still on
+        self.notes_seen = [0, 0]
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "promotions": 0, "split_brains": 0, "frames": 0, "stalls": 0}
@@ -86,6 +95,7 @@ class ReplicaSim:
     # -- replies ---------------------------------------------------------------------
 
     def _collect(self, shipped=False):
+        self._check_sessions()
         replies = self.rig.replies
         for req in list(replies):
             err, data = replies.pop(req)
@@ -104,6 +114,18 @@ class ReplicaSim:
                     continue                  # EIO while a resync target, EPERM on a secondary: allowed
                 for i, v in enumerate(decode(data, lun, first, "read at the primary")):
                     self.model.check("read at the primary", (0, lun, first + i), v, floor)
+
+    def _check_sessions(self):
+        """Nothing on this wire corrupts a frame, so a session ended on a protocol error is the
+        firmware's own fault (a resync's copies waiting for free blocks were refused as host
+        writes, and every resync into a full cache ended so)."""
+        for i in range(2):
+            notes = self.rig.notes[i]
+            for kind, fields in notes[self.notes_seen[i]:]:
+                if kind == "link_down" and fields.get("reason", "").startswith("protocol error"):
+                    raise LogSimFailure(f"controller {'ab'[i]} ended the session on a frame nothing "
+                                        f"corrupted: {fields['reason']}")
+            self.notes_seen[i] = len(notes)
 
     def _run(self, i, actions, shipped=False):
         self.rig.run(i, actions)
@@ -190,7 +212,9 @@ class ReplicaSim:
             self.down[("connect", None)] = step + rng.randrange(1, 30)
             self.stats["cuts"] += 1
         elif kind == "stall" and r.stalled is None:
-            r.stall()
+            # Each side has its own disks: half the stalls hang only the secondary's, whose cache
+            # then fills while the primary goes on (copies wait there for free blocks).
+            r.stall((s,) if self.side_rng.random() < 0.5 else (0, 1))
             self.down[("stall", None)] = step + rng.randrange(1, 10)
             self.stats["stalls"] += 1
 

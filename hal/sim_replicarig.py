@@ -50,6 +50,7 @@ class MemReplicaPair:
         self.disk_writes = [0, 0]
         self.held_flushes = None          # a list while flushes are held: (i, ctrl, op, disk, mark)
         self.stalled = None               # a list while the disks hang: (i, ctrl, act, flush mark)
+        self.stalled_sides = (0, 1)       # whose disks hang
         for i in range(2):
             self.boot(i)
 
@@ -111,7 +112,8 @@ class MemReplicaPair:
                 self.wire[1 - i].extend(split_frames(act.buffers))
             elif kind is A.HostReply:
                 self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
-            elif self.stalled is not None and kind in (A.DiskWrite, A.DiskFlush, A.DiskRead):
+            elif self.stalled is not None and i in self.stalled_sides and kind in (
+                    A.DiskWrite, A.DiskFlush, A.DiskRead):
                 # the write's data is taken now (DMA); a flush covers what completed before it
                 mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
                 if kind is A.DiskWrite:
@@ -137,9 +139,9 @@ class MemReplicaPair:
             else:
                 raise UnknownAction(f"controller {'ab'[i]} asked for an unknown action {act!r}")
 
-    def stall(self):
-        """The disks hang: reads, writes and flushes park, unanswered, until unstall()."""
-        self.stalled = []
+    def stall(self, sides=(0, 1)):
+        """The disks of `sides` hang: reads, writes and flushes park, unanswered, until unstall()."""
+        self.stalled, self.stalled_sides = [], tuple(sides)
 
     def unstall(self):
         stalled, self.stalled = self.stalled, None

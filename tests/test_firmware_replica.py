@@ -541,3 +541,34 @@ def test_old_primary_with_wiped_nvram_gets_back_what_it_had_not_destaged():
     p.connect()
     flush_all(p)
     assert p.disks[0][1][7 * RB:7 * RB + BS] == b"7" * BS and p.disks[0] == p.disks[1]
+
+
+def test_copies_that_waited_for_free_blocks_on_the_secondary_are_stored_not_refused():
+    # b came back with its cache mostly full of lines it could not yet free (their flush held),
+    # so the resync's copies waited for free blocks; routed again once blocks came, they were
+    # taken for host writes to a secondary and refused with EPERM, which ended the resync (seen
+    # on real processes: three resyncs in a row under fio, each ended by "peer refused replica").
+    p = pair(idle_flush_ms=50)
+    cap = p.ctrl[1].cache.capacity
+    p.stall()
+    for k in range(int(cap * 0.7) * BS // RB):
+        p.write(0, ("x", k), 0, k * RB, b"x" * RB)
+    p.deliver()
+    p.crash(1, power=False)                   # b goes with its copies dirty in NVRAM
+    p.unstall()
+    flush_all(p)
+    for k in range(int(cap * 0.5) * BS // RB):
+        p.write(0, ("y", k), 1, k * RB, bytes([k]) * RB)
+    flush_all(p)
+    p.hold_flushes()
+    p.boot(1)
+    p.connect()
+    p.tick(10, steps=20)
+    b = p.ctrl[1]
+    assert p.state(1) == "sync-target" and b.waiting     # the resync's copies wait for blocks
+    p.release_flushes()
+    p.tick(10, steps=50)
+    assert [e["reason"] for e in p.events(0, "link_down")] == ["peer crashed"]
+    assert p.state(0) == p.state(1) == "synced" and not b.stats.get("writes_refused_secondary")
+    flush_all(p)
+    assert p.disks[0] == p.disks[1]
