@@ -23,7 +23,8 @@ Checkers (separate from the workload):
     writes acknowledged by a source alone (link down: degraded) are exempt;
   - at the end, with everything healed and recovered, each surviving source
     and its image agree byte for byte and match the model;
-  - bounded queues: waiting writes, early entries.
+  - bounded queues: waiting writes, early entries;
+  - no session ends on a protocol error (nothing here corrupts a frame).
 A failing run returns the replay command, `inv sim --mode replica --variant log --seed N`.
 """
 import hashlib
@@ -121,6 +122,7 @@ class LogSim:
         self.lost = set()          # sources lost for good (disaster)
         self.down = {}             # what is down -> step it comes back
         self.killed = set()        # ends whose process died, power still on: ("src", k), ("dst", None)
+        self.notes_seen = {}
         self.trace = hashlib.sha256()
         self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
                       "stalls": 0, "disasters": 0, "frames": 0}
@@ -132,9 +134,20 @@ class LogSim:
 
     # -- driving the rig, classifying host replies -------------------------------------
 
+    def _check_sessions(self):
+        """Nothing on these wires corrupts a frame, so a session ended on a protocol error is the
+        firmware's own fault (or the rig's: frames of an old connection once arrived on a new one)."""
+        for who, notes in self.rig.notes.items():
+            for kind, fields in notes[self.notes_seen.get(who, 0):]:
+                if kind == "link_down" and fields.get("reason", "").startswith("protocol error"):
+                    raise LogSimFailure(f"{who} ended the session on a frame nothing corrupted: "
+                                        f"{fields['reason']}")
+            self.notes_seen[who] = len(notes)
+
     def _collect(self, shipped_k=None):
         """Take the replies the last call produced; shipped_k: they came from source k's
         destination acks (acknowledged through the destination)."""
+        self._check_sessions()
         replies = self.rig.replies
         for req in list(replies):
             err, data = replies.pop(req)

@@ -135,6 +135,8 @@ class MemLog:
         self._cut(k)
 
     def connect(self, k=0):
+        self.wire_to_dst[k].clear()         # a new connection: nothing of the old one arrives on it
+        self.wire_to_src[k].clear()
         self.connected[k] = True
         self.run(("src", k), self.src[k].link_connected(bytes([1]) * 32, self.now_ms))
         self.run(("dst", None), self.dst.link_connected(bytes([2]) * 32, self.now_ms, link=k))
