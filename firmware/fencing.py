@@ -79,6 +79,10 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    or another generation's, makes them old data: freed). The record is then
    taken as seen, so no later read judges them, and kept they were replayed
    by a later claim over the owner's newer write-through.
+   While we claim or replay, our mirror blocks of the LUN are the data we
+   write out, and the old owner's cache may have reused their numbers (a
+   version replaced by a write that then failed is freed there): a mirror
+   write of the peer into such a block ends the session (mirror_replaying).
    All this assumes record I/O completes within `lease_ms / 2`: a renewal's
    read and write then land before a claimant's read-back.
 4. A controller that reads a record with another owner or a newer
@@ -382,6 +386,16 @@ class FenceMixin:
     def mirror_owned_by_peer(self, lun) -> bool:
         """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
         return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
+
+    def mirror_replaying(self, lun) -> bool:
+        """Are our mirror blocks of `lun` what our takeover (a claim, or its replay) writes out?
+        The old owner may have reused their blocks meanwhile: a version its newer write replaced
+        was freed when that write was cut off and failed, though our copy of it was the one
+        acknowledged (seed 805035 at 300 steps: b mirrored another LUN's line into the block of
+        write 32 while a claimed lun1, and a's replay lacked it). A peer's write into such a
+        block ends the session; the peer reconnects, and once the replay is done its blocks
+        are free."""
+        return self.fence is not None and self.fence[lun].state in (Own.CLAIMING, Own.REPLAYING)
 
     def mirror_ours(self, lun) -> bool:
         """Does a resync's copy of `lun` go, resent or not (as it lands, and at SYNC_DONE)? Yes

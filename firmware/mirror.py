@@ -63,18 +63,25 @@ class MirrorSide:
                 persists.append(self.segment.store_free(index))
         return persists
 
-    def write(self, lun, seq, generation, first, gc, entries, data):
+    def write(self, lun, seq, generation, first, gc, entries, data, keep=lambda lun: False):
         """Persist blocks [first, first + len(entries)) of write `seq`, a group of `gc` blocks.
 
         `entries` are (cache_id, lba, data_crc, bitmap) and `data` their blocks back to
         back. Return (persist ranges, committed group seq or None): the group joins
-        the view only once its last block is in (claims 1.10).
+        the view only once its last block is in (claims 1.10). A block the owner reused
+        replaces ours, unless ours is of a LUN we `keep` (our takeover replays it): then
+        the write is refused whole, before anything changed.
         """
         seg = self.segment
         bs = seg.block_size
         count = len(entries)
         if not count or first + count > gc or len(data) != count * bs:
             raise MirrorError(f"mirror write of blocks {first}+{count} of {gc}, {len(data)} bytes")
+        for cache_id, *_ in entries:
+            held = self.blocks[cache_id] if cache_id < seg.blocks else None
+            if held is not None and keep(held.lun):
+                raise MirrorError(f"mirror write to block {cache_id}, which holds a line of lun{held.lun} "
+                                  f"our takeover replays")
         persists = []
         if first == 0:
             persists.extend(self.abandon_group())

@@ -182,7 +182,8 @@ class PeerMixin:
             raise MirrorError(f"mirror write of {count} blocks of {block_size} bytes is {len(p)} bytes")
         entries = [(cache_id, lba, crc, int.from_bytes(bitmap, "big"))
                    for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
-        persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:])
+        persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:],
+                                                self.mirror_replaying)
         if not ctx & M.CTX_RESYNC:
             self.mirror_written_at(lun, generation)
         out = self.out

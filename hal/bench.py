@@ -259,7 +259,7 @@ def main(rounds=3, seconds=5, out_dir="bench-report"):
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         report += f"\nReplica quick resync: not measured ({exc}).\n"
     from .bench_destage import report as destage_report
-    report += destage_report()
+    report += destage_report(progress=lambda line: print(line, flush=True))
     report += (f"\nNBD engine alone (Python, per request incl. reply): 4 KiB write "
                f"{engine['write']:.1f} us, 4 KiB read {engine['read']:.1f} us.\n")
     (out / "report.md").write_text(report)

@@ -21,7 +21,9 @@
     lun_size = "256M"
     direct = false             # O_DIRECT
     write_cache = "os"         # "os" (the kernel's) or "volatile": tests only, writes stay in the
-                               # controller's memory until a flush (hal/disk_volatile.py)
+                               # controller's memory until a flush (hal/disk_volatile.py); or
+                               # "ignore-flush" (needs TWINCACHE_TEST_FAULTS=1): a disk that lies
+                               # about flushes, the destage benchmark's no-flush peer
     fault_files = false        # tests only (needs TWINCACHE_TEST_FAULTS=1): hal/disk_faulty.py
 
     [link]
@@ -265,11 +267,14 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         paths=list(_take(d, "paths", list, [], where)), serials=list(_take(d, "serials", list, [], where)),
         lun_size_bytes=parse_size(d.get("lun_size", "256M"), f"{where}: [disks] lun_size"),
         direct=_take(d, "direct", bool, False, where),
-        write_cache=_choice(_take(d, "write_cache", str, "os", where), ("os", "volatile"),
+        write_cache=_choice(_take(d, "write_cache", str, "os", where), ("os", "volatile", "ignore-flush"),
                             f"{where}: [disks] write_cache"),
         fault_files=_take(d, "fault_files", bool, False, where))
     if disks.fault_files and os.environ.get("TWINCACHE_TEST_FAULTS") != "1":
         raise ConfigError(f"{where}: [disks] fault_files is for tests: it needs TWINCACHE_TEST_FAULTS=1")
+    if disks.write_cache == "ignore-flush" and os.environ.get("TWINCACHE_TEST_FAULTS") != "1":
+        raise ConfigError(f'{where}: [disks] write_cache = "ignore-flush" loses data at a power cut; it is '
+                          f"for benchmarks and tests and needs TWINCACHE_TEST_FAULTS=1")
     if not (disks.paths or disks.serials):
         raise ConfigError(f"{where}: [disks] needs paths (or serials) for at least one LUN")
     if disks.lun_size_bytes % 4096:

@@ -113,6 +113,8 @@ def _open_disk(path: str, lun: int, serial: str, pair_id: bytes, config, create:
     disk_cls = FileDisk
     if getattr(config, "fault_files", False):       # tests only: hal/disk_faulty.py
         from .disk_faulty import FaultyFileDisk as disk_cls
+    elif getattr(config, "write_cache", "os") == "ignore-flush":     # a benchmark's peer only
+        from .disk_faulty import IgnoreFlushFileDisk as disk_cls
     if create and config.backend == "file" and not pathlib.Path(path).is_block_device():
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         raw = disk_cls(path, total_bytes, direct=config.direct, create=True)

@@ -42,3 +42,13 @@ class FaultyFileDisk(FileDisk):
     def flush(self) -> None:
         self._fault(self.fail_writes_path, "flush", 0)
         return super().flush()
+
+
+class IgnoreFlushFileDisk(FileDisk):
+    """A disk that says every flush is done at once and does nothing (as some drives with a
+    volatile cache do): destage as it was before it waited for flushes. `[disks] write_cache =
+    "ignore-flush"`, with TWINCACHE_TEST_FAULTS=1: the peer the destage benchmark measures against."""
+
+    def flush(self) -> None:
+        return None
+

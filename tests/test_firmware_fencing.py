@@ -358,3 +358,34 @@ def test_the_owners_first_record_write_is_a_change_to_a_partner_that_read_none()
         assert p.now_ms < written_ms + 10 * wait, "b never claimed the LUN of its silent partner"
         p.tick(10)
     assert p.now_ms - written_ms >= wait
+
+
+def test_a_mirror_block_our_takeover_replays_is_not_overwritten_by_the_old_owner():
+    # a claims lun1 and will replay its mirror copy of b's acknowledged write; b had freed that
+    # block in its own cache (a newer version replaced it, cut off from its mirror ack and failed
+    # when b was fenced) and reused it for another line. Written into a's mirror, that line took
+    # the block of the write a's replay needed (seed 805035 at 300 steps). Refused whole now,
+    # before anything changed: the session ends, and a's copy stays for the replay.
+    from firmware.formats.nvram import crc32c
+    from firmware.mirror import MirrorError
+    p = fenced_pair()
+    p.write(1, "w", 1, 8 * BS, b"x" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    a = p.ctrl[0]
+    (block,) = a.mirror.view.values()
+    data = b"y" * BS
+    entries = [(block, 0, crc32c(data), (1 << 8) - 1)]
+    a.mirror.write(0, 900, 1, 0, 1, entries, data, a.mirror_replaying)     # not taking over: b's call
+    assert a.mirror.blocks[block].lun == 0
+    p = fenced_pair()
+    p.write(1, "w", 1, 8 * BS, b"x" * BS)
+    p.deliver()
+    a = p.ctrl[0]
+    (block,) = a.mirror.view.values()
+    a.fence[1].state = Own.CLAIMING
+    with pytest.raises(MirrorError, match="our takeover replays"):
+        a.mirror.write(0, 900, 1, 0, 1, entries, data, a.mirror_replaying)
+    kept = a.mirror.blocks[block]
+    assert (kept.lun, kept.lba) == (1, 8 * BS // 512) and a.mirror.view == {kept.key: block}
+    assert not a.mirror.group

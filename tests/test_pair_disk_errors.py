@@ -235,3 +235,22 @@ def test_fault_files_need_the_test_environment_and_the_knobs_reach_the_firmware(
     assert (params.degraded_after_ms, params.disk_retry_max_ms) == (1234, 800)
     with pytest.raises(C.ConfigError, match="degraded_after_ms"):
         C.from_dict(dict(doc, cache={"degraded_after_ms": 0}))
+
+
+def test_disks_that_ignore_flushes_are_for_benchmarks_only(monkeypatch, tmp_path):
+    from hal import config as C
+    from hal.disk_array import DiskArray
+    from hal.disk_faulty import IgnoreFlushFileDisk
+    doc = {"controller": {"name": "a", "pair_id": "00" * 16},
+           "disks": {"paths": [str(tmp_path / "disk0.img")], "lun_size": "1M", "write_cache": "ignore-flush"},
+           "nbd": {"unix": str(tmp_path / "nbd.sock")}}
+    monkeypatch.delenv("TWINCACHE_TEST_FAULTS", raising=False)
+    with pytest.raises(C.ConfigError, match="loses data at a power cut"):
+        C.from_dict(doc)
+    monkeypatch.setenv("TWINCACHE_TEST_FAULTS", "1")
+    cfg = C.from_dict(doc)
+    array = DiskArray.open(cfg.disks, cfg.pair_id, create=True)
+    try:
+        assert [type(d.raw) for d in array.disks] == [IgnoreFlushFileDisk]
+    finally:
+        array.close()

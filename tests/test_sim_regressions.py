@@ -495,3 +495,16 @@ def test_the_owners_first_record_write_is_a_change_to_its_partner():
     record never written is now remembered as none (tests/test_firmware_fencing.py)."""
     result = run_seed(700954, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_a_block_our_takeover_replays_is_not_taken_by_the_old_owners_reuse():
+    """Fixed (seed 805035 at 300 steps): b's write 32 (lun1) was mirrored to a and acknowledged;
+    b's write 47 over it was cut off from its mirror ack when a crashed, and failed when a's claim
+    fenced b, which then freed write 32's block in its own cache (write 47 held, under the claim
+    not yet confirmed). The link came back while a claimed; b mirrored another line into that
+    block, a's copy of write 32 went, and a's replay left the disk without it. A peer's mirror
+    write into a block of a LUN we claim or replay now ends the session instead; the peer
+    reconnects, and the block is free once the replay is done (tests/test_firmware_fencing.py)."""
+    result = run_seed(805035, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
