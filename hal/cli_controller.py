@@ -80,9 +80,14 @@ def register(sub):
                     choices=("discard-younger-primary", "discard-fewer-changes", "discard-a", "discard-b"))
     rs.set_defaults(func=cmd_resolve)
 
-    ev = sub.add_parser("events", help="stream the pair's events as JSON lines")
+    ev = sub.add_parser("events", help="both controllers' events as JSON lines, merged in time order")
     ev.add_argument("--dir", required=True)
     ev.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
+    ev.add_argument("--since", metavar="WHEN", help="only events from WHEN on: seconds ago with a unit "
+                    "(30s, 5m, 2h, 1d) or an ISO 8601 time (2024-05-01T12:00:00, local time unless it "
+                    "has a zone like +00:00)")
+    ev.add_argument("--kind", action="append", metavar="KIND[,KIND...]",
+                    help="only these kinds (repeatable, or a comma list), like link_down,takeover")
     ev.set_defaults(func=cmd_events)
 
 
@@ -105,6 +110,17 @@ def cmd_controller_run(args):
 def _pair(args):
     from .pair import LocalPair
     return LocalPair(args.dir)
+
+
+def _existing_pair(args):
+    """The pair under --dir; no pair there is bad input (exit 2), not a traceback."""
+    from .pair import PairError
+    pair = _pair(args)
+    try:
+        pair.meta()
+    except PairError as exc:
+        raise UsageError(str(exc)) from None
+    return pair
 
 
 def cmd_pair_up(args):
@@ -142,16 +158,14 @@ def cmd_pair_up(args):
 
 
 def cmd_pair_down(args):
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     stopped = pair.down()
     print("stopped " + (", ".join(stopped) if stopped else "nothing (no controller was running)"))
     return 0
 
 
 def cmd_status(args):
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     report = [pair.status(name) for name in ("a", "b")]
     if args.json:
         print(json.dumps({"controllers": report}))
@@ -204,7 +218,7 @@ def _print_log_status(st):
 
 def cmd_recover(args):
     from .control import request
-    pair = _pair(args)
+    pair = _existing_pair(args)
     meta = pair.meta()
     if meta.get("replica_variant") != "log":
         raise UsageError(f"{pair.dir}: recover is for a log-variant replica pair (pair up --mode replica "
@@ -246,8 +260,7 @@ def _print_replica(st):
 
 def _replica_command(args, name, request):
     from .control import request as send
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     try:
         return send(pair.control_path(name), request)
     except OSError as exc:
@@ -281,8 +294,7 @@ def cmd_resolve(args):
 
 def cmd_ownership_move(args):
     from .control import request
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     text = args.lun[3:] if args.lun.startswith("lun") else args.lun
     if not text.isdigit():
         raise UsageError(f"{args.lun!r} is not a LUN (lun0, lun1, ...)")
@@ -303,27 +315,60 @@ def cmd_ownership_move(args):
     raise CommandFailed(f"lun{lun} did not move to {args.to} within {args.timeout} s")
 
 
+def parse_since(text: str, now_s: float) -> float:
+    """`--since`: seconds ago with a unit (90s, 5m, 2h, 1d) or an ISO 8601 time (local if no zone)."""
+    import datetime
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now_s - float(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"--since {text!r}: give seconds ago with a unit (30s, 5m, 2h, 1d) "
+                         f"or an ISO 8601 time (2024-05-01T12:00:00)") from None
+
+
+class EventFile:
+    """One controller's events.jsonl, read on from where the last read ended (whole lines only)."""
+
+    def __init__(self, path):
+        self.path, self.offset = path, 0
+
+    def read_new(self) -> list:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        data = data[:data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        events = []
+        for line in data.decode(errors="replace").splitlines(keepends=True):
+            try:
+                event = json.loads(line)
+                events.append((float(event["ts"]), str(event.get("kind", "")), line))
+            except (ValueError, KeyError, TypeError):
+                continue       # not an event record (a hand edit, a torn write before a crash)
+        return events
+
+
 def cmd_events(args):
-    pair = _pair(args)
-    pair.meta()
-    paths = [pathlib.Path(pair.dir) / n / "events.jsonl" for n in ("a", "b")]
-    offsets = {p: 0 for p in paths}
+    """Both controllers' events as one stream, in time order (each poll's batch merged when following)."""
+    import heapq
+    pair = _existing_pair(args)
+    since = parse_since(args.since, time.time()) if args.since else None
+    kinds = {k.strip() for group in args.kind or () for k in group.split(",") if k.strip()}
+    files = [EventFile(pathlib.Path(pair.dir) / n / "events.jsonl") for n in ("a", "b")]
     try:
         while True:
-            for path in paths:
-                if not path.exists():
-                    continue
-                with open(path) as f:
-                    f.seek(offsets[path])
-                    for line in f:
-                        if line.endswith("\n"):
-                            sys.stdout.write(line)
-                            offsets[path] += len(line.encode())
-                        else:
-                            break
+            batches = [f.read_new() for f in files]
+            for ts, kind, line in heapq.merge(*batches, key=lambda e: e[0]):
+                if (since is None or ts >= since) and (not kinds or kind in kinds):
+                    sys.stdout.write(line)
             sys.stdout.flush()
             if not args.follow:
                 return 0
             time.sleep(0.1)
-    except (KeyboardInterrupt, BrokenPipeError):
+    except KeyboardInterrupt:
         return 0
