@@ -24,19 +24,21 @@ def register(sub):
 
     p = sub.add_parser("pair", help="a local controller pair")
     psub = p.add_subparsers(dest="pair_cmd", required=True)
-    up = psub.add_parser("up", help="start (or restart) a local pair under DIR")
+    up = psub.add_parser("up", help="start (or restart) a local pair under DIR",
+                         description="Create a pair under DIR, or restart the one there as it was made: "
+                                     "an option that contradicts the existing pair is refused (exit 2).")
     up.add_argument("--dir", required=True)
-    up.add_argument("--luns", type=int, default=2)
-    up.add_argument("--lun-size", default="256M")
-    up.add_argument("--nvram-size", default="64M")
-    up.add_argument("--durability", choices=("controller", "host"), default="controller")
-    up.add_argument("--link", choices=("unix", "tcp"), default="unix")
-    up.add_argument("--mode", choices=("ha", "replica"), default="ha")
-    up.add_argument("--replica-variant", choices=("bitmap", "log"), default="bitmap",
-                    help="replica mode: cache-acknowledged with a destage bitmap, or NVRAM-log shipping "
-                         "(a is the source, b the destination)")
-    up.add_argument("--cp-interval-ms", type=int, default=2000,
-                    help="log variant: a consistency point at least this often")
+    up.add_argument("--luns", type=int, help="number of LUNs (default 2)")
+    up.add_argument("--lun-size", help="size of each LUN (default 256M)")
+    up.add_argument("--nvram-size", help="each controller's NVRAM (default 64M)")
+    up.add_argument("--durability", choices=("controller", "host"), help="default controller")
+    up.add_argument("--link", choices=("unix", "tcp"), help="default unix")
+    up.add_argument("--mode", choices=("ha", "replica"), help="default ha")
+    up.add_argument("--replica-variant", choices=("bitmap", "log"),
+                    help="replica mode: cache-acknowledged with a destage bitmap (the default), or NVRAM-log "
+                         "shipping (a is the source, b the destination)")
+    up.add_argument("--cp-interval-ms", type=int,
+                    help="log variant: a consistency point at least this often (default 2000)")
     up.add_argument("--ack", choices=("cache", "nvram", "disk"), default=None,
                     help="replica mode: where the secondary holds a copy before it acknowledges")
     up.add_argument("--resync-rate", default=None, help="replica mode: resync bytes per second (like 50M)")
@@ -73,6 +75,18 @@ def register(sub):
     pr.add_argument("--dir", required=True)
     pr.add_argument("--force", action="store_true", help="even if its data is inconsistent (mid-resync)")
     pr.set_defaults(func=cmd_promote)
+
+    dm = sub.add_parser("demote", help="replica mode: make the primary NAME a secondary (read-only)",
+                        description="Replica mode: make the primary NAME a secondary, so the other can be "
+                                    "promoted. Refused while hosts are connected to NAME's exports, while "
+                                    "host writes are being copied, during a handshake, resync or split brain, "
+                                    "and when NAME is not primary. With NAME demoted no side takes writes "
+                                    "until one is promoted.")
+    dm.add_argument("name", choices=("a", "b"))
+    dm.add_argument("--dir", required=True)
+    dm.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the link to be mirrored (or down) again afterwards")
+    dm.set_defaults(func=cmd_demote)
 
     rs = sub.add_parser("resolve", help="replica mode: resolve a split brain by discarding one side")
     rs.add_argument("--dir", required=True)
@@ -123,13 +137,74 @@ def _existing_pair(args):
     return pair
 
 
-def cmd_pair_up(args):
-    from .pair import PairError
+# pair up's options: their defaults for a new pair, and where an existing pair keeps each one.
+UP_DEFAULTS = dict(luns=2, lun_size="256M", nvram_size="64M", durability="controller", link="unix",
+                   mode="ha", replica_variant="bitmap", cp_interval_ms=2000)
+UP_META_KEYS = dict(luns="luns", lun_size="lun_size_bytes", nvram_size="nvram_size_bytes",
+                    durability="durability", link="link", mode="mode", replica_variant="replica_variant",
+                    cp_interval_ms="cp_interval_ms")
+SIZE_OPTIONS = ("lun_size", "nvram_size")
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args, name: str):
+    """An option as the user gave it (sizes in bytes); None when not given."""
+    value = getattr(args, name)
+    if value is None or name not in SIZE_OPTIONS:
+        return value
     try:
-        sizes = dict(lun_size_bytes=C.parse_size(args.lun_size, "--lun-size"),
-                     nvram_size_bytes=C.parse_size(args.nvram_size, "--nvram-size"))
+        return C.parse_size(value, _option(name))
     except C.ConfigError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _contradictions(meta: dict, args) -> list:
+    """The options given that differ from what the existing pair was created with."""
+    found = []
+    have_replica = meta.get("replica", {})
+    for name, key in UP_META_KEYS.items():
+        want, have = _given(args, name), meta.get(key)
+        if want is not None and want != have:
+            shown = _size_text(have) if name in SIZE_OPTIONS and have else have
+            found.append(f"{_option(name)} {getattr(args, name)} (it has {shown or 'none: it is ' + meta['mode']})")
+    for name in ("ack", "resync_rate"):
+        want = getattr(args, name)
+        if want is not None and want != have_replica.get(name):
+            found.append(f"{_option(name)} {want} (it has {have_replica.get(name) or 'the default'})")
+    return found
+
+
+def _check_existing(pair, args):
+    """pair up restarts a pair as it was made; options that say otherwise are refused, not ignored."""
+    if not pair.meta_path.exists():
+        return {}
+    meta = pair.meta()
+    wrong = _contradictions(meta, args)
+    if wrong:
+        raise UsageError(f"{pair.dir} holds a {meta['mode']} pair made with other options: {'; '.join(wrong)}. "
+                         f"pair up restarts a pair as it was made; to change it, `twincache pair down --dir "
+                         f"{pair.dir}`, remove that directory (its data goes with it) and run pair up again, "
+                         f"or use another --dir")
+    return {name: meta[key] for name, key in UP_META_KEYS.items() if key in meta}
+
+
+def cmd_pair_up(args):
+    from .pair import PairError
+    pair = _pair(args)
+    for name, value in dict(UP_DEFAULTS, **_check_existing(pair, args)).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    sizes = dict(lun_size_bytes=_given(args, "lun_size"), nvram_size_bytes=_given(args, "nvram_size"))
     if args.cp_interval_ms <= 0:
         raise UsageError(f"--cp-interval-ms {args.cp_interval_ms}: must be positive")
     replica = {}
@@ -142,8 +217,8 @@ def cmd_pair_up(args):
     variant = dict(replica_variant=args.replica_variant, cp_interval_ms=args.cp_interval_ms) \
         if args.mode == "replica" else {}
     try:
-        result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
-                                mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
+        result = pair.up(luns=args.luns, link=args.link, durability=args.durability,
+                         mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
     if args.json:
@@ -272,6 +347,28 @@ def cmd_promote(args):
     if "error" in answer:
         raise CommandFailed(f"controller {args.name}: {answer['error']}")
     print(f"controller {args.name} is primary (generation {answer.get('generation', '?')})")
+    return 0
+
+
+def cmd_demote(args):
+    """Demote, then wait for the new handshake to settle, so `demote a && promote b` works."""
+    answer = _replica_command(args, args.name, {"cmd": "demote"})
+    if "error" in answer:
+        raise CommandFailed(f"controller {args.name}: {answer['error']}")
+    pair = _pair(args)
+    deadline = time.monotonic() + args.timeout
+    links = {}
+    while time.monotonic() < deadline:
+        links = {n: pair.status(n).get("link", "stopped") for n in ("a", "b")}
+        if set(links.values()) in ({"mirrored"}, {"down", "stopped"}):     # reconnected, or no peer to
+            break
+        time.sleep(0.05)
+    else:
+        raise CommandFailed(f"controller {args.name} is secondary, but the link did not settle within "
+                            f"{args.timeout} s ({', '.join(f'{n} {v}' for n, v in links.items())}): "
+                            f"see `twincache status --dir {args.dir}`")
+    print(f"controller {args.name} is secondary (generation {answer.get('generation', '?')}); "
+          f"promote a controller to take writes again")
     return 0
 
 
