@@ -111,7 +111,8 @@ def pair_with_many_events(tmp_path):
 
 
 def test_closed_pipe_exits_quietly(pair_with_many_events):
-    proc = subprocess.Popen(TC + ["events", "--dir", str(pair_with_many_events.dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    proc = subprocess.Popen(TC + ["events", "--dir", str(pair_with_many_events.dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.stdout.read(1)
     proc.stdout.close()                        # the reader goes away, like `| head -c1`

@@ -93,7 +93,8 @@ def test_pair_up_with_agreeing_or_no_options_keeps_the_pair(ha_pair):
 def test_pair_up_refuses_to_turn_a_stopped_replica_pair_into_another(replica_pair):
     tc("pair", "down", "--dir", replica_pair.dir)
     for options, named in ((["--mode", "ha"], "--mode ha (it has replica)"),
-                           (["--mode", "replica", "--replica-variant", "log"], "--replica-variant log (it has bitmap)")):
+                           (["--mode", "replica", "--replica-variant", "log"],
+                            "--replica-variant log (it has bitmap)")):
         result = tc("pair", "up", "--dir", replica_pair.dir, *options, check=False)
         assert result.returncode == 2 and named in result.stderr, result.stderr
         assert pids(replica_pair) == {"a": None, "b": None}
