@@ -1,9 +1,10 @@
-"""CLI: controller run, pair up/down, status, events.
+"""CLI: controller run, pair up/down, status, events, ownership, promote/demote, resolve.
 
 The stable command-line contract of the main job (see README): `pair up`
 returns once both controllers serve, and with --json prints the exports as
-NBD URIs; `status` reports role, link, owned LUNs, block counts and
-generation per controller.
+NBD URIs, and refuses options that contradict the pair already under --dir;
+`status` reports role, link, owned LUNs, block counts and generation per
+controller; `events` merges both controllers' event files by time.
 """
 import json
 import os
