@@ -445,6 +445,30 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
             self._persist(r)
         self.out.append(A.Notify("promoted", auto=auto, forced=force, **self._ids()))
 
+    def demote(self):
+        """Make this primary a secondary. Refused while a handshake, a resync or a split brain is
+        under way, and while host writes are still being copied; a connected peer hears it in a
+        new handshake (the link is reset), after which it can be promoted."""
+        rec = self.rec
+        reason = None
+        if rec.role != PRIMARY:
+            reason = "already secondary"
+        elif self.sync == "split-brain":
+            reason = "split brain: resolve it first (twincache resolve)"
+        elif self.sync in ("waiting", "sync-source", "sync-target"):
+            reason = f"the link is {LINK_NAMES[self.sync]} ({self.sync}): wait until it is mirrored or down"
+        elif self.pending or self.held:
+            reason = f"{len(self.pending) + len(self.held)} host writes are still being copied: stop the hosts first"
+        if reason is not None:
+            self.out.append(A.Notify("demote_refused", reason=reason))
+            return self._take()
+        for r in rec.update(role=SECONDARY, generation=rec.generation + 1):
+            self._persist(r)
+        self.out.append(A.Notify("demoted", reason="operator", **self._ids()))
+        if self.sync != "standalone":
+            self._link_failed("demoted by the operator: a new handshake tells the peer")
+        return self._take()
+
     def resolve(self, policy):
         """After a split brain: discard the data of the side `policy` names (a new handshake follows)."""
         if policy not in POLICIES:

@@ -1,9 +1,10 @@
-"""CLI: controller run, pair up/down, status, events.
+"""CLI: controller run, pair up/down, status, events, ownership, promote/demote, resolve.
 
 The stable command-line contract of the main job (see README): `pair up`
 returns once both controllers serve, and with --json prints the exports as
-NBD URIs; `status` reports role, link, owned LUNs, block counts and
-generation per controller.
+NBD URIs, and refuses options that contradict the pair already under --dir;
+`status` reports role, link, owned LUNs, block counts and generation per
+controller; `events` merges both controllers' event files by time.
 """
 import json
 import os
@@ -24,19 +25,21 @@ def register(sub):
 
     p = sub.add_parser("pair", help="a local controller pair")
     psub = p.add_subparsers(dest="pair_cmd", required=True)
-    up = psub.add_parser("up", help="start (or restart) a local pair under DIR")
+    up = psub.add_parser("up", help="start (or restart) a local pair under DIR",
+                         description="Create a pair under DIR, or restart the one there as it was made: "
+                                     "an option that contradicts the existing pair is refused (exit 2).")
     up.add_argument("--dir", required=True)
-    up.add_argument("--luns", type=int, default=2)
-    up.add_argument("--lun-size", default="256M")
-    up.add_argument("--nvram-size", default="64M")
-    up.add_argument("--durability", choices=("controller", "host"), default="controller")
-    up.add_argument("--link", choices=("unix", "tcp"), default="unix")
-    up.add_argument("--mode", choices=("ha", "replica"), default="ha")
-    up.add_argument("--replica-variant", choices=("bitmap", "log"), default="bitmap",
-                    help="replica mode: cache-acknowledged with a destage bitmap, or NVRAM-log shipping "
-                         "(a is the source, b the destination)")
-    up.add_argument("--cp-interval-ms", type=int, default=2000,
-                    help="log variant: a consistency point at least this often")
+    up.add_argument("--luns", type=int, help="number of LUNs (default 2)")
+    up.add_argument("--lun-size", help="size of each LUN (default 256M)")
+    up.add_argument("--nvram-size", help="each controller's NVRAM (default 64M)")
+    up.add_argument("--durability", choices=("controller", "host"), help="default controller")
+    up.add_argument("--link", choices=("unix", "tcp"), help="default unix")
+    up.add_argument("--mode", choices=("ha", "replica"), help="default ha")
+    up.add_argument("--replica-variant", choices=("bitmap", "log"),
+                    help="replica mode: cache-acknowledged with a destage bitmap (the default), or NVRAM-log "
+                         "shipping (a is the source, b the destination)")
+    up.add_argument("--cp-interval-ms", type=int,
+                    help="log variant: a consistency point at least this often (default 2000)")
     up.add_argument("--ack", choices=("cache", "nvram", "disk"), default=None,
                     help="replica mode: where the secondary holds a copy before it acknowledges")
     up.add_argument("--resync-rate", default=None, help="replica mode: resync bytes per second (like 50M)")
@@ -74,15 +77,32 @@ def register(sub):
     pr.add_argument("--force", action="store_true", help="even if its data is inconsistent (mid-resync)")
     pr.set_defaults(func=cmd_promote)
 
+    dm = sub.add_parser("demote", help="replica mode: make the primary NAME a secondary (read-only)",
+                        description="Replica mode: make the primary NAME a secondary, so the other can be "
+                                    "promoted. Refused while hosts are connected to NAME's exports, while "
+                                    "host writes are being copied, during a handshake, resync or split brain, "
+                                    "and when NAME is not primary. With NAME demoted no side takes writes "
+                                    "until one is promoted.")
+    dm.add_argument("name", choices=("a", "b"))
+    dm.add_argument("--dir", required=True)
+    dm.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the link to be mirrored (or down) again afterwards")
+    dm.set_defaults(func=cmd_demote)
+
     rs = sub.add_parser("resolve", help="replica mode: resolve a split brain by discarding one side")
     rs.add_argument("--dir", required=True)
     rs.add_argument("--policy", required=True,
                     choices=("discard-younger-primary", "discard-fewer-changes", "discard-a", "discard-b"))
     rs.set_defaults(func=cmd_resolve)
 
-    ev = sub.add_parser("events", help="stream the pair's events as JSON lines")
+    ev = sub.add_parser("events", help="both controllers' events as JSON lines, merged in time order")
     ev.add_argument("--dir", required=True)
     ev.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
+    ev.add_argument("--since", metavar="WHEN", help="only events from WHEN on: seconds ago with a unit "
+                    "(30s, 5m, 2h, 1d) or an ISO 8601 time (2024-05-01T12:00:00, local time unless it "
+                    "has a zone like +00:00)")
+    ev.add_argument("--kind", action="append", metavar="KIND[,KIND...]",
+                    help="only these kinds (repeatable, or a comma list), like link_down,takeover")
     ev.set_defaults(func=cmd_events)
 
 
@@ -107,13 +127,85 @@ def _pair(args):
     return LocalPair(args.dir)
 
 
-def cmd_pair_up(args):
+def _existing_pair(args):
+    """The pair under --dir; no pair there is bad input (exit 2), not a traceback."""
     from .pair import PairError
+    pair = _pair(args)
     try:
-        sizes = dict(lun_size_bytes=C.parse_size(args.lun_size, "--lun-size"),
-                     nvram_size_bytes=C.parse_size(args.nvram_size, "--nvram-size"))
+        pair.meta()
+    except PairError as exc:
+        raise UsageError(str(exc)) from None
+    return pair
+
+
+# pair up's options: their defaults for a new pair, and where an existing pair keeps each one.
+UP_DEFAULTS = dict(luns=2, lun_size="256M", nvram_size="64M", durability="controller", link="unix",
+                   mode="ha", replica_variant="bitmap", cp_interval_ms=2000)
+UP_META_KEYS = dict(luns="luns", lun_size="lun_size_bytes", nvram_size="nvram_size_bytes",
+                    durability="durability", link="link", mode="mode", replica_variant="replica_variant",
+                    cp_interval_ms="cp_interval_ms")
+SIZE_OPTIONS = ("lun_size", "nvram_size")
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args, name: str):
+    """An option as the user gave it (sizes in bytes); None when not given."""
+    value = getattr(args, name)
+    if value is None or name not in SIZE_OPTIONS:
+        return value
+    try:
+        return C.parse_size(value, _option(name))
     except C.ConfigError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _contradictions(meta: dict, args) -> list:
+    """The options given that differ from what the existing pair was created with."""
+    found = []
+    have_replica = meta.get("replica", {})
+    for name, key in UP_META_KEYS.items():
+        want, have = _given(args, name), meta.get(key)
+        if want is not None and want != have:
+            shown = _size_text(have) if name in SIZE_OPTIONS and have else have
+            found.append(f"{_option(name)} {getattr(args, name)} (it has {shown or 'none: it is ' + meta['mode']})")
+    for name in ("ack", "resync_rate"):
+        want = getattr(args, name)
+        if want is not None and want != have_replica.get(name):
+            found.append(f"{_option(name)} {want} (it has {have_replica.get(name) or 'the default'})")
+    return found
+
+
+def _check_existing(pair, args):
+    """pair up restarts a pair as it was made; options that say otherwise are refused, not ignored."""
+    if not pair.meta_path.exists():
+        return {}
+    meta = pair.meta()
+    wrong = _contradictions(meta, args)
+    if wrong:
+        raise UsageError(f"{pair.dir} holds a {meta['mode']} pair made with other options: {'; '.join(wrong)}. "
+                         f"pair up restarts a pair as it was made; to change it, `twincache pair down --dir "
+                         f"{pair.dir}`, remove that directory (its data goes with it) and run pair up again, "
+                         f"or use another --dir")
+    return {name: meta[key] for name, key in UP_META_KEYS.items() if key in meta}
+
+
+def cmd_pair_up(args):
+    from .pair import PairError
+    pair = _pair(args)
+    for name, value in dict(UP_DEFAULTS, **_check_existing(pair, args)).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    sizes = dict(lun_size_bytes=_given(args, "lun_size"), nvram_size_bytes=_given(args, "nvram_size"))
     if args.cp_interval_ms <= 0:
         raise UsageError(f"--cp-interval-ms {args.cp_interval_ms}: must be positive")
     replica = {}
@@ -126,8 +218,8 @@ def cmd_pair_up(args):
     variant = dict(replica_variant=args.replica_variant, cp_interval_ms=args.cp_interval_ms) \
         if args.mode == "replica" else {}
     try:
-        result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
-                                mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
+        result = pair.up(luns=args.luns, link=args.link, durability=args.durability,
+                         mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
     if args.json:
@@ -142,16 +234,14 @@ def cmd_pair_up(args):
 
 
 def cmd_pair_down(args):
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     stopped = pair.down()
     print("stopped " + (", ".join(stopped) if stopped else "nothing (no controller was running)"))
     return 0
 
 
 def cmd_status(args):
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     report = [pair.status(name) for name in ("a", "b")]
     if args.json:
         print(json.dumps({"controllers": report}))
@@ -204,7 +294,7 @@ def _print_log_status(st):
 
 def cmd_recover(args):
     from .control import request
-    pair = _pair(args)
+    pair = _existing_pair(args)
     meta = pair.meta()
     if meta.get("replica_variant") != "log":
         raise UsageError(f"{pair.dir}: recover is for a log-variant replica pair (pair up --mode replica "
@@ -246,8 +336,7 @@ def _print_replica(st):
 
 def _replica_command(args, name, request):
     from .control import request as send
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     try:
         return send(pair.control_path(name), request)
     except OSError as exc:
@@ -259,6 +348,28 @@ def cmd_promote(args):
     if "error" in answer:
         raise CommandFailed(f"controller {args.name}: {answer['error']}")
     print(f"controller {args.name} is primary (generation {answer.get('generation', '?')})")
+    return 0
+
+
+def cmd_demote(args):
+    """Demote, then wait for the new handshake to settle, so `demote a && promote b` works."""
+    answer = _replica_command(args, args.name, {"cmd": "demote"})
+    if "error" in answer:
+        raise CommandFailed(f"controller {args.name}: {answer['error']}")
+    pair = _pair(args)
+    deadline = time.monotonic() + args.timeout
+    links = {}
+    while time.monotonic() < deadline:
+        links = {n: pair.status(n).get("link", "stopped") for n in ("a", "b")}
+        if set(links.values()) in ({"mirrored"}, {"down", "stopped"}):     # reconnected, or no peer to
+            break
+        time.sleep(0.05)
+    else:
+        raise CommandFailed(f"controller {args.name} is secondary, but the link did not settle within "
+                            f"{args.timeout} s ({', '.join(f'{n} {v}' for n, v in links.items())}): "
+                            f"see `twincache status --dir {args.dir}`")
+    print(f"controller {args.name} is secondary (generation {answer.get('generation', '?')}); "
+          f"promote a controller to take writes again")
     return 0
 
 
@@ -281,8 +392,7 @@ def cmd_resolve(args):
 
 def cmd_ownership_move(args):
     from .control import request
-    pair = _pair(args)
-    pair.meta()
+    pair = _existing_pair(args)
     text = args.lun[3:] if args.lun.startswith("lun") else args.lun
     if not text.isdigit():
         raise UsageError(f"{args.lun!r} is not a LUN (lun0, lun1, ...)")
@@ -303,27 +413,60 @@ def cmd_ownership_move(args):
     raise CommandFailed(f"lun{lun} did not move to {args.to} within {args.timeout} s")
 
 
+def parse_since(text: str, now_s: float) -> float:
+    """`--since`: seconds ago with a unit (90s, 5m, 2h, 1d) or an ISO 8601 time (local if no zone)."""
+    import datetime
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now_s - float(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"--since {text!r}: give seconds ago with a unit (30s, 5m, 2h, 1d) "
+                         f"or an ISO 8601 time (2024-05-01T12:00:00)") from None
+
+
+class EventFile:
+    """One controller's events.jsonl, read on from where the last read ended (whole lines only)."""
+
+    def __init__(self, path):
+        self.path, self.offset = path, 0
+
+    def read_new(self) -> list:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        data = data[:data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        events = []
+        for line in data.decode(errors="replace").splitlines(keepends=True):
+            try:
+                event = json.loads(line)
+                events.append((float(event["ts"]), str(event.get("kind", "")), line))
+            except (ValueError, KeyError, TypeError):
+                continue       # not an event record (a hand edit, a torn write before a crash)
+        return events
+
+
 def cmd_events(args):
-    pair = _pair(args)
-    pair.meta()
-    paths = [pathlib.Path(pair.dir) / n / "events.jsonl" for n in ("a", "b")]
-    offsets = {p: 0 for p in paths}
+    """Both controllers' events as one stream, in time order (each poll's batch merged when following)."""
+    import heapq
+    pair = _existing_pair(args)
+    since = parse_since(args.since, time.time()) if args.since else None
+    kinds = {k.strip() for group in args.kind or () for k in group.split(",") if k.strip()}
+    files = [EventFile(pathlib.Path(pair.dir) / n / "events.jsonl") for n in ("a", "b")]
     try:
         while True:
-            for path in paths:
-                if not path.exists():
-                    continue
-                with open(path) as f:
-                    f.seek(offsets[path])
-                    for line in f:
-                        if line.endswith("\n"):
-                            sys.stdout.write(line)
-                            offsets[path] += len(line.encode())
-                        else:
-                            break
+            batches = [f.read_new() for f in files]
+            for ts, kind, line in heapq.merge(*batches, key=lambda e: e[0]):
+                if (since is None or ts >= since) and (not kinds or kind in kinds):
+                    sys.stdout.write(line)
             sys.stdout.flush()
             if not args.follow:
                 return 0
             time.sleep(0.1)
-    except (KeyboardInterrupt, BrokenPipeError):
+    except KeyboardInterrupt:
         return 0

@@ -21,6 +21,10 @@ from firmware.formats import nvram as nv
 from .cli import CommandFailed, UsageError
 
 STATE_NAMES = {state.value: state.name for state in nv.BlockState}
+# The superblock's generation is not the one `twincache status` shows: say so where it is printed.
+GENERATION_NOTE = ("this NVRAM's own generation, written when it was formatted; not the LUN ownership "
+                   "(fencing) generation of `twincache status`, which lives in each LUN's reservation "
+                   "record on disk (ha) or in the replica record (replica mode)")
 SB_SKIP_FIELDS = ("magic", "reserved")
 
 
@@ -63,7 +67,7 @@ def _dump_image(image, path: str) -> dict:
     geometry = nv.Geometry(sb)
     superblock = {k: (v.hex() if isinstance(v, bytes) else v)
                   for k, v in sb.items() if not k.startswith("_") and k not in SB_SKIP_FIELDS}
-    superblock.update(slot=slot, offset=slot * nv.SB_SLOT_BYTES, errors=sb_errors)
+    superblock.update(slot=slot, offset=slot * nv.SB_SLOT_BYTES, errors=sb_errors, generation_note=GENERATION_NOTE)
     return {"file": path, "superblock": superblock,
             "primary": _scan_segment(image, geometry, False, path),
             "mirror": _scan_segment(image, geometry, True, path)}
@@ -132,9 +136,11 @@ def _block_record(image, geometry, mirror: bool, index: int, rec, errors: list, 
 
 def format_report(report: dict) -> str:
     sb = report["superblock"]
-    lines = [f"{report['file']}: NVRAM of {sb['nvram_size_bytes']} bytes, controller {sb['controller_id']} "
-             f"(peer {sb['peer_id']}), generation {sb['generation']}, pair {sb['pair_id']}",
-             f"  superblock copy {sb['slot']} at offset {sb['offset']}, sb_seq {sb['sb_seq']}",
+    lines = [f"{report['file']}: NVRAM of {sb['nvram_size_bytes']} bytes, controller {_name(sb['controller_id'])} "
+             f"(peer {_name(sb['peer_id'])}), pair {sb['pair_id']}",
+             f"  superblock generation {sb['generation']}: {GENERATION_NOTE}",
+             f"  superblock copy {sb['slot']} at offset {sb['offset']}, sb_seq {sb['sb_seq']} "
+             f"(superblock writes: the copy with the larger sb_seq wins)",
              f"  cache blocks: {sb['primary_blocks']} primary at {sb['primary_data_offset']}, "
              f"{sb['mirror_blocks']} mirror at {sb['mirror_data_offset']}, {sb['block_size_bytes']} bytes each",
              f"  log: {sb['log_partitions']} x {sb['log_partition_bytes']} bytes at {sb['log_offset']}; "
@@ -143,6 +149,10 @@ def format_report(report: dict) -> str:
     for name in ("primary", "mirror"):
         lines += _format_segment(name, report[name])
     return "\n".join(lines)
+
+
+def _name(controller_id: int) -> str:
+    return f"{controller_id} ({'ab'[controller_id]})" if controller_id in (0, 1) else str(controller_id)
 
 
 def _format_segment(name: str, segment: dict) -> list:

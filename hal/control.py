@@ -3,7 +3,8 @@
 Requests, one JSON object a line: {"cmd": "status"}, {"cmd": "ping"} (a
 control-lane round trip to the partner, answered with its time in
 microseconds), {"cmd": "stop"}; in replica mode {"cmd": "promote", "force":
-false} and {"cmd": "resolve", "policy": "discard-a"}. Each gets one JSON object back. Used by
+false}, {"cmd": "demote"} (refused while hosts are connected to this controller's
+exports) and {"cmd": "resolve", "policy": "discard-a"}. Each gets one JSON object back. Used by
 `twincache status`, `pair down` and the tests; never on the data path.
 """
 import json
@@ -75,7 +76,7 @@ class ControlServer:
             self._move(sock, request)
         elif cmd == "recover":
             self._recover(sock, request)
-        elif cmd in ("promote", "resolve"):
+        elif cmd in ("promote", "demote", "resolve"):
             self._replica_admin(sock, cmd, request)
         elif cmd == "stop":
             self._send(sock, {"ok": True})
@@ -114,14 +115,22 @@ class ControlServer:
         self._send(sock, {"ok": True, "targets": {f.p.name: f.filed_seq for f in ctrl.feeds
                                                   if name is None or f.p.name == name}})
     def _replica_admin(self, sock, cmd, request):
-        """Replica mode: promote this controller, or resolve a split brain by policy."""
+        """Replica mode: promote or demote this controller, or resolve a split brain by policy."""
         ctrl = self.runtime.ctrl
         if not hasattr(ctrl, cmd):
             self._send(sock, {"error": f"{cmd} is for replica mode's bitmap variant; this controller runs "
                                        f"{getattr(ctrl.params, 'mode', 'the log variant')}"})
             return
+        hosts = len(self.runtime.clients)
+        if cmd == "demote" and hosts and ctrl.owns(0):
+            # Like DRBD's "held open": a host's next write would fail (EPERM) on a secondary.
+            self._send(sock, {"error": f"{hosts} host connection(s) open on this controller's exports: "
+                                       f"disconnect them first"})
+            return
         if cmd == "promote":
             actions = ctrl.promote(force=bool(request.get("force")))
+        elif cmd == "demote":
+            actions = ctrl.demote()
         else:
             actions = ctrl.resolve(str(request.get("policy", "")))
         answer = {"ok": True}
@@ -129,7 +138,7 @@ class ControlServer:
             kind = getattr(act, "kind", "")
             if kind.endswith("_refused"):
                 answer = {"error": act.fields["reason"]}
-            elif kind in ("promoted", "resolved"):
+            elif kind in ("promoted", "demoted", "resolved"):
                 answer = {"ok": True, **act.fields}
         self.runtime.execute(actions)
         self._send(sock, answer)

@@ -55,8 +55,10 @@ class LocalPair:
     def meta(self) -> dict:
         try:
             return json.loads(self.meta_path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise PairError(f"{self.dir}: no pair here (run `twincache pair up --dir {self.dir}`)") from None
+        except (OSError, ValueError) as exc:
+            raise PairError(f"{self.meta_path}: not a readable pair description ({exc})") from None
 
     def config_path(self, name) -> pathlib.Path:
         return self.dir / name / "config.toml"

@@ -17,11 +17,13 @@ def _tc(c, args, **kw):
     return c.run(" ".join(TC + args), **kw)
 
 
-@task(help={"dir": "where the pair lives (default ./run/pair)", "luns": "number of LUNs",
-            "lun_size": "size of each LUN", "link": "unix or tcp", "json": "print JSON"})
-def up(c, dir=DEFAULT_DIR, luns=2, lun_size="256M", link="unix", json=False):
+@task(help={"dir": "where the pair lives (default ./run/pair)", "luns": "number of LUNs (default 2)",
+            "lun_size": "size of each LUN (default 256M)", "link": "unix (default) or tcp", "json": "print JSON"})
+def up(c, dir=DEFAULT_DIR, luns=None, lun_size=None, link=None, json=False):
     """Start a local controller pair serving NBD (the main job); restart what is not running."""
-    args = ["pair", "up", "--dir", dir, "--luns", str(luns), "--lun-size", lun_size, "--link", link]
+    # Only the options given: an existing pair restarts as it was made (pair up refuses a contradiction).
+    given = {"--luns": luns, "--lun-size": lun_size, "--link": link}
+    args = ["pair", "up", "--dir", dir] + [w for k, v in given.items() if v is not None for w in (k, str(v))]
     _tc(c, args + (["--json"] if json else []))
     if not json:
         print(f"\nstatus:   inv pair.status --dir {dir}\nevents:   twincache events --dir {dir} -f"

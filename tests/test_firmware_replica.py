@@ -572,3 +572,38 @@ def test_copies_that_waited_for_free_blocks_on_the_secondary_are_stored_not_refu
     assert p.state(0) == p.state(1) == "synced" and not b.stats.get("writes_refused_secondary")
     flush_all(p)
     assert p.disks[0] == p.disks[1]
+
+
+def test_demote_then_promote_the_peer_moves_the_primary_without_a_split_brain():
+    p = pair(idle_flush_ms=50)
+    p.write(0, "w", 0, 0, b"1" * BS)
+    p.deliver()
+    p.run(1, p.ctrl[1].demote())
+    assert p.events(1, "demote_refused")[-1]["reason"] == "already secondary"
+    p.run(0, p.ctrl[0].demote())
+    assert p.events(0, "demoted")[-1]["reason"] == "operator" and p.ctrl[0].rec.role == M.ROLE_SECONDARY
+    assert p.events(0, "link_down")                # the peer hears it in a new handshake
+    p.connect()
+    assert p.state(0) == p.state(1) == "synced"
+    p.write(0, "refused", 0, BS, b"x" * BS)
+    assert p.replies["refused"][0] == RP.EPERM     # nobody primary: no side takes writes
+    p.run(1, p.ctrl[1].promote())
+    assert p.ctrl[1].rec.role == M.ROLE_PRIMARY and p.ctrl[1].rec.generation > p.ctrl[0].rec.generation
+    p.write(1, "n", 0, BS, b"2" * BS)
+    p.deliver()
+    assert p.replies["n"] == (0, None)
+    flush_all(p)
+    assert p.read(1, "r", 0, 0, 2 * BS) == (0, b"1" * BS + b"2" * BS)
+    assert p.disks[0] == p.disks[1] and not p.events(0, "split_brain") and not p.events(1, "split_brain")
+
+
+def test_demote_refused_with_copies_in_flight_and_alone_needs_no_link():
+    p = pair()
+    p.write(0, "w", 0, 0, b"1" * BS)               # sent, not yet acknowledged by the secondary
+    p.run(0, p.ctrl[0].demote())
+    assert "still being copied" in p.events(0, "demote_refused")[-1]["reason"]
+    assert p.ctrl[0].rec.role == M.ROLE_PRIMARY
+    p.deliver()
+    p.disconnect()
+    p.run(0, p.ctrl[0].demote())
+    assert p.ctrl[0].rec.role == M.ROLE_SECONDARY and p.ctrl[0].sync == "standalone"
