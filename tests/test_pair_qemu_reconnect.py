@@ -11,7 +11,14 @@ While a write is in flight, the owner (a) is SIGKILLed; b takes lun0 over;
 resends what was in flight, and the writes go on (the returning a forwards
 them to b). Every write qemu-io saw acknowledged reads back through both
 controllers. With `reconnect-delay=0` the same run fails the in-flight
-write with EIO, which is what the delay is for (checked once, not here).
+write with EIO, which is what the delay is for (checked by hand, not here).
+
+The returning a answers EIO until it has met b (it starts WATCHING lun0);
+when QEMU reconnects inside that window, the test does what a device with
+`werror=stop` and an operator's `cont` do: it submits the refused write
+again once a forwards (its `ownership_state` event says `partner`), and
+checks that every refusal fell inside that window. qemu-io has no device,
+so this retry is the one part played by the test rather than by QEMU.
 
 qemu-io runs on a pty so its answers arrive line by line, as they happen;
 the stall (the in-flight write's latency) is printed.
