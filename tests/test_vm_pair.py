@@ -388,7 +388,7 @@ def wait_settled(vm_pair, timeout_s: float = SETTLE_TIMEOUT_S, owners=None) -> d
     while time.monotonic() < deadline:
         states = lun_states(vm_pair)
         luns = set(range(vm_pair.config.disk_count))
-        settled = all(sorted((states["a"].get(l), states["b"].get(l))) == ["owner", "partner"] for l in luns)
+        settled = all({states["a"].get(l), states["b"].get(l)} == {"owner", "partner"} for l in luns)
         current = {l: "a" if states["a"].get(l) == "owner" else "b" for l in luns}
         if settled and all(current[l] == n for l, n in (owners or {}).items()):
             return current

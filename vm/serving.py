@@ -79,7 +79,7 @@ def settled(pair) -> bool | None:
     if any(e is None for e in events.values()):
         return None
     states = {name: lun_states(e) for name, e in events.items()}
-    return all(sorted((states["a"].get(lun), states["b"].get(lun))) == ["owner", "partner"]
+    return all({states["a"].get(lun), states["b"].get(lun)} == {"owner", "partner"}   # None sorts with no str
                for lun in export_names(pair))
 
 
