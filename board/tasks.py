@@ -1,4 +1,4 @@
-"""invoke tasks for dev boards: `inv board.bundle`, `board.flash`, `board.console`, `board.health`.
+"""invoke tasks for dev boards: `inv board.provision`, `board.bundle`, `board.flash`, `board.console`, `board.health`.
 
 Loaded by tasks.py as the `board` collection. They wrap the `twincache
 bundle` and `twincache board` commands, so a lab script and a person do
@@ -14,6 +14,15 @@ from invoke import task
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TWINCACHE = os.path.join(os.path.dirname(sys.executable), "twincache")
 DEPENDENCIES = ["construct", "crc32c", "cobs", "pyserial", "invoke"]
+
+
+@task(help={"config": "the board's controller config (TOML), the one its bundles carry",
+            "force": "relabel disks that hold data (another pair's label, or non-zero bytes)",
+            "dry_run": "say what would be done, write nothing"})
+def provision(c, config, force=False, dry_run=False):
+    """Once, on a new board: create its pair key and label its disks (`twincache provision`)."""
+    c.run(f"{TWINCACHE} provision --config {config}" + (" --force" if force else "")
+          + (" --dry-run" if dry_run else ""))
 
 
 @task(help={"key": "Ed25519 private key (make one with `twincache bundle keygen KEY`)",

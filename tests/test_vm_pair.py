@@ -388,7 +388,7 @@ def wait_settled(vm_pair, timeout_s: float = SETTLE_TIMEOUT_S, owners=None) -> d
     while time.monotonic() < deadline:
         states = lun_states(vm_pair)
         luns = set(range(vm_pair.config.disk_count))
-        settled = all(sorted((states["a"].get(l), states["b"].get(l))) == ["owner", "partner"] for l in luns)
+        settled = all({states["a"].get(l), states["b"].get(l)} == {"owner", "partner"} for l in luns)
         current = {l: "a" if states["a"].get(l) == "owner" else "b" for l in luns}
         if settled and all(current[l] == n for l, n in (owners or {}).items()):
             return current
@@ -421,16 +421,32 @@ def write_refused(vm_pair, name: str, lun: int) -> bool:
     return out.returncode != 0 and "Input/output error" in out.stdout + out.stderr
 
 
+def twincache_vm(vm_pair, *args: str, timeout_s: float = 400):
+    """The real `twincache vm ...` command, aimed at this fixture's pair (its run dir's pair.json
+    names the test domains and ports; its libvirt, cache and accelerator through the environment)."""
+    import os
+    import sys
+    env = dict(os.environ, TWINCACHE_LIBVIRT_URI=vm_pair.config.uri,
+               TWINCACHE_VM_CACHE=str(vm_pair.config.cache_dir),
+               TWINCACHE_VM_ACCEL="kvm" if vm_pair.config.domain_type == "kvm" else "tcg")
+    twincache = os.path.join(os.path.dirname(sys.executable), "twincache")
+    return run([twincache, "vm", *args, "--run-dir", str(vm_pair.run_dir)], check=False,
+               timeout=timeout_s, env=env)
+
+
 @pytest.fixture(scope="module")
 def controllers(vm_pair):
-    """A and B running the controller, linked, with lun0 owned by A; returns the wall time."""
-    from vm import guest
+    """A and B started by `twincache vm up` (which returns once both serve NBD), and a client
+    run the moment it returned; returns the pair with `up` (the command) and `first_io`."""
     vm_pair.down()
-    vm_pair.prepare(fresh=True)
-    guest.provision(vm_pair)
     t0 = time.monotonic()
-    for name in "ab":
-        vm_pair.start(name, guest.controller_command(guest.write_controller_config(vm_pair, name), name))
+    up = twincache_vm(vm_pair, "up", "--fresh")
+    WALL_TIMES["vm_up_s"] = round(time.monotonic() - t0, 1)
+    # At once, before any wait of the test's own: a write through A, read back through B.
+    first_io = [qemu_io(nbd_uri(vm_pair, "a"), "write -P 0x6b 8M 64k", check=False),
+                qemu_io(nbd_uri(vm_pair, "b"), "read -P 0x6b 8M 64k", check=False)]
+    vm_pair.up, vm_pair.first_io = up, first_io
+    assert up.returncode == 0, up.stdout + up.stderr + vm_pair.console("a")[-3000:]
     for name in "ab":
         assert "lun0" in wait_event(vm_pair, name, "serving", PROBE_TIMEOUT_S)["exports"]
         wait_event(vm_pair, name, "link_up", SETTLE_TIMEOUT_S)
@@ -438,6 +454,36 @@ def controllers(vm_pair):
     WALL_TIMES["boot_to_lun0_owned_s"] = round(time.monotonic() - t0, 1)
     yield vm_pair
     print(f"\nvm pair phase 2 wall times: {WALL_TIMES}")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_vm_up_returns_when_both_serve_nbd_a_client_right_after_succeeds(controllers):
+    up, (write, read) = controllers.up, controllers.first_io
+    print(f"\nvm up output:\n{up.stdout}")
+    assert write.returncode == 0 and verified(write), write.stdout + write.stderr
+    assert read.returncode == 0 and verified(read), read.stdout + read.stderr
+    assert "vm: a: controller serves NBD on 127.0.0.1:" in up.stdout, up.stdout
+    assert "vm: b: booted (TWINCACHE-READY), waiting for its controller" in up.stdout, up.stdout
+    assert "vm pair serving NBD in" in up.stdout
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_vm_status_json_has_the_local_status_shape(controllers):
+    out = twincache_vm(controllers, "status", "--json", timeout_s=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [c["name"] for c in report["controllers"]] == ["a", "b"]
+    for c in report["controllers"]:
+        assert {"name", "state", "role", "link", "owned_luns", "exports", "serving"} <= set(c), c
+        host, port = controllers.nbd_address(c["name"])
+        assert c["exports"] == {f"lun{i}": f"nbd://{host}:{port}/lun{i}" for i in range(3)}
+        assert c["state"] == "running" and c["serving"] is True and c["link"] == "up", c
+    a, b = report["controllers"]
+    assert "lun0" in a["owned_luns"] and "lun0" not in b["owned_luns"], report
+    assert sorted(a["owned_luns"] + b["owned_luns"]) == ["lun0", "lun1", "lun2"], report
+    assert verified(qemu_io(a["exports"]["lun1"], "read -P 0 0 4k"))      # the URIs are usable as given
 
 
 @pytest.mark.vm

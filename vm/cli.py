@@ -1,8 +1,9 @@
 """`twincache vm ...`: the VM pair from the command line (and from vm/tasks.py).
 
     twincache vm setup                 boot assets + private libvirtd
-    twincache vm up [--command CMD]    start A and B, wait for TWINCACHE-READY
-    twincache vm status | console a [-f] | power-cut a | start a | down | teardown
+    twincache vm up [--command CMD]    start A and B; return when both controllers serve NBD
+    twincache vm status [--json] | console a [-f] | power-cut a | start a | down | teardown
+    (each takes --run-dir DIR, default <cache>/pair, whose pair.json holds ports and names)
     twincache vm image [--dir D]       a self-contained debootstrap guest image
 
 The libvirt URI is TWINCACHE_LIBVIRT_URI when set (qemu:///system,
@@ -16,7 +17,9 @@ otherwise leaves the guests idle after TWINCACHE-READY.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -26,6 +29,7 @@ import time
 from vm import assets
 
 NAMES = ("a", "b")
+SERVE_TIMEOUT_S = 300.0      # boot, controller start and LUN settling under TCG take 20-60 s
 
 
 def cache_dir() -> pathlib.Path:
@@ -37,17 +41,20 @@ def _failed(message: str):
     return CommandFailed(message)
 
 
-def open_pair(start_libvirtd: bool = False):
+def open_pair(start_libvirtd: bool = False, run_dir=None):
+    """The VM pair in `run_dir` (default <cache>/pair), with the layout it was prepared with."""
     from vm import libvirtd
-    from vm.pair import PairConfig, VmPair, VmError
+    from vm.pair import PairConfig, VmPair, VmError, load_layout
     uri = os.environ.get("TWINCACHE_LIBVIRT_URI")
     try:
         if not uri:
             uri = libvirtd.start(cache_dir()) if start_libvirtd else libvirtd.uri(cache_dir())
         from vm import kvm
         accel = os.environ.get("TWINCACHE_VM_ACCEL", "auto")
-        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir(), root_image=os.environ.get("TWINCACHE_VM_IMAGE", ""),
-                                 domain_type=kvm.domain_type(accel, cache_dir())))
+        run_dir = pathlib.Path(run_dir or cache_dir() / "pair")
+        return VmPair(PairConfig(uri=uri, cache_dir=cache_dir(), run_dir=run_dir,
+                                 root_image=os.environ.get("TWINCACHE_VM_IMAGE", ""),
+                                 domain_type=kvm.domain_type(accel, cache_dir()), **load_layout(run_dir)))
     except (libvirtd.LibvirtdError, VmError, assets.AssetError) as exc:
         raise _failed(f"vm: {exc} (run `twincache vm setup` first?)") from None
 
@@ -80,35 +87,56 @@ def cmd_setup(args) -> None:
 
 
 def cmd_up(args) -> None:
-    pair = open_pair(start_libvirtd=True)
-    pair.prepare(fresh=args.fresh)
-    t0 = time.monotonic()
-    for name in NAMES:
-        command = guest_command(pair, name, args.command)
-        (pair.run_dir / name / "command.sh").write_text(command)
-        if not pair.is_running(name):
-            pair.start(name, command)
-    for name in NAMES:
-        pair.wait_ready(name)
-    print(f"vm pair ready in {time.monotonic() - t0:.1f} s")
+    pair = open_pair(start_libvirtd=True, run_dir=args.run_dir)
+    up(pair, args.command, args.fresh, args.timeout)
     _print_status(pair)
 
 
+def up(pair, command: str | None = None, fresh: bool = False, timeout_s: float = SERVE_TIMEOUT_S,
+       out=print) -> float:
+    """Start whichever guest is not running; return once both controllers serve NBD (or, with a
+    `command` of the caller's, once both guests reached it). Returns the seconds it took."""
+    pair.prepare(fresh=fresh)
+    t0 = time.monotonic()
+    controllers = True
+    for name in NAMES:
+        guest = guest_command(pair, name, command)
+        controllers = controllers and command is None and bool(guest)
+        (pair.run_dir / name / "command.sh").write_text(guest)
+        if not pair.is_running(name):
+            pair.start(name, guest)
+            out(f"vm: {pair.domain_name(name)} started")
+    if not controllers:
+        for name in NAMES:
+            pair.wait_ready(name)
+        out(f"vm pair ready in {time.monotonic() - t0:.1f} s (guests run their command)")
+        return time.monotonic() - t0
+    from vm import serving
+    serving.wait_serving(pair, timeout_s, out)
+    out(f"vm pair serving NBD in {time.monotonic() - t0:.1f} s")
+    return time.monotonic() - t0
+
+
 def cmd_start(args) -> None:
-    pair = open_pair(start_libvirtd=True)
+    pair = open_pair(start_libvirtd=True, run_dir=args.run_dir)
     pair.start(args.name, guest_command(pair, args.name, args.command, saved=True))
     pair.wait_ready(args.name)
     _print_status(pair)
 
 
 def cmd_power_cut(args) -> None:
-    pair = open_pair()
+    pair = open_pair(run_dir=args.run_dir)
     pair.power_cut(args.name)
     print(f"{pair.domain_name(args.name)}: power cut (destroyed)")
 
 
 def cmd_status(args) -> None:
-    _print_status(open_pair())
+    pair = open_pair(run_dir=args.run_dir)
+    if args.json:
+        from vm import serving
+        print(json.dumps(serving.status_report(pair)))
+        return
+    _print_status(pair)
 
 
 def _print_status(pair) -> None:
@@ -118,7 +146,7 @@ def _print_status(pair) -> None:
 
 
 def cmd_console(args) -> None:
-    pair = open_pair()
+    pair = open_pair(run_dir=args.run_dir)
     path = pair.console_path(args.name)
     if not args.follow:
         sys.stdout.write(pair.console(args.name))
@@ -127,7 +155,7 @@ def cmd_console(args) -> None:
 
 
 def cmd_down(args) -> None:
-    pair = open_pair()
+    pair = open_pair(run_dir=args.run_dir)
     pair.down()
     _print_status(pair)
 
@@ -135,7 +163,7 @@ def cmd_down(args) -> None:
 def cmd_teardown(args) -> None:
     from vm import libvirtd
     if os.environ.get("TWINCACHE_LIBVIRT_URI") or libvirtd.read_pid(cache_dir()):
-        pair = open_pair()
+        pair = open_pair(run_dir=args.run_dir)
         pair.undefine()
         pair.close()
     if libvirtd.stop(cache_dir()):
@@ -163,23 +191,29 @@ def _guard(func):
 
 
 def register(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", help="the pair's run directory (default <cache>/pair)")
     vm = sub.add_parser("vm", help="the libvirt VM pair").add_subparsers(dest="vm_command", required=True)
-    simple = [("setup", cmd_setup, "boot assets and the private libvirtd"), ("status", cmd_status, "domain states"),
+    simple = [("setup", cmd_setup, "boot assets and the private libvirtd"),
               ("down", cmd_down, "destroy both guests"), ("teardown", cmd_teardown, "undefine, stop libvirtd")]
     for name, func, text in simple:
-        vm.add_parser(name, help=text).set_defaults(func=_guard(func))
-    up = vm.add_parser("up", help="start both guests")
+        vm.add_parser(name, help=text, parents=[common]).set_defaults(func=_guard(func))
+    status = vm.add_parser("status", help="domain states, NBD exports", parents=[common])
+    status.add_argument("--json", action="store_true", help="the shape of `twincache status --json`")
+    status.set_defaults(func=_guard(cmd_status))
+    up = vm.add_parser("up", help="start both guests, return when their controllers serve NBD", parents=[common])
     up.add_argument("--command", help="shell text each guest runs instead of the controller")
     up.add_argument("--fresh", action="store_true", help="zero the NVRAM and disk files first")
+    up.add_argument("--timeout", type=float, default=SERVE_TIMEOUT_S, help="seconds to wait for NBD")
     up.set_defaults(func=_guard(cmd_up))
-    start = vm.add_parser("start", help="start one guest")
+    start = vm.add_parser("start", help="start one guest", parents=[common])
     start.add_argument("name", choices=NAMES)
     start.add_argument("--command")
     start.set_defaults(func=_guard(cmd_start))
-    cut = vm.add_parser("power-cut", help="destroy one guest at once")
+    cut = vm.add_parser("power-cut", help="destroy one guest at once", parents=[common])
     cut.add_argument("name", choices=NAMES)
     cut.set_defaults(func=_guard(cmd_power_cut))
-    console = vm.add_parser("console", help="a guest's console log")
+    console = vm.add_parser("console", help="a guest's console log", parents=[common])
     console.add_argument("name", choices=NAMES)
     console.add_argument("-f", "--follow", action="store_true")
     console.set_defaults(func=_guard(cmd_console))

@@ -16,6 +16,7 @@ qemu+ssh://...); files are created here, never by libvirt.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -30,6 +31,21 @@ from vm.events import EventStream, ensure_event_loop
 
 NAMES = ("a", "b")
 BOOT_TIMEOUT_S = 120.0
+
+
+LAYOUT_KEYS = ("prefix", "nbd_host_ports", "disk_count", "disk_size_mib", "nvram_size_mib", "link_relay")
+
+
+def load_layout(run_dir) -> dict:
+    """The layout `save_layout` wrote in `run_dir`, or {} for a pair never prepared there."""
+    try:
+        layout = json.loads((pathlib.Path(run_dir) / "pair.json").read_text())
+    except FileNotFoundError:
+        return {}
+    layout = {key: layout[key] for key in LAYOUT_KEYS if key in layout}
+    if "nbd_host_ports" in layout:
+        layout["nbd_host_ports"] = tuple(layout["nbd_host_ports"])
+    return layout
 
 
 class VmError(RuntimeError):
@@ -107,6 +123,7 @@ class VmPair:
         """Build the boot assets and create the NVRAM and disk files (zeroed, state dirs emptied, when fresh)."""
         self._assets = assets.ensure_assets(self.config.cache_dir)
         (self.run_dir / "disks").mkdir(parents=True, exist_ok=True)
+        self.save_layout()
         for name in NAMES:
             if fresh:                  # old events would answer a new boot's waits
                 shutil.rmtree(self.state_dir(name), ignore_errors=True)
@@ -118,6 +135,12 @@ class VmPair:
             if fresh or not path.exists() or path.stat().st_size != size_mib << 20:
                 with open(path, "wb") as f:
                     f.truncate(size_mib << 20)
+
+    def save_layout(self) -> None:
+        """<run_dir>/pair.json: what `twincache vm ... --run-dir DIR` needs to find this pair again
+        (domain prefix, NBD ports, disk count, link relay)."""
+        layout = {key: getattr(self.config, key) for key in LAYOUT_KEYS}
+        (self.run_dir / "pair.json").write_text(json.dumps(layout, indent=1) + "\n")
 
     # --- domains ----------------------------------------------------------------------------
 

@@ -18,15 +18,16 @@ def setup(c):
     _run(["setup"])
 
 @task(help={"command": "shell text each guest runs instead of the controller",
-            "fresh": "zero the NVRAM and disk files first"})
-def up(c, command=None, fresh=False):
-    """Start controller VMs A and B and wait until both are ready."""
-    _run(["up"] + (["--command", command] if command is not None else []) + (["--fresh"] if fresh else []))
+            "fresh": "zero the NVRAM and disk files first", "timeout": "seconds to wait for NBD"})
+def up(c, command=None, fresh=False, timeout=None):
+    """Start controller VMs A and B; return once both controllers serve NBD."""
+    _run(["up"] + (["--command", command] if command is not None else []) + (["--fresh"] if fresh else [])
+         + (["--timeout", str(timeout)] if timeout else []))
 
-@task
-def status(c):
+@task(help={"json": "the shape of `twincache status --json` (controllers, exports as NBD URIs)"})
+def status(c, json=False):
     """Domain states, NBD addresses and console logs."""
-    _run(["status"])
+    _run(["status"] + (["--json"] if json else []))
 
 @task(help={"name": "a or b", "follow": "keep printing (tail -F)"})
 def console(c, name, follow=False):
