@@ -46,6 +46,9 @@ class NbdTlsPort:
         conn = client.conn
         assert self.tls_ctx is not None and client.tls is None
         client.out.extend(conn.pending_output())
+        # The plaintext still queued (the ACK) is counted as sent now: from here on the engine
+        # hears only of the plaintext it encrypts.
+        conn.sent(_queued_bytes(client.out))
         client.tls = T.TlsSession(self.tls_ctx, conn.tls_leftover())
         self._tls_pump(client)
 
