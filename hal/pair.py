@@ -81,7 +81,8 @@ class LocalPair:
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
                     link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy,
-                    replica=replica or {}, disks=disks or {}, tls=bool(tls))
+                    replica=replica or {}, disks=disks or {},
+                    tls="require" if tls is True else (tls or ""))
         if mode == "replica":
             meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
@@ -162,8 +163,11 @@ class LocalPair:
         if meta.get("tls"):
             from .tls_certs import tls_paths
             p = tls_paths(self.dir / "tls")
-            nbd.update(tls="require", tls_cert=p["cert"], tls_key=p["key"], tls_ca=p["ca"],
-                       tls_verify_client=True)
+            # "require" (pair up --tls) checks client certificates; "allow" (the benchmark's
+            # same-pair comparison) serves clients with and without TLS and checks none.
+            mode = "require" if meta["tls"] is True else meta["tls"]
+            nbd.update(tls=mode, tls_cert=p["cert"], tls_key=p["key"], tls_ca=p["ca"],
+                       tls_verify_client=mode == "require")
         return nbd
 
     def tls_client_dir(self) -> str | None:

@@ -8,7 +8,8 @@ returns, in order: persist NVRAM ranges, write frames to the link, answer
 hosts, read and write disks. Disk completions are fed back only after the
 whole action list is carried out, so the firmware sees the order it asked
 for. Output is batched: every connection is written once per loop turn with
-sendmsg.
+sendmsg. NBD connections that start TLS (NBD_OPT_STARTTLS) are read and
+written through hal/runtime_tls.py from then on.
 """
 from __future__ import annotations
 
