@@ -108,6 +108,8 @@ class TlsSession:
         """Decrypt into `buf` (a writable memoryview); 0 when no whole record is buffered.
 
         EOFError at the peer's close_notify or a cut-off stream; ssl.SSLError on garbage."""
+        if not self._in.pending and not self._obj.pending():
+            return 0                      # all consumed: skip the SSLWantReadError round trip
         try:
             n = self._read(len(buf), buf)
         except ssl.SSLWantReadError:

@@ -200,7 +200,3 @@ def test_server_context_refuses_a_client_certificate_from_another_ca(certs, tmp_
     wire = Wire(dict(certs, client_cert=other["client_cert"], client_key=other["client_key"]))
     with pytest.raises(ssl.SSLError, match="certificate"):
         wire.start()
-
-
-def test_psk_support_is_reported_as_it_is():
-    assert nbd_tls.psk_supported() == hasattr(ssl.SSLContext, "set_psk_server_callback")
