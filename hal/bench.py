@@ -11,7 +11,8 @@ Rounds rotate between targets (A B C A B C ...) so drift hits all alike. Every
 process is pinned the same way: fio on CPU 0, every server process on CPU 1
 (taskset), because a cross-CPU wakeup costs ~45 us here and QD1 figures swing
 with placement. Prints min-median-max per figure and the ratios
-twincache/nbdkit and twincache/mirror; writes report.md and report.png.
+twincache/nbdkit and twincache/mirror; writes report.md and report.png. The
+cost of NBD over TLS is measured on one pair serving both (hal/bench_tls.py).
 """
 from __future__ import annotations
 
@@ -150,8 +151,9 @@ class QsdMirror:
         self.qmp.close()
 
 
-def fio(uri, workload, seconds):
-    args = ["taskset", "-c", FIO_CPU, "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}",
+def fio(uri, workload, seconds, wrap=None):
+    """One fio run; `wrap` is a command prefix for fio itself (hal/bench_tls.py: its HOME)."""
+    args = ["taskset", "-c", FIO_CPU] + (wrap or []) + ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}",
             f"--size={VOLUME_BYTES}", f"--runtime={seconds}", "--time_based", "--ramp_time=1",
             "--output-format=json", "--randrepeat=0", "--norandommap"]
     args += [f"--{k}={v}" for k, v in workload.items()]
@@ -260,6 +262,8 @@ def main(rounds=3, seconds=5, out_dir="bench-report"):
         report += f"\nReplica quick resync: not measured ({exc}).\n"
     from .bench_destage import report as destage_report
     report += destage_report(progress=lambda line: print(line, flush=True))
+    from .bench_tls import report as tls_report
+    report += tls_report(rounds, seconds, progress=lambda line: print(line, flush=True))
     report += (f"\nNBD engine alone (Python, per request incl. reply): 4 KiB write "
                f"{engine['write']:.1f} us, 4 KiB read {engine['read']:.1f} us.\n")
     (out / "report.md").write_text(report)

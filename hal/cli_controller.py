@@ -44,6 +44,9 @@ def register(sub):
                     help="replica mode: where the secondary holds a copy before it acknowledges")
     up.add_argument("--resync-rate", default=None, help="replica mode: resync bytes per second (like 50M)")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for both to serve")
+    up.add_argument("--tls", action="store_true",
+                    help="NBD over TLS only: a throwaway CA and certificates under DIR/tls, client "
+                         "certificates checked; prints the client options")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_pair_up)
     down = psub.add_parser("down", help="stop the pair under DIR")
@@ -219,18 +222,46 @@ def cmd_pair_up(args):
         if args.mode == "replica" else {}
     try:
         result = pair.up(luns=args.luns, link=args.link, durability=args.durability,
-                         mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
+                         mode=args.mode, timeout_s=args.timeout, replica=replica, tls=args.tls,
+                         **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
+    tls = _tls_clients(pair, result["controllers"])
     if args.json:
-        print(json.dumps({"controllers": result["controllers"]}))
+        print(json.dumps({"controllers": result["controllers"], **({"tls": tls} if tls else {})}))
         return 0
     for c in result["controllers"]:
         started = " (started)" if c["name"] in result["started"] else " (already running)"
         print(f"controller {c['name']}: pid {c['pid']}{started}")
         for name, uri in c["exports"].items():
             print(f"  {name}  {uri}")
+    if tls:
+        _print_tls(tls)
     return 0
+
+
+def _tls_clients(pair, controllers) -> dict:
+    """With TLS: the client certificate directory and, per controller and export, the client options."""
+    client_dir = pair.tls_client_dir()
+    if client_dir is None:
+        return {}
+    from .tls_certs import client_options
+    exports = {}
+    for c in controllers:
+        sock = str(pair.dir / c["name"] / "nbd.sock")
+        exports[c["name"]] = {name: client_options(client_dir, sock, name) for name in c["exports"]}
+    return {"client_dir": client_dir, "exports": exports}
+
+
+def _print_tls(tls):
+    print(f"\nTLS required (client certificates checked); client files in {tls['client_dir']}:")
+    name, opts = next(iter(tls["exports"]["a"].items()))
+    print(f"  qemu:   --object {opts['qemu_object']}")
+    print(f"          --image-opts {opts['qemu_image_opts']}")
+    print(f"  e.g.    qemu-io --object {opts['qemu_object']} -c 'read 0 1M' --image-opts {opts['qemu_image_opts']}")
+    for ctrl, exports in tls["exports"].items():
+        for name, opts in exports.items():
+            print(f"  libnbd ({ctrl} {name}): {opts['uri']}")
 
 
 def cmd_pair_down(args):

@@ -41,7 +41,12 @@
     max_connections_per_client = 0  # per peer (TCP address, unix uid); 0 = max_connections
     max_inflight = 128         # requests in flight per connection
     max_output_mib = 32        # replies queued for a client that does not read them; then stop reading it
-    handshake_timeout_ms = 10000  # a connection not through the handshake by then is closed
+    handshake_timeout_ms = 10000  # a connection not through the handshake by then is closed (TLS included)
+    tls = "off"                # "off", "allow" (STARTTLS offered) or "require" (no export without TLS)
+    tls_cert = "DIR/tls/server/server-cert.pem"   # PEM server certificate (chain); needed unless tls = "off"
+    tls_key = "DIR/tls/server/server-key.pem"     # its PEM private key, unencrypted
+    tls_ca = "DIR/tls/server/ca-cert.pem"         # CA that signs client certificates
+    tls_verify_client = false  # true: a client must present a certificate tls_ca signed
 
     [cache]                    # tuning, all optional
     high_watermark = 0.5       # start destaging above this dirty fraction
@@ -146,6 +151,11 @@ class NbdConfig:
     max_inflight: int = 128
     max_output_mib: int = 32
     handshake_timeout_ms: int = 10_000
+    tls: str = "off"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_verify_client: bool = False
 
 
 @dataclasses.dataclass
@@ -291,7 +301,12 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
     nbd = NbdConfig(unix=_take(nb, "unix", str, "", where), tcp=_take(nb, "tcp", str, "", where),
                     **{k: _take(nb, k, int, getattr(nbd_defaults, k), where)
                        for k in ("max_connections", "max_connections_per_client", "max_inflight",
-                                 "max_output_mib", "handshake_timeout_ms")})
+                                 "max_output_mib", "handshake_timeout_ms")},
+                    tls=_choice(_take(nb, "tls", str, "off", where), ("off", "allow", "require"),
+                                f"{where}: [nbd] tls"),
+                    tls_cert=_take(nb, "tls_cert", str, "", where), tls_key=_take(nb, "tls_key", str, "", where),
+                    tls_ca=_take(nb, "tls_ca", str, "", where),
+                    tls_verify_client=_take(nb, "tls_verify_client", bool, False, where))
     if not (nbd.unix or nbd.tcp):
         raise ConfigError(f"{where}: [nbd] needs unix or tcp")
     if (nbd.max_connections < 1 or nbd.max_connections_per_client < 0 or nbd.handshake_timeout_ms < 100
@@ -299,6 +314,7 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         raise ConfigError(f"{where}: [nbd] needs max_connections >= 1, max_connections_per_client >= 0, "
                           f"handshake_timeout_ms >= 100, 4 <= max_output_mib <= 1024 and "
                           f"1 <= max_inflight <= 4096")
+    _check_nbd_tls(nbd, where)
     ca = _section(doc, "cache", where)
     defaults = CacheConfig()
     cache = CacheConfig(**{f.name: _take(ca, f.name, type(getattr(defaults, f.name)), getattr(defaults, f.name), where)
@@ -312,6 +328,20 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
         key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
         nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, replica=replica, source=where)
+
+
+def _check_nbd_tls(nbd: NbdConfig, where: str) -> None:
+    """TLS settings that cannot serve are refused here, not at the first client: the files are
+    loaded into a server context once, so a missing file or a key that does not match says so."""
+    if nbd.tls == "off":
+        if nbd.tls_verify_client:
+            raise ConfigError(f'{where}: [nbd] tls_verify_client = true needs tls = "allow" or "require"')
+        return
+    from .nbd_tls import TlsConfigError, server_context
+    try:
+        server_context(nbd.tls_cert, nbd.tls_key, nbd.tls_ca, nbd.tls_verify_client)
+    except TlsConfigError as exc:
+        raise ConfigError(f"{where}: [nbd] tls = {nbd.tls!r}: {exc}") from None
 
 
 def _replica(r: dict, mode: str, disk_count: int, where: str) -> ReplicaConfig:

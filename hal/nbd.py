@@ -30,8 +30,13 @@ Rules:
   client that never reads its replies costs at most the bound plus one
   request's payload; it goes on once the output drains.
 - Simple replies only: NBD_OPT_STRUCTURED_REPLY is answered NBD_REP_ERR_UNSUP,
-  which the spec allows. So are STARTTLS (NOTLS mode), metadata contexts and
-  extended headers.
+  which the spec allows. So are metadata contexts and extended headers.
+- TLS (`tls`): "off" answers NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP (the
+  spec's NOTLS mode); "allow" and "require" ACK it and stop parsing until the
+  runtime has run the TLS handshake on the same socket (`starttls` set, then
+  `tls_leftover()` and `tls_started()`); option haggling goes on inside TLS.
+  With "require", before TLS every option but STARTTLS and ABORT gets
+  NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which cannot be errored) closes.
 """
 from __future__ import annotations
 
@@ -88,6 +93,7 @@ NBD_REP_FLAG_ERROR = 1 << 31
 NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR + 1
 NBD_REP_ERR_POLICY = NBD_REP_FLAG_ERROR + 2
 NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR + 3
+NBD_REP_ERR_TLS_REQD = NBD_REP_FLAG_ERROR + 5
 NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR + 6
 NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR + 7
 NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR + 9
@@ -132,6 +138,7 @@ OPTION_DISCARD_MAX_BYTES = 1 << 20          # larger options are a denial of ser
 INTEROP_PAYLOAD_BYTES = 32 << 20            # the spec's interoperable maximum (2^25)
 RECV_CHUNK_MIN_BYTES = 64 << 10             # recv_buffer() always offers at least this
 INFLIGHT_MAX = 4096
+TLS_MODES = ("off", "allow", "require")
 OUTPUT_UNBOUNDED = 1 << 62                  # max_output_bytes when the caller never reports sends
 
 _REQUEST = struct.Struct(">IHHQQI")         # magic, flags, type, cookie, offset, length
@@ -254,7 +261,8 @@ class NbdConnection:
 
     def __init__(self, exports: list[Export], max_inflight: int = 128,
                  max_payload_bytes: int = 4 << 20, peer: str = "",
-                 max_output_bytes: int | None = None):
+                 max_output_bytes: int | None = None, tls: str = "off"):
+        assert tls in TLS_MODES, tls
         assert exports and len({e.name for e in exports}) == len(exports), "export names are unique"
         assert 0 < max_inflight <= INFLIGHT_MAX
         assert 0 < max_payload_bytes <= INTEROP_PAYLOAD_BYTES
@@ -274,6 +282,9 @@ class NbdConnection:
         self.close_reason = ""
         self.no_zeroes = False
         self.backlog = False                # complete requests buffered, held back by max_inflight
+        self.tls = tls
+        self.tls_active = False             # the handshake finished: everything from here is inside TLS
+        self.starttls = False               # STARTTLS acknowledged: the runtime starts TLS, then tls_started()
         self._draining = False              # NBD_CMD_DISC seen: finish in-flight, then close
         self._cap = REQUEST_SIZE_BYTES + max_payload_bytes + RECV_CHUNK_MIN_BYTES
         self._buf = bytearray(self._cap)
@@ -291,7 +302,8 @@ class NbdConnection:
 
     @property
     def want_read(self) -> bool:
-        return not self.closed and not self._draining and not self.backlog and self.has_room
+        return (not self.closed and not self._draining and not self.backlog and not self.starttls
+                and self.has_room)
 
     @property
     def has_room(self) -> bool:
@@ -351,6 +363,21 @@ class NbdConnection:
         if self._draining and not self.inflight:
             self._close("client sent NBD_CMD_DISC")
 
+    def tls_leftover(self) -> bytes:
+        """Bytes the client sent after NBD_OPT_STARTTLS: the start of its TLS handshake."""
+        assert self.starttls
+        rest = bytes(self._mv[self._start:self._end])
+        self._start = self._end = 0
+        return rest
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: option haggling goes on, inside TLS, from scratch."""
+        assert self.starttls and self._start == self._end
+        self.starttls = False
+        self.tls_active = True
+        self._start = self._end = 0
+        self._phase = self._phase_option
+
     def pending_output(self) -> list:
         """Take the queued output buffers, in order, for sendmsg."""
         out = self._out
@@ -387,8 +414,13 @@ class NbdConnection:
             return False
         data = bytes(self._mv[start + _OPTION.size:start + _OPTION.size + length])
         self._start = start + _OPTION.size + length
+        if self.tls == "require" and not self.tls_active and option not in _OPTIONS_BEFORE_TLS:
+            return self._refuse_without_tls(option)
         _OPTION_HANDLERS.get(option, NbdConnection._opt_unsupported)(self, option, data)
-        return True
+        return not self.starttls
+
+    def _phase_tls_wait(self, _requests) -> bool:
+        return False                        # the runtime runs the TLS handshake; see tls_started()
 
     def _phase_transmission(self, requests) -> bool:
         """The hot path: parse every complete request in the buffer.
@@ -557,9 +589,27 @@ class NbdConnection:
                 self._payload_limit(export)))
         return replies
 
+    def _opt_starttls(self, option, data) -> None:
+        if self.tls == "off":
+            self._opt_unsupported(option, data)
+        elif self.tls_active:
+            self._option_reply(option, NBD_REP_ERR_INVALID, b"TLS is already on")
+        elif data:
+            self._option_reply(option, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+        else:
+            self._option_reply(option, NBD_REP_ACK)
+            self.starttls = True
+            self._phase = self._phase_tls_wait
+
+    def _refuse_without_tls(self, option) -> bool:
+        if option == NBD_OPT_EXPORT_NAME:       # cannot be errored: hang up
+            return self._fatal("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
+        self._option_reply(option, NBD_REP_ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")
+        return True
+
     def _opt_unsupported(self, option, data) -> None:
-        # STRUCTURED_REPLY, STARTTLS, metadata contexts, extended headers and
-        # anything unknown: simple replies, no TLS, no block status.
+        # STRUCTURED_REPLY, metadata contexts, extended headers, STARTTLS with
+        # TLS off and anything unknown: simple replies, no block status.
         self._option_reply(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported".encode())
 
     def _refuse_big_option(self, option, length) -> bool:
@@ -614,16 +664,18 @@ _OPTION_HANDLERS = {
     NBD_OPT_LIST: NbdConnection._opt_list,
     NBD_OPT_INFO: NbdConnection._opt_info_go,
     NBD_OPT_GO: NbdConnection._opt_info_go,
+    NBD_OPT_STARTTLS: NbdConnection._opt_starttls,
 }
+_OPTIONS_BEFORE_TLS = frozenset((NBD_OPT_STARTTLS, NBD_OPT_ABORT))
 
 
-def nbd_uri_unix(socket_path: str, export_name: str) -> str:
-    """`nbd+unix:///<export>?socket=<path>`, per the NBD URI specification."""
-    return f"nbd+unix:///{quote(export_name, safe='')}?socket={quote(str(socket_path), safe='/')}"
+def nbd_uri_unix(socket_path: str, export_name: str, tls: bool = False) -> str:
+    """`nbd+unix:///<export>?socket=<path>` (`nbds+unix` with TLS), per the NBD URI specification."""
+    return f"{'nbds' if tls else 'nbd'}+unix:///{quote(export_name, safe='')}?socket={quote(str(socket_path), safe='/')}"
 
 
-def nbd_uri_tcp(host: str, port: int, name: str) -> str:
-    """`nbd://<host>:<port>/<export>`; IPv6 literals are bracketed."""
+def nbd_uri_tcp(host: str, port: int, name: str, tls: bool = False) -> str:
+    """`nbd://<host>:<port>/<export>` (`nbds://` with TLS); IPv6 literals are bracketed."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{quote(name, safe='')}"
+    return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{quote(name, safe='')}"

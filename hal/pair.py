@@ -6,6 +6,8 @@
     DIR/a/disks/, DIR/b/disks/  each controller's own disk array (mode replica)
     DIR/a/, DIR/b/       per controller: config.toml, nvram.img, nbd.sock,
                          control.sock, events.jsonl, controller.log, pid
+    DIR/tls/client/, DIR/tls/server/  with --tls: a throwaway CA, the controllers'
+                         certificate and a client certificate (hal/tls_certs.py)
 
 `up` creates what is missing and starts every controller that is not
 running, on its existing NVRAM and disks; `down` stops them. Used by the
@@ -68,9 +70,12 @@ class LocalPair:
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
                durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False,
-               replica=None, replica_variant="bitmap", cp_interval_ms=2000, disks=None):
+               replica=None, replica_variant="bitmap", cp_interval_ms=2000, disks=None, tls=False):
         if self.meta_path.exists():
-            return self.meta()
+            meta = self.meta()
+            if tls and not meta.get("tls"):
+                raise PairError(f"{self.dir}: this pair was made without --tls; use another --dir")
+            return meta
         if luns < 1 or luns > 64:
             raise PairError(f"--luns {luns}: choose 1 to 64")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,10 +83,14 @@ class LocalPair:
                     link=link, nvram_size_bytes=nvram_size_bytes, durability=durability,
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
                     link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy,
-                    replica=replica or {}, disks=disks or {})
+                    replica=replica or {}, disks=disks or {},
+                    tls="require" if tls is True else (tls or ""))
         if mode == "replica":
             meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
+        if tls:
+            from .tls_certs import create_tls_dir
+            create_tls_dir(self.dir / "tls")
         (self.dir / "disks").mkdir(exist_ok=True)
         for name in NAMES:
             (self.dir / name).mkdir(exist_ok=True)
@@ -115,7 +124,7 @@ class LocalPair:
                       "paths": [str(disks / f"disk{i}.img") for i in range(meta["luns"])],
                       **meta.get("disks", {})},
             "link": link,
-            "nbd": {"unix": str(cdir / "nbd.sock")},
+            "nbd": self._nbd_config(meta, cdir),
             "cache": dict(meta.get("cache", {})),
         }
         if meta["mode"] == "replica":
@@ -146,10 +155,26 @@ class LocalPair:
                       "durability": meta["durability"], "block_size": meta["block_size_bytes"]},
             "disks": {"backend": "file", "lun_size": meta["lun_size_bytes"], "paths": paths},
             "link": link,
-            "nbd": {"unix": str(cdir / "nbd.sock")},
+            "nbd": self._nbd_config(meta, cdir),
             "cache": dict(meta.get("cache", {})),
             "replica": replica,
         }
+
+    def _nbd_config(self, meta, cdir) -> dict:
+        nbd = {"unix": str(cdir / "nbd.sock")}
+        if meta.get("tls"):
+            from .tls_certs import tls_paths
+            p = tls_paths(self.dir / "tls")
+            # "require" (pair up --tls) checks client certificates; "allow" (the benchmark's
+            # same-pair comparison) serves clients with and without TLS and checks none.
+            mode = "require" if meta["tls"] is True else meta["tls"]
+            nbd.update(tls=mode, tls_cert=p["cert"], tls_key=p["key"], tls_ca=p["ca"],
+                       tls_verify_client=mode == "require")
+        return nbd
+
+    def tls_client_dir(self) -> str | None:
+        """The directory to hand qemu (tls-creds-x509 dir=) and libnbd (tls-certificates=), if TLS."""
+        return str(self.dir / "tls" / "client") if self.meta().get("tls") else None
 
     # -- processes ------------------------------------------------------------
 

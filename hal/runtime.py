@@ -8,7 +8,8 @@ returns, in order: persist NVRAM ranges, write frames to the link, answer
 hosts, read and write disks. Disk completions are fed back only after the
 whole action list is carried out, so the firmware sees the order it asked
 for. Output is batched: every connection is written once per loop turn with
-sendmsg.
+sendmsg. NBD connections that start TLS (NBD_OPT_STARTTLS) are read and
+written through hal/runtime_tls.py from then on.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
 
 from . import nbd as NBD
 from .backoff import Backoff
+from .buffers import consume as _consume
 from .clock import MonotonicClock
 from .control import ControlServer
 from .disk_array import DiskArray
 from .disk_flush import FlushWorker
 from .framing import CobsFramer, StreamFramer
 from .keyfile import load_pair_key
+from .runtime_tls import NbdTlsPort
 
 TICK_MS = 10
 LINK_RECV_BYTES = 1 << 20
@@ -100,7 +103,7 @@ def firmware_params(cfg, disks, reliable):
 
 
 class NbdClient:
-    __slots__ = ("sock", "conn", "out", "mask", "peer")
+    __slots__ = ("sock", "conn", "out", "mask", "peer", "tls")
 
     def __init__(self, sock, conn, peer=""):
         self.sock = sock
@@ -108,6 +111,7 @@ class NbdClient:
         self.out = []
         self.mask = selectors.EVENT_READ      # what the selector watches for
         self.peer = peer                      # who connected, for per-client accounting
+        self.tls = None                       # a TlsSession from NBD_OPT_STARTTLS on (hal/runtime_tls.py)
 
 
 def _peer_key(sock):
@@ -124,7 +128,7 @@ def _peer_key(sock):
         return "tcp"
 
 
-class Runtime:
+class Runtime(NbdTlsPort):
     def __init__(self, cfg, clock=None, log=None):
         self.cfg = cfg
         self.clock = clock or MonotonicClock()
@@ -150,8 +154,9 @@ class Runtime:
         self.clients = {}
         self.clients_per_peer = {}     # peer -> connections open
         self.handshaking = {}          # NbdClient -> handshake deadline (ms), until it reaches transmission
-        self.refused = {"nbd": 0, "link": 0}       # connections refused, by listener
-        self.refused_noted = {"nbd": (0, -REFUSAL_NOTE_INTERVAL_MS), "link": (0, -REFUSAL_NOTE_INTERVAL_MS)}
+        self.refused = {"nbd": 0, "link": 0, "nbd_tls": 0}    # connections refused, by kind
+        self.refused_noted = {k: (0, -REFUSAL_NOTE_INTERVAL_MS) for k in self.refused}
+        self.tls_setup(cfg.nbd)
         self.nbd_handshake_timeouts = 0
         self.link = None
         self.link_out = []
@@ -220,13 +225,14 @@ class Runtime:
 
     def exports_uris(self):
         nb = self.cfg.nbd
+        tls = nb.tls == "require"
         uris = {}
         for e in self.exports:
             if nb.unix:
-                uris[e.name] = NBD.nbd_uri_unix(nb.unix, e.name)
+                uris[e.name] = NBD.nbd_uri_unix(nb.unix, e.name, tls)
             else:
                 host, _, port = nb.tcp.rpartition(":")
-                uris[e.name] = NBD.nbd_uri_tcp(host, int(port), e.name)
+                uris[e.name] = NBD.nbd_uri_tcp(host, int(port), e.name, tls)
         return uris
 
     # -- the loop -------------------------------------------------------------
@@ -304,7 +310,7 @@ class Runtime:
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = NBD.NbdConnection(self.exports, max_inflight=nb.max_inflight, peer=peer,
-                                 max_output_bytes=nb.max_output_mib << 20)
+                                 max_output_bytes=nb.max_output_mib << 20, tls=nb.tls)
         client = NbdClient(sock, conn, peer)
         self.clients[sock.fileno()] = client
         self.clients_per_peer[peer] = self.clients_per_peer.get(peer, 0) + 1
@@ -333,6 +339,9 @@ class Runtime:
 
     def _nbd_read(self, client):
         conn = client.conn
+        if client.tls is not None:
+            self._tls_read(client)
+            return
         if not conn.want_read:
             return
         try:
@@ -345,6 +354,8 @@ class Runtime:
             self._drop_client(client)
             return
         self._nbd_requests(client, conn.received(n))
+        if conn.starttls:
+            self._start_tls(client)
 
     def _nbd_requests(self, client, requests):
         ctrl, execute = self.ctrl, self.execute
@@ -380,6 +391,9 @@ class Runtime:
         self.dirty_clients.discard(client)
 
     def _flush_client(self, client):
+        if client.tls is not None:
+            self._flush_client_tls(client)
+            return
         conn = client.conn
         out = client.out
         out.extend(conn.pending_output())
@@ -651,6 +665,7 @@ class Runtime:
         st.update(name=self.cfg.name, pid=os.getpid(), exports=self.exports_uris(),
                   nbd_clients=len(self.clients), nbd_refused=self.refused["nbd"],
                   nbd_handshake_timeouts=self.nbd_handshake_timeouts, link_refused=self.refused["link"],
+                  nbd_tls=self.cfg.nbd.tls, nbd_tls_refused=self.refused["nbd_tls"],
                   durability=self.nvram.durability,
                   link_transport=self.cfg.link.transport)
         return st
@@ -675,19 +690,3 @@ class Runtime:
         self.note("stopped")
         self.events.close()
 
-
-def _consume(buffers, sent):
-    """Drop `sent` bytes from the front of a list of buffers (one slice, not a pop per buffer)."""
-    k = 0
-    n = len(buffers)
-    while sent and k < n:
-        first = buffers[k]
-        size = first.nbytes if first.__class__ is memoryview else len(first)
-        if sent >= size:
-            sent -= size
-            k += 1
-        else:
-            buffers[k] = memoryview(first)[sent:]
-            sent = 0
-    if k:
-        del buffers[:k]
