@@ -482,19 +482,29 @@ class EventFile:
         return events
 
 
+FOLLOW_LAG_S = 1.0     # events -f holds back this long, so a controller's late-written event still sorts
+
+
 def cmd_events(args):
-    """Both controllers' events as one stream, in time order (each poll's batch merged when following)."""
+    """Both controllers' events as one stream, in time order. Following, an event is printed once
+    it is FOLLOW_LAG_S old: the two controllers write their files independently, and one that
+    wrote an earlier event a little later (a busy machine) would otherwise follow a newer one."""
     import heapq
     pair = _existing_pair(args)
     since = parse_since(args.since, time.time()) if args.since else None
     kinds = {k.strip() for group in args.kind or () for k in group.split(",") if k.strip()}
     files = [EventFile(pathlib.Path(pair.dir) / n / "events.jsonl") for n in ("a", "b")]
+    held, order = [], 0          # a heap of (ts, order, line) read but not yet printed
     try:
         while True:
-            batches = [f.read_new() for f in files]
-            for ts, kind, line in heapq.merge(*batches, key=lambda e: e[0]):
-                if (since is None or ts >= since) and (not kinds or kind in kinds):
-                    sys.stdout.write(line)
+            for f in files:
+                for ts, kind, line in f.read_new():
+                    if (since is None or ts >= since) and (not kinds or kind in kinds):
+                        heapq.heappush(held, (ts, order, line))
+                        order += 1
+            due = time.time() - FOLLOW_LAG_S if args.follow else float("inf")
+            while held and held[0][0] <= due:
+                sys.stdout.write(heapq.heappop(held)[2])
             sys.stdout.flush()
             if not args.follow:
                 return 0
