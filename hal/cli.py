@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "hal.cli_controller",    # controller run, pair up/down, status, events, ownership
     "hal.cli_nvram",         # nvram dump
+    "hal.cli_metrics",       # metrics
     "board.cli",             # bundle keygen|build|verify|inspect, board agent|flash
     "vm.cli",                # vm ...
 ]

@@ -41,6 +41,9 @@ def register(sub):
                     help="replica mode: where the secondary holds a copy before it acknowledges")
     up.add_argument("--resync-rate", default=None, help="replica mode: resync bytes per second (like 50M)")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for both to serve")
+    up.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="a new pair without the metrics endpoints (by default each controller serves "
+                         "Prometheus metrics on a free loopback port)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_pair_up)
     down = psub.add_parser("down", help="stop the pair under DIR")
@@ -127,7 +130,8 @@ def cmd_pair_up(args):
         if args.mode == "replica" else {}
     try:
         result = _pair(args).up(luns=args.luns, link=args.link, durability=args.durability,
-                                mode=args.mode, timeout_s=args.timeout, replica=replica, **sizes, **variant)
+                                mode=args.mode, timeout_s=args.timeout, replica=replica, metrics=args.metrics,
+                                **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
     if args.json:
@@ -138,6 +142,8 @@ def cmd_pair_up(args):
         print(f"controller {c['name']}: pid {c['pid']}{started}")
         for name, uri in c["exports"].items():
             print(f"  {name}  {uri}")
+        if c.get("metrics"):
+            print(f"  metrics  {c['metrics']}")
     return 0
 
 
