@@ -191,13 +191,20 @@ class MetricsServer:
         if self.wanted:
             self.wanted = False
             snap = {"status": self.runtime.status(), "rec": self.rec.copy(),
-                    "link_up": self.runtime._link_session_up(),
+                    "link_up": self._link_up(),
                     "block_size": self.runtime.cfg.nvram.block_size_bytes}
             self._snapshot = snap
             self._ready.set()
         if now_ms >= self.next_ping_ms:
             self.next_ping_ms = now_ms + PING_INTERVAL_MS
             self._ping(now_ms)
+
+    def _link_up(self):
+        """The partner's link session is up; at a log destination, any source's."""
+        feeds = getattr(self.runtime.ctrl, "feeds", None)
+        if feeds is not None:
+            return any(getattr(f.link, "up", False) for f in feeds)
+        return self.runtime._link_session_up()
 
     def _ping(self, now_ms):
         """A control-lane round trip to the partner, like `twincache status` ping's, once a second."""

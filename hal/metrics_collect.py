@@ -137,6 +137,8 @@ def resync_families(c, st, rec, block_size):
                                labels=["controller", "kind"])
     out = [remaining, sent]
     replica = st.get("replica")
+    if replica is None and "resync" not in st:
+        return []                   # the log variant: no resync (its gaps are in events and status)
     if replica is None:
         sync = st.get("resync") or {}
         remaining.add_metric([c, "ha"], sync.get("lines_remaining", 0) * block_size)
