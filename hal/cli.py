@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "hal.cli_controller",    # controller run, pair up/down, status, events, ownership, promote, demote
     "hal.cli_nvram",         # nvram dump
     "hal.cli_provision",     # provision (pair key, disk labels)
+    "hal.cli_metrics",       # metrics
     "board.cli",             # bundle keygen|build|verify|inspect, board agent|flash
     "vm.cli",                # vm ...
 ]

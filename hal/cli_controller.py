@@ -47,6 +47,9 @@ def register(sub):
     up.add_argument("--tls", action="store_true",
                     help="NBD over TLS only: a throwaway CA and certificates under DIR/tls, client "
                          "certificates checked; prints the client options")
+    up.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="a new pair without the metrics endpoints (by default each controller serves "
+                         "Prometheus metrics on a free loopback port)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_pair_up)
     down = psub.add_parser("down", help="stop the pair under DIR")
@@ -222,7 +225,7 @@ def cmd_pair_up(args):
         if args.mode == "replica" else {}
     try:
         result = pair.up(luns=args.luns, link=args.link, durability=args.durability,
-                         mode=args.mode, timeout_s=args.timeout, replica=replica, tls=args.tls,
+                         mode=args.mode, timeout_s=args.timeout, replica=replica, tls=args.tls, metrics=args.metrics,
                          **sizes, **variant)
     except PairError as exc:
         raise CommandFailed(str(exc)) from None
@@ -235,6 +238,8 @@ def cmd_pair_up(args):
         print(f"controller {c['name']}: pid {c['pid']}{started}")
         for name, uri in c["exports"].items():
             print(f"  {name}  {uri}")
+        if c.get("metrics"):
+            print(f"  metrics  {c['metrics']}")
     if tls:
         _print_tls(tls)
     return 0

@@ -73,6 +73,11 @@
     source_id = 0              # source: its id at the destination
     cp_interval_ms = 2000      # source: a consistency point at least this often
 
+    [metrics]                  # off unless listen is set
+    listen = "127.0.0.1:9520"  # Prometheus text format at http://127.0.0.1:9520/metrics
+    allow_remote = false       # true: listen may be a non-loopback address (metrics carry no
+                               # secrets but name LUNs and load; prefer a proxy that authenticates)
+
     [[replica.sources]]        # log variant, destination: one table per source (fan-in)
     name = "a"                 # names the source's exports (a-lun0, ...) and its status
     source_id = 0
@@ -198,6 +203,12 @@ class ReplicaConfig:
 
 
 @dataclasses.dataclass
+class MetricsConfig:
+    listen: str = ""               # host:port; "" = no metrics server
+    allow_remote: bool = False
+
+
+@dataclasses.dataclass
 class ControllerConfig:
     name: str
     controller_id: int
@@ -212,6 +223,7 @@ class ControllerConfig:
     cache: CacheConfig
     replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
     source: str = ""
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     @property
     def luns(self) -> int:
@@ -254,7 +266,7 @@ def load(path) -> ControllerConfig:
 
 
 def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
-    known = {"controller", "nvram", "disks", "link", "nbd", "cache", "replica"}
+    known = {"controller", "nvram", "disks", "link", "nbd", "cache", "replica", "metrics"}
     if unknown := set(doc) - known:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}")
     c = _section(doc, "controller", where)
@@ -327,7 +339,26 @@ def from_dict(doc: dict, where: str = "<config>") -> ControllerConfig:
     return ControllerConfig(
         name=name, controller_id="ab".index(name), mode=mode, pair_id=bytes.fromhex(pair_hex),
         key_file=_take(c, "key_file", str, "", where), state_dir=_take(c, "state_dir", str, "", where),
-        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, replica=replica, source=where)
+        nvram=nvram, disks=disks, link=link, nbd=nbd, cache=cache, replica=replica, source=where,
+        metrics=_metrics(_section(doc, "metrics", where), where))
+
+
+def _metrics(m: dict, where: str) -> MetricsConfig:
+    from .metrics import is_loopback, parse_listen
+    if unknown := set(m) - {"listen", "allow_remote"}:
+        raise ConfigError(f"{where}: [metrics] unknown key(s) {sorted(unknown)}")
+    cfg = MetricsConfig(listen=_take(m, "listen", str, "", where),
+                        allow_remote=_take(m, "allow_remote", bool, False, where))
+    if not cfg.listen:
+        return cfg
+    try:
+        host, _port = parse_listen(cfg.listen)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [metrics] listen = {exc}") from None
+    if not is_loopback(host) and not cfg.allow_remote:
+        raise ConfigError(f"{where}: [metrics] listen = {cfg.listen!r} is not a loopback address (127.0.0.1, "
+                          f"::1, localhost); set allow_remote = true to serve metrics beyond this machine")
+    return cfg
 
 
 def _check_nbd_tls(nbd: NbdConfig, where: str) -> None:

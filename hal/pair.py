@@ -43,6 +43,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_ports(n) -> list:
+    """n different free loopback ports: all held open while picking, so none is picked twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class LocalPair:
     def __init__(self, directory):
         self.dir = pathlib.Path(directory).resolve()
@@ -70,7 +82,7 @@ class LocalPair:
 
     def create(self, luns=2, lun_size_bytes=256 << 20, link="unix", nvram_size_bytes=64 << 20,
                durability="controller", block_size_bytes=4096, mode="ha", cache=None, link_proxy=False,
-               replica=None, replica_variant="bitmap", cp_interval_ms=2000, disks=None, tls=False):
+               replica=None, replica_variant="bitmap", cp_interval_ms=2000, disks=None, tls=False, metrics=False):
         if self.meta_path.exists():
             meta = self.meta()
             if tls and not meta.get("tls"):
@@ -84,7 +96,9 @@ class LocalPair:
                     block_size_bytes=block_size_bytes, mode=mode, cache=cache or {},
                     link_port=_free_port() if link == "tcp" else 0, link_proxy=link_proxy,
                     replica=replica or {}, disks=disks or {},
-                    tls="require" if tls is True else (tls or ""))
+                    tls="require" if tls is True else (tls or ""),
+                    # metrics: a free loopback port each, picked now and kept in the configs
+                    metrics_ports=_free_ports(len(NAMES)) if metrics else [])
         if mode == "replica":
             meta.update(replica_variant=replica_variant, cp_interval_ms=cp_interval_ms)
         create_pair_key(self.dir / "pair.key")
@@ -129,6 +143,13 @@ class LocalPair:
         }
         if meta["mode"] == "replica":
             config["replica"] = dict(meta.get("replica", {}))
+        return self._with_metrics(meta, name, config)
+
+    @staticmethod
+    def _with_metrics(meta, name, config) -> dict:
+        ports = meta.get("metrics_ports")
+        if ports:
+            config["metrics"] = {"listen": f"127.0.0.1:{ports[NAMES.index(name)]}"}
         return config
 
     def _log_config(self, meta, name) -> dict:
@@ -148,7 +169,7 @@ class LocalPair:
                       "images": list(range(n)), "journal": n}
             source.update({"link_address": tcp} if tcp else {"link_path": str(d / "link.sock")})
             replica = {"variant": "log", "role": "destination", "sources": [source]}
-        return {
+        return self._with_metrics(meta, name, {
             "controller": {"name": name, "mode": "replica", "pair_id": meta["pair_id"],
                            "key_file": str(d / "pair.key"), "state_dir": str(cdir)},
             "nvram": {"backend": "file", "path": str(cdir / "nvram.img"), "size": meta["nvram_size_bytes"],
@@ -158,7 +179,7 @@ class LocalPair:
             "nbd": self._nbd_config(meta, cdir),
             "cache": dict(meta.get("cache", {})),
             "replica": replica,
-        }
+        })
 
     def _nbd_config(self, meta, cdir) -> dict:
         nbd = {"unix": str(cdir / "nbd.sock")}
@@ -242,7 +263,8 @@ class LocalPair:
 
     def describe(self, name) -> dict:
         st = self.status(name)
-        return {"name": name, "pid": st.get("pid") or self.pid(name), "exports": st.get("exports", {})}
+        return {"name": name, "pid": st.get("pid") or self.pid(name), "exports": st.get("exports", {}),
+                "metrics": st.get("metrics_url")}
 
     def kill(self, name, sig=signal.SIGKILL):
         pid = self.pid(name)

@@ -10,6 +10,10 @@ whole action list is carried out, so the firmware sees the order it asked
 for. Output is batched: every connection is written once per loop turn with
 sendmsg. NBD connections that start TLS (NBD_OPT_STARTTLS) are read and
 written through hal/runtime_tls.py from then on.
+
+With [metrics] listen set, the loop also records host requests, mirror round
+trips, disk writes and resync progress into plain counters (hal/metrics.py);
+prometheus-client's HTTP thread reads them through a snapshot the loop takes.
 """
 from __future__ import annotations
 
@@ -103,7 +107,7 @@ def firmware_params(cfg, disks, reliable):
 
 
 class NbdClient:
-    __slots__ = ("sock", "conn", "out", "mask", "peer", "tls")
+    __slots__ = ("sock", "conn", "out", "mask", "peer", "tls", "done")
 
     def __init__(self, sock, conn, peer=""):
         self.sock = sock
@@ -112,6 +116,7 @@ class NbdClient:
         self.mask = selectors.EVENT_READ      # what the selector watches for
         self.peer = peer                      # who connected, for per-client accounting
         self.tls = None                       # a TlsSession from NBD_OPT_STARTTLS on (hal/runtime_tls.py)
+        self.done = []                        # metrics: replies queued, timed when handed to the socket
 
 
 def _peer_key(sock):
@@ -171,10 +176,21 @@ class Runtime(NbdTlsPort):
         self.exports = self.make_exports(cfg)
         self.listeners = []
         self.control = ControlServer(self, os.path.join(cfg.state_dir, "control.sock"))
+        self.metrics = None            # hal/metrics.py, started last: see below
+        self.rec = None                # its recorder, when on
+        self.mirror_unsent = []        # metrics: host reqs whose mirror frames wait for this turn's send
+        self.mirror_sent = {}          # metrics: host req -> when its mirror frames were sent (ns)
+        self.frames_ns = 0             # metrics: when the link frames being handled arrived; 0 outside
         # Recovery may have taken long (a full NVRAM scan under TCG took about a second): the
         # firmware's clock is the one it was built with until told otherwise (see execute).
         self.ctrl.set_time(self.clock.monotonic_ms())
         self.execute(self.ctrl.start())
+        if cfg.metrics.listen:
+            # Last: the port is the one resource another program may hold, and its error is clear.
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self, cfg.metrics.listen, len(self.disks))
+            self.rec = self.metrics.rec
+            self.time_mirror = isinstance(getattr(self.ctrl, "pending", None), dict)
 
     def open_link(self, cfg):
         return open_link_endpoint(cfg)
@@ -257,6 +273,8 @@ class Runtime(NbdTlsPort):
                 if self.handshaking:
                     self._expire_handshakes(now)
                 self.execute(self.ctrl.tick(now))
+                if self.metrics is not None:
+                    self.metrics.tick(now)
             self._flush()
         self.close()
 
@@ -358,11 +376,18 @@ class Runtime(NbdTlsPort):
             self._start_tls(client)
 
     def _nbd_requests(self, client, requests):
+        """Hand requests to the firmware. The req it answers with is (client, request, taken_ns):
+        taken_ns, one clock read for the batch, times the request for the metrics (0 when off)."""
         ctrl, execute = self.ctrl, self.execute
+        rec = self.rec
+        t0 = time.perf_counter_ns() if rec is not None and requests else 0
         for r in requests:
             op, lun = r.op, r.export.index
-            req = (client, r)
+            req = (client, r, t0)
             if op == NBD.NBD_CMD_WRITE:
+                if rec is not None and self.time_mirror:
+                    self._timed_write(req, lun, r)
+                    continue
                 execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
             elif op == NBD.NBD_CMD_READ:
                 execute(ctrl.host_read(req, lun, r.offset, r.length))
@@ -376,6 +401,14 @@ class Runtime(NbdTlsPort):
             else:
                 client.conn.reply(r, NBD.NBD_EINVAL)
         self.dirty_clients.add(client)
+
+    def _timed_write(self, req, lun, r):
+        """A host write, noting it for the mirror round trip if it now waits for the partner's ack."""
+        ctrl = self.ctrl
+        before = len(ctrl.pending)
+        self.execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+        if len(ctrl.pending) > before:
+            self.mirror_unsent.append(req)
 
     def _drop_client(self, client):
         if client.mask:
@@ -409,6 +442,9 @@ class Runtime(NbdTlsPort):
             conn.sent(sent)
             if out and not sent:
                 break
+        if client.done:
+            self.rec.host_done(client.done, time.perf_counter_ns())
+            client.done = []
         if conn.closed and not out:
             self._drop_client(client)
             return
@@ -489,7 +525,10 @@ class Runtime(NbdTlsPort):
             return
         frames = self.framer.feed(memoryview(self.link_buf)[:n])
         if frames:
+            if self.mirror_sent:
+                self.frames_ns = time.perf_counter_ns()
             self.execute(self.ctrl.link_frames(frames, self.clock.monotonic_ms()))
+            self.frames_ns = 0
 
     def _link_close(self, reason):
         if self.link is None:
@@ -500,9 +539,16 @@ class Runtime(NbdTlsPort):
         self.link_out = []
         self.link_writing = False
         self.next_connect_ms = self.clock.monotonic_ms() + self.backoff.next_delay_ms()
+        self.mirror_unsent.clear()       # their writes finish unmirrored: no round trip to time
+        self.mirror_sent.clear()
 
     def _flush_link(self):
         out = self.link_out
+        if self.mirror_unsent:
+            sent_ns = time.perf_counter_ns()
+            for req in self.mirror_unsent:
+                self.mirror_sent[req] = sent_ns
+            self.mirror_unsent.clear()
         while out:
             try:
                 sent = self.link.send(out)
@@ -578,10 +624,16 @@ class Runtime(NbdTlsPort):
                 self._link_close(act.reason)
 
     def _host_reply(self, act):
-        client, request = act.req
+        client, request, t0 = act.req
+        if self.mirror_sent:
+            sent_ns = self.mirror_sent.pop(act.req, 0)
+            if sent_ns and self.frames_ns:     # acknowledged by the frames just received
+                self.rec.mirror_done(request.export.index, self.frames_ns - sent_ns)
         if client.conn.closed:
             return
         client.conn.reply(request, act.error, act.data)
+        if t0:
+            client.done.append((request.export.index, request.op, request.length, t0, act.error))
         self.dirty_clients.add(client)
 
     def _disk_io(self, act, write):
@@ -620,8 +672,11 @@ class Runtime(NbdTlsPort):
 
     def _notify(self, act):
         if act.kind == "pong":
-            self.control.pong(act.fields)
+            if self.metrics is None or not self.metrics.pong(act.fields):
+                self.control.pong(act.fields)
             return
+        if self.rec is not None and act.kind.startswith("resync_"):
+            self.rec.resync_event(act.kind, act.fields, self.cfg.nvram.block_size_bytes)
         self.note(act.kind, **act.fields)
 
     def _flush(self):
@@ -657,8 +712,12 @@ class Runtime(NbdTlsPort):
         frames can store into a mirror block a replay is writing out.
         """
         writes, self.disk_writes = self.disk_writes, []
+        rec = self.rec
         for act in writes:
             self._disk_io(act, write=True)
+            if rec is not None:
+                rec.disk_writes[act.lun] += 1
+                rec.disk_write_bytes[act.lun] += len(act.data)
 
     def status(self):
         st = self.ctrl.status()
@@ -667,7 +726,8 @@ class Runtime(NbdTlsPort):
                   nbd_handshake_timeouts=self.nbd_handshake_timeouts, link_refused=self.refused["link"],
                   nbd_tls=self.cfg.nbd.tls, nbd_tls_refused=self.refused["nbd_tls"],
                   durability=self.nvram.durability,
-                  link_transport=self.cfg.link.transport)
+                  link_transport=self.cfg.link.transport,
+                  metrics_url=self.metrics.url if self.metrics is not None else None)
         return st
 
     def _do_persists(self, ranges):
@@ -684,6 +744,8 @@ class Runtime(NbdTlsPort):
         self._link_close("shutting down")
         self.endpoint.close()
         self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.flusher.close()
         for disk in self.disks:
             disk.close()

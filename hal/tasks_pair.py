@@ -27,7 +27,7 @@ def up(c, dir=DEFAULT_DIR, luns=None, lun_size=None, link=None, json=False):
     _tc(c, args + (["--json"] if json else []))
     if not json:
         print(f"\nstatus:   inv pair.status --dir {dir}\nevents:   twincache events --dir {dir} -f"
-              f"\nstop:     inv pair.down --dir {dir}")
+              f"\nmetrics:  twincache metrics --dir {dir}\nstop:     inv pair.down --dir {dir}")
 
 
 @task(help={"dir": "where the pair lives"})
