@@ -426,6 +426,9 @@ class Runtime(NbdTlsPort):
     def _flush_client(self, client):
         if client.tls is not None:
             self._flush_client_tls(client)
+            if client.done:                 # metrics: handed to the TLS session, encrypted and sent
+                self.rec.host_done(client.done, time.perf_counter_ns())
+                client.done = []
             return
         conn = client.conn
         out = client.out
