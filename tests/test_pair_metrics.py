@@ -242,3 +242,25 @@ def test_replica_pair_exposes_resync_and_replica_metrics(tmp_path):
             or value(a, "twincache_link_up", controller="a") == 1
     finally:
         pair.stop_all()
+
+
+def test_requests_over_tls_are_counted_and_timed(tmp_path):
+    # A TLS client's flush returned before its timed replies were recorded: the latency histogram
+    # never saw them and the list of them grew with every request.
+    from hal import tls_certs
+    pair = make_pair(tmp_path, luns=2, lun_size_bytes=16 * MiB, nvram_size_bytes=16 * MiB, metrics=True, tls=True)
+    try:
+        pair.wait_settled(owners={"lun0": "a", "lun1": "b"})
+        opts = tls_certs.client_options(pair.tls_client_dir(), pair.socket_path("a"), "lun0")
+        done = run(["qemu-io", "--object", opts["qemu_object"], "-c", "write -P 0x3c 0 64k",
+                    "-c", "write -P 0x3d 64k 64k", "-c", "read -P 0x3c 0 64k",
+                    "--image-opts", opts["qemu_image_opts"]], timeout=60, check=False)
+        assert done.returncode == 0 and "error" not in (done.stdout + done.stderr).lower(), done.stderr
+        labels = dict(controller="a", lun="lun0")
+        got = scrape(metrics_url(pair, "a"))
+        writes = value(got, "twincache_host_requests_total", op="write", **labels)
+        assert writes >= 2
+        assert value(got, "twincache_host_request_duration_seconds_count", op="write", **labels) == writes
+        assert value(got, "twincache_host_request_duration_seconds_count", op="read", **labels) >= 1
+    finally:
+        pair.stop_all()
