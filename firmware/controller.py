@@ -134,12 +134,14 @@ def format_nvram(nv, params: Params):
 
 
 class Forwarded:
-    """A host request that arrived from the partner (the non-owner forwarded it)."""
-    __slots__ = ("tag", "op")
+    """A host request that arrived from the partner (the non-owner forwarded it) in link session
+    `session`: its tag means something only in that session."""
+    __slots__ = ("tag", "op", "session")
 
-    def __init__(self, tag, op):
+    def __init__(self, tag, op, session):
         self.tag = tag
         self.op = op
+        self.session = session
 
 
 class WriteOp:
@@ -212,6 +214,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.zero_pieces_inflight = 0
         self.zero_pumping = False
         self.next_tag = 1
+        self.link_session = 0             # link sessions established so far (Forwarded requests carry theirs)
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
         self.waiting = collections.deque()  # host writes waiting for free blocks
@@ -356,8 +359,12 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._zero_pump()
             return
         if req.__class__ is Forwarded:
+            # Only in the session it came in: the forwarder failed it when that session ended, and
+            # its tag is reused by the next one. Answered there (it was held while the LUN settled),
+            # its data answered the new session's request of that tag (seed 831457 at 300 steps: a
+            # 256 KiB read through a returned 48 KiB, another read's data).
             payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
-            if self.link.up:
+            if self.link.up and req.session == self.link_session:
                 self.link.send(M.MsgType.IO_REPLY, M.Resource.HOST_IO, payload, tag=req.tag,
                                flags=F.FLAG_RESPONSE,
                                lane=F.LANE_DATA if data is not None else F.LANE_CONTROL)
@@ -792,7 +799,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
     def _on_io_request(self, msg):
         op, fua, lun, offset, length = M.IO_REQUEST_HEAD.unpack_from(msg.payload)
         data = msg.payload[M.IO_REQUEST_HEAD.size:]
-        req = Forwarded(msg.tag, op)
+        req = Forwarded(msg.tag, op, self.link_session)
         if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
             self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
         elif op == M.IoOp.WRITE:

@@ -102,6 +102,7 @@ class PeerMixin:
         self._pump()
 
     def _on_link_up(self):
+        self.link_session += 1
         peer = self.link.peer
         self.out.append(A.Notify("link_up", peer=peer.controller_id, peer_generation=peer.generation))
         if peer.block_size_bytes != self.block_size or peer.primary_blocks != self.mirror.segment.blocks:

@@ -378,3 +378,23 @@ def test_write_zeroes_pieces_are_bounded_across_requests():
         p.tick(10)
     assert all(p.replies[("z", i)] == (0, None) for i in range(4))
     assert p.ctrl[0].zero_pieces_inflight == 0 and not p.ctrl[0].zero_jobs
+
+
+def test_a_forwarded_request_is_answered_only_in_the_link_session_it_came_in():
+    # b held a read a forwarded while lun settled; a crashed, its next session reused the tag, and
+    # b's answer to the old request (another read's 48 KiB) answered a's new 256 KiB read (seed
+    # 831457 at 300 steps). An answer from an ended session is dropped: the forwarder failed it.
+    from firmware.controller import Forwarded
+    from firmware.formats import frame as F
+    from fixtures.mempair import split_frames
+    p = idle_pair()
+    a = p.ctrl[0]
+    old = Forwarded(7, M.IoOp.READ, a.link_session)
+    p.disconnect()
+    p.connect()
+    assert a.link_session == old.session + 1
+    a._reply(old, 0, bytearray(BS))
+    a._reply(Forwarded(8, M.IoOp.READ, a.link_session), 0, bytearray(BS))
+    sent = [F.parse_header_untrusted(f) for f in split_frames(a.link.take_output())]
+    replies = [h.tag for h in sent if h.type == M.MsgType.IO_REPLY]
+    assert replies == [8]

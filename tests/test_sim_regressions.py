@@ -508,3 +508,12 @@ def test_a_block_our_takeover_replays_is_not_taken_by_the_old_owners_reuse():
     result = run_seed(805035, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
+
+def test_a_forwarded_request_from_an_ended_session_is_not_answered_in_the_next():
+    """Fixed (seed 831457 at 300 steps): b held a read a forwarded (22016+49152) while lun0 settled;
+    a crashed and came back, and its new session reused the tag for a 256 KiB read. b answered the
+    held request in the new session, and its 48 KiB answered a's new read. Forwarded requests now
+    carry their link session and are answered only in it (tests/test_firmware_write_path.py)."""
+    result = run_seed(831457, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
