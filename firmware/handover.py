@@ -95,8 +95,12 @@ class HandoverMixin:
             self._own_event(f, "grant", body.generation)
 
     def _partner_tick(self, f):
-        """Failback by balancing: the preferred owner keeps asking until it has its LUN back."""
-        if f.held_lines or self.mirror.has_undecided(f.lun):
+        """Failback by balancing: the preferred owner keeps asking until it has its LUN back. While
+        it asks it reads the record too: the owner's release record may have named us, and the
+        grant that says so gone with its link session; asked again, the old owner, a partner now,
+        says nothing, and the LUN had no owner (seed 841181 at 300 steps). The record then makes
+        us the owner, as after a restart (_partner_record)."""
+        if f.held_lines or self.mirror.has_undecided(f.lun) or f.want_back:
             self._renew_if_due(f)         # watch the claim we hold lines or copies for until it is confirmed
         if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
             f.last_change_ms = self.now_ms

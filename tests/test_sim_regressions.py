@@ -517,3 +517,13 @@ def test_a_forwarded_request_from_an_ended_session_is_not_answered_in_the_next()
     result = run_seed(831457, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
+
+def test_a_grant_lost_with_its_session_is_found_in_the_record():
+    """Fixed (seed 841181 at 300 steps): a handed lun3 to b (its preferred owner); a's release
+    record naming b at generation 5 landed, and the link dropped before the grant reached b. Back
+    in a new session a read the record and became b's partner; b, a partner too, asked again and
+    a said nothing: nobody owned lun3. A partner asking for its LUN now reads the record as well,
+    and finding itself named there it owns the LUN, as after a restart."""
+    result = run_seed(841181, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
