@@ -119,8 +119,12 @@ class FaultSchedule:
         self.scenarios_due = len(scenarios)
         sim.at(sim.now_us + 100_000, -1, self.sample_failover)
         w = sim.workload
+        # The bound grows with the workload: under a plan with a fault every 20 ms a 1,000-step run
+        # makes its progress (700 operations in the first 60 s) but not within one 300-step bound
+        # (seed 870379 at 1000 steps).
+        limit_us = sim.plan.settle_limit_us * max(1, w.ops_max // 300)
         sim.run_until(lambda: w.issued >= w.ops_max and not w.outstanding and not self.scenarios_due
-                      and sim.now_us >= self.quiet_until_us, sim.plan.settle_limit_us, "the end of the workload")
+                      and sim.now_us >= self.quiet_until_us, limit_us, "the end of the workload")
         self.final()
 
     # -- injection ------------------------------------------------------------

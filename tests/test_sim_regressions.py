@@ -527,3 +527,12 @@ def test_a_grant_lost_with_its_session_is_found_in_the_record():
     result = run_seed(841181, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
+
+def test_a_long_run_under_a_fault_every_20_ms_gets_a_bound_that_grows_with_it():
+    """Fixed in the simulator (seed 870379 at 1000 steps): a plan with a pause or partition every
+    20 ms let the pair serve 723 of 1,000 operations in the 60 s of virtual time one phase was
+    allowed, the bound made for 300. The workload's bound now grows with its length; the run
+    then ends with every check passed."""
+    result = run_seed(870379, steps=1000)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
