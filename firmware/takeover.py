@@ -78,6 +78,8 @@ class TakeoverMixin:
         held, f.held_lines = f.held_lines, []
         if rec.owner == self.id and rec.generation < f.held_generation:
             for line in held:
+                if line.dead:           # destaged and flushed since we held it: on disk, block freed
+                    continue
                 line.current = True
                 self.cache.install(line)
         else:
@@ -264,6 +266,11 @@ class TakeoverMixin:
             self.cache.remove_current(line)
         f.held_lines.extend(own)
         held_keys = {line.key for line in f.held_lines}
+        # A held line whose destage flush completed after we held it is on disk, and its block
+        # was freed then and may hold another line's data now: never written out again (seed
+        # 861604 at 300 steps: b's claim replayed a reused block over write-zeroes). Its key
+        # still keeps the partner's older copy from being replayed over it.
+        f.held_lines = [line for line in f.held_lines if not line.dead]
         for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
             if b.key in held_keys:      # the partner's copy is older than our held version
                 self._persist(self.mirror._free(i))

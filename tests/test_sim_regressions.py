@@ -537,21 +537,13 @@ def test_a_long_run_under_a_fault_every_20_ms_gets_a_bound_that_grows_with_it():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
-# Found by a fresh sweep at 300 steps on the final tree; open, diagnosed only this far. Not strict:
-# a change anywhere may send a seed another way, and a pass then proves nothing.
-OPEN_SEEDS_300 = {
-    861604: "failover image of lun1 from a's mirror: sector 125 holds garbage where only zeroes "
-            "(write-zeroes, write 0) were ever acknowledged. b claimed lun1 at 9 over a's claim at 7 "
-            "while a replayed it; b's replay wrote sectors 123-127 from its mirror (a's lines resent "
-            "when the link came back during both claims) with bytes no host wrote. Passes on the tree "
-            "before a partner asking for its LUN reads the record (683db6c), whose extra record reads "
-            "change the schedule; that change makes no decision here (no partner found itself owner)",
-}
-
-
-@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_300")
-@pytest.mark.parametrize("seed", sorted(OPEN_SEEDS_300))
-def test_open_seed_at_300_steps(seed):
-    result = run_seed(seed, steps=300)
-    assert result.ok, f"{OPEN_SEEDS_300[seed]}: {result.failure.splitlines()[0][:200]}"
+def test_a_held_line_destaged_meanwhile_is_not_replayed_from_its_reused_block():
+    """Fixed (seed 861604 at 300 steps): a's claim at 7 fenced b while the flush of b's destaged
+    write-zeroes line (lun1 sectors 123-127) was in flight, so b held the line; the flush then
+    completed, the line was freed as destaged and its cache block reused. b's own claim at 9
+    replayed its held lines from their blocks, and wrote that reused block's bytes over the
+    zeroes. A held line that is dead (on disk, flushed) is no longer written out or taken back;
+    its key still keeps the partner's older copy from being replayed."""
+    result = run_seed(861604, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
