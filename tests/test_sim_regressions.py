@@ -547,3 +547,20 @@ def test_a_held_line_destaged_meanwhile_is_not_replayed_from_its_reused_block():
     result = run_seed(861604, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
+
+# Found by a fresh sweep at 1000 steps (870000-871999); open, diagnosed only this far. Not strict:
+# a change anywhere may send a seed another way, and a pass then proves nothing.
+OPEN_SEEDS_1000 = {
+    871927: "failover image of lun2 from b's mirror: sector 245 holds write 215 where write 224 "
+            "(b's host write, forwarded to a, acknowledged at 12.24 s) was acknowledged later; a "
+            "handed lun2 to b at 33 and b straight back to a at 34 (13.56-13.59 s), each destaging "
+            "first. Passes on the tree of 36281fb, whose schedule differs",
+}
+
+
+@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_1000")
+@pytest.mark.parametrize("seed", sorted(OPEN_SEEDS_1000))
+def test_open_seed_at_1000_steps(seed):
+    result = run_seed(seed, steps=1000)
+    assert result.ok, f"{OPEN_SEEDS_1000[seed]}: {result.failure.splitlines()[0][:200]}"
+
