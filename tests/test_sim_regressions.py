@@ -573,11 +573,11 @@ OPEN_SEEDS_300 = {
             "(1655 ms); a's claim then landed over b's record, b was fenced (1792 ms), and a's replay "
             "wrote its older mirror copy (write 8) over 45. The guard for a claim written long after its "
             "read (claim_stale) did not stop the replay",
-    905875: "a read of lun2 at a returns write 40 where a's write 59 (sectors 249-255, via a at 120 ms) "
-            "was acknowledged at 211 ms with no disk write of it and, it seems, no mirror copy: b's "
-            "claim at 4 voided its one mirror block (a had gone solo at 2), fenced a (its line held), "
-            "and replayed without it. Not diagnosed further: how 59 was acknowledged (cut off from its "
-            "mirror ack and released when the LUN went solo?) is the first question",
+    905875: "a read of lun2 at a returns write 40 where a's write 59 (sectors 249-255) was "
+            "acknowledged at 211 ms on b's mirror ack (a OWNER at 2, link up); b's claim at 4 first "
+            "voided its mirror (mirror_void: 1 block, that copy), fenced a (its line held) and "
+            "replayed without it. a had been SOLO at 2 before mirroring again at 2: b's void decision "
+            "(_voids_mirror, void_mirror, peer_generation) is the question",
 }
 
 
