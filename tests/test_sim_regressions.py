@@ -558,12 +558,6 @@ OPEN_SEEDS_1000 = {
 }
 
 
-@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_1000")
-@pytest.mark.parametrize("seed", sorted(OPEN_SEEDS_1000))
-def test_open_seed_at_1000_steps(seed):
-    result = run_seed(seed, steps=1000)
-    assert result.ok, f"{OPEN_SEEDS_1000[seed]}: {result.failure.splitlines()[0][:200]}"
-
 
 # Found by a fresh sweep at 300 steps on the final tree (900000-); open, diagnosed only this far.
 OPEN_SEEDS_300 = {
@@ -581,9 +575,13 @@ OPEN_SEEDS_300 = {
 }
 
 
-@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_300")
-@pytest.mark.parametrize("seed", sorted(OPEN_SEEDS_300))
-def test_open_seed_at_300_steps(seed):
-    result = run_seed(seed, steps=300)
-    assert result.ok, f"{OPEN_SEEDS_300[seed]}: {result.failure.splitlines()[0][:200]}"
+OPEN_SEEDS = {300: OPEN_SEEDS_300, 1000: OPEN_SEEDS_1000}
+
+
+@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_300 and OPEN_SEEDS_1000")
+@pytest.mark.parametrize("steps,seed", [(steps, seed) for steps, seeds in sorted(OPEN_SEEDS.items())
+                                        for seed in sorted(seeds)])
+def test_open_seed(steps, seed):
+    result = run_seed(seed, steps=steps)
+    assert result.ok, f"{OPEN_SEEDS[steps][seed]}: {result.failure.splitlines()[0][:200]}"
 
