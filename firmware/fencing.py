@@ -76,7 +76,9 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    settled on: a fresh read that still shows it claims again, two above it.
    Abandoned on its read-back, a claim judges the mirror lines it kept
    against the record that beat it, as a watch read would (a SOLO owner's,
-   or another generation's, makes them old data: freed). The record is then
+   or another generation's, makes the copies mirrored below its generation
+   old data: freed; the owner mirrored those at its generation or a newer
+   one after writing it). The record is then
    taken as seen, so no later read judges them, and kept they were replayed
    by a later claim over the owner's newer write-through.
    While we claim or replay, our mirror blocks of the LUN are the data we
@@ -103,7 +105,10 @@ void: a later takeover must not replay it), waits `lease_ms` and reads the
 record again (step 3: a claim decided before the bump has landed by then),
 then serves write-through, so
 nothing acknowledged lives only in its NVRAM. Writes that waited for a mirror
-ack when the link dropped are acknowledged once they are on disk.
+ack when the link dropped are acknowledged once they are on disk, and not at a
+record read begun sooner than `lease_ms` after our last bump or boot: on disk
+but not in the partner's mirror, they are served solo, and a claim decided on
+our record from before may still land and replay an older copy over them.
 """
 import collections
 
@@ -238,7 +243,7 @@ class LunFence:
         self.mirror_generation = 0
         self.pending_write = None      # the Record being written
         self.claim_written_ms = None
-        self.void_mirror = False
+        self.void_mirror = 0              # mirror copies of this LUN made below this generation are old
         self.held = collections.deque()   # host requests waiting for the LUN to settle
         self.acks = []                    # writes whose mirror ack was cut off by the link drop
         self.acks_generation = 0          # the generation we owned the LUN at when they were cut off
@@ -458,7 +463,7 @@ class FenceMixin:
         seen = rec.key() if rec is not None else None
         if rec is None:                        # never written: the default owner claims it
             default = f.lun % 2
-            if f.acks:
+            if f.acks and not self._acks_wait(f, default == me):
                 self._settle_acks(f, default == me)
             rec = self._new_record(f, default, 1, R.LunState.MIRRORED)
             if default == me:
@@ -469,7 +474,7 @@ class FenceMixin:
         if rec.owner == me and rec.state == R.LunState.CLAIMED and (
                 f.replayed_generation != rec.generation):
             return self._resume_claim(f, rec)
-        if f.acks:
+        if f.acks and not self._acks_wait(f, rec.owner == me and rec.generation == f.acks_generation):
             self._settle_acks(f, rec.owner == me and rec.generation == f.acks_generation)
         f.record, f.generation = rec, rec.generation
         if rec.owner == me:
@@ -483,7 +488,7 @@ class FenceMixin:
         # claimer has destaged nothing, and the lines it resent us may be the only other copy (seed 419).
         claim = self._claim_unconfirmed(rec)
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED or claim else -1
-        f.void_mirror = rec.state != R.LunState.MIRRORED and not claim
+        f.void_mirror = rec.generation if rec.state != R.LunState.MIRRORED and not claim else 0
         if self.link.up and self.mirroring:
             if self.params.auto_balance and f.lun % 2 == self.id:
                 self.out.append(A.Notify("failback_request", lun=f.lun))
@@ -545,6 +550,16 @@ class FenceMixin:
         they replaced alive in NVRAM, and a restart brought an old version back (seed 223)."""
         self._read_record(f)
 
+    def _acks_wait(self, f, ours) -> bool:
+        """Must writes whose mirror ack was cut off wait for a later read, though this one names
+        us? Yes if it began less than lease_ms after our last bump or our boot (bump_after_ms):
+        they are on disk, not in the partner's mirror, and a claim decided on our record from
+        before may still land and replay the partner's older copy over them, as with serving
+        solo (_go_solo). Seed 902844 at 300 steps: b restarted, bumped, was mirrored again, lost
+        the link on a write and acknowledged it 96 ms after the bump; a's claim, decided before
+        the bump, landed later and replayed write 8 over it. A renewal read settles them later."""
+        return ours and f.read_start_ms < f.bump_after_ms
+
     def _settle_acks(self, f, ours):
         """Writes whose mirror ack the link drop cut off, at the first record read after the link
         came back. Acknowledged only if the record still names us at our generation: a line of
@@ -591,6 +606,8 @@ class FenceMixin:
             return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
+        if f.acks and not self._acks_wait(f, rec.generation == f.acks_generation):
+            self._settle_acks(f, rec.generation == f.acks_generation)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
         self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
         return f.state
@@ -627,6 +644,8 @@ class FenceMixin:
             return self._record_lost(f)
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
+        if f.acks and not self._acks_wait(f, rec.generation == f.acks_generation):
+            self._settle_acks(f, rec.generation == f.acks_generation)
         link_lease_ms = self.link.heard_ms + self.params.lease_ms
         if rec.state != R.LunState.MIRRORED or (
                 self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms)):

@@ -22,15 +22,16 @@ class MirrorError(Exception):
 
 
 class MirrorBlock:
-    __slots__ = ("key", "lun", "lba", "seq", "bitmap", "state")
+    __slots__ = ("key", "lun", "lba", "seq", "bitmap", "state", "generation")
 
-    def __init__(self, key, lun, lba, seq, bitmap, state):
+    def __init__(self, key, lun, lba, seq, bitmap, state, generation):
         self.key = key
         self.lun = lun
         self.lba = lba
         self.seq = seq
         self.bitmap = bitmap
         self.state = state
+        self.generation = generation        # the owner's generation of the LUN it was mirrored at
 
 
 class MirrorSide:
@@ -57,7 +58,7 @@ class MirrorSide:
             if old is not None:
                 persists.append(self._free(old))
             self.view[key] = rb.index
-            self.blocks[rb.index] = MirrorBlock(key, rb.lun, rb.lba, rb.seq, rb.bitmap, rb.state)
+            self.blocks[rb.index] = MirrorBlock(key, rb.lun, rb.lba, rb.seq, rb.bitmap, rb.state, rb.generation)
         for index, _reason in scan.dropped:
             if index >= 0:
                 persists.append(self.segment.store_free(index))
@@ -102,7 +103,7 @@ class MirrorSide:
             nv[offset:offset + bs] = piece        # data stored before its descriptor
             datas.append((offset, bs))
             descs.append(store(cache_id, DIRTY, lun, first + i, gc, lba, seq, generation, data_crc, bitmap))
-            group.append((cache_id, lun, lba, bitmap))
+            group.append((cache_id, lun, lba, bitmap, generation))
         persists += datas
         persists += descs
         if len(group) < gc:
@@ -112,13 +113,13 @@ class MirrorSide:
 
     def _commit(self, seq, persists):
         block_size = self.segment.block_size
-        for cache_id, lun, lba, bitmap in self.group:
+        for cache_id, lun, lba, bitmap, generation in self.group:
             key = (lun << LUN_SHIFT) | (lba * SECTOR_BYTES // block_size)
             old = self.view.get(key)
             if old is not None and old != cache_id:
                 persists.append(self._free(old))
             self.view[key] = cache_id
-            self.blocks[cache_id] = MirrorBlock(key, lun, lba, seq, bitmap, DIRTY)
+            self.blocks[cache_id] = MirrorBlock(key, lun, lba, seq, bitmap, DIRTY, generation)
             if self.unconfirmed is not None:
                 self.unconfirmed.discard(cache_id)
         self.group = []

@@ -89,7 +89,7 @@ class TakeoverMixin:
         # The owner may have moved the LUN to a new generation without our reading the record (it
         # went solo and back while its resync to us was pending): its mirror writes said so.
         f.mirror_generation = max(f.generation, f.peer_generation)
-        f.void_mirror = False           # mirrored up to the link drop: our copy is the partner's data
+        f.void_mirror = 0               # mirrored up to the link drop: our copy is the partner's data
         f.last_seen, f.last_change_ms = None, self.now_ms
         f.renew_due_ms = self.now_ms
         self._read_record(f)
@@ -109,7 +109,7 @@ class TakeoverMixin:
             # time counts from when the session ends (seed 37: both served lun0).
             f.last_seen, f.last_change_ms = key, self.now_ms
             if self._voids_mirror(f, rec):
-                f.void_mirror = True
+                f.void_mirror = max(f.void_mirror, rec.generation)
             return Own.WATCHING
         if f.read_start_ms - f.last_change_ms < self.params.takeover_wait_ms and not self.buggify("takeover_no_wait"):
             return Own.WATCHING         # quiet is what our reads saw, up to the start of this one
@@ -125,7 +125,7 @@ class TakeoverMixin:
         self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
                                  silent_ms=self.now_ms - f.last_change_ms))
         if f.void_mirror:
-            self._void_mirror(f)        # before the claim: after a restart, what is left is replayed
+            self._void_mirror(f, f.void_mirror)   # before the claim: after a restart, what is left is replayed
         self._write_claim(f, generation)
         f.claim_over_generation = generation - 2
         return Own.CLAIMING
@@ -225,15 +225,20 @@ class TakeoverMixin:
         voided those copies with the old ones)."""
         f.mirror_generation = max(f.claim_over_generation, f.peer_generation)
         if self._voids_mirror(f, rec):
-            f.void_mirror = False
-            self._void_mirror(f)
+            f.void_mirror = 0
+            self._void_mirror(f, rec.generation)
 
     def _mirror_blocks_of(self, f):
         return [(i, b) for i, b in enumerate(self.mirror.blocks) if b is not None and b.lun == f.lun]
 
-    def _void_mirror(self, f):
-        """The owner went on alone (or ownership moved) since our copy was made: it is old data."""
-        blocks = self._mirror_blocks_of(f)
+    def _void_mirror(self, f, below):
+        """The owner went on alone (or ownership moved) since our copies mirrored at generations
+        `below` were made: they are old data. Copies it mirrored at the record's generation or a
+        newer one came after (SOLO is written at a generation before mirroring at it) and are its
+        live data (seed 905875 at 300 steps: watching while our resync ran, we noted the owner's
+        MIRRORED record at 2 as a move from the 1 we had copies at, and the claim voided a write
+        it had mirrored to us at 2 and acknowledged)."""
+        blocks = [(i, b) for i, b in self._mirror_blocks_of(f) if b.generation < below]
         for i, _b in blocks:
             self._persist(self.mirror._free(i))
         self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))

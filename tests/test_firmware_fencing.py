@@ -389,3 +389,88 @@ def test_a_mirror_block_our_takeover_replays_is_not_overwritten_by_the_old_owner
     kept = a.mirror.blocks[block]
     assert (kept.lun, kept.lba) == (1, 8 * BS // 512) and a.mirror.view == {kept.key: block}
     assert not a.mirror.group
+
+
+def test_a_copy_mirrored_at_the_owners_new_generation_outlives_a_void_noted_on_that_move():
+    # a went solo at g+1 while b was cut off, then mirrored again at g+1. b had stayed watching
+    # through that session (its own resync ran), its copies judged at g: it noted a's MIRRORED
+    # record at g+1 as a move and voided at its claim every copy of lun0, also the write a had
+    # mirrored to it at g+1 and acknowledged (seed 905875 at 300 steps). Copies made at the
+    # record's generation came after it: only older ones are old data.
+    p = fenced_pair()
+    p.write(0, "old", 0, 0, b"1" * BS)
+    p.deliver()
+    g = R.parse_record_untrusted(p.records[0]).generation
+    p.disconnect()
+    b = _frozen(p, 1, 100)                                   # a destages, goes solo at g+1
+    assert R.parse_record_untrusted(p.records[0]).generation == g + 1
+    p.connect()
+    for _ in range(30):
+        p.tick(10)
+    p.write(0, "new", 0, 0, b"2" * BS)                        # mirrored to b at g+1
+    p.deliver()
+    assert p.replies["new"] == (0, None)
+    f = b.fence[0]
+    assert len(b._mirror_blocks_of(f)) == 1 and f.peer_generation == g + 1
+    p.crash(0)
+    p.disconnect()
+    f.mirror_generation, f.last_seen = g, None               # as judged when watching began, before the move
+    for _ in range(300):
+        p.tick(10)
+    assert f.state == Own.SOLO
+    assert [n for n in p.notes[1] if n[0] == "mirror_void" and n[1]["lun"] == 0] != []
+    p.read(1, "r", 0, 0, BS)
+    assert p.replies["r"] == (0, b"2" * BS)
+
+
+def _bumped_then_cut_on_a_write(claim_lands):
+    """a bumps lun0 to g+1 cut off from b, is mirrored again at g+1, then loses the link on a
+    write whose mirror ack never came; the link comes back at once. If `claim_lands`, b's claim
+    decided on a's record from before the bump (g, so two above it) lands meanwhile."""
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    f = a.fence[0]
+    g = R.parse_record_untrusted(p.records[0]).generation
+    p.ctrl[1] = None
+    p.wire[0].clear()
+    p.run(0, a.link_disconnected("cut"))
+    while R.parse_record_untrusted(p.records[0]).state != R.LunState.SOLO:
+        p.tick(10)
+    bumped_ms = p.now_ms
+    p.ctrl[1] = b
+    b.set_time(p.now_ms)
+    p.disconnect()
+    p.connect()
+    while f.state != Own.OWNER:
+        p.tick(10)
+    p.ctrl[1] = None
+    p.write(0, "w", 0, 0, b"2" * BS)
+    p.wire[0].clear()
+    p.run(0, a.link_disconnected("cut"))
+    assert f.acks
+    p.ctrl[1] = b
+    b.set_time(p.now_ms)
+    p.disconnect()
+    p.connect()
+    for _ in range(5):
+        p.tick(10)
+    assert p.now_ms - bumped_ms < p.params[0].lease_ms
+    early = p.replies.get("w")
+    if claim_lands:
+        p.records[0] = R.build_record(R.Record(0, 1, R.LunState.CLAIMED, g + 2, 0, 400, p.params[1].pair_id))
+    for _ in range(60):
+        p.tick(10)
+    return early, p.replies.get("w")
+
+
+def test_a_write_cut_off_from_its_mirror_ack_is_acknowledged_only_a_lease_after_a_bump():
+    # a's bump to g+1 landed after b read g; b's claim at g+2, decided on that read, lands within
+    # lease_ms of it. a's write, cut off from its mirror ack, is on disk but not in b's mirror:
+    # acknowledged at a record read within that time, b's replay of its older copy then lost it
+    # (seed 902844 at 300 steps). It waits for a read begun lease_ms after the bump, as serving
+    # solo does: the claim fences a first, and the write fails.
+    early, final = _bumped_then_cut_on_a_write(claim_lands=True)
+    assert early is None
+    assert final is not None and final[0] != 0
+    early, final = _bumped_then_cut_on_a_write(claim_lands=False)
+    assert early is None and final == (0, None)

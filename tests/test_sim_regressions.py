@@ -548,6 +548,27 @@ def test_a_held_line_destaged_meanwhile_is_not_replayed_from_its_reused_block():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_write_cut_off_from_its_mirror_ack_waits_a_lease_after_the_bump():
+    """Fixed (seed 902844 at 300 steps, found by a fresh sweep of 900000-909449): b restarted and
+    bumped lun3 to 2, was mirrored again, and lost the link on write 45 (a refused the mirror
+    write: it was claiming lun3). 45 was destaged and acknowledged at a record read 96 ms after
+    the bump. a's claim at 3, decided on the record from before the bump, landed after that,
+    and a's replay wrote its older mirror copy (write 8) over 45. Such writes now wait for a
+    read begun lease_ms after the last bump or boot, as serving solo does."""
+    result = run_seed(902844, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_a_copy_mirrored_at_the_owners_new_generation_is_not_voided_by_that_move():
+    """Fixed (seed 905875 at 300 steps, same sweep): b watched lun2 while its own resync ran, its
+    copies judged at 1. a, mirrored again at 2, mirrored write 59 to b and acknowledged it. b
+    noted a's MIRRORED record at 2 as a move away from 1 and its claim at 4 voided every copy of
+    lun2, 59's too. Mirror blocks now keep the generation they were mirrored at, and a void
+    frees only those below the record's generation."""
+    result = run_seed(905875, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Found by a fresh sweep at 1000 steps (870000-871999); open, diagnosed only this far. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing.
 OPEN_SEEDS_1000 = {
@@ -559,20 +580,7 @@ OPEN_SEEDS_1000 = {
 
 
 
-# Found by a fresh sweep at 300 steps on the final tree (900000-); open, diagnosed only this far.
-OPEN_SEEDS_300 = {
-    902844: "lun3 as recovered by a after a restart: sector 139 holds write 8 where b's write 45 was "
-            "acknowledged. a claimed lun3 at 3 (1617 ms) on a record write that landed late; b, not "
-            "seeing it yet, bumped to 2 and renewed (1624-1722 ms), wrote 45 through and answered it "
-            "(1655 ms); a's claim then landed over b's record, b was fenced (1792 ms), and a's replay "
-            "wrote its older mirror copy (write 8) over 45. The guard for a claim written long after its "
-            "read (claim_stale) did not stop the replay",
-    905875: "a read of lun2 at a returns write 40 where a's write 59 (sectors 249-255) was "
-            "acknowledged at 211 ms on b's mirror ack (a OWNER at 2, link up); b's claim at 4 first "
-            "voided its mirror (mirror_void: 1 block, that copy), fenced a (its line held) and "
-            "replayed without it. a had been SOLO at 2 before mirroring again at 2: b's void decision "
-            "(_voids_mirror, void_mirror, peer_generation) is the question",
-}
+OPEN_SEEDS_300 = {}
 
 
 OPEN_SEEDS = {300: OPEN_SEEDS_300, 1000: OPEN_SEEDS_1000}
