@@ -93,7 +93,8 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    replayed by the new owner, or voided); under a claim still CLAIMED
    it holds them, unused but kept in NVRAM and their blocks not reused, so
    the claimant's mirror copy (same block numbers) stays intact until its
-   replay, then drops them.
+   replay, then drops them. A read begun before the partner's grant handed
+   us the LUN shows the record from before it and judges nothing: read again.
 The window left is between a lease check and the system call it guards (a
 pause landing exactly there): real arrays close it with SCSI persistent
 reservations on the disks, which a stale writer cannot pass.
@@ -227,7 +228,7 @@ class LunFence:
                  "want_back", "counter_written", "replay_failed", "replay_retry_ms", "replayed_generation",
                  "held_lines", "held_generation", "peer_generation", "replay_complete", "claim_read_ms",
                  "claim_stale", "bump_after_ms", "claim_over_generation", "solo_after_ms",
-                 "acks_generation")
+                 "acks_generation", "granted_ms")
 
     def __init__(self, lun):
         self.lun = lun
@@ -260,6 +261,7 @@ class LunFence:
         self.replay_complete = False      # our takeover's replay is done: SOLO goes to the record next
         self.peer_generation = 0          # the newest generation the partner mirrored this LUN's writes at
         self.claim_read_ms = 0            # when the read our claim was decided on began
+        self.granted_ms = -1              # when the partner last handed us the LUN (a grant)
         self.claim_stale = False          # our claim's write completed late: a fresh read decides
         self.bump_after_ms = 0            # no solo bump before this (lease_ms after the last, or boot)
         self.solo_after_ms = None         # our bump landed: solo on a read begun at or after this
@@ -347,6 +349,12 @@ class FenceMixin:
             return
         if self.now_ms - f.read_start_ms >= self.params.lease_ms and not self.buggify("skip_fencing_reread"):
             self._read_record(f)        # answered after a pause: a claim may have landed since; read again
+            return
+        if f.read_start_ms < f.granted_ms:
+            # Begun before the partner handed us the LUN, the read shows its record from before
+            # (its owner, our generation - 1): taken for a newer owner's, it fenced us and dropped
+            # a line the partner had mirrored and acknowledged (seed 871927 at 1000 steps).
+            self._read_record(f)
             return
         try:
             rec = R.parse_record_untrusted(data, f"lun{f.lun} reservation record")

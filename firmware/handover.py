@@ -74,6 +74,7 @@ class HandoverMixin:
         self._free_stale_mirror(f)
         f.generation = generation
         f.want_back = False
+        f.granted_ms = self.now_ms
         f.lease_until_ms = self.now_ms + self.params.lease_ms
         self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
 
