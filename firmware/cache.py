@@ -28,7 +28,7 @@ def line_key(lun: int, line_no: int) -> int:
 class Line:
     """One version of one cache line, held in one primary block."""
     __slots__ = ("block", "key", "lun", "lba", "seq", "bitmap", "current", "flushing",
-                 "pins", "dead", "mirrored", "forgotten")
+                 "pins", "dead", "mirrored", "forgotten", "older")
 
     def __init__(self, block, key, lun, lba, seq, bitmap, mirrored):
         self.block = block
@@ -43,6 +43,7 @@ class Line:
         self.dead = False           # superseded and safe, or destaged
         self.mirrored = mirrored    # the partner holds it in its mirror segment
         self.forgotten = False      # dead, and its descriptor is FREE in NVRAM (a restart ignores it)
+        self.older = None           # the version it replaced, until that one is forgotten
 
 
 class PrimaryCache:
@@ -74,6 +75,7 @@ class PrimaryCache:
         self.by_block[line.block] = line
         if old is not None:
             old.current = False
+            line.older = old
             self.wbq.pop(line.key, None)
         self.wbq[line.key] = line
         return old

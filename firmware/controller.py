@@ -618,6 +618,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             # views it) that outlived a newer version's destage came back at a restart over
             # newer data on disk (seeds 114, 223).
             line.forgotten = True
+            line.older = None
             self._persist(self.primary.store_free(line.block))
         if cache.freeable(line):
             cache.release_block(line)

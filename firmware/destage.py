@@ -220,10 +220,24 @@ class DestageMixin:
             cache.remove_current(line)
             refs.append((line.block, line.seq))
             line.dead = True
+            self._forget_older(line)
             self._maybe_free(line, drain=False)
         self.stats["destaged"] += len(entry.lines)
         if self.waiting:
             self._drain_waiting()
+
+    def _forget_older(self, line):
+        """The disk holds `line` durably: every older version of its key still in NVRAM is old
+        data now, also one that waits for the write that replaced it (a mirror ack cut off by
+        a link drop). Kept, it was the only version of its key left after the newer ones were
+        destaged, and a restart replayed it over them (seed 910743 at 300 steps: write 2's line
+        outlived writes 26 and 81, both destaged, and came back at a power cut)."""
+        older = line.older
+        while older is not None and not older.forgotten:
+            next_older = older.older
+            older.dead = True
+            self._maybe_free(older, drain=False)
+            older = next_older
 
     # -- disk flushes ---------------------------------------------------------
 

@@ -504,3 +504,48 @@ def test_a_record_read_begun_before_a_grant_does_not_fence_the_new_owner():
     assert f.state == Own.OWNER and not [n for n in p.notes[1] if n[0] == "fenced"]
     p.read(1, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"3" * BS)
+
+
+def test_an_old_version_waiting_for_its_replacement_is_forgotten_once_a_newer_one_is_on_disk():
+    # a's write v2 over v1 lost its mirror ack with the link; a destaged v2 while fencing, and
+    # the link came back within lease_ms of a's boot, so v2 waits to be acknowledged (and v1,
+    # the version it replaced, stays in NVRAM with it). v3 was then acknowledged and destaged.
+    # At a power cut v1 was the only version of its key left in NVRAM, and the restart replayed
+    # it over v3 (seed 910743 at 300 steps). A durable destage forgets every older version.
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    f = a.fence[0]
+    p.write(0, "v1", 0, 0, b"1" * BS)
+    p.deliver()
+    assert p.replies["v1"] == (0, None)
+    p.ctrl[1] = None
+    p.write(0, "v2", 0, 0, b"2" * BS)
+    p.wire[0].clear()
+    p.run(0, a.link_disconnected("cut"))
+    p.ctrl[1] = b
+    b.set_time(p.now_ms)
+    p.disconnect()
+    for _ in range(3):
+        p.tick(10)
+    assert f.state == Own.FENCING and f.acks and bytes(p.disks[0][:BS]) == b"2" * BS
+    p.connect()
+    for _ in range(100):
+        if f.state == Own.OWNER:
+            break
+        p.tick(10)
+    assert f.state == Own.OWNER and f.acks                   # v2 still waits: too soon after the boot
+    p.write(0, "v3", 0, 0, b"3" * BS)
+    p.deliver()
+    assert p.replies["v3"] == (0, None)
+    a.params.idle_flush_ms = 0
+    for _ in range(5):
+        p.tick(10)
+    assert a.cache.dirty_lines == 0
+    p.crash(0)
+    p.crash(1)
+    p.boot(0)
+    p.boot(1)
+    for _ in range(100):
+        p.tick(10)
+    p.read(0, "r", 0, 0, BS)
+    assert p.replies["r"] == (0, b"3" * BS)

@@ -579,6 +579,17 @@ def test_a_record_read_from_before_a_grant_does_not_fence_the_new_owner():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_an_old_version_is_forgotten_once_a_newer_one_is_durable():
+    """Fixed (seed 910743 at 300 steps, found by a fresh sweep on the tree of the fix for 902844,
+    which made it possible): a's write 26 over write 2 lost its mirror ack with the link; a
+    destaged 26, and the link came back within lease_ms of a's boot, so 26 waited to be
+    acknowledged and write 2's line, the version it replaced, waited in NVRAM with it. Write 81
+    was acknowledged and destaged; at a power cut write 2 was the only version of its key left
+    in NVRAM and came back over 81. A durable destage now forgets every older version."""
+    result = run_seed(910743, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS_1000 = {}
