@@ -58,6 +58,7 @@ def _loop(pair, args, frames, screen):
     from .top_view import Frame, render
     timeout_s = max(0.5, min(2.0, args.interval))
     tail = EventTail(pair.dir, args.events)
+    luns = tuple(f"lun{i}" for i in range(int(pair.meta().get("luns", 0))))
     prev = {}
     if args.once:               # rates need an earlier sample: take it, one interval before the frame
         prev = {name: take_sample(pair, name, timeout_s) for name in NAMES}
@@ -67,7 +68,7 @@ def _loop(pair, args, frames, screen):
         started = time.monotonic()
         cur = {name: take_sample(pair, name, timeout_s) for name in NAMES}
         screen.show(render(Frame(str(pair.dir), args.interval, time.time(), cur, prev, tail.poll(),
-                                 live=screen.keys)))
+                                 live=screen.keys, luns=luns)))
         prev = cur
         shown += 1
         if frames is not None and shown >= frames:

@@ -100,16 +100,15 @@ def take_sample(pair, name: str, timeout_s: float) -> Sample:
             sample.t_s = time.monotonic()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             sample.metrics_error = f"{url}: {getattr(exc, 'reason', exc)}"
-    if sample.counters is not None:
-        if sample.counters.link_up:
-            sample.link_rtt_s = sample.counters.link_rtt_s
-    elif st.get("link") in ("mirrored", "shipping"):
-        sample.link_rtt_s = _ping(pair, name, timeout_s)
+    if sample.counters is not None and sample.counters.link_up:
+        sample.link_rtt_s = sample.counters.link_rtt_s          # the controller's own ping, each second
+    if sample.link_rtt_s is None and st.get("link") in ("mirrored", "shipping"):
+        sample.link_rtt_s = _ping(pair, name, timeout_s)        # metrics off, or no ping answered yet
     return sample
 
 
 def _ping(pair, name, timeout_s):
-    """Without metrics: the control socket's own link round trip (`{"cmd": "ping"}`)."""
+    """The control socket's link round trip (`{"cmd": "ping"}`, as `twincache status` had it)."""
     try:
         answer = request(pair.control_path(name), {"cmd": "ping"}, timeout_s)
     except (OSError, ValueError):

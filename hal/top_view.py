@@ -32,6 +32,7 @@ class Frame:
     prev: dict                          # name -> Sample of the round before (or missing)
     events: list                        # event dicts, oldest first
     live: bool = False                  # drawn in place on a terminal: say how to quit
+    luns: tuple = ()                    # the pair's LUNs (pair.json), shown even while both are down
 
 
 def render(frame: Frame):
@@ -82,7 +83,7 @@ def _controllers(frame):
 
 def _luns(frame):
     table = _table("LUNs (one row per controller)", "LUN", "CTRL", "OWNERSHIP", "GEN", *RATE_COLUMNS, "DIRTY", "DISK")
-    luns = sorted({lun for s in frame.cur.values() for lun in _lun_names(s)}, key=_lun_order)
+    luns = sorted(set(frame.luns) | {lun for s in frame.cur.values() for lun in _lun_names(s)}, key=_lun_order)
     for lun in luns:
         for name in NAMES:
             s = frame.cur[name]
