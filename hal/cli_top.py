@@ -67,8 +67,9 @@ def _loop(pair, args, frames, screen):
     while True:
         started = time.monotonic()
         cur = {name: take_sample(pair, name, timeout_s) for name in NAMES}
-        screen.show(render(Frame(str(pair.dir), args.interval, time.time(), cur, prev, tail.poll(),
-                                 live=screen.keys, luns=luns)))
+        frame = Frame(str(pair.dir), args.interval, time.time(), cur, prev, tail.poll(),
+                      live=screen.live is not None, luns=luns)
+        screen.show(render(frame, screen.console))
         prev = cur
         shown += 1
         if frames is not None and shown >= frames:

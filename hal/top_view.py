@@ -14,6 +14,7 @@ import json
 
 from rich import box
 from rich.console import Group
+from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
@@ -31,73 +32,101 @@ class Frame:
     cur: dict                           # name -> Sample
     prev: dict                          # name -> Sample of the round before (or missing)
     events: list                        # event dicts, oldest first
-    live: bool = False                  # drawn in place on a terminal: say how to quit
+    live: bool = False                  # redrawn on a terminal: events fit its height; say how to quit
     luns: tuple = ()                    # the pair's LUNs (pair.json), shown even while both are down
 
 
-def render(frame: Frame):
-    parts = [_header(frame), _controllers(frame), _luns(frame), _events(frame)]
+def render(frame: Frame, console):
+    """The frame as a rich renderable, fitted to the console: columns that do not fit are left out
+    (the least useful first), never cut; on a terminal the events get the lines that are left."""
+    width = console.width
+    parts = [_header(frame), _controllers(frame, width), _luns(frame, width)]
     notes = _notes(frame)
     if notes:
         parts.append(notes)
+    events = frame.events
+    if frame.live:
+        used = len(console.render_lines(Group(*parts), console.options.update(width=width), pad=False))
+        room = console.height - used - EVENT_TABLE_LINES - 1       # the last line: the cursor's
+        events = events[-room:] if room > 0 else None
+    if events is not None:
+        parts.append(_events(events))
     return Group(*parts)
 
 
 def _header(frame):
-    clock = datetime.datetime.fromtimestamp(frame.wall_s).strftime("%Y-%m-%d %H:%M:%S")
-    text = Text(HEADER, style="bold")
-    text.append(f"  {frame.directory}  every {frame.interval_s:g} s  {clock}")
+    clock = datetime.datetime.fromtimestamp(frame.wall_s).strftime("%H:%M:%S")
+    text = Text(HEADER, style="bold", no_wrap=True, overflow="ellipsis")
+    text.append(f"  {clock}  every {frame.interval_s:g} s  {frame.directory}")
     if frame.live:
         text.append("  (q quits)", style="dim")
     return text
 
 
-def _table(title, *columns):
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), title=title,
+LEFT = ("CTRL", "LUN", "STATE", "ROLE", "LINK", "OWNERSHIP", "DISK", "TIME", "EVENT", "DETAILS")
+COLUMN_GAP = 2
+EVENT_TABLE_LINES = 3                   # title, header, rule
+
+
+def _table(title, columns, rows, width=None, drop=()):
+    """A table of one-line cells. Past `width`, columns in `drop` go, in that order, until it fits;
+    the rest keep their full width (a figure cut short would be a wrong figure)."""
+    need = {c: max([cell_len(c)] + [Text(str(r[i])).cell_len for r in rows]) for i, c in enumerate(columns)}
+    keep = list(columns)
+    for name in drop:
+        if width is None or sum(need[c] for c in keep) + COLUMN_GAP * (len(keep) - 1) <= width:
+            break
+        keep.remove(name)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), title=title,
                   title_justify="left", title_style="bold")
-    for name in columns:
-        left = name in ("CTRL", "LUN", "STATE", "ROLE", "LINK", "OWNERSHIP", "DISK")
-        table.add_column(name, justify="left" if left else "right", no_wrap=True, overflow="ellipsis")
+    for name in keep:
+        table.add_column(name, justify="left" if name in LEFT else "right", no_wrap=True, overflow="ellipsis",
+                         min_width=None if name == "DETAILS" else need[name])
+    for row in rows:
+        table.add_row(*[row[columns.index(name)] for name in keep])
     return table
 
 
 RATE_COLUMNS = ("r/s", "w/s", "rMB/s", "wMB/s", "p50", "p99")
+CONTROLLER_COLUMNS = ("CTRL", "STATE", "PID", "ROLE", "LINK", "RTT", "GEN", *RATE_COLUMNS, "DIRTY", "MIRROR", "HOSTS")
+CONTROLLER_DROP = ("HOSTS", "PID", "ROLE", "MIRROR", "GEN", "rMB/s", "RTT", "r/s", "p50")
+LUN_COLUMNS = ("LUN", "CTRL", "OWNERSHIP", "GEN", *RATE_COLUMNS, "DIRTY", "DISK")
+LUN_DROP = ("DISK", "rMB/s", "GEN", "r/s", "p50")
 
 
-def _controllers(frame):
-    table = _table("controllers", "CTRL", "STATE", "PID", "ROLE", "LINK", "RTT", "GEN", *RATE_COLUMNS, "DIRTY", "MIRROR", "HOSTS")
+def _controllers(frame, width=None):
+    rows = []
     for name in NAMES:
         s = frame.cur[name]
         if s.status is None:
-            table.add_row(name, Text("down", style="bold red"), *["-"] * 14)
+            rows.append([name, Text("down", style="bold red")] + ["-"] * (len(CONTROLLER_COLUMNS) - 2))
             continue
         st = s.status
         link = str(st.get("link", "-"))
-        table.add_row(name, Text("up", style="green"), str(st.get("pid", "-")), str(st.get("role", "-")),
-                      Text(link, style="green" if link in ("mirrored", "shipping") else "yellow"),
-                      _duration(s.link_rtt_s), _int(st.get("generation")),
-                      *_rate_cells(rates(frame.prev.get(name), s)),
-                      _int(st.get("dirty_blocks")), _int(st.get("mirror_blocks")), _int(st.get("nbd_clients")))
-    return table
+        rows.append([name, Text("up", style="green"), str(st.get("pid", "-")), str(st.get("role", "-")),
+                     Text(link, style="green" if link in ("mirrored", "shipping") else "yellow"),
+                     _duration(s.link_rtt_s), _int(st.get("generation")),
+                     *_rate_cells(rates(frame.prev.get(name), s)),
+                     _int(st.get("dirty_blocks")), _int(st.get("mirror_blocks")), _int(st.get("nbd_clients"))])
+    return _table("controllers", CONTROLLER_COLUMNS, rows, width, CONTROLLER_DROP)
 
 
-def _luns(frame):
-    table = _table("LUNs (one row per controller)", "LUN", "CTRL", "OWNERSHIP", "GEN", *RATE_COLUMNS, "DIRTY", "DISK")
+def _luns(frame, width=None):
+    rows = []
     luns = sorted(set(frame.luns) | {lun for s in frame.cur.values() for lun in _lun_names(s)}, key=_lun_order)
     for lun in luns:
         for name in NAMES:
             s = frame.cur[name]
             if s.status is None:
-                table.add_row(lun, name, Text("down", style="red"), *["-"] * 9)
+                rows.append([lun, name, Text("down", style="red")] + ["-"] * (len(LUN_COLUMNS) - 3))
                 continue
             info = (s.status.get("luns") or {}).get(lun, {})
             state = str(info.get("state", "-"))
-            disk = ((s.status.get("disks") or {}).get(lun) or {}).get("state", "-")
-            table.add_row(lun, name, Text(state, style="bold" if state == "owner" else ""),
-                          _int(info.get("generation")), *_rate_cells(rates(frame.prev.get(name), s, lun)),
-                          _int(info.get("dirty_lines")),
-                          Text(str(disk), style="" if disk in ("ok", "-") else "bold red"))
-    return table
+            disk = str(((s.status.get("disks") or {}).get(lun) or {}).get("state", "-"))
+            rows.append([lun, name, Text(state, style="bold" if state == "owner" else ""),
+                         _int(info.get("generation")), *_rate_cells(rates(frame.prev.get(name), s, lun)),
+                         _int(info.get("dirty_lines")), Text(disk, style="" if disk in ("ok", "-") else "bold red")])
+    return _table("LUNs (one row per controller)", LUN_COLUMNS, rows, width, LUN_DROP)
 
 
 def _lun_names(sample: Sample):
@@ -113,21 +142,18 @@ def _lun_order(name):
     return (0, int(digits), name) if digits.isdigit() else (1, 0, name)
 
 
-def _events(frame):
-    table = _table("events, both controllers, latest last", "TIME", "CTRL", "EVENT", "DETAILS")
-    table.columns[0].justify = "left"
-    table.columns[2].justify = "left"
-    table.columns[3].justify = "left"
-    for e in frame.events:
+def _events(events):
+    rows = []
+    for e in events:
         try:
             when = datetime.datetime.fromtimestamp(float(e.get("ts", 0))).strftime("%H:%M:%S.%f")[:-3]
         except (TypeError, ValueError, OverflowError):
             when = "-"
         details = " ".join(f"{k}={_field(v)}" for k, v in e.items() if k not in EVENT_SKIP_FIELDS)
-        table.add_row(when, str(e.get("controller", "-")), str(e.get("kind", "-")), details)
-    if not frame.events:
-        table.add_row("-", "-", "(no events yet)", "")
-    return table
+        rows.append([when, str(e.get("controller", "-")), str(e.get("kind", "-")), details])
+    if not events:
+        rows.append(["-", "-", "(no events yet)", ""])
+    return _table("events, both controllers, latest last", ("TIME", "CTRL", "EVENT", "DETAILS"), rows)
 
 
 def _field(value):

@@ -182,14 +182,24 @@ def test_top_shows_writes_on_the_owner_an_ownership_move_and_its_events(mpair):
     assert writer.returncode == 0, writer.stderr.read()
 
 
-def test_top_shows_a_killed_controller_as_down_and_ctrl_c_quits(mpair):
+def assert_fits(frame, rows, cols):
+    lines = frame.rstrip("\n").splitlines()
+    assert len(lines) < rows and max(len(line.rstrip()) for line in lines) <= cols, frame
+    assert not re.search(r"\d…", frame), frame          # a figure is left out whole, never cut short
+
+
+def test_top_in_80_columns_shows_a_killed_controller_as_down_and_ctrl_c_quits(mpair):
     pair = mpair
-    term = Terminal(["top", "--dir", str(pair.dir), "--interval", "0.5"])
+    term = Terminal(["top", "--dir", str(pair.dir), "--interval", "0.5"], rows=24, cols=80)
     try:
-        term.wait_frame(lambda f: controllers(f)["b"]["STATE"] == "up", 20, "b up")
+        up = term.wait_frame(lambda f: controllers(f)["b"]["STATE"] == "up", 20, "b up")
+        assert_fits(up, 24, 80)
+        assert {"LINK", "RTT", "w/s", "p99", "DIRTY"} <= set(controllers(up)["a"]) and "HOSTS" not in controllers(up)["a"]
+        assert re.search(r"\n\d\d:\d\d:\d\d\.\d{3}  [ab] ", up), up      # events fill the lines left
         pair.kill("b")
         down = term.wait_frame(lambda f: controllers(f)["b"]["STATE"] == "down", 5, "b down")
-        assert controllers(down)["a"]["STATE"] == "up" and controllers(down)["b"]["PID"] == "-"
+        assert_fits(down, 24, 80)
+        assert controllers(down)["a"]["STATE"] == "up" and controllers(down)["b"]["LINK"] == "-"
         assert luns(down)[("lun0", "b")]["OWNERSHIP"] == "down"
         assert "b: stopped" in down
         # a takes b's LUN over and owns both alone ("solo": no partner to mirror to).
