@@ -36,14 +36,18 @@ def register(sub):
 
 def cmd_top(args):
     import rich  # noqa: F401  (first: without it, the error names the extra that brings it)
-    from .cli_controller import _existing_pair
+    from .pair import LocalPair, PairError
     if not args.interval >= INTERVAL_MIN_S:
         raise UsageError(f"--interval {args.interval:g}: give at least {INTERVAL_MIN_S} seconds")
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames {args.frames}: give 1 or more")
     if args.events < 0:
         raise UsageError(f"--events {args.events}: give 0 or more")
-    pair = _existing_pair(args)
+    pair = LocalPair(args.dir)
+    try:
+        pair.meta()
+    except PairError as exc:
+        raise UsageError(str(exc)) from None
     frames = 1 if args.once else args.frames
     try:
         with Screen(live=not args.once) as screen:
@@ -57,7 +61,7 @@ def _loop(pair, args, frames, screen):
     from .top_data import NAMES, EventTail, take_sample
     from .top_view import Frame, render
     timeout_s = max(0.5, min(2.0, args.interval))
-    tail = EventTail(pair.dir, args.events)
+    tail = EventTail(pair.dir, args.events) if args.events else None
     luns = tuple(f"lun{i}" for i in range(int(pair.meta().get("luns", 0))))
     prev = {}
     if args.once:               # rates need an earlier sample: take it, one interval before the frame
@@ -67,7 +71,7 @@ def _loop(pair, args, frames, screen):
     while True:
         started = time.monotonic()
         cur = {name: take_sample(pair, name, timeout_s) for name in NAMES}
-        frame = Frame(str(pair.dir), args.interval, time.time(), cur, prev, tail.poll(),
+        frame = Frame(str(pair.dir), args.interval, time.time(), cur, prev, tail.poll() if tail else None,
                       live=screen.live is not None, luns=luns)
         screen.show(render(frame, screen.console))
         prev = cur
@@ -100,7 +104,6 @@ class Screen:
                              redirect_stderr=False)
         self.stdin_fd = sys.stdin.fileno() if live and sys.stdin is not None and sys.stdin.isatty() else None
         self.saved_tty = None
-        self.keys = self.stdin_fd is not None
         self.printed = 0
 
     def __enter__(self):

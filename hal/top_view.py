@@ -31,7 +31,7 @@ class Frame:
     wall_s: float                       # time.time() of the samples, for the clock in the header
     cur: dict                           # name -> Sample
     prev: dict                          # name -> Sample of the round before (or missing)
-    events: list                        # event dicts, oldest first
+    events: list | None                 # event dicts, oldest first; None: no events section
     live: bool = False                  # redrawn on a terminal: events fit its height; say how to quit
     luns: tuple = ()                    # the pair's LUNs (pair.json), shown even while both are down
 
@@ -45,7 +45,7 @@ def render(frame: Frame, console):
     if notes:
         parts.append(notes)
     events = frame.events
-    if frame.live:
+    if frame.live and events is not None:
         used = len(console.render_lines(Group(*parts), console.options.update(width=width), pad=False))
         room = console.height - used - EVENT_TABLE_LINES - 1       # the last line: the cursor's
         events = events[-room:] if room > 0 else None

@@ -224,6 +224,9 @@ def test_top_once_piped_is_one_plain_frame_with_both_controllers_down(tmp_path):
     assert ctl["a"]["STATE"] == ctl["b"]["STATE"] == "down"
     assert luns(out.stdout)[("lun0", "a")]["OWNERSHIP"] == "down"
     assert "a: stopped" in out.stdout and "(no events yet)" in out.stdout
+    two = run(TC + ["top", "--dir", str(tmp_path / "pair"), "--frames", "2", "--interval", "0.1", "--events", "0"],
+              cwd=REPO, env=child_env())
+    assert two.stdout.count("twincache top") == 2 and "events" not in two.stdout
 
 
 def test_quantile_reads_histogram_buckets_like_prometheus():
