@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from fixtures.pair import MiB, make_pair, run
+from fixtures.pair import MiB, PairHandle, make_pair, run
 from hal.top_data import quantile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,6 +227,23 @@ def test_top_once_piped_is_one_plain_frame_with_both_controllers_down(tmp_path):
     two = run(TC + ["top", "--dir", str(tmp_path / "pair"), "--frames", "2", "--interval", "0.1", "--events", "0"],
               cwd=REPO, env=child_env())
     assert two.stdout.count("twincache top") == 2 and "events" not in two.stdout
+
+
+def test_top_on_a_log_variant_pair_leaves_both_controllers_running(tmp_path):
+    # Its link round trip is asked on the control socket, where a ping used to kill a log source.
+    from hal.control import request
+    pair = PairHandle(tmp_path / "pair")
+    try:
+        pair.up(luns=1, lun_size_bytes=16 * MiB, nvram_size_bytes=16 * MiB, mode="replica", replica_variant="log",
+                metrics=True)
+        assert "error" in request(pair.control_path("a"), {"cmd": "ping"})
+        out = run(TC + ["top", "--dir", str(pair.dir), "--frames", "2", "--interval", "0.3"], cwd=REPO,
+                  env=child_env())
+        last = out.stdout.split("twincache top")[-1]
+        assert controllers(last)["a"]["STATE"] == controllers(last)["b"]["STATE"] == "up", out.stdout
+        assert pair.pid("a") and pair.pid("b")
+    finally:
+        pair.stop_all()
 
 
 def test_quantile_reads_histogram_buckets_like_prometheus():
