@@ -30,7 +30,7 @@ def register(sub):
     t.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     t.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
     t.add_argument("--frames", type=int, metavar="N", help="exit after N frames")
-    t.add_argument("--events", type=int, default=8, metavar="N", help="recent events shown (default 8)")
+    t.add_argument("--events", type=int, default=8, metavar="N", help="at most N recent events (default 8; fewer when the terminal is short)")
     t.set_defaults(func=cmd_top)
 
 
