@@ -178,8 +178,11 @@ def _notes(frame):
 def _rate_cells(r: Rates | None):
     if r is None:
         return ["-"] * len(RATE_COLUMNS)
-    return [f"{r.r_iops:.0f}", f"{r.w_iops:.0f}", f"{r.r_mbs:.1f}", f"{r.w_mbs:.1f}",
-            _duration(r.p50_s), _duration(r.p99_s)]
+    return [f"{r.r_iops:.0f}", f"{r.w_iops:.0f}", _mbs(r.r_mbs), _mbs(r.w_mbs), _duration(r.p50_s), _duration(r.p99_s)]
+
+
+def _mbs(value):
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"      # 20 writes of 4 KiB a second still show
 
 
 def _duration(seconds):
