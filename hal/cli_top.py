@@ -10,6 +10,7 @@ is drawn as down; the view goes on.
 """
 import os
 import select
+import signal
 import sys
 import time
 
@@ -49,6 +50,9 @@ def cmd_top(args):
     except PairError as exc:
         raise UsageError(str(exc)) from None
     frames = 1 if args.once else args.frames
+    # A polite kill (timeout, kill PID) leaves through the with-block too, so the terminal gets its
+    # echo and line editing back; the status is still what SIGTERM's is.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         with Screen(live=not args.once) as screen:
             _loop(pair, args, frames, screen)

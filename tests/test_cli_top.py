@@ -232,6 +232,22 @@ def test_top_once_piped_is_one_plain_frame_with_both_controllers_down(tmp_path):
     assert two.stdout.count("twincache top") == 2 and "events" not in two.stdout
 
 
+def test_top_killed_with_sigterm_gives_the_terminal_back(tmp_path):
+    from hal.pair import LocalPair
+    LocalPair(tmp_path / "pair").create(luns=1, lun_size_bytes=16 * MiB, nvram_size_bytes=8 * MiB)
+    term = Terminal(["top", "--dir", str(tmp_path / "pair"), "--interval", "0.2"], rows=24, cols=80)
+    try:
+        term.wait_frame(lambda f: controllers(f)["a"]["STATE"] == "down", 20, "a first frame")
+        attrs = termios.tcgetattr(term.fd)
+        assert not attrs[3] & termios.ECHO and not attrs[3] & termios.ICANON       # keys one by one
+        os.kill(term.pid, signal.SIGTERM)
+        assert term.wait_exit() == 128 + signal.SIGTERM and "Traceback" not in term.text()
+        attrs = termios.tcgetattr(term.fd)
+        assert attrs[3] & termios.ECHO and attrs[3] & termios.ICANON, "the terminal was left in cbreak mode"
+    finally:
+        term.close()
+
+
 def test_top_on_a_log_variant_pair_leaves_both_controllers_running(tmp_path):
     # Its link round trip is asked on the control socket, where a ping used to kill a log source.
     from hal.control import request
