@@ -99,7 +99,7 @@ def _controllers(frame, width=None):
     for name in NAMES:
         s = frame.cur[name]
         if s.status is None:
-            rows.append([name, Text("down", style="bold red")] + ["-"] * (len(CONTROLLER_COLUMNS) - 2))
+            rows.append([name, Text(_down_word(s), style="bold red")] + ["-"] * (len(CONTROLLER_COLUMNS) - 2))
             continue
         st = s.status
         link = str(st.get("link", "-"))
@@ -118,7 +118,7 @@ def _luns(frame, width=None):
         for name in NAMES:
             s = frame.cur[name]
             if s.status is None:
-                rows.append([lun, name, Text("down", style="red")] + ["-"] * (len(LUN_COLUMNS) - 3))
+                rows.append([lun, name, Text(_down_word(s), style="red")] + ["-"] * (len(LUN_COLUMNS) - 3))
                 continue
             info = (s.status.get("luns") or {}).get(lun, {})
             state = str(info.get("state", "-"))
@@ -127,6 +127,11 @@ def _luns(frame, width=None):
                          _int(info.get("generation")), *_rate_cells(rates(frame.prev.get(name), s, lun)),
                          _int(info.get("dirty_lines")), Text(disk, style="" if disk in ("ok", "-") else "bold red")])
     return _table("LUNs (one row per controller)", LUN_COLUMNS, rows, width, LUN_DROP)
+
+
+def _down_word(sample: Sample) -> str:
+    """"down" when no process runs; "unreachable" when one does and does not answer (stopped, stuck)."""
+    return "unreachable" if sample.down == "unreachable" else "down"
 
 
 def _lun_names(sample: Sample):

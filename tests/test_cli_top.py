@@ -191,7 +191,7 @@ def assert_fits(frame, rows, cols):
     assert not re.search(r"\d…", frame), frame          # a figure is left out whole, never cut short
 
 
-def test_top_in_80_columns_shows_a_killed_controller_as_down_and_ctrl_c_quits(mpair):
+def test_top_in_80_columns_shows_a_stopped_then_killed_controller_and_ctrl_c_quits(mpair):
     pair = mpair
     term = Terminal(["top", "--dir", str(pair.dir), "--interval", "0.5"], rows=24, cols=80)
     try:
@@ -199,6 +199,10 @@ def test_top_in_80_columns_shows_a_killed_controller_as_down_and_ctrl_c_quits(mp
         assert_fits(up, 24, 80)
         assert {"LINK", "RTT", "w/s", "p99", "DIRTY"} <= set(controllers(up)["a"]) and "HOSTS" not in controllers(up)["a"]
         assert re.search(r"\n\d\d:\d\d:\d\d\.\d{3}  [ab] ", up), up      # events fill the lines left
+        pair.kill("b", signal.SIGSTOP)                            # there, and not answering
+        stuck = term.wait_frame(lambda f: controllers(f)["b"]["STATE"] == "unreachable", 10, "b unreachable")
+        assert_fits(stuck, 24, 80)
+        assert controllers(stuck)["a"]["STATE"] == "up" and "b: unreachable: timed out" in stuck, stuck
         pair.kill("b")
         down = term.wait_frame(lambda f: controllers(f)["b"]["STATE"] == "down", 5, "b down")
         assert_fits(down, 24, 80)
