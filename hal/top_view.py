@@ -3,8 +3,8 @@
 Three sections: one row per controller, one row per LUN and controller, and
 the most recent events of both, oldest first. Every cell but an event's
 details is one word (no spaces), so a frame stays readable when piped and a
-script can split a row on whitespace. A figure that cannot be known (no earlier sample yet, metrics
-off, the controller down) is "-", never 0.
+script can split a row on whitespace. A figure that cannot be known (no
+earlier sample yet, metrics off, the controller down) is "-", never 0.
 """
 from __future__ import annotations
 
