@@ -108,7 +108,7 @@ def take_sample(pair, name: str, timeout_s: float) -> Sample:
 
 
 def _ping(pair, name, timeout_s):
-    """The control socket's link round trip (`{"cmd": "ping"}`, as `twincache status` had it)."""
+    """The link round trip as the control socket measures it (`{"cmd": "ping"}`); None if it cannot."""
     try:
         answer = request(pair.control_path(name), {"cmd": "ping"}, timeout_s)
     except (OSError, ValueError):
