@@ -19,13 +19,14 @@ COMMAND_MODULES = [
     "hal.cli_nvram",         # nvram dump
     "hal.cli_provision",     # provision (pair key, disk labels)
     "hal.cli_metrics",       # metrics
+    "hal.cli_top",           # top
     "board.cli",             # bundle keygen|build|verify|inspect, board agent|flash
     "vm.cli",                # vm ...
 ]
 
 # Optional modules -> the extra of pyproject.toml that brings them (a test keeps the two in step).
 OPTIONAL_MODULES = {"cryptography": "board", "usb": "board", "libvirt": "vm", "uvloop": "fast",
-                    "matplotlib": "dev"}
+                    "matplotlib": "dev", "rich": "top"}
 EXIT_BROKEN_PIPE = 128 + 13     # what a shell reports for a process ended by SIGPIPE
 
 

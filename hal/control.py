@@ -144,6 +144,9 @@ class ControlServer:
         self._send(sock, answer)
 
     def _ping(self, sock):
+        if not hasattr(self.runtime.ctrl, "ping"):      # the log variant's source and destination
+            self._send(sock, {"error": "this controller has no link ping (log variant)"})
+            return
         if not self.runtime.ctrl.link.up:
             self._send(sock, {"error": "link is down"})
             return

@@ -26,7 +26,8 @@ def up(c, dir=DEFAULT_DIR, luns=None, lun_size=None, link=None, json=False):
     args = ["pair", "up", "--dir", dir] + [w for k, v in given.items() if v is not None for w in (k, str(v))]
     _tc(c, args + (["--json"] if json else []))
     if not json:
-        print(f"\nstatus:   inv pair.status --dir {dir}\nevents:   twincache events --dir {dir} -f"
+        print(f"\nstatus:   inv pair.status --dir {dir}\ntop:      twincache top --dir {dir}"
+              f"\nevents:   twincache events --dir {dir} -f"
               f"\nmetrics:  twincache metrics --dir {dir}\nstop:     inv pair.down --dir {dir}")
 
 

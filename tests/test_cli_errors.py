@@ -84,7 +84,10 @@ def test_command_with_bad_input_fails_in_one_line(words, tmp_path):
 
 @pytest.mark.parametrize("argv", [["status", "--dir", "{tmp}/nothing"], ["events", "--dir", "{tmp}"],
                                   ["status"], ["pair", "up", "--dir", "{tmp}/p", "--lun-size", "lots"],
-                                  ["ownership", "move", "lunx", "--to", "c", "--dir", "{tmp}"], ["frobnicate"]])
+                                  ["ownership", "move", "lunx", "--to", "c", "--dir", "{tmp}"], ["frobnicate"],
+                                  ["top", "--dir", "{tmp}/nothing"], ["top", "--dir", "{tmp}", "--once"],
+                                  ["top", "--dir", "{tmp}", "--interval", "0"],
+                                  ["top", "--dir", "{tmp}", "--frames", "0"]])
 def test_usage_errors_exit_2(argv, tmp_path):
     argv = [a.format(tmp=tmp_path) for a in argv]
     result = run_tc(TC + argv, tmp_path)
@@ -110,14 +113,23 @@ def pair_with_many_events(tmp_path):
     return pair
 
 
-def test_closed_pipe_exits_quietly(pair_with_many_events):
-    proc = subprocess.Popen(TC + ["events", "--dir", str(pair_with_many_events.dir)], stdout=subprocess.PIPE,
+@pytest.mark.parametrize("command", [["events"], ["top", "--interval", "0.1"]], ids=" ".join)
+def test_closed_pipe_exits_quietly(pair_with_many_events, command):
+    proc = subprocess.Popen(TC + command + ["--dir", str(pair_with_many_events.dir)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.stdout.read(1)
     proc.stdout.close()                        # the reader goes away, like `| head -c1`
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_top_closed_pipe_exits_quietly(pair_with_many_events, tmp_path):
+    # A pair whose controllers are not running: top draws them down, frame after frame.
+    line = " ".join(TC) + f" top --dir {pair_with_many_events.dir} --interval 0.1 | head -n1"
+    result = run_tc(["sh", "-c", line], tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("twincache top ")
 
 
 def test_closed_pipe_in_a_shell_pipeline(pair_with_many_events, tmp_path):
@@ -143,6 +155,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("module,argv,extra", [
     ("cryptography", ["bundle", "keygen", "{tmp}/key"], "board"),
     ("libvirt", ["vm", "status"], "vm"),
+    ("rich", ["top", "--dir", "{tmp}"], "top"),
 ])
 def test_missing_optional_module_names_the_extra(module, argv, extra, tmp_path):
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -155,7 +168,7 @@ def test_missing_optional_module_names_the_extra(module, argv, extra, tmp_path):
 def test_optional_modules_match_the_extras():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dists = {"cryptography": "cryptography", "usb": "pyusb", "libvirt": "libvirt-python", "uvloop": "uvloop",
-             "matplotlib": "matplotlib"}
+             "matplotlib": "matplotlib", "rich": "rich"}
     assert set(OPTIONAL_MODULES) == set(dists)
     for module, extra in OPTIONAL_MODULES.items():
         assert any(dep.startswith(dists[module]) for dep in extras[extra]), (module, extra)
