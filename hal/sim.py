@@ -282,6 +282,8 @@ class Sim:
             if kind is A.Persist:
                 n.nvram.persist(act.offset, act.length)
             elif kind is A.Transmit:
+                if n.conn != self.link.conn:
+                    continue                    # its session's connection is gone: the socket is closed
                 for t, dst, conn, chunk in self.link.transmit(i, act.buffers, self.now_us):
                     self.at(t, dst, self._deliver, dst, conn, chunk)
             elif kind is A.HostReply:
