@@ -23,7 +23,7 @@ TRANSITIONS table below; a (state, event) pair not in it is a protocol error
 and resets the link.
 
 This module is variant "bitmap"; variant "log" (NVRAM-log shipping) is
-reserved in ReplicaSettings and lives elsewhere when built.
+firmware/logship.py.
 """
 import collections
 

@@ -25,7 +25,7 @@ COMMAND_MODULES = [
 ]
 
 # Optional modules -> the extra of pyproject.toml that brings them (a test keeps the two in step).
-OPTIONAL_MODULES = {"cryptography": "board", "usb": "board", "libvirt": "vm", "uvloop": "fast",
+OPTIONAL_MODULES = {"cryptography": "board", "usb": "board", "libvirt": "vm",
                     "matplotlib": "dev", "rich": "top"}
 EXIT_BROKEN_PIPE = 128 + 13     # what a shell reports for a process ended by SIGPIPE
 

@@ -109,14 +109,6 @@ class Model:
             raise SimFailure(f"{what}: lun{lun} sector {sector} holds {shown}; allowed writes "
                              f"{sorted(allowed)} (read {rs_us}..{re_us} us)")
 
-    def prune(self, horizon_us):
-        """Forget writes no read starting at or after `horizon_us` may return."""
-        for key, h in self.hist.items():
-            cutoff = max((r.start_us for r in h if r.end_us is not None and r.end_us < horizon_us),
-                         default=-3)
-            if cutoff > h[0].start_us:
-                self.hist[key] = [r for r in h if r.end_us is None or r.end_us >= cutoff]
-
 
 # -- what the controllers and NVRAM hold (white box) ---------------------------
 

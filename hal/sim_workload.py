@@ -117,9 +117,6 @@ class Workload:
             self.stats["lost"] += 1
         return lost
 
-    def oldest_start_us(self, default):
-        return min((r.start_us for r in self.outstanding.values() if r.kind == "read"), default=default)
-
     def readback_request(self, node, lun, offset, length, now_us):
         """A read the final phase makes (no client: nothing follows it)."""
         req = Req(self.issued, -1, "read", lun, offset, length, False, node, now_us)

@@ -3,9 +3,8 @@
 The sweep is what CI runs in ha mode (replica mode joins once the firmware
 has it): with fencing (dynamic ownership, the default) and a shorter one with
 static ownership. A failure message carries the replay command (`inv sim
---seed N`). Seeds that show a known, not yet fixed firmware bug are listed in
-tests/test_sim_regressions.py (KNOWN_BAD_SEEDS, each an xfail test there) and
-skipped here, so the sweep still catches every new failure.
+--seed N`). Seeds that showed a firmware bug are kept, with their diagnosis, in
+tests/test_sim_regressions.py.
 """
 import random
 
@@ -18,7 +17,6 @@ from hal.sim_disk import DiskFaults, SimDiskArray
 from hal.sim_link import LinkFaults, SimLink
 from hal.sim_nvram import SimNvram
 from fixtures.mempair import split_frames
-from tests.test_sim_regressions import KNOWN_BAD_SEEDS
 
 SWEEP_SEEDS = 300
 STATIC_SEEDS = 150
@@ -32,8 +30,6 @@ FENCE_BROKEN_SEEDS = 12        # each fencing variant is caught in 30 or more of
 def _sweep(seeds, fencing):
     failures = []
     for seed in seeds:
-        if fencing and seed in KNOWN_BAD_SEEDS:
-            continue
         result = run_seed(seed, "ha", SWEEP_STEPS, fencing=fencing)
         if not result.ok:
             failures.append(f"{result.failure.splitlines()[0][:400]}\n  replay: {result.replay}")

@@ -1,27 +1,22 @@
 """Seeds the simulator found that show a real firmware problem, kept as regression tests.
 
-Each test names the seed and the diagnosis; xfail until the firmware is fixed.
-KNOWN_BAD_SEEDS lists the seeds of the default sweep (tests/test_sim.py,
-fencing on, 120 steps) that still fail because of a known firmware bug; the
-sweep skips them, the xfail tests below keep them honest (strict: once a fix
-makes one pass, the test says so and the seed goes back into the sweep).
+Each test names the seed and the diagnosis of the bug it found, fixed since.
+OPEN_SEEDS at the end lists seeds diagnosed but not fixed yet (non-strict
+xfail tests); it is empty when none is open.
 """
 import pytest
 
 from hal.sim import Sim, run_seed
 
 STEPS = 120
-# seed -> diagnosis (a one-liner; the xfail tests below carry the detail where known)
-KNOWN_BAD_SEEDS = {
-}
 # Diagnosed at 300 steps, not fixed, and no longer reproduced by its seed once the schedule
 # changed (so no test): seed 10086, before mirrored owners read their record every renew
 # interval. After a power cut of both, a (restarted, lun2 not yet settled) resynced its dirty
 # lines to b; lun2 then went FENCING (the resync was not done), destaged line 143 and went SOLO
 # at the next generation, then wrote 150 through. The flush-done for 143 travelled behind the
 # slow resync, so for a while b's mirror held 143 while a was OWNER again: a link failure then
-# would have let b replay 143 over 150. Mirror blocks carry no per-LUN generation a takeover
-# could judge them by (a restarted owner resyncs before it knows the LUN's generation).
+# would have let b replay 143 over 150 (a restarted owner resyncs before it knows the LUN's
+# generation).
 
 
 def test_lossy_link_heavy_loss_fast_heartbeat_makes_progress():
@@ -434,13 +429,6 @@ def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
     land (firmware/fencing.py mirror_ours)."""
     result = run_seed(seed, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
-
-
-@pytest.mark.xfail(strict=False, reason="known firmware bugs, not yet diagnosed; see KNOWN_BAD_SEEDS")
-@pytest.mark.parametrize("seed", sorted(KNOWN_BAD_SEEDS))
-def test_known_bad_seed(seed):
-    result = run_seed(seed, steps=STEPS)
-    assert result.ok, f"{KNOWN_BAD_SEEDS[seed]}: {result.failure.splitlines()[0][:200]}"
 
 
 def test_a_takeover_serves_only_a_lease_after_its_solo_landed():

@@ -263,9 +263,3 @@ class VmPair:
 
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
-
-
-def default_uri(cache_dir=None) -> str:
-    """TWINCACHE_LIBVIRT_URI if set, else the private libvirtd's URI."""
-    from vm import libvirtd
-    return os.environ.get("TWINCACHE_LIBVIRT_URI") or libvirtd.uri(cache_dir)
