@@ -20,7 +20,7 @@ eagerly; when the link comes back a resync sends every live line to the
 partner before the pair counts as mirrored again.
 
 Entry points: host_read, host_write, host_flush, host_trim,
-host_write_zeroes, link_connected, link_frame, link_disconnected, disk_done,
+host_write_zeroes, host_block_status (firmware/allocation.py), link_connected, link_frame, link_disconnected, disk_done,
 tick. Each returns the list of actions to carry out, in order.
 """
 import collections
@@ -32,6 +32,7 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, LinkSession
+from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
 from .fencing import OWNING, FenceMixin, Own
@@ -166,7 +167,8 @@ class ReadOp:
         self.overlay = overlay
 
 
-class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin):
+class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin,
+                 AllocationMixin):
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id
