@@ -365,6 +365,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             # its tag is reused by the next one. Answered there (it was held while the LUN settled),
             # its data answered the new session's request of that tag (seed 831457 at 300 steps: a
             # 256 KiB read through a returned 48 KiB, another read's data).
+            if data.__class__ is list:          # block status runs (firmware/allocation.py)
+                data = M.pack_block_runs(data)
             payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
             if self.link.up and req.session == self.link_session:
                 self.link.send(M.MsgType.IO_REPLY, M.Resource.HOST_IO, payload, tag=req.tag,
@@ -812,6 +814,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._host_write_zeroes(req, lun, offset, length, bool(fua))
         elif op == M.IoOp.FLUSH:
             self._reply(req, 0)
+        elif op == M.IoOp.BLOCK_STATUS and not data:
+            self._host_block_status(req, lun, offset, length)
         else:
             self._reply(req, EINVAL)
 
@@ -823,6 +827,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.forward_bytes -= _forward_cost(op, length)
         self._drain_forwards()
         (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
+        if op == M.IoOp.BLOCK_STATUS:
+            self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
+            return
         if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
                 self._host_write(req, lun, offset, data, fua)
