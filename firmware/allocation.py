@@ -9,8 +9,8 @@ destaged). Everything else is data.
 Rules:
 - Never report data as a hole: a copy tool skips holes, so that would lose
   data. When in doubt, data: a disk error, a backend that cannot tell, a LUN
-  it is settling after a role change, a link that is down: all answer "all
-  data", which the spec allows always.
+  settling after a role change, a partner's LUN while the link is down: all
+  answer "all data", which the spec allows always.
 - A LUN the partner owns is asked of the partner (IoOp.BLOCK_STATUS over the
   link, like a forwarded read): only the owner knows its cache. An owner that
   does not know the op answers EINVAL, and that answer, any other error, or
