@@ -3,10 +3,10 @@
 Owns the NBD wire protocol as NetworkBlockDevice/nbd doc/proto.md defines it:
 the fixed newstyle handshake, option haggling (hal/nbd_options.py) and the
 transmission phase, with simple replies or, once negotiated, structured ones
-(hal/nbd_structured.py); the numbers live in hal/nbd_const.py. It never touches a socket:
-the runtime receives into `recv_buffer()`, passes the byte count to
-`received()`, gets back the valid requests, answers each with `reply()` and
-sends `pending_output()` with sendmsg.
+(hal/nbd_structured.py); the numbers live in hal/nbd_const.py. It never
+touches a socket: the runtime receives into `recv_buffer()`, passes the byte
+count to `received()`, gets back the valid requests, answers each with
+`reply()` and sends `pending_output()` with sendmsg.
 
 Rules:
 - Requests the engine can judge alone (unknown command or flags, out of range,
