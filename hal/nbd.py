@@ -429,8 +429,6 @@ class NbdConnection(StructuredReplies, OptionHaggling):
         self.close_reason = reason
 
 
-
-
 def nbd_uri_unix(socket_path: str, export_name: str, tls: bool = False) -> str:
     """`nbd+unix:///<export>?socket=<path>` (`nbds+unix` with TLS), per the NBD URI specification."""
     return f"{'nbds' if tls else 'nbd'}+unix:///{quote(export_name, safe='')}?socket={quote(str(socket_path), safe='/')}"

@@ -27,10 +27,9 @@ from .nbd_const import _EXPORT_NAME_REPLY, _INFO_EXPORT, _OPTION, _OPTION_REPLY,
 
 _INFO_BLOCK_SIZE = W.INFO_BLOCK_SIZE_STRUCT
 
+
 class NbdOptionError(ValueError):
     """Malformed option data from the client (answered NBD_REP_ERR_INVALID)."""
-
-
 
 
 def parse_info_request_untrusted(data) -> tuple[str, tuple]:
@@ -55,7 +54,6 @@ def _decode_name_untrusted(raw) -> str:
     if "\0" in name:
         raise NbdOptionError("export name contains NUL")
     return name
-
 
 
 class OptionHaggling:

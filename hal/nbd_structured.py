@@ -26,8 +26,8 @@ import struct
 
 from firmware.formats import nbd as W
 
-from .nbd_const import (BASE_ALLOCATION_ID, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_REQ_ONE,
-                        NBD_CMD_READ, NBD_SIMPLE_REPLY_MAGIC, _SIMPLE_REPLY)
+from .nbd_const import (BASE_ALLOCATION_ID, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FUA,
+                        NBD_CMD_FLAG_REQ_ONE, NBD_CMD_READ, NBD_SIMPLE_REPLY_MAGIC, _SIMPLE_REPLY)
 
 BLOCK_STATUS_DESCRIPTORS_MAX = 1024       # 8 KiB of descriptors per reply at most
 
