@@ -114,3 +114,15 @@ class Notify(Action):
 
     def __repr__(self):
         return f"Notify({self.kind!r}, {self.fields!r})"
+
+
+class DiskExtents(Action):
+    """Which byte ranges of LUN `lun`'s [offset, offset + length) may hold data on disk;
+    answer with disk_done(op, err, [(start, end), ...]) (ranges outside were never written)."""
+    __slots__ = ("op", "lun", "offset", "length")
+
+    def __init__(self, op, lun, offset, length):
+        self.op = op
+        self.lun = lun
+        self.offset = offset
+        self.length = length

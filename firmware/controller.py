@@ -20,7 +20,7 @@ eagerly; when the link comes back a resync sends every live line to the
 partner before the pair counts as mirrored again.
 
 Entry points: host_read, host_write, host_flush, host_trim,
-host_write_zeroes, link_connected, link_frame, link_disconnected, disk_done,
+host_write_zeroes, host_block_status (firmware/allocation.py), link_connected, link_frame, link_disconnected, disk_done,
 tick. Each returns the list of actions to carry out, in order.
 """
 import collections
@@ -32,6 +32,7 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, LinkSession
+from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
 from .fencing import OWNING, FenceMixin, Own
@@ -166,7 +167,8 @@ class ReadOp:
         self.overlay = overlay
 
 
-class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin):
+class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin,
+                 AllocationMixin):
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id
@@ -363,6 +365,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             # its tag is reused by the next one. Answered there (it was held while the LUN settled),
             # its data answered the new session's request of that tag (seed 831457 at 300 steps: a
             # 256 KiB read through a returned 48 KiB, another read's data).
+            if data.__class__ is list:          # block status runs (firmware/allocation.py)
+                data = M.pack_block_runs(data)
             payload = (M.IO_REPLY_HEAD.pack(error), data) if data is not None else M.IO_REPLY_HEAD.pack(error)
             if self.link.up and req.session == self.link_session:
                 self.link.send(M.MsgType.IO_REPLY, M.Resource.HOST_IO, payload, tag=req.tag,
@@ -811,6 +815,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._host_write_zeroes(req, lun, offset, length, bool(fua))
         elif op == M.IoOp.FLUSH:
             self._reply(req, 0)
+        elif op == M.IoOp.BLOCK_STATUS and not data:
+            self._host_block_status(req, lun, offset, length)
         else:
             self._reply(req, EINVAL)
 
@@ -822,6 +828,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.forward_bytes -= _forward_cost(op, length)
         self._drain_forwards()
         (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
+        if op == M.IoOp.BLOCK_STATUS:
+            self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
+            return
         if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
                 self._host_write(req, lun, offset, data, fua)

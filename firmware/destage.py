@@ -24,6 +24,7 @@ meanwhile waits for the next one, so a destage round costs one flush, not
 one per line (with batch_link_output the flushes go out once per loop turn).
 """
 from . import actions as A
+from .allocation import AllocOp
 from .cache import SECTOR_BYTES, dirty_runs
 from .fencing import RecordOp
 from .formats import messages as M
@@ -177,6 +178,9 @@ class DestageMixin:
         elif kind is RecordOp:
             del self.disk_ops[op]
             self._record_done(entry, error, data)
+        elif kind is AllocOp:
+            del self.disk_ops[op]
+            self._allocation_done(entry, error, data)
         else:
             del self.disk_ops[op]
             self._read_done(entry, error, data)

@@ -252,6 +252,13 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
     def owns(self, lun) -> bool:
         return self.rec.role == PRIMARY and 0 <= lun < len(self.params.lun_sizes)
 
+    # Block status answers "all data" in replica mode: correct, not sparse. Its destage
+    # and resync paths were not reviewed for when a range first reaches disk.
+    _forwards_block_status = False
+
+    def _allocation_known_here(self, lun) -> bool:
+        return False
+
     def _route(self, kind, req, lun, offset, arg, fua):
         rec = self.rec
         if req.__class__ is ReplicaReq:

@@ -56,6 +56,11 @@ class ArrayDisk(Disk):
         self._bounds(offset, memoryview(data).nbytes, "write")
         self.raw.write(self.data_offset + offset, data)
 
+    def data_ranges(self, offset: int, length: int) -> list:
+        self._bounds(offset, length, "allocation query")
+        base = self.data_offset
+        return [(start - base, end - base) for start, end in self.raw.data_ranges(base + offset, length)]
+
     def flush(self) -> None:
         self.raw.flush()
 

@@ -23,6 +23,7 @@ from .interfaces import Disk, HalError
 SECTOR_SIZE_BYTES = 512
 BOUNCE_MAX_BYTES = 4 << 20     # larger unaligned I/O goes through the bounce buffer in pieces
 BLKSSZGET = 0x1268             # ioctl: logical block size of a block device
+DATA_RANGES_MAX = 1024         # extents one data_ranges() call walks; the rest counts as data
 
 
 class FileDisk(Disk):
@@ -114,6 +115,33 @@ class FileDisk(Disk):
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+    def data_ranges(self, offset: int, length: int) -> list:
+        """Data extents by SEEK_DATA/SEEK_HOLE: a sparse image file knows its holes.
+
+        A block device, or a filesystem without SEEK_DATA, answers all data. The walk is
+        bounded (DATA_RANGES_MAX extents); beyond it the rest of the range counts as data.
+        """
+        end = offset + length
+        if self.block_device or not length:
+            return [(offset, end)]
+        ranges, pos = [], offset
+        try:
+            while pos < end:
+                if len(ranges) == DATA_RANGES_MAX:
+                    ranges.append((pos, end))
+                    break
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+                if start >= end:
+                    break
+                stop = min(os.lseek(self.fd, start, os.SEEK_HOLE), end)
+                ranges.append((start, stop))
+                pos = stop
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:    # no data at or after pos: the rest is a hole
+                return ranges
+            return [(offset, end)]          # EINVAL (no SEEK_DATA here) and the like: all data
+        return ranges
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -57,6 +57,15 @@ class Disk(abc.ABC):
         self.read_into(offset, buf)
         return buf
 
+    def data_ranges(self, offset: int, length: int) -> list:
+        """The (start, end) byte ranges of [offset, offset + length) that may hold data.
+
+        Everything outside them reads as zeroes and was never written (a hole of a
+        sparse file). A backend that cannot tell says all of it may hold data: that
+        is always true, and the default.
+        """
+        return [(offset, offset + length)]
+
 
 class LinkTransport(abc.ABC):
     """A connected byte stream to the partner (socket, serial line, virtio port)."""

@@ -24,9 +24,9 @@ import time
 
 from . import nbd as NBD
 
-OPS = ("read", "write", "flush", "trim", "zeroes")
+OPS = ("read", "write", "flush", "trim", "zeroes", "block_status")
 OP_INDEX = {NBD.NBD_CMD_READ: 0, NBD.NBD_CMD_WRITE: 1, NBD.NBD_CMD_FLUSH: 2, NBD.NBD_CMD_TRIM: 3,
-            NBD.NBD_CMD_WRITE_ZEROES: 4}
+            NBD.NBD_CMD_WRITE_ZEROES: 4, NBD.NBD_CMD_BLOCK_STATUS: 5}
 NOPS = len(OPS)
 # Upper bounds (seconds) of the latency buckets: 25 us (a cache hit over a unix socket) to 5 s
 # (a takeover, a stalled disk); +Inf is implied.

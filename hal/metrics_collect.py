@@ -44,7 +44,7 @@ def host_families(c, rec):
     count = CounterMetricFamily(P + "host_requests", "NBD requests answered, by LUN and op",
                                 labels=["controller", "lun", "op"])
     nbytes = CounterMetricFamily(P + "host_request_bytes", "Bytes the answered NBD requests covered "
-                                 "(read/write: data moved; trim/zeroes: range; flush: 0)",
+                                 "(read/write: data moved; trim/zeroes/block_status: range; flush: 0)",
                                  labels=["controller", "lun", "op"])
     errors = CounterMetricFamily(P + "host_request_errors", "NBD requests answered with an error",
                                  labels=["controller", "lun", "op"])

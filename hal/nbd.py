@@ -1,11 +1,12 @@
 """NBD host port: a sans-IO NBD server protocol engine, one NbdConnection per client.
 
 Owns the NBD wire protocol as NetworkBlockDevice/nbd doc/proto.md defines it:
-the fixed newstyle handshake, option haggling (EXPORT_NAME, ABORT, LIST, INFO,
-GO) and the transmission phase with simple replies. It never touches a socket:
-the runtime receives into `recv_buffer()`, passes the byte count to
-`received()`, gets back the valid requests, answers each with `reply()` and
-sends `pending_output()` with sendmsg.
+the fixed newstyle handshake, option haggling (hal/nbd_options.py) and the
+transmission phase, with simple replies or, once negotiated, structured ones
+(hal/nbd_structured.py); the numbers live in hal/nbd_const.py. It never
+touches a socket: the runtime receives into `recv_buffer()`, passes the byte
+count to `received()`, gets back the valid requests, answers each with
+`reply()` and sends `pending_output()` with sendmsg.
 
 Rules:
 - Requests the engine can judge alone (unknown command or flags, out of range,
@@ -29,8 +30,8 @@ Rules:
   the bound the engine surfaces nothing more and stops wanting reads, so a
   client that never reads its replies costs at most the bound plus one
   request's payload; it goes on once the output drains.
-- Simple replies only: NBD_OPT_STRUCTURED_REPLY is answered NBD_REP_ERR_UNSUP,
-  which the spec allows. So are metadata contexts and extended headers.
+- Structured replies, and NBD_CMD_BLOCK_STATUS for `base:allocation`, only
+  for a client that negotiated them; extended headers are not offered.
 - TLS (`tls`): "off" answers NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP (the
   spec's NOTLS mode); "allow" and "require" ACK it and stop parsing until the
   runtime has run the TLS handshake on the same socket (`starttls` set, then
@@ -40,127 +41,14 @@ Rules:
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from urllib.parse import quote
 
-# Magic numbers.
-NBD_MAGIC = 0x4E42444D41474943              # "NBDMAGIC"
-NBD_IHAVEOPT = 0x49484156454F5054           # "IHAVEOPT"
-NBD_REP_MAGIC = 0x0003E889045565A9
-NBD_REQUEST_MAGIC = 0x25609513
-NBD_SIMPLE_REPLY_MAGIC = 0x67446698
-
-# Handshake flags (server) and client flags.
-NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_C_NO_ZEROES = 1 << 1
-HANDSHAKE_FLAGS = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
-CLIENT_FLAGS_KNOWN = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-
-# Transmission flags.
-NBD_FLAG_HAS_FLAGS = 1 << 0
-NBD_FLAG_READ_ONLY = 1 << 1
-NBD_FLAG_SEND_FLUSH = 1 << 2
-NBD_FLAG_SEND_FUA = 1 << 3
-NBD_FLAG_ROTATIONAL = 1 << 4
-NBD_FLAG_SEND_TRIM = 1 << 5
-NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
-NBD_FLAG_SEND_DF = 1 << 7
-NBD_FLAG_CAN_MULTI_CONN = 1 << 8
-NBD_FLAG_SEND_RESIZE = 1 << 9
-NBD_FLAG_SEND_CACHE = 1 << 10
-NBD_FLAG_SEND_FAST_ZERO = 1 << 11
-
-# Options.
-NBD_OPT_EXPORT_NAME = 1
-NBD_OPT_ABORT = 2
-NBD_OPT_LIST = 3
-NBD_OPT_STARTTLS = 5
-NBD_OPT_INFO = 6
-NBD_OPT_GO = 7
-NBD_OPT_STRUCTURED_REPLY = 8
-NBD_OPT_LIST_META_CONTEXT = 10
-NBD_OPT_SET_META_CONTEXT = 11
-NBD_OPT_EXTENDED_HEADERS = 12
-
-# Option reply types.
-NBD_REP_ACK = 1
-NBD_REP_SERVER = 2
-NBD_REP_INFO = 3
-NBD_REP_FLAG_ERROR = 1 << 31
-NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR + 1
-NBD_REP_ERR_POLICY = NBD_REP_FLAG_ERROR + 2
-NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR + 3
-NBD_REP_ERR_TLS_REQD = NBD_REP_FLAG_ERROR + 5
-NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR + 6
-NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR + 7
-NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR + 9
-
-# Info types (NBD_OPT_INFO / NBD_OPT_GO).
-NBD_INFO_EXPORT = 0
-NBD_INFO_NAME = 1
-NBD_INFO_DESCRIPTION = 2
-NBD_INFO_BLOCK_SIZE = 3
-
-# Commands.
-NBD_CMD_READ = 0
-NBD_CMD_WRITE = 1
-NBD_CMD_DISC = 2
-NBD_CMD_FLUSH = 3
-NBD_CMD_TRIM = 4
-NBD_CMD_CACHE = 5
-NBD_CMD_WRITE_ZEROES = 6
-NBD_CMD_BLOCK_STATUS = 7
-
-# Command flags.
-NBD_CMD_FLAG_FUA = 1 << 0
-NBD_CMD_FLAG_NO_HOLE = 1 << 1
-NBD_CMD_FLAG_DF = 1 << 2
-NBD_CMD_FLAG_REQ_ONE = 1 << 3
-NBD_CMD_FLAG_FAST_ZERO = 1 << 4
-
-# Error values (the spec's list; ENOTSUP for an operation the backend lacks).
-NBD_EPERM = 1
-NBD_EIO = 5
-NBD_ENOMEM = 12
-NBD_EINVAL = 22
-NBD_ENOSPC = 28
-NBD_EOVERFLOW = 75
-NBD_ENOTSUP = 95
-NBD_ESHUTDOWN = 108
-
-# Bounds.
-NBD_STRING_MAX_BYTES = 4096                 # the spec's hard limit on names and messages
-OPTION_DATA_MAX_BYTES = 16 << 10            # largest option we read into memory
-OPTION_DISCARD_MAX_BYTES = 1 << 20          # larger options are a denial of service: hang up
-INTEROP_PAYLOAD_BYTES = 32 << 20            # the spec's interoperable maximum (2^25)
-RECV_CHUNK_MIN_BYTES = 64 << 10             # recv_buffer() always offers at least this
-INFLIGHT_MAX = 4096
-TLS_MODES = ("off", "allow", "require")
-OUTPUT_UNBOUNDED = 1 << 62                  # max_output_bytes when the caller never reports sends
-
-_REQUEST = struct.Struct(">IHHQQI")         # magic, flags, type, cookie, offset, length
-_SIMPLE_REPLY = struct.Struct(">IIQ")       # magic, error, cookie
-_OPTION = struct.Struct(">QII")             # IHAVEOPT, option, length
-_OPTION_REPLY = struct.Struct(">QIII")      # magic, option, reply type, length
-_EXPORT_NAME_REPLY = struct.Struct(">QH")   # size, transmission flags (+124 zeroes)
-_INFO_EXPORT = struct.Struct(">HQH")        # NBD_INFO_EXPORT, size, transmission flags
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")   # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-REQUEST_SIZE_BYTES = _REQUEST.size
-assert REQUEST_SIZE_BYTES == 28 and _SIMPLE_REPLY.size == 16 and _OPTION_REPLY.size == 20
-
-GREETING = struct.pack(">QQH", NBD_MAGIC, NBD_IHAVEOPT, HANDSHAKE_FLAGS)
-_ZEROES_124 = bytes(124)
-_WRITE_OPS = frozenset((NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES))
-_SPACE_OPS = frozenset((NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES))   # ENOSPC beyond the end
-
-
-class NbdOptionError(ValueError):
-    """Malformed option data from the client (answered NBD_REP_ERR_INVALID)."""
+from .nbd_const import *  # noqa: F401,F403 (re-exported: nbd.NBD_CMD_READ and so on)
+from .nbd_const import (_REQUEST, _SIMPLE_REPLY, _OPTION, _SPACE_OPS, _WRITE_OPS, _U32)
+from .nbd_options import (OPTION_HANDLERS, OPTIONS_BEFORE_TLS, NbdOptionError, OptionHaggling,  # noqa: F401
+                          parse_info_request_untrusted)
+from .nbd_structured import StructuredReplies
 
 
 @dataclass(frozen=True)
@@ -225,31 +113,7 @@ class NbdRequest:
                 f"export={self.export.name!r}, offset={self.offset}, length={self.length})")
 
 
-def parse_info_request_untrusted(data) -> tuple[str, tuple]:
-    """NBD_OPT_INFO / NBD_OPT_GO data -> (export name, requested info types)."""
-    if len(data) < 6:
-        raise NbdOptionError("option data shorter than 6 bytes")
-    (name_len,) = _U32.unpack_from(data, 0)
-    if name_len > NBD_STRING_MAX_BYTES or len(data) < 6 + name_len:
-        raise NbdOptionError(f"export name length {name_len} does not fit the option")
-    name = _decode_name_untrusted(data[4:4 + name_len])
-    (count,) = _U16.unpack_from(data, 4 + name_len)
-    if len(data) != 6 + name_len + 2 * count:
-        raise NbdOptionError(f"{count} info requests do not match the option length")
-    return name, struct.unpack_from(f">{count}H", data, 6 + name_len)
-
-
-def _decode_name_untrusted(raw) -> str:
-    try:
-        name = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise NbdOptionError("export name is not UTF-8") from exc
-    if "\0" in name:
-        raise NbdOptionError("export name contains NUL")
-    return name
-
-
-class NbdConnection:
+class NbdConnection(StructuredReplies, OptionHaggling):
     """The server side of one NBD client connection, without I/O.
 
     The runtime loop: while `want_read`, `sock.recv_into(conn.recv_buffer())`,
@@ -375,6 +239,7 @@ class NbdConnection:
         assert self.starttls and self._start == self._end
         self.starttls = False
         self.tls_active = True
+        self._forget_structured_replies()
         self._start = self._end = 0
         self._phase = self._phase_option
 
@@ -414,9 +279,9 @@ class NbdConnection:
             return False
         data = bytes(self._mv[start + _OPTION.size:start + _OPTION.size + length])
         self._start = start + _OPTION.size + length
-        if self.tls == "require" and not self.tls_active and option not in _OPTIONS_BEFORE_TLS:
+        if self.tls == "require" and not self.tls_active and option not in OPTIONS_BEFORE_TLS:
             return self._refuse_without_tls(option)
-        _OPTION_HANDLERS.get(option, NbdConnection._opt_unsupported)(self, option, data)
+        OPTION_HANDLERS.get(option, NbdConnection._opt_unsupported)(self, option, data)
         return not self.starttls
 
     def _phase_tls_wait(self, _requests) -> bool:
@@ -459,7 +324,9 @@ class NbdConnection:
                     self._queue_reply(cookie, error)
                     continue
             if not length and op != NBD_CMD_FLUSH:
-                self._queue_reply(cookie, 0)    # nothing to do: never surface empty I/O
+                # Nothing to do: never surface empty I/O. An empty BLOCK_STATUS has no
+                # descriptor to answer with.
+                self._queue_reply(cookie, NBD_EINVAL if op == NBD_CMD_BLOCK_STATUS else 0)
                 continue
             requests.append(NbdRequest(cookie, op, flags, self.export, offset, length, data))
             self.inflight += 1
@@ -529,102 +396,6 @@ class NbdConnection:
             self._close("client sent NBD_CMD_DISC")
         return False
 
-    # -- option handlers -----------------------------------------------------------
-
-    def _opt_export_name(self, option, data) -> None:
-        try:
-            export = self._lookup(_decode_name_untrusted(data))
-        except NbdOptionError:
-            export = None
-        if export is None:                      # this option cannot be errored: hang up
-            self._fatal(f"NBD_OPT_EXPORT_NAME for unknown export {bytes(data)[:64]!r}")
-            return
-        self._out.append(_EXPORT_NAME_REPLY.pack(export.size_bytes, export.transmission_flags))
-        self.unsent_bytes += _EXPORT_NAME_REPLY.size
-        if not self.no_zeroes:
-            self._out.append(_ZEROES_124)
-            self.unsent_bytes += len(_ZEROES_124)
-        self._enter_state(export)
-
-    def _opt_abort(self, option, data) -> None:
-        self._option_reply(option, NBD_REP_ACK)
-        self._close("client sent NBD_OPT_ABORT")
-
-    def _opt_list(self, option, data) -> None:
-        if data:
-            self._option_reply(option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
-            return
-        for export in self.exports:
-            name = export.name.encode()
-            self._option_reply(option, NBD_REP_SERVER,
-                               _U32.pack(len(name)) + name + export.description.encode())
-        self._option_reply(option, NBD_REP_ACK)
-
-    def _opt_info_go(self, option, data) -> None:
-        try:
-            name, infos = parse_info_request_untrusted(data)
-        except NbdOptionError as exc:
-            self._option_reply(option, NBD_REP_ERR_INVALID, str(exc).encode())
-            return
-        export = self._lookup(name)
-        if export is None:
-            self._option_reply(option, NBD_REP_ERR_UNKNOWN, f"no export {name[:64]!r}".encode())
-            return
-        for info in self._info_replies(export, infos):
-            self._option_reply(option, NBD_REP_INFO, info)
-        self._option_reply(option, NBD_REP_ACK)
-        if option == NBD_OPT_GO:
-            self._enter_state(export)
-
-    def _info_replies(self, export, infos) -> list:
-        """NBD_INFO_EXPORT always; the others only when asked for."""
-        replies = [_INFO_EXPORT.pack(NBD_INFO_EXPORT, export.size_bytes, export.transmission_flags)]
-        if NBD_INFO_NAME in infos:
-            replies.append(_U16.pack(NBD_INFO_NAME) + export.name.encode())
-        if NBD_INFO_DESCRIPTION in infos and export.description:
-            replies.append(_U16.pack(NBD_INFO_DESCRIPTION) + export.description.encode())
-        if NBD_INFO_BLOCK_SIZE in infos:
-            replies.append(_INFO_BLOCK_SIZE.pack(
-                NBD_INFO_BLOCK_SIZE, export.min_block_bytes, export.preferred_block_bytes,
-                self._payload_limit(export)))
-        return replies
-
-    def _opt_starttls(self, option, data) -> None:
-        if self.tls == "off":
-            self._opt_unsupported(option, data)
-        elif self.tls_active:
-            self._option_reply(option, NBD_REP_ERR_INVALID, b"TLS is already on")
-        elif data:
-            self._option_reply(option, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
-        else:
-            self._option_reply(option, NBD_REP_ACK)
-            self.starttls = True
-            self._phase = self._phase_tls_wait
-
-    def _refuse_without_tls(self, option) -> bool:
-        if option == NBD_OPT_EXPORT_NAME:       # cannot be errored: hang up
-            return self._fatal("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
-        self._option_reply(option, NBD_REP_ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")
-        return True
-
-    def _opt_unsupported(self, option, data) -> None:
-        # STRUCTURED_REPLY, metadata contexts, extended headers, STARTTLS with
-        # TLS off and anything unknown: simple replies, no block status.
-        self._option_reply(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported".encode())
-
-    def _refuse_big_option(self, option, length) -> bool:
-        if option == NBD_OPT_EXPORT_NAME or length > OPTION_DISCARD_MAX_BYTES:
-            return self._fatal(f"option {option} with {length} bytes of data is too large")
-        reply = NBD_REP_ERR_TOO_BIG if option in _OPTION_HANDLERS else NBD_REP_ERR_UNSUP
-        self._start += _OPTION.size
-        return self._discard(length, self._phase_option,
-                             lambda: self._option_reply(option, reply, b"option data too large"))
-
-    def _option_reply(self, option, reply_type, data=b"") -> None:
-        self._out.append(_OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply_type, len(data)) + data)
-        self.unsent_bytes += _OPTION_REPLY.size + len(data)
-
-    # -- state ---------------------------------------------------------------------
 
     def _lookup(self, name) -> Export | None:
         return self.exports[0] if name == "" else self._by_name.get(name)
@@ -639,7 +410,7 @@ class NbdConnection:
         self._read_only = export.read_only if export else True
         self._align_mask = export.min_block_bytes - 1 if export else 0
         self._max_payload = self._payload_limit(export) if export else 0
-        self._cmd_flags = export.command_flags() if export else {}
+        self._cmd_flags = self._structured_command_flags(export, export.command_flags()) if export else {}
         if export is not None:
             self._phase = self._phase_transmission
 
@@ -656,17 +427,6 @@ class NbdConnection:
     def _close(self, reason) -> None:
         self.closed = True
         self.close_reason = reason
-
-
-_OPTION_HANDLERS = {
-    NBD_OPT_EXPORT_NAME: NbdConnection._opt_export_name,
-    NBD_OPT_ABORT: NbdConnection._opt_abort,
-    NBD_OPT_LIST: NbdConnection._opt_list,
-    NBD_OPT_INFO: NbdConnection._opt_info_go,
-    NBD_OPT_GO: NbdConnection._opt_info_go,
-    NBD_OPT_STARTTLS: NbdConnection._opt_starttls,
-}
-_OPTIONS_BEFORE_TLS = frozenset((NBD_OPT_STARTTLS, NBD_OPT_ABORT))
 
 
 def nbd_uri_unix(socket_path: str, export_name: str, tls: bool = False) -> str:

@@ -45,7 +45,7 @@ TICK_MS = 10
 LINK_RECV_BYTES = 1 << 20
 REFUSAL_NOTE_INTERVAL_MS = 10_000   # refused connections are counted; one event per kind per interval
 NBD_OP = {NBD.NBD_CMD_READ, NBD.NBD_CMD_WRITE, NBD.NBD_CMD_FLUSH, NBD.NBD_CMD_TRIM,
-          NBD.NBD_CMD_WRITE_ZEROES}
+          NBD.NBD_CMD_WRITE_ZEROES, NBD.NBD_CMD_BLOCK_STATUS}
 
 
 def open_nvram(cfg):
@@ -398,9 +398,20 @@ class Runtime(NbdTlsPort):
                                                bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
             elif op == NBD.NBD_CMD_TRIM:
                 execute(ctrl.host_trim(req, lun, r.offset, r.length))
+            elif op == NBD.NBD_CMD_BLOCK_STATUS:
+                self._block_status(req, lun, r)
             else:
                 client.conn.reply(r, NBD.NBD_EINVAL)
         self.dirty_clients.add(client)
+
+    def _block_status(self, req, lun, r):
+        """base:allocation, from the firmware (its cache and the disk's extents); firmware that
+        cannot tell (the log variant's) answers all data, which is always correct."""
+        host_block_status = getattr(self.ctrl, "host_block_status", None)
+        if host_block_status is None:
+            self._host_reply(A.HostReply(req, 0, [(r.length, 0)]))
+            return
+        self.execute(host_block_status(req, lun, r.offset, r.length))
 
     def _timed_write(self, req, lun, r):
         """A host write, noting it for the mirror round trip if it now waits for the partner's ack."""
@@ -621,6 +632,8 @@ class Runtime(NbdTlsPort):
                 self._disk_flush(act)
             elif kind is A.RecordRead or kind is A.RecordWrite:
                 self._record_io(act)
+            elif kind is A.DiskExtents:
+                self._disk_extents(act)
             elif kind is A.Notify:
                 self._notify(act)
             elif kind is A.LinkReset:
@@ -652,6 +665,15 @@ class Runtime(NbdTlsPort):
         except OSError as exc:
             (self.completions if write else self.read_completions).append(
                 (act.op, exc.errno or errno.EIO, None))
+
+    def _disk_extents(self, act):
+        """Where the LUN's disk may hold data (SEEK_DATA/SEEK_HOLE on an image file)."""
+        try:
+            ranges = self.disks[act.lun].data_ranges(act.offset, act.length)
+        except OSError as exc:
+            self.read_completions.append((act.op, exc.errno or errno.EIO, None))
+            return
+        self.read_completions.append((act.op, 0, ranges))
 
     def _record_io(self, act):
         """The reservation record lives on the raw disk, before the LUN's data area."""

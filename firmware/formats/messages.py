@@ -12,7 +12,7 @@ struct.Struct twin for the data path; tests check both agree.
 import enum
 import struct
 
-from construct import (Array, Bytes, GreedyBytes, Int8ub, Int16ub,
+from construct import (Array, Bytes, GreedyBytes, GreedyRange, Int8ub, Int16ub,
                        Int32ub, Int64ub, PascalString, Prefixed,
                        PrefixedArray, Struct, this)
 from construct.core import ConstructError
@@ -78,6 +78,7 @@ class IoOp(enum.IntEnum):
     FLUSH = 2
     TRIM = 3
     WRITE_ZEROES = 4
+    BLOCK_STATUS = 5         # allocation of a range; the reply's data is BlockRuns (an older owner: EINVAL)
 
 
 CAP_MIRROR = 1 << 0
@@ -277,9 +278,33 @@ IO_REQUEST_HEAD = struct.Struct(">BBHQI")
 
 IoReply = Struct(
     "error" / Int32ub,                      # NBD error number, 0 = success
-    "data" / GreedyBytes,                   # READ only
+    "data" / GreedyBytes,                   # READ: the data; BLOCK_STATUS: BlockRuns
 )
 IO_REPLY_HEAD = struct.Struct(">I")
+
+BLOCK_RUNS_MAX = 1024                       # runs one BLOCK_STATUS reply carries at most
+BlockRuns = GreedyRange(Struct(             # the data of a BLOCK_STATUS reply: consecutive from its offset
+    "length" / Int32ub,                     # bytes, nonzero
+    "status" / Int32ub,                     # NBD base:allocation flags (1 hole, 2 zero)
+))
+
+
+def pack_block_runs(runs) -> bytes:
+    """[(length, status), ...] -> BlockRuns bytes, at most BLOCK_RUNS_MAX runs (a prefix)."""
+    runs = runs[:BLOCK_RUNS_MAX]
+    return struct.pack(f">{2 * len(runs)}I", *[v for run in runs for v in run])
+
+
+def parse_block_runs_untrusted(data, length: int) -> list:
+    """BlockRuns bytes -> [(length, status)]; FormatError unless they fit in `length` bytes."""
+    data = bytes(data)
+    if not data or len(data) % 8 or len(data) > 8 * BLOCK_RUNS_MAX:
+        raise FormatError(f"block runs of {len(data)} bytes")
+    values = struct.unpack(f">{len(data) // 4}I", data)
+    runs = list(zip(values[0::2], values[1::2]))
+    if not all(n for n, _ in runs) or sum(n for n, _ in runs) > length:
+        raise FormatError(f"block runs {runs[:4]}... do not fit a range of {length} bytes")
+    return runs
 
 Sync = Struct(                              # SYNC_BEGIN and SYNC_DONE
     "generation" / Int64ub,
