@@ -208,7 +208,9 @@ def test_forwarded_io_reaches_the_owner_and_comes_back():
 def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbage):
     from firmware.formats import frame as F
     p = idle_pair()
-    bad = b"".join(F.encode_frame(M.MsgType.FLUSH_DONE, 0, 1, 2, p.ctrl[1].link.rx_expected, 0, 0, garbage))
+    sender = p.ctrl[0].link.auth                    # sealed as a would: the parser is what refuses it
+    bad = b"".join(F.encode_frame(M.MsgType.FLUSH_DONE, 0, 1, 2, p.ctrl[1].link.rx_expected, 0, 0, garbage,
+                                  auth=(sender.tx, sender.tx_seq)))
     p.run(1, p.ctrl[1].link_frame(bad, 0))
     assert [n for n in p.notes[1] if n[0] == "link_down"]
     p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN

@@ -53,7 +53,7 @@ def test_header_struct_twin_golden():
 def test_frame_construct_golden():
     parsed = F.Frame.parse(GOLDEN_FRAME)
     assert parsed.payload == b"hello" and parsed.crc == 0x4583D47A
-    built = F.Frame.build(dict(header=dict(value=GOLDEN_FIELDS), payload=b"hello"))
+    built = F.Frame.build(dict(header=dict(value=GOLDEN_FIELDS), payload=b"hello", auth=None))
     assert built == GOLDEN_FRAME
 
 
