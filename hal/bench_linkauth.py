@@ -119,7 +119,9 @@ def base_commit(root) -> str:
     out = subprocess.run(["git", "-C", str(root), "log", "--format=%H", "--reverse", "-S", "FLAG_AUTH = 0x04",
                           "--", "firmware/formats/frame.py"], capture_output=True, text=True, check=True)
     first = out.stdout.split()[0]
-    return first + "^"
+    parent = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", first + "^"],
+                            capture_output=True, text=True, check=True)
+    return parent.stdout.strip()
 
 
 def _base_tree(root, ref, dest) -> pathlib.Path:
