@@ -354,3 +354,29 @@ def test_in_the_handshake_one_bad_mac_ends_it():
     auth[F.HEADER_SIZE_BYTES] ^= 0x01                        # b's AUTH altered on the way
     with pytest.raises(LinkProtocolError, match="does not hold the pair's key"):
         a.receive(with_crc(auth[:-4]), 0)
+
+
+def test_a_sealed_frame_before_the_keys_exist_is_dropped_not_failed():
+    """On a lossy line a's AUTH can overtake its HELLO: b, without keys yet, drops it as early
+    (go-back-N sends it again) and counts no failure; the handshake then finishes."""
+    a, b = session(0, reliable_transport=False, rto_ms=50), session(1, reliable_transport=False, rto_ms=50)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    hello_a = split_frames(a.take_output())[0]
+    a.receive(split_frames(b.take_output())[0], 0)           # b's HELLO: a is keyed, sends AUTH
+    (auth_a,) = split_frames(a.take_output())
+    assert b.receive(auth_a, 0) is None                      # overtook a's HELLO
+    assert b.stats["auth_early"] == 1 and b.stats["auth_failures"] == 0 and b.state == S.HELLO_SENT
+    b.receive(hello_a, 10)
+    a.tick(100)
+    b.tick(100)
+    pump(a, b, 100)
+    assert a.up and b.up
+
+
+def test_a_retransmitted_hello_after_the_keys_exist_is_dropped_not_failed():
+    a, b = up_pair(reliable_transport=False)
+    hello = session(0)
+    hello.connected(b"\x01" * 32, 0)
+    assert b.receive(split_frames(hello.take_output())[0], 0) is None
+    assert b.stats["auth_stale_hellos"] == 1 and b.stats["auth_failures"] == 0 and b.up
