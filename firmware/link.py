@@ -124,6 +124,8 @@ class LinkSession:
         self.acked_sent = 0         # rx_expected as of the last frame we sent
         self.nonce = b""
         self.peer_nonce = b""
+        self.hello_body = b""       # our HELLO as sent and the peer's as received: the session's
+        self.peer_hello_body = b""  # keys cover both
         self.last_rx_ms = 0
         self.heard_ms = -1 << 62     # send time of our newest frame the partner acknowledged
         self.last_tx_heartbeat_ms = 0
@@ -164,6 +166,7 @@ class LinkSession:
             capabilities=self.capabilities, features=0, pair_id=self.pair_id, nonce=nonce,
             block_size_bytes=self.block_size_bytes, primary_blocks=self.primary_blocks,
             reserved=bytes(16)))
+        self.hello_body = body
         self.send(M.MsgType.HELLO, M.Resource.SESSION, body, lane=F.LANE_CONTROL)
 
     def _on_disconnected(self):
@@ -189,7 +192,8 @@ class LinkSession:
             setattr(peer, name, hello[name])
         self.peer = peer
         self.peer_nonce = hello.nonce
-        self.auth.start(self.nonce, self.peer_nonce)     # every frame from here on carries a MAC
+        self.peer_hello_body = bytes(payload)
+        self.auth.start(self.hello_body, self.peer_hello_body)     # every frame from here on carries a MAC
         mac = self._mac(self.peer_nonce, self.nonce, self.controller_id)
         self.send(M.MsgType.AUTH, M.Resource.SESSION, mac, lane=F.LANE_CONTROL)
 

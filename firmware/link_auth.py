@@ -1,7 +1,7 @@
 """Per-frame authentication of one link session: its keys, its counters, what is refused.
 
 Owns the session's two direction keys (derived from the pair key and both
-HELLO nonces once the peer's HELLO is taken: firmware/formats/frame.py), the
+HELLO bodies once the peer's HELLO is taken: firmware/formats/frame.py), the
 sender's frame counter, the last counter taken from the peer, and the rules:
 
 - Before the key exists only frames without a MAC are taken (the HELLOs,
@@ -65,12 +65,13 @@ class FrameAuth:
     def keyed(self) -> bool:
         return self.tx is not None
 
-    def start(self, own_nonce, peer_nonce):
-        """The peer's HELLO was taken: derive both direction keys of this session."""
-        nonces = (own_nonce, peer_nonce) if self.controller_id == 0 else (peer_nonce, own_nonce)
+    def start(self, own_hello, peer_hello):
+        """The peer's HELLO was taken: derive both direction keys of this session from both
+        HELLO bodies as sent and as received (they differ only if one was altered)."""
+        hellos = (own_hello, peer_hello) if self.controller_id == 0 else (peer_hello, own_hello)
         peer_id = 1 - self.controller_id
-        self.tx = F.mac_hasher(F.derive_direction_key(self.pair_key, *nonces, self.controller_id))
-        self.rx = F.mac_hasher(F.derive_direction_key(self.pair_key, *nonces, peer_id))
+        self.tx = F.mac_hasher(F.derive_direction_key(self.pair_key, *hellos, self.controller_id))
+        self.rx = F.mac_hasher(F.derive_direction_key(self.pair_key, *hellos, peer_id))
 
     def seal(self, parts) -> bytes:
         """The auth trailer of the next frame we send (its header already has FLAG_AUTH)."""
@@ -106,8 +107,8 @@ class FrameAuth:
     def _failed(self, now_ms, handshake) -> bool:
         self.stats["auth_failures"] += 1
         if handshake:
-            raise AuthFailed("peer failed authentication: it does not hold the pair's key "
-                             "(a frame's MAC did not verify in the handshake)")
+            raise AuthFailed("peer failed authentication: it does not hold the pair's key, or a "
+                             "HELLO was altered on the way (a frame's MAC did not verify in the handshake)")
         failures = self.failures
         failures.append(now_ms)
         if len(failures) == self.failures_max and now_ms - failures[0] <= self.failure_window_ms:

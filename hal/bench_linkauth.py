@@ -55,7 +55,7 @@ def _set_mode(a, b, mode):
     for s in (a, b):
         s.auth.reset()                      # no keys: frames go, and are taken, without a MAC
         if mode == "with":
-            s.auth.start(s.nonce, s.peer_nonce)
+            s.auth.start(s.hello_body, s.peer_hello_body)
 
 
 def _run(a, b, payload, frames, lane) -> float:

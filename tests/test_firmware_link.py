@@ -66,7 +66,7 @@ def to_a(a, msg_type, lane, resource, payload):
     the state decides."""
     auth = None
     if a.auth.keyed:
-        key = F.derive_direction_key(KEY, b"\x01" * 32, b"\x02" * 32, 1)
+        key = F.derive_direction_key(KEY, a.hello_body, a.peer_hello_body, 1)     # b's, as b derives it
         auth = (F.mac_hasher(key), a.auth.rx_seq_last + 1)
     return b"".join(F.encode_frame(msg_type, 0, lane, resource, a.rx_expected, 0, 0, payload, auth=auth))
 
@@ -380,3 +380,18 @@ def test_a_retransmitted_hello_after_the_keys_exist_is_dropped_not_failed():
     hello.connected(b"\x01" * 32, 0)
     assert b.receive(split_frames(hello.take_output())[0], 0) is None
     assert b.stats["auth_stale_hellos"] == 1 and b.stats["auth_failures"] == 0 and b.up
+
+
+def test_a_hello_field_altered_on_the_way_fails_the_handshake():
+    """The AUTH covers only the nonces; the keys cover both HELLOs whole, so a generation (or
+    geometry, capabilities...) changed on the way gives the ends different keys."""
+    a, b = session(0), session(1)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    hello_b = bytearray(split_frames(b.take_output())[0])
+    hello_b[F.HEADER_SIZE_BYTES + 11] ^= 0x01               # the low byte of b's generation
+    a.receive(with_crc(hello_b[:-4]), 0)
+    b.receive(split_frames(a.take_output())[0], 0)
+    with pytest.raises(LinkProtocolError, match="HELLO was altered"):
+        for frame in split_frames(b.take_output()):          # b's AUTH, sealed with b's key
+            a.receive(frame, 0)

@@ -25,16 +25,20 @@ GOLDEN_FIELDS = dict(magic=0x5443, version=1, type=4, flags=1, lane=1, resource=
                      seq=0x01020304, ack=0x05060708, tag=0x0A0B0C0D, payload_len=5, reserved=0)
 
 
-# The auth trailer: pair key 00..1f, controller 0's nonce 01 x 32, controller 1's 02 x 32; the
-# golden frame above sealed by controller 0 with auth_seq 5 (flags 0x05: FLAG_AUTH | FLAG_RESPONSE).
+# The auth trailer: pair key 00..1f; the session's HELLO bodies (protocol 3, ha, generation 1,
+# capabilities 3, pair id 00..0f, 4096 x 16 blocks) of controller 0 with nonce 01 x 32 and of
+# controller 1 with nonce 02 x 32; the golden frame above sealed by controller 0 with auth_seq 5
+# (flags 0x05: FLAG_AUTH | FLAG_RESPONSE).
 AUTH_PAIR_KEY = bytes(range(32))
-AUTH_NONCES = (b"\x01" * 32, b"\x02" * 32)
-GOLDEN_KEY_0 = bytes.fromhex("5940aaca72d4dbf7a735d3fa236a10c46bec0f5cbc10b44953e73ff3aad904e3")
-GOLDEN_KEY_1 = bytes.fromhex("2364319223f1ed34bbc7d804e6849151cd2f29362b0831ffddf1bbe08534a65e")
-GOLDEN_MAC = bytes.fromhex("1adf9bc91db22b5a7333fb7983e3c070")
+AUTH_HELLOS = tuple(bytes.fromhex(
+    "0303" + cid + "00" "0000000000000001" "00000003" "0000000000000000" "000102030405060708090a0b0c0d0e0f"
+    + nonce * 32 + "00001000" "00000010" + "00" * 16) for cid, nonce in (("00", "01"), ("01", "02")))
+GOLDEN_KEY_0 = bytes.fromhex("44a47b204e26717e122f1d7b01c0b553efe3d188f9f0f2e4ea7a639e70a13ce9")
+GOLDEN_KEY_1 = bytes.fromhex("140208a75339d45342c6b7185993f1a2917fcd6d2eade165a4a3eee6acac21d7")
+GOLDEN_MAC = bytes.fromhex("ae65fc833b1ab0fad9d23308d509a326")
 GOLDEN_TRAILER = bytes.fromhex("0000000000000005") + GOLDEN_MAC
 GOLDEN_AUTH_FRAME = (bytes.fromhex("5443" "01" "04" "05" "01" "0001" "01020304" "05060708" "0a0b0c0d"
-                                   "00000005" "00000000") + b"hello" + GOLDEN_TRAILER + bytes.fromhex("3e9c5330"))
+                                   "00000005" "00000000") + b"hello" + GOLDEN_TRAILER + bytes.fromhex("2219ba02"))
 
 
 def plain(value):
@@ -97,13 +101,18 @@ def test_short_and_long_frames_refused():
 
 def test_direction_keys_golden_and_by_the_documented_recipe():
     import hashlib
-    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_NONCES, 0) == GOLDEN_KEY_0
-    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_NONCES, 1) == GOLDEN_KEY_1
-    recipe = hashlib.blake2b(b"twincache-frame-mac-v1" + AUTH_NONCES[0] + AUTH_NONCES[1] + b"\x00",
+    from firmware.formats import messages as M
+    assert M.Hello.parse(AUTH_HELLOS[1]).nonce == b"\x02" * 32 and M.Hello.parse(AUTH_HELLOS[0]).controller_id == 0
+    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_HELLOS, 0) == GOLDEN_KEY_0
+    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_HELLOS, 1) == GOLDEN_KEY_1
+    recipe = hashlib.blake2b(b"twincache-frame-mac-v1" + AUTH_HELLOS[0] + AUTH_HELLOS[1] + b"\x00",
                              key=AUTH_PAIR_KEY, digest_size=32).digest()
     assert recipe == GOLDEN_KEY_0
-    # Another session (one nonce differs) or the other direction: another key.
-    assert F.derive_direction_key(AUTH_PAIR_KEY, b"\x03" * 32, AUTH_NONCES[1], 0) != GOLDEN_KEY_0
+    # Another session (another nonce), a HELLO field changed on the way: another key.
+    for offset in (60, 5):                              # a nonce byte; a generation byte
+        other = bytearray(AUTH_HELLOS[0])
+        other[offset] ^= 1
+        assert F.derive_direction_key(AUTH_PAIR_KEY, bytes(other), AUTH_HELLOS[1], 0) != GOLDEN_KEY_0
 
 
 def test_auth_trailer_golden():

@@ -8,7 +8,9 @@ The auth trailer is there when the header's flags hold FLAG_AUTH: every frame
 of a session after the HELLOs (firmware/link_auth.py). It is the sender's
 per-direction frame counter and a 16-byte keyed BLAKE2b over the header, the
 payload and that counter, keyed with the sender's direction key, which is
-derived from the pair key and both HELLO nonces (`derive_direction_key`).
+derived from the pair key and both HELLO bodies, nonces and all
+(`derive_direction_key`): a HELLO altered on the way gives the two ends
+different keys, and the first sealed frame (the AUTH) fails.
 The CRC covers everything before it, trailer included. It stays beside the
 MAC: the framers (hal/framing.py) hold no key and find frames in a byte
 stream by magic and CRC, so line noise is dropped there as it always was,
@@ -103,11 +105,13 @@ assert HEADER_STRUCT.size == HEADER_SIZE_BYTES
 assert AUTH_STRUCT.size == AUTH_TRAILER_SIZE_BYTES
 
 
-def derive_direction_key(pair_key: bytes, nonce0: bytes, nonce1: bytes, sender_id: int) -> bytes:
+def derive_direction_key(pair_key: bytes, hello0: bytes, hello1: bytes, sender_id: int) -> bytes:
     """The key of the frames `sender_id` sends in one session: keyed BLAKE2b of the pair key over
-    both HELLO nonces (controller 0's first), so no two sessions or directions share a key."""
+    both HELLO bodies (controller 0's first; fixed-size, each with its sender's fresh nonce), so
+    no two sessions or directions share a key and every HELLO field is authenticated."""
     assert 16 <= len(pair_key) <= 64 and sender_id in (0, 1)
-    return hashlib.blake2b(AUTH_LABEL + nonce0 + nonce1 + bytes([sender_id]), key=pair_key,
+    assert len(hello0) == len(hello1) > 0
+    return hashlib.blake2b(AUTH_LABEL + hello0 + hello1 + bytes([sender_id]), key=pair_key,
                            digest_size=DIRECTION_KEY_BYTES).digest()
 
 
