@@ -127,3 +127,19 @@ def test_repeated_forged_frames_end_the_session_and_no_host_data_is_corrupted(mi
     read = read_block_via(pair, "a", 0)
     assert all(read(block) == block_pattern(0, block, version) for block, version in written.items())
     failover_reads_back(pair, written)
+
+
+def test_a_replayed_frame_is_refused_and_counted_and_the_session_goes_on(mitm_pair):
+    """An exact copy of a MIRROR_WRITE (its MAC verifies) right behind it: its counter is not new,
+    so b refuses it and counts it; it left no gap, so one is not enough to end the session."""
+    pair = mitm_pair
+    since = time.time()
+    pair.proxy.replay_after(M.MsgType.MIRROR_WRITE, 1)
+    write_blocks(pair, "a", {40: 1})
+    assert pair.proxy.replayed == 1
+    wait_for(lambda: pair.status("b")["link_stats"]["auth_replays"] == 1, 10, "b counting the replay")
+    write_blocks(pair, "a", {41: 2})
+    assert pair.status("b")["link_stats"]["auth_failures"] == 1         # a socket never repeats a frame
+    assert [e for e in pair.events("b", "link_down") if e["ts"] >= since] == []
+    assert all(pair.status(n)["link"] == "mirrored" for n in "ab")
+    failover_reads_back(pair, {40: 1, 41: 2})
