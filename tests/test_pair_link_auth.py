@@ -7,6 +7,8 @@ Dirty lines stay in the cache (no idle destage), so after a's death b serves
 them from its mirror copies: a refused frame that had been taken would show
 up there as corrupted data.
 """
+import json
+import sys
 import time
 import urllib.request
 
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from firmware.formats import messages as M
 from fixtures.linkmitm import FrameRelay
 from fixtures.nbd_memserver import open_session
-from fixtures.pair import MiB, block_pattern, make_pair, read_block_via, wait_for
+from fixtures.pair import MiB, block_pattern, make_pair, read_block_via, run, wait_for
 from hal import nbd
 
 KEEP_DIRTY = {"idle_flush_ms": 600_000, "high_watermark": 0.9, "low_watermark": 0.5}
@@ -122,6 +124,11 @@ def test_repeated_forged_frames_end_the_session_and_no_host_data_is_corrupted(mi
     assert auth_failures(pair, "b") == 8
     wait_mirrored(pair)                                # a new session, with new keys
     assert scraped_auth_failures(pair, "b") == 8
+    cli = run([sys.executable, "-m", "hal.cli", "status", "--dir", str(pair.dir), "--json"])
+    shown = {c["name"]: c["link_stats"]["auth_failures"] for c in json.loads(cli.stdout)["controllers"]}
+    assert shown == {"a": 0, "b": 8}
+    text = run([sys.executable, "-m", "hal.cli", "status", "--dir", str(pair.dir)]).stdout
+    assert "link frames refused: 8 failed authentication, 0 replayed" in text
     write_blocks(pair, "b", {31: 3})                   # forwarded to the owner over the new session
     written[31] = 3
     read = read_block_via(pair, "a", 0)
