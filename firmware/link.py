@@ -2,7 +2,10 @@
 
 Owns everything between "a byte stream to the partner exists" and "a message
 arrived from the partner": the HELLO exchange (frozen format), HMAC-SHA256
-challenge-response authentication with the pair's pre-shared key, sequence
+challenge-response authentication with the pair's pre-shared key, a MAC on
+every frame after the HELLOs with keys of this session (firmware/link_auth.py:
+forged, altered and replayed frames are dropped before anything here looks
+at them, and too many end the session), sequence
 numbers and cumulative acks (replays and duplicates within a session are
 dropped), go-back-N retransmission for lossy transports (serial), heartbeats
 and the dead-peer timeout, and the two lanes: control frames always go first
@@ -22,10 +25,11 @@ from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats.nvram import crc32c_raw as _crc32c
+from .link_auth import AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_MAX, AuthFailed, FrameAuth
 
 AUTH_LABEL = b"twincache-auth-v1"
 HEARTBEAT_STRUCT = M.HEARTBEAT_STRUCT
-PROTOCOL_VERSION = 2           # 2: MIRROR_WRITE carries 1..n blocks of a host write
+PROTOCOL_VERSION = 3           # 2: MIRROR_WRITE carries 1..n blocks of a host write; 3: frame MACs
 SEQ_LIMIT = (1 << 32) - 1
 
 
@@ -79,7 +83,8 @@ class LinkSession:
                  capabilities=M.CAP_MIRROR | M.CAP_FORWARD_IO, block_size_bytes=0,
                  primary_blocks=0, reliable_transport=True, data_window_bytes=1 << 20,
                  heartbeat_interval_ms=100, heartbeat_timeout_ms=1000, rto_ms=250,
-                 unacked_max=65536, ack_every=16):
+                 unacked_max=65536, ack_every=16, auth_failures_max=AUTH_FAILURES_MAX,
+                 auth_failure_window_ms=AUTH_FAILURE_WINDOW_MS):
         assert len(key) >= 16, "pairing key too short"
         self.controller_id = controller_id
         self.pair_id = pair_id
@@ -100,6 +105,8 @@ class LinkSession:
         self.peer = None
         self.now_ms = 0
         self.stats = collections.Counter()
+        self.auth = FrameAuth(key, controller_id, reliable_transport, self.stats,
+                              auth_failures_max, auth_failure_window_ms)
         self._reset_session()
 
     # -- session state ------------------------------------------------------
@@ -117,12 +124,15 @@ class LinkSession:
         self.acked_sent = 0         # rx_expected as of the last frame we sent
         self.nonce = b""
         self.peer_nonce = b""
+        self.hello_body = b""       # our HELLO as sent and the peer's as received: the session's
+        self.peer_hello_body = b""  # keys cover both
         self.last_rx_ms = 0
         self.heard_ms = -1 << 62     # send time of our newest frame the partner acknowledged
         self.last_tx_heartbeat_ms = 0
         self.last_progress_ms = 0
         self.last_retransmit_ms = -1 << 62
         self.connected_ms = 0
+        self.auth.reset()
 
     def _fire(self, event, *args):
         try:
@@ -156,6 +166,7 @@ class LinkSession:
             capabilities=self.capabilities, features=0, pair_id=self.pair_id, nonce=nonce,
             block_size_bytes=self.block_size_bytes, primary_blocks=self.primary_blocks,
             reserved=bytes(16)))
+        self.hello_body = body
         self.send(M.MsgType.HELLO, M.Resource.SESSION, body, lane=F.LANE_CONTROL)
 
     def _on_disconnected(self):
@@ -181,6 +192,8 @@ class LinkSession:
             setattr(peer, name, hello[name])
         self.peer = peer
         self.peer_nonce = hello.nonce
+        self.peer_hello_body = bytes(payload)
+        self.auth.start(self.hello_body, self.peer_hello_body)     # every frame from here on carries a MAC
         mac = self._mac(self.peer_nonce, self.nonce, self.controller_id)
         self.send(M.MsgType.AUTH, M.Resource.SESSION, mac, lane=F.LANE_CONTROL)
 
@@ -224,11 +237,17 @@ class LinkSession:
 
     def _encode(self, entry, extra_flags=0):
         seq, lane, type, flags, resource, tag, payload, size = entry[:8]
+        # HELLOs go without a MAC: they carry the nonces the keys come from.
+        sealed = self.auth.keyed and type != M.MsgType.HELLO
+        if sealed:
+            extra_flags |= F.FLAG_AUTH
         header = F.HEADER_STRUCT.pack(F.FRAME_MAGIC, F.FRAME_VERSION, type, flags | extra_flags,
                                       lane, resource, seq, self.rx_expected, tag, size, 0)
         # One buffer per frame: the 4 KiB copy out of NVRAM costs less than carrying
         # four small buffers per frame through the send queue and sendmsg's iovec.
         parts = (header, *payload) if payload.__class__ is tuple else (header, payload)
+        if sealed:
+            parts = (*parts, self.auth.seal(parts))      # a retransmission gets a new counter
         crc = 0
         for part in parts:
             crc = _crc32c(part, crc)
@@ -257,7 +276,15 @@ class LinkSession:
     def receive(self, frame, now_ms):
         """Take one whole frame from the framer; return a Delivered message or None."""
         head, payload = F.parse_frame_untrusted(frame, "link")
-        self.last_rx_ms = self.now_ms = now_ms
+        self.now_ms = now_ms
+        if self.state != S.UP:
+            self.last_rx_ms = now_ms     # in the handshake a good CRC is all a frame can show
+        try:
+            if not self.auth.check(frame, head, now_ms, handshake=self.state != S.UP):
+                return None              # dropped whole: its ack and seq are not looked at
+        except AuthFailed as exc:
+            raise LinkProtocolError(str(exc)) from None
+        self.last_rx_ms = now_ms
         progressed = self._take_ack(head.ack, now_ms)
         if head.flags & F.FLAG_ACK_ONLY:
             if head.type == M.MsgType.HEARTBEAT:

@@ -685,6 +685,7 @@ class LogSource(_Session):
                                 "used_bytes": p.used, "size_bytes": p.size} for p in parts],
                 "pending_writes": len(self.pending), "waiting_writes": len(self.waiting),
                 "gap": list(self.gap) if self.gap else None, "stats": dict(self.stats),
+                "link_stats": dict(self.link.stats),
                 "owned_luns": [f"lun{i}" for i in range(len(self.params.lun_sizes))],
                 "generation": 1}
 
@@ -1231,6 +1232,13 @@ class LogDestination(_Session):
         self._tick_links(now_ms)
         return self._take()
 
+    def _link_stats(self):
+        """Every source's link counters added up (update keeps the zeros status shows)."""
+        total = collections.Counter()
+        for f in self.feeds:
+            total.update(f.link.stats)
+        return dict(total)
+
     def status(self):
         ready = all(f.ready and f.link.up for f in self.feeds)
         return {"mode": "replica", "replica_variant": "log", "role": "destination",
@@ -1238,6 +1246,8 @@ class LogDestination(_Session):
                 "sources": {f.p.name: {"link": f.link.state, "ready": f.ready, "stored_seq": f.expected - 1,
                                        "filed_seq": f.filed_seq, "applied_seq": f.applied_seq,
                                        "nvram_entries": len(f.staged), "file_records": len(f.records),
-                                       "consistency_points": f.cp_count, "early": len(f.early)}
+                                       "consistency_points": f.cp_count, "early": len(f.early),
+                                       "link_stats": dict(f.link.stats)}
                             for f in self.feeds},
+                "link_stats": self._link_stats(),
                 "stats": dict(self.stats), "owned_luns": [], "generation": 1}

@@ -12,7 +12,8 @@ process is pinned the same way: fio on CPU 0, every server process on CPU 1
 (taskset), because a cross-CPU wakeup costs ~45 us here and QD1 figures swing
 with placement. Prints min-median-max per figure and the ratios
 twincache/nbdkit and twincache/mirror; writes report.md and report.png. The
-cost of NBD over TLS is measured on one pair serving both (hal/bench_tls.py).
+cost of NBD over TLS is measured on one pair serving both (hal/bench_tls.py), the
+cost of link frame MACs with and without them (hal/bench_linkauth.py).
 """
 from __future__ import annotations
 
@@ -264,6 +265,8 @@ def main(rounds=3, seconds=5, out_dir="bench-report"):
     report += destage_report(progress=lambda line: print(line, flush=True))
     from .bench_tls import report as tls_report
     report += tls_report(rounds, seconds, progress=lambda line: print(line, flush=True))
+    from .bench_linkauth import report as linkauth_report
+    report += linkauth_report(rounds, seconds, progress=lambda line: print(line, flush=True))
     report += (f"\nNBD engine alone (Python, per request incl. reply): 4 KiB write "
                f"{engine['write']:.1f} us, 4 KiB read {engine['read']:.1f} us.\n")
     (out / "report.md").write_text(report)

@@ -291,6 +291,10 @@ def cmd_status(args):
             continue
         print(f"controller {st['name']} (pid {st['pid']}): {st['role']}, link {st['link']}, "
               f"generation {st['generation']}, owns {', '.join(st['owned_luns']) or 'no LUN'}")
+        ls = st.get("link_stats") or {}
+        if ls.get("auth_failures") or ls.get("auth_replays"):
+            print(f"  link frames refused: {ls.get('auth_failures', 0)} failed authentication, "
+                  f"{ls.get('auth_replays', 0)} replayed")
         if "replica" in st:
             _print_replica(st)
             continue

@@ -4,7 +4,7 @@ Two framers, one per kind of byte stream:
 
 - `StreamFramer` for sockets. Frames go on the wire as they are; the
   receiver finds them by the header magic and checks them with the header
-  bounds and the CRC32C trailer. After a bad header or CRC it skips ONE
+  bounds and the CRC32C trailer (which covers the MAC trailer, if any). After a bad header or CRC it skips ONE
   byte and rescans for the next magic, so a frame hiding behind garbage is
   still found.
 - `CobsFramer` for serial lines and virtio ports, which can drop or corrupt
@@ -14,20 +14,21 @@ Two framers, one per kind of byte stream:
 
 Both keep received bytes in one bytearray with a read offset (no quadratic
 copying) and bound it: at most one maximal frame plus the last chunk fed.
-Frames are returned as `bytes`, already validated by the CRC.
+Frames are returned as `bytes`, already validated by the CRC. The framers
+hold no key: a frame's MAC is the link session's to check (firmware/link_auth.py).
 """
 from __future__ import annotations
 
 from cobs import cobs
 
 from firmware.formats import FormatError
-from firmware.formats.frame import (FRAME_MAGIC, HEADER_SIZE_BYTES, PAYLOAD_MAX_BYTES,
-                                    TRAILER_SIZE_BYTES, TRAILER_STRUCT, crc32c,
-                                    parse_frame_untrusted, parse_header_untrusted)
+from firmware.formats.frame import (AUTH_TRAILER_SIZE_BYTES, FRAME_MAGIC, HEADER_SIZE_BYTES,
+                                    PAYLOAD_MAX_BYTES, TRAILER_SIZE_BYTES, TRAILER_STRUCT, crc32c,
+                                    frame_size_bytes, parse_frame_untrusted, parse_header_untrusted)
 
 from .interfaces import Framer
 
-FRAME_MAX_BYTES = HEADER_SIZE_BYTES + PAYLOAD_MAX_BYTES + TRAILER_SIZE_BYTES
+FRAME_MAX_BYTES = HEADER_SIZE_BYTES + PAYLOAD_MAX_BYTES + AUTH_TRAILER_SIZE_BYTES + TRAILER_SIZE_BYTES
 _MAGIC_BYTES = FRAME_MAGIC.to_bytes(2, "big")
 # COBS adds one byte per 254 plus one; two delimiters surround each frame.
 COBS_CHUNK_MAX_BYTES = FRAME_MAX_BYTES + FRAME_MAX_BYTES // 254 + 2
@@ -75,7 +76,7 @@ class StreamFramer(Framer):
             except FormatError:
                 self._skip(1)
                 continue
-            end = start + HEADER_SIZE_BYTES + head.payload_len
+            end = start + frame_size_bytes(head) - TRAILER_SIZE_BYTES
             if len(buf) < end + TRAILER_SIZE_BYTES:
                 return None
             with memoryview(buf) as view:

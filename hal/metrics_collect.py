@@ -127,6 +127,13 @@ def link_families(c, st, rec):
     for key in ("retransmits", "fast_retransmits", "frames_sent", "heartbeats_received"):
         if key in ls:
             out.append(_counter(P + "link_" + key, f"Link session {key.replace('_', ' ')}", c, ls[key]))
+    refused = (("auth_failures", "Link frames refused because their MAC did not verify or was missing "
+                "(forged or altered; enough of them end the session)"),
+               ("auth_replays", "Link frames refused because their MAC counter was not new (replayed, "
+                "duplicated or reordered)"))
+    for key, doc in refused:
+        if key in ls:
+            out.append(_counter(P + "link_" + key, doc, c, ls[key]))
     return out
 
 

@@ -56,6 +56,10 @@ def _free_ports(n) -> list:
 
 
 class LocalPair:
+    # The tree the controllers run from (`python -m hal.cli` there); hal/bench_linkauth.py points
+    # one pair at an older commit's tree to measure against the code before a change.
+    code_root = pathlib.Path(__file__).resolve().parent.parent
+
     def __init__(self, directory):
         self.dir = pathlib.Path(directory).resolve()
         self._procs = {}
@@ -223,7 +227,7 @@ class LocalPair:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hal.cli", "controller", "run", "--config", str(self.config_path(name))],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
-            cwd=str(pathlib.Path(__file__).resolve().parent.parent))
+            cwd=str(self.code_root))
         log.close()
         (self.dir / name / "pid").write_text(str(proc.pid))
         self._procs[name] = proc

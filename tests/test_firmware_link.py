@@ -60,6 +60,17 @@ def session_in(state):
     return a, b
 
 
+def to_a(a, msg_type, lane, resource, payload):
+    """A frame from b as a expects it next: sealed with b's direction key once a holds the
+    session's keys (a frame without a MAC would be dropped before the state table), so only
+    the state decides."""
+    auth = None
+    if a.auth.keyed:
+        key = F.derive_direction_key(KEY, a.hello_body, a.peer_hello_body, 1)     # b's, as b derives it
+        auth = (F.mac_hasher(key), a.auth.rx_seq_last + 1)
+    return b"".join(F.encode_frame(msg_type, 0, lane, resource, a.rx_expected, 0, 0, payload, auth=auth))
+
+
 def fire(a, b, event):
     if event == "connected":
         a.connected(b"\x03" * 32, 0)
@@ -70,20 +81,15 @@ def fire(a, b, event):
         peer.connected(b"\x04" * 32, 0)
         hello = split_frames(peer.take_output())[0]
         # Renumber it to the sequence a expects, so only the state decides.
-        head = F.parse_header_untrusted(hello)
-        payload = hello[F.HEADER_SIZE_BYTES:-4]
-        frame = b"".join(F.encode_frame(head.type, 0, head.lane, head.resource, a.rx_expected, 0, 0, payload))
-        a.receive(frame, 0)
+        head, payload = F.parse_frame_untrusted(hello)
+        a.receive(to_a(a, head.type, head.lane, head.resource, bytes(payload)), 0)
     elif event == "auth":
         b_out = split_frames(b.take_output())
         auth = [f for f in b_out if F.parse_header_untrusted(f).type == M.MsgType.AUTH]
-        mac = auth[0][F.HEADER_SIZE_BYTES:-4] if auth else bytes(32)
-        frame = b"".join(F.encode_frame(M.MsgType.AUTH, 0, 0, 0, a.rx_expected, 0, 0, mac))
-        a.receive(frame, 0)
+        mac = bytes(F.parse_frame_untrusted(auth[0])[1]) if auth else bytes(32)
+        a.receive(to_a(a, M.MsgType.AUTH, 0, 0, mac), 0)
     elif event == "message":
-        frame = b"".join(F.encode_frame(M.MsgType.PING, 0, 0, M.Resource.ADMIN, a.rx_expected, 0, 0,
-                                        M.PING_STRUCT.pack(1)))
-        a.receive(frame, 0)
+        a.receive(to_a(a, M.MsgType.PING, 0, M.Resource.ADMIN, M.PING_STRUCT.pack(1)), 0)
 
 
 @pytest.mark.parametrize("state,event", list(itertools.product(
@@ -135,7 +141,8 @@ def test_replayed_and_duplicated_frames_are_dropped():
     frame = split_frames(a.take_output())[0]
     assert b.receive(frame, 0).tag == 5
     assert b.receive(frame, 0) is None                          # the replay is not delivered again
-    assert b.stats["frames_out_of_order"] == 1
+    assert b.stats["auth_replays"] == 1                         # its MAC counter is not new
+    assert b.stats["auth_failures"] == 0                        # a lossy line duplicates: no failure
 
 
 def test_go_back_n_fills_a_gap_on_a_lossy_transport():
@@ -230,3 +237,161 @@ def test_a_handshake_that_stalls_while_the_peer_talks_is_started_over():
             a.tick(now)
     assert now > limit
     assert b.state == S.HELLO_SENT                      # b never got a's HELLO
+
+
+# -- per-frame authentication (firmware/link_auth.py) -------------------------------------
+
+def with_crc(body) -> bytes:
+    """A frame body with a CRC that matches it: what someone on the cable who knows the format sends."""
+    body = bytes(body)
+    return body + F.TRAILER_STRUCT.pack(F.crc32c(body))
+
+
+def ping_frame(a, tag=1):
+    a.send(M.MsgType.PING, M.Resource.ADMIN, M.PING_STRUCT.pack(tag), lane=F.LANE_CONTROL, tag=tag)
+    (frame,) = split_frames(a.take_output())
+    return frame
+
+
+def test_every_frame_after_the_hellos_is_sealed_and_the_hellos_are_not():
+    a, b = session(0), session(1)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    hello = split_frames(a.take_output())[0]
+    assert not F.parse_header_untrusted(hello).flags & F.FLAG_AUTH
+    b.receive(hello, 0)
+    sent = []
+    for _ in range(5):
+        for src, dst in ((a, b), (b, a)):
+            for frame in split_frames(src.take_output()):
+                sent.append(F.parse_header_untrusted(frame))
+                dst.receive(frame, 0)
+    assert a.up and b.up
+    assert [h.type for h in sent if not h.flags & F.FLAG_AUTH] == [M.MsgType.HELLO]       # b's
+    assert {h.type for h in sent if h.flags & F.FLAG_AUTH} >= {M.MsgType.AUTH}
+    assert b.receive(ping_frame(a), 0).tag == 1
+
+
+def test_an_altered_frame_is_dropped_counted_and_never_delivered():
+    a, b = up_pair()
+    frame = bytearray(ping_frame(a, tag=7))
+    frame[F.HEADER_SIZE_BYTES] ^= 0x01                     # one payload bit, CRC made to match
+    assert b.receive(with_crc(frame[:-4]), 0) is None
+    assert b.stats["auth_failures"] == 1 and b.rx_expected == 1 + 1    # HELLO, AUTH only
+    assert b.up
+
+
+def test_a_frame_stripped_of_its_mac_is_refused():
+    a, b = up_pair()
+    frame = ping_frame(a)
+    head = F.parse_header_untrusted(frame)
+    body = bytearray(frame[:F.HEADER_SIZE_BYTES + head.payload_len])
+    body[4] &= ~F.FLAG_AUTH & 0xFF                           # the flag cleared, the trailer cut off
+    assert b.receive(with_crc(body), 0) is None
+    assert b.stats["auth_failures"] == 1
+    assert b.receive(frame, 0).tag == 1                       # the genuine one still goes through
+
+
+def test_a_forged_frames_ack_is_not_looked_at():
+    a, b = up_pair()
+    frame = bytearray(ping_frame(a))
+    frame[12:16] = (1 << 30).to_bytes(4, "big")              # ack of frames b never sent: a protocol error if read
+    assert b.receive(with_crc(frame[:-4]), 0) is None
+    assert b.up and b.stats["auth_failures"] == 1
+
+
+def test_frames_of_another_session_or_reflected_back_are_refused():
+    a, b = up_pair()
+    old = ping_frame(a)                                      # sealed with this session's a->b key
+    assert a.receive(old, 0) is None                         # reflected to its sender: the other key
+    a.disconnected()
+    b.disconnected()
+    a.connected(b"\x05" * 32, 0)
+    b.connected(b"\x06" * 32, 0)
+    pump(a, b)
+    assert a.up and b.up
+    assert b.receive(old, 0) is None                         # a frame of the last session
+    assert a.stats["auth_failures"] == 1 and b.stats["auth_failures"] == 1
+
+
+def test_a_replay_is_a_failure_on_a_socket_and_only_a_drop_on_a_lossy_line():
+    for reliable, failures in ((True, 1), (False, 0)):
+        a, b = up_pair(reliable_transport=reliable)
+        first, second = ping_frame(a, 1), ping_frame(a, 2)
+        assert b.receive(first, 0).tag == 1 and b.receive(second, 0).tag == 2
+        assert b.receive(first, 0) is None                   # an old counter: replayed or reordered
+        assert b.stats["auth_replays"] == 1 and b.stats["auth_failures"] == failures
+
+
+def test_repeated_failures_within_the_window_end_the_session():
+    a, b = up_pair(auth_failures_max=4, auth_failure_window_ms=1000)
+    forged = bytearray(ping_frame(a))
+    forged[-5] ^= 0xFF                                       # a MAC byte
+    forged = with_crc(forged[:-4])
+    for now in (0, 100, 200):
+        assert b.receive(forged, now) is None
+    with pytest.raises(LinkProtocolError, match="4 frames failed authentication"):
+        b.receive(forged, 300)
+
+
+def test_failures_spread_wider_than_the_window_are_only_counted():
+    a, b = up_pair(auth_failures_max=4, auth_failure_window_ms=1000, heartbeat_timeout_ms=10 ** 6)
+    forged = bytearray(ping_frame(a))
+    forged[-5] ^= 0xFF
+    forged = with_crc(forged[:-4])
+    for now in range(0, 10_000, 400):                        # 4 in any 1.2 s: never 4 within 1 s
+        assert b.receive(forged, now) is None
+    assert b.up and b.stats["auth_failures"] == 25
+
+
+def test_in_the_handshake_one_bad_mac_ends_it():
+    a, b = session(0), session(1)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    a.receive(split_frames(b.take_output())[0], 0)           # b's HELLO: a is keyed, sends AUTH
+    b.receive(split_frames(a.take_output())[0], 0)           # a's HELLO: b is keyed, sends AUTH
+    auth = bytearray(split_frames(b.take_output())[0])
+    auth[F.HEADER_SIZE_BYTES] ^= 0x01                        # b's AUTH altered on the way
+    with pytest.raises(LinkProtocolError, match="does not hold the pair's key"):
+        a.receive(with_crc(auth[:-4]), 0)
+
+
+def test_a_sealed_frame_before_the_keys_exist_is_dropped_not_failed():
+    """On a lossy line a's AUTH can overtake its HELLO: b, without keys yet, drops it as early
+    (go-back-N sends it again) and counts no failure; the handshake then finishes."""
+    a, b = session(0, reliable_transport=False, rto_ms=50), session(1, reliable_transport=False, rto_ms=50)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    hello_a = split_frames(a.take_output())[0]
+    a.receive(split_frames(b.take_output())[0], 0)           # b's HELLO: a is keyed, sends AUTH
+    (auth_a,) = split_frames(a.take_output())
+    assert b.receive(auth_a, 0) is None                      # overtook a's HELLO
+    assert b.stats["auth_early"] == 1 and b.stats["auth_failures"] == 0 and b.state == S.HELLO_SENT
+    b.receive(hello_a, 10)
+    a.tick(100)
+    b.tick(100)
+    pump(a, b, 100)
+    assert a.up and b.up
+
+
+def test_a_retransmitted_hello_after_the_keys_exist_is_dropped_not_failed():
+    a, b = up_pair(reliable_transport=False)
+    hello = session(0)
+    hello.connected(b"\x01" * 32, 0)
+    assert b.receive(split_frames(hello.take_output())[0], 0) is None
+    assert b.stats["auth_stale_hellos"] == 1 and b.stats["auth_failures"] == 0 and b.up
+
+
+def test_a_hello_field_altered_on_the_way_fails_the_handshake():
+    """The AUTH covers only the nonces; the keys cover both HELLOs whole, so a generation (or
+    geometry, capabilities...) changed on the way gives the ends different keys."""
+    a, b = session(0), session(1)
+    a.connected(b"\x01" * 32, 0)
+    b.connected(b"\x02" * 32, 0)
+    hello_b = bytearray(split_frames(b.take_output())[0])
+    hello_b[F.HEADER_SIZE_BYTES + 11] ^= 0x01               # the low byte of b's generation
+    a.receive(with_crc(hello_b[:-4]), 0)
+    b.receive(split_frames(a.take_output())[0], 0)
+    with pytest.raises(LinkProtocolError, match="HELLO was altered"):
+        for frame in split_frames(b.take_output()):          # b's AUTH, sealed with b's key
+            a.receive(frame, 0)

@@ -208,7 +208,9 @@ def test_forwarded_io_reaches_the_owner_and_comes_back():
 def test_malformed_frames_reset_the_link_and_the_controller_keeps_serving(garbage):
     from firmware.formats import frame as F
     p = idle_pair()
-    bad = b"".join(F.encode_frame(M.MsgType.FLUSH_DONE, 0, 1, 2, p.ctrl[1].link.rx_expected, 0, 0, garbage))
+    sender = p.ctrl[0].link.auth                    # sealed as a would: the parser is what refuses it
+    bad = b"".join(F.encode_frame(M.MsgType.FLUSH_DONE, 0, 1, 2, p.ctrl[1].link.rx_expected, 0, 0, garbage,
+                                  auth=(sender.tx, sender.tx_seq)))
     p.run(1, p.ctrl[1].link_frame(bad, 0))
     assert [n for n in p.notes[1] if n[0] == "link_down"]
     p.write(1, "w", 1, 0, b"k" * BS)                # b still serves its own LUN
@@ -398,3 +400,34 @@ def test_a_forwarded_request_is_answered_only_in_the_link_session_it_came_in():
     sent = [F.parse_header_untrusted(f) for f in split_frames(a.link.take_output())]
     replies = [h.tag for h in sent if h.type == M.MsgType.IO_REPLY]
     assert replies == [8]
+
+
+def test_a_mirror_write_altered_on_the_wire_never_reaches_the_partners_nvram():
+    """Someone on the cable flips a data byte of a MIRROR_WRITE and fixes the CRC: the partner
+    refuses the frame by its MAC, before the mirror is touched, and counts it; the session
+    starts over (a socket has no retransmission) and the resync sends the true data."""
+    from firmware.formats import frame as F
+    p = idle_pair()
+    p.write(0, "w", 0, 0, b"x" * BS)
+    frames = list(p.wire[1])
+    (k,) = [n for n, f in enumerate(frames) if F.parse_header_untrusted(f).type == M.MsgType.MIRROR_WRITE]
+    body = bytearray(frames[k][:-4])
+    at = body.find(b"x" * BS)
+    body[at] = ord("X")
+    p.wire[1][k] = bytes(body) + F.TRAILER_STRUCT.pack(F.crc32c(bytes(body)))
+    p.deliver()
+    assert p.ctrl[1].link.stats["auth_failures"] == 1
+    assert bytes(p.nv[1]).find(b"X" + b"x" * (BS - 1)) < 0       # nowhere in b's NVRAM
+    for _ in range(40):                                          # a gives up on the unacknowledged frame
+        p.tick(100)
+        if "w" in p.replies:
+            break
+    assert p.replies["w"] == (0, None)
+    p.connect()
+    for _ in range(20):
+        p.tick(100)
+    assert mirror_blocks(p, 1) == primary_lines(p, 0)
+    assert bytes(p.nv[1]).find(b"X" + b"x" * (BS - 1)) < 0
+    p.read(1, "r", 0, 0, BS)
+    p.deliver()
+    assert p.replies["r"] == (0, b"x" * BS)

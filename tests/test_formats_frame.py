@@ -25,6 +25,22 @@ GOLDEN_FIELDS = dict(magic=0x5443, version=1, type=4, flags=1, lane=1, resource=
                      seq=0x01020304, ack=0x05060708, tag=0x0A0B0C0D, payload_len=5, reserved=0)
 
 
+# The auth trailer: pair key 00..1f; the session's HELLO bodies (protocol 3, ha, generation 1,
+# capabilities 3, pair id 00..0f, 4096 x 16 blocks) of controller 0 with nonce 01 x 32 and of
+# controller 1 with nonce 02 x 32; the golden frame above sealed by controller 0 with auth_seq 5
+# (flags 0x05: FLAG_AUTH | FLAG_RESPONSE).
+AUTH_PAIR_KEY = bytes(range(32))
+AUTH_HELLOS = tuple(bytes.fromhex(
+    "0303" + cid + "00" "0000000000000001" "00000003" "0000000000000000" "000102030405060708090a0b0c0d0e0f"
+    + nonce * 32 + "00001000" "00000010" + "00" * 16) for cid, nonce in (("00", "01"), ("01", "02")))
+GOLDEN_KEY_0 = bytes.fromhex("44a47b204e26717e122f1d7b01c0b553efe3d188f9f0f2e4ea7a639e70a13ce9")
+GOLDEN_KEY_1 = bytes.fromhex("140208a75339d45342c6b7185993f1a2917fcd6d2eade165a4a3eee6acac21d7")
+GOLDEN_MAC = bytes.fromhex("ae65fc833b1ab0fad9d23308d509a326")
+GOLDEN_TRAILER = bytes.fromhex("0000000000000005") + GOLDEN_MAC
+GOLDEN_AUTH_FRAME = (bytes.fromhex("5443" "01" "04" "05" "01" "0001" "01020304" "05060708" "0a0b0c0d"
+                                   "00000005" "00000000") + b"hello" + GOLDEN_TRAILER + bytes.fromhex("2219ba02"))
+
+
 def plain(value):
     return {k: v for k, v in value.items() if not k.startswith("_")}
 
@@ -53,7 +69,7 @@ def test_header_struct_twin_golden():
 def test_frame_construct_golden():
     parsed = F.Frame.parse(GOLDEN_FRAME)
     assert parsed.payload == b"hello" and parsed.crc == 0x4583D47A
-    built = F.Frame.build(dict(header=dict(value=GOLDEN_FIELDS), payload=b"hello"))
+    built = F.Frame.build(dict(header=dict(value=GOLDEN_FIELDS), payload=b"hello", auth=None))
     assert built == GOLDEN_FRAME
 
 
@@ -81,6 +97,71 @@ def test_short_and_long_frames_refused():
         F.parse_frame_untrusted(GOLDEN_FRAME + b"\0")
     with pytest.raises(FormatError, match="link: "):
         F.parse_header_untrusted(b"", "link")
+
+
+def test_direction_keys_golden_and_by_the_documented_recipe():
+    import hashlib
+    from firmware.formats import messages as M
+    assert M.Hello.parse(AUTH_HELLOS[1]).nonce == b"\x02" * 32 and M.Hello.parse(AUTH_HELLOS[0]).controller_id == 0
+    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_HELLOS, 0) == GOLDEN_KEY_0
+    assert F.derive_direction_key(AUTH_PAIR_KEY, *AUTH_HELLOS, 1) == GOLDEN_KEY_1
+    recipe = hashlib.blake2b(b"twincache-frame-mac-v1" + AUTH_HELLOS[0] + AUTH_HELLOS[1] + b"\x00",
+                             key=AUTH_PAIR_KEY, digest_size=32).digest()
+    assert recipe == GOLDEN_KEY_0
+    # Another session (another nonce), a HELLO field changed on the way: another key.
+    for offset in (60, 5):                              # a nonce byte; a generation byte
+        other = bytearray(AUTH_HELLOS[0])
+        other[offset] ^= 1
+        assert F.derive_direction_key(AUTH_PAIR_KEY, bytes(other), AUTH_HELLOS[1], 0) != GOLDEN_KEY_0
+
+
+def test_auth_trailer_golden():
+    assert F.AuthTrailer.sizeof() == F.AUTH_TRAILER_SIZE_BYTES == 24
+    assert F.AuthTrailer.parse(GOLDEN_TRAILER).auth_seq == 5
+    assert F.AuthTrailer.parse(GOLDEN_TRAILER).mac == GOLDEN_MAC
+    assert F.AuthTrailer.build(dict(auth_seq=5, mac=GOLDEN_MAC)) == GOLDEN_TRAILER
+    assert F.AuthTrailer.compile().parse(GOLDEN_TRAILER).auth_seq == 5
+    assert F.AUTH_STRUCT.unpack(GOLDEN_TRAILER) == (5, GOLDEN_MAC)
+    import hashlib          # the MAC by its documented recipe: BLAKE2b-128 over header | payload | auth_seq
+    covered = GOLDEN_AUTH_FRAME[:F.HEADER_SIZE_BYTES + 5 + 8]
+    assert hashlib.blake2b(covered, key=GOLDEN_KEY_0, digest_size=16).digest() == GOLDEN_MAC
+
+
+def test_encode_authenticated_frame_golden():
+    auth = (F.mac_hasher(GOLDEN_KEY_0), 5)
+    built = b"".join(F.encode_frame(4, 1, 1, 1, 0x01020304, 0x05060708, 0x0A0B0C0D, b"hello", auth=auth))
+    assert built == GOLDEN_AUTH_FRAME
+    assert len(built) == F.HEADER_SIZE_BYTES + 5 + F.AUTH_TRAILER_SIZE_BYTES + F.TRAILER_SIZE_BYTES
+
+
+def test_authenticated_frame_construct_and_parser_golden():
+    parsed = F.Frame.parse(GOLDEN_AUTH_FRAME)
+    assert parsed.payload == b"hello" and parsed.auth.value.auth_seq == 5 and parsed.auth.value.mac == GOLDEN_MAC
+    fields = dict(GOLDEN_FIELDS, flags=F.FLAG_AUTH | F.FLAG_RESPONSE)
+    built = F.Frame.build(dict(header=dict(value=fields), payload=b"hello",
+                               auth=dict(value=dict(auth_seq=5, mac=GOLDEN_MAC))))
+    assert built == GOLDEN_AUTH_FRAME
+    head, payload = F.parse_frame_untrusted(GOLDEN_AUTH_FRAME, "link")
+    assert head.flags == 5 and bytes(payload) == b"hello"
+    auth_seq, mac, covered = F.parse_auth_untrusted(GOLDEN_AUTH_FRAME, head)
+    assert (auth_seq, mac, bytes(covered)) == (5, GOLDEN_MAC, GOLDEN_AUTH_FRAME[:41])
+    assert F.split_frames(GOLDEN_AUTH_FRAME + GOLDEN_FRAME) == [GOLDEN_AUTH_FRAME, GOLDEN_FRAME]
+
+
+def test_the_crc_covers_the_auth_trailer():
+    for offset in (33, 40, 41, 56):                  # auth_seq and MAC bytes
+        bad = bytearray(GOLDEN_AUTH_FRAME)
+        bad[offset] ^= 0x01
+        with pytest.raises(FormatError, match="CRC"):
+            F.parse_frame_untrusted(bytes(bad), "link")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, (1 << 64) - 1), st.binary(min_size=16, max_size=16))
+def test_auth_trailer_twin_agrees_with_construct(auth_seq, mac):
+    packed = F.AUTH_STRUCT.pack(auth_seq, mac)
+    assert F.AuthTrailer.build(dict(auth_seq=auth_seq, mac=mac)) == packed
+    assert plain(F.AuthTrailer.parse(packed)) == dict(auth_seq=auth_seq, mac=mac)
 
 
 u8, u16, u32 = (st.integers(0, (1 << b) - 1) for b in (8, 16, 32))
@@ -120,7 +201,9 @@ def test_mutated_golden_frame_into_parser(noise, position):
 
 def make_frames(count: int, seed: int = 1) -> list:
     rng = random.Random(seed)
-    return [b"".join(F.encode_frame(4, 0, 1, 1, i, 0, i, rng.randbytes(rng.randrange(0, 300))))
+    hasher = F.mac_hasher(GOLDEN_KEY_0)       # every other frame sealed: the framers take both kinds
+    return [b"".join(F.encode_frame(4, 0, 1, 1, i, 0, i, rng.randbytes(rng.randrange(0, 300)),
+                                    auth=(hasher, i) if i % 2 else None))
             for i in range(count)]
 
 
