@@ -1,0 +1,158 @@
+"""A host VM through a failover: a QEMU guest whose disk is lun0 of the local pair.
+
+What README.md tells a host VM to do, done by a whole guest: QEMU (TCG) with
+`-blockdev driver=nbd,server.type=unix,server.path=<a>/nbd.sock,export=lun0,
+reconnect-delay=20` and `-device virtio-blk-pci,werror=stop,rerror=stop`.
+The guest (vm/hostguest.py) writes 64 KiB blocks with O_DIRECT and a flush,
+block i at offset i * 64 KiB filled with byte i % 255 + 1, and prints a
+console line per write it saw acknowledged. After KILL_AT writes the owner,
+controller a, is SIGKILLed; b takes lun0 over; `pair up` restarts a on its
+NVRAM; QEMU reconnects to a's socket. The returning a answers EIO until it
+has met b, so the guest may pause (BLOCK_IO_ERROR, STOP, `query-status`
+io-error); the test resumes it with QMP `cont` once a forwards (its
+`ownership_state` event for lun0 says `partner`), as an operator would.
+Then the guest goes on to the end, and every write it reported reads back
+through b and through a.
+
+The figures printed: the stall (from the kill to the next write the guest
+saw completed) and the time the guest was paused.
+
+Checked by hand that the test fails when the host VM is set up without
+what it needs: with `reconnect-delay=0` and `werror=report` the guest's
+write fails with EIO (`TCGUEST-FAILED`, the guest's dd reports an I/O
+error), and without the `cont` the guest stays paused (io-error) and never
+finishes its writes.
+"""
+import dataclasses
+import time
+
+import pytest
+
+from fixtures.hostvm import HostVm
+from fixtures.qmp import QmpError
+from fixtures.pair import make_pair, run
+from fixtures.vm import session_lock
+from vm import hostguest
+
+BLOCK_BYTES = 64 << 10
+WRITES = 200                   # 12.5 MiB: blocks 0..199 of a 16 MiB LUN
+KILL_AT = 60
+RECONNECT_DELAY_S = 20
+BOOT_TIMEOUT_S = 180.0
+FINISH_TIMEOUT_S = 120.0
+
+
+@dataclasses.dataclass
+class Outcome:
+    killed_at: float
+    took_over_at: float         # b's takeover event
+    serving_at: float           # the restarted a's serving event
+    forwards_at: float          # the restarted a forwards lun0 to b
+    wrote: dict                 # block -> time the test saw the guest's line
+    failed: list                # the guest's TCGUEST-FAILED lines
+    done: bool
+    conts: list                 # times the test sent `cont`
+    pauses: list                # (STOP ts, RESUME ts or None)
+    io_errors: list             # BLOCK_IO_ERROR events
+    status: dict                # query-status at the end
+    console: str
+
+
+def guest_through_failover(pair, workdir, boot, *, reconnect_delay_s=RECONNECT_DELAY_S,
+                           werror="stop", resume=True) -> Outcome:
+    """Boot the guest on a's socket, SIGKILL a after KILL_AT acknowledged writes, let b take
+    over and restart a, resume the guest (`cont`) whenever it is paused on an I/O error once a
+    forwards, and wait for the guest's last write."""
+    vm = HostVm(workdir, boot, nbd_socket=pair.socket_path("a"), export="lun0",
+                reconnect_delay_s=reconnect_delay_s, werror=werror, writes=WRITES,
+                block_bytes=BLOCK_BYTES)
+    try:
+        vm.wait_lines(hostguest.READY, 1, BOOT_TIMEOUT_S)
+        vm.wait_lines(hostguest.WROTE, KILL_AT, 60)
+        killed_at = time.time()
+        pair.kill("a")
+        took_over = pair.wait_event("b", "takeover", timeout_s=30, since=killed_at, lun=0)["ts"]
+        pair.up()                      # restarts a on its NVRAM, as the README says
+        serving = pair.wait_event("a", "serving", since=killed_at)["ts"]
+        forwards = pair.wait_event("a", "ownership_state", timeout_s=30, since=killed_at, lun=0,
+                                   new="partner")["ts"]
+        conts = resume_until_done(vm, resume)
+        status = query_status(vm)
+        stops = [e["ts"] for e in vm.qmp.events_named("STOP")]
+        resumes = [e["ts"] for e in vm.qmp.events_named("RESUME")]
+        pauses = [(s, next((r for r in resumes if r >= s), None)) for s in stops]
+        return Outcome(killed_at, took_over, serving, forwards,
+                       wrote={int(line.split()[1]): t for t, line in vm.matching(hostguest.WROTE)},
+                       failed=[line for _, line in vm.matching(hostguest.FAILED)],
+                       done=bool(vm.matching(hostguest.DONE)), conts=conts, pauses=pauses,
+                       io_errors=vm.qmp.events_named("BLOCK_IO_ERROR"), status=status,
+                       console=vm.console_tail())
+    finally:
+        vm.close()
+
+
+def resume_until_done(vm, resume: bool) -> list:
+    """Until the guest's last write (or FINISH_TIMEOUT_S): `cont` whenever it is paused on an
+    I/O error. Returns the times of the `cont`s."""
+    conts = []
+    deadline = time.monotonic() + FINISH_TIMEOUT_S
+    while not vm.matching(hostguest.DONE) and not vm.closed and time.monotonic() < deadline:
+        status = query_status(vm)
+        if resume and not status["running"] and status["status"] == "io-error":
+            conts.append(time.time())
+            vm.qmp.execute("cont")
+        time.sleep(0.1)
+    return conts
+
+
+def query_status(vm) -> dict:
+    try:
+        return vm.qmp.execute("query-status")
+    except QmpError:                   # the guest powered off after its last write
+        return {"status": "exited", "running": False}
+
+
+def read_back(uri: str, blocks: list[int]):
+    cmds = []
+    for i in blocks:
+        cmds += ["-c", f"read -P {hostguest.pattern(i)} {i * BLOCK_BYTES} {BLOCK_BYTES}"]
+    return run(["qemu-io", "-f", "raw", *cmds, uri], check=False, timeout=300)
+
+
+def describe(o: Outcome) -> str:
+    after = min((t, i) for i, t in o.wrote.items() if t > o.killed_at)
+    paused = sum((r or time.time()) - s for s, r in o.pauses)
+    return (f"host VM on a's socket, SIGKILL of a after {KILL_AT} writes: stall {after[0] - o.killed_at:.2f} s "
+            f"(kill to the guest's next completed write, block {after[1]}); paused {len(o.pauses)} time(s), "
+            f"{paused:.2f} s in all ({len(o.io_errors)} BLOCK_IO_ERROR, {len(o.conts)} cont); kill to "
+            f"takeover {o.took_over_at - o.killed_at:.2f} s, to a serving again {o.serving_at - o.killed_at:.2f} s, "
+            f"to a forwarding {o.forwards_at - o.killed_at:.2f} s")
+
+
+@pytest.mark.slow
+def test_host_vm_on_lun0_rides_through_sigkill_of_the_owner_every_acked_write_reads_back(tmp_path, host_vm_boot):
+    with session_lock():                   # one TCG guest set at a time on these 2 cores
+        pair = make_pair(tmp_path, luns=1, lun_size_bytes=16 << 20)
+        try:
+            pair.wait_settled(owners={"lun0": "a"})
+            o = guest_through_failover(pair, tmp_path / "vm", host_vm_boot)
+            print("\n" + describe(o))
+            assert not o.failed, f"the guest saw writes fail: {o.failed}\n{o.console}"
+            assert o.done and sorted(o.wrote) == list(range(WRITES)), \
+                f"the guest did not finish its writes (status {o.status}):\n{o.console}"
+            # Nothing completed while no controller answered on the guest's path: the write in
+            # flight waited in QEMU's NBD client (reconnect-delay) or paused the guest.
+            early = [i for i, t in o.wrote.items() if o.killed_at + 0.5 < t < o.serving_at]
+            assert not early, f"writes {early} completed while a was down"
+            # Pauses come only from the returning a's EIO before it meets b, and each was resumed.
+            assert all(r is not None for _, r in o.pauses), o.pauses
+            assert all(o.serving_at - 0.01 <= e["ts"] <= o.forwards_at + 0.5 for e in o.io_errors), \
+                (o.serving_at, o.forwards_at, o.io_errors)
+            assert all(t > o.forwards_at for t in o.conts)
+            for name in ("b", "a"):
+                out = read_back(pair.uri(name), sorted(o.wrote))
+                assert out.returncode == 0 and "Pattern verification failed" not in out.stdout + out.stderr, \
+                    (name, out.stdout[-2000:], out.stderr[-2000:])
+                assert out.stdout.count(f"read {BLOCK_BYTES}/{BLOCK_BYTES} bytes") == WRITES, name
+        finally:
+            pair.stop_all()
