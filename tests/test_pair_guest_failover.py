@@ -120,13 +120,35 @@ def read_back(uri: str, blocks: list[int]):
 
 
 def describe(o: Outcome) -> str:
-    after = min((t, i) for i, t in o.wrote.items() if t > o.killed_at)
+    after = min(((t, i) for i, t in o.wrote.items() if t > o.killed_at), default=(float("nan"), None))
     paused = sum((r or time.time()) - s for s, r in o.pauses)
     return (f"host VM on a's socket, SIGKILL of a after {KILL_AT} writes: stall {after[0] - o.killed_at:.2f} s "
             f"(kill to the guest's next completed write, block {after[1]}); paused {len(o.pauses)} time(s), "
             f"{paused:.2f} s in all ({len(o.io_errors)} BLOCK_IO_ERROR, {len(o.conts)} cont); kill to "
             f"takeover {o.took_over_at - o.killed_at:.2f} s, to a serving again {o.serving_at - o.killed_at:.2f} s, "
             f"to a forwarding {o.forwards_at - o.killed_at:.2f} s")
+
+
+def check(pair, o: Outcome) -> None:
+    """The guest wrote everything, saw no failure, stalled only while a was away, was resumed
+    after each pause, and every write it saw completed reads back through b and through a."""
+    assert not o.failed, f"the guest saw writes fail: {o.failed}\n{o.console}"
+    assert o.done and sorted(o.wrote) == list(range(WRITES)), \
+        f"the guest did not finish its writes (status {o.status}):\n{o.console}"
+    # Nothing completed while no controller answered on the guest's path: the write in flight
+    # waited in QEMU's NBD client (reconnect-delay) or paused the guest.
+    early = [i for i, t in o.wrote.items() if o.killed_at + 0.5 < t < o.serving_at]
+    assert not early, f"writes {early} completed while a was down"
+    # Pauses come only from the returning a's EIO before it meets b, and each was resumed.
+    assert all(r is not None for _, r in o.pauses), o.pauses
+    assert all(o.serving_at - 0.01 <= e["ts"] <= o.forwards_at + 0.5 for e in o.io_errors), \
+        (o.serving_at, o.forwards_at, o.io_errors)
+    assert all(t > o.forwards_at for t in o.conts)
+    for name in ("b", "a"):
+        out = read_back(pair.uri(name), sorted(o.wrote))
+        assert out.returncode == 0 and "Pattern verification failed" not in out.stdout + out.stderr, \
+            (name, out.stdout[-2000:], out.stderr[-2000:])
+        assert out.stdout.count(f"read {BLOCK_BYTES}/{BLOCK_BYTES} bytes") == WRITES, name
 
 
 @pytest.mark.slow
@@ -137,22 +159,6 @@ def test_host_vm_on_lun0_rides_through_sigkill_of_the_owner_every_acked_write_re
             pair.wait_settled(owners={"lun0": "a"})
             o = guest_through_failover(pair, tmp_path / "vm", host_vm_boot)
             print("\n" + describe(o))
-            assert not o.failed, f"the guest saw writes fail: {o.failed}\n{o.console}"
-            assert o.done and sorted(o.wrote) == list(range(WRITES)), \
-                f"the guest did not finish its writes (status {o.status}):\n{o.console}"
-            # Nothing completed while no controller answered on the guest's path: the write in
-            # flight waited in QEMU's NBD client (reconnect-delay) or paused the guest.
-            early = [i for i, t in o.wrote.items() if o.killed_at + 0.5 < t < o.serving_at]
-            assert not early, f"writes {early} completed while a was down"
-            # Pauses come only from the returning a's EIO before it meets b, and each was resumed.
-            assert all(r is not None for _, r in o.pauses), o.pauses
-            assert all(o.serving_at - 0.01 <= e["ts"] <= o.forwards_at + 0.5 for e in o.io_errors), \
-                (o.serving_at, o.forwards_at, o.io_errors)
-            assert all(t > o.forwards_at for t in o.conts)
-            for name in ("b", "a"):
-                out = read_back(pair.uri(name), sorted(o.wrote))
-                assert out.returncode == 0 and "Pattern verification failed" not in out.stdout + out.stderr, \
-                    (name, out.stdout[-2000:], out.stderr[-2000:])
-                assert out.stdout.count(f"read {BLOCK_BYTES}/{BLOCK_BYTES} bytes") == WRITES, name
+            check(pair, o)
         finally:
             pair.stop_all()

@@ -61,7 +61,7 @@ while [ $i -lt $WRITES ]; do
     if dd if=/tmp/block of=/dev/vda bs=$BS seek=$i count=1 oflag=direct conv=fsync,notrunc 2>/tmp/err; then
         echo "TCGUEST-WROTE $i"
     else
-        echo "TCGUEST-FAILED $i $(tail -n 1 /tmp/err)"
+        echo "TCGUEST-FAILED $i $(head -n 1 /tmp/err)"
     fi
     i=$((i+1))
 done
