@@ -24,6 +24,7 @@ error), and without the `cont` the guest stays paused (io-error) and never
 finishes its writes.
 """
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -44,26 +45,61 @@ FINISH_TIMEOUT_S = 120.0
 
 @dataclasses.dataclass
 class Outcome:
+    path: str                   # the controller whose socket the guest's disk is on
     killed_at: float
     took_over_at: float         # b's takeover event
     serving_at: float           # the restarted a's serving event
     forwards_at: float          # the restarted a forwards lun0 to b
+    ready_at: float             # the guest's path serves lun0 again: resumed from here on
     wrote: dict                 # block -> time the test saw the guest's line
     failed: list                # the guest's TCGUEST-FAILED lines
     done: bool
     conts: list                 # times the test sent `cont`
     pauses: list                # (STOP ts, RESUME ts or None)
     io_errors: list             # BLOCK_IO_ERROR events
+    ownership: list             # lun0's ownership_state events since the kill, both controllers
     status: dict                # query-status at the end
     console: str
 
 
-def guest_through_failover(pair, workdir, boot, *, reconnect_delay_s=RECONNECT_DELAY_S,
+def path_ready(pair, path: str, since: float):
+    """When the guest's path serves lun0 again after the kill of a, or None: the restarted a
+    once it forwards to b, b once it has taken over."""
+    if path == "a":
+        events = [e for e in pair.events("a", "ownership_state") if e.get("lun") == 0
+                  and e.get("new") == "partner" and e["ts"] >= since]
+    else:
+        events = [e for e in pair.events("b", "takeover") if e.get("lun") == 0 and e["ts"] >= since]
+    return events[0]["ts"] if events else None
+
+
+class Resumer(threading.Thread):
+    """What an operator does: `cont` a guest paused on an I/O error, once its path serves again."""
+
+    def __init__(self, vm, ready, enabled: bool):
+        super().__init__(daemon=True)
+        self.vm, self.ready, self.enabled = vm, ready, enabled
+        self.conts, self.stopping, self.error = [], threading.Event(), None
+
+    def run(self):
+        try:
+            while not self.stopping.wait(0.1):
+                status = query_status(self.vm)
+                if status["status"] == "exited":
+                    return
+                if self.enabled and status["status"] == "io-error" and self.ready() is not None:
+                    self.conts.append(time.time())
+                    self.vm.qmp.execute("cont")
+        except Exception as exc:               # reported by the test, not lost in the thread
+            self.error = exc
+
+
+def guest_through_failover(pair, workdir, boot, *, path="a", reconnect_delay_s=RECONNECT_DELAY_S,
                            werror="stop", resume=True) -> Outcome:
-    """Boot the guest on a's socket, SIGKILL a after KILL_AT acknowledged writes, let b take
-    over and restart a, resume the guest (`cont`) whenever it is paused on an I/O error once a
-    forwards, and wait for the guest's last write."""
-    vm = HostVm(workdir, boot, nbd_socket=pair.socket_path("a"), export="lun0",
+    """Boot the guest on `path`'s socket, SIGKILL a after KILL_AT acknowledged writes, let b
+    take over and restart a, resume the guest whenever it is paused on an I/O error once its
+    path serves again, and wait for the guest's last write."""
+    vm = HostVm(workdir, boot, nbd_socket=pair.socket_path(path), export="lun0",
                 reconnect_delay_s=reconnect_delay_s, werror=werror, writes=WRITES,
                 block_bytes=BLOCK_BYTES)
     try:
@@ -71,38 +107,36 @@ def guest_through_failover(pair, workdir, boot, *, reconnect_delay_s=RECONNECT_D
         vm.wait_lines(hostguest.WROTE, KILL_AT, 60)
         killed_at = time.time()
         pair.kill("a")
+        resumer = Resumer(vm, lambda: path_ready(pair, path, killed_at), resume)
+        resumer.start()
         took_over = pair.wait_event("b", "takeover", timeout_s=30, since=killed_at, lun=0)["ts"]
         pair.up()                      # restarts a on its NVRAM, as the README says
         serving = pair.wait_event("a", "serving", since=killed_at)["ts"]
         forwards = pair.wait_event("a", "ownership_state", timeout_s=30, since=killed_at, lun=0,
                                    new="partner")["ts"]
-        conts = resume_until_done(vm, resume)
-        status = query_status(vm)
-        stops = [e["ts"] for e in vm.qmp.events_named("STOP")]
-        resumes = [e["ts"] for e in vm.qmp.events_named("RESUME")]
-        pauses = [(s, next((r for r in resumes if r >= s), None)) for s in stops]
-        return Outcome(killed_at, took_over, serving, forwards,
-                       wrote={int(line.split()[1]): t for t, line in vm.matching(hostguest.WROTE)},
-                       failed=[line for _, line in vm.matching(hostguest.FAILED)],
-                       done=bool(vm.matching(hostguest.DONE)), conts=conts, pauses=pauses,
-                       io_errors=vm.qmp.events_named("BLOCK_IO_ERROR"), status=status,
-                       console=vm.console_tail())
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while not vm.matching(hostguest.DONE) and not vm.closed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        resumer.stopping.set()
+        resumer.join(30)
+        assert resumer.error is None, resumer.error
+        return outcome(pair, vm, path, killed_at, took_over, serving, forwards, resumer.conts)
     finally:
         vm.close()
 
 
-def resume_until_done(vm, resume: bool) -> list:
-    """Until the guest's last write (or FINISH_TIMEOUT_S): `cont` whenever it is paused on an
-    I/O error. Returns the times of the `cont`s."""
-    conts = []
-    deadline = time.monotonic() + FINISH_TIMEOUT_S
-    while not vm.matching(hostguest.DONE) and not vm.closed and time.monotonic() < deadline:
-        status = query_status(vm)
-        if resume and not status["running"] and status["status"] == "io-error":
-            conts.append(time.time())
-            vm.qmp.execute("cont")
-        time.sleep(0.1)
-    return conts
+def outcome(pair, vm, path, killed_at, took_over, serving, forwards, conts) -> Outcome:
+    stops = [e["ts"] for e in vm.qmp.events_named("STOP")]
+    resumes = [e["ts"] for e in vm.qmp.events_named("RESUME")]
+    ownership = sorted((e for name in ("a", "b") for e in pair.events(name, "ownership_state")
+                        if e.get("lun") == 0 and e["ts"] >= killed_at), key=lambda e: e["ts"])
+    return Outcome(path, killed_at, took_over, serving, forwards, path_ready(pair, path, killed_at),
+                   wrote={int(line.split()[1]): t for t, line in vm.matching(hostguest.WROTE)},
+                   failed=[line for _, line in vm.matching(hostguest.FAILED)],
+                   done=bool(vm.matching(hostguest.DONE)), conts=conts,
+                   pauses=[(s, next((r for r in resumes if r >= s), None)) for s in stops],
+                   io_errors=vm.qmp.events_named("BLOCK_IO_ERROR"), ownership=ownership,
+                   status=query_status(vm), console=vm.console_tail())
 
 
 def query_status(vm) -> dict:
@@ -122,28 +156,35 @@ def read_back(uri: str, blocks: list[int]):
 def describe(o: Outcome) -> str:
     after = min(((t, i) for i, t in o.wrote.items() if t > o.killed_at), default=(float("nan"), None))
     paused = sum((r or time.time()) - s for s, r in o.pauses)
-    return (f"host VM on a's socket, SIGKILL of a after {KILL_AT} writes: stall {after[0] - o.killed_at:.2f} s "
-            f"(kill to the guest's next completed write, block {after[1]}); paused {len(o.pauses)} time(s), "
-            f"{paused:.2f} s in all ({len(o.io_errors)} BLOCK_IO_ERROR, {len(o.conts)} cont); kill to "
-            f"takeover {o.took_over_at - o.killed_at:.2f} s, to a serving again {o.serving_at - o.killed_at:.2f} s, "
-            f"to a forwarding {o.forwards_at - o.killed_at:.2f} s")
+    return (f"host VM on {o.path}'s socket, SIGKILL of a after {KILL_AT} writes: stall "
+            f"{after[0] - o.killed_at:.2f} s (kill to the guest's next completed write, block {after[1]}); "
+            f"paused {len(o.pauses)} time(s), {paused:.2f} s in all ({len(o.io_errors)} BLOCK_IO_ERROR, "
+            f"{len(o.conts)} cont); kill to takeover {o.took_over_at - o.killed_at:.2f} s, to a serving "
+            f"again {o.serving_at - o.killed_at:.2f} s, to a forwarding {o.forwards_at - o.killed_at:.2f} s")
+
+
+def refusing(o: Outcome) -> tuple[float, float]:
+    """When the guest's path could answer but had to refuse lun0: the restarted a from serving
+    until it has met b; b from the kill until its takeover."""
+    return (o.serving_at, o.forwards_at) if o.path == "a" else (o.killed_at, o.took_over_at)
 
 
 def check(pair, o: Outcome) -> None:
-    """The guest wrote everything, saw no failure, stalled only while a was away, was resumed
-    after each pause, and every write it saw completed reads back through b and through a."""
+    """The guest wrote everything, saw no failure, stalled while its path could not serve, paused
+    (if at all) only while its path refused lun0 and was resumed after each pause, and every
+    write it saw completed reads back through b and through a."""
     assert not o.failed, f"the guest saw writes fail: {o.failed}\n{o.console}"
     assert o.done and sorted(o.wrote) == list(range(WRITES)), \
         f"the guest did not finish its writes (status {o.status}):\n{o.console}"
-    # Nothing completed while no controller answered on the guest's path: the write in flight
-    # waited in QEMU's NBD client (reconnect-delay) or paused the guest.
-    early = [i for i, t in o.wrote.items() if o.killed_at + 0.5 < t < o.serving_at]
-    assert not early, f"writes {early} completed while a was down"
-    # Pauses come only from the returning a's EIO before it meets b, and each was resumed.
+    # Nothing completed while the guest's path could not serve lun0: the write in flight waited
+    # in QEMU's NBD client (reconnect-delay) or paused the guest.
+    first, last = refusing(o)
+    early = [i for i, t in o.wrote.items() if o.killed_at + 0.5 < t < last]
+    assert not early, f"writes {early} completed before {o.path} could serve lun0 again"
     assert all(r is not None for _, r in o.pauses), o.pauses
-    assert all(o.serving_at - 0.01 <= e["ts"] <= o.forwards_at + 0.5 for e in o.io_errors), \
-        (o.serving_at, o.forwards_at, o.io_errors)
-    assert all(t > o.forwards_at for t in o.conts)
+    assert all(first - 0.01 <= e["ts"] <= o.ready_at + 0.5 for e in o.io_errors), \
+        (first, o.ready_at, o.io_errors, o.ownership)
+    assert all(t > o.ready_at for t in o.conts)
     for name in ("b", "a"):
         out = read_back(pair.uri(name), sorted(o.wrote))
         assert out.returncode == 0 and "Pattern verification failed" not in out.stdout + out.stderr, \
@@ -152,13 +193,17 @@ def check(pair, o: Outcome) -> None:
 
 
 @pytest.mark.slow
-def test_host_vm_on_lun0_rides_through_sigkill_of_the_owner_every_acked_write_reads_back(tmp_path, host_vm_boot):
+@pytest.mark.parametrize("path", ["a", "b"])
+def test_host_vm_on_lun0_rides_through_sigkill_of_the_owner_every_acked_write_reads_back(tmp_path, host_vm_boot,
+                                                                                         path):
     with session_lock():                   # one TCG guest set at a time on these 2 cores
         pair = make_pair(tmp_path, luns=1, lun_size_bytes=16 << 20)
         try:
             pair.wait_settled(owners={"lun0": "a"})
-            o = guest_through_failover(pair, tmp_path / "vm", host_vm_boot)
+            o = guest_through_failover(pair, tmp_path / "vm", host_vm_boot, path=path)
             print("\n" + describe(o))
+            print("\n".join(f"  {e['ts'] - o.killed_at:+.3f} {e['controller']} {e.get('old')} -> {e.get('new')}"
+                            for e in o.ownership))
             check(pair, o)
         finally:
             pair.stop_all()
