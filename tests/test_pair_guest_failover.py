@@ -1,27 +1,36 @@
 """A host VM through a failover: a QEMU guest whose disk is lun0 of the local pair.
 
 What README.md tells a host VM to do, done by a whole guest: QEMU (TCG) with
-`-blockdev driver=nbd,server.type=unix,server.path=<a>/nbd.sock,export=lun0,
-reconnect-delay=20` and `-device virtio-blk-pci,werror=stop,rerror=stop`.
-The guest (vm/hostguest.py) writes 64 KiB blocks with O_DIRECT and a flush,
-block i at offset i * 64 KiB filled with byte i % 255 + 1, and prints a
-console line per write it saw acknowledged. After KILL_AT writes the owner,
-controller a, is SIGKILLed; b takes lun0 over; `pair up` restarts a on its
-NVRAM; QEMU reconnects to a's socket. The returning a answers EIO until it
-has met b, so the guest may pause (BLOCK_IO_ERROR, STOP, `query-status`
-io-error); the test resumes it with QMP `cont` once a forwards (its
-`ownership_state` event for lun0 says `partner`), as an operator would.
-Then the guest goes on to the end, and every write it reported reads back
-through b and through a.
+`-blockdev driver=nbd,server.type=unix,server.path=<a or b>/nbd.sock,
+export=lun0,reconnect-delay=20` and `-device virtio-blk-pci,werror=stop,
+rerror=stop`. The guest (vm/hostguest.py) writes 64 KiB blocks with O_DIRECT
+and a flush, block i at offset i * 64 KiB filled with byte i % 255 + 1, and
+prints a console line per write it saw acknowledged. After KILL_AT writes
+the owner, controller a, is SIGKILLed; b takes lun0 over; `pair up`
+restarts a on its NVRAM (and a soon gets lun0 back: failback).
 
-The figures printed: the stall (from the kill to the next write the guest
-saw completed) and the time the guest was paused.
+- On a's path QEMU reconnects to the restarted a. The returning a answers
+  EIO until it has met b, so the guest may pause (BLOCK_IO_ERROR, STOP,
+  `query-status` io-error) if QEMU reconnects inside that window; it is
+  resumed with QMP `cont` once a forwards (its `ownership_state` event for
+  lun0 says `partner`).
+- On b's path (the survivor's) there is no disconnect, but b refuses lun0
+  with EIO until it has taken it over: the guest pauses and is resumed once
+  b's `takeover` event comes.
 
-Checked by hand that the test fails when the host VM is set up without
-what it needs: with `reconnect-delay=0` and `werror=report` the guest's
-write fails with EIO (`TCGUEST-FAILED`, the guest's dd reports an I/O
-error), and without the `cont` the guest stays paused (io-error) and never
-finishes its writes.
+The `cont` is what an operator (or a management layer) does. Then the
+guest goes on to its last write, and every write it reported reads back
+through b and through a. Printed: the stall (from the kill to the next
+write the guest saw completed) and the time the guest was paused.
+
+Checked by hand (guest_through_failover's arguments) that the test fails
+when the host VM lacks what README.md says it needs: with `werror=report`
+(and `reconnect-delay=0` on a's path) the guest's writes fail with EIO
+(`TCGUEST-FAILED ... Input/output error` from its dd); on either path
+without the `cont` the guest stays paused (io-error) and never finishes
+(with `reconnect-delay=0` on a's path it pauses at the kill); and with
+`reconnect-delay=0` and `werror=stop` on a's path the guest pauses at the
+kill, before any controller could serve, which the checks also refuse.
 """
 import dataclasses
 import threading
