@@ -817,8 +817,24 @@ class LogDestination(_Session):
         self._scan_next(feed)
 
     def _write_header(self, feed, what, applied_seq, head, head_seq, cp_count):
+        """Write the file header of `cp_count` to its slot: only one this destination's recovery
+        reads back as written. The header is what lets the destination drop entries and reuse the
+        file: one that recovery rejects is silently replaced by the older slot, whose head points
+        at records the next lap overwrites. Seed 412026 showed it: a consistency point emptied a
+        ring whose last record ended the file, recorded head_offset == the file's size (rejected
+        as outside the file), and the restarted destination lost the acknowledged entries filed
+        after it. A head is a place a record starts (LF.ring_offset: the ring's end is its start);
+        a header that still does not read back is a bug, stopped here before it is on disk."""
         data = LF.build_header(feed.p.source_id, feed.p.pair_id, feed.p.journal_bytes, applied_seq,
                                head, head_seq, cp_count)
+        try:
+            back = LF.parse_header_untrusted(data, f"{feed.p.name} journal")
+        except FormatError as exc:
+            raise AssertionError(f"a file header recovery would reject: {exc}") from None
+        if (back.applied_seq, back.head_offset, back.head_seq, back.cp_count) != (applied_seq, head, head_seq,
+                                                                                 cp_count):
+            raise AssertionError(f"a file header recovery would read otherwise: head {head} read as "
+                                 f"{back.head_offset}")
         self.out.append(A.DiskWrite(self._op(what), feed.p.journal_disk, LF.header_slot_offset(cp_count), data))
 
     def _scan_next(self, feed):
@@ -1115,7 +1131,9 @@ class LogDestination(_Session):
             cp["stage"] = "header"
             n = len(cp["records"])
             rest = list(feed.records)[n:]
-            head = rest[0].data_off - LF.RECORD_ALIGN if rest else feed.tail
+            # no record left: the head is where the next one goes, and a tail at the very end of
+            # the ring means its start (seed 412026; see _write_header)
+            head = rest[0].data_off - LF.RECORD_ALIGN if rest else LF.ring_offset(feed.tail, feed.p.journal_bytes)
             cp["left"] = 1
             self._write_header(feed, ("cp", feed), cp["through"], head, cp["through"] + 1, feed.cp_count + 1)
             return

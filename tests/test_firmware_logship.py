@@ -8,6 +8,8 @@ recovery of the image after a disaster at the source.
 """
 import hashlib
 
+import pytest
+
 from firmware.formats import frame as F
 from firmware.formats import logfile as LF
 from firmware.formats import messages as M
@@ -476,3 +478,72 @@ def test_destination_restarted_after_a_kill_flushes_before_it_trusts_its_file():
     assert r.dst.feeds[0].filed_seq == 1
     r.recover("s0")
     assert r.image(0, 0)[:4 * KiB] == block(1)
+
+
+# -- the file header: what a consistency point writes is what a restart reads ----------------
+
+def _ring_emptied_at_its_very_end():
+    """Four 4 KiB records fill the file ring to its last byte; a consistency point applies them
+    all, so the head it records is where the next record goes: the ring's start, not its end."""
+    r = small(journal_bytes=4 * KiB + 4 * 4608, cp_interval_ms=30)
+    r.connect()
+    for n in range(4):
+        r.write(0, ("w", n), 0, n * 4 * KiB, block(n))
+    feed = r.dst.feeds[0]
+    assert feed.filed_seq == 4 and feed.tail == feed.p.journal_bytes     # the last record ends the ring
+    r.tick(50)                                            # the timer: a consistency point through 4
+    assert feed.applied_seq == 4 and not feed.records
+    return r
+
+
+def test_a_consistency_point_that_empties_the_ring_at_its_end_records_a_head_a_restart_accepts():
+    """Found by the simulator (seed 412026): a consistency point applied every record of a file
+    whose tail sat exactly at the ring's end and recorded head_offset == the file's size, a header
+    its own recovery rejects ("head outside the file"). The next write was filed at the ring's
+    start, flushed, acknowledged and dropped from NVRAM; the restarted destination fell back to
+    the older header slot, whose head pointed at records of the previous lap, and lost it."""
+    r = _ring_emptied_at_its_very_end()
+    feed = r.dst.feeds[0]
+    journal = r.dst_disks[feed.p.journal_disk]
+    at = LF.header_slot_offset(feed.cp_count)
+    written = LF.FileHeader.parse(bytes(journal[at:at + LF.HEADER_BYTES]))
+    assert (written.applied_seq, written.head_offset, written.head_seq) == (4, LF.DATA_START, 5)
+    hdr = LF.newest_header_untrusted(bytes(journal[:LF.HEADER_BYTES * LF.HEADER_SLOTS]))
+    assert (hdr.applied_seq, hdr.cp_count) == (4, feed.cp_count)
+    r.write(0, ("w", 4), 0, 4 * 4 * KiB, block(4))        # filed at the ring's start
+    assert r.replies[("w", 4)] == (0, None)
+    assert feed.filed_seq == 5 and not feed.staged        # out of the destination's NVRAM
+    r.crash_destination(worst=True)
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 5 and r.dst.feeds[0].expected == 6
+    r.recover("s0")
+    assert r.image(0, 0)[:20 * KiB] == b"".join(block(n) for n in range(5))
+
+
+def test_a_file_header_with_its_head_at_the_ring_end_is_read_as_the_ring_start():
+    """A file written before that fix may hold the header with head_offset == the file's size: a
+    restart reads it as the ring's start (where its writer put the next record) and follows the
+    records there, instead of falling back to the older slot and losing them."""
+    r = _ring_emptied_at_its_very_end()
+    feed = r.dst.feeds[0]
+    journal = r.dst_disks[feed.p.journal_disk]
+    journal.land(LF.header_slot_offset(feed.cp_count), LF.build_header(
+        0, feed.p.pair_id, feed.p.journal_bytes, 4, feed.p.journal_bytes, 5, feed.cp_count))
+    r.write(0, ("w", 4), 0, 4 * 4 * KiB, block(4))
+    assert r.replies[("w", 4)] == (0, None) and feed.filed_seq == 5 and not feed.staged
+    r.crash_destination(worst=True)
+    r.boot_destination()
+    assert r.dst.feeds[0].filed_seq == 5 and r.dst.feeds[0].applied_seq == 4
+    r.recover("s0")
+    assert r.image(0, 0)[:20 * KiB] == b"".join(block(n) for n in range(5))
+
+
+def test_the_destination_never_writes_a_file_header_its_recovery_would_not_read_back():
+    """The rule behind seed 412026 checked where the header is built: a head outside the records'
+    area, or one recovery would read as another place, stops the destination before it is on disk."""
+    r = small()
+    r.connect()
+    dst, feed = r.dst, r.dst.feeds[0]
+    for head in (feed.p.journal_bytes, feed.p.journal_bytes + LF.RECORD_ALIGN, LF.HEADER_BYTES):
+        with pytest.raises(AssertionError, match="file header recovery would"):
+            dst._write_header(feed, ("cp", feed), 0, head, 1, feed.cp_count + 1)

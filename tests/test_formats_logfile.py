@@ -53,6 +53,18 @@ def test_torn_header_slot_loses_to_the_other_slot():
         LF.newest_header_untrusted(bytes(1024))
 
 
+def test_the_end_of_the_ring_is_its_start():
+    """A head at the file's end (written before seed 412026 was fixed) is read as DATA_START, where
+    its writer put the next record; beyond the end, or inside the header area, it is refused."""
+    assert LF.ring_offset(1 << 20, 1 << 20) == LF.DATA_START
+    assert LF.ring_offset(8192, 1 << 20) == 8192
+    hdr = LF.parse_header_untrusted(LF.build_header(1, PAIR, 1 << 20, 10, 1 << 20, 11, 4))
+    assert (hdr.applied_seq, hdr.head_offset, hdr.head_seq) == (10, LF.DATA_START, 11)
+    for head in ((1 << 20) + 512, 512):
+        with pytest.raises(FormatError, match="outside the file"):
+            LF.parse_header_untrusted(LF.build_header(1, PAIR, 1 << 20, 10, head, 11, 4))
+
+
 @pytest.mark.parametrize("cut", [0, 1, 31, 100, 511])
 def test_damaged_header_is_a_format_error(cut):
     raw = bytearray(LF.build_header(1, PAIR, 1 << 20, 10, 8192, 11, 4))

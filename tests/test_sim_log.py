@@ -69,3 +69,17 @@ def test_recover_applies_entries_filed_after_it_was_called():
     it recovers through the last entry stored (acknowledged), applied as it is filed."""
     result = run_log_seed(310084, 1000)
     assert result.ok, result.failure.splitlines()[0]
+
+
+def test_file_header_written_when_a_consistency_point_empties_the_ring_at_its_end():
+    """Found by a sweep (seed 412026, also failing on older trees): a consistency point applied
+    every record of a file ring whose last record ended exactly at the file's end, and recorded
+    head_offset == the file's size, a header the destination's own recovery rejects ("head outside
+    the file"). Seq 70 (version 49) was then filed at the ring's start, flushed, acknowledged and
+    dropped from NVRAM; the destination was killed, restarted, fell back to the older header slot
+    (applied 59) whose head pointed at records the new lap had overwritten, and lost it. Fixed in
+    LogDestination._cp_step and _write_header (a head is where a record starts: the ring's end
+    is its start, LF.ring_offset; a header is written only if it reads back as written) and in
+    logfile.parse_header_untrusted (a head at the end, as the old firmware wrote, is the start)."""
+    result = run_log_seed(412026, STEPS)
+    assert result.ok, result.failure.splitlines()[0]

@@ -17,6 +17,12 @@ exactly the next one; a record of an older lap has a smaller sequence, a torn
 one fails its CRC, and at either the scan tries the wrap once, then stops.
 Records before the head were applied to the image volume by a consistency
 point and may be overwritten.
+
+`head_offset` is where a record can start, in [4 KiB, file_bytes): the end of
+the ring is its start (`ring_offset`). Firmware before simulator seed 412026
+was fixed wrote head_offset == file_bytes when a consistency point emptied a
+ring whose last record ended the file; a reader takes that as 4 KiB (rejecting
+it, recovery fell back to the older header and lost the records filed after).
 """
 import struct
 
@@ -75,8 +81,9 @@ def parse_header_untrusted(buf, where: str = ""):
         raise FormatError("log file header fails its CRC (torn or overwritten)", where)
     if hdr.version != FILE_VERSION:
         raise FormatError(f"log file version {hdr.version}", where)
-    if not DATA_START <= hdr.head_offset < hdr.file_bytes:
+    if not DATA_START <= hdr.head_offset <= hdr.file_bytes:
         raise FormatError(f"log file head {hdr.head_offset} outside the file", where)
+    hdr.head_offset = ring_offset(hdr.head_offset, hdr.file_bytes)
     return hdr
 
 
@@ -92,6 +99,15 @@ def newest_header_untrusted(buf, where: str = ""):
     if not found:
         raise FormatError("no valid log file header: " + "; ".join(errors), where)
     return max(found, key=lambda h: h.cp_count)
+
+
+def ring_offset(offset, file_bytes) -> int:
+    """Where a record at `offset` of the ring starts: the end of the ring is its start, DATA_START.
+
+    A head is recorded through this: a header whose head_offset is the file's size is not one a
+    scan can start at (seed 412026: a consistency point emptied a ring whose last record ended
+    exactly at the file's end)."""
+    return DATA_START if offset >= file_bytes else offset
 
 
 def header_slot_offset(cp_count) -> int:
