@@ -81,7 +81,7 @@ class Terminal:
     def type(self, keys: bytes):
         os.write(self.fd, keys)
 
-    def wait_exit(self, timeout_s=10.0) -> int:
+    def wait_exit(self, timeout_s=30.0) -> int:     # 10 s was too short on a loaded CI machine
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.pump(0.05)

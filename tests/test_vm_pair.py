@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import random
+import re
 import secrets
 import socket
 import threading
@@ -36,12 +37,30 @@ def probe_command(*args: str) -> str:
     return "exec .venv/bin/python -m vm.probe " + " ".join(args)
 
 
+KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
+
+
 def probe_reports(console: str) -> dict[str, list[dict]]:
+    """The probe's reports. The guest kernel prints to the same console, and under load one of
+    its messages can land inside a report line (a CI run: `{"kind": "serve", "port": 10809`,
+    the rest after a kernel line): such a report is joined from the lines that follow it."""
     out: dict[str, list[dict]] = {}
-    for line in console.splitlines():
-        if line.startswith("TWINCACHE-PROBE {"):
-            report = json.loads(line.partition(" ")[2])
-            out.setdefault(report["kind"], []).append(report)
+    lines = console.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("TWINCACHE-PROBE {"):
+            continue
+        text, rest = line.partition(" ")[2], iter(lines[i + 1:i + 8])
+        while True:
+            try:
+                report = json.loads(text)
+                break
+            except json.JSONDecodeError:
+                more = next(rest, None)
+                if more is None:
+                    raise
+                if not KERNEL_LINE.match(more):
+                    text += more
+        out.setdefault(report["kind"], []).append(report)
     return out
 
 
