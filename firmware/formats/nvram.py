@@ -181,6 +181,8 @@ def read_commit_untrusted(buf, segment: int):
     for slot in range(2):
         offset = commit_slot_offset(segment, slot)
         end = offset + COMMIT_SLOT_BYTES - 4
+        if len(buf) < end + 4:
+            raise FormatError(f"NVRAM of {len(buf)} bytes ends before its commit record at offset {offset}")
         if crc32c(buf[offset:end]) != int.from_bytes(buf[end:end + 4], "big"):
             if any(buf[offset:end + 4]):
                 errors.append(f"commit record at offset {offset} is torn or corrupt")
