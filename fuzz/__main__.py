@@ -62,7 +62,8 @@ def run(args) -> int:
 
     os.makedirs(args.corpus, exist_ok=True)
     os.makedirs(args.artifacts, exist_ok=True)
-    argv = [sys.argv[0], args.corpus, os.path.join(HERE, "seeds", args.target),
+    seeds = os.path.join(HERE, "seeds", args.target)
+    argv = [sys.argv[0], args.corpus] + ([seeds] if os.path.isdir(seeds) else []) + [
             f"-artifact_prefix={os.path.join(args.artifacts, args.target)}-",
             f"-max_len={args.max_len}", f"-rss_limit_mb={args.rss_limit_mb}",
             f"-timeout={args.timeout}", "-print_final_stats=1"]
