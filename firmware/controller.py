@@ -31,7 +31,7 @@ from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
-from .link import LinkProtocolError, LinkSession
+from .link import LinkProtocolError, LinkSession, unpack_body
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
 from .fencing import OWNING, FenceMixin, Own
@@ -797,7 +797,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._reply(entry[0], EIO)
 
     def _on_io_request(self, msg):
-        op, fua, lun, offset, length = M.IO_REQUEST_HEAD.unpack_from(msg.payload)
+        op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
         data = msg.payload[M.IO_REQUEST_HEAD.size:]
         req = Forwarded(msg.tag, op, self.link_session)
         if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
@@ -814,13 +814,14 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._reply(req, EINVAL)
 
     def _on_io_reply(self, msg):
+        # Checked before the request leaves `forwarded`, so a bad reply still fails it at the reset.
+        (error,) = unpack_body(msg, M.IO_REPLY_HEAD, exact=False)
         entry = self.forwarded.pop(msg.tag, None)
         if entry is None:
             raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
         req, op, lun, offset, length, data, fua = entry
         self.forward_bytes -= _forward_cost(op, length)
         self._drain_forwards()
-        (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
         if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
                 self._host_write(req, lun, offset, data, fua)
