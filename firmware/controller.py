@@ -179,6 +179,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if sb.controller_id != self.id or sb.pair_id != params.pair_id:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
                               f"{sb.pair_id.hex()}, not controller {self.id} of {params.pair_id.hex()}")
+        if sb.nvram_size_bytes > len(nv):
+            raise FormatError(f"NVRAM of {len(nv)} bytes, its superblock says {sb.nvram_size_bytes}")
         if sb.block_size_bytes != params.block_size_bytes:
             raise FormatError(f"NVRAM has {sb.block_size_bytes} B cache blocks, config says "
                               f"{params.block_size_bytes}")

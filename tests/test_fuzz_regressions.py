@@ -57,3 +57,39 @@ def test_a_short_io_reply_resets_the_link():
                 flags=F.FLAG_RESPONSE)
     assert pair.ctrl[0].stats["link_errors"] == 1
     assert pair.replies["r"] == (5, None), "the forwarded read fails with EIO at the reset"
+
+
+# -- NVRAM recovery ----------------------------------------------------------------
+
+from firmware.controller import Controller, Params, format_nvram  # noqa: E402
+from fixtures.mempair import KEY, PAIR_ID  # noqa: E402
+
+LAYOUT = N.plan_layout(8 << 20, 4096, 0, bytes(range(16)))
+
+
+@pytest.mark.parametrize("change", [
+    {"primary_blocks": LAYOUT["primary_blocks"] + (1 << 24)},     # found by the nvram fuzzer
+    {"mirror_desc_offset": LAYOUT["primary_desc_offset"]},         # the two descriptor tables overlap
+    {"primary_data_offset": LAYOUT["mirror_desc_offset"]},         # data over descriptors
+    {"primary_desc_offset": 0},                                    # descriptors over the superblock
+    {"block_size_bytes": 4096 + 512},                              # not a power of two
+], ids=lambda change: next(iter(change)))
+def test_superblock_regions_must_fit_the_nvram_and_not_overlap(change):
+    """A superblock (CRC intact) whose primary_blocks was 2^24 too large made recovery scan 16M
+    descriptors past the end of the NVRAM (the fuzzer's timeout, 800 MB): the geometry check
+    looked at the mirror data, log and bitmap ends only."""
+    with pytest.raises(FormatError):
+        N.parse_superblock_untrusted(N.build_superblock(dict(LAYOUT, **change)))
+
+
+def test_controller_refuses_an_nvram_smaller_than_its_superblock_says():
+    """The geometry is checked against nvram_size_bytes; an NVRAM mapped smaller than that
+    was scanned past its end."""
+    params = Params(0, PAIR_ID, [256 << 10] * 2)
+    nv = bytearray(512 << 10)
+    format_nvram(nv, params)
+    sb = N.read_superblock_untrusted(nv)[0]
+    fields = {k: v for k, v in sb.items() if not k.startswith("_") and k != "magic"}
+    nv[:N.SUPERBLOCK_SIZE_BYTES] = N.build_superblock(dict(fields, nvram_size_bytes=1 << 30))
+    with pytest.raises(FormatError, match="NVRAM"):
+        Controller(params, nv, KEY, 0)

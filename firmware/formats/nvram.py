@@ -282,13 +282,27 @@ def parse_superblock_untrusted(buf, where: str = ""):
 
 
 def _check_geometry(sb, where: str):
-    end = max(sb.mirror_data_offset + sb.mirror_blocks * sb.block_size_bytes,
-              sb.log_offset + sb.log_partitions * sb.log_partition_bytes,
-              sb.bitmap_offset + sb.bitmap_bytes)
-    if end > sb.nvram_size_bytes or sb.block_size_bytes == 0 or sb.desc_size_bytes != DESC_SIZE_BYTES:
+    """Every region after the header area, inside the NVRAM, none overlapping another."""
+    bs = sb.block_size_bytes
+    if bs < SECTOR_SIZE_BYTES or bs % SECTOR_SIZE_BYTES or bs & (bs - 1):
+        raise FormatError(f"block size {bs} is not a power of two of whole sectors", where)
+    if bs // SECTOR_SIZE_BYTES > 8 * BITMAP_BYTES:
+        raise FormatError(f"block size {bs} exceeds the dirty bitmap", where)
+    if sb.desc_size_bytes != DESC_SIZE_BYTES:
         raise FormatError("superblock geometry does not fit the NVRAM size", where)
-    if sb.block_size_bytes // SECTOR_SIZE_BYTES > 8 * BITMAP_BYTES:
-        raise FormatError(f"block size {sb.block_size_bytes} exceeds the dirty bitmap", where)
+    regions = sorted([(sb.primary_desc_offset, sb.primary_blocks * DESC_SIZE_BYTES),
+                      (sb.mirror_desc_offset, sb.mirror_blocks * DESC_SIZE_BYTES),
+                      (sb.primary_data_offset, sb.primary_blocks * bs),
+                      (sb.mirror_data_offset, sb.mirror_blocks * bs),
+                      (sb.log_offset, sb.log_partitions * sb.log_partition_bytes),
+                      (sb.bitmap_offset, sb.bitmap_bytes)])
+    end = HEADER_AREA_BYTES
+    for offset, size in regions:
+        if offset < end:
+            raise FormatError("superblock geometry has overlapping regions", where)
+        end = offset + size
+    if end > sb.nvram_size_bytes:
+        raise FormatError("superblock geometry does not fit the NVRAM size", where)
 
 
 def read_superblock_untrusted(buf, where: str = ""):
