@@ -93,3 +93,15 @@ def test_controller_refuses_an_nvram_smaller_than_its_superblock_says():
     nv[:N.SUPERBLOCK_SIZE_BYTES] = N.build_superblock(dict(fields, nvram_size_bytes=1 << 30))
     with pytest.raises(FormatError, match="NVRAM"):
         Controller(params, nv, KEY, 0)
+
+
+def test_an_ownership_message_to_a_pair_without_fencing_resets_the_link():
+    """With static ownership (fencing off) there is no fence table: an OWNERSHIP_REQUEST from the
+    partner raised TypeError (len(None)) out of link_frames. Found by a seed of the link fuzzer."""
+    pair = MemPair(luns=2, lun_size=256 << 10, nvram_size=512 << 10)
+    pair.connect()
+    body = M.build_body(M.MsgType.OWNERSHIP_REQUEST, lun=0, scope=0, reserved0=0, lba=0, generation=1,
+                        reserved=bytes(8))
+    send_from_b(pair, M.MsgType.OWNERSHIP_REQUEST, body, resource=M.Resource.OWNERSHIP)
+    assert pair.ctrl[0].stats["link_errors"] == 1
+    assert pair.ctrl[0].owns(0) and not pair.ctrl[1].owns(0)
