@@ -31,9 +31,11 @@ READS = (1, 5, 28, 33, 200, 4096, 1 << 20)
 BLOCK = 4096
 
 
-def _framers(stream: bytes, r: Reader) -> None:
+def _framers(r: Reader) -> None:
+    cuts = r.u8()
+    stream = r.rest()
     for framer in (StreamFramer(), CobsFramer()):
-        pos, k = 0, r.u8()
+        pos, k = 0, cuts
         while pos < len(stream):
             n = READS[k % len(READS)]
             k = k * 7 + 3
@@ -87,9 +89,8 @@ def _peer_send(pair, r):
     link = pair.ctrl[1].link
     if not link.up:
         return
-    flags = r.u8() & (F.FLAG_RESPONSE | F.FLAG_ACK_ONLY)
-    link.send(r.u8() % 32, r.u8() % 8, r.blob(BLOCK + 512), lane=r.u8() & 1, tag=r.u32(),
-              flags=flags & F.FLAG_RESPONSE)
+    flags, msg_type, resource, lane, tag = r.u8() & F.FLAG_RESPONSE, r.u8() % 32, r.u8() % 8, r.u8() & 1, r.u32()
+    link.send(msg_type, resource, r.blob(BLOCK + 512), lane=lane, tag=tag, flags=flags)
     pair.wire[0].extend(F.split_frames(b"".join(bytes(b) for b in link.take_output())))
 
 
@@ -158,7 +159,7 @@ def one_input(data: bytes) -> None:
     r = Reader(data)
     mode = r.u8()
     if mode & 1 == 0:
-        _framers(r.rest(), r)
+        _framers(r)
         return
     pair = FuzzPair(cobs=bool(mode & 2), fencing=bool(mode & 4))
     pair.connect()
