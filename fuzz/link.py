@@ -17,7 +17,6 @@ Two modes, by the first byte:
 """
 import collections
 
-from firmware.formats import FormatError
 from firmware.formats import frame as F
 from firmware.formats import messages as M
 from firmware.formats import nvram as N
@@ -169,5 +168,3 @@ def one_input(data: bytes) -> None:
         _op(pair, r)
         steps += 1
 
-
-__all__ = ["one_input", "FormatError"]
