@@ -178,6 +178,8 @@ class PeerMixin:
         if len(p) < head.size:
             raise MirrorError(f"mirror write of {len(p)} bytes is shorter than its head")
         lun, ctx, seq, generation, gc, first, count, _r, block_size = head.unpack_from(p)
+        if lun >= len(self.params.lun_sizes):
+            raise MirrorError(f"mirror write for lun{lun}, which this pair does not have")
         data_at = head.size + count * entry.size
         if block_size != self.block_size or len(p) != data_at + count * block_size:
             raise MirrorError(f"mirror write of {count} blocks of {block_size} bytes is {len(p)} bytes")

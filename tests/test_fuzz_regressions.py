@@ -105,3 +105,22 @@ def test_an_ownership_message_to_a_pair_without_fencing_resets_the_link():
     send_from_b(pair, M.MsgType.OWNERSHIP_REQUEST, body, resource=M.Resource.OWNERSHIP)
     assert pair.ctrl[0].stats["link_errors"] == 1
     assert pair.ctrl[0].owns(0) and not pair.ctrl[1].owns(0)
+
+
+def mirror_write_body(lun, ctx, seq, cache_id, fill=0x5A, block_size=4096):
+    data = bytes([fill]) * block_size
+    return (M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, 1, 1, 0, 1, 0, block_size)
+            + M.MIRROR_BLOCK.pack(cache_id, 8, N.crc32c(data), b"\xff" * 16) + data)
+
+
+def test_a_resync_mirror_write_for_a_lun_the_pair_does_not_have_resets_the_link():
+    """With fencing on, a resync MIRROR_WRITE (CRC right) for lun2 of a 2-LUN pair was stored,
+    then mirror_ours(2) indexed the fence table: IndexError out of link_frames. Found by the
+    link fuzzer (a 20-minute run, 3 minutes in)."""
+    pair = MemPair(luns=2, lun_size=256 << 10, nvram_size=512 << 10, fencing=True)
+    pair.connect()
+    pair.tick(10)
+    body = mirror_write_body(2, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, 9, 3)
+    send_from_b(pair, M.MsgType.MIRROR_WRITE, body)
+    assert pair.ctrl[0].stats["link_errors"] == 1
+    assert pair.ctrl[0].mirror.blocks[3] is None, "nothing of the refused write was kept"
