@@ -124,3 +124,14 @@ def test_a_resync_mirror_write_for_a_lun_the_pair_does_not_have_resets_the_link(
     send_from_b(pair, M.MsgType.MIRROR_WRITE, body)
     assert pair.ctrl[0].stats["link_errors"] == 1
     assert pair.ctrl[0].mirror.blocks[3] is None, "nothing of the refused write was kept"
+
+
+def test_a_superblock_with_no_cache_blocks_is_refused():
+    """A superblock (CRC intact) with primary_blocks 0 was accepted; the recovered controller's
+    first host write divided by the cache's capacity: ZeroDivisionError. Found by the nvram
+    fuzzer. A segment has at least the 16 blocks plan_layout insists on."""
+    for field in ("primary_blocks", "mirror_blocks"):
+        with pytest.raises(FormatError):
+            N.parse_superblock_untrusted(N.build_superblock(dict(LAYOUT, **{field: 0})))
+        with pytest.raises(FormatError):
+            N.parse_superblock_untrusted(N.build_superblock(dict(LAYOUT, **{field: N.BLOCKS_MIN - 1})))

@@ -47,6 +47,7 @@ ALIGN_BYTES = 4096
 BITMAP_BYTES = 16             # dirty bitmap: up to 128 sectors (64 KiB lines)
 LOG_ENTRY_MAGIC = 0x4C45      # "LE"
 LOG_PARTITION_MAGIC = 0x4C50  # "LP"
+BLOCKS_MIN = 16               # cache blocks per segment, at least
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -239,9 +240,9 @@ def plan_layout(nvram_size_bytes: int, block_size_bytes: int, controller_id: int
     room = nvram_size_bytes - HEADER_AREA_BYTES - tail - 4 * ALIGN_BYTES
     per_block = 2 * (DESC_SIZE_BYTES + block_size_bytes)
     blocks = room // per_block if room > 0 else 0
-    if blocks < 16:
+    if blocks < BLOCKS_MIN:
         raise ValueError(f"NVRAM of {nvram_size_bytes} bytes is too small: "
-                         f"room for {blocks} cache blocks of {block_size_bytes} bytes, need 16")
+                         f"room for {blocks} cache blocks of {block_size_bytes} bytes, need {BLOCKS_MIN}")
     primary_desc = HEADER_AREA_BYTES
     mirror_desc = _align(primary_desc + blocks * DESC_SIZE_BYTES)
     primary_data = _align(mirror_desc + blocks * DESC_SIZE_BYTES)
@@ -290,6 +291,9 @@ def _check_geometry(sb, where: str):
         raise FormatError(f"block size {bs} exceeds the dirty bitmap", where)
     if sb.desc_size_bytes != DESC_SIZE_BYTES:
         raise FormatError("superblock geometry does not fit the NVRAM size", where)
+    if min(sb.primary_blocks, sb.mirror_blocks) < BLOCKS_MIN:
+        raise FormatError(f"superblock has {sb.primary_blocks} primary and {sb.mirror_blocks} mirror "
+                          f"blocks, fewer than {BLOCKS_MIN}", where)
     regions = sorted([(sb.primary_desc_offset, sb.primary_blocks * DESC_SIZE_BYTES),
                       (sb.mirror_desc_offset, sb.mirror_blocks * DESC_SIZE_BYTES),
                       (sb.primary_data_offset, sb.primary_blocks * bs),
