@@ -19,6 +19,7 @@ from invoke import task
 TARGETS = ("nbd", "link", "formats", "nvram")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DONE = re.compile(r"fuzz (\w+): done: (\d+) inputs in (\d+) s, (\d+) inputs/s")
+_UNITS = re.compile(r"stat::number_of_executed_units: +(\d+)")     # libFuzzer's count, after a crash
 
 
 def run_target(target, seconds=0.0, runs=0, corpus="", artifacts="fuzz-artifacts", report=30,
@@ -38,9 +39,9 @@ def run_target(target, seconds=0.0, runs=0, corpus="", artifacts="fuzz-artifacts
         keep = line.startswith("fuzz ") or not line.startswith(("#", "INFO:", "WARNING:"))
         if keep and not quiet:
             print(line, end="", flush=True)
-        match = _DONE.match(line)
+        match = _DONE.match(line) or _UNITS.match(line)
         if match:
-            inputs = int(match.group(2))
+            inputs = int(match.group(2 if match.re is _DONE else 1))
     status = proc.wait()
     return status, inputs, time.monotonic() - started, lines
 
