@@ -1,7 +1,7 @@
 """invoke tasks for people and lab automation: `inv --list` shows them all.
 
 Sub-collections live next to the code they drive (hal/tasks_pair.py,
-vm/tasks.py, board/tasks.py) and are added here when present.
+fuzz/tasks.py, vm/tasks.py, board/tasks.py) and are added here when present.
 """
 import importlib
 import os
@@ -48,12 +48,12 @@ def test(c, k="", x=False, args=""):
 @task
 def lint(c):
     """Byte-compile everything and check the firmware boundary."""
-    c.run(f"{PY} -m compileall -q firmware hal vm board fixtures tests tasks.py")
+    c.run(f"{PY} -m compileall -q firmware hal fuzz vm board fixtures tests tasks.py")
     c.run(f"{PY} -m pytest -q -p no:cacheprovider tests/test_boundary.py")
 
 
 ns = Collection(setup, test, lint)
-for module_name, collection_name in [("hal.tasks_pair", None), ("hal.tasks_sim", None), ("vm.tasks", "vm"),
+for module_name, collection_name in [("hal.tasks_pair", None), ("hal.tasks_sim", None), ("fuzz.tasks", None), ("vm.tasks", "vm"),
                                      ("board.tasks", "board")]:
     try:
         module = importlib.import_module(module_name)

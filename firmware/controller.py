@@ -31,7 +31,7 @@ from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
-from .link import LinkProtocolError, LinkSession
+from .link import LinkProtocolError, LinkSession, unpack_body
 from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
@@ -181,6 +181,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if sb.controller_id != self.id or sb.pair_id != params.pair_id:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
                               f"{sb.pair_id.hex()}, not controller {self.id} of {params.pair_id.hex()}")
+        if sb.nvram_size_bytes > len(nv):
+            raise FormatError(f"NVRAM of {len(nv)} bytes, its superblock says {sb.nvram_size_bytes}")
         if sb.block_size_bytes != params.block_size_bytes:
             raise FormatError(f"NVRAM has {sb.block_size_bytes} B cache blocks, config says "
                               f"{params.block_size_bytes}")
@@ -802,7 +804,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._reply(entry[0], EIO)
 
     def _on_io_request(self, msg):
-        op, fua, lun, offset, length = M.IO_REQUEST_HEAD.unpack_from(msg.payload)
+        op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
         data = msg.payload[M.IO_REQUEST_HEAD.size:]
         req = Forwarded(msg.tag, op, self.link_session)
         if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
@@ -821,13 +823,14 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._reply(req, EINVAL)
 
     def _on_io_reply(self, msg):
+        # Checked before the request leaves `forwarded`, so a bad reply still fails it at the reset.
+        (error,) = unpack_body(msg, M.IO_REPLY_HEAD, exact=False)
         entry = self.forwarded.pop(msg.tag, None)
         if entry is None:
             raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
         req, op, lun, offset, length, data, fua = entry
         self.forward_bytes -= _forward_cost(op, length)
         self._drain_forwards()
-        (error,) = M.IO_REPLY_HEAD.unpack_from(msg.payload)
         if op == M.IoOp.BLOCK_STATUS:
             self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
             return

@@ -71,6 +71,15 @@ class Delivered:
         self.payload = payload
 
 
+def unpack_body(msg, fmt, exact=True):
+    """Unpack a fixed-size body (or head, exact=False) with its struct; LinkProtocolError if it is
+    short (or long): a malformed message from the peer resets the session, like any other."""
+    size = len(msg.payload)
+    if size < fmt.size or (exact and size != fmt.size):
+        raise LinkProtocolError(f"message type {msg.type} of {size} bytes, expected {fmt.size}")
+    return fmt.unpack_from(msg.payload)
+
+
 class PeerHello:
     __slots__ = ("controller_id", "generation", "capabilities", "features", "mode",
                  "block_size_bytes", "primary_blocks")
@@ -379,5 +388,5 @@ class LinkSession:
                 self._encode(entry)
 
 
-__all__ = ["LinkSession", "LinkProtocolError", "SessionState", "TRANSITIONS", "EVENTS",
+__all__ = ["LinkSession", "LinkProtocolError", "unpack_body", "SessionState", "TRANSITIONS", "EVENTS",
            "Delivered", "FormatError"]

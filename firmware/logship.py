@@ -281,6 +281,8 @@ class _Session:
         self.out = []
         self.stats = collections.Counter()
         sb, _slot = N.read_superblock_untrusted(nv, "NVRAM")
+        if sb.nvram_size_bytes > len(nv):
+            raise FormatError(f"NVRAM of {len(nv)} bytes, its superblock says {sb.nvram_size_bytes}")
         return sb
 
     def _persist(self, act):

@@ -13,7 +13,7 @@ from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
-from .link import LinkProtocolError
+from .link import LinkProtocolError, unpack_body
 from .fencing import FenceError
 from .mirror import MirrorError
 
@@ -178,6 +178,8 @@ class PeerMixin:
         if len(p) < head.size:
             raise MirrorError(f"mirror write of {len(p)} bytes is shorter than its head")
         lun, ctx, seq, generation, gc, first, count, _r, block_size = head.unpack_from(p)
+        if lun >= len(self.params.lun_sizes):
+            raise MirrorError(f"mirror write for lun{lun}, which this pair does not have")
         data_at = head.size + count * entry.size
         if block_size != self.block_size or len(p) != data_at + count * block_size:
             raise MirrorError(f"mirror write of {count} blocks of {block_size} bytes is {len(p)} bytes")
@@ -252,7 +254,7 @@ class PeerMixin:
         The partner commits groups in the order they arrive and they are sent in
         seq order, so `pending` (in seq order) is acknowledged from its front.
         """
-        seq, status, count, _r = M.MIRROR_ACK.unpack_from(msg.payload)
+        seq, status, count, _r = unpack_body(msg, M.MIRROR_ACK)
         if status:
             raise LinkProtocolError(f"partner refused mirror write {seq}: error {status}")
         pending = self.pending
@@ -277,7 +279,7 @@ class PeerMixin:
         if msg.resource == M.Resource.MIRROR:
             self._resync_transferred(msg.tag)
             return
-        (sent_ns,) = M.PING_STRUCT.unpack_from(msg.payload)
+        (sent_ns,) = unpack_body(msg, M.PING_STRUCT)
         self.out.append(A.Notify("pong", tag=msg.tag, sent_ns=sent_ns))
 
     def ping(self, tag, sent_ns):

@@ -47,6 +47,7 @@ ALIGN_BYTES = 4096
 BITMAP_BYTES = 16             # dirty bitmap: up to 128 sectors (64 KiB lines)
 LOG_ENTRY_MAGIC = 0x4C45      # "LE"
 LOG_PARTITION_MAGIC = 0x4C50  # "LP"
+BLOCKS_MIN = 16               # cache blocks per segment, at least
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -181,6 +182,8 @@ def read_commit_untrusted(buf, segment: int):
     for slot in range(2):
         offset = commit_slot_offset(segment, slot)
         end = offset + COMMIT_SLOT_BYTES - 4
+        if len(buf) < end + 4:
+            raise FormatError(f"NVRAM of {len(buf)} bytes ends before its commit record at offset {offset}")
         if crc32c(buf[offset:end]) != int.from_bytes(buf[end:end + 4], "big"):
             if any(buf[offset:end + 4]):
                 errors.append(f"commit record at offset {offset} is torn or corrupt")
@@ -237,9 +240,9 @@ def plan_layout(nvram_size_bytes: int, block_size_bytes: int, controller_id: int
     room = nvram_size_bytes - HEADER_AREA_BYTES - tail - 4 * ALIGN_BYTES
     per_block = 2 * (DESC_SIZE_BYTES + block_size_bytes)
     blocks = room // per_block if room > 0 else 0
-    if blocks < 16:
+    if blocks < BLOCKS_MIN:
         raise ValueError(f"NVRAM of {nvram_size_bytes} bytes is too small: "
-                         f"room for {blocks} cache blocks of {block_size_bytes} bytes, need 16")
+                         f"room for {blocks} cache blocks of {block_size_bytes} bytes, need {BLOCKS_MIN}")
     primary_desc = HEADER_AREA_BYTES
     mirror_desc = _align(primary_desc + blocks * DESC_SIZE_BYTES)
     primary_data = _align(mirror_desc + blocks * DESC_SIZE_BYTES)
@@ -280,13 +283,30 @@ def parse_superblock_untrusted(buf, where: str = ""):
 
 
 def _check_geometry(sb, where: str):
-    end = max(sb.mirror_data_offset + sb.mirror_blocks * sb.block_size_bytes,
-              sb.log_offset + sb.log_partitions * sb.log_partition_bytes,
-              sb.bitmap_offset + sb.bitmap_bytes)
-    if end > sb.nvram_size_bytes or sb.block_size_bytes == 0 or sb.desc_size_bytes != DESC_SIZE_BYTES:
+    """Every region after the header area, inside the NVRAM, none overlapping another."""
+    bs = sb.block_size_bytes
+    if bs < SECTOR_SIZE_BYTES or bs % SECTOR_SIZE_BYTES or bs & (bs - 1):
+        raise FormatError(f"block size {bs} is not a power of two of whole sectors", where)
+    if bs // SECTOR_SIZE_BYTES > 8 * BITMAP_BYTES:
+        raise FormatError(f"block size {bs} exceeds the dirty bitmap", where)
+    if sb.desc_size_bytes != DESC_SIZE_BYTES:
         raise FormatError("superblock geometry does not fit the NVRAM size", where)
-    if sb.block_size_bytes // SECTOR_SIZE_BYTES > 8 * BITMAP_BYTES:
-        raise FormatError(f"block size {sb.block_size_bytes} exceeds the dirty bitmap", where)
+    if min(sb.primary_blocks, sb.mirror_blocks) < BLOCKS_MIN:
+        raise FormatError(f"superblock has {sb.primary_blocks} primary and {sb.mirror_blocks} mirror "
+                          f"blocks, fewer than {BLOCKS_MIN}", where)
+    regions = sorted([(sb.primary_desc_offset, sb.primary_blocks * DESC_SIZE_BYTES),
+                      (sb.mirror_desc_offset, sb.mirror_blocks * DESC_SIZE_BYTES),
+                      (sb.primary_data_offset, sb.primary_blocks * bs),
+                      (sb.mirror_data_offset, sb.mirror_blocks * bs),
+                      (sb.log_offset, sb.log_partitions * sb.log_partition_bytes),
+                      (sb.bitmap_offset, sb.bitmap_bytes)])
+    end = HEADER_AREA_BYTES
+    for offset, size in regions:
+        if offset < end:
+            raise FormatError("superblock geometry has overlapping regions", where)
+        end = offset + size
+    if end > sb.nvram_size_bytes:
+        raise FormatError("superblock geometry does not fit the NVRAM size", where)
 
 
 def read_superblock_untrusted(buf, where: str = ""):
