@@ -169,7 +169,7 @@ TRANSITIONS = {
     (Own.PARTNER, "tick"): ("_partner_tick", Own.PARTNER),
     (Own.PARTNER, "grant"): ("_granted", Own.OWNER),
     (Own.PARTNER, "move"): ("_ask_ownership", Own.PARTNER),
-    (Own.PARTNER, "request"): ("_noop", Own.PARTNER),
+    (Own.PARTNER, "request"): ("_partner_asked", Own.PARTNER),
     (Own.WATCHING, "tick"): ("_renew_if_due", Own.WATCHING),
     (Own.WATCHING, "record"): ("_watch_record", None),
     (Own.WATCHING, "link_up"): ("_reread", Own.STARTING),

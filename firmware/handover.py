@@ -97,6 +97,16 @@ class HandoverMixin:
         elif msg.type == M.MsgType.OWNERSHIP_GRANT:
             self._own_event(f, "grant", body.generation)
 
+    def _partner_asked(self, f):
+        """The peer asks us for a LUN we are partner of: it takes us for the owner, and the record
+        may say so. Its release record naming us can land after we read the record at a restart,
+        and the grant went with the session our restart ended; the peer read its release back
+        and became a partner too, and the LUN had no owner (seed 946666 at 300 steps). Read the
+        record: naming us, it makes us the owner (_partner_record), and the peer's next request
+        is an owner's to answer."""
+        if not f.io_inflight:
+            self._read_record(f)
+
     def _partner_tick(self, f):
         """Failback by balancing: the preferred owner keeps asking until it has its LUN back. While
         it asks it reads the record too: the owner's release record may have named us, and the

@@ -549,3 +549,26 @@ def test_an_old_version_waiting_for_its_replacement_is_forgotten_once_a_newer_on
         p.tick(10)
     p.read(0, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"3" * BS)
+
+
+def test_a_partner_asked_for_a_lun_the_record_says_it_owns_takes_it():
+    # b's release record naming a landed after a, restarting, had read the record, and the grant
+    # went with the session a's restart ended: a stayed partner; b read its release back, became
+    # a partner too and asked for lun1 back, and a ignored a request for a LUN it did not own.
+    # Nobody owned lun1 (seed 946666 at 300 steps). Asked, a partner reads the record.
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    fa, fb = a.fence[1], b.fence[1]
+    assert (fa.state, fb.state) == (Own.PARTNER, Own.OWNER)
+    g = R.parse_record_untrusted(p.records[1]).generation
+    p.records[1] = R.build_record(R.Record(1, 0, R.LunState.MIRRORED, g + 1, 0, 400, p.params[1].pair_id))
+    fb.state, fb.generation, fb.want_back, fb.last_change_ms = Own.PARTNER, g + 1, True, -10**6
+    for _ in range(300):
+        p.tick(10)
+        if fb.state == Own.OWNER:
+            break
+    assert fb.state == Own.OWNER and fa.state == Own.PARTNER
+    assert fb.generation > g + 1
+    p.write(1, "w", 1, 0, b"4" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)

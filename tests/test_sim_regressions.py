@@ -578,6 +578,16 @@ def test_an_old_version_is_forgotten_once_a_newer_one_is_durable():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_partner_asked_for_its_lun_reads_the_record():
+    """Fixed (seed 946666 at 300 steps, found by the sweep of the final tree, 940000-): b released
+    lun3 to a, and its release record naming a landed after a, restarting meanwhile, had read the
+    record; the grant went with the session a's restart ended. a stayed partner, b read its
+    release back and became a partner asking for lun3 back, and a ignored the request: no owner.
+    A partner asked for a LUN now reads the record, and owns the LUN when it names it."""
+    result = run_seed(946666, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS_1000 = {}
