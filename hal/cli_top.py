@@ -53,6 +53,10 @@ def cmd_top(args):
     # A polite kill (timeout, kill PID) leaves through the with-block too, so the terminal gets its
     # echo and line editing back; the status is still what SIGTERM's is.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    # Ctrl-C quits even when this process was started with SIGINT ignored, as a non-interactive
+    # shell starts what it puts in the background (and so a CI job's tests): Python then leaves
+    # SIGINT ignored, and a live view could not be left (two CI runs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with Screen(live=not args.once) as screen:
             _loop(pair, args, frames, screen)
