@@ -43,7 +43,7 @@ class Line:
         self.dead = False           # superseded and safe, or destaged
         self.mirrored = mirrored    # the partner holds it in its mirror segment
         self.forgotten = False      # dead, and its descriptor is FREE in NVRAM (a restart ignores it)
-        self.older = None           # the version it replaced, until that one is forgotten
+        self.older = None           # the version it replaced (forgotten ones are skipped when it is forgotten)
 
 
 class PrimaryCache:

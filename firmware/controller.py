@@ -624,7 +624,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             # views it) that outlived a newer version's destage came back at a restart over
             # newer data on disk (seeds 114, 223).
             line.forgotten = True
-            line.older = None
+            older = line.older          # only versions not forgotten yet stay linked: the chain stays short
+            while older is not None and older.forgotten:
+                older = older.older
+            line.older = older
             self._persist(self.primary.store_free(line.block))
         if cache.freeable(line):
             cache.release_block(line)

@@ -237,10 +237,14 @@ class DestageMixin:
         destaged, and a restart replayed it over them (seed 910743 at 300 steps: write 2's line
         outlived writes 26 and 81, both destaged, and came back at a power cut)."""
         older = line.older
-        while older is not None and not older.forgotten:
+        while older is not None:
+            # Past forgotten versions too: one superseded by a mirrored write is forgotten first,
+            # and the version it had replaced may still wait (seed 961143 at 300 steps: write
+            # 133's line, under a write cut off from its ack, outlived both newer versions).
             next_older = older.older
-            older.dead = True
-            self._maybe_free(older, drain=False)
+            if not older.forgotten:
+                older.dead = True
+                self._maybe_free(older, drain=False)
             older = next_older
 
     # -- disk flushes ---------------------------------------------------------

@@ -588,6 +588,17 @@ def test_a_partner_asked_for_its_lun_reads_the_record():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_an_old_version_under_a_forgotten_one_is_forgotten_when_a_newer_one_is_durable():
+    """Fixed (seed 961143 at 300 steps, found by the sweep of the final tree, 960000-): write
+    133's line was replaced by a write whose mirror ack the link drop cut off (so 133's line
+    waited for it), and that one, still flushing, by a mirrored write 145; 145's ack forgot the
+    middle version and, with it, its link to 133's line. Both newer versions were destaged and
+    133's line came back at a power cut of both. The walk of older versions at a durable
+    destage goes past forgotten ones now."""
+    result = run_seed(961143, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS_1000 = {}
