@@ -367,6 +367,14 @@ class FaultSchedule:
         lf = sim.link.faults
         lf.p_drop = lf.p_dup = lf.p_reorder = lf.p_corrupt = 0.0
         self._heal()
+        if sim.link.up and sim.link.damaged:
+            # A corrupted chunk on a stream is a frame lost, and the controllers notice only at the
+            # next frame after it, which may be a read of the read-back (seeds 980270, 981182, a
+            # heartbeat lost 2 ms before this phase). That fault is still on: end it here.
+            i = next((n.id for n in sim.nodes if n.alive and n.conn == sim.link.conn), None)
+            if i is not None:
+                sim._link_reset(i, "the final phase starts on a clean connection")
+                sim.at(sim.now_us + 100, i, sim._link_fin, i, sim.link.conn)
         # A paused controller's events wait in the queue until its pause ends; clearing the
         # pause would not bring them back, and the partner would time the link out in the
         # middle of the read-back (seed 241). Let the pause run out instead.

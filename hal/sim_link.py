@@ -48,6 +48,7 @@ class SimLink:
         self.last_arrival_us = [0, 0]
         self.inflight_bytes = [0, 0]
         self.framers = [None, None]
+        self.damaged = False               # reliable transport: this connection lost bytes to corruption
         self.stats = {"chunks": 0, "dropped": 0, "duplicated": 0, "corrupted": 0, "reordered": 0}
 
     def connect(self):
@@ -58,6 +59,7 @@ class SimLink:
         self.held = [[], []]
         self.inflight_bytes = [0, 0]
         self.last_arrival_us = [0, 0]
+        self.damaged = False
 
     def close(self):
         if self.up:
@@ -95,6 +97,7 @@ class SimLink:
         self.stats["chunks"] += 1
         if rng.random() < f.p_corrupt:
             self.stats["corrupted"] += 1
+            self.damaged = self.damaged or ordered
             pos = rng.randrange(len(chunk))
             chunk = chunk[:pos] + bytes([chunk[pos] ^ (1 << rng.randrange(8))]) + chunk[pos + 1:]
         if self.blocked[src]:
