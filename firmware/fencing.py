@@ -93,7 +93,10 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    replayed by the new owner, or voided); under a claim still CLAIMED
    it holds them, unused but kept in NVRAM and their blocks not reused, so
    the claimant's mirror copy (same block numbers) stays intact until its
-   replay, then drops them. A read begun before the partner's grant handed
+   replay, then drops them. A held line whose destage flush completes meanwhile is on disk and
+   its partner copy freed: it keeps only its key (an older mirror copy of it is not replayed),
+   and is never sent to the partner again (a resync during our own claim resends held lines).
+   A read begun before the partner's grant handed
    us the LUN shows the record from before it and judges nothing: read again.
 The window left is between a lease check and the system call it guards (a
 pause landing exactly there): real arrays close it with SCSI persistent

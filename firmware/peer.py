@@ -121,8 +121,12 @@ class PeerMixin:
             # ourselves: our replay writes them, but if we go down first, the partner's claim
             # replays its mirror copy, the only other one. Not resent, the resync freed it
             # (seed 201100 at 300 steps: a held 24 lines, crashed in its claim, and b took the
-            # LUN over with none of them).
-            lines += [line for f in self.fence if f.state in RESYNC_HELD for line in f.held_lines]
+            # LUN over with none of them). A held line destaged since is on disk, its block freed
+            # and its copy freed with flush-done: resent, it came back to the partner's mirror as a
+            # line we no longer hold, replayed over newer data at the partner's next takeover
+            # (seed 970864 at 1000 steps).
+            lines += [line for f in self.fence if f.state in RESYNC_HELD for line in f.held_lines
+                      if not line.dead]
         lines.sort(key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)

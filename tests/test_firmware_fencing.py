@@ -619,3 +619,53 @@ def test_an_old_version_under_a_forgotten_one_is_forgotten_once_a_newer_one_is_o
         p.tick(10)
     p.read(0, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"3" * BS)
+
+
+def test_a_held_line_destaged_since_is_not_resent_to_the_partner():
+    # a's line was being destaged when b's claim made a hold it; the destage's flush then
+    # completed, so the line is on disk, its block free and b's copy freed. b died in its claim,
+    # a claimed lun0 in turn and resynced with the restarted b meanwhile: the dead held line went
+    # out in the resync, and b's mirror kept it as a dirty line of a's that a no longer had (seed
+    # 970864 at 1000 steps); b's next takeover would have replayed that old data.
+    p = fenced_pair()
+    a = p.ctrl[0]
+    p.write(0, "w", 0, 0, b"w" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    p.stall_flushes()
+    a.params.idle_flush_ms = 0
+    p.tick(10)                                               # a's destage: written, its flush waits
+    a.params.idle_flush_ms = 10**9
+    line = next(iter(a.cache.lines.values()))
+    assert line.flushing and p.stalled_flushes
+    p.disconnect()
+    _frozen(p, 0, 150)                                       # b claims lun0, its replay's flush waits
+    assert p.ctrl[1].fence[0].state == Own.REPLAYING
+    for _ in range(3):
+        p.tick(10)                                           # a reads b's CLAIMED record: holds the line
+    f = a.fence[0]
+    assert f.held_lines == [line]
+    ours = [s for s in p.stalled_flushes if s[0] == 0]
+    p.stalled_flushes = [s for s in p.stalled_flushes if s[0] == 1]
+    for i, act, mark in ours:                                # a's destage flush completes, b's does not
+        p.disks[act.lun].flush_done(mark)
+        p.run(0, a.disk_done(act.op, 0, None))
+    assert line.dead and line in f.held_lines
+    p.crash(1)
+    p.stalled_flushes = None
+    for _ in range(300):
+        p.tick(10)
+        if f.state in (Own.CLAIMING, Own.REPLAYING):
+            break
+    assert f.state in (Own.CLAIMING, Own.REPLAYING)
+    p.boot(1)
+    p.connect()
+    for _ in range(300):
+        p.tick(10)
+        if f.state == Own.OWNER and not any(n.state == Own.STARTING for n in p.ctrl[1].fence):
+            break
+    assert f.state == Own.OWNER and not [k for k in a.cache.lines if k >> 40 == 0]
+    b = p.ctrl[1]
+    assert not b._mirror_blocks_of(b.fence[0])              # nothing of lun0 a no longer holds
+    p.read(0, "r", 0, 0, BS)
+    assert p.replies["r"] == (0, b"w" * BS)

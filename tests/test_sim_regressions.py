@@ -599,28 +599,35 @@ def test_an_old_version_under_a_forgotten_one_is_forgotten_when_a_newer_one_is_d
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_the_final_phase_starts_on_a_link_that_lost_nothing():
+    """Fixed in the simulator (seeds 980270 and 981182 at 300 steps, found by the sweep of the
+    final tree, 980000-): a chunk of b's stream was corrupted before the final phase; it held a
+    heartbeat, which is a sequenced frame, and the framer skipped it. a noticed the gap only at
+    b's next data frame, the answer to a read of the read-back, reset the link as it must on a
+    reliable transport, and failed the forwarded read with EIO in the phase that has no faults.
+    The fault was still on; the final phase now ends it by starting on a new connection."""
+    for seed in (980270, 981182):
+        result = run_seed(seed, steps=300)
+        assert result.ok, f"{seed}: {result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_a_held_line_destaged_since_is_not_resent():
+    """Fixed (seed 970864 at 1000 steps, found by the sweep of the final tree, 970000-): b held
+    37 lines of lun3 under a's claim; 4 of them were destaged meanwhile (on disk, blocks freed,
+    a's copies freed). a died in its claim, b claimed lun3 in turn and resynced with the
+    restarted a while claiming: the resync resent every held line, the dead ones too, and a's
+    mirror kept them as b's dirty lines after b had taken lun3 over. A failover would have
+    replayed them over newer data. Dead held lines are no longer resent."""
+    result = run_seed(970864, steps=1000)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
-OPEN_SEEDS_1000 = {
-    970864: "found by the sweep of the final tree (970000-): after settling, a's mirror of b's "
-            "lun3 keeps 4 lines b no longer holds dirty (the white-box mirror check; a failover "
-            "would replay them). The same trace fails on the tree the session began with "
-            "(1e21ae8), so it predates this session's fixes; not diagnosed yet",
-}
-OPEN_SEEDS_300 = {
-    980270: "found by the sweep of the final tree (980000-): a read through a in the fault-free "
-            "final phase failed with EIO when the link reset on 'frame 22 lost on a reliable "
-            "transport'; not diagnosed yet",
-    981182: "same sweep, same symptom (a read in the final phase, the link reset on a frame lost "
-            "on a reliable transport); the same trace fails on 8bf7ca7, from before this "
-            "session's simulator change; not diagnosed yet",
-}
+OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}
 
 
-OPEN_SEEDS = {300: OPEN_SEEDS_300, 1000: OPEN_SEEDS_1000}
-
-
-@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS_300 and OPEN_SEEDS_1000")
+@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS")
 @pytest.mark.parametrize("steps,seed", [(steps, seed) for steps, seeds in sorted(OPEN_SEEDS.items())
                                         for seed in sorted(seeds)])
 def test_open_seed(steps, seed):
