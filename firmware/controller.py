@@ -248,6 +248,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         """Rebuild the cache from NVRAM alone: hash table, write-back queue, free list."""
         out = self.out
         scan = self.primary.scan()
+        mscan = self.mirror.segment.scan()
+        self._refuse_lines_outside_the_luns(scan, "primary")
+        self._refuse_lines_outside_the_luns(mscan, "mirror")
         cache = self.cache
         by_seq = sorted(scan.blocks, key=lambda b: b.seq)
         taken = set()
@@ -266,7 +269,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
                 out.append(A.Persist(*self.primary.store_free(index)))
             out.append(A.Notify("nvram_dropped", segment="primary", block=index, reason=reason))
         self.next_seq = scan.max_seq + 1
-        mscan = self.mirror.segment.scan()
         for r in self.mirror.recover(mscan):
             out.append(A.Persist(*r))
         for index, reason in mscan.dropped:
@@ -274,6 +276,18 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         out.append(A.Notify("recovered", dirty_lines=cache.dirty_lines, free_blocks=len(cache.free),
                             mirror_blocks=self.mirror.used_blocks, next_seq=self.next_seq,
                             generation=self.generation, dropped=len(scan.dropped) + len(mscan.dropped)))
+
+    def _refuse_lines_outside_the_luns(self, scan, segment):
+        """A dirty line of a LUN (or past the end of one) the configuration does not have is
+        acknowledged data of another configuration: never dropped, never destaged elsewhere."""
+        sizes = self.params.lun_sizes
+        bad = [rb for rb in scan.blocks
+               if rb.lun >= len(sizes) or rb.lba * SECTOR_BYTES + self.block_size > sizes[rb.lun]]
+        if bad:
+            rb = bad[0]
+            raise FormatError(f"the NVRAM's {segment} segment holds {len(bad)} dirty line(s) outside the "
+                              f"configured LUNs (the first: lun{rb.lun} sector {rb.lba}; the configuration has "
+                              f"{len(sizes)} LUNs): start with the configuration that wrote them")
 
     def start(self):
         """The actions recovery produced (persist cleanups, notifications)."""

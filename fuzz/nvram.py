@@ -118,12 +118,17 @@ def _check_block(img, segment, index, lun, lba, what):
 
 
 def check_recovered(ctrl, img):
+    sizes = ctrl.params.lun_sizes
     for line in ctrl.cache.lines.values():
+        assert line.lun < len(sizes) and (line.lba << 9) < sizes[line.lun], \
+            f"primary: recovered a line of lun{line.lun} sector {line.lba}, outside the configured LUNs"
         _check_block(img, ctrl.primary, line.block, line.lun, line.lba, "primary")
     mirror = ctrl.mirror
     for key, index in mirror.view.items():
         block = mirror.blocks[index]
         assert block is not None and block.key == key, f"mirror view names block {index}, which holds nothing"
+        assert block.lun < len(sizes) and (block.lba << 9) < sizes[block.lun], \
+            f"mirror: recovered a line of lun{block.lun} sector {block.lba}, outside the configured LUNs"
         _check_block(img, mirror.segment, index, block.lun, block.lba, "mirror")
 
 

@@ -137,12 +137,11 @@ def test_a_superblock_with_no_cache_blocks_is_refused():
             N.parse_superblock_untrusted(N.build_superblock(dict(LAYOUT, **{field: N.BLOCKS_MIN - 1})))
 
 
-@pytest.mark.xfail(strict=True, reason="open: recovery keeps a line (descriptor CRC intact) of a LUN the "
-                   "configuration does not have, and destage then writes to that LUN; refusing such an "
-                   "NVRAM or dropping the line (and its acknowledged data) is a decision still to make")
 def test_recovery_keeps_no_line_of_a_lun_the_pair_does_not_have():
     """Found by hand while writing the nvram target: an NVRAM from a pair with more LUNs (or a
-    firmware bug) holds a dirty line of lun7; a 2-LUN controller recovers it and destages it."""
+    firmware bug) holds a dirty line of lun7; a 2-LUN controller recovered it and destaged it.
+    Such an NVRAM is refused now: the line is acknowledged data, so it is neither dropped nor
+    written to a LUN it does not belong to."""
     from fuzz import nvram as fuzz_nvram
     image, params, sb = fuzz_nvram.golden()
     img = bytearray(image)
@@ -151,8 +150,6 @@ def test_recovery_keeps_no_line_of_a_lun_the_pair_does_not_have():
     img[offset + 2:offset + 4] = (7).to_bytes(2, "big")                 # the descriptor's lun
     end = offset + N.DESC_SIZE_BYTES - 4
     img[end:end + 4] = N.crc32c(bytes(img[offset:end])).to_bytes(4, "big")
-    try:
-        ctrl = Controller(params, img, KEY, 0)
-    except FormatError:
-        return                                                          # refused: fine too
-    assert all(line.lun < len(params.lun_sizes) for line in ctrl.cache.lines.values())
+    with pytest.raises(FormatError, match=r"primary segment holds 1 dirty line\(s\) outside the configured "
+                                          r"LUNs \(the first: lun7 .*the configuration has 2 LUNs"):
+        Controller(params, img, KEY, 0)
