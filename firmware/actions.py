@@ -1,7 +1,8 @@
 """What the firmware asks the world to do: the actions its handlers return.
 
-The runtime (hal/runtime.py) or the simulator carries them out in order and
-feeds the results back as calls into the controller (disk_done, ...). Every
+Every place the firmware runs (the runtime, the simulator, the in-memory rigs)
+carries them out in order through one interpreter, hal/interpret.py, and feeds
+the results back as calls into the controller (disk_done, ...). Every
 action is a small __slots__ class: they are made on the hot path.
 """
 

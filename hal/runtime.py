@@ -38,6 +38,7 @@ from .control import ControlServer
 from .disk_array import DiskArray
 from .disk_flush import FlushWorker
 from .framing import CobsFramer, StreamFramer
+from .interpret import Effects, interpreter
 from .keyfile import load_pair_key
 from .runtime_tls import NbdTlsPort
 
@@ -133,9 +134,10 @@ def _peer_key(sock):
         return "tcp"
 
 
-class Runtime(NbdTlsPort):
+class Runtime(NbdTlsPort, Effects):
     def __init__(self, cfg, clock=None, log=None):
         self.cfg = cfg
+        self._execute = interpreter(self)
         self.clock = clock or MonotonicClock()
         self.log_file = log or sys.stderr
         self.stopping = False
@@ -409,7 +411,7 @@ class Runtime(NbdTlsPort):
         cannot tell (the log variant's) answers all data, which is always correct."""
         host_block_status = getattr(self.ctrl, "host_block_status", None)
         if host_block_status is None:
-            self._host_reply(A.HostReply(req, 0, [(r.length, 0)]))
+            self.host_reply(A.HostReply(req, 0, [(r.length, 0)]))
             return
         self.execute(host_block_status(req, lun, r.offset, r.length))
 
@@ -608,38 +610,36 @@ class Runtime(NbdTlsPort):
         for op, err, data in done:
             self.execute(self.ctrl.disk_done(op, err, data))
 
-    def _execute(self, actions):
-        for act in actions:
-            kind = act.__class__
-            if kind is A.Persist:
-                if self.persist_needed:
-                    self.nvram.persist(act.offset, act.length)
-            elif kind is A.Transmit:
-                if self.link is not None:
-                    if self.framer_cls is StreamFramer:
-                        self.link_out.extend(act.buffers)
-                    else:                     # COBS: one chunk per frame (each buffer is a frame)
-                        encode = self.framer.encode
-                        for frame in act.buffers:
-                            self.link_out.extend(encode([frame]))
-            elif kind is A.HostReply:
-                self._host_reply(act)
-            elif kind is A.DiskWrite:
-                self.disk_writes.append(act)     # after this turn's host replies: see _flush
-            elif kind is A.DiskRead:
-                self._disk_io(act, write=False)
-            elif kind is A.DiskFlush:
-                self._disk_flush(act)
-            elif kind is A.RecordRead or kind is A.RecordWrite:
-                self._record_io(act)
-            elif kind is A.DiskExtents:
-                self._disk_extents(act)
-            elif kind is A.Notify:
-                self._notify(act)
-            elif kind is A.LinkReset:
-                self._link_close(act.reason)
+    # The Effects of hal/interpret.py: what each action does here.
 
-    def _host_reply(self, act):
+    def persist(self, act):
+        if self.persist_needed:
+            self.nvram.persist(act.offset, act.length)
+
+    def transmit(self, act):
+        if self.link is not None:
+            if self.framer_cls is StreamFramer:
+                self.link_out.extend(act.buffers)
+            else:                     # COBS: one chunk per frame (each buffer is a frame)
+                encode = self.framer.encode
+                for frame in act.buffers:
+                    self.link_out.extend(encode([frame]))
+
+    def disk_write(self, act):
+        self.disk_writes.append(act)     # after this turn's host replies: see _flush
+
+    def disk_read(self, act):
+        self._disk_io(act, write=False)
+
+    def record_read(self, act):
+        self._record_io(act)
+
+    record_write = record_read
+
+    def link_reset(self, act):
+        self._link_close(act.reason)
+
+    def host_reply(self, act):
         client, request, t0 = act.req
         if self.mirror_sent:
             sent_ns = self.mirror_sent.pop(act.req, 0)
@@ -666,7 +666,7 @@ class Runtime(NbdTlsPort):
             (self.completions if write else self.read_completions).append(
                 (act.op, exc.errno or errno.EIO, None))
 
-    def _disk_extents(self, act):
+    def disk_extents(self, act):
         """Where the LUN's disk may hold data (SEEK_DATA/SEEK_HOLE on an image file)."""
         try:
             ranges = self.disks[act.lun].data_ranges(act.offset, act.length)
@@ -691,11 +691,11 @@ class Runtime(NbdTlsPort):
         except OSError as exc:
             self.read_completions.append((act.op, exc.errno or errno.EIO, None))
 
-    def _disk_flush(self, act):
+    def disk_flush(self, act):
         """In the flush thread (hal/disk_flush.py): the loop goes on meanwhile."""
         self.flusher.submit(act.op, self.disks[act.lun])
 
-    def _notify(self, act):
+    def notify(self, act):
         if act.kind == "pong":
             if self.metrics is None or not self.metrics.pong(act.fields):
                 self.control.pong(act.fields)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import selectors
 
-from firmware import actions as A
 from firmware.logship import FeedParams, LogDestination, LogParams, LogSource
 
 from . import nbd as NBD
@@ -171,24 +170,13 @@ class LogDestinationRuntime(Runtime):
             port.writing = True
             self.sel.modify(port.transport.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, ("log-link", port))
 
-    def _execute(self, actions):
-        rest = []
-        for act in actions:
-            kind = act.__class__
-            if kind is not A.Transmit and kind is not A.LinkReset:
-                rest.append(act)
-                continue
-            if rest:                                  # everything before it first, in order
-                super()._execute(rest)
-                rest = []
-            port = self.ports[act.link]
-            if kind is A.Transmit:
-                if port.transport is not None:
-                    port.out.extend(act.buffers)
-            else:
-                self._port_close(port, act.reason)
-        if rest:
-            super()._execute(rest)
+    def transmit(self, act):
+        port = self.ports[act.link]
+        if port.transport is not None:
+            port.out.extend(act.buffers)
+
+    def link_reset(self, act):
+        self._port_close(self.ports[act.link], act.reason)
 
     def _flush(self):
         super()._flush()

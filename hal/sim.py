@@ -45,7 +45,9 @@ from firmware.formats import reservation as R
 from . import sim_check as C
 from .sim_check import Model, SimFailure, SplitBrain
 from .sim_clock import VirtualClock
+from .interpret import interpreter
 from .sim_disk import DiskFaults, SimDiskArray
+from .sim_effects import NodeEffects
 from .sim_faults import FENCE_SITES, FaultPlan, FaultSchedule
 from .sim_link import LinkFaults, SimLink
 from .sim_nvram import SimNvram
@@ -130,6 +132,7 @@ class Sim:
         self.disks.on_apply = self._landed if fencing else None
         self.params = [self._params(i) for i in range(2)]
         self.nodes = [Node(0), Node(1)]
+        self.executors = [interpreter(NodeEffects(self, i)) for i in range(2)]
         self.notes = {}
         self.faults = FaultSchedule(self)
 
@@ -276,46 +279,7 @@ class Sim:
     # -- carrying out actions -------------------------------------------------
 
     def execute(self, i, actions):
-        n = self.nodes[i]
-        for act in actions:
-            kind = act.__class__
-            if kind is A.Persist:
-                n.nvram.persist(act.offset, act.length)
-            elif kind is A.Transmit:
-                if n.conn != self.link.conn:
-                    continue                    # its session's connection is gone: the socket is closed
-                for t, dst, conn, chunk in self.link.transmit(i, act.buffers, self.now_us):
-                    self.at(t, dst, self._deliver, dst, conn, chunk)
-            elif kind is A.HostReply:
-                self._host_reply(i, act)
-            elif kind is A.DiskWrite or kind is A.DiskRead:
-                self._disk_io(i, n, act, kind is A.DiskWrite)
-            elif kind is A.DiskFlush:           # makes i's writes that completed before it durable
-                io, latency_us = self.disks.submit_flush(i, n.epoch, act)
-                self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
-            elif kind is A.RecordRead or kind is A.RecordWrite:
-                if kind is A.RecordWrite:
-                    self._check_quiet_claim(i, n.ctrl, act)
-                io, latency_us = self.disks.submit_record(i, n.epoch, act, kind is A.RecordWrite)
-                self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
-                self.faults.record_io(i, act.lun)   # a pause right after the submission
-            elif kind is A.LinkReset:
-                self._link_reset(i, act.reason)
-            elif kind is A.Notify:
-                self.notes[act.kind] = self.notes.get(act.kind, 0) + 1
-                if act.kind == "ownership_state" and act.fields["new"] in SERVING and self.split is not None:
-                    self._began_serving(i, n.ctrl, act.fields)
-                if (act.kind == "ownership_state" and act.fields["old"] == Own.CLAIMING
-                        and act.fields["new"] == Own.REPLAYING):
-                    self._check_claim_settled(i, n.ctrl, act.fields["lun"])
-                if act.kind == "ownership_state" and act.fields["new"] in (Own.CLAIMING, Own.REPLAYING):
-                    self.faults.claim_began(i)
-                elif act.kind == "ownership_state" and act.fields["new"] == Own.WATCHING:
-                    self.faults.began_watching(i)
-                elif act.kind == "solo":
-                    self.faults.went_solo(i)
-            else:
-                raise SimFailure(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+        self.executors[i](actions)
 
     def _check_quiet_claim(self, i, ctrl, act):
         """Step 2 of the argument in firmware/fencing.py, judged on the shared record: a claim over

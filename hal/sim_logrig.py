@@ -21,7 +21,8 @@ from firmware.controller import Params, format_nvram, nvram_is_blank
 from firmware.formats import frame as F
 from firmware.logship import DEST_ID, SOURCE_ID, FeedParams, LogDestination, LogParams, LogSource
 
-from .sim_voldisk import UnknownAction, VolatileDisk, new_nvram, power_on
+from .interpret import Effects, interpreter
+from .sim_voldisk import VolatileDisk, new_nvram, power_on
 
 KEY = bytes(range(32))
 SECTOR = 512
@@ -70,6 +71,7 @@ class MemLog:
         self.notes = collections.defaultdict(list)
         self.stalled = None
         self.held_flushes = None      # a list while flushes are held: (who, ctrl, op, disk, mark)
+        self._ends = {}               # who -> LogEnd
         for k in range(sources):
             self.boot_source(k)
         self.boot_destination()
@@ -151,50 +153,20 @@ class MemLog:
         return self.src_disks[k] if side == "src" else self.dst_disks
 
     def run(self, who, actions):
-        done = collections.deque()
-        self._run(who, actions, done)
-        while done:
-            ctrl = self._ctrl(who)
-            if ctrl is None:
-                return
-            self._run(who, ctrl.disk_done(*done.popleft()), done)
-
-    def _run(self, who, actions, done):
-        side, k = who
-        disks = self._disks(who)
-        for act in actions:
-            kind = act.__class__
-            if kind is A.Persist:
-                (self.src_nvram[k] if side == "src" else self.dst_nvram).persist(act.offset, act.length)
-            elif kind is A.Transmit:
-                link = k if side == "src" else act.link
-                if self.connected[link]:
-                    wire = self.wire_to_dst[link] if side == "src" else self.wire_to_src[link]
-                    wire.extend(F.split_frames(b"".join(bytes(b) for b in act.buffers)))
-            elif kind is A.HostReply:
-                self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
-            elif self.stalled is not None and kind in (A.DiskWrite, A.DiskFlush, A.DiskRead):
-                # a flush covers the writes completed when it is issued, not when the disk resumes
-                mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
-                self.stalled.append((who, self._ctrl(who), act, mark))
-            elif kind is A.DiskRead:
-                done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
-            elif kind is A.DiskWrite:
-                disks[act.lun].write(who, act.offset, act.data)
-                done.append((act.op, 0, None))
-            elif kind is A.DiskFlush and self.held_flushes is not None:
-                disk = disks[act.lun]
-                self.held_flushes.append((who, self._ctrl(who), act.op, disk, disk.flush_mark()))
-            elif kind is A.DiskFlush:
-                disk = disks[act.lun]
-                disk.flush_done(disk.flush_mark())
-                done.append((act.op, 0, None))
-            elif kind is A.Notify:
-                self.notes[who].append((act.kind, act.fields))
-            elif kind is A.LinkReset:
-                self._cut(k if side == "src" else act.link)
-            else:
-                raise UnknownAction(f"{side} {k} asked for an unknown action {act!r}")
+        end = self._ends.get(who)
+        if end is None:
+            end = self._ends[who] = LogEnd(self, who)
+        done, outer = collections.deque(), end.done
+        end.done = done
+        try:
+            end.execute(actions)
+            while done:
+                ctrl = self._ctrl(who)
+                if ctrl is None:
+                    return
+                end.execute(ctrl.disk_done(*done.popleft()))
+        finally:
+            end.done = outer
 
     def _settle_parked(self, who):
         """A controller dies: its parked disk writes reach the disk's cache now (the power cut then
@@ -275,3 +247,64 @@ class MemLog:
 
     def kinds(self, who):
         return [kind for kind, _ in self.notes[who]]
+
+
+class LogEnd(Effects):
+    """What one end's actions do in the rig: `who` is ("src", k) or ("dst", None). The log
+    variant has no reservation records: asked for one, the base class refuses it."""
+
+    def __init__(self, rig, who):
+        self.rig, self.who_is = rig, who
+        self.side, self.k = who
+        self.who = f"{self.side} {self.k}"
+        self.disks = rig._disks(who)
+        self.nvram = rig.src_nvram[self.k] if self.side == "src" else rig.dst_nvram
+        self.done = None                    # the completions of the run going on
+        self.execute = interpreter(self)
+
+    def persist(self, act):
+        self.nvram.persist(act.offset, act.length)
+
+    def transmit(self, act):
+        rig = self.rig
+        link = self.k if self.side == "src" else act.link
+        if rig.connected[link]:
+            wire = rig.wire_to_dst[link] if self.side == "src" else rig.wire_to_src[link]
+            wire.extend(F.split_frames(b"".join(bytes(b) for b in act.buffers)))
+
+    def host_reply(self, act):
+        self.rig.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
+
+    def _parked(self, act):
+        """A hung disk: a flush covers the writes completed when it is issued, not when the disk resumes."""
+        rig = self.rig
+        if rig.stalled is None:
+            return False
+        mark = self.disks[act.lun].flush_mark() if act.__class__ is A.DiskFlush else None
+        rig.stalled.append((self.who_is, rig._ctrl(self.who_is), act, mark))
+        return True
+
+    def disk_read(self, act):
+        if not self._parked(act):
+            self.done.append((act.op, 0, bytearray(self.disks[act.lun][act.offset:act.offset + act.length])))
+
+    def disk_write(self, act):
+        if not self._parked(act):
+            self.disks[act.lun].write(self.who_is, act.offset, act.data)
+            self.done.append((act.op, 0, None))
+
+    def disk_flush(self, act):
+        if self._parked(act):
+            return
+        rig, disk = self.rig, self.disks[act.lun]
+        if rig.held_flushes is not None:
+            rig.held_flushes.append((self.who_is, rig._ctrl(self.who_is), act.op, disk, disk.flush_mark()))
+            return
+        disk.flush_done(disk.flush_mark())
+        self.done.append((act.op, 0, None))
+
+    def notify(self, act):
+        self.rig.notes[self.who_is].append((act.kind, act.fields))
+
+    def link_reset(self, act):
+        self.rig._cut(self.k if self.side == "src" else act.link)

@@ -19,7 +19,8 @@ from firmware.controller import Params, format_nvram, nvram_is_blank
 from firmware.replica import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
 
-from .sim_voldisk import UnknownAction, VolatileDisk, new_nvram, power_on
+from .interpret import Effects, interpreter
+from .sim_voldisk import VolatileDisk, new_nvram, power_on
 
 KEY = bytes(range(32))
 PAIR_ID = bytes.fromhex("0123456789abcdef0123456789abcdef")
@@ -51,6 +52,7 @@ class MemReplicaPair:
         self.held_flushes = None          # a list while flushes are held: (i, ctrl, op, disk, mark)
         self.stalled = None               # a list while the disks hang: (i, ctrl, act, flush mark)
         self.stalled_sides = (0, 1)       # whose disks hang
+        self.sides = [ReplicaSide(self, i) for i in range(2)]
         for i in range(2):
             self.boot(i)
 
@@ -95,49 +97,17 @@ class MemReplicaPair:
             disk.crash(i, self.rng, worst)
 
     def run(self, i, actions):
-        done = collections.deque()
-        self._run(i, actions, done)
-        while done:
-            if self.ctrl[i] is None:
-                return
-            self._run(i, self.ctrl[i].disk_done(*done.popleft()), done)
-
-    def _run(self, i, actions, done):
-        disks = self.disks[i]
-        for act in actions:
-            kind = act.__class__
-            if kind is A.Persist:
-                self.nvram[i].persist(act.offset, act.length)
-            elif kind is A.Transmit:
-                self.wire[1 - i].extend(split_frames(act.buffers))
-            elif kind is A.HostReply:
-                self.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
-            elif self.stalled is not None and i in self.stalled_sides and kind in (
-                    A.DiskWrite, A.DiskFlush, A.DiskRead):
-                # the write's data is taken now (DMA); a flush covers what completed before it
-                mark = disks[act.lun].flush_mark() if kind is A.DiskFlush else None
-                if kind is A.DiskWrite:
-                    act = A.DiskWrite(act.op, act.lun, act.offset, bytes(act.data))
-                self.stalled.append((i, self.ctrl[i], act, mark))
-            elif kind is A.DiskRead:
-                done.append((act.op, 0, bytearray(disks[act.lun][act.offset:act.offset + act.length])))
-            elif kind is A.DiskWrite:
-                disks[act.lun].write(i, act.offset, act.data)
-                self.disk_writes[i] += 1
-                done.append((act.op, 0, None))
-            elif kind is A.DiskFlush and self.held_flushes is not None:
-                disk = disks[act.lun]
-                self.held_flushes.append((i, self.ctrl[i], act.op, disk, disk.flush_mark()))
-            elif kind is A.DiskFlush:
-                disk = disks[act.lun]
-                disk.flush_done(disk.flush_mark())
-                done.append((act.op, 0, None))
-            elif kind is A.Notify:
-                self.notes[i].append((act.kind, act.fields))
-            elif kind is A.LinkReset:
-                self.disconnect()
-            else:
-                raise UnknownAction(f"controller {'ab'[i]} asked for an unknown action {act!r}")
+        side = self.sides[i]
+        done, outer = collections.deque(), side.done
+        side.done = done
+        try:
+            side.execute(actions)
+            while done:
+                if self.ctrl[i] is None:
+                    return
+                side.execute(self.ctrl[i].disk_done(*done.popleft()))
+        finally:
+            side.done = outer
 
     def stall(self, sides=(0, 1)):
         """The disks of `sides` hang: reads, writes and flushes park, unanswered, until unstall()."""
@@ -227,3 +197,64 @@ class MemReplicaPair:
 
     def state(self, i):
         return self.ctrl[i].sync
+
+
+class ReplicaSide(Effects):
+    """What controller i's actions do in the rig: its own NVRAM and disks, a queue to the peer.
+    Replica mode has no reservation records: asked for one, the base class refuses it."""
+
+    def __init__(self, rig, i):
+        self.rig, self.i = rig, i
+        self.who = f"controller {'ab'[i]}"
+        self.done = None                    # the completions of the run going on
+        self.execute = interpreter(self)
+
+    def persist(self, act):
+        self.rig.nvram[self.i].persist(act.offset, act.length)
+
+    def transmit(self, act):
+        self.rig.wire[1 - self.i].extend(split_frames(act.buffers))
+
+    def host_reply(self, act):
+        self.rig.replies[act.req] = (act.error, bytes(act.data) if act.data is not None else None)
+
+    def _parked(self, act):
+        """The disks of a stalled side hang: the write's data is taken now (DMA); a flush covers
+        what completed before it."""
+        rig, i = self.rig, self.i
+        if rig.stalled is None or i not in rig.stalled_sides:
+            return False
+        mark = rig.disks[i][act.lun].flush_mark() if act.__class__ is A.DiskFlush else None
+        if act.__class__ is A.DiskWrite:
+            act = A.DiskWrite(act.op, act.lun, act.offset, bytes(act.data))
+        rig.stalled.append((i, rig.ctrl[i], act, mark))
+        return True
+
+    def disk_read(self, act):
+        if not self._parked(act):
+            disk = self.rig.disks[self.i][act.lun]
+            self.done.append((act.op, 0, bytearray(disk[act.offset:act.offset + act.length])))
+
+    def disk_write(self, act):
+        if not self._parked(act):
+            rig, i = self.rig, self.i
+            rig.disks[i][act.lun].write(i, act.offset, act.data)
+            rig.disk_writes[i] += 1
+            self.done.append((act.op, 0, None))
+
+    def disk_flush(self, act):
+        if self._parked(act):
+            return
+        rig, i = self.rig, self.i
+        disk = rig.disks[i][act.lun]
+        if rig.held_flushes is not None:
+            rig.held_flushes.append((i, rig.ctrl[i], act.op, disk, disk.flush_mark()))
+            return
+        disk.flush_done(disk.flush_mark())
+        self.done.append((act.op, 0, None))
+
+    def notify(self, act):
+        self.rig.notes[self.i].append((act.kind, act.fields))
+
+    def link_reset(self, act):
+        self.rig.disconnect()

@@ -130,6 +130,3 @@ def power_on(nvram):
     """Whatever the device holds when a controller boots is durable (a test may have torn it)."""
     nvram.shadow[:] = nvram.mem
 
-
-class UnknownAction(AssertionError):
-    """A rig was handed an action it does not know how to carry out."""

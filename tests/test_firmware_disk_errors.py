@@ -9,7 +9,7 @@ claim whose record write fails says so and backs off.
 """
 from firmware import actions as A
 from firmware.fencing import Own
-from fixtures.mempair import MemPair
+from fixtures.mempair import MemPair, PairSide
 
 BS = 4096
 EIO = 5
@@ -25,19 +25,6 @@ class FailingDiskPair(MemPair):
         self.attempts = []              # (now_ms, lun, ok) of every data write
         super().__init__(**kw)
 
-    def _run(self, i, actions, done):
-        for act in actions:
-            kind = act.__class__
-            if kind in (A.DiskWrite, A.DiskFlush) and (act.lun in self.failing or self._bad(act)):
-                self.attempts.append((self.now_ms, act.lun, False))
-                done.append((act.op, EIO, None))
-            elif kind is A.RecordWrite and act.lun in self.record_failing:
-                done.append((act.op, EIO, None))
-            else:
-                if kind is A.DiskWrite:
-                    self.attempts.append((self.now_ms, act.lun, True))
-                super()._run(i, [act], done)
-
     def _bad(self, act):
         return act.__class__ is A.DiskWrite and any(
             lun == act.lun and act.offset < end and start < act.offset + len(act.data) for lun, start, end in self.bad)
@@ -48,6 +35,34 @@ class FailingDiskPair(MemPair):
     def run_for(self, ms, step_ms=10):
         for _ in range(ms // step_ms):
             self.tick(step_ms)
+
+
+class FailingSide(PairSide):
+    def disk_write(self, act):
+        p = self.pair
+        ok = act.lun not in p.failing and not p._bad(act)
+        p.attempts.append((p.now_ms, act.lun, ok))
+        if ok:
+            super().disk_write(act)
+        else:
+            self.done.append((act.op, EIO, None))
+
+    def disk_flush(self, act):
+        p = self.pair
+        if act.lun in p.failing:
+            p.attempts.append((p.now_ms, act.lun, False))
+            self.done.append((act.op, EIO, None))
+        else:
+            super().disk_flush(act)
+
+    def record_write(self, act):
+        if act.lun in self.pair.record_failing:
+            self.done.append((act.op, EIO, None))
+        else:
+            super().record_write(act)
+
+
+FailingDiskPair.side_class = FailingSide
 
 
 def pair(**kw):

@@ -8,7 +8,9 @@ from firmware import actions as A
 from fixtures.mem_replica import MemReplicaPair
 from fixtures.memlog import MemLog
 from fixtures.mempair import MemPair
-from hal.sim_voldisk import UnknownAction, VolatileDisk
+from hal.interpret import METHODS, UnknownAction
+from hal.sim import Sim
+from hal.sim_voldisk import VolatileDisk
 
 
 def test_a_write_is_visible_at_once_and_durable_only_after_a_flush_issued_after_it():
@@ -50,8 +52,19 @@ def test_crash_fates_cover_keep_lose_tear_and_reorder():
     assert {b"\0\0", b"11", b"22"} <= seen and len(seen) > 3
 
 
-def test_every_rig_raises_on_an_action_it_does_not_know():
+def test_the_interpreter_knows_every_action_the_firmware_has():
+    actions = {cls for cls in vars(A).values()
+               if isinstance(cls, type) and issubclass(cls, A.Action) and cls is not A.Action}
+    assert actions == set(METHODS)
+
+
+def test_every_rig_and_the_simulator_raise_on_an_action_they_do_not_know():
     bogus = type("Bogus", (A.Action,), {"__slots__": ()})()
+    sim = Sim(1, "ha", 10, None)
+    with pytest.raises(UnknownAction):
+        sim.execute(0, [bogus])
+    with pytest.raises(UnknownAction):
+        sim.execute(0, [A.DiskExtents(1, 0, 0, 4096)])     # its hosts never ask for block status
     p = MemPair()
     with pytest.raises(UnknownAction):
         p.run(0, [bogus])
