@@ -38,6 +38,7 @@ from .diskhealth import DiskHealth, DiskHealthMixin
 from .fencing import OWNING, FenceMixin, Own
 from .handover import HandoverMixin
 from .takeover import TakeoverMixin
+from . import mirrorsync as MS
 from .mirror import MirrorSide
 from .peer import PeerMixin
 from .segment import DIRTY, Segment
@@ -203,9 +204,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             heartbeat_interval_ms=params.heartbeat_interval_ms,
             heartbeat_timeout_ms=params.heartbeat_timeout_ms)
         self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
-        self.mirroring = False            # link up and the partner's mirror in sync
-        self.sync_pending = False
-        self.resync_again = False         # a LUN went solo during the resync: resend before mirroring
+        self.sync_state = MS.DOWN         # is the partner's mirror a copy of our cache (firmware/mirrorsync.py)
         self.acks_owed = 0                # writes committed for the partner, not yet acknowledged
         self.ack_seq = 0
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
@@ -288,6 +287,16 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             raise FormatError(f"the NVRAM's {segment} segment holds {len(bad)} dirty line(s) outside the "
                               f"configured LUNs (the first: lun{rb.lun} sector {rb.lba}; the configuration has "
                               f"{len(sizes)} LUNs): start with the configuration that wrote them")
+
+    @property
+    def mirroring(self) -> bool:
+        """The link is up and the partner's mirror holds every dirty line of ours."""
+        return self.sync_state == MS.MIRRORED
+
+    @property
+    def sync_pending(self) -> bool:
+        """A resync of ours runs: the partner has not answered its SYNC_DONE yet."""
+        return self.sync_state in (MS.RESYNCING, MS.RESYNC_AGAIN)
 
     def start(self):
         """The actions recovery produced (persist cleanups, notifications)."""

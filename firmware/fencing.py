@@ -117,6 +117,7 @@ our record from before may still land and replay an older copy over them.
 import collections
 
 from . import actions as A
+from . import mirrorsync as MS
 from .formats import FormatError
 from .formats import messages as M
 from .formats import reservation as R
@@ -604,8 +605,7 @@ class FenceMixin:
         lease_ms of that read, and such a claim then fences us before we wrote anything through
         that its replay would overwrite."""
         f.solo_after_ms = None
-        if self.sync_pending:
-            self.resync_again = True
+        self.sync_state = MS.next_state(self.sync_state, "solo")
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
         acks, f.acks = f.acks, []
         for op in acks:

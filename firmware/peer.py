@@ -15,6 +15,7 @@ from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, unpack_body
 from .fencing import FenceError
+from . import mirrorsync as MS
 from .mirror import MirrorError
 
 EIO = 5
@@ -76,11 +77,10 @@ class PeerMixin:
         self.link.disconnected()
         self.acks_owed = 0
         self.flush_begin_refs = []
-        self.mirroring = False
-        if self.sync_pending:
+        pending = self.sync_pending
+        self.sync_state = MS.next_state(self.sync_state, "link_down")
+        if pending:
             self._unpin_resync(mirrored=False)
-        self.sync_pending = False
-        self.resync_again = False
         for r in self.mirror.abandon_group():
             self._persist(r)
         pending, self.pending = self.pending, {}
@@ -108,6 +108,7 @@ class PeerMixin:
         if peer.block_size_bytes != self.block_size or peer.primary_blocks != self.mirror.segment.blocks:
             raise LinkProtocolError(f"peer cache geometry {peer.primary_blocks} x {peer.block_size_bytes} B "
                                     f"does not match this mirror segment")
+        self.sync_state = MS.next_state(self.sync_state, "link_up")
         self._start_resync()
 
     def _start_resync(self):
@@ -143,7 +144,6 @@ class PeerMixin:
             if line.flushing:
                 self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])
         self.link.send(T.SYNC_DONE, M.Resource.MIRROR, body, tag=1)
-        self.sync_pending = True
         self.resync_lines = lines
         self.resync_progress = {"lines_total": len(lines), "lines_transferred": 0,
                                 "lines_remaining": len(lines)}
@@ -221,18 +221,13 @@ class PeerMixin:
 
     def _on_sync(self, msg):
         if msg.flags & F.FLAG_RESPONSE:            # our resync is done: mirrored again
-            if self.sync_pending and self.resync_again:
-                # A LUN went solo while this resync ran: lines it delivered may have been
-                # destaged and overwritten alone since, with their flush-done still on the way.
-                # Resync again before mirroring: the partner then frees every line not resent
-                # (seed 13790 at 300 steps: an old line held while the owner was mirrored again).
-                self.resync_again = False
+            state = self.sync_state
+            self.sync_state = MS.next_state(state, "sync_done")
+            if state == MS.RESYNC_AGAIN:        # resent from the start (firmware/mirrorsync.py)
                 self._unpin_resync(mirrored=False)
                 self._start_resync()
                 return
-            if self.sync_pending:
-                self.sync_pending = False
-                self.mirroring = True
+            if state == MS.RESYNCING:
                 self._unpin_resync(mirrored=True)
                 self.out.append(A.Notify("mirrored", generation=self.generation))
                 if self.fence is not None:

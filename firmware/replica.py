@@ -151,10 +151,14 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         except KeyError:
             raise ReplicaError(f"{event} not allowed in replica state {self.sync}") from None
         prev, self.sync = self.sync, next_state
-        self.mirroring = next_state == "synced"
         getattr(self, handler)(*args)
         if prev != next_state:
             self.out.append(A.Notify("replica_state", state=next_state, prev=prev))
+
+    @property
+    def mirroring(self) -> bool:
+        """The session is up and the peer's copy in sync (the session table's "synced")."""
+        return self.sync == "synced"
 
     def _side(self) -> Side:
         rec = self.rec

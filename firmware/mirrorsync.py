@@ -1,0 +1,57 @@
+"""The ha pair's mirroring state as a table: is the partner's mirror a copy of our cache?
+
+States:
+- down: no link session. Writes go on without the partner (held for their mirror ack, or
+  written through by a LUN served alone).
+- resyncing: a session is up and every live line is being resent, between SYNC_BEGIN and
+  SYNC_DONE; a write is mirrored, but the partner's copy is not complete yet.
+- resync_again: a LUN went solo while the resync ran: lines it delivered may have been
+  destaged and overwritten alone since, with their flush-done still on the way. When the
+  partner answers SYNC_DONE, everything is resent once more, and the partner frees every
+  line not resent (seed 13790 at 300 steps: an old line kept while the owner was mirrored).
+- mirrored: the partner answered SYNC_DONE; its mirror holds every dirty line of ours.
+
+Events:
+- link_up: a session came up (the resync starts).
+- solo: one of our LUNs went solo, at a new generation.
+- sync_done: the partner answered our SYNC_DONE.
+- link_down: the session ended.
+
+The table gives the next state; the handlers in firmware/peer.py do what a
+transition means (send the resync, unpin its lines, tell the LUNs). A pair not
+in the table cannot happen: a session comes up only after the last one ended.
+"""
+
+DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED = "down", "resyncing", "resync_again", "mirrored"
+STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED)
+EVENTS = ("link_up", "solo", "sync_done", "link_down")
+
+TRANSITIONS = {
+    (DOWN, "link_up"): RESYNCING,
+    (DOWN, "solo"): DOWN,
+    (DOWN, "link_down"): DOWN,
+    (RESYNCING, "solo"): RESYNC_AGAIN,
+    (RESYNCING, "sync_done"): MIRRORED,
+    (RESYNCING, "link_down"): DOWN,
+    (RESYNC_AGAIN, "solo"): RESYNC_AGAIN,
+    (RESYNC_AGAIN, "sync_done"): RESYNCING,     # resent from the start
+    (RESYNC_AGAIN, "link_down"): DOWN,
+    (MIRRORED, "solo"): MIRRORED,               # nothing the partner holds is older: no resync ran
+    (MIRRORED, "sync_done"): MIRRORED,          # an answer to no resync of ours: nothing changes
+    (MIRRORED, "link_down"): DOWN,
+}
+
+
+class MirrorSyncError(AssertionError):
+    """An event the mirroring state cannot take: a bug in the firmware, never the partner's input."""
+
+
+def next_state(state, event):
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise MirrorSyncError(f"mirroring: {event} cannot happen in state {state}") from None
+
+
+__all__ = ["DOWN", "RESYNCING", "RESYNC_AGAIN", "MIRRORED", "STATES", "EVENTS", "TRANSITIONS",
+           "MirrorSyncError", "next_state"]
