@@ -41,6 +41,7 @@ from .takeover import TakeoverMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
 from .peer import PeerMixin
+from .requests import Forwarded, ReadOp, WriteOp
 from .segment import DIRTY, Segment
 
 _crc32c = N.crc32c_raw
@@ -133,39 +134,6 @@ def format_nvram(nv, params: Params):
     nv[N.SB_SLOT_BYTES:N.SB_SLOT_BYTES + len(sb)] = bytes(len(sb))
     return [(0, N.HEADER_AREA_BYTES), (fields["primary_desc_offset"],
                                       fields["primary_data_offset"] - fields["primary_desc_offset"])]
-
-
-class Forwarded:
-    """A host request that arrived from the partner (the non-owner forwarded it) in link session
-    `session`: its tag means something only in that session."""
-    __slots__ = ("tag", "op", "session")
-
-    def __init__(self, tag, op, session):
-        self.tag = tag
-        self.op = op
-        self.session = session
-
-
-class WriteOp:
-    __slots__ = ("req", "seq", "lines", "replaced", "fua")
-
-    def __init__(self, req, seq, lines, fua):
-        self.req = req
-        self.seq = seq
-        self.lines = lines
-        self.replaced = []
-        self.fua = fua
-
-
-class ReadOp:
-    __slots__ = ("req", "lun", "offset", "length", "overlay")
-
-    def __init__(self, req, lun, offset, length, overlay):
-        self.req = req
-        self.lun = lun
-        self.offset = offset
-        self.length = length
-        self.overlay = overlay
 
 
 class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin,

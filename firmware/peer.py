@@ -17,6 +17,7 @@ from .link import LinkProtocolError, unpack_body
 from .fencing import FenceError
 from . import mirrorsync as MS
 from .mirror import MirrorError
+from .requests import Forwarded
 
 EIO = 5
 T = M.MsgType
@@ -87,7 +88,7 @@ class PeerMixin:
         for seq in sorted(pending):
             op = pending[seq]
             if self.fence is not None and op.lines:
-                if op.req.__class__.__name__ == "Forwarded":
+                if op.req.__class__ is Forwarded:
                     op.req = None         # the forwarder failed it with the session; its tag dies too
                 f = self.fence[op.lines[0].lun]
                 if not f.acks:

@@ -28,7 +28,8 @@ firmware/logship.py.
 import collections
 
 from . import actions as A
-from .controller import EIO, Controller, WriteOp
+from .controller import EIO, Controller
+from .requests import WriteOp
 from .formats import frame as F
 from .formats import messages as M
 from .formats.nvram import crc32c

@@ -41,6 +41,7 @@ from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
 from firmware.fencing import OWNING, SERVING, Own
 from firmware.formats import FormatError
 from firmware.formats import reservation as R
+from firmware.requests import Forwarded
 
 from . import sim_check as C
 from .sim_check import Model, SimFailure, SplitBrain
@@ -230,7 +231,7 @@ class Sim:
         for name in ("_write", "_write_through", "_read"):
             def serve(req, lun, *rest, _orig=getattr(ctrl, name), _name=name):
                 host = req
-                if req.__class__.__name__ == "Forwarded":      # served here for the partner's host
+                if req.__class__ is Forwarded:      # served here for the partner's host
                     entry = other.ctrl.forwarded.get(req.tag) if other.ctrl is not None else None
                     host = entry[0] if entry is not None else None
                 if host.__class__ is Req:

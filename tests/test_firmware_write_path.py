@@ -386,7 +386,7 @@ def test_a_forwarded_request_is_answered_only_in_the_link_session_it_came_in():
     # b held a read a forwarded while lun settled; a crashed, its next session reused the tag, and
     # b's answer to the old request (another read's 48 KiB) answered a's new 256 KiB read (seed
     # 831457 at 300 steps). An answer from an ended session is dropped: the forwarder failed it.
-    from firmware.controller import Forwarded
+    from firmware.requests import Forwarded
     from firmware.formats import frame as F
     from fixtures.mempair import split_frames
     p = idle_pair()
