@@ -1,6 +1,6 @@
 """invoke tasks for people and lab automation: `inv --list` shows them all.
 
-Sub-collections live next to the code they drive (hal/tasks_pair.py,
+Sub-collections live next to the code they drive (hal/tools/tasks_pair.py,
 fuzz/tasks.py, vm/tasks.py, board/tasks.py) and are added here when present.
 """
 import importlib
@@ -53,7 +53,7 @@ def lint(c):
 
 
 ns = Collection(setup, test, lint)
-for module_name, collection_name in [("hal.tasks_pair", None), ("hal.tasks_sim", None), ("fuzz.tasks", None), ("vm.tasks", "vm"),
+for module_name, collection_name in [("hal.tools.tasks_pair", None), ("hal.tools.tasks_sim", None), ("fuzz.tasks", None), ("vm.tasks", "vm"),
                                      ("board.tasks", "board")]:
     try:
         module = importlib.import_module(module_name)

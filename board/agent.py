@@ -34,7 +34,7 @@ import serial
 
 from firmware.formats import FormatError
 from firmware.formats import flashproto as proto
-from hal.config import ConfigError, parse_size
+from hal.runtime.config import ConfigError, parse_size
 
 from . import bundle as bundles
 from .service import HealthError, Service, ServiceConfig, load_service_config

@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-from hal.cli import CommandFailed, UsageError
+from hal.cli.main import CommandFailed, UsageError
 
 
 def register(sub):

@@ -24,8 +24,8 @@ import tomllib
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
-# The protocol's numbers come from the host port's declaration of them (hal/nbd.py).
-from hal.nbd import (NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_OPT_ABORT,  # noqa: E402
+# The protocol's numbers come from the host port's declaration of them (hal/host/nbd.py).
+from hal.host.nbd import (NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_OPT_ABORT,  # noqa: E402
                      NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_FLAG_ERROR as NBD_REP_ERROR_BIT,
                      NBD_REP_MAGIC, NBD_REP_SERVER)
 NBD_REPLIES_MAX = 4096          # exports listed before we call the server broken

@@ -70,7 +70,7 @@ class LogParams:
         self.reliable_transport = reliable_transport
         self.data_window_bytes = data_window_bytes
         self.waiting_max = waiting_max
-        # Deliberately broken variants for the simulator (hal/sim_log.py BROKEN_SITES): off in service.
+        # Deliberately broken variants for the simulator (hal/sim/log.py BROKEN_SITES): off in service.
         self.buggify = buggify or (lambda site: False)
 
 

@@ -4,9 +4,9 @@ One module per target; each exposes `one_input(data: bytes)`, which drives the
 real code with `data` and raises only for a crash: an exception the code is not
 documented to raise, or a broken invariant (an AssertionError naming it).
 
-- `nbd`: a client's bytes into hal.nbd.NbdConnection (handshake, options,
-  STARTTLS, requests), and ciphertext into hal.nbd_tls.TlsSession.
-- `link`: bytes into both framers (hal.framing) and, as the partner, frames
+- `nbd`: a client's bytes into hal.host.nbd.NbdConnection (handshake, options,
+  STARTTLS, requests), and ciphertext into hal.host.nbd_tls.TlsSession.
+- `link`: bytes into both framers (hal.backends.framing) and, as the partner, frames
   into a real firmware Controller's link entry point after a real handshake.
 - `formats`: every parse_*_untrusted of firmware/formats.
 - `nvram`: a valid NVRAM image, mutated, then a Controller recovers from it;

@@ -21,7 +21,7 @@ from firmware.formats import frame as F
 from firmware.formats import messages as M
 from firmware.formats import nvram as N
 from fixtures.mempair import MemPair
-from hal.framing import CobsFramer, StreamFramer
+from hal.backends.framing import CobsFramer, StreamFramer
 
 from .reader import Reader
 

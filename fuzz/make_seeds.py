@@ -66,7 +66,7 @@ def format_seeds():
 
 
 def nbd_seeds():
-    from hal import nbd
+    from hal.host import nbd
     *_, tnbd = _tests()
     option, go, request = tnbd.option, tnbd.go_data, tnbd.request
     hello = struct.pack(">I", 3)
@@ -90,7 +90,7 @@ def nbd_seeds():
 def link_seeds():
     from firmware.formats import frame as F
     from firmware.formats import messages as M
-    from hal.framing import CobsFramer
+    from hal.backends.framing import CobsFramer
     _, _, tf, _, tm, *_ = _tests()
     frames = tf.GOLDEN_FRAME + tf.GOLDEN_EMPTY_FRAME
     yield "framers-stream", b"\x00\x05" + b"junk" + frames

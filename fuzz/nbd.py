@@ -1,4 +1,4 @@
-"""Fuzz target `nbd`: a client's bytes into the NBD server engine (hal/nbd.py) and its TLS layer.
+"""Fuzz target `nbd`: a client's bytes into the NBD server engine (hal/host/nbd.py) and its TLS layer.
 
 Input: a mode byte (TLS off/allow/require, in-flight and output bounds, whether
 the bytes after a STARTTLS go to a real TlsSession), a byte seeding how the
@@ -13,9 +13,9 @@ import random
 import ssl
 import tempfile
 
-from hal import nbd as NBD
-from hal.nbd import Export, NbdConnection
-from hal.nbd_tls import TlsSession, server_context
+from hal.host import nbd as NBD
+from hal.host.nbd import Export, NbdConnection
+from hal.host.nbd_tls import TlsSession, server_context
 
 from .reader import Reader
 
@@ -33,7 +33,7 @@ _tls_ctx = None
 def _server_context():
     global _tls_ctx
     if _tls_ctx is None:
-        from hal.tls_certs import create_tls_dir
+        from hal.host.tls_certs import create_tls_dir
         paths = create_tls_dir(tempfile.mkdtemp(prefix="fuzz-nbd-tls-"))
         _tls_ctx = server_context(paths["cert"], paths["key"], paths["ca"], verify_client=True)
     return _tls_ctx

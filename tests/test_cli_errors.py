@@ -16,8 +16,8 @@ import tomllib
 
 import pytest
 
-from hal.cli import OPTIONAL_MODULES, build_parser
-from hal.pair import LocalPair
+from hal.cli.main import OPTIONAL_MODULES, build_parser
+from hal.tools.pair import LocalPair
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TC = [sys.executable, "-m", "hal.cli"]
@@ -147,7 +147,7 @@ class Unimportable:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, Unimportable())
 sys.modules.pop({module!r}, None)
-from hal.cli import main
+from hal.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

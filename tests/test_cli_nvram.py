@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from firmware.formats import nvram as nv
-from hal.cli import main
-from hal.nvram_file import FileNvram
+from hal.cli.main import main
+from hal.backends.nvram_file import FileNvram
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 8 << 20
@@ -131,8 +131,8 @@ def test_both_superblocks_torn_fails_naming_file_and_offsets(image, capsys):
 
 def test_command_line_exit_codes(image, tmp_path):
     path, _ = image
-    # The console script's entry point (python -m hal.cli would load hal.cli twice).
-    run = [sys.executable, "-c", "import sys; from hal.cli import main; sys.exit(main())", "nvram", "dump"]
+    # The console script's entry point, called as the console script calls it.
+    run = [sys.executable, "-c", "import sys; from hal.cli.main import main; sys.exit(main())", "nvram", "dump"]
     ok = subprocess.run(run + [str(path), "--json"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0 and json.loads(ok.stdout)["primary"]["counts"]["DIRTY"] == 2
     missing = subprocess.run(run + [str(tmp_path / "nope.img")], cwd=REPO, capture_output=True, text=True)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from hal import nbd
+from hal.host import nbd
 from fixtures.nbd_memserver import open_session
 from fixtures.pair import PairHandle, block_pattern, wait_for
 

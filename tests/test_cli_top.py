@@ -20,7 +20,7 @@ import time
 import pytest
 
 from fixtures.pair import MiB, PairHandle, make_pair, run
-from hal.top_data import quantile
+from hal.cli.top_data import quantile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TC = [sys.executable, "-m", "hal.cli"]
@@ -222,7 +222,7 @@ def test_top_in_80_columns_shows_a_stopped_then_killed_controller_and_ctrl_c_qui
 
 
 def test_top_once_piped_is_one_plain_frame_with_both_controllers_down(tmp_path):
-    from hal.pair import LocalPair
+    from hal.tools.pair import LocalPair
     LocalPair(tmp_path / "pair").create(luns=1, lun_size_bytes=16 * MiB, nvram_size_bytes=8 * MiB)
     out = run(TC + ["top", "--dir", str(tmp_path / "pair"), "--once", "--interval", "0.1"], cwd=REPO,
               env=child_env())
@@ -237,7 +237,7 @@ def test_top_once_piped_is_one_plain_frame_with_both_controllers_down(tmp_path):
 
 
 def test_top_killed_with_sigterm_gives_the_terminal_back(tmp_path):
-    from hal.pair import LocalPair
+    from hal.tools.pair import LocalPair
     LocalPair(tmp_path / "pair").create(luns=1, lun_size_bytes=16 * MiB, nvram_size_bytes=8 * MiB)
     term = Terminal(["top", "--dir", str(tmp_path / "pair"), "--interval", "0.2"], rows=24, cols=80)
     try:
@@ -254,7 +254,7 @@ def test_top_killed_with_sigterm_gives_the_terminal_back(tmp_path):
 
 def test_top_on_a_log_variant_pair_leaves_both_controllers_running(tmp_path):
     # Its link round trip is asked on the control socket, where a ping used to kill a log source.
-    from hal.control import request
+    from hal.runtime.control import request
     pair = PairHandle(tmp_path / "pair")
     try:
         pair.up(luns=1, lun_size_bytes=16 * MiB, nvram_size_bytes=16 * MiB, mode="replica", replica_variant="log",

@@ -1,7 +1,7 @@
 """The [nbd] configuration section: defaults, every key, and clear errors."""
 import pytest
 
-from hal import config as C
+from hal.runtime import config as C
 
 BASE = {
     "controller": {"name": "a", "pair_id": "00" * 16},
@@ -40,7 +40,7 @@ def test_bad_values_refused(key, value):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """Real certificates from `pair up --tls`'s generator: DIR/server and DIR/client."""
-    from hal.tls_certs import create_tls_dir
+    from hal.host.tls_certs import create_tls_dir
     return create_tls_dir(tmp_path_factory.mktemp("tls"))
 
 

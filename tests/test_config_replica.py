@@ -1,7 +1,7 @@
 """The [replica] configuration section: defaults, every key, and clear errors."""
 import pytest
 
-from hal import config as C
+from hal.runtime import config as C
 
 BASE = {
     "controller": {"name": "b", "mode": "replica", "pair_id": "00" * 16},
@@ -52,7 +52,7 @@ def test_bad_values_name_the_key(replica, message):
 
 
 def test_runtime_settings_follow_the_config():
-    from hal.runtime import replica_settings
+    from hal.runtime.loop import replica_settings
     cfg = load(primary="b", ack="nvram", resync_rate="1M")
     s = replica_settings(cfg)
     assert (s.initial_primary, s.ack_level, s.resync_rate_bytes_s, s.variant) == (1, 1, 1 << 20, "bitmap")

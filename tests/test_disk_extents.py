@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from hal.disk_array import DiskArray
-from hal.disk_file import DATA_RANGES_MAX, FileDisk
-from hal.disk_volatile import VolatileCacheDisk
+from hal.backends.disk_array import DiskArray
+from hal.backends.disk_file import DATA_RANGES_MAX, FileDisk
+from hal.backends.disk_volatile import VolatileCacheDisk
 
 from test_disks import PAIR, config
 

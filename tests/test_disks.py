@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from hal.config import DiskConfig
-from hal.disk_array import DiskArray, find_disk_by_serial
-from hal.disk_file import FileDisk
-from hal.interfaces import HalError
+from hal.runtime.config import DiskConfig
+from hal.backends.disk_array import DiskArray, find_disk_by_serial
+from hal.backends.disk_file import FileDisk
+from hal.backends.interfaces import HalError
 
 PAIR = bytes.fromhex("00112233445566778899aabbccddeeff")
 OTHER_PAIR = bytes(16)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from firmware.formats import FormatError
 from firmware.formats import frame as F
-from hal.framing import COBS_CHUNK_MAX_BYTES, FRAME_MAX_BYTES, CobsFramer, StreamFramer
+from hal.backends.framing import COBS_CHUNK_MAX_BYTES, FRAME_MAX_BYTES, CobsFramer, StreamFramer
 
 # type 4, flags 1, lane 1, resource 1, seq 0x01020304, ack 0x05060708, tag 0x0a0b0c0d, "hello"
 GOLDEN_HEADER = bytes.fromhex("5443" "01" "04" "01" "01" "0001" "01020304" "05060708"

@@ -14,7 +14,7 @@ from fuzz import nvram as fuzz_nvram
 from fuzz.tasks import run_target
 from firmware.controller import Controller
 from fixtures.mempair import KEY
-from hal.nbd import NbdRequest
+from hal.host.nbd import NbdRequest
 
 SEEDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz", "seeds")
 CI_SECONDS = {"formats": 5, "nbd": 5, "link": 10, "nvram": 6}

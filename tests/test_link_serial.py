@@ -12,8 +12,8 @@ import time
 import pytest
 
 from firmware.formats import frame as F
-from hal.framing import CobsFramer
-from hal.link_serial import FdTransport, SerialLinkEndpoint, SerialTransport, VirtioPortEndpoint
+from hal.backends.framing import CobsFramer
+from hal.backends.link_serial import FdTransport, SerialLinkEndpoint, SerialTransport, VirtioPortEndpoint
 
 TIMEOUT_S = 10
 

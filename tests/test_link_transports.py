@@ -7,10 +7,10 @@ import time
 import pytest
 
 from firmware.formats import frame as F
-from hal.backoff import Backoff
-from hal.framing import StreamFramer
-from hal.interfaces import HalError
-from hal.link_socket import SocketTransport, TcpLinkEndpoint, UnixLinkEndpoint
+from hal.runtime.backoff import Backoff
+from hal.backends.framing import StreamFramer
+from hal.backends.interfaces import HalError
+from hal.backends.link_socket import SocketTransport, TcpLinkEndpoint, UnixLinkEndpoint
 
 TIMEOUT_S = 10
 
@@ -220,7 +220,7 @@ def test_transport_is_a_socket_transport(endpoints):
 # ---- the pair key the link authenticates with -----------------------------------
 
 def test_pair_key_created_0600_and_loaded(tmp_path):
-    from hal.keyfile import create_pair_key, load_pair_key
+    from hal.backends.keyfile import create_pair_key, load_pair_key
     path = tmp_path / "pair.key"
     key = create_pair_key(path)
     assert len(key) == 32 and (path.stat().st_mode & 0o777) == 0o600
@@ -231,7 +231,7 @@ def test_pair_key_created_0600_and_loaded(tmp_path):
 
 
 def test_pair_key_refusals(tmp_path):
-    from hal.keyfile import load_pair_key
+    from hal.backends.keyfile import load_pair_key
     with pytest.raises(HalError, match="no pair key file"):
         load_pair_key(tmp_path / "missing.key")
     path = tmp_path / "pair.key"

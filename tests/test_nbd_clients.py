@@ -1,6 +1,6 @@
 """Real NBD clients against the protocol engine, through the in-memory server.
 
-qemu-io, nbdinfo, nbdcopy and fio's nbd engine talk to hal.nbd exactly as
+qemu-io, nbdinfo, nbdcopy and fio's nbd engine talk to hal.host.nbd exactly as
 they will talk to a controller; the server keeps each export in a bytearray,
 so these tests check the protocol, not the controller.
 """
@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from fixtures.nbd_memserver import MemServer
-from hal.nbd import Export
+from hal.host.nbd import Export
 
 MiB = 1 << 20
 EXPORTS = [

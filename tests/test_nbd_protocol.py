@@ -1,4 +1,4 @@
-"""The NBD protocol engine (hal/nbd.py): golden bytes, sans-IO behaviour, raw sockets.
+"""The NBD protocol engine (hal/host/nbd.py): golden bytes, sans-IO behaviour, raw sockets.
 
 Three parts: golden vectors for the handshake and the request/reply headers;
 the engine driven without I/O (byte-at-a-time feeding, random chunking,
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from fixtures.nbd_memserver import MemServer, RawNbdClient, open_session
-from hal import nbd
-from hal.nbd import Export, NbdConnection
+from hal.host import nbd
+from hal.host.nbd import Export, NbdConnection
 
 MiB = 1 << 20
 EXPORTS = [

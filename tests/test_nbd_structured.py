@@ -10,9 +10,9 @@ import struct
 import pytest
 
 from firmware.formats import nbd as W
-from hal import nbd
-from hal.nbd import NbdConnection
-from hal.nbd_structured import BLOCK_STATUS_DESCRIPTORS_MAX
+from hal.host import nbd
+from hal.host.nbd import NbdConnection
+from hal.host.nbd_structured import BLOCK_STATUS_DESCRIPTORS_MAX
 
 from test_nbd_protocol import EXPORTS, error_chunk, feed, go_data, option, request, simple_reply
 

@@ -1,7 +1,7 @@
-"""STARTTLS in the protocol engine (hal/nbd.py) and the sans-I/O TLS session (hal/nbd_tls.py).
+"""STARTTLS in the protocol engine (hal/host/nbd.py) and the sans-I/O TLS session (hal/host/nbd_tls.py).
 
 No sockets: the engine and a TlsSession on one side, Python's ssl client over
-memory BIOs on the other, real certificates from hal/tls_certs.py. The option
+memory BIOs on the other, real certificates from hal/host/tls_certs.py. The option
 replies golden-checked per TLS mode; then a whole session through TLS, with the
 client's handshake pipelined right behind its STARTTLS, and the bounds on
 ciphertext and records.
@@ -11,9 +11,9 @@ import struct
 
 import pytest
 
-from hal import nbd, nbd_tls
-from hal.nbd import NbdConnection
-from hal.tls_certs import create_tls_dir
+from hal.host import nbd, nbd_tls
+from hal.host.nbd import NbdConnection
+from hal.host.tls_certs import create_tls_dir
 
 from test_nbd_protocol import EXPORTS, feed, go_data, option, request, simple_reply
 
@@ -82,7 +82,7 @@ def test_starttls_with_data_is_invalid():
 # -- a whole session through TLS over memory BIOs ------------------------------------------
 
 class Wire:
-    """The server (engine + TlsSession, as hal/runtime_tls.py drives them) and Python's ssl client."""
+    """The server (engine + TlsSession, as hal/host/tls_port.py drives them) and Python's ssl client."""
 
     def __init__(self, certs, verify_client=True):
         ctx = nbd_tls.server_context(certs["cert"], certs["key"], certs["ca"], verify_client)

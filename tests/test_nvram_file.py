@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from hal.interfaces import HalError
-from hal.nvram_dax import DaxNvram
-from hal.nvram_file import FileNvram
+from hal.backends.interfaces import HalError
+from hal.backends.nvram_dax import DaxNvram
+from hal.backends.nvram_file import FileNvram
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 1 << 20
@@ -23,7 +23,7 @@ def pattern(offset: int, length: int) -> bytes:
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from hal.nvram_file import FileNvram
+    from hal.backends.nvram_file import FileNvram
     nvram = FileNvram(sys.argv[1], int(sys.argv[2]), durability=sys.argv[3])
     buf = nvram.buffer
     for offset, length in ((0, 4096), (123457, 1000), (%d - 512, 512)):

@@ -1,6 +1,6 @@
 """A LUN's disk failing writes under load, on real processes.
 
-A local pair whose disks fail on command (hal/disk_faulty.py: while
+A local pair whose disks fail on command (hal/backends/disk_faulty.py: while
 `disk0.img.fail-writes` exists every write and flush of lun0's disk raises
 EIO). A host pipelines self-describing 4 KiB writes to lun0 through its
 owner while the disk fails; the test measures what the controllers do and
@@ -220,8 +220,8 @@ def test_a_takeover_claim_whose_record_write_fails_says_so_backs_off_and_complet
 
 
 def test_fault_files_need_the_test_environment_and_the_knobs_reach_the_firmware(monkeypatch):
-    from hal import config as C
-    from hal.runtime import firmware_params
+    from hal.runtime import config as C
+    from hal.runtime.loop import firmware_params
     doc = {"controller": {"name": "a", "pair_id": "00" * 16},
            "disks": {"paths": ["/nonexistent/disk0.img"], "fault_files": True},
            "nbd": {"unix": "/nonexistent/nbd.sock"},
@@ -238,9 +238,9 @@ def test_fault_files_need_the_test_environment_and_the_knobs_reach_the_firmware(
 
 
 def test_disks_that_ignore_flushes_are_for_benchmarks_only(monkeypatch, tmp_path):
-    from hal import config as C
-    from hal.disk_array import DiskArray
-    from hal.disk_faulty import IgnoreFlushFileDisk
+    from hal.runtime import config as C
+    from hal.backends.disk_array import DiskArray
+    from hal.backends.disk_faulty import IgnoreFlushFileDisk
     doc = {"controller": {"name": "a", "pair_id": "00" * 16},
            "disks": {"paths": [str(tmp_path / "disk0.img")], "lun_size": "1M", "write_cache": "ignore-flush"},
            "nbd": {"unix": str(tmp_path / "nbd.sock")}}

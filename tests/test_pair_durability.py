@@ -1,7 +1,7 @@
 """Destage durability on real processes: NVRAM copies are freed only after a disk flush.
 
 The LUN disks get a volatile write cache in each controller's own memory
-(hal/disk_volatile.py, `[disks] write_cache = "volatile"`): a write reaches the
+(hal/backends/disk_volatile.py, `[disks] write_cache = "volatile"`): a write reaches the
 disk file only at a flush, so a SIGKILL of both controllers is a power cut of
 the disks' caches as well. NVRAM (a shared file mapping) survives it, as a
 battery-backed NVRAM does. Before this, destage freed both NVRAM copies as soon

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from fixtures.pair import LoggedWriter, MiB, make_pair, qemu_io, read_block_via, run, verified
-from hal import nbd
+from hal.host import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")
 

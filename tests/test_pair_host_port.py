@@ -9,8 +9,8 @@ import pytest
 
 from fixtures.nbd_memserver import RawNbdClient, open_session
 from fixtures.pair import make_pair, run
-from hal import nbd
-from hal.control import request
+from hal.host import nbd
+from hal.runtime.control import request
 
 from test_nbd_protocol import MALFORMED, assert_still_serves
 

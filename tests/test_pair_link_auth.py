@@ -19,7 +19,7 @@ from firmware.formats import messages as M
 from fixtures.linkmitm import FrameRelay
 from fixtures.nbd_memserver import open_session
 from fixtures.pair import MiB, block_pattern, make_pair, read_block_via, run, wait_for
-from hal import nbd
+from hal.host import nbd
 
 KEEP_DIRTY = {"idle_flush_ms": 600_000, "high_watermark": 0.9, "low_watermark": 0.5}
 

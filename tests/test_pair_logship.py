@@ -20,10 +20,10 @@ import pytest
 
 from fixtures.nbd_memserver import open_session
 from fixtures.pair import LoggedWriter, MiB, PairHandle, qemu_io, run, verified
-from hal import config as C
-from hal import nbd
-from hal.disk_array import DiskArray
-from hal.keyfile import create_pair_key
+from hal.runtime import config as C
+from hal.host import nbd
+from hal.backends.disk_array import DiskArray
+from hal.backends.keyfile import create_pair_key
 
 pytestmark = pytest.mark.needs("qemu-io")
 TC = [sys.executable, "-m", "hal.cli"]

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.pair import MiB, make_pair, run
-from hal import config as C
-from hal.pair import PairError
+from hal.runtime import config as C
+from hal.tools.pair import PairError
 
 pytestmark = pytest.mark.needs("fio")
 
@@ -247,7 +247,7 @@ def test_replica_pair_exposes_resync_and_replica_metrics(tmp_path):
 def test_requests_over_tls_are_counted_and_timed(tmp_path):
     # A TLS client's flush returned before its timed replies were recorded: the latency histogram
     # never saw them and the list of them grew with every request.
-    from hal import tls_certs
+    from hal.host import tls_certs
     pair = make_pair(tmp_path, luns=2, lun_size_bytes=16 * MiB, nvram_size_bytes=16 * MiB, metrics=True, tls=True)
     try:
         pair.wait_settled(owners={"lun0": "a", "lun1": "b"})

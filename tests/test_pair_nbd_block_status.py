@@ -14,7 +14,7 @@ import pytest
 
 from firmware.formats.disklabel import DATA_OFFSET_BYTES
 from fixtures.pair import make_pair, run
-from hal import tls_certs
+from hal.host import tls_certs
 
 from test_pair_metrics import KEEP_DIRTY, metrics_url, scrape, value
 

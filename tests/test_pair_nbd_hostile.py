@@ -15,7 +15,7 @@ import pytest
 
 from fixtures.nbd_memserver import RawNbdClient, open_session
 from fixtures.pair import make_pair, run
-from hal import nbd
+from hal.host import nbd
 
 from test_nbd_protocol import assert_still_serves
 

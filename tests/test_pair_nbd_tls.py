@@ -19,8 +19,8 @@ import pytest
 
 from fixtures.nbd_memserver import RawNbdClient
 from fixtures.pair import make_pair, run
-from hal import nbd
-from hal import tls_certs
+from hal.host import nbd
+from hal.host import tls_certs
 
 from test_nbd_protocol import assert_still_serves
 

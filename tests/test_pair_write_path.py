@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fixtures.pair import LoggedWriter, MiB, block_pattern, make_pair, qemu_io, read_block_via, run
-from hal import nbd
+from hal.host import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")
 

@@ -17,9 +17,9 @@ import pytest
 
 from firmware.formats.disklabel import DATA_OFFSET_BYTES, build_disklabel
 from fixtures.board import TWINCACHE, _controller_toml, board, serial_cable  # noqa: F401
-from hal import config as C
-from hal.disk_array import DiskArray
-from hal.keyfile import load_pair_key
+from hal.runtime import config as C
+from hal.backends.disk_array import DiskArray
+from hal.backends.keyfile import load_pair_key
 
 OTHER_PAIR = bytes.fromhex("ffeeddccbbaa99887766554433221100")
 LUN_SIZE = 16 << 20

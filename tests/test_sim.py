@@ -11,11 +11,11 @@ import random
 import pytest
 
 from firmware.controller import Params
-from hal.sim import BROKEN_SITES, FENCE_SITES, Sim, run_seed
-from hal.sim_check import Model, SimFailure, make_data
-from hal.sim_disk import DiskFaults, SimDiskArray
-from hal.sim_link import LinkFaults, SimLink
-from hal.sim_nvram import SimNvram
+from hal.sim.ha import BROKEN_SITES, FENCE_SITES, Sim, run_seed
+from hal.sim.check import Model, SimFailure, make_data
+from hal.sim.disk import DiskFaults, SimDiskArray
+from hal.sim.link import LinkFaults, SimLink
+from hal.sim.nvram import SimNvram
 from fixtures.mempair import split_frames
 
 SWEEP_SEEDS = 300

@@ -1,13 +1,13 @@
 """The replica-mode (NVRAM-log variant) simulator: a sweep, replay, broken variants, found bugs.
 
-hal/sim_log.py drives the unchanged LogSource/LogDestination on the in-memory
+hal/sim/log.py drives the unchanged LogSource/LogDestination on the in-memory
 rig with crashes of either end, link cuts, hung disks and disasters, and
 checks reads, the recovered image after a disaster, and source == image ==
 model at the end.
 """
 import pytest
 
-from hal.sim_log import BROKEN_SITES, run_log_seed
+from hal.sim.log import BROKEN_SITES, run_log_seed
 
 SWEEP_SEEDS = 300
 STEPS = 300

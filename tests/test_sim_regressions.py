@@ -6,7 +6,7 @@ xfail tests); it is empty when none is open.
 """
 import pytest
 
-from hal.sim import Sim, run_seed
+from hal.sim.ha import Sim, run_seed
 
 STEPS = 120
 # Diagnosed at 300 steps, not fixed, and no longer reproduced by its seed once the schedule
@@ -96,7 +96,7 @@ def test_no_claim_while_the_owner_serves_on_its_link_lease():
 
 
 def test_ownership_move_while_a_lun_reads_its_record():
-    """Seed 92: the CLI path (hal/control.py _move) only checks owns() and link.up; a LUN still
+    """Seed 92: the CLI path (hal/runtime/control.py _move) only checks owns() and link.up; a LUN still
     STARTING has no (starting, move) transition and move_lun raised FenceError."""
     _passes(92)
 

@@ -1,6 +1,6 @@
 """The replica-mode (bitmap variant) simulator: a sweep, replay, a broken variant, fault coverage.
 
-hal/sim_replica.py drives the unchanged ReplicaControllers on the in-memory
+hal/sim/replica.py drives the unchanged ReplicaControllers on the in-memory
 replica pair with crashes of either side, promotions (and the split brains
 that follow when the old primary wrote alone), link cuts and time; it checks
 reads at the primary, the promoted secondary against every write
@@ -8,7 +8,7 @@ acknowledged through it, and both sides identical after the final resync.
 """
 import pytest
 
-from hal.sim_replica import BROKEN_SITES, run_replica_seed
+from hal.sim.replica import BROKEN_SITES, run_replica_seed
 
 SWEEP_SEEDS = 120
 STEPS = 300

@@ -1,4 +1,4 @@
-"""The crash model every in-memory rig shares (hal/sim_voldisk.py): disks with a volatile write
+"""The crash model every in-memory rig shares (hal/sim/voldisk.py): disks with a volatile write
 cache, NVRAM stores lost unless persisted, and rigs that refuse actions they do not know."""
 import random
 
@@ -9,8 +9,8 @@ from fixtures.mem_replica import MemReplicaPair
 from fixtures.memlog import MemLog
 from fixtures.mempair import MemPair
 from hal.interpret import METHODS, UnknownAction
-from hal.sim import Sim
-from hal.sim_voldisk import VolatileDisk
+from hal.sim.ha import Sim
+from hal.sim.voldisk import VolatileDisk
 
 
 def test_a_write_is_visible_at_once_and_durable_only_after_a_flush_issued_after_it():

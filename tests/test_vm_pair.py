@@ -244,7 +244,7 @@ def test_domain_xml_state_share_is_writable():
 
 
 def test_guest_controller_config_selects_the_guest_backends(tmp_path):
-    from hal import config as hal_config
+    from hal.runtime import config as hal_config
     from vm import guest
     from vm.pair import PairConfig
 
@@ -360,7 +360,7 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
 from fixtures.nbd_memserver import open_session  # noqa: E402
 from fixtures.pair import LoggedWriter, run  # noqa: E402
 from fixtures.pair import block_reader as pair_block_reader  # noqa: E402
-from hal import nbd  # noqa: E402
+from hal.host import nbd  # noqa: E402
 
 SETTLE_TIMEOUT_S = 90.0
 WALL_TIMES: dict[str, float] = {}

@@ -37,7 +37,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def _failed(message: str):
-    from hal.cli import CommandFailed
+    from hal.cli.main import CommandFailed
     return CommandFailed(message)
 
 
@@ -66,7 +66,7 @@ def guest_command(pair, name: str, override: str | None, saved: bool = False) ->
     saved = pair.run_dir / name / "command.sh" if saved else None
     if saved and saved.exists():
         return saved.read_text()
-    if importlib.util.find_spec("hal.cli_controller") is None:
+    if importlib.util.find_spec("hal.cli.controller") is None:
         return ""
     from vm import guest
     guest.provision(pair)

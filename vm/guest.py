@@ -27,7 +27,7 @@ import pathlib
 import secrets
 
 from firmware.formats.disklabel import DATA_OFFSET_BYTES
-from hal import config as hal_config
+from hal.runtime import config as hal_config
 from vm.assets import REPO
 from vm.domain import GUEST_NBD_PORT, LINK_PORT_NAME
 
@@ -50,7 +50,7 @@ def pair_id(run_dir: pathlib.Path) -> str:
 
 
 def pair_key(run_dir: pathlib.Path) -> pathlib.Path:
-    from hal.keyfile import create_pair_key
+    from hal.backends.keyfile import create_pair_key
     path = run_dir / "pair.key"
     if not path.exists():
         create_pair_key(path)
@@ -84,7 +84,7 @@ def write_controller_config(pair, name: str) -> pathlib.Path:
 
 def provision(pair) -> None:
     """Before a first boot: the pair key, and a label on every blank shared disk (on the host side)."""
-    from hal.disk_array import DiskArray
+    from hal.backends.disk_array import DiskArray
     pair_key(pair.run_dir)
     cfg = hal_config.from_dict(controller_config(pair, "a"), "vm provisioning")
     files = hal_config.DiskConfig(backend="file", paths=[d.path for d in pair.disks()],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 
-from hal import nbd
+from hal.host import nbd
 from vm import assets
 from vm.pair import NAMES, VmError, _tail
 
@@ -29,7 +29,7 @@ POLL_INTERVAL_S = 0.5
 
 
 def export_names(pair) -> list[str]:
-    """The controller's exports: one LUN per shared disk (hal/runtime.py names them lunN)."""
+    """The controller's exports: one LUN per shared disk (hal/runtime/loop.py names them lunN)."""
     return [f"lun{i}" for i in range(pair.config.disk_count)]
 
 

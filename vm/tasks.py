@@ -7,7 +7,7 @@ behave the same. tasks.py adds this module as the `vm` collection.
 from invoke import task
 
 def _run(argv: list) -> None:
-    from hal import cli
+    from hal.cli import main as cli
     code = cli.main(["vm", *argv])
     if code:
         raise SystemExit(code)

@@ -12,7 +12,7 @@ derived from the pair key and both HELLO bodies, nonces and all
 (`derive_direction_key`): a HELLO altered on the way gives the two ends
 different keys, and the first sealed frame (the AUTH) fails.
 The CRC covers everything before it, trailer included. It stays beside the
-MAC: the framers (hal/framing.py) hold no key and find frames in a byte
+MAC: the framers (hal/backends/framing.py) hold no key and find frames in a byte
 stream by magic and CRC, so line noise is dropped there as it always was,
 and a frame that reaches the MAC check with a good CRC and a bad MAC was
 made that way on purpose, which is what the session counts and acts on.

@@ -8,7 +8,7 @@ reply; the NBD_INFO_BLOCK_SIZE reply of NBD_OPT_INFO / NBD_OPT_GO. All big-endia
 as the spec says.
 
 The declarations here are the one source of truth. The host port's data path
-(hal/nbd_structured.py) packs the fixed-size ones with struct.Struct twins
+(hal/host/nbd_structured.py) packs the fixed-size ones with struct.Struct twins
 (`*_STRUCT` below); tests check twin and declaration agree.
 """
 import struct

@@ -1,7 +1,7 @@
 """The reservation record: who owns a LUN, at which generation, and a lease.
 
 One 512-byte sector at the start of each disk's reservation area (raw byte
-4096; hal.disk_array.DiskArray.reservation_area). Both controllers of an ha
+4096; hal.backends.disk_array.DiskArray.reservation_area). Both controllers of an ha
 pair see the same disks, so this is where ownership is decided when the link
 cannot be trusted (see firmware/fencing.py for the argument).
 

@@ -1,0 +1,1 @@
+"""The `twincache` command line: `python -m hal.cli` or the console script."""

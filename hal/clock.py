@@ -1,9 +1,0 @@
-"""The real monotonic clock; the simulator passes its virtual clock instead."""
-import time
-
-from .interfaces import Clock
-
-
-class MonotonicClock(Clock):
-    def monotonic_ns(self) -> int:
-        return time.monotonic_ns()

@@ -1,0 +1,779 @@
+"""The runtime: runs one controller's firmware on real hardware backends.
+
+Owns the event loop (selectors/epoll, one thread): NBD clients on unix and
+TCP sockets, the link to the partner (connect or accept, reconnect with
+backoff), the admin control socket, and a tick timer. It turns what happens
+into calls on the firmware Controller and carries out the actions it
+returns, in order: persist NVRAM ranges, write frames to the link, answer
+hosts, read and write disks. Disk completions are fed back only after the
+whole action list is carried out, so the firmware sees the order it asked
+for. Output is batched: every connection is written once per loop turn with
+sendmsg. NBD connections that start TLS (NBD_OPT_STARTTLS) are read and
+written through hal/host/tls_port.py from then on.
+
+With [metrics] listen set, the loop also records host requests, mirror round
+trips, disk writes and resync progress into plain counters (hal/runtime/metrics.py);
+prometheus-client's HTTP thread reads them through a snapshot the loop takes.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+from firmware import actions as A
+from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
+
+import hal.host.nbd as NBD
+from hal.runtime.backoff import Backoff
+from hal.backends.buffers import consume as _consume
+from hal.backends.clock import MonotonicClock
+from hal.runtime.control import ControlServer
+from hal.backends.disk_array import DiskArray
+from hal.backends.disk_flush import FlushWorker
+from hal.backends.framing import CobsFramer, StreamFramer
+from hal.interpret import Effects, interpreter
+from hal.backends.keyfile import load_pair_key
+from hal.host.tls_port import NbdTlsPort
+
+TICK_MS = 10
+LINK_RECV_BYTES = 1 << 20
+REFUSAL_NOTE_INTERVAL_MS = 10_000   # refused connections are counted; one event per kind per interval
+NBD_OP = {NBD.NBD_CMD_READ, NBD.NBD_CMD_WRITE, NBD.NBD_CMD_FLUSH, NBD.NBD_CMD_TRIM,
+          NBD.NBD_CMD_WRITE_ZEROES, NBD.NBD_CMD_BLOCK_STATUS}
+
+
+def open_nvram(cfg):
+    n = cfg.nvram
+    if n.backend == "dax":
+        from hal.backends.nvram_dax import DaxNvram
+        return DaxNvram(n.path, n.size_bytes)
+    from hal.backends.nvram_file import FileNvram
+    return FileNvram(n.path, n.size_bytes, durability=n.durability, create=True)
+
+
+def open_link_endpoint(cfg):
+    lk = cfg.link
+    if lk.transport == "unix":
+        from hal.backends.link_socket import UnixLinkEndpoint
+        return UnixLinkEndpoint(lk.path, listen=lk.listen), StreamFramer, True
+    if lk.transport == "tcp":
+        from hal.backends.link_socket import TcpLinkEndpoint
+        host, _, port = lk.address.rpartition(":")
+        return TcpLinkEndpoint(host, int(port), listen=lk.listen), StreamFramer, True
+    from hal.backends.link_serial import SerialLinkEndpoint, VirtioPortEndpoint
+    if lk.transport == "virtio":
+        return VirtioPortEndpoint(lk.device), CobsFramer, False
+    return SerialLinkEndpoint(lk.device, lk.baud), CobsFramer, False
+
+
+def replica_settings(cfg):
+    """Replica mode: the firmware's settings, with fresh uuids from the OS (firmware draws no randomness)."""
+    if cfg.mode != "replica" or cfg.replica.variant != "bitmap":
+        return None                       # the log variant's firmware takes LogParams (hal/runtime/logship.py)
+    from firmware.replica import ReplicaSettings
+    r = cfg.replica
+    return ReplicaSettings(lambda: int.from_bytes(os.urandom(8), "big") | 1, variant=r.variant, ack=r.ack,
+                           range_bytes=r.range_size_bytes, resync_rate_bytes_s=r.resync_rate_bytes_s,
+                           resync_inflight_max=r.resync_inflight_max,
+                           auto_promote_after_ms=r.auto_promote_after_ms,
+                           initial_primary="ab".index(r.primary))
+
+
+def make_controller(params, nv, key, now_ms):
+    if params.mode == "replica":
+        # The bitmap variant here; the log variant runs its own runtimes (hal/runtime/logship.py).
+        assert params.replica.variant == "bitmap", "the log variant is not a Controller"
+        from firmware.replica import ReplicaController
+        return ReplicaController(params, nv, key, now_ms)
+    return Controller(params, nv, key, now_ms)
+
+
+def firmware_params(cfg, disks, reliable):
+    c = cfg.cache
+    return Params(cfg.controller_id, cfg.pair_id, [d.data_size for d in disks], mode=cfg.mode,
+                  block_size_bytes=cfg.nvram.block_size_bytes, high_watermark=c.high_watermark,
+                  low_watermark=c.low_watermark, idle_flush_ms=c.idle_flush_ms,
+                  destage_inflight_max=c.destage_inflight_max,
+                  heartbeat_interval_ms=c.heartbeat_interval_ms,
+                  heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
+                  degraded_after_ms=c.degraded_after_ms, disk_retry_max_ms=c.disk_retry_max_ms,
+                  fencing=cfg.mode == "ha", replica=replica_settings(cfg), batch_link_output=True)
+
+
+class NbdClient:
+    __slots__ = ("sock", "conn", "out", "mask", "peer", "tls", "done")
+
+    def __init__(self, sock, conn, peer=""):
+        self.sock = sock
+        self.conn = conn
+        self.out = []
+        self.mask = selectors.EVENT_READ      # what the selector watches for
+        self.peer = peer                      # who connected, for per-client accounting
+        self.tls = None                       # a TlsSession from NBD_OPT_STARTTLS on (hal/host/tls_port.py)
+        self.done = []                        # metrics: replies queued, timed when handed to the socket
+
+
+def _peer_key(sock):
+    """The client a connection counts against: its IP address, or its uid on a unix socket."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return "unix"
+        return f"uid:{struct.unpack('3i', creds)[1]}"
+    try:
+        return sock.getpeername()[0]
+    except OSError:                       # gone already
+        return "tcp"
+
+
+class Runtime(NbdTlsPort, Effects):
+    def __init__(self, cfg, clock=None, log=None):
+        self.cfg = cfg
+        self._execute = interpreter(self)
+        self.clock = clock or MonotonicClock()
+        self.log_file = log or sys.stderr
+        self.stopping = False
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        self.events = open(os.path.join(cfg.state_dir, "events.jsonl"), "a", buffering=1)
+        self.nvram = open_nvram(cfg)
+        self.persist_needed = self.nvram.durability != "controller"
+        self.disks = DiskArray.open(cfg.disks, cfg.pair_id).disks
+        self.endpoint, framer_cls, reliable = self.open_link(cfg)
+        self.framer_cls = framer_cls
+        key = load_pair_key(cfg.key_file)
+        params = firmware_params(cfg, self.disks, reliable)
+        nv = self.nvram.buffer
+        if nvram_is_blank(nv):
+            self._do_persists(format_nvram(nv, params))
+            self.note("nvram_formatted", path=cfg.nvram.path, size_bytes=len(nv))
+        self.ctrl = self.make_firmware(params, nv, key)
+        self.sel = selectors.DefaultSelector()
+        self.flusher = FlushWorker()
+        self.sel.register(self.flusher.fileno(), selectors.EVENT_READ, ("flush", None))
+        self.clients = {}
+        self.clients_per_peer = {}     # peer -> connections open
+        self.handshaking = {}          # NbdClient -> handshake deadline (ms), until it reaches transmission
+        self.refused = {"nbd": 0, "link": 0, "nbd_tls": 0}    # connections refused, by kind
+        self.refused_noted = {k: (0, -REFUSAL_NOTE_INTERVAL_MS) for k in self.refused}
+        self.tls_setup(cfg.nbd)
+        self.nbd_handshake_timeouts = 0
+        self.link = None
+        self.link_out = []
+        self.link_writing = False
+        self.backoff = Backoff(initial_ms=20, max_ms=500)
+        self.next_connect_ms = 0
+        self.completions = []          # disk write and flush completions, fed back once a turn
+        self.disk_writes = []          # DiskWrite actions, carried out at the end of the turn
+        self.read_completions = []
+        self.dirty_clients = set()
+        self.link_buf = bytearray(LINK_RECV_BYTES)
+        self.exports = self.make_exports(cfg)
+        self.listeners = []
+        self.control = ControlServer(self, os.path.join(cfg.state_dir, "control.sock"))
+        self.metrics = None            # hal/runtime/metrics.py, started last: see below
+        self.rec = None                # its recorder, when on
+        self.mirror_unsent = []        # metrics: host reqs whose mirror frames wait for this turn's send
+        self.mirror_sent = {}          # metrics: host req -> when its mirror frames were sent (ns)
+        self.frames_ns = 0             # metrics: when the link frames being handled arrived; 0 outside
+        # Recovery may have taken long (a full NVRAM scan under TCG took about a second): the
+        # firmware's clock is the one it was built with until told otherwise (see execute).
+        self.ctrl.set_time(self.clock.monotonic_ms())
+        self.execute(self.ctrl.start())
+        if cfg.metrics.listen:
+            # Last: the port is the one resource another program may hold, and its error is clear.
+            from hal.runtime.metrics import MetricsServer
+            self.metrics = MetricsServer(self, cfg.metrics.listen, len(self.disks))
+            self.rec = self.metrics.rec
+            self.time_mirror = isinstance(getattr(self.ctrl, "pending", None), dict)
+
+    def open_link(self, cfg):
+        return open_link_endpoint(cfg)
+
+    def make_exports(self, cfg):
+        return [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
+                           description=f"twincache {cfg.name} LUN {d.lun}") for d in self.disks]
+
+    def make_firmware(self, params, nv, key):
+        """The firmware this runtime drives: ha, or replica's bitmap variant (the log variant's
+        runtimes in hal/runtime/logship.py override this)."""
+        return make_controller(params, nv, key, self.clock.monotonic_ms())
+
+    # -- logging --------------------------------------------------------------
+
+    def note(self, kind, **fields):
+        record = {"ts": round(time.time(), 3), "controller": self.cfg.name, "kind": kind, **fields}
+        line = json.dumps(record, default=str)
+        self.events.write(line + "\n")
+        print(line, file=self.log_file, flush=True)
+
+    # -- set-up ---------------------------------------------------------------
+
+    def listen(self):
+        nb = self.cfg.nbd
+        if nb.unix:
+            if os.path.exists(nb.unix):
+                os.unlink(nb.unix)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(nb.unix)
+            self._add_listener(sock)
+        if nb.tcp:
+            host, _, port = nb.tcp.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            self._add_listener(sock)
+        fd = self.endpoint.listen_fileno()
+        if fd is not None:
+            self.sel.register(fd, selectors.EVENT_READ, ("link-listen", None))
+        self.control.start(self.sel)
+
+    def _add_listener(self, sock):
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listeners.append(sock)
+        self.sel.register(sock, selectors.EVENT_READ, ("nbd-listen", sock))
+
+    def exports_uris(self):
+        nb = self.cfg.nbd
+        tls = nb.tls == "require"
+        uris = {}
+        for e in self.exports:
+            if nb.unix:
+                uris[e.name] = NBD.nbd_uri_unix(nb.unix, e.name, tls)
+            else:
+                host, _, port = nb.tcp.rpartition(":")
+                uris[e.name] = NBD.nbd_uri_tcp(host, int(port), e.name, tls)
+        return uris
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self):
+        self.listen()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self.note("serving", pid=os.getpid(), exports=self.exports_uris())
+        next_tick = self.clock.monotonic_ms()
+        while not self.stopping:
+            now = self.clock.monotonic_ms()
+            timeout = max(0.0, (next_tick - now) / 1000)
+            events = self.sel.select(timeout if not self.completions else 0)
+            self.ctrl.set_time(self.clock.monotonic_ms())     # leases are judged at this instant
+            for key, mask in events:
+                self._ready(key.data, mask)
+            now = self.clock.monotonic_ms()
+            if now >= next_tick:
+                next_tick = now + TICK_MS
+                self._maybe_connect(now)
+                if self.handshaking:
+                    self._expire_handshakes(now)
+                self.execute(self.ctrl.tick(now))
+                if self.metrics is not None:
+                    self.metrics.tick(now)
+            self._flush()
+        self.close()
+
+    def stop(self):
+        self.stopping = True
+
+    def _ready(self, data, mask):
+        kind, obj = data
+        if kind == "nbd":
+            if mask & selectors.EVENT_READ:
+                self._nbd_read(obj)
+            if mask & selectors.EVENT_WRITE:
+                self.dirty_clients.add(obj)
+        elif kind == "link":
+            if mask & selectors.EVENT_READ:
+                self._link_read()
+            if mask & selectors.EVENT_WRITE and self.link is not None:
+                self.link_writing = False
+                self.sel.modify(self.link.fileno(), selectors.EVENT_READ, ("link", None))
+        elif kind == "nbd-listen":
+            self._accept(obj)
+        elif kind == "link-listen":
+            self._link_listen_ready()
+        elif kind == "flush":
+            self.completions.extend(self.flusher.done())
+        else:
+            self.control.ready(obj, mask)
+
+    # -- NBD ------------------------------------------------------------------
+
+    def _accept(self, listener):
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:          # EMFILE and the like: the backlog waits, note it once
+            self._count_refusal("nbd", f"accept failed: {exc}")
+            return
+        nb = self.cfg.nbd
+        peer = _peer_key(sock)
+        per_client = nb.max_connections_per_client or nb.max_connections
+        if len(self.clients) >= nb.max_connections:
+            sock.close()
+            self._count_refusal("nbd", f"{nb.max_connections} connections already")
+            return
+        if self.clients_per_peer.get(peer, 0) >= per_client:
+            sock.close()
+            self._count_refusal("nbd", f"{per_client} connections from {peer} already")
+            return
+        sock.setblocking(False)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = NBD.NbdConnection(self.exports, max_inflight=nb.max_inflight, peer=peer,
+                                 max_output_bytes=nb.max_output_mib << 20, tls=nb.tls)
+        client = NbdClient(sock, conn, peer)
+        self.clients[sock.fileno()] = client
+        self.clients_per_peer[peer] = self.clients_per_peer.get(peer, 0) + 1
+        self.handshaking[client] = self.clock.monotonic_ms() + nb.handshake_timeout_ms
+        self.sel.register(sock, selectors.EVENT_READ, ("nbd", client))
+        self.dirty_clients.add(client)
+
+    def _expire_handshakes(self, now):
+        """Close connections that have not finished the handshake by their deadline: a socket
+        that connects and says nothing would otherwise hold a connection slot for ever."""
+        for client, deadline_ms in list(self.handshaking.items()):
+            if client.conn.export is not None or client.conn.closed:
+                del self.handshaking[client]
+            elif now >= deadline_ms:
+                self.nbd_handshake_timeouts += 1
+                self._drop_client(client)
+
+    def _count_refusal(self, kind, reason):
+        """Count a refused connection; note it at most once per interval, with the count since."""
+        self.refused[kind] += 1
+        now = self.clock.monotonic_ms()
+        count_noted, noted_ms = self.refused_noted[kind]
+        if now - noted_ms >= REFUSAL_NOTE_INTERVAL_MS:
+            self.refused_noted[kind] = (self.refused[kind], now)
+            self.note(f"{kind}_refused", reason=reason, refused=self.refused[kind] - count_noted)
+
+    def _nbd_read(self, client):
+        conn = client.conn
+        if client.tls is not None:
+            self._tls_read(client)
+            return
+        if not conn.want_read:
+            return
+        try:
+            n = client.sock.recv_into(conn.recv_buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._drop_client(client)
+            return
+        self._nbd_requests(client, conn.received(n))
+        if conn.starttls:
+            self._start_tls(client)
+
+    def _nbd_requests(self, client, requests):
+        """Hand requests to the firmware. The req it answers with is (client, request, taken_ns):
+        taken_ns, one clock read for the batch, times the request for the metrics (0 when off)."""
+        ctrl, execute = self.ctrl, self.execute
+        rec = self.rec
+        t0 = time.perf_counter_ns() if rec is not None and requests else 0
+        for r in requests:
+            op, lun = r.op, r.export.index
+            req = (client, r, t0)
+            if op == NBD.NBD_CMD_WRITE:
+                if rec is not None and self.time_mirror:
+                    self._timed_write(req, lun, r)
+                    continue
+                execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+            elif op == NBD.NBD_CMD_READ:
+                execute(ctrl.host_read(req, lun, r.offset, r.length))
+            elif op == NBD.NBD_CMD_FLUSH:
+                execute(ctrl.host_flush(req, lun))
+            elif op == NBD.NBD_CMD_WRITE_ZEROES:
+                execute(ctrl.host_write_zeroes(req, lun, r.offset, r.length,
+                                               bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+            elif op == NBD.NBD_CMD_TRIM:
+                execute(ctrl.host_trim(req, lun, r.offset, r.length))
+            elif op == NBD.NBD_CMD_BLOCK_STATUS:
+                self._block_status(req, lun, r)
+            else:
+                client.conn.reply(r, NBD.NBD_EINVAL)
+        self.dirty_clients.add(client)
+
+    def _block_status(self, req, lun, r):
+        """base:allocation, from the firmware (its cache and the disk's extents); firmware that
+        cannot tell (the log variant's) answers all data, which is always correct."""
+        host_block_status = getattr(self.ctrl, "host_block_status", None)
+        if host_block_status is None:
+            self.host_reply(A.HostReply(req, 0, [(r.length, 0)]))
+            return
+        self.execute(host_block_status(req, lun, r.offset, r.length))
+
+    def _timed_write(self, req, lun, r):
+        """A host write, noting it for the mirror round trip if it now waits for the partner's ack."""
+        ctrl = self.ctrl
+        before = len(ctrl.pending)
+        self.execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+        if len(ctrl.pending) > before:
+            self.mirror_unsent.append(req)
+
+    def _drop_client(self, client):
+        if client.mask:
+            self.sel.unregister(client.sock)
+        client.mask = 0
+        if self.clients.pop(client.sock.fileno(), None) is not None:
+            left = self.clients_per_peer.pop(client.peer, 1) - 1
+            if left:
+                self.clients_per_peer[client.peer] = left
+        self.handshaking.pop(client, None)
+        client.sock.close()
+        client.conn.closed = True
+        self.dirty_clients.discard(client)
+
+    def _flush_client(self, client):
+        if client.tls is not None:
+            self._flush_client_tls(client)
+            if client.done:                 # metrics: handed to the TLS session, encrypted and sent
+                self.rec.host_done(client.done, time.perf_counter_ns())
+                client.done = []
+            return
+        conn = client.conn
+        out = client.out
+        out.extend(conn.pending_output())
+        while out:
+            try:
+                sent = client.sock.sendmsg(out[:512])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop_client(client)
+                return
+            _consume(out, sent)
+            conn.sent(sent)
+            if out and not sent:
+                break
+        if client.done:
+            self.rec.host_done(client.done, time.perf_counter_ns())
+            client.done = []
+        if conn.closed and not out:
+            self._drop_client(client)
+            return
+        if conn.backlog and conn.has_room:
+            self._nbd_requests(client, conn.received(0))
+        self._watch(client, (selectors.EVENT_READ if conn.want_read else 0)
+                    | (selectors.EVENT_WRITE if out else 0))
+
+    def _watch(self, client, mask):
+        """Level-triggered epoll: watch for reads only while the connection takes more requests."""
+        if mask == client.mask:
+            return
+        if not client.mask:
+            self.sel.register(client.sock, mask, ("nbd", client))
+        elif not mask:
+            self.sel.unregister(client.sock)
+        else:
+            self.sel.modify(client.sock, mask, ("nbd", client))
+        client.mask = mask
+
+    # -- link -----------------------------------------------------------------
+
+    def _link_listen_ready(self):
+        """A connection waits on the link listener. It becomes the link only while the link is
+        down and the backoff since the last attempt has run out; otherwise it is accepted and
+        closed at once, and counted. Left pending, it kept the listener readable and the loop
+        spinning until the link next dropped; and taken at once every time, forged hellos got
+        as many tries as they liked."""
+        now = self.clock.monotonic_ms()
+        if self.link is None and now >= self.next_connect_ms:
+            self._maybe_connect(now, accept=True)
+            return
+        transport = self.endpoint.accept()
+        if transport is not None:
+            transport.close()
+            self._count_refusal("link", "link up" if self.link is not None else "backing off")
+
+    def _link_session_up(self):
+        session = getattr(self.ctrl, "link", None)
+        return bool(getattr(session, "up", False))
+
+    def _maybe_connect(self, now, accept=False):
+        if self.link is not None:
+            # The backoff starts over only once a session authenticated: a peer that connects
+            # and fails the hello waits longer each time.
+            if self._link_session_up():
+                self.backoff.reset()
+            return
+        if now < self.next_connect_ms and not accept:
+            return
+        try:
+            transport = self.endpoint.connect()
+        except OSError as exc:
+            transport = None
+            self.note("link_connect_error", error=str(exc))
+        if transport is None:
+            if self.endpoint.listen_fileno() is None:   # nothing pending is no failure for a listener
+                self.next_connect_ms = now + self.backoff.next_delay_ms()
+            return
+        self.link = transport
+        self.framer = self.framer_cls(transport.name)
+        self.link_out = []
+        self.sel.register(transport.fileno(), selectors.EVENT_READ, ("link", None))
+        self.execute(self.ctrl.link_connected(os.urandom(32), now))
+
+    def _link_read(self):
+        if self.disk_writes:
+            self._start_disk_writes()
+        try:
+            n = self.link.recv_into(self.link_buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._link_close("peer closed the link")
+            self.execute(self.ctrl.link_disconnected("peer closed the link"))
+            return
+        frames = self.framer.feed(memoryview(self.link_buf)[:n])
+        if frames:
+            if self.mirror_sent:
+                self.frames_ns = time.perf_counter_ns()
+            self.execute(self.ctrl.link_frames(frames, self.clock.monotonic_ms()))
+            self.frames_ns = 0
+
+    def _link_close(self, reason):
+        if self.link is None:
+            return
+        self.sel.unregister(self.link.fileno())
+        self.link.close()
+        self.link = None
+        self.link_out = []
+        self.link_writing = False
+        self.next_connect_ms = self.clock.monotonic_ms() + self.backoff.next_delay_ms()
+        self.mirror_unsent.clear()       # their writes finish unmirrored: no round trip to time
+        self.mirror_sent.clear()
+
+    def _flush_link(self):
+        out = self.link_out
+        if self.mirror_unsent:
+            sent_ns = time.perf_counter_ns()
+            for req in self.mirror_unsent:
+                self.mirror_sent[req] = sent_ns
+            self.mirror_unsent.clear()
+        while out:
+            try:
+                sent = self.link.send(out)
+            except OSError as exc:
+                self._link_close(str(exc))
+                self.execute(self.ctrl.link_disconnected(f"link send failed: {exc}"))
+                return
+            _consume(out, sent)
+            if out and not sent:
+                break
+        if out and not self.link_writing:
+            self.link_writing = True
+            self.sel.modify(self.link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, ("link", None))
+
+    # -- actions --------------------------------------------------------------
+
+    def execute(self, actions):
+        """Carry out actions in order; disk completions go back after the whole list.
+
+        Read completions are fed back at once (a host waits on them); destage
+        write completions wait for the end of the loop turn, so a long run of
+        destaging is spread over turns instead of holding up host requests.
+
+        The firmware is told the time before each completion: a read may have blocked
+        for long, and the firmware stamps what it learns with its clock. A reservation
+        record read at start-up, judged by the clock of before recovery, made a restarted
+        controller see its live partner's record as silent for a second and claim every
+        LUN over it (VM pair, after a power cut).
+        """
+        self._execute(actions)
+        reads = self.read_completions
+        if reads:
+            set_time, clock = self.ctrl.set_time, self.clock.monotonic_ms
+            while reads:
+                op, err, data = reads.pop()
+                set_time(clock())
+                self._execute(self.ctrl.disk_done(op, err, data))
+
+    def _complete_writes(self):
+        done, self.completions = self.completions, []
+        if done:
+            self.ctrl.set_time(self.clock.monotonic_ms())
+        for op, err, data in done:
+            self.execute(self.ctrl.disk_done(op, err, data))
+
+    # The Effects of hal/interpret.py: what each action does here.
+
+    def persist(self, act):
+        if self.persist_needed:
+            self.nvram.persist(act.offset, act.length)
+
+    def transmit(self, act):
+        if self.link is not None:
+            if self.framer_cls is StreamFramer:
+                self.link_out.extend(act.buffers)
+            else:                     # COBS: one chunk per frame (each buffer is a frame)
+                encode = self.framer.encode
+                for frame in act.buffers:
+                    self.link_out.extend(encode([frame]))
+
+    def disk_write(self, act):
+        self.disk_writes.append(act)     # after this turn's host replies: see _flush
+
+    def disk_read(self, act):
+        self._disk_io(act, write=False)
+
+    def record_read(self, act):
+        self._record_io(act)
+
+    record_write = record_read
+
+    def link_reset(self, act):
+        self._link_close(act.reason)
+
+    def host_reply(self, act):
+        client, request, t0 = act.req
+        if self.mirror_sent:
+            sent_ns = self.mirror_sent.pop(act.req, 0)
+            if sent_ns and self.frames_ns:     # acknowledged by the frames just received
+                self.rec.mirror_done(request.export.index, self.frames_ns - sent_ns)
+        if client.conn.closed:
+            return
+        client.conn.reply(request, act.error, act.data)
+        if t0:
+            client.done.append((request.export.index, request.op, request.length, t0, act.error))
+        self.dirty_clients.add(client)
+
+    def _disk_io(self, act, write):
+        disk = self.disks[act.lun]
+        try:
+            if write:
+                disk.write(act.offset, act.data)
+                self.completions.append((act.op, 0, None))
+            else:
+                buf = bytearray(act.length)
+                disk.read_into(act.offset, buf)
+                self.read_completions.append((act.op, 0, buf))
+        except OSError as exc:
+            (self.completions if write else self.read_completions).append(
+                (act.op, exc.errno or errno.EIO, None))
+
+    def disk_extents(self, act):
+        """Where the LUN's disk may hold data (SEEK_DATA/SEEK_HOLE on an image file)."""
+        try:
+            ranges = self.disks[act.lun].data_ranges(act.offset, act.length)
+        except OSError as exc:
+            self.read_completions.append((act.op, exc.errno or errno.EIO, None))
+            return
+        self.read_completions.append((act.op, 0, ranges))
+
+    def _record_io(self, act):
+        """The reservation record lives on the raw disk, before the LUN's data area."""
+        raw = self.disks[act.lun].raw
+        offset, _size = DiskArray.reservation_area(act.lun)
+        try:
+            if act.__class__ is A.RecordWrite:
+                raw.write(offset, act.data)
+                raw.flush()
+                self.read_completions.append((act.op, 0, None))
+            else:
+                buf = bytearray(512)
+                raw.read_into(offset, buf)
+                self.read_completions.append((act.op, 0, buf))
+        except OSError as exc:
+            self.read_completions.append((act.op, exc.errno or errno.EIO, None))
+
+    def disk_flush(self, act):
+        """In the flush thread (hal/backends/disk_flush.py): the loop goes on meanwhile."""
+        self.flusher.submit(act.op, self.disks[act.lun])
+
+    def notify(self, act):
+        if act.kind == "pong":
+            if self.metrics is None or not self.metrics.pong(act.fields):
+                self.control.pong(act.fields)
+            return
+        if self.rec is not None and act.kind.startswith("resync_"):
+            self.rec.resync_event(act.kind, act.fields, self.cfg.nvram.block_size_bytes)
+        self.note(act.kind, **act.fields)
+
+    def _flush(self):
+        """The end of a loop turn: disk completions, then the turn's link frames, then hosts.
+
+        The firmware batches its link output (batch_link_output): flush_link() hands
+        over the frames of the whole turn at once, so they share one sendmsg.
+        """
+        if self.completions:
+            self._complete_writes()
+        self.execute(self.ctrl.flush_link())
+        if self.link is not None and self.link_out and not self.link_writing:
+            self._flush_link()
+        while self.dirty_clients:
+            dirty, self.dirty_clients = self.dirty_clients, set()
+            for client in dirty:
+                # Every client not yet dropped: one that sent NBD_CMD_DISC has no watch and
+                # is closed by its last reply, which is still to be sent.
+                if client.sock.fileno() != -1:
+                    self._flush_client(client)
+            # Requests a client had buffered behind its in-flight bound ran just now.
+            self.execute(self.ctrl.flush_link())
+            if self.link is not None and self.link_out and not self.link_writing:
+                self._flush_link()
+        self._start_disk_writes()
+
+    def _start_disk_writes(self):
+        """Disk writes (destage, write-through, replay) wait until the turn's replies are out.
+
+        No host waits on a destage write, so a pwrite costs the acknowledged host
+        nothing. The data stays where the firmware pointed: a destaged line is pinned
+        until its completion, and _link_read starts these writes before the partner's
+        frames can store into a mirror block a replay is writing out.
+        """
+        writes, self.disk_writes = self.disk_writes, []
+        rec = self.rec
+        for act in writes:
+            self._disk_io(act, write=True)
+            if rec is not None:
+                rec.disk_writes[act.lun] += 1
+                rec.disk_write_bytes[act.lun] += len(act.data)
+
+    def status(self):
+        st = self.ctrl.status()
+        st.update(name=self.cfg.name, pid=os.getpid(), exports=self.exports_uris(),
+                  nbd_clients=len(self.clients), nbd_refused=self.refused["nbd"],
+                  nbd_handshake_timeouts=self.nbd_handshake_timeouts, link_refused=self.refused["link"],
+                  nbd_tls=self.cfg.nbd.tls, nbd_tls_refused=self.refused["nbd_tls"],
+                  durability=self.nvram.durability,
+                  link_transport=self.cfg.link.transport,
+                  metrics_url=self.metrics.url if self.metrics is not None else None)
+        return st
+
+    def _do_persists(self, ranges):
+        for offset, length in ranges:
+            self.nvram.persist(offset, length)
+
+    def close(self):
+        for client in list(self.clients.values()):
+            self._drop_client(client)
+        for sock in self.listeners:
+            sock.close()
+        if self.cfg.nbd.unix and os.path.exists(self.cfg.nbd.unix):
+            os.unlink(self.cfg.nbd.unix)
+        self._link_close("shutting down")
+        self.endpoint.close()
+        self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.flusher.close()
+        for disk in self.disks:
+            disk.close()
+        self.note("stopped")
+        self.events.close()
+

@@ -1,0 +1,475 @@
+"""Deterministic simulation of replica mode's NVRAM-log variant (firmware/logship.py).
+
+One root seed drives everything: the rig's shape (sources, partition and file
+sizes, consistency-point timer), the host workload and the faults. The
+unchanged LogSource and LogDestination run on the in-memory rig
+(hal/sim/logrig.py); frames wait on the wires and are delivered a few at a
+time, so acknowledgements, crashes and cuts interleave.
+
+Faults: crash (a power cut or a kill of the process: see _crash; the rig's
+disks have a volatile write cache) and restart of a source or of the
+destination, link cut and reconnect, disks that hang and resume (writes,
+flushes and reads park), and once per run perhaps a disaster: a source lost for good, after which the
+destination recovers its image from the file.
+
+Checkers (separate from the workload):
+  - a read at a source returns, for every sector, the latest acknowledged
+    write or a newer one already issued;
+  - a write acknowledged through the destination is held there at that
+    instant (image, file or NVRAM), and still after a restart of the
+    destination;
+  - after a disaster, the recovered image holds every write acknowledged as
+    shipped (acknowledged through the destination's ack) or a newer one;
+    writes acknowledged by a source alone (link down: degraded) are exempt;
+  - at the end, with everything healed and recovered, each surviving source
+    and its image agree byte for byte and match the model;
+  - bounded queues: waiting writes, early entries;
+  - no session ends on a protocol error (nothing here corrupts a frame).
+A failing run returns the replay command, `inv sim --mode replica --variant log --seed N`.
+"""
+import hashlib
+import random
+import struct
+
+from firmware.logship import SECTOR
+
+from hal.sim.logrig import MemLog
+
+# Deliberately broken firmware variants, each with the probability its site fires at:
+# log_skip_persist: an NVRAM persist of either end is not issued;
+# log_destage_no_flush: applying a partition, filing and a consistency point skip their disk flushes.
+BROKEN_P = {"log_ack_before_ship": 1.0, "log_skip_resend": 1.0, "log_reuse_unshipped": 1.0,
+            "log_skip_persist": 0.3, "log_destage_no_flush": 1.0}
+BROKEN_SITES = tuple(BROKEN_P)
+LUN_BYTES = 128 * 1024
+VERSION = struct.Struct(">QII")          # version, lun, sector: what every sector written says
+
+
+class LogSimFailure(AssertionError):
+    pass
+
+
+class LogSimResult:
+    def __init__(self, seed, steps, broken, failure, trace_hash, stats):
+        self.seed, self.steps, self.broken = seed, steps, broken
+        self.ok = failure is None
+        self.failure = failure
+        self.trace_hash = trace_hash
+        self.stats = stats
+        flags = f" --broken {broken}" if broken else ""
+        self.replay = f"inv sim --mode replica --variant log --seed {seed} --steps {steps}{flags}"
+
+
+def sector_data(version, lun, sector):
+    return VERSION.pack(version, lun, sector) * (SECTOR // VERSION.size) + bytes(SECTOR % VERSION.size)
+
+
+def decode(data, lun, first_sector, what=""):
+    """The version each sector holds (0 for never written); a foreign pattern is a failure."""
+    out = []
+    for i in range(len(data) // SECTOR):
+        sec = data[i * SECTOR:(i + 1) * SECTOR]
+        if not any(sec):
+            out.append(0)
+            continue
+        version, l, s = VERSION.unpack_from(sec)
+        if sec != sector_data(version, l, s) or (l, s) != (lun, first_sector + i):
+            raise LogSimFailure(f"{what}: lun{lun} sector {first_sector + i} holds bytes no write put there "
+                                f"(it says version {version}, lun {l}, sector {s})")
+        out.append(version)
+    return out
+
+
+class Model:
+    """Per (source, lun, sector): versions written, in order, and the newest acknowledged ones."""
+
+    def __init__(self):
+        self.written = {}          # key -> [versions issued]
+        self.acked = {}            # key -> newest acknowledged version (any kind)
+        self.shipped = {}          # key -> newest version acknowledged through the destination
+
+    def issue(self, key, version):
+        self.written.setdefault(key, []).append(version)
+
+    def ack(self, key, version, shipped):
+        if version > self.acked.get(key, 0):
+            self.acked[key] = version
+        if shipped and version > self.shipped.get(key, 0):
+            self.shipped[key] = version
+
+    def check(self, what, key, version, floor):
+        if version < floor.get(key, 0) or (version and version not in self.written.get(key, ())):
+            raise LogSimFailure(f"{what}: {key} holds version {version}, needs {floor.get(key, 0)} or newer")
+
+
+class LogSim:
+    def __init__(self, seed, steps=300, broken=None):
+        assert broken is None or broken in BROKEN_SITES, broken
+        self.seed, self.steps, self.broken = seed, steps, broken
+        rng = self.rng = random.Random(seed)
+        # crash fates and broken sites draw from their own streams: the schedule stays the seed's
+        self.buggify_rng = random.Random(seed * 2 + 1)
+        self.rig = MemLog(sources=rng.choice([1, 1, 2]), luns=2, lun_size=LUN_BYTES, nvram_size=1 << 20,
+                          seed=seed * 2, buggify=self._buggify if broken else None,
+                          journal_bytes=rng.choice([96 * 1024, 256 * 1024, 1 << 20]),
+                          log_partition_bytes=rng.choice([16 * 1024, 32 * 1024, 64 * 1024]),
+                          cp_interval_ms=rng.choice([30, 200, 10 ** 9]))
+        self.model = Model()
+        self.version = 0
+        self.pending = {}          # req -> (source, lun, first sector, sectors, version)
+        self.reads = {}            # req -> (source, lun, first sector, floor snapshot)
+        self.next_req = 0
+        self.lost = set()          # sources lost for good (disaster)
+        self.down = {}             # what is down -> step it comes back
+        self.killed = set()        # ends whose process died, power still on: ("src", k), ("dst", None)
+        self.notes_seen = {}
+        self.trace = hashlib.sha256()
+        self.stats = {"writes": 0, "reads": 0, "acked": 0, "shipped_acks": 0, "crashes": 0, "cuts": 0,
+                      "stalls": 0, "disasters": 0, "frames": 0}
+        for k in range(self.rig.n):
+            self.rig.connect(k)
+
+    def _buggify(self, site):
+        return site == self.broken and self.buggify_rng.random() < BROKEN_P[site]
+
+    # -- driving the rig, classifying host replies -------------------------------------
+
+    def _check_sessions(self):
+        """Nothing on these wires corrupts a frame, so a session ended on a protocol error is the
+        firmware's own fault (or the rig's: frames of an old connection once arrived on a new one)."""
+        for who, notes in self.rig.notes.items():
+            for kind, fields in notes[self.notes_seen.get(who, 0):]:
+                if kind == "link_down" and fields.get("reason", "").startswith("protocol error"):
+                    raise LogSimFailure(f"{who} ended the session on a frame nothing corrupted: "
+                                        f"{fields['reason']}")
+            self.notes_seen[who] = len(notes)
+
+    def _collect(self, shipped_k=None):
+        """Take the replies the last call produced; shipped_k: they came from source k's
+        destination acks (acknowledged through the destination)."""
+        self._check_sessions()
+        replies = self.rig.replies
+        for req in list(replies):
+            err, data = replies.pop(req)
+            self.trace.update(repr((req, err)).encode())
+            if req in self.pending:
+                k, lun, first, count, version = self.pending.pop(req)
+                if err:
+                    continue
+                self.stats["acked"] += 1
+                shipped = shipped_k == k
+                self.stats["shipped_acks"] += shipped
+                for s in range(first, first + count):
+                    self.model.ack((k, lun, s), version, shipped)
+                if shipped:
+                    self._check_held(k, lun, first, count, version)
+            elif req in self.reads:
+                k, lun, first, floor = self.reads.pop(req)
+                if err:
+                    raise LogSimFailure(f"read {req} at source {k} failed with {err}")
+                for i, v in enumerate(decode(data, lun, first, f"read at source {k}")):
+                    self.model.check(f"read at source {k}", (k, lun, first + i), v, floor)
+
+    def _check_held(self, k, lun, first, count, version):
+        """A write acknowledged through the destination is held there now: in its image, its file
+        or its NVRAM (what a recovery at this instant would apply), at this version or newer."""
+        view = self._held_view(k, lun, first * SECTOR, (first + count) * SECTOR)
+        if view is not None:
+            floor = {(k, lun, first + i): version for i in range(count)}
+            self._check_view(view, k, lun, first, floor, "write acknowledged through the destination")
+
+    def _check_destination(self):
+        """After a restart of the destination: it still holds every write it acknowledged."""
+        for k in range(self.rig.n):
+            for lun in range(self.rig.luns):
+                view = self._held_view(k, lun, 0, LUN_BYTES)
+                if view is not None:
+                    self._check_view(view, k, lun, 0, self.model.shipped, "the restarted destination")
+
+    def _check_view(self, view, k, lun, first, floor, what):
+        what = f"{what}, at the destination (source {k})"
+        for i, v in enumerate(decode(view, lun, first, what)):
+            self.model.check(what, (k, lun, first + i), v, floor)
+
+    def _held_view(self, k, lun, lo, hi):
+        """Bytes [lo, hi) of source k's LUN as the destination holds them: image, then the file's
+        records not yet applied, then the entries in its NVRAM; None while it is not ready."""
+        r = self.rig
+        if r.dst is None or not r.dst.feeds[k].ready:
+            return None
+        feed = r.dst.feeds[k]
+        view = bytearray(r.image(k, lun)[lo:hi])
+        journal = r.dst_disks[feed.p.journal_disk]
+        for entries, media in ((feed.records, journal), (feed.staged, r.dst_nv)):
+            for e in entries:
+                a, b = max(lo, e.offset), min(hi, e.offset + e.length)
+                if e.lun == lun and a < b:
+                    view[a - lo:b - lo] = media[e.data_off + a - e.offset:e.data_off + b - e.offset]
+        return view
+
+    def _live(self):
+        return [k for k in range(self.rig.n) if k not in self.lost and self.rig.src[k] is not None]
+
+    def write(self, k):
+        rng, r = self.rng, self.rig
+        sectors = rng.choice([1, 8, 8, 16, 64, 128])
+        lun = rng.randrange(r.luns)
+        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
+        self.version += 1
+        v = self.version
+        data = b"".join(sector_data(v, lun, first + i) for i in range(sectors))
+        req = ("w", self.next_req)
+        self.next_req += 1
+        self.pending[req] = (k, lun, first, sectors, v)
+        for s in range(first, first + sectors):
+            self.model.issue((k, lun, s), v)
+        src = r.src[k]
+        claims_shipped = src.status()["link"] == "shipping"
+        r.run(("src", k), src.host_write(req, lun, first * SECTOR, data))
+        # a reply inside host_write while shipping claims the destination has it (it must not)
+        self._collect(shipped_k=k if claims_shipped else None)
+        self.stats["writes"] += 1
+
+    def read(self, k):
+        rng, r = self.rng, self.rig
+        sectors = rng.choice([1, 8, 64, 256])
+        lun = rng.randrange(r.luns)
+        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
+        req = ("r", self.next_req)
+        self.next_req += 1
+        self.reads[req] = (k, lun, first, dict(self.model.acked))
+        r.run(("src", k), r.src[k].host_read(req, lun, first * SECTOR, sectors * SECTOR))
+        self._collect()
+        self.stats["reads"] += 1
+
+    def deliver(self, n):
+        r = self.rig
+        for _ in range(n):
+            busy = [(k, d) for k in range(r.n) for d, w in (("dst", r.wire_to_dst[k]), ("src", r.wire_to_src[k]))
+                    if w]
+            if not busy:
+                return
+            k, d = self.rng.choice(busy)
+            self.stats["frames"] += 1
+            if d == "dst":
+                frame = r.wire_to_dst[k].popleft()
+                if r.dst is not None:
+                    r.run(("dst", None), r.dst.link_frame(frame, r.now_ms, link=k))
+                self._collect()
+            else:
+                frame = r.wire_to_src[k].popleft()
+                if r.src[k] is not None:
+                    r.run(("src", k), r.src[k].link_frame(frame, r.now_ms))
+                self._collect(shipped_k=k)
+
+    def tick(self):
+        r = self.rig
+        r.now_ms += 10
+        for k in range(r.n):
+            if r.src[k] is not None:
+                r.run(("src", k), r.src[k].tick(r.now_ms))
+                self._collect()
+        if r.dst is not None:
+            r.run(("dst", None), r.dst.tick(r.now_ms))
+            self._collect()
+
+    # -- faults ------------------------------------------------------------------------
+
+    def fault(self, step):
+        rng, r = self.rng, self.rig
+        kind = rng.choice(["crash_src", "crash_dst", "cut", "stall", "stall"])
+        if kind == "crash_src" and self._live():
+            k = rng.choice(self._live())
+            self._crash(('src', k))
+            self._collect()
+            self._forget_requests(k)
+            self.down[("src", k)] = step + rng.randrange(1, 20)
+        elif kind == "crash_dst" and r.dst is not None:
+            self._unstall()
+            self._crash(('dst', None))
+            self._collect()
+            self.down[("dst", None)] = step + rng.randrange(1, 20)
+        elif kind == "cut":
+            live = [k for k in self._live() if r.connected[k]]
+            if live:
+                k = rng.choice(live)
+                r.cut(k)
+                self._collect()
+                self.down[("cut", k)] = step + rng.randrange(1, 30)
+        elif kind == "stall" and r.stalled is None:
+            r.stall()
+            self.down[("stall", None)] = step + rng.randrange(1, 10)
+        else:
+            return
+        self.stats["crashes" if kind.startswith("crash") else kind + "s"] += 1
+
+    def _crash(self, who):
+        """A crash is a power cut of that end (NVRAM stores not persisted and disk writes not
+        flushed meet their fate) or, half the time, a kill of its process (they wait in NVRAM and
+        the disks' caches); a killed end's power goes too before its restart half the time, else
+        the next power cut decides. Drawn from the rig's crash stream."""
+        r = self.rig
+        power = r.rng.random() < 0.5
+        if who[0] == "src":
+            r.crash_source(who[1], power=power)
+        else:
+            r.crash_destination(power=power)
+        if not power:
+            self.killed.add(who)
+
+    def _before_boot(self, who):
+        if who in self.killed:
+            self.killed.discard(who)
+            if self.rig.rng.random() < 0.5:
+                self.rig.power_cut(who)
+
+    def _forget_requests(self, k):
+        """A crashed source never answers what it held: those writes stay issued, unacknowledged."""
+        for req in [q for q, p in self.pending.items() if p[0] == k]:
+            del self.pending[req]
+        for req in [q for q, p in self.reads.items() if p[0] == k]:
+            del self.reads[req]
+
+    def _unstall(self):
+        r = self.rig
+        if r.stalled is None:
+            return
+        r.unstall()
+        self._collect()
+
+    def heal(self, step, everything=False):
+        r = self.rig
+        for what, when in sorted(self.down.items(), key=lambda kv: kv[1]):
+            if when > step and not everything:
+                continue
+            del self.down[what]
+            side, k = what
+            if side == "src" and k not in self.lost:
+                self._before_boot(what)
+                r.boot_source(k)
+                self._collect()
+                if r.dst is not None:
+                    r.connect(k)
+                    self._collect()
+            elif side == "dst":
+                self._before_boot(what)
+                r.boot_destination()
+                self._collect()
+                self._check_destination()
+                for j in self._live():
+                    if ("cut", j) not in self.down:
+                        r.connect(j)
+                        self._collect()
+            elif side == "cut" and r.src[k] is not None and r.dst is not None and k not in self.lost:
+                r.connect(k)
+                self._collect()
+            elif side == "stall":
+                self._unstall()
+
+    def disaster(self):
+        """A source is lost for good; the destination recovers its image from the file."""
+        r = self.rig
+        k = self.rng.choice(self._live())
+        self.lost.add(k)
+        self.stats["disasters"] += 1
+        self._unstall()
+        r.crash_source(k)
+        self._collect()
+        self._forget_requests(k)
+        if r.dst is None:
+            self.down.pop(("dst", None), None)
+            self._before_boot(("dst", None))
+            r.boot_destination()
+            self._collect()
+        self.heal(10 ** 9, everything=False)
+        r.recover(f"s{k}")
+        self._collect()
+        self._check_image(k, self.model.shipped, "image after the disaster at its source")
+
+    def _check_image(self, k, floor, what):
+        r = self.rig
+        for lun in range(r.luns):
+            img = r.image(k, lun)
+            for s, v in enumerate(decode(img, lun, 0, what)):
+                self.model.check(what, (k, lun, s), v, floor)
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> LogSimResult:
+        failure = None
+        try:
+            self._run()
+        except LogSimFailure as exc:
+            failure = str(exc)
+        except Exception as exc:                 # the firmware raised: a failure, with its trace
+            import traceback
+            failure = f"firmware raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        return LogSimResult(self.seed, self.steps, self.broken, failure, self.trace.hexdigest()[:16], self.stats)
+
+    def _run(self):
+        rng = self.rng
+        disaster_at = rng.randrange(self.steps // 2, self.steps) if rng.random() < 0.3 else None
+        for step in range(self.steps):
+            self.heal(step)
+            live = [k for k in self._live()]
+            roll = rng.random()
+            if roll < 0.04:
+                self.fault(step)
+            elif step == disaster_at and live:
+                self.disaster()
+            elif roll < 0.55 and live:
+                self.write(rng.choice(live))
+            elif roll < 0.7 and live and self.rig.stalled is None:
+                self.read(rng.choice(live))
+            elif roll < 0.9:
+                self.deliver(rng.randrange(1, 8))
+            else:
+                self.tick()
+            self._check_bounds()
+        self._finish()
+
+    def _check_bounds(self):
+        r = self.rig
+        for k in self._live():
+            if len(r.src[k].waiting) > r.src[k].params.waiting_max:
+                raise LogSimFailure(f"source {k}: {len(r.src[k].waiting)} waiting writes")
+        if r.dst is not None:
+            for f in r.dst.feeds:
+                if len(f.early) > 4096:
+                    raise LogSimFailure(f"destination: {len(f.early)} early entries from {f.p.name}")
+
+    def _finish(self):
+        """Heal everything, let it settle, recover every image; sources, images and model agree."""
+        r = self.rig
+        self.heal(10 ** 9, everything=True)
+        if r.stalled is not None:
+            self._unstall()
+        for k in self._live():
+            if not r.connected[k]:
+                r.connect(k)
+                self._collect()
+        for _ in range(2000):
+            self.deliver(50)
+            self.tick()
+            if not any(r.wire_to_dst[k] or r.wire_to_src[k] for k in range(r.n)) and not any(
+                    r.src[k].pending or r.src[k].waiting for k in self._live()):
+                break
+        if self.pending:
+            raise LogSimFailure(f"{len(self.pending)} host writes never answered after healing "
+                                f"(e.g. {sorted(self.pending)[:3]})")
+        r.recover()
+        self._collect()
+        for k in self._live():
+            self._check_image(k, self.model.acked, f"image of source {k} at the end")
+            for lun in range(r.luns):
+                req = ("final", k, lun)
+                r.run(("src", k), r.src[k].host_read(req, lun, 0, LUN_BYTES))
+                err, data = r.replies.pop(req)
+                if err or data != r.image(k, lun):
+                    diff = next((i for i in range(0, LUN_BYTES, SECTOR)
+                                 if data is None or data[i:i + SECTOR] != r.image(k, lun)[i:i + SECTOR]), None)
+                    raise LogSimFailure(f"source {k} lun{lun} and its image differ (first at byte {diff})")
+
+
+def run_log_seed(seed, steps=300, broken=None) -> LogSimResult:
+    return LogSim(seed, steps, broken).run()
