@@ -5,7 +5,6 @@ fuzz/tasks.py, vm/tasks.py, board/tasks.py) and are added here when present.
 """
 import importlib
 import os
-import shutil
 import sys
 
 from invoke import Collection, task

@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 
 def register(sub):

@@ -27,7 +27,6 @@ from . import actions as A
 from .allocation import AllocOp
 from .cache import SECTOR_BYTES, dirty_runs
 from .fencing import RecordOp
-from .formats import messages as M
 from .link import LinkProtocolError
 
 EIO = 5

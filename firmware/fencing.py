@@ -119,7 +119,6 @@ import collections
 from . import actions as A
 from . import mirrorsync as MS
 from .formats import FormatError
-from .formats import messages as M
 from .formats import reservation as R
 
 EIO = 5

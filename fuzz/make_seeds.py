@@ -5,7 +5,6 @@ committed, small, and every one must run without a crash (tests/test_fuzz.py).
 Each seed is a valid input in the target's input format (see each target's
 docstring): the fuzzer starts from real messages, not from nothing.
 """
-import hashlib
 import os
 import struct
 import sys

@@ -14,7 +14,7 @@ from board import dfu
 from board.cli import _flash_usb, parse_usb_spec
 from board.dfu import State, Status
 from board.dfu_emulator import DfuDeviceModel, DfuEmulatorBackend, DfuFaults
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 VID, PID = 0x1209, 0x7C01
 BLOB = os.urandom(9000)        # 18 blocks of 512, the last one short

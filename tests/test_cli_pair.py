@@ -16,7 +16,7 @@ import time
 import pytest
 
 from hal.host import nbd
-from fixtures.nbd_memserver import open_session
+from hal.host.client import open_session
 from fixtures.pair import PairHandle, block_pattern, wait_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -10,11 +10,9 @@ import hashlib
 
 import pytest
 
-from firmware.formats import frame as F
 from firmware.formats import logfile as LF
 from firmware.formats import messages as M
 from firmware.link import Delivered
-from firmware.logship import SOURCE_ID
 from fixtures.memlog import MemLog
 
 KiB = 1024

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from fixtures.nbd_memserver import MemServer, RawNbdClient, open_session
+from fixtures.nbd_memserver import MemServer
+
+from hal.host.client import RawNbdClient, open_session
 from hal.host import nbd
 from hal.host.nbd import Export, NbdConnection
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fixtures.pair import LoggedWriter, MiB, make_pair, qemu_io, read_block_via, run, verified
+from fixtures.pair import LoggedWriter, make_pair, qemu_io, read_block_via, run, verified
 from hal.host import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")

@@ -1,14 +1,12 @@
 """The NBD host port of a real controller: bad input, limits, and the control lane under load."""
 import json
-import os
 import subprocess
-import threading
 import time
 
 import pytest
 
-from fixtures.nbd_memserver import RawNbdClient, open_session
-from fixtures.pair import make_pair, run
+from hal.host.client import RawNbdClient, open_session
+from fixtures.pair import make_pair
 from hal.host import nbd
 from hal.runtime.control import request
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from firmware.formats import messages as M
 from fixtures.linkmitm import FrameRelay
-from fixtures.nbd_memserver import open_session
+from hal.host.client import open_session
 from fixtures.pair import MiB, block_pattern, make_pair, read_block_via, run, wait_for
 from hal.host import nbd
 

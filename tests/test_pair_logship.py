@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fixtures.nbd_memserver import open_session
+from hal.host.client import open_session
 from fixtures.pair import LoggedWriter, MiB, PairHandle, qemu_io, run, verified
 from hal.runtime import config as C
 from hal.host import nbd

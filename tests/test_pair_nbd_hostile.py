@@ -8,12 +8,11 @@ only the replies.
 """
 import os
 import socket
-import struct
 import time
 
 import pytest
 
-from fixtures.nbd_memserver import RawNbdClient, open_session
+from hal.host.client import RawNbdClient, open_session
 from fixtures.pair import make_pair, run
 from hal.host import nbd
 

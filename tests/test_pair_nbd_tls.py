@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from fixtures.nbd_memserver import RawNbdClient
+from hal.host.client import RawNbdClient
 from fixtures.pair import make_pair, run
 from hal.host import nbd
 from hal.host import tls_certs

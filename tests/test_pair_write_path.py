@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fixtures.pair import LoggedWriter, MiB, block_pattern, make_pair, qemu_io, read_block_via, run
+from fixtures.pair import LoggedWriter, MiB, make_pair, qemu_io, read_block_via, run
 from hal.host import nbd
 
 pytestmark = pytest.mark.needs("qemu-io")

@@ -357,7 +357,7 @@ def test_private_libvirtd_qemu_conf_has_the_settings_that_make_start_work(tmp_pa
 # both, a power cut of A under load (B takes over; A returns; failback), and a link cut
 # through the host relay (no split brain). Three guest boots; the times are printed.
 
-from fixtures.nbd_memserver import open_session  # noqa: E402
+from hal.host.client import open_session  # noqa: E402
 from fixtures.pair import LoggedWriter, run  # noqa: E402
 from fixtures.pair import block_reader as pair_block_reader  # noqa: E402
 from hal.host import nbd  # noqa: E402

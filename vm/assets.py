@@ -17,7 +17,6 @@ import dataclasses
 import gzip
 import io
 import lzma
-import os
 import pathlib
 import shutil
 import struct

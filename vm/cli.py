@@ -37,7 +37,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def _failed(message: str):
-    from hal.cli.main import CommandFailed
+    from hal.cli.errors import CommandFailed
     return CommandFailed(message)
 
 

@@ -7,13 +7,12 @@ NBD URIs, and refuses options that contradict the pair already under --dir;
 controller; `events` merges both controllers' event files by time.
 """
 import json
-import os
 import pathlib
 import sys
 import time
 
 import hal.runtime.config as C
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 
 def register(sub):

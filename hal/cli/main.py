@@ -14,6 +14,8 @@ import importlib
 import os
 import sys
 
+from hal.cli.errors import CommandFailed, UsageError
+
 COMMAND_MODULES = [
     "hal.cli.controller",    # controller run, pair up/down, status, events, ownership, promote, demote
     "hal.cli.nvram",         # nvram dump
@@ -28,14 +30,6 @@ COMMAND_MODULES = [
 OPTIONAL_MODULES = {"cryptography": "board", "usb": "board", "libvirt": "vm",
                     "matplotlib": "dev", "rich": "top"}
 EXIT_BROKEN_PIPE = 128 + 13     # what a shell reports for a process ended by SIGPIPE
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed without a traceback, exit status 2."""
-
-
-class CommandFailed(Exception):
-    """The operation could not be done: printed without a traceback, exit status 1."""
 
 
 class Parser(argparse.ArgumentParser):

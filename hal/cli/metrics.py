@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import hal.runtime.config as C
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 FETCH_TIMEOUT_S = 5.0
 

@@ -18,7 +18,7 @@ import os
 from firmware.formats import FormatError
 from firmware.formats import nvram as nv
 
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 STATE_NAMES = {state.value: state.name for state in nv.BlockState}
 # The superblock's generation is not the one `twincache status` shows: say so where it is printed.

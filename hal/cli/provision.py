@@ -8,7 +8,7 @@ and then nothing at all is written, unless `--force` (hal/runtime/provision.py).
 """
 from __future__ import annotations
 
-from hal.cli.main import CommandFailed, UsageError
+from hal.cli.errors import CommandFailed, UsageError
 
 ICONS = {"create": "created", "label": "labelled", "relabel": "RELABELLED", "keep": "unchanged",
          "refuse": "REFUSED"}

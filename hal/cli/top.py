@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from hal.cli.main import UsageError
+from hal.cli.errors import UsageError
 
 INTERVAL_MIN_S = 0.1
 PIPE_WIDTH = 132                # columns of a frame that is not going to a terminal (unless $COLUMNS)

@@ -23,15 +23,11 @@ import threading
 import time
 
 import hal.host.nbd as NBD
+from hal.runtime.metrics_names import LATENCY_BOUNDS_S, OPS
 
-OPS = ("read", "write", "flush", "trim", "zeroes", "block_status")
 OP_INDEX = {NBD.NBD_CMD_READ: 0, NBD.NBD_CMD_WRITE: 1, NBD.NBD_CMD_FLUSH: 2, NBD.NBD_CMD_TRIM: 3,
             NBD.NBD_CMD_WRITE_ZEROES: 4, NBD.NBD_CMD_BLOCK_STATUS: 5}
 NOPS = len(OPS)
-# Upper bounds (seconds) of the latency buckets: 25 us (a cache hit over a unix socket) to 5 s
-# (a takeover, a stalled disk); +Inf is implied.
-LATENCY_BOUNDS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-                    100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0)
 LATENCY_BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BOUNDS_S)
 PING_INTERVAL_MS = 1000
 PING_LOST_MS = 5000          # a ping unanswered this long is forgotten and another sent

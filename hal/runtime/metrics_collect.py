@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from hal.runtime.metrics import LATENCY_BOUNDS_S, OPS
+from hal.runtime.metrics_names import LATENCY_BOUNDS_S, OPS
 
 P = "twincache_"
 

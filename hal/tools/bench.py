@@ -27,10 +27,9 @@ import subprocess
 import tempfile
 import time
 
+from hal.tools.fio import VOLUME_BYTES, pin, fio
 from hal.tools.pair import LocalPair
 
-VOLUME_BYTES = 256 << 20
-FIO_CPU, SERVER_CPU = "0", "1"
 WORKLOADS = {
     "4k QD1": dict(rw="randwrite", bs="4k", iodepth=1),
     "4k QD32": dict(rw="randwrite", bs="4k", iodepth=32),
@@ -54,10 +53,6 @@ def _wait_socket(path, timeout_s=20):
     raise RuntimeError(f"{path}: server did not come up")
 
 
-def _pin(pid):
-    subprocess.run(["taskset", "-a", "-p", "-c", SERVER_CPU, str(pid)], capture_output=True)
-
-
 class Twincache:
     name = "twincache"
 
@@ -65,7 +60,7 @@ class Twincache:
         self.pair = LocalPair(work / "tc")
         self.pair.up(luns=1, lun_size_bytes=VOLUME_BYTES, nvram_size_bytes=64 << 20)
         for n in ("a", "b"):
-            _pin(self.pair.pid(n))
+            pin(self.pair.pid(n))
         return f"nbd+unix:///lun0?socket={work / 'tc' / 'a' / 'nbd.sock'}"
 
     def stop(self):
@@ -152,24 +147,10 @@ class QsdMirror:
         self.qmp.close()
 
 
-def fio(uri, workload, seconds, wrap=None):
-    """One fio run; `wrap` is a command prefix for fio itself (hal/tools/bench_tls.py: its HOME)."""
-    args = ["taskset", "-c", FIO_CPU] + (wrap or []) + ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}",
-            f"--size={VOLUME_BYTES}", f"--runtime={seconds}", "--time_based", "--ramp_time=1",
-            "--output-format=json", "--randrepeat=0", "--norandommap"]
-    args += [f"--{k}={v}" for k, v in workload.items()]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
-    doc = json.loads(out.stdout[out.stdout.index("{"):])
-    w = doc["jobs"][0]["write"]
-    pct = w.get("clat_ns", {}).get("percentile", {})
-    return {"iops": w["iops"], "mbps": w["bw_bytes"] / 1e6,
-            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
-
-
 def failover_times(runs=3):
     """Seconds from SIGKILL of lun0's owner to the first write the survivor serves."""
     import signal
-    from fixtures.nbd_memserver import open_session
+    from hal.host.client import open_session
     from hal.host import nbd
     times = []
     for _ in range(runs):

@@ -133,8 +133,7 @@ def _base_tree(root, ref, dest) -> pathlib.Path:
 
 def pair_compare(rounds=3, seconds=5, base=None, progress=None):
     """{workload: {mode: [fio result with owner_cpu_us]}}, and the base commit measured against."""
-    from hal.tools.bench import _pin, fio
-    from hal.tools.bench_tls import _cpu_s
+    from hal.tools.fio import cpu_seconds, pin, fio
     from hal.tools.pair import LocalPair
     root = LocalPair.code_root
     base = base or base_commit(root)
@@ -146,15 +145,15 @@ def pair_compare(rounds=3, seconds=5, base=None, progress=None):
         for pair in pairs.values():
             pair.up(luns=1, lun_size_bytes=256 << 20, nvram_size_bytes=64 << 20)
             for name in ("a", "b"):
-                _pin(pair.pid(name))
+                pin(pair.pid(name))
         for r in range(rounds):
             for wname, wl in WORKLOADS.items():
                 for mode in (MODES if r % 2 == 0 else MODES[::-1]):
                     pair = pairs[mode]
                     owner = pair.pid("a")
-                    cpu0 = _cpu_s(owner)
+                    cpu0 = cpu_seconds(owner)
                     res = fio(f"nbd+unix:///lun0?socket={pair.dir / 'a' / 'nbd.sock'}", wl, seconds)
-                    res["owner_cpu_us"] = (_cpu_s(owner) - cpu0) * 1e6 / max(1.0, res["iops"] * (seconds + 1))
+                    res["owner_cpu_us"] = (cpu_seconds(owner) - cpu0) * 1e6 / max(1.0, res["iops"] * (seconds + 1))
                     results[wname][mode].append(res)
                     if progress:
                         progress(f"linkauth round {r + 1}/{rounds} {mode:7} {wname:11} {res['iops']:9.0f} IOPS  "

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import urllib.request
 
-from hal.tools.bench import FIO_CPU, _pin
+from hal.tools.fio import FIO_CPU, pin
 from hal.tools.pair import LocalPair
 
 VOLUME_BYTES = 64 << 20
@@ -69,7 +69,7 @@ def main(rounds=3, seconds=5):
             pair = LocalPair(work / name)
             pair.up(luns=1, lun_size_bytes=VOLUME_BYTES, nvram_size_bytes=64 << 20, metrics=on)
             for n in ("a", "b"):
-                _pin(pair.pid(n))
+                pin(pair.pid(n))
             pairs[name] = pair
         # Fill the LUN once so reads are of written data, through each pair.
         for pair in pairs.values():

@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 
+from hal.tools.fio import cpu_seconds
 from hal.tools.pair import LocalPair
 
 WORKLOADS = {
@@ -35,15 +36,6 @@ WORKLOADS = {
     "1M seq QD8": dict(rw="write", bs="1M", iodepth=8),
 }
 MODES = ("plain", "tls")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def _fio_home(work: pathlib.Path, client_dir: str) -> str:
     home = work / "fio-home"
     (home / ".pki").mkdir(parents=True, exist_ok=True)
@@ -53,14 +45,14 @@ def _fio_home(work: pathlib.Path, client_dir: str) -> str:
 
 def tls_vs_plain(rounds=3, seconds=5, progress=None):
     """{workload: {"plain": [fio result...], "tls": [...]}}."""
-    from hal.tools.bench import VOLUME_BYTES, _pin, fio
+    from hal.tools.fio import VOLUME_BYTES, pin, fio
     work = pathlib.Path(tempfile.mkdtemp(prefix="tc-tls-"))
     pair = LocalPair(work / "pair")
     results = {w: {m: [] for m in MODES} for w in WORKLOADS}
     try:
         pair.up(luns=1, lun_size_bytes=VOLUME_BYTES, nvram_size_bytes=64 << 20, tls="allow")
         for name in ("a", "b"):
-            _pin(pair.pid(name))
+            pin(pair.pid(name))
         owner = pair.pid("a")                    # lun0's owner
         sock = work / "pair" / "a" / "nbd.sock"
         home = _fio_home(work, pair.tls_client_dir())
@@ -69,9 +61,9 @@ def tls_vs_plain(rounds=3, seconds=5, progress=None):
         for r in range(rounds):
             for wname, wl in WORKLOADS.items():
                 for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                    cpu0 = _cpu_s(owner)
+                    cpu0 = cpu_seconds(owner)
                     res = fio(uris[mode], wl, seconds, wrap=wrap if mode == "tls" else None)
-                    res["owner_cpu_us"] = (_cpu_s(owner) - cpu0) * 1e6 / max(1.0, res["iops"] * (seconds + 1))
+                    res["owner_cpu_us"] = (cpu_seconds(owner) - cpu0) * 1e6 / max(1.0, res["iops"] * (seconds + 1))
                     results[wname][mode].append(res)
                     if progress:
                         progress(f"tls round {r + 1}/{rounds} {mode:5} {wname:11} {res['iops']:9.0f} IOPS  "
