@@ -33,3 +33,78 @@ def test_boundary_check_catches_a_forbidden_import(tmp_path):
     sample = tmp_path / "bad.py"
     sample.write_text("import os\nfrom time import monotonic\n")
     assert [n for n, _ in imported_modules(sample)] == ["os", "time"]
+
+
+ROOT = FIRMWARE.parent
+PACKAGES = ("firmware", "hal", "fuzz", "vm", "board", "fixtures")
+NAMED = r'"((?:' + "|".join(PACKAGES) + r')(?:\.\w+)+)"'       # a module named in a string (importlib)
+
+
+def import_graph(root, packages=PACKAGES):
+    """module -> the project's modules it imports, statically or by a name in a string."""
+    import re
+    files = {}
+    for package in packages:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in files.items():
+        source = path.read_text()
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set(re.findall(NAMED, source))
+        for node in ast.walk(ast.parse(source, str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[module] = {m for m in found if m in files and m != module}
+    return graph
+
+
+def import_loops(graph):
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, loops = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                loops.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return loops
+
+
+def test_no_module_imports_itself_back_through_others_even_by_name():
+    assert import_loops(import_graph(ROOT)) == []
+
+
+def test_the_loop_check_sees_a_loop_made_by_a_name(tmp_path):
+    (tmp_path / "hal").mkdir()
+    (tmp_path / "hal" / "a.py").write_text("import importlib\nimportlib.import_module(\"hal.b\")\n")
+    (tmp_path / "hal" / "b.py").write_text("from hal.a import x\n")
+    (tmp_path / "hal" / "c.py").write_text("from . import a\n")
+    assert import_loops(import_graph(tmp_path, ("hal",))) == [["hal.a", "hal.b"]]
