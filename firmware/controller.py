@@ -40,6 +40,7 @@ from .handover import HandoverMixin
 from .takeover import TakeoverMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
+from .forwarding import ForwardEntry, Forwarder
 from .peer import PeerMixin
 from .requests import Forwarded, ReadOp, WriteOp
 from .segment import DIRTY, Segment
@@ -178,13 +179,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
         self.resync_progress = None       # lines total / transferred / remaining of the running resync
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
-        self.forwarded = {}               # tag -> host req awaiting the owner's reply
-        self.forward_waiting = collections.deque()   # forwards held back by the window, in order
-        self.forward_bytes = 0            # data of the forwarded requests in flight
         self.zero_jobs = collections.deque()     # WRITE_ZEROES with pieces still to start, in order
         self.zero_pieces_inflight = 0
         self.zero_pumping = False
-        self.next_tag = 1
         self.link_session = 0             # link sessions established so far (Forwarded requests carry theirs)
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
@@ -203,6 +200,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.destage_inflight = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
+        self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
+                                   params.forward_inflight_bytes_max, params.waiting_max)
         self.fence = None
         self.disk_health = DiskHealth(len(params.lun_sizes), params)
         self._recover()
@@ -286,7 +285,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
             "primary_blocks": cache.capacity, **self.mirror.counts(),
             "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
-            "forwarded_inflight": len(self.forwarded), "forwarded_waiting": len(self.forward_waiting),
+            "forwarded_inflight": len(self.forwarder.inflight), "forwarded_waiting": len(self.forwarder.waiting),
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
             "resync": dict(self.resync_progress) if self.resync_progress else None,
             "link_stats": dict(self.link.stats),
@@ -749,53 +748,16 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
     # -- forwarding -----------------------------------------------------------
 
     def _forward(self, req, op, lun, offset, length, data, fua):
-        """Send a host request to the owner, or queue it behind the forwarding window."""
-        if not self.link.up:
-            self._reply(req, EIO)
-            self.stats["forward_refused"] += 1
-            return
-        # The host's data views the NBD receive buffer, which is reused before the
-        # frame goes out: the forwarded copy must own its bytes.
-        entry = (req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
-        if self.forward_waiting or not self._forward_room(op, length):
-            if len(self.forward_waiting) >= self.params.waiting_max:
-                self._reply(req, ENOSPC)
-                return
-            self.forward_waiting.append(entry)
-            self.stats["forwards_waited"] += 1
-            return
-        self._send_forward(entry)
-
-    def _forward_room(self, op, length):
-        p = self.params
-        if len(self.forwarded) >= p.forward_inflight_max:
-            return False
-        # One request always fits an empty window, however large.
-        cost = _forward_cost(op, length)
-        return not self.forward_bytes or self.forward_bytes + cost <= p.forward_inflight_bytes_max
-
-    def _send_forward(self, entry):
-        _req, op, lun, offset, length, data, fua = entry
-        tag = self.next_tag
-        self.next_tag = tag % 0xFFFFFFFF + 1
-        self.forwarded[tag] = entry
-        self.forward_bytes += _forward_cost(op, length)
-        head = M.IO_REQUEST_HEAD.pack(op, int(fua), lun, offset, length)
-        self.link.send(M.MsgType.IO_REQUEST, M.Resource.HOST_IO,
-                       head + data if data is not None else head, tag=tag)
-        self.stats["forwarded"] += 1
-
-    def _drain_forwards(self):
-        waiting = self.forward_waiting
-        while waiting and self.link.up and self._forward_room(waiting[0][1], waiting[0][4]):
-            self._send_forward(waiting.popleft())
+        """Send a host request to the owner (firmware/forwarding.py), or fail it at once."""
+        entry = ForwardEntry(req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
+        error = self.forwarder.forward(entry)
+        if error:
+            self._reply(req, error)
 
     def _fail_forwards(self):
         """The link is down: every forwarded request in flight or waiting fails with EIO."""
-        entries = list(self.forwarded.values()) + list(self.forward_waiting)
-        self.forwarded, self.forward_waiting, self.forward_bytes = {}, collections.deque(), 0
-        for entry in entries:
-            self._reply(entry[0], EIO)
+        for entry in self.forwarder.fail_all():
+            self._reply(entry.req, EIO)
 
     def _on_io_request(self, msg):
         op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
@@ -817,14 +779,11 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._reply(req, EINVAL)
 
     def _on_io_reply(self, msg):
-        # Checked before the request leaves `forwarded`, so a bad reply still fails it at the reset.
+        # Checked before the request leaves the window, so a bad reply still fails it at the reset.
         (error,) = unpack_body(msg, M.IO_REPLY_HEAD, exact=False)
-        entry = self.forwarded.pop(msg.tag, None)
-        if entry is None:
-            raise LinkProtocolError(f"IO reply for unknown tag {msg.tag}")
-        req, op, lun, offset, length, data, fua = entry
-        self.forward_bytes -= _forward_cost(op, length)
-        self._drain_forwards()
+        entry = self.forwarder.answered(msg.tag)
+        req, op, lun, offset, length, data, fua = (entry.req, entry.op, entry.lun, entry.offset, entry.length,
+                                                   entry.data, entry.fua)
         if op == M.IoOp.BLOCK_STATUS:
             self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
             return
@@ -843,12 +802,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
 
 
 _ZEROES = bytes(1 << 20)          # the data of one WRITE_ZEROES piece, shared
-
-
-def _forward_cost(op, length):
-    """Link data a forwarded request puts in flight: its write data or the read data to come.
-    Zeroes and flushes travel as ranges."""
-    return length if op == M.IoOp.WRITE or op == M.IoOp.READ else 0
 
 
 class _ZeroJob:

@@ -52,7 +52,7 @@ def test_a_short_io_reply_resets_the_link():
     pair = MemPair(luns=2, lun_size=256 << 10, nvram_size=512 << 10)
     pair.connect()
     pair.ctrl[0].host_read("r", 1, 0, 4096)           # lun1 is b's: a forwards the read
-    (tag,) = pair.ctrl[0].forwarded
+    (tag,) = pair.ctrl[0].forwarder.inflight
     send_from_b(pair, M.MsgType.IO_REPLY, b"\x00", resource=M.Resource.HOST_IO, tag=tag,
                 flags=F.FLAG_RESPONSE)
     assert pair.ctrl[0].stats["link_errors"] == 1

@@ -232,8 +232,7 @@ class Sim:
             def serve(req, lun, *rest, _orig=getattr(ctrl, name), _name=name):
                 host = req
                 if req.__class__ is Forwarded:      # served here for the partner's host
-                    entry = other.ctrl.forwarded.get(req.tag) if other.ctrl is not None else None
-                    host = entry[0] if entry is not None else None
+                    host = other.ctrl.forwarder.host_of(req.tag) if other.ctrl is not None else None
                 if host.__class__ is Req:
                     host.served = (n.id, _name)
                 split.act(n.id, lun, ctrl.fence[lun].generation, self.now_us, f"{_name[1:]} {host or req}")
