@@ -61,7 +61,8 @@ def test_a_short_io_reply_resets_the_link():
 
 # -- NVRAM recovery ----------------------------------------------------------------
 
-from firmware.controller import Controller, Params, format_nvram  # noqa: E402
+from firmware.controller import Controller  # noqa: E402
+from firmware.params import Params, format_nvram  # noqa: E402
 from fixtures.mempair import KEY, PAIR_ID  # noqa: E402
 
 LAYOUT = N.plan_layout(8 << 20, 4096, 0, bytes(range(16)))

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from firmware.controller import Params
+from firmware.params import Params
 from hal.sim.ha import BROKEN_SITES, FENCE_SITES, Sim, run_seed
 from hal.sim.check import Model, SimFailure, make_data
 from hal.sim.disk import DiskFaults, SimDiskArray

@@ -28,7 +28,8 @@ import sys
 import time
 
 from firmware import actions as A
-from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
+from firmware.controller import Controller
+from firmware.params import Params, format_nvram, nvram_is_blank
 
 import hal.host.nbd as NBD
 from hal.runtime.backoff import Backoff

@@ -37,7 +37,8 @@ import traceback
 
 from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
-from firmware.controller import Controller, Params, format_nvram, nvram_is_blank
+from firmware.controller import Controller
+from firmware.params import Params, format_nvram, nvram_is_blank
 from firmware.fencing import OWNING, SERVING, Own
 from firmware.formats import FormatError
 from firmware.formats import reservation as R

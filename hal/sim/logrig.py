@@ -17,7 +17,7 @@ import collections
 import random
 
 from firmware import actions as A
-from firmware.controller import nvram_is_blank
+from firmware.params import nvram_is_blank
 from firmware.formats import frame as F
 from firmware.logship import DEST_ID, SOURCE_ID, FeedParams, LogDestination, LogParams, LogSource
 

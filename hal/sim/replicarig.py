@@ -15,7 +15,7 @@ import collections
 import random
 
 from firmware import actions as A
-from firmware.controller import Params, format_nvram, nvram_is_blank
+from firmware.params import Params, format_nvram, nvram_is_blank
 from firmware.replica import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
 
