@@ -245,6 +245,10 @@ class _Session:
                 self._link_down(link, f"protocol error: {exc}")
         return self._take()
 
+    def link_is_up(self, link=0) -> bool:
+        """The session on link `link` authenticated and serves."""
+        return self._link(link).up
+
     def flush_link(self):
         """The runtime's once-a-turn call (firmware/controller.py batches; every entry point here
         already returned its frames)."""

@@ -24,25 +24,31 @@ T = M.MsgType
 
 
 class PeerMixin:
-    def link_connected(self, nonce, now_ms):
+    # The link entry points take the link's index like the log destination's (firmware/logship.py),
+    # so a runtime drives N link ports one way; a pair has one link, 0.
+
+    def link_connected(self, nonce, now_ms, link=0):
         """A transport to the partner exists (the runtime supplies a fresh random nonce)."""
+        _only_link(link)
         self.now_ms = now_ms
         if self.link.state != "down":
             self._link_failed("a new connection replaced the old one")
         self.link.connected(nonce, now_ms)
         return self._take()
 
-    def link_disconnected(self, reason):
+    def link_disconnected(self, reason, link=0):
+        _only_link(link)
         if self.link.state != "down":
             self._link_failed(reason, reset=False)
         return self._take()
 
-    def link_frame(self, frame, now_ms):
+    def link_frame(self, frame, now_ms, link=0):
         """One whole frame from the framer."""
-        return self.link_frames((frame,), now_ms)
+        return self.link_frames((frame,), now_ms, link)
 
-    def link_frames(self, frames, now_ms):
+    def link_frames(self, frames, now_ms, link=0):
         """Whole frames from one read of the link: handled in order, answered together."""
+        _only_link(link)
         self.now_ms = now_ms
         link = self.link
         for frame in frames:
@@ -63,6 +69,11 @@ class PeerMixin:
         if self.acks_owed and link.up:
             self._send_mirror_ack()
         return self._take()
+
+    def link_is_up(self, link=0) -> bool:
+        """The session on the link authenticated and serves."""
+        _only_link(link)
+        return self.link.up
 
     def _send_mirror_ack(self):
         """One cumulative MIRROR_ACK for every write committed since the last one."""
@@ -300,6 +311,11 @@ class PeerMixin:
 # out ours; one we are claiming back (a resumed claim) holds lines whose other copy is the
 # partner's mirror, which this resync would otherwise free (seed 419).
 RESYNC_ALSO = ("starting", "claiming", "replaying")
+def _only_link(link):
+    if link != 0:
+        raise ValueError(f"a pair has one link, 0, not {link}")
+
+
 RESYNC_HELD = ("claiming", "replaying")
 RESYNC_PROBE_LINES = 32       # a resync asks the partner how far it got after every this many lines
 

@@ -32,7 +32,6 @@ from firmware.controller import Controller
 from firmware.params import Params, format_nvram, nvram_is_blank
 
 import hal.host.nbd as NBD
-from hal.runtime.backoff import Backoff
 from hal.backends.buffers import consume as _consume
 from hal.backends.clock import MonotonicClock
 from hal.runtime.control import ControlServer
@@ -40,6 +39,7 @@ from hal.backends.disk_array import DiskArray
 from hal.backends.disk_flush import FlushWorker
 from hal.backends.framing import CobsFramer, StreamFramer
 from hal.interpret import Effects, interpreter
+from hal.runtime.linkport import LinkPort
 from hal.backends.keyfile import load_pair_key
 from hal.host.tls_port import NbdTlsPort
 
@@ -147,8 +147,7 @@ class Runtime(NbdTlsPort, Effects):
         self.nvram = open_nvram(cfg)
         self.persist_needed = self.nvram.durability != "controller"
         self.disks = DiskArray.open(cfg.disks, cfg.pair_id).disks
-        self.endpoint, framer_cls, reliable = self.open_link(cfg)
-        self.framer_cls = framer_cls
+        self.ports, reliable = self.open_ports(cfg)
         key = load_pair_key(cfg.key_file)
         params = firmware_params(cfg, self.disks, reliable)
         nv = self.nvram.buffer
@@ -166,11 +165,6 @@ class Runtime(NbdTlsPort, Effects):
         self.refused_noted = {k: (0, -REFUSAL_NOTE_INTERVAL_MS) for k in self.refused}
         self.tls_setup(cfg.nbd)
         self.nbd_handshake_timeouts = 0
-        self.link = None
-        self.link_out = []
-        self.link_writing = False
-        self.backoff = Backoff(initial_ms=20, max_ms=500)
-        self.next_connect_ms = 0
         self.completions = []          # disk write and flush completions, fed back once a turn
         self.disk_writes = []          # DiskWrite actions, carried out at the end of the turn
         self.read_completions = []
@@ -195,8 +189,10 @@ class Runtime(NbdTlsPort, Effects):
             self.rec = self.metrics.rec
             self.time_mirror = isinstance(getattr(self.ctrl, "pending", None), dict)
 
-    def open_link(self, cfg):
-        return open_link_endpoint(cfg)
+    def open_ports(self, cfg):
+        """The link ports and whether every transport is reliable: one, for a pair or a source."""
+        endpoint, framer_cls, reliable = open_link_endpoint(cfg)
+        return [LinkPort(0, endpoint, framer_cls)], reliable
 
     def make_exports(self, cfg):
         return [NBD.Export(name=f"lun{d.lun}", size_bytes=d.data_size, index=d.lun,
@@ -231,9 +227,10 @@ class Runtime(NbdTlsPort, Effects):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, int(port)))
             self._add_listener(sock)
-        fd = self.endpoint.listen_fileno()
-        if fd is not None:
-            self.sel.register(fd, selectors.EVENT_READ, ("link-listen", None))
+        for port in self.ports:
+            fd = port.endpoint.listen_fileno()
+            if fd is not None:
+                self.sel.register(fd, selectors.EVENT_READ, ("link-listen", port))
         self.control.start(self.sel)
 
     def _add_listener(self, sock):
@@ -272,7 +269,8 @@ class Runtime(NbdTlsPort, Effects):
             now = self.clock.monotonic_ms()
             if now >= next_tick:
                 next_tick = now + TICK_MS
-                self._maybe_connect(now)
+                for port in self.ports:
+                    self._port_connect(port, now)
                 if self.handshaking:
                     self._expire_handshakes(now)
                 self.execute(self.ctrl.tick(now))
@@ -293,14 +291,14 @@ class Runtime(NbdTlsPort, Effects):
                 self.dirty_clients.add(obj)
         elif kind == "link":
             if mask & selectors.EVENT_READ:
-                self._link_read()
-            if mask & selectors.EVENT_WRITE and self.link is not None:
-                self.link_writing = False
-                self.sel.modify(self.link.fileno(), selectors.EVENT_READ, ("link", None))
+                self._link_read(obj)
+            if mask & selectors.EVENT_WRITE and obj.transport is not None:
+                obj.writing = False
+                self.sel.modify(obj.transport.fileno(), selectors.EVENT_READ, ("link", obj))
         elif kind == "nbd-listen":
             self._accept(obj)
         elif kind == "link-listen":
-            self._link_listen_ready()
+            self._link_listen_ready(obj)
         elif kind == "flush":
             self.completions.extend(self.flusher.done())
         else:
@@ -482,85 +480,82 @@ class Runtime(NbdTlsPort, Effects):
             self.sel.modify(client.sock, mask, ("nbd", client))
         client.mask = mask
 
-    # -- link -----------------------------------------------------------------
+    # -- link ports (hal/runtime/linkport.py) ---------------------------------
 
-    def _link_listen_ready(self):
-        """A connection waits on the link listener. It becomes the link only while the link is
-        down and the backoff since the last attempt has run out; otherwise it is accepted and
-        closed at once, and counted. Left pending, it kept the listener readable and the loop
-        spinning until the link next dropped; and taken at once every time, forged hellos got
-        as many tries as they liked."""
+    def _link_listen_ready(self, port):
+        """A connection waits on a link listener. It becomes the port's link only while the port
+        has none and the backoff since the last attempt has run out; otherwise it is accepted
+        and closed at once, and counted. Left pending, it kept the listener readable and the
+        loop spinning until the link next dropped; and taken at once every time, forged hellos
+        got as many tries as they liked."""
         now = self.clock.monotonic_ms()
-        if self.link is None and now >= self.next_connect_ms:
-            self._maybe_connect(now, accept=True)
+        if port.transport is None and now >= port.next_connect_ms:
+            self._port_connect(port, now, accept=True)
             return
-        transport = self.endpoint.accept()
+        transport = port.endpoint.accept()
         if transport is not None:
             transport.close()
-            self._count_refusal("link", "link up" if self.link is not None else "backing off")
+            busy = "link up" if port.transport is not None else "backing off"
+            self._count_refusal("link", busy if port.name == "link" else f"{port.name}: {busy}")
 
-    def _link_session_up(self):
-        session = getattr(self.ctrl, "link", None)
-        return bool(getattr(session, "up", False))
+    def _link_session_up(self, port=None):
+        return self.ctrl.link_is_up((port or self.ports[0]).index)
 
-    def _maybe_connect(self, now, accept=False):
-        if self.link is not None:
+    def _port_connect(self, port, now, accept=False):
+        if port.transport is not None:
             # The backoff starts over only once a session authenticated: a peer that connects
             # and fails the hello waits longer each time.
-            if self._link_session_up():
-                self.backoff.reset()
+            if self._link_session_up(port):
+                port.backoff.reset()
             return
-        if now < self.next_connect_ms and not accept:
+        if now < port.next_connect_ms and not accept:
             return
         try:
-            transport = self.endpoint.connect()
+            transport = port.endpoint.connect()
         except OSError as exc:
             transport = None
-            self.note("link_connect_error", error=str(exc))
+            self.note("link_connect_error", error=str(exc), **self._port_fields(port))
         if transport is None:
-            if self.endpoint.listen_fileno() is None:   # nothing pending is no failure for a listener
-                self.next_connect_ms = now + self.backoff.next_delay_ms()
+            if port.endpoint.listen_fileno() is None:   # nothing pending is no failure for a listener
+                port.next_connect_ms = now + port.backoff.next_delay_ms()
             return
-        self.link = transport
-        self.framer = self.framer_cls(transport.name)
-        self.link_out = []
-        self.sel.register(transport.fileno(), selectors.EVENT_READ, ("link", None))
-        self.execute(self.ctrl.link_connected(os.urandom(32), now))
+        port.open(transport)
+        self.sel.register(transport.fileno(), selectors.EVENT_READ, ("link", port))
+        self.execute(self.ctrl.link_connected(os.urandom(32), now, link=port.index))
 
-    def _link_read(self):
+    def _port_fields(self, port):
+        return {} if port.name == "link" else {"source": port.name}
+
+    def _link_read(self, port):
         if self.disk_writes:
             self._start_disk_writes()
         try:
-            n = self.link.recv_into(self.link_buf)
+            n = port.transport.recv_into(self.link_buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             n = 0
         if n == 0:
-            self._link_close("peer closed the link")
-            self.execute(self.ctrl.link_disconnected("peer closed the link"))
+            self._link_close(port, "peer closed the link")
+            self.execute(self.ctrl.link_disconnected("peer closed the link", link=port.index))
             return
-        frames = self.framer.feed(memoryview(self.link_buf)[:n])
+        frames = port.framer.feed(memoryview(self.link_buf)[:n])     # garbage is skipped, not raised
         if frames:
             if self.mirror_sent:
                 self.frames_ns = time.perf_counter_ns()
-            self.execute(self.ctrl.link_frames(frames, self.clock.monotonic_ms()))
+            self.execute(self.ctrl.link_frames(frames, self.clock.monotonic_ms(), link=port.index))
             self.frames_ns = 0
 
-    def _link_close(self, reason):
-        if self.link is None:
+    def _link_close(self, port, reason):
+        if port.transport is None:
             return
-        self.sel.unregister(self.link.fileno())
-        self.link.close()
-        self.link = None
-        self.link_out = []
-        self.link_writing = False
-        self.next_connect_ms = self.clock.monotonic_ms() + self.backoff.next_delay_ms()
+        self.sel.unregister(port.transport.fileno())
+        port.shut(self.clock.monotonic_ms())
         self.mirror_unsent.clear()       # their writes finish unmirrored: no round trip to time
         self.mirror_sent.clear()
 
-    def _flush_link(self):
-        out = self.link_out
+    def _flush_link(self, port):
+        out = port.out
         if self.mirror_unsent:
             sent_ns = time.perf_counter_ns()
             for req in self.mirror_unsent:
@@ -568,17 +563,22 @@ class Runtime(NbdTlsPort, Effects):
             self.mirror_unsent.clear()
         while out:
             try:
-                sent = self.link.send(out)
+                sent = port.transport.send(out)
             except OSError as exc:
-                self._link_close(str(exc))
-                self.execute(self.ctrl.link_disconnected(f"link send failed: {exc}"))
+                self._link_close(port, str(exc))
+                self.execute(self.ctrl.link_disconnected(f"link send failed: {exc}", link=port.index))
                 return
             _consume(out, sent)
             if out and not sent:
                 break
-        if out and not self.link_writing:
-            self.link_writing = True
-            self.sel.modify(self.link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, ("link", None))
+        if out and not port.writing:
+            port.writing = True
+            self.sel.modify(port.transport.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, ("link", port))
+
+    def _flush_ports(self):
+        for port in self.ports:
+            if port.transport is not None and port.out and not port.writing:
+                self._flush_link(port)
 
     # -- actions --------------------------------------------------------------
 
@@ -618,13 +618,9 @@ class Runtime(NbdTlsPort, Effects):
             self.nvram.persist(act.offset, act.length)
 
     def transmit(self, act):
-        if self.link is not None:
-            if self.framer_cls is StreamFramer:
-                self.link_out.extend(act.buffers)
-            else:                     # COBS: one chunk per frame (each buffer is a frame)
-                encode = self.framer.encode
-                for frame in act.buffers:
-                    self.link_out.extend(encode([frame]))
+        port = self.ports[act.link]
+        if port.transport is not None:
+            port.queue(act.buffers)
 
     def disk_write(self, act):
         self.disk_writes.append(act)     # after this turn's host replies: see _flush
@@ -638,7 +634,7 @@ class Runtime(NbdTlsPort, Effects):
     record_write = record_read
 
     def link_reset(self, act):
-        self._link_close(act.reason)
+        self._link_close(self.ports[act.link], act.reason)
 
     def host_reply(self, act):
         client, request, t0 = act.req
@@ -714,8 +710,7 @@ class Runtime(NbdTlsPort, Effects):
         if self.completions:
             self._complete_writes()
         self.execute(self.ctrl.flush_link())
-        if self.link is not None and self.link_out and not self.link_writing:
-            self._flush_link()
+        self._flush_ports()
         while self.dirty_clients:
             dirty, self.dirty_clients = self.dirty_clients, set()
             for client in dirty:
@@ -725,8 +720,7 @@ class Runtime(NbdTlsPort, Effects):
                     self._flush_client(client)
             # Requests a client had buffered behind its in-flight bound ran just now.
             self.execute(self.ctrl.flush_link())
-            if self.link is not None and self.link_out and not self.link_writing:
-                self._flush_link()
+            self._flush_ports()
         self._start_disk_writes()
 
     def _start_disk_writes(self):
@@ -767,8 +761,9 @@ class Runtime(NbdTlsPort, Effects):
             sock.close()
         if self.cfg.nbd.unix and os.path.exists(self.cfg.nbd.unix):
             os.unlink(self.cfg.nbd.unix)
-        self._link_close("shutting down")
-        self.endpoint.close()
+        for port in self.ports:
+            self._link_close(port, "shutting down")
+            port.endpoint.close()
         self.control.close()
         if self.metrics is not None:
             self.metrics.close()
