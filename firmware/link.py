@@ -85,6 +85,22 @@ class PeerHello:
                  "block_size_bytes", "primary_blocks")
 
 
+class OutFrame:
+    """A message on its way out: queued, then sent (numbered, stamped) and kept until acknowledged."""
+    __slots__ = ("seq", "lane", "type", "flags", "resource", "tag", "payload", "size", "sent_ms")
+
+    def __init__(self, lane, type, flags, resource, tag, payload, size):
+        self.seq = 0
+        self.lane = lane
+        self.type = type
+        self.flags = flags
+        self.resource = resource
+        self.tag = tag
+        self.payload = payload        # bytes-like, or a tuple of them
+        self.size = size
+        self.sent_ms = 0
+
+
 class LinkSession:
     """One controller's end of the link. `reliable_transport` skips retransmission (sockets)."""
 
@@ -123,7 +139,7 @@ class LinkSession:
     def _reset_session(self):
         self.tx_seq = 0
         self.rx_expected = 0
-        self.unacked = collections.deque()   # [seq, lane, type, flags, resource, tag, payload, size]
+        self.unacked = collections.deque()   # OutFrames sent, not yet acknowledged
         self.data_inflight_bytes = 0
         self.control_queue = collections.deque()
         self.data_queue = collections.deque()
@@ -227,7 +243,7 @@ class LinkSession:
         so block data goes from the NVRAM mapping to the socket with no copy).
         """
         size = sum(map(len, payload)) if type(payload) is tuple else len(payload)
-        entry = [0, lane, msg_type, flags, resource, tag, payload, size, 0]
+        entry = OutFrame(lane, msg_type, flags, resource, tag, payload, size)
         (self.control_queue if lane == F.LANE_CONTROL else self.data_queue).append(entry)
 
     def _emit(self, entry):
@@ -235,17 +251,19 @@ class LinkSession:
         if seq >= SEQ_LIMIT:
             raise LinkProtocolError("sequence space exhausted; session must restart")
         self.tx_seq = seq + 1
-        entry[0] = seq
-        entry[8] = self.now_ms
+        entry.seq = seq
+        entry.sent_ms = self.now_ms
         self._encode(entry)
         if len(self.unacked) >= self.unacked_max:
             raise LinkProtocolError("peer stopped acknowledging frames")
         self.unacked.append(entry)
-        if entry[1] == F.LANE_DATA:
-            self.data_inflight_bytes += entry[7]
+        if entry.lane == F.LANE_DATA:
+            self.data_inflight_bytes += entry.size
 
     def _encode(self, entry, extra_flags=0):
-        seq, lane, type, flags, resource, tag, payload, size = entry[:8]
+        seq, lane, type, flags, resource, tag, payload, size = (entry.seq, entry.lane, entry.type, entry.flags,
+                                                                 entry.resource, entry.tag, entry.payload,
+                                                                 entry.size)
         # HELLOs go without a MAC: they carry the nonces the keys come from.
         sealed = self.auth.keyed and type != M.MsgType.HELLO
         if sealed:
@@ -276,7 +294,7 @@ class LinkSession:
         while self.data_queue and self.data_inflight_bytes < self.data_window_bytes:
             self._emit(self.data_queue.popleft())
         if self.need_ack and (self.rx_expected - self.acked_sent >= self.ack_every or self._ack_now):
-            self._encode([0, F.LANE_CONTROL, 0, 0, M.Resource.SESSION, 0, b"", 0, 0], F.FLAG_ACK_ONLY)
+            self._encode(OutFrame(F.LANE_CONTROL, 0, 0, M.Resource.SESSION, 0, b"", 0), F.FLAG_ACK_ONLY)
         out, self.out = self.out, []
         return out
 
@@ -322,7 +340,7 @@ class LinkSession:
     def _fast_retransmit(self, now_ms):
         """An explicit ack that moves nothing: the peer saw a gap. Go back now, not at the timeout."""
         quarter = self.rto_ms // 4
-        if now_ms - self.last_retransmit_ms < quarter or now_ms - self.unacked[0][8] < quarter:
+        if now_ms - self.last_retransmit_ms < quarter or now_ms - self.unacked[0].sent_ms < quarter:
             return
         self.last_retransmit_ms = self.last_progress_ms = now_ms
         self.stats["fast_retransmits"] += 1
@@ -333,13 +351,13 @@ class LinkSession:
         unacked = self.unacked
         if ack > self.tx_seq:
             raise LinkProtocolError(f"peer acknowledged frame {ack} never sent (next is {self.tx_seq})")
-        if not unacked or unacked[0][0] >= ack:
+        if not unacked or unacked[0].seq >= ack:
             return False
-        while unacked and unacked[0][0] < ack:
+        while unacked and unacked[0].seq < ack:
             entry = unacked.popleft()
-            self.heard_ms = entry[8]      # the partner has heard from us as of this send time
-            if entry[1] == F.LANE_DATA:
-                self.data_inflight_bytes -= entry[7]
+            self.heard_ms = entry.sent_ms     # the partner has heard from us as of this send time
+            if entry.lane == F.LANE_DATA:
+                self.data_inflight_bytes -= entry.size
             self.last_progress_ms = now_ms
         return True
 
@@ -358,19 +376,20 @@ class LinkSession:
             # for it, and both sides keep talking (seed 8709 at 300 steps: stuck for a minute).
             raise LinkProtocolError(f"handshake not finished in {now_ms - self.connected_ms} ms")
         if (self.reliable_transport and self.unacked
-                and now_ms - self.unacked[0][8] > self.heartbeat_timeout_ms):
+                and now_ms - self.unacked[0].sent_ms > self.heartbeat_timeout_ms):
             # A reliable transport never loses a frame, so one the peer does not acknowledge while it
             # still talks was cut out on the way (a CRC the framer dropped): nothing would ever
             # resend it, so the session starts over (a resync follows). Seen in the simulator (seed
             # 641): a lost SYNC_DONE answer left the owner resyncing forever under live heartbeats.
-            raise LinkProtocolError(f"frame {self.unacked[0][0]} unacknowledged for "
-                                    f"{now_ms - self.unacked[0][8]} ms while the peer talks")
+            raise LinkProtocolError(f"frame {self.unacked[0].seq} unacknowledged for "
+                                    f"{now_ms - self.unacked[0].sent_ms} ms while the peer talks")
         if self.need_ack:
             self._ack_now = True      # idle receiver: acknowledge what came in since the last frame
         if self.up and now_ms - self.last_tx_heartbeat_ms >= self.heartbeat_interval_ms:
             self.last_tx_heartbeat_ms = now_ms
             body = HEARTBEAT_STRUCT.pack(self.generation, now_ms, 0, bytes(7))
-            entry = [0, F.LANE_CONTROL, M.MsgType.HEARTBEAT, 0, M.Resource.SESSION, 0, body, len(body), now_ms]
+            entry = OutFrame(F.LANE_CONTROL, M.MsgType.HEARTBEAT, 0, M.Resource.SESSION, 0, body, len(body))
+            entry.sent_ms = now_ms
             if self.unacked or self.control_queue or self.data_queue:
                 # Heartbeats carry no sequence number (like an ack): on a lossy line they must
                 # not join the go-back-N backlog, or a lossy link grows it without bound.

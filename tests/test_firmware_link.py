@@ -210,7 +210,7 @@ def test_a_busy_link_sends_heartbeats_unsequenced():
         a.send(M.MsgType.HEARTBEAT, M.Resource.SESSION, bytes(24), lane=F.LANE_CONTROL)   # queued traffic
         a.tick(now)
         a.take_output()                  # never delivered: the backlog stays
-    heartbeats = [e for e in a.unacked if e[2] == M.MsgType.HEARTBEAT and e[6] != bytes(24)]
+    heartbeats = [e for e in a.unacked if e.type == M.MsgType.HEARTBEAT and e.payload != bytes(24)]
     assert heartbeats == [], "a heartbeat joined the go-back-N backlog of a busy link"
 
 

@@ -397,7 +397,7 @@ class FaultSchedule:
                 return False
             # Heartbeats never stop; every other frame sent has been received and acknowledged.
             return all(n.ctrl.mirroring and not n.ctrl.pending and not n.ctrl.forwarder.inflight
-                       and all(e[2] == HEARTBEAT for e in n.ctrl.link.unacked)
+                       and all(e.type == HEARTBEAT for e in n.ctrl.link.unacked)
                        and not n.ctrl.link.data_queue and not n.ctrl.mirror.group
                        and not n.ctrl.mirror.undecided for n in nodes) and (
                 not sim.fencing or settled(nodes))
