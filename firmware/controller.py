@@ -43,7 +43,7 @@ from .mirror import MirrorSide
 from .forwarding import ForwardEntry, Forwarder
 from .params import Params
 from .peer import PeerMixin
-from .requests import Forwarded, ReadOp, WriteOp
+from .requests import HERE, TAKEN, THERE, Forwarded, ReadOp, WriteOp
 from .segment import DIRTY, Segment
 
 _crc32c = N.crc32c_raw
@@ -296,23 +296,23 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         return self.owner.get(lun) == self.id
 
     def _route(self, kind, req, lun, offset, arg, fua):
-        """With fencing: where a host request for `lun` goes now. True = carry it out here."""
+        """Where a host request for `lun` goes now: HERE, THERE (the owner) or TAKEN (dealt with)."""
         if self.fence is None:
-            return self.owns(lun)
+            return HERE if self.owns(lun) else THERE
         f = self.fence[lun]
         state = f.state
         if state == Own.PARTNER:
-            return False
+            return THERE
         if state == Own.WATCHING:
             self._reply(req, EIO)       # the partner may still own it: refuse, never guess
-            return None
+            return TAKEN
         if state in (Own.OWNER, Own.SOLO) and self._lease_ok(f):
             if state == Own.SOLO and kind == "w":
                 self._write_through(req, lun, offset, arg, fua)
-                return None
-            return True
+                return TAKEN
+            return HERE
         self._hold(f, (kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
-        return None
+        return TAKEN
 
     def _new_op(self):
         op = self.next_op
@@ -338,10 +338,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             return
         if self._refuse_degraded_write(req, lun):
             return
-        here = self._route("w", req, lun, offset, data, fua)
-        if here is None:
+        route = self._route("w", req, lun, offset, data, fua)
+        if route is TAKEN:
             return
-        if not here:
+        if route is THERE:
             self._forward(req, M.IoOp.WRITE, lun, offset, length, data, fua)
         elif self.waiting or len(self.cache.free) < self._lines_spanned(offset, length):
             self._wait(req, lun, offset, data, fua)
@@ -370,10 +370,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         waiting, free = self.waiting, self.cache.free
         while waiting and len(free) >= self._lines_spanned(waiting[0][2], len(waiting[0][3])):
             req, lun, offset, data, fua = waiting.popleft()
-            here = self._route("w", req, lun, offset, data, fua)
-            if here:
+            route = self._route("w", req, lun, offset, data, fua)
+            if route is HERE:
                 self._write(req, lun, offset, data, fua)
-            elif here is not None:
+            elif route is THERE:
                 self._forward(req, M.IoOp.WRITE, lun, offset, len(data), data, fua)
 
     def _write(self, req, lun, offset, data, fua):
@@ -548,10 +548,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if error or length > self.params.max_write_bytes:
             self._reply(req, error or EINVAL)
             return
-        here = self._route("r", req, lun, offset, length, False)
-        if here is None:
+        route = self._route("r", req, lun, offset, length, False)
+        if route is TAKEN:
             return
-        if not here:
+        if route is THERE:
             self._forward(req, M.IoOp.READ, lun, offset, length, None, False)
         else:
             self._read(req, lun, offset, length)

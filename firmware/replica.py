@@ -29,7 +29,7 @@ import collections
 
 from . import actions as A
 from .controller import EIO, Controller
-from .requests import WriteOp
+from .requests import HERE, TAKEN, WriteOp
 from .formats import frame as F
 from .formats import messages as M
 from .formats.nvram import crc32c
@@ -271,26 +271,26 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
             # stored as it came, no host write (refused with EPERM here, it ended every resync
             # that filled a restarted secondary's cache). One from an ended session is dropped:
             # the primary's SENT record resends its range, and newer data may have come since.
-            return True if req.session == self.session_no and rec.role == SECONDARY else None
+            return HERE if req.session == self.session_no and rec.role == SECONDARY else TAKEN
         if kind == "w":
             if rec.role != PRIMARY:
                 self.stats["writes_refused_secondary"] += 1
                 self._reply(req, EPERM)          # the secondary is read-only until promoted
-                return None
+                return TAKEN
             if rec.flags & (M.STATE_FRESH | M.STATE_INCONSISTENT):
                 self._reply(req, EIO)            # has not met its peer yet, or is mid-resync
-                return None
+                return TAKEN
             if self.sync == "waiting":
                 if len(self.held) >= self.params.replica.held_max:
                     self._reply(req, EIO)
                 else:
                     self.held.append((req, lun, offset, bytes(arg), fua))
-                return None
-            return True
+                return TAKEN
+            return HERE
         if rec.has(M.STATE_INCONSISTENT):
             self._reply(req, EIO)                # a mix of old and new data: never served
-            return None
-        return True
+            return TAKEN
+        return HERE
 
     def _persist(self, rng):
         if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)

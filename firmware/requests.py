@@ -1,6 +1,12 @@
 """The records a host request travels in through the firmware: a write waiting for its mirror
 ack, a read being assembled, a request the partner forwarded to us. Small __slots__ classes,
-made on the hot path; every part that handles requests imports them from here."""
+made on the hot path; every part that handles requests imports them from here.
+
+Where a host request goes (the controller's _route): HERE (carry it out in this controller),
+THERE (forward it to the partner, the owner), TAKEN (already dealt with: answered, held until
+the LUN settles, or written through)."""
+
+HERE, THERE, TAKEN = "here", "there", "taken"
 
 
 class Forwarded:
