@@ -43,7 +43,7 @@ from .mirror import MirrorSide
 from .forwarding import ForwardEntry, Forwarder
 from .params import Params
 from .peer import PeerMixin
-from .requests import HERE, TAKEN, THERE, Forwarded, ReadOp, WriteOp
+from .requests import HERE, TAKEN, THERE, Forwarded, HostRequest, ReadOp, WriteOp
 from .segment import DIRTY, Segment
 
 _crc32c = N.crc32c_raw
@@ -311,7 +311,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
                 self._write_through(req, lun, offset, arg, fua)
                 return TAKEN
             return HERE
-        self._hold(f, (kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
+        self._hold(f, HostRequest(kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
         return TAKEN
 
     def _new_op(self):
@@ -359,7 +359,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if self._blocks_never_free(self._lines_spanned(offset, len(data))):
             self._reply(req, EIO)               # they are held by degraded LUNs' lines
             return
-        self.waiting.append((req, lun, offset, bytes(data), fua))
+        self.waiting.append(HostRequest("w", req, lun, offset, bytes(data), fua))
         self.stats["writes_waited"] += 1
         self._pump()
 
@@ -368,8 +368,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         lost its mirror meanwhile (a write taken in while FENCING was acknowledged from this NVRAM
         alone, then dropped when the partner's takeover fenced us: seed 30 of another run)."""
         waiting, free = self.waiting, self.cache.free
-        while waiting and len(free) >= self._lines_spanned(waiting[0][2], len(waiting[0][3])):
-            req, lun, offset, data, fua = waiting.popleft()
+        while waiting and len(free) >= self._lines_spanned(waiting[0].offset, len(waiting[0].arg)):
+            w = waiting.popleft()
+            req, lun, offset, data, fua = w.req, w.lun, w.offset, w.arg, w.fua
             route = self._route("w", req, lun, offset, data, fua)
             if route is HERE:
                 self._write(req, lun, offset, data, fua)

@@ -325,9 +325,9 @@ class DiskHealthMixin:
             return
         kept, usable = [], self._usable_blocks()
         for entry in self.waiting:
-            if entry[1] == lun or usable < self._lines_spanned(entry[2], len(entry[3])):
+            if entry.lun == lun or usable < self._lines_spanned(entry.offset, len(entry.arg)):
                 self.stats["writes_refused_degraded"] += 1
-                self._reply(entry[0], EIO)
+                self._reply(entry.req, EIO)
             else:
                 kept.append(entry)
         self.waiting.clear()

@@ -703,7 +703,7 @@ class FenceMixin:
 
     def _hold(self, f, entry):
         if len(f.held) >= self.params.held_max:
-            self._reply(entry[1], EIO)
+            self._reply(entry.req, EIO)
             return
         f.held.append(entry)
 
@@ -713,8 +713,8 @@ class FenceMixin:
         if f.state in SERVING and not self._lease_ok(f):
             return
         held, f.held = f.held, collections.deque()
-        for kind, req, lun, offset, arg, fua in held:
-            if kind == "w":
-                self._host_write(req, lun, offset, arg, fua)
+        for h in held:
+            if h.kind == "w":
+                self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
             else:
-                self._host_read(req, lun, offset, arg)
+                self._host_read(h.req, h.lun, h.offset, h.arg)

@@ -29,7 +29,7 @@ import collections
 
 from . import actions as A
 from .controller import EIO, Controller
-from .requests import HERE, TAKEN, WriteOp
+from .requests import HERE, TAKEN, HostRequest, WriteOp
 from .formats import frame as F
 from .formats import messages as M
 from .formats.nvram import crc32c
@@ -284,7 +284,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
                 if len(self.held) >= self.params.replica.held_max:
                     self._reply(req, EIO)
                 else:
-                    self.held.append((req, lun, offset, bytes(arg), fua))
+                    self.held.append(HostRequest("w", req, lun, offset, bytes(arg), fua))
                 return TAKEN
             return HERE
         if rec.has(M.STATE_INCONSISTENT):
@@ -302,8 +302,8 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
 
     def _release_held(self):
         held, self.held = self.held, collections.deque()
-        for entry in held:
-            self._host_write(*entry)
+        for h in held:
+            self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
 
     def _write(self, req, lun, offset, data, fua):
         self._cur = (lun, offset, data)

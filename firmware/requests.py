@@ -9,6 +9,21 @@ the LUN settles, or written through)."""
 HERE, THERE, TAKEN = "here", "there", "taken"
 
 
+class HostRequest:
+    """A host request parked until it can go on: a write waiting for free blocks, or a request
+    held while its LUN settles. `kind` is "w" or "r"; `arg` a write's data (its own copy) or a
+    read's length."""
+    __slots__ = ("kind", "req", "lun", "offset", "arg", "fua")
+
+    def __init__(self, kind, req, lun, offset, arg, fua):
+        self.kind = kind
+        self.req = req
+        self.lun = lun
+        self.offset = offset
+        self.arg = arg
+        self.fua = fua
+
+
 class Forwarded:
     """A host request that arrived from the partner (the non-owner forwarded it) in link session
     `session`: its tag means something only in that session."""
