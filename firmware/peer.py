@@ -24,7 +24,7 @@ T = M.MsgType
 
 
 class PeerMixin:
-    # The link entry points take the link's index like the log destination's (firmware/logship.py),
+    # The link entry points take the link's index like the log destination's (firmware/logship/),
     # so a runtime drives N link ports one way; a pair has one link, 0.
 
     def link_connected(self, nonce, now_ms, link=0):

@@ -23,7 +23,7 @@ TRANSITIONS table below; a (state, event) pair not in it is a protocol error
 and resets the link.
 
 This module is variant "bitmap"; variant "log" (NVRAM-log shipping) is
-firmware/logship.py.
+firmware/logship/.
 """
 import collections
 

@@ -150,6 +150,22 @@ def test_log_headers_golden():
     assert nv.LogPartitionHeader.sizeof() == 64 and nv.LogEntryHeader.sizeof() == 32
 
 
+def test_log_partition_twin_agrees_with_construct():
+    """The log's hot-path twin (pack/parse_log_partition) and the declaration say the same bytes."""
+    packed = nv.pack_log_partition(1, 1, 100, 2, 4096)
+    fields = plain(nv.LogPartitionHeader.parse(packed))
+    assert (fields["partition"], fields["state"], fields["first_seq"], fields["entries"], fields["used_bytes"]) \
+        == (1, 1, 100, 2, 4096)
+    assert fields["crc"] == nv.crc32c(packed[:60])
+    assert packed[:60] == GOLDEN_LOG_PARTITION[:60]
+    assert nv.parse_log_partition_untrusted(packed) == (1, 1, 100, 2, 4096)
+    torn = bytearray(packed)
+    torn[20] ^= 1
+    assert nv.parse_log_partition_untrusted(torn) is None
+    assert nv.parse_log_partition_untrusted(nv.pack_log_partition(1, 4, 100, 2, 4096)) is None   # no such state
+    assert nv.parse_log_partition_untrusted(bytes(64)) is None
+
+
 def test_plan_layout_refuses_bad_geometry():
     with pytest.raises(ValueError, match="power of two"):
         nv.plan_layout(NVRAM_BYTES, 3072, 0, P)

@@ -130,6 +130,27 @@ LogPartitionHeader = Struct(
 )
 assert LogPartitionHeader.sizeof() == 64
 
+LOG_PARTITION_BYTES = LogPartitionHeader.sizeof()
+LOG_PARTITION_STATE_MAX = 3            # applied
+# The hot-path twin of LogPartitionHeader (tests check they agree).
+LOG_PARTITION_STRUCT = _struct_mod.Struct(">HHB3sQII36sI")
+
+
+def pack_log_partition(index, state, first_seq, entries, used) -> bytes:
+    body = LOG_PARTITION_STRUCT.pack(LOG_PARTITION_MAGIC, index, state, bytes(3), first_seq, entries, used,
+                                     bytes(36), 0)[:-4]
+    return body + crc32c(body).to_bytes(4, "big")
+
+
+def parse_log_partition_untrusted(buf):
+    """(index, state, first_seq, entries, used) or None when blank or torn."""
+    magic, index, state, _r0, first_seq, entries, used, _r, crc = LOG_PARTITION_STRUCT.unpack_from(buf, 0)
+    if (magic != LOG_PARTITION_MAGIC or crc32c(bytes(buf[:LOG_PARTITION_BYTES - 4])) != crc
+            or state > LOG_PARTITION_STATE_MAX):
+        return None
+    return index, state, first_seq, entries, used
+
+
 LogEntryHeader = Struct(
     "magic" / Const(LOG_ENTRY_MAGIC, Int16ub),
     "lun" / Int16ub,

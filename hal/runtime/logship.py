@@ -1,4 +1,4 @@
-"""Runtimes for replica mode's NVRAM-log variant (firmware/logship.py).
+"""Runtimes for replica mode's NVRAM-log variant (firmware/logship/).
 
 The source is an ordinary runtime whose firmware is a LogSource: one link (it
 connects to the destination), its own disks, NBD exports lun0, lun1, ...
@@ -11,7 +11,9 @@ one; Transmit and LinkReset actions name the port they belong to.
 """
 from __future__ import annotations
 
-from firmware.logship import FeedParams, LogDestination, LogParams, LogSource
+from firmware.logship.common import LogParams
+from firmware.logship.destination import FeedParams, LogDestination
+from firmware.logship.source import LogSource
 
 import hal.host.nbd as NBD
 from hal.backends.keyfile import load_pair_key

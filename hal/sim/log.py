@@ -1,4 +1,4 @@
-"""Deterministic simulation of replica mode's NVRAM-log variant (firmware/logship.py).
+"""Deterministic simulation of replica mode's NVRAM-log variant (firmware/logship/).
 
 One root seed drives everything: the rig's shape (sources, partition and file
 sizes, consistency-point timer), the host workload and the faults. The
@@ -31,7 +31,7 @@ import hashlib
 import random
 import struct
 
-from firmware.logship import SECTOR
+from firmware.logship.common import SECTOR
 
 from hal.sim.logrig import MemLog
 

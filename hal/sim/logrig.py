@@ -19,7 +19,9 @@ import random
 from firmware import actions as A
 from firmware.params import nvram_is_blank
 from firmware.formats import frame as F
-from firmware.logship import DEST_ID, SOURCE_ID, FeedParams, LogDestination, LogParams, LogSource
+from firmware.logship.common import DEST_ID, LogParams, SOURCE_ID
+from firmware.logship.destination import FeedParams, LogDestination
+from firmware.logship.source import LogSource
 
 from hal.interpret import Effects, interpreter
 from hal.sim.voldisk import VolatileDisk, new_nvram, power_on
