@@ -80,7 +80,10 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    old data: freed; the owner mirrored those at its generation or a newer
    one after writing it). The record is then
    taken as seen, so no later read judges them, and kept they were replayed
-   by a later claim over the owner's newer write-through.
+   by a later claim over the owner's newer write-through. Our own cached lines
+   of the LUN (kept from before the claim we were overruling, or recovered by
+   a restart inside our claim) are judged by it too, as a fenced owner's are
+   (step 4): held under a claim still CLAIMED, forgotten otherwise.
    While we claim or replay, our mirror blocks of the LUN are the data we
    write out, and the old owner's cache may have reused their numbers (a
    version replaced by a write that then failed is freed there): a mirror

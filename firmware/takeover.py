@@ -191,6 +191,13 @@ class TakeoverMixin:
         if rec is None or rec.key() != claimed.key():
             self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason=self._abandon_reason(f, rec)))
             self._abandon_mirror(f, rec)
+            if rec is not None and rec.owner != self.id:
+                # Our own lines of the LUN (from before the claim we were overruling) are judged by
+                # the record that beat us, as a fenced owner's are: held under a claim still
+                # CLAIMED, forgotten otherwise. Kept in the cache, a later claim of ours replayed
+                # them over the owner's write-through (seed 1012966 at 300 steps: b, restarted in
+                # its claim, lost it to a's, and its next claim wrote write 8 over write 151).
+                self._drop_lines(f, rec, "claim abandoned")
             f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
             if self.link.up:
                 # The link came up during the claim (CLAIMING ignores link_up): the record

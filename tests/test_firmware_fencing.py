@@ -669,3 +669,43 @@ def test_a_held_line_destaged_since_is_not_resent_to_the_partner():
     assert not b._mirror_blocks_of(b.fence[0])              # nothing of lun0 a no longer holds
     p.read(0, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"w" * BS)
+
+
+def test_a_claim_abandoned_to_another_owner_judges_its_own_lines_of_the_lun():
+    # b, restarted inside its claim of lun1, still had its own lines of lun1 from before a took
+    # the LUN over; the read-back showed a's record, so b gave the claim up but kept the lines in
+    # its cache. Its next claim replayed them over a's newer write-through (seed 1012966 at 300
+    # steps: write 8 over write 151). Abandoning judges them by the record that won.
+    p = fenced_pair()
+    b = p.ctrl[1]
+    p.write(1, "old", 1, 0, b"o" * BS)
+    p.deliver()
+    assert p.replies["old"] == (0, None)
+    p.ctrl[1] = None                                         # b stops, its line of lun1 not destaged
+    p.disconnect()
+    for _ in range(300):
+        p.tick(10)                                           # a claims lun1, replays, goes SOLO
+    a = p.ctrl[0]
+    assert a.fence[1].state == Own.SOLO
+    p.write(0, "new", 1, 0, b"n" * BS)                       # write-through, alone
+    assert p.replies["new"] == (0, None)
+    solo = R.parse_record_untrusted(p.records[1])
+    p.ctrl[1] = b
+    b.set_time(p.now_ms)
+    f = b.fence[1]
+    assert any(line.lun == 1 for line in b.cache.lines.values())
+    f.state = Own.CLAIMING                                   # b's claim, resumed after a restart
+    f.pending_write = R.Record(1, 1, R.LunState.CLAIMED, solo.generation - 1, 0, 400, p.params[1].pair_id)
+    f.claim_written_ms = p.now_ms
+    p.run(1, b.link_disconnected("cut"))
+    b._own_event(f, "record", solo)                          # its read-back shows a's SOLO record
+    assert f.state == Own.WATCHING
+    assert not any(line.lun == 1 for line in b.cache.lines.values()) and not f.held_lines
+    p.crash(0)
+    for _ in range(400):
+        p.tick(10)
+        if f.state == Own.SOLO:
+            break
+    assert f.state == Own.SOLO
+    p.read(1, "r", 1, 0, BS)
+    assert p.replies["r"] == (0, b"n" * BS)

@@ -622,6 +622,17 @@ def test_a_held_line_destaged_since_is_not_resent():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_claim_abandoned_to_another_owner_judges_its_own_lines():
+    """Fixed (seed 1012966 at 300 steps, found by the sweep of 1000000-, 13,800 seeds): b held its
+    14 lines of lun1 under a's claim at 3, claimed at 5 itself and crashed inside the claim; it
+    restarted with the lines in its cache and resumed the claim, which a's claim at 7 beat. b gave
+    it up but kept the lines; a replayed, went SOLO and wrote write 151 through; b's next claim,
+    at 9, replayed write 8 over it. An abandoned claim now judges its own lines of the LUN by the
+    record that won: held under a claim still CLAIMED, forgotten otherwise."""
+    result = run_seed(1012966, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}
