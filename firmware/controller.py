@@ -45,6 +45,7 @@ from .params import Params
 from .peer import PeerMixin
 from .requests import HERE, TAKEN, THERE, Forwarded, HostRequest, ReadOp, WriteOp
 from .segment import DIRTY, Segment
+from .zeroes import ZeroPiece, ZeroWriter
 
 _crc32c = N.crc32c_raw
 
@@ -93,9 +94,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.resync_lines = []            # lines the resync sent, pinned until SYNC_DONE
         self.resync_progress = None       # lines total / transferred / remaining of the running resync
         self.pending = {}                 # write seq -> WriteOp awaiting the mirror ack
-        self.zero_jobs = collections.deque()     # WRITE_ZEROES with pieces still to start, in order
-        self.zero_pieces_inflight = 0
-        self.zero_pumping = False
         self.link_session = 0             # link sessions established so far (Forwarded requests carry theirs)
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
@@ -114,6 +112,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.destage_inflight = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
+        self.zeroes = ZeroWriter(self._host_write, self._reply, params.max_write_bytes,
+                                 params.zero_pieces_inflight_max)
         self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
                                    params.forward_inflight_bytes_max, params.waiting_max)
         self.fence = None
@@ -258,13 +258,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self.link.send(msg_type, M.Resource.CACHE_META, M.pack_block_refs(refs[i:i + step]))
 
     def _reply(self, req, error=0, data=None):
-        if req.__class__ is _Part:
-            job = req.job
-            job.inflight -= 1
-            self.zero_pieces_inflight -= 1
-            job.error = job.error or error
-            self._zero_maybe_done(job)
-            self._zero_pump()
+        if req.__class__ is ZeroPiece:
+            self.zeroes.piece_done(req, error)
             return
         if req.__class__ is Forwarded:
             # Only in the session it came in: the forwarder failed it when that session ended, and
@@ -625,40 +620,12 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self.last_host_io_ms = self.now_ms
             self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
             return
-        self.zero_jobs.append(_ZeroJob(req, lun, offset, length, fua))
-        self._zero_pump()
+        self.zeroes.start(req, lun, offset, length, fua)
 
     def _partner_owns(self, lun):
         if self.fence is None:
             return not self.owns(lun)
         return self.fence[lun].state == Own.PARTNER
-
-    def _zero_pump(self):
-        """Start pieces of the waiting WRITE_ZEROES, in order, while fewer than
-        zero_pieces_inflight_max are out in all. A loop, not recursion: a piece may
-        complete before _host_write returns."""
-        if self.zero_pumping:
-            return
-        self.zero_pumping = True
-        jobs, limit = self.zero_jobs, self.params.zero_pieces_inflight_max
-        chunk = min(self.params.max_write_bytes, len(_ZEROES))
-        while jobs and self.zero_pieces_inflight < limit:
-            job = jobs[0]
-            if job.error or job.next >= job.end:
-                jobs.popleft()                  # every piece started (or one failed)
-                self._zero_maybe_done(job)
-                continue
-            start, size = job.next, min(chunk, job.end - job.next)
-            job.next += size
-            job.inflight += 1
-            self.zero_pieces_inflight += 1
-            self._host_write(_Part(job), job.lun, start, _ZEROES[:size], job.fua)
-        self.zero_pumping = False
-
-    def _zero_maybe_done(self, job):
-        if not job.done and not job.inflight and (job.error or job.next >= job.end):
-            job.done = True
-            self._reply(job.req, job.error)
 
     # -- forwarding -----------------------------------------------------------
 
@@ -714,30 +681,3 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             error = EIO
         data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
         self._reply(req, error, data)      # req may be a part, or a request the partner forwarded here
-
-
-_ZEROES = bytes(1 << 20)          # the data of one WRITE_ZEROES piece, shared
-
-
-class _ZeroJob:
-    """One WRITE_ZEROES carried out here, in pieces; replies when all are done."""
-    __slots__ = ("req", "lun", "next", "end", "fua", "inflight", "error", "done")
-
-    def __init__(self, req, lun, offset, length, fua):
-        self.req = req
-        self.lun = lun
-        self.next = offset                # the first byte no piece has covered yet
-        self.end = offset + length
-        self.fua = fua
-        self.inflight = 0
-        self.error = 0
-        self.done = False
-
-
-class _Part:
-    """One piece of a _ZeroJob, as the write path's request."""
-    __slots__ = ("job",)
-
-    def __init__(self, job):
-        self.job = job
-
