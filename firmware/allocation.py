@@ -25,7 +25,7 @@ Rules:
 """
 from . import actions as A
 from .cache import LUN_SHIFT
-from .fencing import SERVING
+from .ownership import SERVING
 from .formats import FormatError
 from .formats import messages as M
 

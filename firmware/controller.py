@@ -35,7 +35,8 @@ from .link import LinkSession, unpack_body
 from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
-from .fencing import OWNING, FenceMixin, Own
+from .fencing import FenceMixin
+from .ownership import OWNING, Own
 from .handover import HandoverMixin
 from .takeover import TakeoverMixin
 from . import mirrorsync as MS

@@ -7,7 +7,7 @@ for it back until it has it (failback). The states and the table are in
 firmware/fencing.py.
 """
 from . import actions as A
-from .fencing import BALANCE_RETRY_MS, FenceError, Own, _settled
+from .ownership import BALANCE_RETRY_MS, FenceError, Own, settled
 from .formats import messages as M
 from .formats import reservation as R
 
@@ -53,7 +53,7 @@ class HandoverMixin:
         if self._lun_clean(f.lun):
             self._write_record(f, self._new_record(f, 1 - self.id, f.generation + 1, R.LunState.MIRRORED))
         else:
-            self._write_record(f, self._renewal(f, rec, rec.generation, _settled(rec.state)))
+            self._write_record(f, self._renewal(f, rec, rec.generation, settled(rec.state)))
         return None
 
     def _release_written(self, f):

@@ -10,7 +10,7 @@ while a claim is not yet confirmed.
 """
 from . import actions as A
 from .cache import SECTOR_BYTES
-from .fencing import REPLAY_RETRY_MS, Own
+from .ownership import Own, REPLAY_RETRY_MS
 from .formats import reservation as R
 
 

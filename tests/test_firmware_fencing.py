@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from firmware.fencing import EVENTS, STATES, TRANSITIONS, FenceError, Own
+from firmware.ownership import EVENTS, FenceError, Own, STATES, TRANSITIONS
 from firmware.formats import reservation as R
 from fixtures.mempair import MemPair
 

@@ -22,7 +22,7 @@ everything, restart what is down, wait until the pair is mirrored and quiet
 check mirrors and what a failover would find, read every LUN back through
 both controllers, cut the power of both, recover, and read back again.
 """
-from firmware.fencing import OWNING, Own
+from firmware.ownership import OWNING, Own
 from firmware.formats.messages import MsgType
 
 from hal.sim.check import SimFailure, check_mirror_equal

@@ -39,7 +39,7 @@ from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.controller import Controller
 from firmware.params import Params, format_nvram, nvram_is_blank
-from firmware.fencing import OWNING, SERVING, Own
+from firmware.ownership import OWNING, Own, SERVING
 from firmware.formats import FormatError
 from firmware.formats import reservation as R
 from firmware.requests import Forwarded
