@@ -26,7 +26,7 @@ tick. Each returns the list of actions to carry out, in order.
 import collections
 
 from . import actions as A
-from .cache import LUN_SHIFT, SECTOR_BYTES, Line, PrimaryCache, dirty_runs, line_key, sector_bits
+from .cache import LUN_SHIFT, SECTOR_BYTES, Line, PrimaryCache, dirty_runs, sector_bits
 from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
@@ -45,6 +45,7 @@ from .forwarding import ForwardEntry, Forwarder
 from .params import Params
 from .peer import PeerMixin
 from .requests import HERE, TAKEN, THERE, Forwarded, HostRequest, ReadOp, WriteOp
+from .recovery import recover
 from .segment import DIRTY, Segment
 from .zeroes import ZeroPiece, ZeroWriter
 
@@ -126,49 +127,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
     # -- recovery -------------------------------------------------------------
 
     def _recover(self):
-        """Rebuild the cache from NVRAM alone: hash table, write-back queue, free list."""
-        out = self.out
-        scan = self.primary.scan()
-        mscan = self.mirror.segment.scan()
-        self._refuse_lines_outside_the_luns(scan, "primary")
-        self._refuse_lines_outside_the_luns(mscan, "mirror")
-        cache = self.cache
-        by_seq = sorted(scan.blocks, key=lambda b: b.seq)
-        taken = set()
-        for rb in by_seq:
-            key = line_key(rb.lun, rb.lba * SECTOR_BYTES // self.block_size)
-            line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False)
-            old = cache.install(line)
-            taken.add(rb.index)
-            if old is not None:
-                taken.discard(old.block)
-                cache.by_block[old.block] = None
-                out.append(A.Persist(*self.primary.store_free(old.block)))
-        cache.free = [i for i in range(cache.capacity - 1, -1, -1) if i not in taken]
-        for index, reason in scan.dropped:
-            if index >= 0:
-                out.append(A.Persist(*self.primary.store_free(index)))
-            out.append(A.Notify("nvram_dropped", segment="primary", block=index, reason=reason))
-        self.next_seq = scan.max_seq + 1
-        for r in self.mirror.recover(mscan):
-            out.append(A.Persist(*r))
-        for index, reason in mscan.dropped:
-            out.append(A.Notify("nvram_dropped", segment="mirror", block=index, reason=reason))
-        out.append(A.Notify("recovered", dirty_lines=cache.dirty_lines, free_blocks=len(cache.free),
-                            mirror_blocks=self.mirror.used_blocks, next_seq=self.next_seq,
-                            generation=self.generation, dropped=len(scan.dropped) + len(mscan.dropped)))
-
-    def _refuse_lines_outside_the_luns(self, scan, segment):
-        """A dirty line of a LUN (or past the end of one) the configuration does not have is
-        acknowledged data of another configuration: never dropped, never destaged elsewhere."""
-        sizes = self.params.lun_sizes
-        bad = [rb for rb in scan.blocks
-               if rb.lun >= len(sizes) or rb.lba * SECTOR_BYTES + self.block_size > sizes[rb.lun]]
-        if bad:
-            rb = bad[0]
-            raise FormatError(f"the NVRAM's {segment} segment holds {len(bad)} dirty line(s) outside the "
-                              f"configured LUNs (the first: lun{rb.lun} sector {rb.lba}; the configuration has "
-                              f"{len(sizes)} LUNs): start with the configuration that wrote them")
+        """Rebuild the cache and the mirror's view from NVRAM alone (firmware/recovery.py)."""
+        self.next_seq, actions = recover(self.params, self.primary, self.cache, self.mirror, self.generation)
+        self.out.extend(actions)
 
     @property
     def mirroring(self) -> bool:
@@ -217,46 +178,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._queue_refs()
         out, self.out = self.out, []
         return out
-
-    def flush_link(self):
-        """With batch_link_output: the link frames of everything handled since the last call.
-
-        The runtime calls it once per loop turn, so the frames of a turn go out together.
-        Flush-begin and flush-done references ride along with other frames and go out
-        on their own only at a tick or when many are waiting: they only tell the
-        partner what it may free (a late flush-done costs nothing, the owner's next
-        write to the block frees the copy anyway), so they need not wake it.
-        """
-        self._start_flushes()
-        link = self.link
-        if (self.refs_due or link.control_queue or link.data_queue
-                or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):
-            self._queue_refs()
-        elif link.state != "down":
-            buffers = link.take_output()
-            if buffers:
-                self.out.append(A.Transmit(buffers))
-        out, self.out = self.out, []
-        return out
-
-    def _queue_refs(self):
-        self.refs_due = False
-        if self.link.up:
-            if self.flush_begin_refs:
-                self._send_refs(M.MsgType.FLUSH_BEGIN, self.flush_begin_refs)
-            if self.flush_done_refs:
-                self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
-        self.flush_begin_refs = []
-        self.flush_done_refs = []
-        if self.link.state != "down":
-            buffers = self.link.take_output()
-            if buffers:
-                self.out.append(A.Transmit(buffers))
-
-    def _send_refs(self, msg_type, refs):
-        step = M.BLOCK_REFS_MAX
-        for i in range(0, len(refs), step):
-            self.link.send(msg_type, M.Resource.CACHE_META, M.pack_block_refs(refs[i:i + step]))
 
     def _reply(self, req, error=0, data=None):
         if req.__class__ is ZeroPiece:
@@ -487,16 +408,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if self.buggify_on and self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
-
-    def _send_mirror(self, lun, ctx, seq, generation, first, count, part):
-        """One MIRROR_WRITE carrying blocks [first, first + len(part)) of write `seq` (count blocks)."""
-        seg, entry = self.primary, M.MIRROR_BLOCK.pack
-        entries = b"".join([entry(line.block, line.lba, crc, line.bitmap.to_bytes(16, "big"))
-                            for line, crc in part])
-        head = M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, generation, count, first, len(part), 0,
-                                        self.block_size)
-        self.link.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
-                       (head, entries, *[seg.data(line.block) for line, _crc in part]))
 
     def _finish_write(self, op, mirrored, pinned=True, pump=True):
         if op.req is not None:

@@ -75,6 +75,58 @@ class PeerMixin:
         _only_link(link)
         return self.link.up
 
+    # -- link output ----------------------------------------------------------
+
+    def _send_mirror(self, lun, ctx, seq, generation, first, count, part):
+        """One MIRROR_WRITE carrying blocks [first, first + len(part)) of write `seq` (count blocks)."""
+        seg, entry = self.primary, M.MIRROR_BLOCK.pack
+        entries = b"".join([entry(line.block, line.lba, crc, line.bitmap.to_bytes(16, "big"))
+                            for line, crc in part])
+        head = M.MIRROR_WRITE_HEAD.pack(lun, ctx, seq, generation, count, first, len(part), 0,
+                                        self.block_size)
+        self.link.send(M.MsgType.MIRROR_WRITE, M.Resource.MIRROR,
+                       (head, entries, *[seg.data(line.block) for line, _crc in part]))
+
+    def flush_link(self):
+        """With batch_link_output: the link frames of everything handled since the last call.
+
+        The runtime calls it once per loop turn, so the frames of a turn go out together.
+        Flush-begin and flush-done references ride along with other frames and go out
+        on their own only at a tick or when many are waiting: they only tell the
+        partner what it may free (a late flush-done costs nothing, the owner's next
+        write to the block frees the copy anyway), so they need not wake it.
+        """
+        self._start_flushes()
+        link = self.link
+        if (self.refs_due or link.control_queue or link.data_queue
+                or len(self.flush_begin_refs) + len(self.flush_done_refs) >= M.BLOCK_REFS_MAX):
+            self._queue_refs()
+        elif link.state != "down":
+            buffers = link.take_output()
+            if buffers:
+                self.out.append(A.Transmit(buffers))
+        out, self.out = self.out, []
+        return out
+
+    def _queue_refs(self):
+        self.refs_due = False
+        if self.link.up:
+            if self.flush_begin_refs:
+                self._send_refs(M.MsgType.FLUSH_BEGIN, self.flush_begin_refs)
+            if self.flush_done_refs:
+                self._send_refs(M.MsgType.FLUSH_DONE, self.flush_done_refs)
+        self.flush_begin_refs = []
+        self.flush_done_refs = []
+        if self.link.state != "down":
+            buffers = self.link.take_output()
+            if buffers:
+                self.out.append(A.Transmit(buffers))
+
+    def _send_refs(self, msg_type, refs):
+        step = M.BLOCK_REFS_MAX
+        for i in range(0, len(refs), step):
+            self.link.send(msg_type, M.Resource.CACHE_META, M.pack_block_refs(refs[i:i + step]))
+
     def _send_mirror_ack(self):
         """One cumulative MIRROR_ACK for every write committed since the last one."""
         self.link.send(T.MIRROR_ACK, M.Resource.MIRROR, M.MIRROR_ACK.pack(self.ack_seq, 0, self.acks_owed, 0),
