@@ -545,3 +545,15 @@ def test_the_destination_never_writes_a_file_header_its_recovery_would_not_read_
     for head in (feed.p.journal_bytes, feed.p.journal_bytes + LF.RECORD_ALIGN, LF.HEADER_BYTES):
         with pytest.raises(AssertionError, match="file header recovery would"):
             dst._write_header(feed, ("cp", feed), 0, head, 1, feed.cp_count + 1)
+
+
+def test_the_consistency_point_steps_form_one_chain_and_each_has_its_step():
+    """firmware/logship/destination.py: read, write (per wave), flush, header, header_flush, done."""
+    from firmware.logship.destination import CP_ENTER, CP_NEXT, LogDestination
+    chain, stage = [], "read"
+    while stage != "done":
+        chain.append(stage)
+        stage = CP_NEXT[stage]
+    assert chain == ["read", "write", "flush", "header", "header_flush"]
+    assert set(CP_NEXT) == set(chain) and set(CP_ENTER) == set(chain[1:])
+    assert all(callable(getattr(LogDestination, name)) for name in CP_ENTER.values())

@@ -14,6 +14,31 @@ from .common import (
 from .session import Session
 
 
+class ConsistencyPoint:
+    """Applying a source's filed records through `through` to its image volume: read them from
+    the file, write them in waves (no overlap inside one), flush the images, write the file
+    header past them, flush the file. `stage` is the step whose I/O is in flight; `left` counts
+    that I/O; the first error ends the attempt (the records stay filed; the next signal retries)."""
+    __slots__ = ("records", "data", "left", "waves", "through", "error", "stage")
+
+    def __init__(self, records):
+        self.records = records
+        self.data = {}                    # seq -> the record's data, read from the file
+        self.left = len(records)
+        self.waves = []
+        self.through = records[-1].seq
+        self.error = 0
+        self.stage = "read"
+
+
+# A consistency point's steps, in order. Each step starts its I/O (True) or has none to do
+# (False: the next one starts at once); "write" repeats once per wave.
+CP_NEXT = {"read": "write", "write": "flush", "flush": "header", "header": "header_flush",
+           "header_flush": "done"}
+CP_ENTER = {"write": "_cp_write_images", "flush": "_cp_flush_images", "header": "_cp_write_header",
+            "header_flush": "_cp_flush_header"}
+
+
 class FeedParams:
     """One source as the destination sees it: its pairing, partition, file and image disks."""
 
@@ -53,7 +78,7 @@ class Feed:
         self.cp_count = 0
         self.tail = LF.DATA_START
         self.cp_target = 0
-        self.cp = None                            # the running apply: dict
+        self.cp = None                            # the running consistency point (ConsistencyPoint)
         self.scan_at = LF.DATA_START
         self.scan_wrapped = False
         self.recovered_nvram = None               # entries the NVRAM scan found, until the file scan ends
@@ -419,58 +444,70 @@ class LogDestination(Session):
             if feed.cp_target and feed.applied_seq >= feed.cp_target and feed.link.up:
                 self._ack(feed, msg_type=T.CONSISTENCY_POINT)
             return
-        feed.cp = {"records": records, "data": {}, "left": len(records), "waves": [], "through": records[-1].seq,
-                   "error": 0, "stage": "reading"}
+        feed.cp = ConsistencyPoint(records)
         for r in records:
             self.out.append(A.DiskRead(self._op(("cp_read", (feed, r))), feed.p.journal_disk, r.data_off, r.length))
 
     def _cp_step(self, feed):
+        """The I/O of the consistency point's stage completed: on to the next step (CP_NEXT)."""
         cp = feed.cp
-        if cp["error"]:
-            self.out.append(A.Notify("consistency_point_failed", source=feed.p.name, error=cp["error"]))
+        if cp.error:
+            self.out.append(A.Notify("consistency_point_failed", source=feed.p.name, error=cp.error))
             feed.cp = None                  # the records stay in the file; the next signal retries
             return
-        if cp["stage"] == "read":
-            cp["waves"] = waves(cp["records"])
-            cp["stage"] = "write"
-        if cp["stage"] == "write" and cp["waves"]:
-            wave = cp["waves"].pop(0)
-            cp["left"] = len(wave)
-            for r in wave:
-                self.out.append(A.DiskWrite(self._op(("cp", feed)), feed.p.image_disks[r.lun], r.offset,
-                                            cp["data"][r.seq]))
-            return
-        if cp["stage"] == "write" and self.params.buggify("log_destage_no_flush"):     # (a broken variant)
-            cp["stage"] = "flush"
-        elif cp["stage"] == "write":
-            cp["stage"] = "flush"
-            disks = sorted({feed.p.image_disks[r.lun] for r in cp["records"]})
-            cp["left"] = len(disks)
-            for d in disks:
-                self.out.append(A.DiskFlush(self._op(("cp", feed)), d))
-            return
-        if cp["stage"] == "flush":
-            # the header moves the head past the applied records; they stay in feed.records (and
-            # their file space unused) until the header is durable
-            cp["stage"] = "header"
-            n = len(cp["records"])
-            rest = list(feed.records)[n:]
-            # no record left: the head is where the next one goes, and a tail at the very end of
-            # the ring means its start (seed 412026; see _write_header)
-            head = rest[0].data_off - LF.RECORD_ALIGN if rest else LF.ring_offset(feed.tail, feed.p.journal_bytes)
-            cp["left"] = 1
-            self._write_header(feed, ("cp", feed), cp["through"], head, cp["through"] + 1, feed.cp_count + 1)
-            return
-        if cp["stage"] == "header" and self.params.buggify("log_destage_no_flush"):    # (a broken variant)
-            cp["stage"] = "header_flush"
-        elif cp["stage"] == "header":
-            cp["stage"] = "header_flush"
-            cp["left"] = 1
-            self.out.append(A.DiskFlush(self._op(("cp", feed)), feed.p.journal_disk))
-            return
-        for _ in cp["records"]:
+        if cp.stage == "write" and self._cp_write_wave(feed, cp):
+            return                          # one wave at a time: the next one waits for this one
+        while True:
+            cp.stage = CP_NEXT[cp.stage]
+            if cp.stage == "done":
+                return self._cp_done(feed, cp)
+            if getattr(self, CP_ENTER[cp.stage])(feed, cp):
+                return                      # I/O in flight: its completion steps again
+
+    def _cp_write_images(self, feed, cp):
+        cp.waves = waves(cp.records)
+        return self._cp_write_wave(feed, cp)
+
+    def _cp_write_wave(self, feed, cp):
+        if not cp.waves:
+            return False
+        wave = cp.waves.pop(0)
+        cp.left = len(wave)
+        for r in wave:
+            self.out.append(A.DiskWrite(self._op(("cp", feed)), feed.p.image_disks[r.lun], r.offset, cp.data[r.seq]))
+        return True
+
+    def _cp_flush_images(self, feed, cp):
+        if self.params.buggify("log_destage_no_flush"):     # (a broken variant)
+            return False
+        disks = sorted({feed.p.image_disks[r.lun] for r in cp.records})
+        cp.left = len(disks)
+        for d in disks:
+            self.out.append(A.DiskFlush(self._op(("cp", feed)), d))
+        return True
+
+    def _cp_write_header(self, feed, cp):
+        # the header moves the head past the applied records; they stay in feed.records (and
+        # their file space unused) until the header is durable
+        rest = list(feed.records)[len(cp.records):]
+        # no record left: the head is where the next one goes, and a tail at the very end of
+        # the ring means its start (seed 412026; see _write_header)
+        head = rest[0].data_off - LF.RECORD_ALIGN if rest else LF.ring_offset(feed.tail, feed.p.journal_bytes)
+        cp.left = 1
+        self._write_header(feed, ("cp", feed), cp.through, head, cp.through + 1, feed.cp_count + 1)
+        return True
+
+    def _cp_flush_header(self, feed, cp):
+        if self.params.buggify("log_destage_no_flush"):     # (a broken variant)
+            return False
+        cp.left = 1
+        self.out.append(A.DiskFlush(self._op(("cp", feed)), feed.p.journal_disk))
+        return True
+
+    def _cp_done(self, feed, cp):
+        for _ in cp.records:
             feed.records.popleft()
-        feed.applied_seq = cp["through"]
+        feed.applied_seq = cp.through
         feed.cp_count += 1
         feed.cp = None
         self.stats["consistency_points"] += 1
@@ -516,17 +553,16 @@ class LogDestination(Session):
         elif kind == "cp_read":
             feed, r = what
             cp = feed.cp
-            cp["data"][r.seq] = data
-            cp["error"] = cp["error"] or error
-            cp["left"] -= 1
-            if cp["left"] == 0:
-                cp["stage"] = "read"
+            cp.data[r.seq] = data
+            cp.error = cp.error or error
+            cp.left -= 1
+            if cp.left == 0:
                 self._cp_step(feed)
         elif kind == "cp":
             cp = what.cp
-            cp["error"] = cp["error"] or error
-            cp["left"] -= 1
-            if cp["left"] == 0:
+            cp.error = cp.error or error
+            cp.left -= 1
+            if cp.left == 0:
                 self._cp_step(what)
         elif kind == "read":
             req = what
