@@ -13,7 +13,18 @@ from invoke import task
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TWINCACHE = os.path.join(os.path.dirname(sys.executable), "twincache")
-DEPENDENCIES = ["construct", "crc32c", "cobs", "pyserial", "invoke"]
+
+
+def _dependencies():
+    """The names of the project's runtime dependencies, from pyproject.toml (one list to keep)."""
+    import re
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {_normal(re.split(r"[<>=!~; \[]", d, maxsplit=1)[0]) for d in deps}
+
+
+def _normal(name):
+    return name.strip().lower().replace("_", "-")
 
 
 @task(help={"config": "the board's controller config (TOML), the one its bundles carry",
@@ -34,7 +45,8 @@ def bundle(c, key, config, out="build/twincache.tcb", wheels="build/wheels", bui
     wheel_dir.mkdir(parents=True, exist_ok=True)
     c.run(f"{sys.executable} -m pip wheel --no-deps -w {wheel_dir} {ROOT}")
     pins = c.run(f"{sys.executable} -m pip freeze", hide=True).stdout.splitlines()
-    pinned = [line for line in pins if line.split("==")[0].lower() in DEPENDENCIES]
+    wanted = _dependencies()
+    pinned = [line for line in pins if _normal(line.split("==")[0]) in wanted]
     c.run(f"{sys.executable} -m pip wheel --no-deps -w {wheel_dir} " + " ".join(pinned))
     ours = sorted(wheel_dir.glob("twincache-*.whl"))[-1]
     deps = " ".join(f"--dep {p}" for p in sorted(wheel_dir.glob("*.whl")) if p != ours)
