@@ -20,6 +20,7 @@ from firmware.replica import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
 
 from hal.interpret import Effects, interpreter
+from hal.sim.rig import PairRig
 from hal.sim.voldisk import VolatileDisk, new_nvram, power_on
 
 KEY = bytes(range(32))
@@ -30,7 +31,7 @@ def split_frames(buffers):
     return _split(b"".join(bytes(b) for b in buffers))
 
 
-class MemReplicaPair:
+class MemReplicaPair(PairRig):
     def __init__(self, luns=2, lun_size=1 << 20, nvram_size=4 << 20, block_size=4096, ack="cache",
                  range_bytes=64 << 10, auto_promote_after_ms=0, resync_rate_bytes_s=0, seed=0, **params):
         self.lun_size = lun_size
@@ -96,19 +97,6 @@ class MemReplicaPair:
         for disk in self.disks[i]:
             disk.crash(i, self.rng, worst)
 
-    def run(self, i, actions):
-        side = self.sides[i]
-        done, outer = collections.deque(), side.done
-        side.done = done
-        try:
-            side.execute(actions)
-            while done:
-                if self.ctrl[i] is None:
-                    return
-                side.execute(self.ctrl[i].disk_done(*done.popleft()))
-        finally:
-            side.done = outer
-
     def stall(self, sides=(0, 1)):
         """The disks of `sides` hang: reads, writes and flushes park, unanswered, until unstall()."""
         self.stalled, self.stalled_sides = [], tuple(sides)
@@ -158,35 +146,6 @@ class MemReplicaPair:
         for i in range(2):
             self.run(i, self.ctrl[i].link_connected(bytes([i + 1]) * 32, self.now_ms))
         self.deliver()
-
-    def disconnect(self):
-        self.wire[0].clear()
-        self.wire[1].clear()
-        for i in range(2):
-            if self.ctrl[i] is not None and self.ctrl[i].link.state != "down":
-                self.run(i, self.ctrl[i].link_disconnected("cut"))
-
-    def deliver(self, limit=1_000_000):
-        while (self.wire[0] or self.wire[1]) and limit:
-            for i in range(2):
-                if self.wire[i] and self.ctrl[i] is not None:
-                    self.run(i, self.ctrl[i].link_frame(self.wire[i].popleft(), self.now_ms))
-                    limit -= 1
-
-    def write(self, i, req, lun, offset, data, fua=False):
-        self.run(i, self.ctrl[i].host_write(req, lun, offset, data, fua))
-
-    def read(self, i, req, lun, offset, length):
-        self.run(i, self.ctrl[i].host_read(req, lun, offset, length))
-        return self.replies.get(req)
-
-    def tick(self, ms, steps=1):
-        for _ in range(steps):
-            self.now_ms += ms
-            for i in range(2):
-                if self.ctrl[i] is not None:
-                    self.run(i, self.ctrl[i].tick(self.now_ms))
-            self.deliver()
 
     def settle(self, ms=2000):
         """Let both destage everything (idle flush) and the record messages flow."""

@@ -1,0 +1,55 @@
+"""What the two-controller in-memory rigs share: fixtures/mempair.py (ha mode) and
+hal/sim/replicarig.py (replica mode, bitmap variant).
+
+The link is two queues of whole frames and disk I/O completes at once. Each controller's
+actions go through its side's Effects (hal/interpret.py); a side collects the disk
+completions of the run going on, and they are fed back after the whole list, in order.
+A subclass sets `ctrl`, `wire`, `sides`, `replies` and `now_ms`.
+"""
+import collections
+
+
+class PairRig:
+    def run(self, i, actions):
+        """Carry out actions in order; disk completions are fed back after the whole list."""
+        side = self.sides[i]
+        done, outer = collections.deque(), side.done
+        side.done = done
+        try:
+            side.execute(actions)
+            while done:
+                ctrl = self.ctrl[i]
+                if ctrl is None:
+                    return
+                side.execute(ctrl.disk_done(*done.popleft()))
+        finally:
+            side.done = outer
+
+    def disconnect(self):
+        self.wire[0].clear()
+        self.wire[1].clear()
+        for i in range(2):
+            if self.ctrl[i] is not None and self.ctrl[i].link.state != "down":
+                self.run(i, self.ctrl[i].link_disconnected("cut"))
+
+    def deliver(self, limit=1_000_000):
+        while (self.wire[0] or self.wire[1]) and limit:
+            for i in range(2):
+                if self.wire[i] and self.ctrl[i] is not None:
+                    self.run(i, self.ctrl[i].link_frame(self.wire[i].popleft(), self.now_ms))
+                    limit -= 1
+
+    def write(self, i, req, lun, offset, data, fua=False):
+        self.run(i, self.ctrl[i].host_write(req, lun, offset, data, fua))
+
+    def read(self, i, req, lun, offset, length):
+        self.run(i, self.ctrl[i].host_read(req, lun, offset, length))
+        return self.replies.get(req)
+
+    def tick(self, ms, steps=1):
+        for _ in range(steps):
+            self.now_ms += ms
+            for i in range(2):
+                if self.ctrl[i] is not None:
+                    self.run(i, self.ctrl[i].tick(self.now_ms))
+            self.deliver()
