@@ -83,11 +83,7 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    by a later claim over the owner's newer write-through. Our own cached lines
    of the LUN (kept from before the claim we were overruling, or recovered by
    a restart inside our claim) are judged by it too, as a fenced owner's are
-   (step 4): held under a claim still CLAIMED, forgotten otherwise. A claim
-   that ends while the partner is linked resends everything once its replay is
-   done: the partner's own claim, lost to ours, may have kept copies of our
-   lines under a verdict our CLAIMED record could not give, and it frees every
-   copy not resent (firmware/mirrorsync.py, the takeover event).
+   (step 4): held under a claim still CLAIMED, forgotten otherwise.
    While we claim or replay, our mirror blocks of the LUN are the data we
    write out, and the old owner's cache may have reused their numbers (a
    version replaced by a write that then failed is freed there): a mirror
