@@ -14,10 +14,6 @@ States:
 Events:
 - link_up: a session came up (the resync starts).
 - solo: one of our LUNs went solo, at a new generation.
-- takeover: our takeover of a LUN completed while the partner was linked: its mirror may hold
-  copies of lines of ours from before the claim it lost, which our replay has made durable or
-  overwritten; everything is resent, and the partner frees what is not (seed 1201964 at 1,000
-  steps: the partner's claim, abandoned to ours, kept three such copies for good).
 - sync_done: the partner answered our SYNC_DONE.
 - link_down: the session ended.
 
@@ -28,23 +24,19 @@ in the table cannot happen: a session comes up only after the last one ended.
 
 DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED = "down", "resyncing", "resync_again", "mirrored"
 STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED)
-EVENTS = ("link_up", "solo", "takeover", "sync_done", "link_down")
+EVENTS = ("link_up", "solo", "sync_done", "link_down")
 
 TRANSITIONS = {
     (DOWN, "link_up"): RESYNCING,
     (DOWN, "solo"): DOWN,
-    (DOWN, "takeover"): DOWN,
     (DOWN, "link_down"): DOWN,
     (RESYNCING, "solo"): RESYNC_AGAIN,
-    (RESYNCING, "takeover"): RESYNC_AGAIN,
     (RESYNCING, "sync_done"): MIRRORED,
     (RESYNCING, "link_down"): DOWN,
     (RESYNC_AGAIN, "solo"): RESYNC_AGAIN,
-    (RESYNC_AGAIN, "takeover"): RESYNC_AGAIN,
     (RESYNC_AGAIN, "sync_done"): RESYNCING,     # resent from the start
     (RESYNC_AGAIN, "link_down"): DOWN,
     (MIRRORED, "solo"): MIRRORED,               # nothing the partner holds is older: no resync ran
-    (MIRRORED, "takeover"): RESYNCING,          # resent now: the partner frees what is not
     (MIRRORED, "sync_done"): MIRRORED,          # an answer to no resync of ours: nothing changes
     (MIRRORED, "link_down"): DOWN,
 }

@@ -9,7 +9,6 @@ serves. The old owner's side of a claim is here too: lines it holds, unused,
 while a claim is not yet confirmed.
 """
 from . import actions as A
-from . import mirrorsync as MS
 from .cache import SECTOR_BYTES
 from .ownership import Own, REPLAY_RETRY_MS
 from .formats import reservation as R
@@ -412,9 +411,6 @@ class TakeoverMixin:
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
         f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
-            self.sync_state = MS.next_state(self.sync_state, "takeover")
-            if self.sync_state == MS.RESYNCING:
-                self._start_resync()            # firmware/mirrorsync.py: takeover
             self._read_record(f)
             return Own.STARTING
         return Own.SOLO

@@ -633,18 +633,6 @@ def test_a_claim_abandoned_to_another_owner_judges_its_own_lines():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
-def test_a_takeover_done_while_linked_resends_so_the_partner_frees_old_copies():
-    """Fixed (seed 1201964 at 1000 steps, found by the sweep of 1200000-1201999 on the tree of
-    the fix for 1012966): a restarted in its claim of lun1, and the resync's verdict on its
-    copies of b's lines was deferred to its own state, CLAIMING, so it kept them; its claim was
-    then abandoned to b's, still CLAIMED, which voids nothing. b replayed (its own lines of
-    those keys were on disk already) and finished the takeover with the link up: a's mirror kept
-    three copies b no longer held, which a's next takeover would have replayed. A takeover
-    finished while linked resends everything now, and the partner frees what is not resent."""
-    result = run_seed(1201964, steps=1000)
-    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
-
-
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}
