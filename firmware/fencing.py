@@ -83,7 +83,12 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    by a later claim over the owner's newer write-through. Our own cached lines
    of the LUN (kept from before the claim we were overruling, or recovered by
    a restart inside our claim) are judged by it too, as a fenced owner's are
-   (step 4): held under a claim still CLAIMED, forgotten otherwise.
+   (step 4): held under a claim still CLAIMED, forgotten otherwise. A
+   partner whose claim was abandoned to ours while it still stood CLAIMED
+   voids nothing at that read, and may keep copies of our lines from before
+   that our replay then made durable: a takeover of ours that finishes with
+   the link up resends every line (firmware/mirrorsync.py: resending), and
+   the partner frees every copy not resent.
    While we claim or replay, our mirror blocks of the LUN are the data we
    write out, and the old owner's cache may have reused their numbers (a
    version replaced by a write that then failed is freed there): a mirror

@@ -10,10 +10,16 @@ States:
   partner answers SYNC_DONE, everything is resent once more, and the partner frees every
   line not resent (seed 13790 at 300 steps: an old line kept while the owner was mirrored).
 - mirrored: the partner answered SYNC_DONE; its mirror holds every dirty line of ours.
+- resending: mirrored, and everything is being resent once more after a takeover of ours finished
+  while the partner was linked: its mirror may hold copies of lines of ours from before the claim
+  it lost, which our replay made durable or overwrote; it frees what is not resent (seed 1201964
+  at 1,000 steps: the partner's claim, abandoned to ours, kept three such copies for good). The
+  pair stays mirrored and serving meanwhile: the end of a resend re-reads no record.
 
 Events:
 - link_up: a session came up (the resync starts).
 - solo: one of our LUNs went solo, at a new generation.
+- takeover: our takeover of a LUN finished while the partner was linked.
 - sync_done: the partner answered our SYNC_DONE.
 - link_down: the session ended.
 
@@ -22,23 +28,31 @@ transition means (send the resync, unpin its lines, tell the LUNs). A pair not
 in the table cannot happen: a session comes up only after the last one ended.
 """
 
-DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED = "down", "resyncing", "resync_again", "mirrored"
-STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED)
-EVENTS = ("link_up", "solo", "sync_done", "link_down")
+DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED, RESENDING = "down", "resyncing", "resync_again", "mirrored", "resending"
+STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED, RESENDING)
+EVENTS = ("link_up", "solo", "takeover", "sync_done", "link_down")
 
 TRANSITIONS = {
     (DOWN, "link_up"): RESYNCING,
     (DOWN, "solo"): DOWN,
+    (DOWN, "takeover"): DOWN,
     (DOWN, "link_down"): DOWN,
     (RESYNCING, "solo"): RESYNC_AGAIN,
+    (RESYNCING, "takeover"): RESYNC_AGAIN,
     (RESYNCING, "sync_done"): MIRRORED,
     (RESYNCING, "link_down"): DOWN,
     (RESYNC_AGAIN, "solo"): RESYNC_AGAIN,
+    (RESYNC_AGAIN, "takeover"): RESYNC_AGAIN,
     (RESYNC_AGAIN, "sync_done"): RESYNCING,     # resent from the start
     (RESYNC_AGAIN, "link_down"): DOWN,
     (MIRRORED, "solo"): MIRRORED,               # nothing the partner holds is older: no resync ran
+    (MIRRORED, "takeover"): RESENDING,
     (MIRRORED, "sync_done"): MIRRORED,          # an answer to no resync of ours: nothing changes
     (MIRRORED, "link_down"): DOWN,
+    (RESENDING, "solo"): RESYNC_AGAIN,
+    (RESENDING, "takeover"): RESYNC_AGAIN,
+    (RESENDING, "sync_done"): MIRRORED,
+    (RESENDING, "link_down"): DOWN,
 }
 
 
@@ -53,5 +67,5 @@ def next_state(state, event):
         raise MirrorSyncError(f"mirroring: {event} cannot happen in state {state}") from None
 
 
-__all__ = ["DOWN", "RESYNCING", "RESYNC_AGAIN", "MIRRORED", "STATES", "EVENTS", "TRANSITIONS",
+__all__ = ["DOWN", "RESYNCING", "RESYNC_AGAIN", "MIRRORED", "RESENDING", "STATES", "EVENTS", "TRANSITIONS",
            "MirrorSyncError", "next_state"]

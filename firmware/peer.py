@@ -291,7 +291,9 @@ class PeerMixin:
                 self._unpin_resync(mirrored=False)
                 self._start_resync()
                 return
-            if state == MS.RESYNCING:
+            if state == MS.RESENDING:           # mirrored all along: nothing to re-read
+                self._unpin_resync(mirrored=True)
+            elif state == MS.RESYNCING:
                 self._unpin_resync(mirrored=True)
                 self.out.append(A.Notify("mirrored", generation=self.generation))
                 if self.fence is not None:

@@ -9,6 +9,7 @@ serves. The old owner's side of a claim is here too: lines it holds, unused,
 while a claim is not yet confirmed.
 """
 from . import actions as A
+from . import mirrorsync as MS
 from .cache import SECTOR_BYTES
 from .ownership import Own, REPLAY_RETRY_MS
 from .formats import reservation as R
@@ -411,6 +412,9 @@ class TakeoverMixin:
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
         f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
+            self.sync_state = MS.next_state(self.sync_state, "takeover")
+            if self.sync_state == MS.RESENDING:
+                self._start_resync()            # firmware/mirrorsync.py: resending
             self._read_record(f)
             return Own.STARTING
         return Own.SOLO

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from firmware.ownership import EVENTS, FenceError, Own, STATES, TRANSITIONS
+from firmware import mirrorsync as MS
 from firmware.formats import reservation as R
 from fixtures.mempair import MemPair
 
@@ -709,3 +710,35 @@ def test_a_claim_abandoned_to_another_owner_judges_its_own_lines_of_the_lun():
     assert f.state == Own.SOLO
     p.read(1, "r", 1, 0, BS)
     assert p.replies["r"] == (0, b"n" * BS)
+
+
+def test_a_takeover_done_while_linked_resends_everything_and_keeps_serving():
+    # a's claim of lun1 was abandoned to b's; a kept its copies of b's lines from before (their
+    # verdict was deferred to a's own claim, then judged against b's claim still CLAIMED). b's
+    # replay made those lines durable, and b finished its takeover with the link up: nothing
+    # told a, whose mirror kept three copies b no longer held (seed 1201964 at 1,000 steps).
+    # A takeover finished while linked resends everything; the partner frees what is not. The
+    # pair stays mirrored meanwhile, and the resend's end re-reads no record (a full resync's
+    # does, and hosts got EIO while b's LUNs re-read theirs).
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    p.write(1, "w", 1, 0, b"w" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    line = next(iter(b.cache.lines.values()))
+    assert a.mirror.view.get(line.key) == line.block
+    b.cache.remove_current(line)                 # on disk, its flush-done lost: a's copy is old now
+    line.dead = True
+    b._maybe_free(line)
+    starts = sum(kind == "resync_start" for kind, _ in p.notes[1])
+    f = b.fence[1]
+    f.state = b._takeover_done(f)
+    assert b.sync_state == MS.RESENDING and b.mirroring
+    p.run(1, b._take())
+    p.deliver()
+    for _ in range(5):
+        p.tick(10)
+    assert sum(kind == "resync_start" for kind, _ in p.notes[1]) == starts + 1
+    assert b.sync_state == MS.MIRRORED and f.state == Own.OWNER
+    assert b.fence[0].state != Own.STARTING and a.fence[0].state == Own.OWNER
+    assert line.key not in a.mirror.view

@@ -633,18 +633,21 @@ def test_a_claim_abandoned_to_another_owner_judges_its_own_lines():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_takeover_done_while_linked_resends_so_the_partner_frees_old_copies():
+    """Fixed (seed 1201964 at 1000 steps, found by the sweep of 1200000-1201999 on 508b65c): a
+    restarted in its claim of lun1, and the resync's verdict on its copies of b's lines was
+    deferred to its own state, CLAIMING, so it kept them; the claim was then abandoned to b's,
+    still CLAIMED, which voids nothing. b replayed (its own lines of those keys were on disk
+    already) and finished its takeover with the link up: a's mirror kept three copies b no
+    longer held, which a's next takeover would have replayed. A takeover finished while linked
+    resends everything now, still mirrored and serving, and the partner frees what is not resent."""
+    result = run_seed(1201964, steps=1000)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
-OPEN_SEEDS = {300: {}, 1000: {          # steps -> {seed: what is known of it}
-    1201964: "found by the 1000-step sweep of 1200000-1201999 (tree 508b65c): a restarted in its "
-             "claim of lun1; the resync's verdict on its copies of b's lines was deferred to its own "
-             "state, CLAIMING, so it kept them, and the claim was then abandoned to b's, still "
-             "CLAIMED, which voids nothing. b's replay made those lines durable and b finished its "
-             "takeover with the link up, so nothing told a: a's mirror keeps 3 copies b no longer "
-             "holds, which a's next takeover would replay over newer data. A resync after such a "
-             "takeover fixes the seed, but the resync's end re-read every LUN's record on the owner "
-             "and hosts got EIO meanwhile (two CI tests); a resend that keeps serving is the fix to make",
-}}
+OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}
 
 
 @pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS")
