@@ -8,7 +8,10 @@ the same functions. Exit status 1 if any seed failed. Fencing (dynamic
 ownership through reservation records) is on unless `--static` asks for the
 old static ownership (lun % 2). `--mode replica` simulates replica mode:
 `--variant bitmap` (hal/sim/replica.py, the default) or `--variant log`
-(hal/sim/log.py). `--jobs N` runs seeds in N processes (the same results, in
+(hal/sim/log.py). ha mode runs production's batched link output (one
+flush_link per loop turn, as the runtime does); `--unbatched` runs the
+firmware's per-call default, as the seeds kept from before it replay.
+`--jobs N` runs seeds in N processes (the same results, in
 seed order). `--catch` prints, for every deliberately broken variant of every
 mode, in how many of the seeds the checkers caught it.
 """
@@ -26,12 +29,12 @@ from hal.sim.replica import run_replica_seed
 VARIANT = {"variant": "bitmap"}          # replica mode: which variant's simulator (set by main)
 
 
-def _run(seed, mode, steps, broken, fencing, variant=None):
+def _run(seed, mode, steps, broken, fencing, variant=None, batched=True):
     if mode == "replica":
         if (variant or VARIANT["variant"]) == "log":
             return run_log_seed(seed, steps, broken)
         return run_replica_seed(seed, steps, broken)
-    return run_seed(seed, mode, steps, broken, fencing)
+    return run_seed(seed, mode, steps, broken, fencing, batched)
 
 
 class _Done:
@@ -46,8 +49,8 @@ class _Done:
 
 
 def _job(args):
-    seed, mode, steps, broken, fencing, variant = args
-    return _Done(seed, _run(seed, mode, steps, broken, fencing, variant))
+    seed, mode, steps, broken, fencing, variant, batched = args
+    return _Done(seed, _run(seed, mode, steps, broken, fencing, variant, batched))
 
 
 def _results(tasks, jobs):
@@ -59,8 +62,8 @@ def _results(tasks, jobs):
         yield from pool.imap(_job, tasks, chunksize=2)
 
 
-def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout, fencing=True):
-    result = _run(seed, mode, steps, broken, fencing)
+def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout, fencing=True, batched=True):
+    result = _run(seed, mode, steps, broken, fencing, batched=batched)
     print(f"seed {seed}: {'ok' if result.ok else 'FAILED'}  trace {result.trace_hash}", file=out)
     print("  " + " ".join(f"{k}={v}" for k, v in sorted(result.stats.items())), file=out)
     if not result.ok:
@@ -69,11 +72,12 @@ def run_one(seed, mode="ha", steps=300, broken=None, out=sys.stdout, fencing=Tru
 
 
 def sweep(seeds, start=0, mode="ha", steps=300, broken=None, out=sys.stdout, progress_every=50, fencing=True,
-          jobs=1):
+          jobs=1, batched=True):
     """Run seeds start..start+seeds-1; return (failed results, summary dict)."""
     failed, ops, events = [], 0, 0
     t0 = time.perf_counter()
-    tasks = [(seed, mode, steps, broken, fencing, VARIANT["variant"]) for seed in range(start, start + seeds)]
+    tasks = [(seed, mode, steps, broken, fencing, VARIANT["variant"], batched)
+             for seed in range(start, start + seeds)]
     for n, result in enumerate(_results(tasks, jobs), 1):
         ops += result.ops
         events += result.events
@@ -99,14 +103,14 @@ def broken_variants():
             + [("replica", "log", s) for s in LOG_BROKEN_SITES])
 
 
-def catch_rates(seeds=100, start=0, steps=300, jobs=1, out=sys.stdout, only=None):
+def catch_rates(seeds=100, start=0, steps=300, jobs=1, out=sys.stdout, only=None, batched=True):
     """For each broken variant, in how many of seeds start..start+seeds-1 a checker caught it."""
     rates = {}
     for mode, variant, site in broken_variants():
         if only and site not in only:
             continue
         t0 = time.perf_counter()
-        tasks = [(seed, mode, steps, site, True, variant) for seed in range(start, start + seeds)]
+        tasks = [(seed, mode, steps, site, True, variant, batched) for seed in range(start, start + seeds)]
         caught = [r.seed for r in _results(tasks, jobs) if not r.ok]
         rates[site] = len(caught)
         where = mode if mode == "ha" else f"replica/{variant}"
@@ -127,12 +131,15 @@ def main(argv=None):
     ap.add_argument("--broken", choices=BROKEN_SITES + LOG_BROKEN_SITES + REPLICA_BROKEN_SITES,
                     help="run a deliberately broken firmware variant (log_*, replica_*: replica mode)")
     ap.add_argument("--static", action="store_true", help="static ownership (lun %% 2), fencing off")
+    ap.add_argument("--unbatched", action="store_true",
+                    help="ha mode: link output per entry-point call, not per loop turn (as kept seeds ran)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for a sweep")
     ap.add_argument("--catch", action="store_true",
                     help="catch rate of every broken variant over the seeds (--seeds, --start, --steps)")
     args = ap.parse_args(argv)
     if args.catch:
-        catch_rates(args.seeds, args.start, args.steps, args.jobs, only=[args.broken] if args.broken else None)
+        catch_rates(args.seeds, args.start, args.steps, args.jobs, only=[args.broken] if args.broken else None,
+                    batched=not args.unbatched)
         return 0
     VARIANT["variant"] = args.variant
     if args.broken:
@@ -141,9 +148,10 @@ def main(argv=None):
         if args.broken not in sites:
             ap.error(f"--broken {args.broken} belongs to another mode or variant")
     if args.seed is not None:
-        return 0 if run_one(args.seed, args.mode, args.steps, args.broken, fencing=not args.static).ok else 1
+        return 0 if run_one(args.seed, args.mode, args.steps, args.broken, fencing=not args.static,
+                            batched=not args.unbatched).ok else 1
     failed, summary = sweep(args.seeds, args.start, args.mode, args.steps, args.broken, fencing=not args.static,
-                            jobs=args.jobs)
+                            jobs=args.jobs, batched=not args.unbatched)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 1 if failed else 0
 

@@ -396,7 +396,10 @@ class FaultSchedule:
             if not all(n.alive for n in nodes) or not sim.link.up:
                 return False
             # Heartbeats never stop; every other frame sent has been received and acknowledged.
+            # Batched, flush-begin and flush-done references wait for a tick or other frames to
+            # ride with: quiet once they went too.
             return all(n.ctrl.mirroring and not n.ctrl.pending and not n.ctrl.forwarder.inflight
+                       and not n.ctrl.flush_begin_refs and not n.ctrl.flush_done_refs
                        and all(e.type == HEARTBEAT for e in n.ctrl.link.unacked)
                        and not n.ctrl.link.data_queue and not n.ctrl.mirror.group
                        and not n.ctrl.mirror.undecided for n in nodes) and (

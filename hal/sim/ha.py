@@ -86,13 +86,14 @@ class Node:
 
 
 class SimResult:
-    def __init__(self, seed, mode, steps, broken, ok, failure, trace_hash, stats, fencing=True):
+    def __init__(self, seed, mode, steps, broken, ok, failure, trace_hash, stats, fencing=True, batched=True):
         self.seed = seed
         self.ok = ok
         self.failure = failure
         self.trace_hash = trace_hash
         self.stats = stats
-        flags = (f" --broken {broken}" if broken else "") + ("" if fencing else " --static")
+        flags = ((f" --broken {broken}" if broken else "") + ("" if fencing else " --static")
+                 + ("" if batched else " --unbatched"))
         self.replay = f"inv sim --seed {seed} --mode {mode} --steps {steps}{flags}"
 
     def __repr__(self):
@@ -100,7 +101,7 @@ class SimResult:
 
 
 class Sim:
-    def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None, fencing=True):
+    def __init__(self, seed, mode="ha", steps=300, broken=None, overrides=None, fencing=True, batched=True):
         if mode != "ha":
             raise ValueError(f"mode {mode!r}: this simulator runs ha mode; replica mode (the NVRAM-log "
                              f"variant) runs in hal/sim/log.py")
@@ -108,6 +109,8 @@ class Sim:
         assert fencing or broken not in FENCE_SITES, f"{broken} needs fencing on"
         self.seed, self.mode, self.steps, self.broken = seed, mode, steps, broken
         self.fencing = fencing
+        self.batched = batched
+        self.unflushed = set()             # controllers handed an event since their last flush_link
         root = random.Random(seed)
         self.rng = {name: random.Random(root.getrandbits(64))
                     for name in ("plan", "sched", "nvram", "disk", "link", "work", "fault", "buggify", "fence")}
@@ -145,7 +148,8 @@ class Sim:
                       idle_flush_ms=p.idle_flush_ms, high_watermark=p.high_watermark,
                       low_watermark=p.high_watermark / 2, destage_inflight_max=p.destage_inflight_max,
                       data_window_bytes=p.data_window_bytes, buggify=self._buggify, fencing=self.fencing,
-                      renew_interval_ms=p.renew_ms, lease_ms=p.lease_ms, takeover_wait_ms=p.takeover_wait_ms)
+                      renew_interval_ms=p.renew_ms, lease_ms=p.lease_ms, takeover_wait_ms=p.takeover_wait_ms,
+                      batch_link_output=self.batched)
 
     def _buggify(self, site):
         """FoundationDB-style: a site enabled for this run fires with its seeded probability."""
@@ -188,6 +192,18 @@ class Sim:
         self.events += 1
         self.trace.update(b"%d %d %s;" % (t, node, fn.__name__.encode()))
         fn(*args)
+        if self.unflushed:
+            self._end_turn()
+
+    def _end_turn(self):
+        """The end of a loop turn, as the runtime has it (hal/runtime/loop.py `_flush`): a
+        controller handed anything during this event sends the turn's link frames together and
+        starts its batched destage flushes (batch_link_output, production's setting)."""
+        for i in sorted(self.unflushed):
+            ctrl = self.nodes[i].ctrl
+            if ctrl is not None:
+                self.executors[i](ctrl.flush_link())
+        self.unflushed.clear()
 
     def run_until(self, done, limit_us, what):
         deadline = self.now_us + limit_us
@@ -281,6 +297,8 @@ class Sim:
 
     def execute(self, i, actions):
         self.executors[i](actions)
+        if self.batched:
+            self.unflushed.add(i)
 
     def _check_quiet_claim(self, i, ctrl, act):
         """Step 2 of the argument in firmware/fencing.py, judged on the shared record: a claim over
@@ -554,8 +572,11 @@ class Sim:
         if self.split is not None:
             stats["serving_acts"] = self.split.acts
         return SimResult(self.seed, self.mode, self.steps, self.broken, failure is None, failure,
-                         self.trace.hexdigest(), stats, self.fencing)
+                         self.trace.hexdigest(), stats, self.fencing, self.batched)
 
 
-def run_seed(seed, mode="ha", steps=300, broken=None, fencing=True) -> SimResult:
-    return Sim(seed, mode, steps, broken, fencing=fencing).run()
+def run_seed(seed, mode="ha", steps=300, broken=None, fencing=True, batched=True) -> SimResult:
+    """batched=False: link output and destage flushes per entry-point call (the firmware's
+    default), as the simulator ran before it took production's batched setting; the seeds
+    kept from then replay with it."""
+    return Sim(seed, mode, steps, broken, fencing=fencing, batched=batched).run()

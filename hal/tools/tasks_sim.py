@@ -4,6 +4,7 @@
   inv sim --seed N [--mode ha] [--steps K] [--broken SITE]   replay one seed
   inv sim --seeds 1000 [--start S] [--mode ha|replica] [--variant bitmap|log] [--steps K]   sweep
   add --static for static ownership (lun % 2, fencing off); fencing is the default
+  add --unbatched for link output per entry-point call (how the seeds kept before ran)
 """
 from invoke import task
 
@@ -11,15 +12,17 @@ from invoke import task
 @task(help={"seed": "replay this one seed (prints its trace hash)", "seeds": "sweep this many seeds",
             "start": "first seed of a sweep", "mode": "ha or replica", "variant": "replica mode: bitmap (default) or log",
             "steps": "host operations per run", "broken": "a deliberately broken firmware variant",
-            "static": "static ownership (lun % 2), fencing off", "jobs": "worker processes for a sweep"})
+            "static": "static ownership (lun % 2), fencing off", "jobs": "worker processes for a sweep",
+            "unbatched": "ha: link output per entry-point call, not per loop turn"})
 def sim(c, seed=None, seeds=100, start=0, mode="ha", variant="bitmap", steps=300, broken=None, static=False,
-        jobs=1):
+        jobs=1, unbatched=False):
     """Deterministic simulation of the pair with faults; failures print their replay command."""
     from hal.sim import cli as sim_cli
     argv = ["--mode", mode, "--variant", variant, "--steps", str(steps)]
     argv += ["--seed", str(seed)] if seed is not None else ["--seeds", str(seeds), "--start", str(start)]
     argv += ["--broken", broken] if broken else []
     argv += ["--static"] if static else []
+    argv += ["--unbatched"] if unbatched else []
     argv += ["--jobs", str(jobs)]
     code = sim_cli.main(argv)
     if code:
