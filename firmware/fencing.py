@@ -141,12 +141,17 @@ class FenceMixin:
 
     def _own_event(self, f, event, *args):
         try:
-            handler, next_state = TRANSITIONS[(f.state, event)]
+            handler, next_state, others = TRANSITIONS[(f.state, event)]
         except KeyError:
             raise FenceError(f"lun{f.lun}: {event} not allowed in state {f.state}") from None
         before = f.state
         result = getattr(self, handler)(f, *args)
+        if result is not None and result != next_state and result not in others:
+            raise FenceError(f"lun{f.lun}: {event} in state {before} led to {result}, which the table "
+                             f"does not allow")
         f.state = result or next_state
+        if f.state is None:
+            raise FenceError(f"lun{f.lun}: {handler} chose no next state for {event} in state {before}")
         if before == Own.STARTING and f.state != Own.STARTING and not (
                 f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f)):
             for r in self.mirror.settle(f.lun, keep=f.state == Own.CLAIMING):

@@ -108,3 +108,23 @@ def test_the_loop_check_sees_a_loop_made_by_a_name(tmp_path):
     (tmp_path / "hal" / "b.py").write_text("from hal.a import x\n")
     (tmp_path / "hal" / "c.py").write_text("from . import a\n")
     assert import_loops(import_graph(tmp_path, ("hal",))) == [["hal.a", "hal.b"]]
+
+
+MODULE_LINES_MAX = 600          # a module this long holds more than one part: split it
+
+
+def long_modules(root, limit=MODULE_LINES_MAX):
+    return sorted((str(p.relative_to(root)), n) for package in PACKAGES
+                  for p in (root / package).rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > limit)
+
+
+def test_no_product_module_is_over_600_lines():
+    assert long_modules(ROOT) == []
+
+
+def test_the_length_check_sees_a_long_module(tmp_path):
+    (tmp_path / "hal").mkdir()
+    (tmp_path / "hal" / "big.py").write_text("x = 1\n" * (MODULE_LINES_MAX + 1))
+    (tmp_path / "hal" / "small.py").write_text("x = 1\n" * MODULE_LINES_MAX)
+    assert long_modules(tmp_path) == [("hal/big.py", MODULE_LINES_MAX + 1)]

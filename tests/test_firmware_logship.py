@@ -548,8 +548,9 @@ def test_the_destination_never_writes_a_file_header_its_recovery_would_not_read_
 
 
 def test_the_consistency_point_steps_form_one_chain_and_each_has_its_step():
-    """firmware/logship/destination.py: read, write (per wave), flush, header, header_flush, done."""
-    from firmware.logship.destination import CP_ENTER, CP_NEXT, LogDestination
+    """firmware/logship/feed.py: read, write (per wave), flush, header, header_flush, done."""
+    from firmware.logship.destination import LogDestination
+    from firmware.logship.feed import CP_ENTER, CP_NEXT
     chain, stage = [], "read"
     while stage != "done":
         chain.append(stage)

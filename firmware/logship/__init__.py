@@ -34,5 +34,5 @@ session, NVRAM log partition, file and image volume.
 
 Modules: common.py (settings, the NVRAM log and its partitions), session.py
 (the link entry points both ends share), source.py (LogSource) and
-destination.py (LogDestination, its feeds).
+destination.py (LogDestination) with feed.py (its feeds and consistency points).
 """

@@ -12,7 +12,8 @@ one; Transmit and LinkReset actions name the port they belong to.
 from __future__ import annotations
 
 from firmware.logship.common import LogParams
-from firmware.logship.destination import FeedParams, LogDestination
+from firmware.logship.destination import LogDestination
+from firmware.logship.feed import FeedParams
 from firmware.logship.source import LogSource
 
 import hal.host.nbd as NBD

@@ -20,7 +20,8 @@ from firmware import actions as A
 from firmware.params import nvram_is_blank
 from firmware.formats import frame as F
 from firmware.logship.common import DEST_ID, LogParams, SOURCE_ID
-from firmware.logship.destination import FeedParams, LogDestination
+from firmware.logship.destination import LogDestination
+from firmware.logship.feed import FeedParams
 from firmware.logship.source import LogSource
 
 from hal.interpret import Effects, interpreter
