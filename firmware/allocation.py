@@ -25,7 +25,7 @@ Rules:
 """
 from . import actions as A
 from .cache import LUN_SHIFT
-from .ownership import SERVING
+from .ha.ownership import SERVING
 from .formats import FormatError
 from .formats import messages as M
 
@@ -70,7 +70,7 @@ class AllocationMixin:
         else:
             self._all_data(req, length)
 
-    _forwards_block_status = True         # replica mode asks nobody (firmware/replica.py)
+    _forwards_block_status = True         # replica mode asks nobody (firmware/replica/controller.py)
 
     def _all_data(self, req, length):
         self.stats["block_status_all_data"] += 1

@@ -35,10 +35,10 @@ from .link import LinkSession, unpack_body
 from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
-from .fencing import FenceMixin
-from .ownership import OWNING, Own
-from .handover import HandoverMixin
-from .takeover import TakeoverMixin
+from .ha.fencing import FenceMixin
+from .ha.ownership import OWNING, Own
+from .ha.handover import HandoverMixin
+from .ha.takeover import TakeoverMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
 from .forwarding import ForwardEntry, Forwarder

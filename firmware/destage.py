@@ -26,7 +26,7 @@ one per line (with batch_link_output the flushes go out once per loop turn).
 from . import actions as A
 from .allocation import AllocOp
 from .cache import SECTOR_BYTES, dirty_runs
-from .ownership import RecordOp
+from .ha.ownership import RecordOp
 from .link import LinkProtocolError
 
 EIO = 5

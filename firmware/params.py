@@ -33,7 +33,7 @@ class Params:
         self.waiting_max = waiting_max
         self.buggify = buggify or (lambda site: False)
         self.buggify_on = buggify is not None
-        # Ownership through the reservation records on shared disks (firmware/fencing.py).
+        # Ownership through the reservation records on shared disks (firmware/ha/fencing.py).
         # Off: static ownership (lun % 2), for harnesses without reservation records.
         self.fencing = fencing
         self.renew_interval_ms = renew_interval_ms
@@ -41,7 +41,7 @@ class Params:
         self.takeover_wait_ms = takeover_wait_ms
         self.held_max = held_max
         self.auto_balance = auto_balance
-        # Replica mode settings (firmware/replica.py: ReplicaSettings); None in ha mode.
+        # Replica mode settings (firmware/replica/controller.py: ReplicaSettings); None in ha mode.
         self.replica = replica
         # A host write goes to the partner in MIRROR_WRITE messages of at most this much block
         # data (one message for writes up to it); the partner commits the group when all are in.

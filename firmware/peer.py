@@ -14,7 +14,7 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, unpack_body
-from .ownership import FenceError
+from .ha.ownership import FenceError
 from . import mirrorsync as MS
 from .mirror import MirrorError
 from .requests import Forwarded

@@ -8,7 +8,7 @@ dropped), and it recovers by itself when the disk works again. A takeover
 claim whose record write fails says so and backs off.
 """
 from firmware import actions as A
-from firmware.ownership import Own
+from firmware.ha.ownership import Own
 from fixtures.mempair import MemPair, PairSide
 
 BS = 4096

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from firmware.ownership import EVENTS, FenceError, Own, STATES, TRANSITIONS, outcomes
+from firmware.ha.ownership import EVENTS, FenceError, Own, STATES, TRANSITIONS, outcomes
 from firmware import mirrorsync as MS
 from firmware.formats import reservation as R
 from fixtures.mempair import MemPair

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from firmware import mirrorsync as MS
-from firmware.ownership import Own
+from firmware.ha.ownership import Own
 from fixtures.mempair import MemPair
 
 BS = 4096

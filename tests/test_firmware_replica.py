@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware import actions as A
-from firmware import replica as RP
+from firmware.replica import controller as RP
 from firmware.formats import frame as F
 from firmware.formats import messages as M
 from firmware.formats.nvram import crc32c
-from firmware.generations import DIVERGED, SOURCE, TARGET, Side, decide, victim
-from firmware.record import RECEIVED, SENT, Record
-from firmware.resync import Resync, ResyncRead
+from firmware.replica.generations import DIVERGED, SOURCE, TARGET, Side, decide, victim
+from firmware.replica.record import RECEIVED, SENT, Record
+from firmware.replica.resync import Resync, ResyncRead
 from fixtures.mem_replica import MemReplicaPair
 
 BS = 4096

@@ -73,7 +73,7 @@ def failover_reads_back(pair, expected):
     killed = time.time()
     # a dies first (cut off alive, it destages its lines and b's copies are no longer what is
     # served); then the relay goes, as a dead a's socket would refuse b. While the relay took b's
-    # connections and closed them, every close restarted b's quiet time (firmware/takeover.py,
+    # connections and closed them, every close restarted b's quiet time (firmware/ha/takeover.py,
     # _watch_anew) and b never took over (seen here: 20 s of "peer closed the link", no takeover).
     pair.kill("a")
     pair.proxy.cut()

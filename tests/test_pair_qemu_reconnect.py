@@ -183,7 +183,8 @@ def test_qemu_nbd_reconnect_delay_rides_through_sigkill_of_the_owner_every_acked
         for name in ("b", "a"):
             out = read_back(pair.uri(name), acked)
             errors = [line for line in (out.stdout + out.stderr).splitlines() if "failed" in line]
-            assert out.returncode == 0 and not errors, (name, errors[:10], out.stderr[-2000:])
+            assert out.returncode == 0 and not errors, (name, len(errors), errors[:3], out.stderr[-2000:],
+                                                        out.stdout[:1500], pair.diagnosis())
             assert out.stdout.count("read 65536/65536 bytes") == len(acked), name
     finally:
         pair.stop_all()

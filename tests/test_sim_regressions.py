@@ -387,7 +387,7 @@ def test_a_claim_is_decided_on_what_its_reads_saw_by_the_claimants_clock(seed):
     had left twice, so both held one generation (the fencing token), and the simulator's
     check of step 2 ("claim without the quiet time") failed. A claim is now decided only on a
     read begun less than renew_interval_ms (at most lease_ms / 2) before the claimant acts,
-    and the quiet time runs to the start of that read (firmware/fencing.py step 2)."""
+    and the quiet time runs to the start of that read (firmware/ha/fencing.py step 2)."""
     _passes300(seed)
 
 
@@ -417,7 +417,7 @@ def test_a_solo_record_at_the_generation_mirrored_at_voids_no_copy():
     generation 3 (SOLO), came back to mirrored at 3 and mirrored three writes to b, then died
     before its MIRRORED rewrite landed. b, watching, read SOLO at 3 and voided its copies: the
     writes were lost. SOLO is written at a generation only before mirroring at it, so copies
-    mirrored at the record's generation stay (firmware/takeover.py _voids_mirror)."""
+    mirrored at the record's generation stay (firmware/ha/takeover.py _voids_mirror)."""
     result = run_seed(93, steps=120)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
@@ -437,7 +437,7 @@ def test_a_resync_racing_a_solo_leaves_no_stale_line_in_the_mirror(seed):
     its flush-done for them (a control frame) overtook the resync's data, b kept the copies
     while it served lun0 SOLO, and after a's claim over a pause of b and a crash inside it, b's
     own claim replayed write 19 over its newer 90. Resent copies of a LUN we own go as they
-    land (firmware/fencing.py mirror_ours)."""
+    land (firmware/ha/fencing.py mirror_ours)."""
     result = run_seed(seed, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 

@@ -312,7 +312,7 @@ Sync = Struct(                              # SYNC_BEGIN and SYNC_DONE
     "reserved" / Int32ub,
 )
 
-# -- replica mode (variant 1, firmware/replica.py) ------------------------------
+# -- replica mode (variant 1, firmware/replica/controller.py) ------------------------------
 
 REPL_FUA = 0x01              # the host asked for FUA
 REPL_RESYNC = 0x02           # resync data (a recorded range), not a host write

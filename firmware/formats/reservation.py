@@ -3,7 +3,7 @@
 One 512-byte sector at the start of each disk's reservation area (raw byte
 4096; hal.backends.disk_array.DiskArray.reservation_area). Both controllers of an ha
 pair see the same disks, so this is where ownership is decided when the link
-cannot be trusted (see firmware/fencing.py for the argument).
+cannot be trusted (see firmware/ha/fencing.py for the argument).
 
 - `owner`: controller id (0 = a, 1 = b).
 - `generation`: bumped on every change of owner and when an owner goes on

@@ -75,7 +75,7 @@ def replica_settings(cfg):
     """Replica mode: the firmware's settings, with fresh uuids from the OS (firmware draws no randomness)."""
     if cfg.mode != "replica" or cfg.replica.variant != "bitmap":
         return None                       # the log variant's firmware takes LogParams (hal/runtime/logship.py)
-    from firmware.replica import ReplicaSettings
+    from firmware.replica.controller import ReplicaSettings
     r = cfg.replica
     return ReplicaSettings(lambda: int.from_bytes(os.urandom(8), "big") | 1, variant=r.variant, ack=r.ack,
                            range_bytes=r.range_size_bytes, resync_rate_bytes_s=r.resync_rate_bytes_s,
@@ -88,7 +88,7 @@ def make_controller(params, nv, key, now_ms):
     if params.mode == "replica":
         # The bitmap variant here; the log variant runs its own runtimes (hal/runtime/logship.py).
         assert params.replica.variant == "bitmap", "the log variant is not a Controller"
-        from firmware.replica import ReplicaController
+        from firmware.replica.controller import ReplicaController
         return ReplicaController(params, nv, key, now_ms)
     return Controller(params, nv, key, now_ms)
 

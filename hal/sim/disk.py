@@ -15,7 +15,7 @@ Faults injected (seeded, from `DiskFaults`):
   applied fully, not at all, or up to a random sector;
 - a vanishing disk: for a while every I/O to one LUN fails with EIO.
 
-Each disk also holds its LUN's 512 B reservation record (firmware/fencing.py),
+Each disk also holds its LUN's 512 B reservation record (firmware/ha/fencing.py),
 seen by both controllers like the rest of the disk. Record I/O takes the
 same latency and EIO faults (a vanished disk fails it too); a record is one
 sector, so a record write in flight at a crash lands whole or not at all,

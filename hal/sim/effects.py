@@ -6,7 +6,7 @@ the simulated disks and landing later, host replies to the workload's model,
 notes to the fault schedule and the rule checks. DiskExtents is not carried
 out: the simulated hosts never ask for block status.
 """
-from firmware.ownership import Own, SERVING
+from firmware.ha.ownership import Own, SERVING
 
 from hal.interpret import Effects
 

@@ -22,13 +22,13 @@ everything, restart what is down, wait until the pair is mirrored and quiet
 check mirrors and what a failover would find, read every LUN back through
 both controllers, cut the power of both, recover, and read back again.
 """
-from firmware.ownership import OWNING, Own
+from firmware.ha.ownership import OWNING, Own
 from firmware.formats.messages import MsgType
 
 from hal.sim.check import SimFailure, check_mirror_equal
 
 LEGIT_SITES = {"nvram_store_corrupt": 0.02}     # faults the firmware must handle
-# Deliberately broken fencing variants (buggify sites in firmware/fencing.py, firmware/takeover.py).
+# Deliberately broken fencing variants (buggify sites in firmware/ha/fencing.py, firmware/ha/takeover.py).
 FENCE_SITES = ("fence_skip_lease_check", "takeover_no_wait", "claim_no_settle", "skip_fencing_reread")
 SETTLE_LIMIT_US = 60_000_000
 HEARTBEAT = MsgType.HEARTBEAT
@@ -214,7 +214,7 @@ class FaultSchedule:
         """One controller's path to the reservation records (or both) slows to lease_ms/4..lease_ms/2
         per write, and per read unless only writes are slow, for a while, often with the link
         cut: a read and the renewal written after it still land within a lease, so before a
-        claimant's read-back (the argument in firmware/fencing.py assumes it)."""
+        claimant's read-back (the argument in firmware/ha/fencing.py assumes it)."""
         sim, p, rng = self.sim, self.sim.plan, self.rng
         slow = (p.lease_ms * 250, p.lease_ms * 500)
         for d in rng.choice(([0], [1], [0, 1])):

@@ -39,7 +39,7 @@ from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.controller import Controller
 from firmware.params import Params, format_nvram, nvram_is_blank
-from firmware.ownership import OWNING, Own, SERVING
+from firmware.ha.ownership import OWNING, Own, SERVING
 from firmware.formats import FormatError
 from firmware.formats import reservation as R
 from firmware.requests import Forwarded
@@ -62,7 +62,7 @@ LUNS = 4
 LUN_BYTES = 512 * 1024
 NVRAM_BYTES = 2 << 20
 # Deliberately broken firmware variants (buggify sites in firmware/controller.py and
-# firmware/fencing.py) the checkers must catch: tests/test_sim.py asserts each is caught
+# firmware/ha/fencing.py) the checkers must catch: tests/test_sim.py asserts each is caught
 # within a few seeds. The fencing sites only exist with fencing on.
 BROKEN_SITES = ("ack_before_mirror", "skip_pen_validation", "skip_persist_metadata",
                 "read_skip_cache", "destage_no_flush") + FENCE_SITES
@@ -301,7 +301,7 @@ class Sim:
             self.unflushed.add(i)
 
     def _check_quiet_claim(self, i, ctrl, act):
-        """Step 2 of the argument in firmware/fencing.py, judged on the shared record: a claim over
+        """Step 2 of the argument in firmware/ha/fencing.py, judged on the shared record: a claim over
         the partner's record is decided on a read begun after the record had been quiet (no
         write of the partner landing) for takeover_wait_ms; the claimant saw every write that
         landed before its reads. A claim made again over our own late claim is not a new
@@ -320,7 +320,7 @@ class Sim:
                                  f"{'ab'[writer]}'s record write landed at {t_us} us")
 
     def _check_claim_settled(self, i, ctrl, lun):
-        """Step 3 of the argument in firmware/fencing.py, judged on the shared record: a claim is
+        """Step 3 of the argument in firmware/ha/fencing.py, judged on the shared record: a claim is
         confirmed (its replay begins) on a read begun lease_ms + renew_interval_ms or more after
         the claim landed, when any lease the old owner could have granted itself has run out."""
         mine = [t_us for t_us, writer in self.record_changes[lun] if writer == i]

@@ -1,4 +1,4 @@
-"""Deterministic simulation of replica mode's bitmap variant (firmware/replica.py).
+"""Deterministic simulation of replica mode's bitmap variant (firmware/replica/controller.py).
 
 One root seed drives the rig's shape (ack level, record range size), the host
 workload and the faults. The unchanged ReplicaControllers run on the

@@ -16,7 +16,7 @@ import random
 
 from firmware import actions as A
 from firmware.params import Params, format_nvram, nvram_is_blank
-from firmware.replica import ReplicaController, ReplicaSettings
+from firmware.replica.controller import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
 
 from hal.interpret import Effects, interpreter

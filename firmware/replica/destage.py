@@ -1,6 +1,6 @@
 """Replica mode: destage by the record, and the destaged-range messages that clear it.
 
-Owns the part of replica mode (firmware/replica.py) between the cache and the
+Owns the part of replica mode (firmware/replica/controller.py) between the cache and the
 record: the secondary picks what to destage from its mirror of the primary's
 record, whole ranges oldest first (claims 13); a side whose cache no longer
 holds anything of a range after a destage sends DESTAGED_RANGE (claims 11,
@@ -10,9 +10,9 @@ in RECEIVED (claims 9, 16). The ack level "disk" completes here too.
 """
 import collections
 
-from .cache import LUN_SHIFT, SECTOR_BYTES
-from .formats import frame as F
-from .formats import messages as M
+from ..cache import LUN_SHIFT, SECTOR_BYTES
+from ..formats import frame as F
+from ..formats import messages as M
 from .record import RECEIVED, SENT, runs
 
 T = M.MsgType

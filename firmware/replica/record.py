@@ -10,9 +10,9 @@ the peer has not destaged: the primary's record of claims 7-10. RECEIVED
 holds the ranges the peer copied here that the peer has not destaged: the
 symmetric record of claims 14-17. Both live in NVRAM and survive restarts.
 """
-from .formats import FormatError
-from .formats import messages as M
-from .formats import replica_record as R
+from ..formats import FormatError
+from ..formats import messages as M
+from ..formats import replica_record as R
 
 SENT, RECEIVED = 0, 1
 

@@ -12,12 +12,12 @@ secondary picks what to destage from its mirror of the primary's record,
 range by range (claims 13). A side whose cache no longer holds anything of a
 range after a destage tells the other with DESTAGED_RANGE; the other clears
 that range in SENT (unless a copy to it is still unacknowledged) and in
-RECEIVED (claims 7-11, 14-18): firmware/replica_destage.py.
+RECEIVED (claims 7-11, 14-18): firmware/replica/destage.py.
 
 While the peer is away the primary goes on serving and recording; at the
 next link-up both sides exchange REPLICA_STATE, each computes the same
-verdict from the generation identifiers (firmware/generations.py) and the
-resync (firmware/resync.py) resends only recorded ranges. Promotion, split
+verdict from the generation identifiers (firmware/replica/generations.py) and the
+resync (firmware/replica/resync.py) resends only recorded ranges. Promotion, split
 brain and its resolution by policy are here too. The replica session is the
 TRANSITIONS table below; a (state, event) pair not in it is a protocol error
 and resets the link.
@@ -27,16 +27,16 @@ firmware/logship/.
 """
 import collections
 
-from . import actions as A
-from .controller import EIO, Controller
-from .requests import HERE, TAKEN, HostRequest, WriteOp
-from .formats import frame as F
-from .formats import messages as M
-from .formats.nvram import crc32c
+from .. import actions as A
+from ..controller import EIO, Controller
+from ..requests import HERE, TAKEN, HostRequest, WriteOp
+from ..formats import frame as F
+from ..formats import messages as M
+from ..formats.nvram import crc32c
 from .generations import POLICIES, Side, decide, victim
-from .link import LinkProtocolError
+from ..link import LinkProtocolError
 from .record import RECEIVED, SENT, Record
-from .replica_destage import DestagedMixin
+from .destage import DestagedMixin
 from .resync import ResyncMixin, ResyncRead
 
 EPERM = 1

@@ -14,7 +14,7 @@ two states, decides "become_target". Both compute it, so neither has to
 trust the other's verdict. `victim(policy, me, peer)` picks the side whose
 data is discarded after a split brain, again the same on both sides.
 """
-from .formats import messages as M
+from ..formats import messages as M
 
 SOURCE, TARGET, DIVERGED = "become_source", "become_target", "diverged"
 POLICIES = ("discard-younger-primary", "discard-fewer-changes", "discard-a", "discard-b")

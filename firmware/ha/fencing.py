@@ -1,11 +1,11 @@
 """Ownership per LUN and fencing through the shared disks.
 
-Owns the per-LUN ownership state machine (its table is in firmware/ownership.py) and
+Owns the per-LUN ownership state machine (its table is in firmware/ha/ownership.py) and
 the lease protocol on the reservation record (firmware/formats/reservation.py)
 that keeps two controllers from ever both accepting I/O for one LUN. Its
 handlers live in three mixins of the Controller: this one (the record's I/O,
 leases, boot, the owner alone, being fenced, held host requests),
-firmware/takeover.py (watching, claiming, replaying) and firmware/handover.py
+firmware/ha/takeover.py (watching, claiming, replaying) and firmware/ha/handover.py
 (moving a LUN while linked: the CLI, failback, balancing).
 
 Why two controllers never both serve a LUN (promise 4). Every duration is
@@ -124,10 +124,10 @@ our record from before may still land and replay an older copy over them.
 """
 import collections
 
-from . import actions as A
-from . import mirrorsync as MS
-from .formats import FormatError
-from .formats import reservation as R
+from .. import actions as A
+from .. import mirrorsync as MS
+from ..formats import FormatError
+from ..formats import reservation as R
 from .ownership import EIO, FenceError, LunFence, OWNING, Own, RecordOp, SERVING, TRANSITIONS, settled
 
 class FenceMixin:

@@ -1,6 +1,6 @@
 """Takeover in ha mode: watching a silent owner's record, claiming, replaying the mirror.
 
-The half of the ownership state machine (firmware/fencing.py: the table, the
+The half of the ownership state machine (firmware/ha/fencing.py: the table, the
 lease rules and the argument for them) that runs on the partner of a LUN's
 owner once the link is gone: it watches the reservation record for
 `takeover_wait_ms` of silence, writes a claim (state CLAIMED), reads it back
@@ -8,11 +8,11 @@ after the settle time, replays its mirror segment's lines of the LUN and
 serves. The old owner's side of a claim is here too: lines it holds, unused,
 while a claim is not yet confirmed.
 """
-from . import actions as A
-from . import mirrorsync as MS
-from .cache import SECTOR_BYTES
+from .. import actions as A
+from .. import mirrorsync as MS
+from ..cache import SECTOR_BYTES
 from .ownership import Own, REPLAY_RETRY_MS
-from .formats import reservation as R
+from ..formats import reservation as R
 
 
 class ReplayRound:
@@ -133,7 +133,7 @@ class TakeoverMixin:
 
     def _fresh(self, f) -> bool:
         """Is the record read just answered fresh enough to claim on, by our own clock now (begun
-        less than renew_interval_ms, at most lease_ms / 2, ago: firmware/fencing.py step 3)? A
+        less than renew_interval_ms, at most lease_ms / 2, ago: firmware/ha/fencing.py step 3)? A
         read that landed during a pause shorter than lease_ms passes the re-read guard of
         _record_done, and a claim taken on it named two above a generation the owner had left
         twice meanwhile (restarted and bumped each time): both served one generation."""
@@ -149,7 +149,7 @@ class TakeoverMixin:
         """Our claim's write is over (landed, or failed and maybe landed). It can land after a second
         bump of the owner only if it completed lease_ms or more after the read it was decided on
         began (an owner bumps again no sooner than that after its last bump completed, also
-        across a restart: firmware/fencing.py _fencing_record). Such a claim may share the
+        across a restart: firmware/ha/fencing.py _fencing_record). Such a claim may share the
         owner's generation: it is not settled on; a fresh read decides (_claim_record)."""
         if self.now_ms - f.claim_read_ms >= self.params.lease_ms:
             f.claim_stale = True
@@ -330,7 +330,7 @@ class TakeoverMixin:
     def _replay_written(self, f):
         if f.pending_write.state == R.LunState.SOLO:
             # Serve only on a read begun lease_ms after our SOLO landed, still showing it, as after
-            # a solo bump (firmware/fencing.py step 3): a claim decided on our CLAIMED record just
+            # a solo bump (firmware/ha/fencing.py step 3): a claim decided on our CLAIMED record just
             # before lands within lease_ms, and then fences us before we wrote anything through
             # that its replay of older held lines would overwrite (seed 700558 at 300 steps: a
             # slow claim landed after our SOLO and replayed write 14 over our write-through 154).
@@ -345,8 +345,8 @@ class TakeoverMixin:
         self._replay_run(f, index, None, self.mirror.segment.data(index), block.lba, block.bitmap, block)
 
     def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
-        from .cache import dirty_runs, SECTOR_BYTES
-        from .destage import ReplayOp
+        from ..cache import dirty_runs, SECTOR_BYTES
+        from ..destage import ReplayOp
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
         self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line, block)

@@ -4,12 +4,12 @@ The owner asked for a LUN (OWNERSHIP_REQUEST, or `twincache ownership move`)
 destages the LUN's dirty lines, writes the record naming its partner at the
 next generation and sends OWNERSHIP_GRANT; the preferred owner of a LUN asks
 for it back until it has it (failback). The states and the table are in
-firmware/fencing.py.
+firmware/ha/fencing.py.
 """
-from . import actions as A
+from .. import actions as A
 from .ownership import BALANCE_RETRY_MS, FenceError, Own, settled
-from .formats import messages as M
-from .formats import reservation as R
+from ..formats import messages as M
+from ..formats import reservation as R
 
 
 class HandoverMixin:

@@ -16,11 +16,11 @@ A range written by a host while its resync read was in flight is read again:
 the replicated host write is already on its way, and older data must not
 follow it.
 """
-from . import actions as A
-from .cache import LUN_SHIFT
-from .formats import frame as F
-from .formats import messages as M
-from .formats.nvram import crc32c
+from .. import actions as A
+from ..cache import LUN_SHIFT
+from ..formats import frame as F
+from ..formats import messages as M
+from ..formats.nvram import crc32c
 from .record import RECEIVED, SENT, runs
 
 T = M.MsgType

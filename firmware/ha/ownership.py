@@ -1,10 +1,10 @@
 """The ownership state of one LUN: its states and events, the transition table, and what a
 controller keeps per LUN (LunFence). The protocol that moves it (leases on the reservation
-record, takeover, handover) and its argument are in firmware/fencing.py, takeover.py and
+record, takeover, handover) and its argument are in firmware/ha/fencing.py, takeover.py and
 handover.py."""
 import collections
 
-from .formats import reservation as R
+from ..formats import reservation as R
 
 EIO = 5
 BALANCE_RETRY_MS = 1000
