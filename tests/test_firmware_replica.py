@@ -196,7 +196,9 @@ def test_secondary_refuses_writes_with_eperm_and_serves_reads():
 
 @pytest.mark.parametrize("ack", ["cache", "nvram"])
 def test_ack_level_orders_the_ack_against_the_secondarys_persists(ack):
-    p = pair(ack=ack)
+    # The order inside one entry point's actions: unbatched, the ack's frame is among them
+    # (batched, as in production, every frame waits for the turn's flush_link, after them all).
+    p = pair(ack=ack, batch_link_output=False)
     p.write(0, "w", 0, 0, b"z" * BS)
     frame = p.wire[1].popleft()
     acts = p.ctrl[1].link_frame(frame, 0)
@@ -308,11 +310,11 @@ def test_one_flush_covers_every_destage_write_of_a_lun_before_it():
     flushes = []
     c = p.ctrl[1]
     c.destaging = True
-    acts = c.tick(10**6)
+    acts = c.tick(10**6) + c.flush_link()           # a loop turn: batched, flushes start at its end
     while acts:
         flushes += [a.lun for a in acts if isinstance(a, A.DiskFlush)]
         done = [(a.op, 0, None) for a in acts if isinstance(a, (A.DiskWrite, A.DiskFlush))]
-        acts = [x for d in done for x in c.disk_done(*d)]
+        acts = [x for d in done for x in c.disk_done(*d)] + c.flush_link()
     assert c.cache.used_blocks == 0
     assert sorted(flushes) == [0, 1]              # the round's writes share one flush per LUN
 

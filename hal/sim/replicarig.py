@@ -62,6 +62,7 @@ class MemReplicaPair(PairRig):
             self.uuid_counter[i] += 1
             return (0xA0 + i) << 56 | self.boots[i] << 32 | self.uuid_counter[i]
         settings = ReplicaSettings(new_uuid, **self.settings)
+        params = dict(dict(batch_link_output=True), **params)      # production's setting
         return Params(i, PAIR_ID, [lun_size] * luns, mode="replica", block_size_bytes=block_size,
                       replica=settings, **params)
 

@@ -1,7 +1,9 @@
 """What the two-controller in-memory rigs share: fixtures/mempair.py (ha mode) and
 hal/sim/replicarig.py (replica mode, bitmap variant).
 
-The link is two queues of whole frames and disk I/O completes at once. Each controller's
+The link is two queues of whole frames and disk I/O completes at once. A rig whose
+controllers batch their link output (the replica rig, as production) ends each turn
+with flush_link(). Each controller's
 actions go through its side's Effects (hal/interpret.py); a side collects the disk
 completions of the run going on, and they are fed back after the whole list, in order.
 A subclass sets `ctrl`, `wire`, `sides`, `replies` and `now_ms`.
@@ -11,17 +13,26 @@ import collections
 
 class PairRig:
     def run(self, i, actions):
-        """Carry out actions in order; disk completions are fed back after the whole list."""
+        """Carry out actions in order; disk completions are fed back after the whole list. With
+        batched link output (production's setting) the outermost run ends the loop turn as the
+        runtime does: flush_link() hands over the turn's frames and starts its destage flushes."""
         side = self.sides[i]
         done, outer = collections.deque(), side.done
         side.done = done
         try:
             side.execute(actions)
-            while done:
+            while True:
+                while done:
+                    ctrl = self.ctrl[i]
+                    if ctrl is None:
+                        return
+                    side.execute(ctrl.disk_done(*done.popleft()))
                 ctrl = self.ctrl[i]
-                if ctrl is None:
+                if outer is not None or ctrl is None or not ctrl.params.batch_link_output:
                     return
-                side.execute(ctrl.disk_done(*done.popleft()))
+                side.execute(ctrl.flush_link())
+                if not done:
+                    return
         finally:
             side.done = outer
 
