@@ -15,15 +15,14 @@ import collections
 import random
 
 from firmware import actions as A
-from firmware.params import Params, format_nvram, nvram_is_blank
+from firmware.params import Params
 from firmware.replica.controller import ReplicaController, ReplicaSettings
 from firmware.formats.frame import split_frames as _split
 
 from hal.interpret import Effects, interpreter
 from hal.sim.rig import PairRig
-from hal.sim.voldisk import VolatileDisk, new_nvram, power_on
+from hal.sim.voldisk import VolatileDisk, new_nvram
 
-KEY = bytes(range(32))
 PAIR_ID = bytes.fromhex("0123456789abcdef0123456789abcdef")
 
 
@@ -32,6 +31,8 @@ def split_frames(buffers):
 
 
 class MemReplicaPair(PairRig):
+    controller_class = ReplicaController
+
     def __init__(self, luns=2, lun_size=1 << 20, nvram_size=4 << 20, block_size=4096, ack="cache",
                  range_bytes=64 << 10, auto_promote_after_ms=0, resync_rate_bytes_s=0, seed=0, **params):
         self.lun_size = lun_size
@@ -67,16 +68,8 @@ class MemReplicaPair(PairRig):
                       replica=settings, **params)
 
     def boot(self, i):
-        self.boots[i] += 1
-        nvram = self.nvram[i]
-        power_on(nvram)
-        nv = nvram.buffer
-        if nvram_is_blank(nv):
-            for offset, length in format_nvram(nv, self.params[i]):
-                nvram.persist(offset, length)
-        self.ctrl[i] = ReplicaController(self.params[i], nv, KEY, self.now_ms)
-        self.wire[i].clear()
-        self.run(i, self.ctrl[i].start())
+        self.boots[i] += 1                  # new generation identifiers name the boot
+        super().boot(i)
 
     def crash(self, i, worst=False, power=True):
         """Controller i loses power: unpersisted NVRAM stores and unflushed disk writes meet their

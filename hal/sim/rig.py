@@ -6,12 +6,33 @@ controllers batch their link output (the replica rig, as production) ends each t
 with flush_link(). Each controller's
 actions go through its side's Effects (hal/interpret.py); a side collects the disk
 completions of the run going on, and they are fed back after the whole list, in order.
-A subclass sets `ctrl`, `wire`, `sides`, `replies` and `now_ms`.
+A subclass sets `controller_class`, `nvram`, `params`, `ctrl`, `wire`, `sides`, `replies` and
+`now_ms`.
 """
 import collections
 
+from firmware.params import format_nvram, nvram_is_blank
+
+from hal.sim.voldisk import power_on
+
+KEY = bytes(range(32))                  # the pair key both rigs' controllers share
+
 
 class PairRig:
+    controller_class = None             # the subclass's: Controller or ReplicaController
+
+    def boot(self, i):
+        """Controller i powers on: its NVRAM as the last power cut left it (formatted if blank)."""
+        nvram = self.nvram[i]
+        power_on(nvram)
+        nv = nvram.buffer
+        if nvram_is_blank(nv):
+            for offset, length in format_nvram(nv, self.params[i]):
+                nvram.persist(offset, length)
+        self.ctrl[i] = self.controller_class(self.params[i], nv, KEY, self.now_ms)
+        self.wire[i].clear()
+        self.run(i, self.ctrl[i].start())
+
     def run(self, i, actions):
         """Carry out actions in order; disk completions are fed back after the whole list. With
         batched link output (production's setting) the outermost run ends the loop turn as the
