@@ -24,6 +24,22 @@ from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.formats import nvram as N
 from firmware.segment import Segment
 
+class SimResult:
+    """One run of any of the simulators: its verdict, trace hash, stats and the command that
+    replays it (`replay`, which names the mode, the variant and every flag the run used)."""
+
+    def __init__(self, seed, steps, failure, trace_hash, stats, replay_flags):
+        self.seed, self.steps = seed, steps
+        self.ok = failure is None
+        self.failure = failure
+        self.trace_hash = trace_hash
+        self.stats = stats
+        self.replay = f"inv sim --seed {seed} --steps {steps} {replay_flags}".rstrip()
+
+    def __repr__(self):
+        return f"SimResult(seed={self.seed}, ok={self.ok}, hash={self.trace_hash[:16]})"
+
+
 HEAD = struct.Struct("<QII")            # write id, LUN, sector
 ZERO_SECTOR = bytes(SECTOR_BYTES)
 GARBAGE = -1

@@ -45,7 +45,7 @@ from firmware.formats import reservation as R
 from firmware.requests import Forwarded
 
 import hal.sim.check as C
-from hal.sim.check import Model, SimFailure, SplitBrain
+from hal.sim.check import Model, SimFailure, SimResult, SplitBrain
 from hal.sim.clock import VirtualClock
 from hal.interpret import interpreter
 from hal.sim.disk import DiskFaults, SimDiskArray
@@ -83,21 +83,6 @@ class Node:
         self.conn = -1                     # the link connection this controller's session runs on
         self.clock_offset_ms = 0           # this incarnation's monotonic clock = virtual time + offset
         self.owned_at_crash = {}           # lun -> generation it served when it went down
-
-
-class SimResult:
-    def __init__(self, seed, mode, steps, broken, ok, failure, trace_hash, stats, fencing=True, batched=True):
-        self.seed = seed
-        self.ok = ok
-        self.failure = failure
-        self.trace_hash = trace_hash
-        self.stats = stats
-        flags = ((f" --broken {broken}" if broken else "") + ("" if fencing else " --static")
-                 + ("" if batched else " --unbatched"))
-        self.replay = f"inv sim --seed {seed} --mode {mode} --steps {steps}{flags}"
-
-    def __repr__(self):
-        return f"SimResult(seed={self.seed}, ok={self.ok}, hash={self.trace_hash[:16]})"
 
 
 class Sim:
@@ -571,8 +556,9 @@ class Sim:
                      **{f"note_{k}": v for k, v in self.notes.items()})
         if self.split is not None:
             stats["serving_acts"] = self.split.acts
-        return SimResult(self.seed, self.mode, self.steps, self.broken, failure is None, failure,
-                         self.trace.hexdigest(), stats, self.fencing, self.batched)
+        flags = (f"--mode {self.mode}" + (f" --broken {self.broken}" if self.broken else "")
+                 + ("" if self.fencing else " --static") + ("" if self.batched else " --unbatched"))
+        return SimResult(self.seed, self.steps, failure, self.trace.hexdigest(), stats, flags)
 
 
 def run_seed(seed, mode="ha", steps=300, broken=None, fencing=True, batched=True) -> SimResult:

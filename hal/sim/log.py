@@ -33,6 +33,7 @@ import struct
 
 from firmware.logship.common import SECTOR
 
+from hal.sim.check import SimResult
 from hal.sim.logrig import MemLog
 
 # Deliberately broken firmware variants, each with the probability its site fires at:
@@ -47,17 +48,6 @@ VERSION = struct.Struct(">QII")          # version, lun, sector: what every sect
 
 class LogSimFailure(AssertionError):
     pass
-
-
-class LogSimResult:
-    def __init__(self, seed, steps, broken, failure, trace_hash, stats):
-        self.seed, self.steps, self.broken = seed, steps, broken
-        self.ok = failure is None
-        self.failure = failure
-        self.trace_hash = trace_hash
-        self.stats = stats
-        flags = f" --broken {broken}" if broken else ""
-        self.replay = f"inv sim --mode replica --variant log --seed {seed} --steps {steps}{flags}"
 
 
 def sector_data(version, lun, sector):
@@ -395,7 +385,7 @@ class LogSim:
 
     # -- the run -----------------------------------------------------------------------
 
-    def run(self) -> LogSimResult:
+    def run(self) -> SimResult:
         failure = None
         try:
             self._run()
@@ -404,7 +394,8 @@ class LogSim:
         except Exception as exc:                 # the firmware raised: a failure, with its trace
             import traceback
             failure = f"firmware raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        return LogSimResult(self.seed, self.steps, self.broken, failure, self.trace.hexdigest()[:16], self.stats)
+        flags = "--mode replica --variant log" + (f" --broken {self.broken}" if self.broken else "")
+        return SimResult(self.seed, self.steps, failure, self.trace.hexdigest()[:16], self.stats, flags)
 
     def _run(self):
         rng = self.rng
@@ -471,5 +462,5 @@ class LogSim:
                     raise LogSimFailure(f"source {k} lun{lun} and its image differ (first at byte {diff})")
 
 
-def run_log_seed(seed, steps=300, broken=None) -> LogSimResult:
+def run_log_seed(seed, steps=300, broken=None) -> SimResult:
     return LogSim(seed, steps, broken).run()

@@ -30,6 +30,7 @@ A failing run returns its replay command, `inv sim --mode replica --variant bitm
 import hashlib
 import random
 
+from hal.sim.check import SimResult
 from hal.sim.log import LogSimFailure, Model, decode, sector_data
 from hal.sim.replicarig import MemReplicaPair
 
@@ -44,17 +45,6 @@ LUNS = 2
 BROKEN_P = {"replica_skip_copy": 1.0, "replica_skip_persist": 0.3, "replica_destage_no_flush": 1.0}
 BROKEN_SITES = tuple(BROKEN_P)
 SITE_OF = {"replica_destage_no_flush": "destage_no_flush"}
-
-
-class ReplicaSimResult:
-    def __init__(self, seed, steps, failure, trace_hash, stats, broken=None):
-        self.seed, self.steps, self.broken = seed, steps, broken
-        self.ok = failure is None
-        self.failure = failure
-        self.trace_hash = trace_hash
-        self.stats = stats
-        flags = f" --broken {broken}" if broken else ""
-        self.replay = f"inv sim --mode replica --variant bitmap --seed {seed} --steps {steps}{flags}"
 
 
 class ReplicaSim:
@@ -303,7 +293,7 @@ class ReplicaSim:
 
     # -- the run -----------------------------------------------------------------------
 
-    def run(self) -> ReplicaSimResult:
+    def run(self) -> SimResult:
         failure = None
         try:
             self._steps()
@@ -313,8 +303,8 @@ class ReplicaSim:
         except Exception as exc:
             import traceback
             failure = f"firmware raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        return ReplicaSimResult(self.seed, self.steps, failure, self.trace.hexdigest()[:16], self.stats,
-                                self.broken)
+        flags = "--mode replica --variant bitmap" + (f" --broken {self.broken}" if self.broken else "")
+        return SimResult(self.seed, self.steps, failure, self.trace.hexdigest()[:16], self.stats, flags)
 
     def _steps(self):
         rng, r = self.rng, self.rig
@@ -367,5 +357,5 @@ class ReplicaSim:
                                     f"(errors {got[0][0]}, {got[1][0]})")
 
 
-def run_replica_seed(seed, steps=300, broken=None) -> ReplicaSimResult:
+def run_replica_seed(seed, steps=300, broken=None) -> SimResult:
     return ReplicaSim(seed, steps, broken).run()
