@@ -64,6 +64,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         self.now_ms = now_ms
         self.buggify = params.buggify
         self.buggify_on = params.buggify_on     # skip the calls on the hot path when nothing is broken
+        self.on_serve = params.on_serve         # a checker's hook (firmware/params.py), None in production
         sb, self.sb_slot = N.read_superblock_untrusted(nv, "NVRAM")
         if sb.controller_id != self.id or sb.pair_id != params.pair_id:
             raise FormatError(f"NVRAM belongs to controller {sb.controller_id} of pair "
@@ -302,6 +303,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         its descriptor, and a write with invalid data leaves no descriptor behind.
         Adjacent ranges share one Persist.
         """
+        if self.on_serve is not None:
+            self.on_serve("write", req, lun)
         seg, cache, bs = self.primary, self.cache, self.block_size
         first = offset // bs
         end = offset + len(data)
@@ -363,14 +366,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
                 out.append(A.Persist(offset, length))
                 offset, length = o, n
         out.append(A.Persist(offset, length))
-
-    def _write_through(self, req, lun, offset, data, fua):
-        """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
-        from .destage import ThroughOp
-        op = self._new_op()
-        self.disk_ops[op] = ThroughOp(req, lun, fua)
-        self.out.append(A.DiskWrite(op, lun, offset, bytes(data)))
-        self.stats["writes_through"] += 1
 
     def _delete_pen(self, req, pen):
         """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5).
@@ -465,6 +460,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._read(req, lun, offset, length)
 
     def _read(self, req, lun, offset, length):
+        if self.on_serve is not None:
+            self.on_serve("read", req, lun)
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         overlay = [] if self.buggify("read_skip_cache") else list(self.cache.overlapping(lun, first, last))

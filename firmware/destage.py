@@ -329,6 +329,15 @@ class DestageMixin:
         line.dead = True
         self._maybe_free(line)
 
+    def _write_through(self, req, lun, offset, data, fua):
+        """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
+        if self.on_serve is not None:
+            self.on_serve("write_through", req, lun)
+        op = self._new_op()
+        self.disk_ops[op] = ThroughOp(req, lun, fua)
+        self.out.append(A.DiskWrite(op, lun, offset, bytes(data)))
+        self.stats["writes_through"] += 1
+
     def _through_done(self, op, entry, error):
         """A write-through host write is answered once a flush made it durable (FUA or not:
         with no NVRAM copy, the disk's cache is the only one)."""

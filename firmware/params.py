@@ -15,7 +15,8 @@ class Params:
                  mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
                  batch_link_output=False, destage_flush_batch_bytes=8 << 20, degraded_after_ms=30_000,
                  disk_retry_initial_ms=200, disk_retry_max_ms=5_000, disk_report_interval_ms=1_000,
-                 forward_inflight_max=64, forward_inflight_bytes_max=8 << 20, zero_pieces_inflight_max=4):
+                 forward_inflight_max=64, forward_inflight_bytes_max=8 << 20, zero_pieces_inflight_max=4,
+                 on_serve=None):
         self.controller_id = controller_id
         self.pair_id = pair_id
         self.lun_sizes = list(lun_sizes)
@@ -33,6 +34,11 @@ class Params:
         self.waiting_max = waiting_max
         self.buggify = buggify or (lambda site: False)
         self.buggify_on = buggify is not None
+        # A checker's view of every serving act (the simulator's split-brain judge): called as
+        # on_serve(kind, req, lun) when the controller takes on a host request itself, kind
+        # "write", "write_through" or "read", before it acts. Like buggify, a test hook: None in
+        # production, and it must not change anything.
+        self.on_serve = on_serve
         # Ownership through the reservation records on shared disks (firmware/ha/fencing.py).
         # Off: static ownership (lun % 2), for harnesses without reservation records.
         self.fencing = fencing
@@ -51,7 +57,7 @@ class Params:
         # destage writes of the LUN are going out, one flush waits for this much of them.
         self.destage_flush_batch_bytes = destage_flush_batch_bytes
         # True: entry points leave link output queued until flush_link() (the runtime calls it
-        # once per loop turn); False: every entry point returns its frames (simulator, tests).
+        # once per loop turn); False: every entry point returns its frames (unit tests).
         self.batch_link_output = batch_link_output
         # A LUN's disk failing writes (firmware/diskhealth.py): retries back off from the initial
         # delay to the max; one report per LUN per interval; degraded after this long.

@@ -306,6 +306,12 @@ class FenceMixin:
             return False
         return self.fence is None or self._lease_ok(self.fence[lun])
 
+    def serves(self, lun) -> bool:
+        """Would this controller take on host I/O for `lun` at this instant (OWNER or SOLO under
+        a valid lease)? For checkers (the simulator's split-brain judge) and status."""
+        f = self.fence[lun]
+        return f.state in SERVING and self._lease_ok(f)
+
     def _lease_ok(self, f) -> bool:
         if self.buggify("fence_skip_lease_check") and f.state in OWNING:
             return True                 # a broken variant for the simulator: serve without a lease

@@ -30,6 +30,7 @@ record I/O, crashes inside a claim, scenarios placed at a LUN going solo or
 beginning to watch.
 `fencing=False` keeps static ownership (lun % 2) and its checks.
 """
+import functools
 import hashlib
 import heapq
 import random
@@ -39,7 +40,7 @@ from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.controller import Controller
 from firmware.params import Params, format_nvram, nvram_is_blank
-from firmware.ha.ownership import OWNING, Own, SERVING
+from firmware.ha.ownership import OWNING, Own
 from firmware.formats import FormatError
 from firmware.formats import reservation as R
 from firmware.requests import Forwarded
@@ -134,7 +135,8 @@ class Sim:
                       low_watermark=p.high_watermark / 2, destage_inflight_max=p.destage_inflight_max,
                       data_window_bytes=p.data_window_bytes, buggify=self._buggify, fencing=self.fencing,
                       renew_interval_ms=p.renew_ms, lease_ms=p.lease_ms, takeover_wait_ms=p.takeover_wait_ms,
-                      batch_link_output=self.batched)
+                      batch_link_output=self.batched,
+                      on_serve=functools.partial(self._served, i) if self.fencing else None)
 
     def _buggify(self, site):
         """FoundationDB-style: a site enabled for this run fires with its seeded probability."""
@@ -216,8 +218,7 @@ class Sim:
     def _instrument(self, n):
         """No split brain: only a LUN's owner may install a write for it (static ownership)."""
         if self.fencing:
-            self._instrument_fencing(n)
-            return
+            return                          # serving acts come through Params.on_serve (_served)
         cache, install = n.ctrl.cache, n.ctrl.cache.install
 
         def checked_install(line):
@@ -227,19 +228,16 @@ class Sim:
             return install(line)
         cache.install = checked_install
 
-    def _instrument_fencing(self, n):
-        """Record every serving act (hal/sim/check.py SplitBrain): where a controller takes on host I/O."""
-        ctrl, split, other = n.ctrl, self.split, self.nodes[1 - n.id]
-        for name in ("_write", "_write_through", "_read"):
-            def serve(req, lun, *rest, _orig=getattr(ctrl, name), _name=name):
-                host = req
-                if req.__class__ is Forwarded:      # served here for the partner's host
-                    host = other.ctrl.forwarder.host_of(req.tag) if other.ctrl is not None else None
-                if host.__class__ is Req:
-                    host.served = (n.id, _name)
-                split.act(n.id, lun, ctrl.fence[lun].generation, self.now_us, f"{_name[1:]} {host or req}")
-                return _orig(req, lun, *rest)
-            setattr(ctrl, name, serve)
+    def _served(self, i, kind, req, lun):
+        """Params.on_serve of controller i: it takes on a host request itself (hal/sim/check.py
+        SplitBrain records it as a serving act at the LUN's generation)."""
+        ctrl, other = self.nodes[i].ctrl, self.nodes[1 - i]
+        host = req
+        if req.__class__ is Forwarded:          # served here for the partner's host
+            host = other.ctrl.forwarder.host_of(req.tag) if other.ctrl is not None else None
+        if host.__class__ is Req:
+            host.served = (i, kind)
+        self.split.act(i, lun, ctrl.fence[lun].generation, self.now_us, f"{kind} {host or req}")
 
     def _landed(self, io, sectors):
         if io.record:
@@ -326,7 +324,7 @@ class Sim:
         came to the new one yet. (A state entered with its lease already run out, e.g. after a
         pause, serves nothing until its next read of the record.)"""
         f = ctrl.fence[fields["lun"]]
-        if f.state in SERVING and f.generation == fields["generation"] and ctrl._lease_ok(f):
+        if f.generation == fields["generation"] and ctrl.serves(f.lun):
             self.split.act(i, f.lun, f.generation, self.now_us, f"began serving ({f.state})")
 
     def _disk_io(self, i, n, act, write):
@@ -361,7 +359,7 @@ class Sim:
         """Every tick a LUN spends OWNER or SOLO under a valid lease is a serving act: it would
         accept host I/O at this instant, whether or not a host comes (promise 4 is about that)."""
         for f in ctrl.fence:
-            if f.state in SERVING and ctrl._lease_ok(f):
+            if ctrl.serves(f.lun):
                 self.split.act(i, f.lun, f.generation, self.now_us, f"holds a lease ({f.state})")
 
     # -- the link -------------------------------------------------------------
@@ -449,7 +447,7 @@ class Sim:
     def check_ack_mirrored(self, i, req):
         """A write acknowledged after its mirror ack is in the partner's persisted mirror (or on disk)."""
         if self.fencing:
-            if req.served is None or req.served[1] != "_write" or not self._mirrored_lun(req.served[0], req.lun):
+            if req.served is None or req.served[1] != "write" or not self._mirrored_lun(req.served[0], req.lun):
                 return                      # write-through, degraded, or ownership moved since
             owner, partner = self.nodes[req.served[0]], self.nodes[1 - req.served[0]]
         else:
