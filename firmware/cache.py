@@ -28,14 +28,15 @@ def line_key(lun: int, line_no: int) -> int:
 class Line:
     """One version of one cache line, held in one primary block."""
     __slots__ = ("block", "key", "lun", "lba", "seq", "bitmap", "current", "flushing",
-                 "pins", "dead", "mirrored", "forgotten", "older")
+                 "pins", "dead", "mirrored", "forgotten", "older", "generation")
 
-    def __init__(self, block, key, lun, lba, seq, bitmap, mirrored):
+    def __init__(self, block, key, lun, lba, seq, bitmap, mirrored, generation=0):
         self.block = block
         self.key = key
         self.lun = lun
         self.lba = lba              # first 512 B sector of the line
         self.seq = seq              # the host write that made this version
+        self.generation = generation    # the LUN's generation it was written (and mirrored) at
         self.bitmap = bitmap        # bit s set: sector s of the line is dirty
         self.current = True         # it is the hash table's entry for its key
         self.flushing = False       # a destage write is in flight

@@ -344,14 +344,14 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
         seq = self.next_seq
         self.next_seq += 1
-        generation = self.generation & 0xFFFFFFFF
+        generation = self.mirror_generation_of(lun)     # what its mirror copy carries, and a resync's
         self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
         store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
         self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
                                   crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
-        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False), crc)
-                                     for block, key, start, bits, crc in pen], fua)
+        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False, generation),
+                                      crc) for block, key, start, bits, crc in pen], fua)
 
     def _persist_runs(self, ranges, data=False):
         """Persist (offset, length) ranges in order, joining each with the next when adjacent."""

@@ -195,7 +195,6 @@ class PeerMixin:
         lines.sort(key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
-        generation = self.generation & 0xFFFFFFFF
         probe = M.PING_STRUCT.pack(0)
         for n, line in enumerate(lines):
             if n and n % RESYNC_PROBE_LINES == 0:
@@ -203,7 +202,11 @@ class PeerMixin:
                 self.link.send(T.PING, M.Resource.MIRROR, probe, tag=n)
             line.pins += 1          # the queued frame views the block until SYNC_DONE is answered
             crc = N.crc32c(self.primary.data(line.block))
-            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq, generation,
+            # Each copy carries the LUN's generation its line was written and first mirrored at:
+            # stamped with our own (1 after a restart), a copy of an acknowledged write looked
+            # older than a SOLO record at that generation, and the partner's claim voided it (seed
+            # 1700244 at 300 steps).
+            self._send_mirror(line.lun, M.CTX_FIRST | M.CTX_LAST | M.CTX_RESYNC, line.seq, line.generation,
                               0, 1, [(line, crc)])
             if line.flushing:
                 self._send_refs(T.FLUSH_BEGIN, [(line.block, line.seq)])

@@ -21,7 +21,7 @@ def recover(params, primary, cache, mirror, generation):
     taken = set()
     for rb in sorted(scan.blocks, key=lambda b: b.seq):
         key = line_key(rb.lun, rb.lba * SECTOR_BYTES // block_size)
-        line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False)
+        line = Line(rb.index, key, rb.lun, rb.lba, rb.seq, rb.bitmap, mirrored=False, generation=rb.generation)
         old = cache.install(line)
         taken.add(rb.index)
         if old is not None:

@@ -752,3 +752,35 @@ def test_a_takeover_done_while_linked_resends_everything_and_keeps_serving():
     assert b.sync_state == MS.MIRRORED and f.state == Own.OWNER
     assert b.fence[0].state != Own.STARTING and a.fence[0].state == Own.OWNER
     assert line.key not in a.mirror.view
+
+
+def test_a_restarted_owners_resync_copies_carry_the_generation_their_lines_were_written_at():
+    # Seed 1700244 at 300 steps: a owned lun1 at generation 4 (its record still said SOLO at 4:
+    # the MIRRORED rewrite had not landed) and mirrored write 132 to b at 4. A power cut; a came
+    # back and resent its lines, each stamped with a's controller generation (1), not the LUN's.
+    # a paused before the LUN settled; b claimed it and voided its copies below 4 (a SOLO owner's
+    # old data), among them write 132's, acknowledged and nowhere else.
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    for who in (1, 0):                                      # a handover there and back: generation 3
+        p.run(who, p.ctrl[who].move_lun(0))
+        for _ in range(30):
+            p.tick(10)
+            if p.ctrl[who].fence[0].state == Own.OWNER:
+                break
+    f = p.ctrl[0].fence[0]
+    assert f.state == Own.OWNER and f.generation == 3 and a.generation == 1
+    p.write(0, "w", 0, 0, b"g" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+    (block,) = [blk for blk in p.ctrl[1].mirror.blocks if blk is not None and blk.lun == 0]
+    assert block.generation == 3
+    p.stall_disks()                 # a's line is not destaged at the restart: it is resent below
+    p.crash(0, power=False)                                 # a's process dies; its NVRAM stays
+    p.boot(0)
+    assert len(p.ctrl[0].cache.lines) == 1
+    p.connect()
+    for _ in range(3):
+        p.tick(10)
+    (block,) = [blk for blk in p.ctrl[1].mirror.blocks if blk is not None and blk.lun == 0]
+    assert block.generation == 3                            # resent, still the generation it was written at

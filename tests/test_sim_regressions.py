@@ -656,6 +656,19 @@ def test_a_takeover_done_while_linked_resends_so_the_partner_frees_old_copies():
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_restarted_owners_resync_copies_keep_their_generation():
+    """Fixed (seed 1700244 at 300 steps, batched, found by the sweep of 1700000- on 749f3e9; it
+    failed unbatched too): a owned lun1 at generation 4, its record still SOLO at 4 (the
+    MIRRORED rewrite had not landed), and mirrored write 132 to b at 4. A power cut of both; a
+    came back and resent its 75 lines, each stamped with its controller generation, 1. a paused
+    before the LUN settled, b claimed it and voided its copies below 4 (a SOLO owner's old data):
+    write 132, acknowledged and nowhere else, with them. A line now keeps the generation it was
+    written at (in its NVRAM descriptor too), and a resync's copy carries it."""
+    for batched in (True, False):
+        result = _run_seed(1700244, steps=300, batched=batched)
+        assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}

@@ -78,7 +78,11 @@ covered by the margins (takeover_wait_ms > lease_ms + renew_interval_ms).
    against the record that beat it, as a watch read would (a SOLO owner's,
    or another generation's, makes the copies mirrored below its generation
    old data: freed; the owner mirrored those at its generation or a newer
-   one after writing it). The record is then
+   one after writing it). A copy's generation is the one its line was
+   written and first mirrored at, a resync's copy too (a line keeps it, in
+   NVRAM as well): a restarted owner that stamped its resent lines with its
+   own boot generation made acknowledged writes look older than its SOLO
+   record, and a claim voided them. The record is then
    taken as seen, so no later read judges them, and kept they were replayed
    by a later claim over the owner's newer write-through. Our own cached lines
    of the LUN (kept from before the claim we were overruling, or recovered by
