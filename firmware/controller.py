@@ -135,12 +135,12 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
     @property
     def mirroring(self) -> bool:
         """The link is up and the partner's mirror holds every dirty line of ours."""
-        return self.sync_state == MS.MIRRORED or self.sync_state == MS.RESENDING
+        return self.sync_state in MS.MIRRORING
 
     @property
     def sync_pending(self) -> bool:
         """A resync of ours runs: the partner has not answered its SYNC_DONE yet."""
-        return self.sync_state in (MS.RESYNCING, MS.RESYNC_AGAIN, MS.RESENDING)
+        return self.sync_state in MS.PENDING
 
     def start(self):
         """The actions recovery produced (persist cleanups, notifications)."""

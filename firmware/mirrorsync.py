@@ -15,6 +15,11 @@ States:
   it lost, which our replay made durable or overwrote; it frees what is not resent (seed 1201964
   at 1,000 steps: the partner's claim, abandoned to ours, kept three such copies for good). The
   pair stays mirrored and serving meanwhile: the end of a resend re-reads no record.
+- resend_again: mirrored and resending, and another takeover finished (or a LUN went solo)
+  meanwhile: when the partner answers SYNC_DONE everything is resent once more, still mirrored.
+  (Sent through resync_again, the second resend became a full resync, whose end re-read every
+  LUN's record: a LUN being released refused that as a protocol error and the session ended,
+  seed 1900132 at 300 steps.)
 
 Events:
 - link_up: a session came up (the resync starts).
@@ -28,8 +33,11 @@ transition means (send the resync, unpin its lines, tell the LUNs). A pair not
 in the table cannot happen: a session comes up only after the last one ended.
 """
 
-DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED, RESENDING = "down", "resyncing", "resync_again", "mirrored", "resending"
-STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED, RESENDING)
+DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED = "down", "resyncing", "resync_again", "mirrored"
+RESENDING, RESEND_AGAIN = "resending", "resend_again"
+STATES = (DOWN, RESYNCING, RESYNC_AGAIN, MIRRORED, RESENDING, RESEND_AGAIN)
+MIRRORING = (MIRRORED, RESENDING, RESEND_AGAIN)             # the partner's mirror holds every dirty line
+PENDING = (RESYNCING, RESYNC_AGAIN, RESENDING, RESEND_AGAIN)  # a resync of ours awaits its SYNC_DONE
 EVENTS = ("link_up", "solo", "takeover", "sync_done", "link_down")
 
 TRANSITIONS = {
@@ -49,10 +57,14 @@ TRANSITIONS = {
     (MIRRORED, "takeover"): RESENDING,
     (MIRRORED, "sync_done"): MIRRORED,          # an answer to no resync of ours: nothing changes
     (MIRRORED, "link_down"): DOWN,
-    (RESENDING, "solo"): RESYNC_AGAIN,
-    (RESENDING, "takeover"): RESYNC_AGAIN,
+    (RESENDING, "solo"): RESEND_AGAIN,
+    (RESENDING, "takeover"): RESEND_AGAIN,
     (RESENDING, "sync_done"): MIRRORED,
     (RESENDING, "link_down"): DOWN,
+    (RESEND_AGAIN, "solo"): RESEND_AGAIN,
+    (RESEND_AGAIN, "takeover"): RESEND_AGAIN,
+    (RESEND_AGAIN, "sync_done"): RESENDING,     # resent from the start, still mirrored
+    (RESEND_AGAIN, "link_down"): DOWN,
 }
 
 
@@ -67,5 +79,5 @@ def next_state(state, event):
         raise MirrorSyncError(f"mirroring: {event} cannot happen in state {state}") from None
 
 
-__all__ = ["DOWN", "RESYNCING", "RESYNC_AGAIN", "MIRRORED", "RESENDING", "STATES", "EVENTS", "TRANSITIONS",
-           "MirrorSyncError", "next_state"]
+__all__ = ["DOWN", "RESYNCING", "RESYNC_AGAIN", "MIRRORED", "RESENDING", "RESEND_AGAIN", "STATES", "EVENTS",
+           "TRANSITIONS", "MIRRORING", "PENDING", "MirrorSyncError", "next_state"]

@@ -63,9 +63,13 @@ class PeerMixin:
                     if msg.type != T.MIRROR_WRITE and self.acks_owed:
                         self._send_mirror_ack()     # whatever answers this comes after the ack
                     self._dispatch(msg)
-            except (LinkProtocolError, FormatError, MirrorError, FenceError) as exc:
+            except (LinkProtocolError, FormatError, MirrorError) as exc:
                 self.stats["link_errors"] += 1
                 self._link_failed(f"protocol error: {exc}")
+            except FenceError as exc:           # an authenticated peer's message our state refuses
+                self.stats["link_errors"] += 1
+                self.stats["ownership_protocol_errors"] += 1
+                self._link_failed(f"ownership protocol error: {exc}")
         if self.acks_owed and link.up:
             self._send_mirror_ack()
         return self._take()
@@ -292,6 +296,10 @@ class PeerMixin:
             self.sync_state = MS.next_state(state, "sync_done")
             if state == MS.RESYNC_AGAIN:        # resent from the start (firmware/mirrorsync.py)
                 self._unpin_resync(mirrored=False)
+                self._start_resync()
+                return
+            if state == MS.RESEND_AGAIN:        # resent from the start, mirrored all along
+                self._unpin_resync(mirrored=True)
                 self._start_resync()
                 return
             if state == MS.RESENDING:           # mirrored all along: nothing to re-read

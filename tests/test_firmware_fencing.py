@@ -54,6 +54,14 @@ def test_every_ownership_state_and_event_pair(state, event):
         with pytest.raises(FenceError):
             ctrl._own_event(f, event, *arg_for(event, f))
         return
+    if event == "grant" and state != Own.PARTNER:
+        # An owner hears a grant only after the record made it the owner: at that generation
+        # it changes nothing; at another it is a protocol error.
+        with pytest.raises(FenceError):
+            ctrl._own_event(f, event, f.generation + 1)
+        ctrl._own_event(f, event, f.generation)
+        assert f.state == state
+        return
     ctrl._own_event(f, event, *arg_for(event, f))
     assert f.state in outcomes(state, event)
     assert outcomes(state, event) <= set(STATES)
@@ -784,3 +792,62 @@ def test_a_restarted_owners_resync_copies_carry_the_generation_their_lines_were_
         p.tick(10)
     (block,) = [blk for blk in p.ctrl[1].mirror.blocks if blk is not None and blk.lun == 0]
     assert block.generation == 3                            # resent, still the generation it was written at
+
+
+def test_a_grant_that_arrives_after_the_record_made_us_the_owner_changes_nothing():
+    # VM pair in CI: a, asking for lun2 back, read the record while b's grant was on the wire;
+    # b's release record named a, so a became the owner from it, and the grant that came next
+    # ("grant not allowed in state owner") ended the link session: both LUNs went solo.
+    p = fenced_pair()
+    a, b = p.ctrl[0], p.ctrl[1]
+    p.run(1, b.move_lun(0))
+    for _ in range(30):
+        p.tick(10)
+        if b.fence[0].state == Own.OWNER:
+            break
+    f = a.fence[0]
+    assert f.state == Own.PARTNER and b.fence[0].state == Own.OWNER
+    p.run(0, a.move_lun(0))                                  # a asks for it back
+    for _ in range(10):                                      # only b hears: it releases and grants
+        while p.wire[1]:
+            p.run(1, b.link_frame(p.wire[1].popleft(), p.now_ms))
+        if b.fence[0].state == Own.PARTNER:
+            break
+        p.now_ms += 10
+        p.run(1, b.tick(p.now_ms))
+    assert b.fence[0].state == Own.PARTNER and p.wire[0]     # the grant is on its way to a
+    a._read_record(f)                                         # a's own read lands first
+    p.run(0, a._take())
+    assert f.state == Own.OWNER
+    p.deliver()                                               # then the grant
+    for _ in range(5):
+        p.tick(10)
+    assert f.state == Own.OWNER and a.link.up
+    assert not [n for n in p.notes[0] if n[0] == "link_down"]
+    p.write(0, "w", 0, 0, b"n" * BS)
+    p.deliver()
+    assert p.replies["w"] == (0, None)
+
+
+def test_a_second_takeover_done_during_a_resend_resends_again_still_mirrored():
+    # Seed 1900132 at 300 steps: a's second takeover finished while the first one's resend ran;
+    # sent through resync_again, the second resend became a full resync (not mirrored), whose
+    # end re-read every LUN's record, and lun1, being handed back to b, refused that as a
+    # protocol error: the session ended. A resend during a resend stays a resend.
+    p = fenced_pair()
+    b = p.ctrl[1]
+    f = b.fence[1]
+    before = len(p.notes[1])
+    f.state = b._takeover_done(f)
+    assert b.sync_state == MS.RESENDING
+    f.state = b._takeover_done(f)                # another one, before the partner answered
+    assert b.sync_state == MS.RESEND_AGAIN and b.mirroring
+    p.run(1, b._take())
+    p.deliver()
+    assert b.sync_state == MS.MIRRORED and b.mirroring
+    for _ in range(5):
+        p.tick(10)
+    notes = p.notes[1][before:]
+    assert sum(kind == "resync_start" for kind, _ in notes) == 2
+    assert not [n for n in notes if n[0] == "ownership_state" and n[1]["lun"] == 0]   # lun0 was not re-read
+    assert b.fence[0].state == Own.PARTNER and f.state == Own.OWNER

@@ -669,6 +669,28 @@ def test_a_restarted_owners_resync_copies_keep_their_generation():
         assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
 
 
+def test_a_resend_during_a_resend_stays_mirrored():
+    """Fixed (seed 1900132 at 300 steps, found once the simulator failed a run on an ownership
+    protocol error between its honest controllers, which it used to take for a fault): a's
+    second takeover finished while the first one's resend ran; the mirroring table sent it
+    through resync_again, and the full resync after it ended by re-reading every LUN's record.
+    lun1, being handed back to b, refused that (link_up in RELEASING) and the session ended. A
+    resend during a resend now stays a resend (resend_again), mirrored, re-reading nothing."""
+    result = _run_seed(1900132, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
+def test_a_grant_after_the_record_made_us_the_owner_keeps_the_session():
+    """Fixed (found in CI by the VM pair, where it failed the failback test; seed 1900117 at 300
+    steps shows it once the simulator fails a run on an ownership protocol error): asking for
+    its LUN back, a controller read the record while the grant was on the wire, the partner's
+    release record named it, and it became the owner; the grant that came next was refused
+    ("grant not allowed in state owner") and ended the session. A grant at the generation the
+    record gave us now changes nothing."""
+    result = _run_seed(1900117, steps=300)
+    assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
+
+
 # Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
 # a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
 OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}

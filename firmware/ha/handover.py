@@ -78,6 +78,16 @@ class HandoverMixin:
         f.lease_until_ms = self.now_ms + self.params.lease_ms
         self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
 
+    def _granted_already(self, f, generation):
+        """The grant of a LUN the record made ours first: asking for it back, we read the record
+        while the grant was on the wire, and the partner's release record named us (VM pair in
+        CI: the grant then ended the session as a protocol error, and both LUNs went solo). At
+        the record's generation there is nothing left to do; at another it is an error."""
+        if generation != f.generation:
+            raise FenceError(f"lun{f.lun}: grant at generation {generation} to its owner at {f.generation}")
+        f.want_back = False
+        self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
+
     def _on_ownership(self, msg):
         body = M.parse_body_untrusted(msg.type, msg.payload, "ownership message")
         if self.fence is None:

@@ -60,6 +60,8 @@ TRANSITIONS = {
     (Own.PARTNER, "link_up"): ("_reread", Own.STARTING, NONE),
     (Own.PARTNER, "tick"): ("_partner_tick", Own.PARTNER, NONE),
     (Own.PARTNER, "grant"): ("_granted", Own.OWNER, NONE),
+    (Own.OWNER, "grant"): ("_granted_already", Own.OWNER, NONE),      # the record said so first
+    (Own.FENCING, "grant"): ("_granted_already", Own.FENCING, NONE),
     (Own.PARTNER, "move"): ("_ask_ownership", Own.PARTNER, NONE),
     (Own.PARTNER, "request"): ("_partner_asked", Own.PARTNER, NONE),
     (Own.WATCHING, "tick"): ("_renew_if_due", Own.WATCHING, NONE),

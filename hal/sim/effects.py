@@ -9,6 +9,7 @@ out: the simulated hosts never ask for block status.
 from firmware.ha.ownership import Own, SERVING
 
 from hal.interpret import Effects
+from hal.sim.check import SimFailure
 
 
 class NodeEffects(Effects):
@@ -74,3 +75,7 @@ class NodeEffects(Effects):
                 sim.faults.began_watching(i)
         elif kind == "solo":
             sim.faults.went_solo(i)
+        elif kind == "link_down" and act.fields.get("reason", "").startswith("ownership protocol error"):
+            # Both peers here are honest firmware: an ownership message its receiver's state
+            # refuses is a bug of the protocol, not a fault (a reset hides it: both go solo).
+            raise SimFailure(f"{self.who}: {act.fields['reason']}")
