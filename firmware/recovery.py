@@ -9,6 +9,8 @@ from . import actions as A
 from .cache import SECTOR_BYTES, Line, line_key
 from .formats import FormatError
 
+SEQ_MAX = (1 << 64) - 1                 # a descriptor's and a commit record's sequence field
+
 
 def recover(params, primary, cache, mirror, generation):
     """-> (next sequence number, actions)."""
@@ -34,6 +36,12 @@ def recover(params, primary, cache, mirror, generation):
             out.append(A.Persist(*primary.store_free(index)))
         out.append(A.Notify("nvram_dropped", segment="primary", block=index, reason=reason))
     next_seq = scan.max_seq + 1
+    if next_seq > SEQ_MAX:
+        # Intact checksums around a sequence number no controller reaches (2^64 writes): the
+        # next write could not be numbered above it, and numbered below, recovery would take
+        # it for older than this one.
+        raise FormatError(f"the NVRAM's newest write sequence number is {scan.max_seq}, the largest there "
+                          f"is: no write can follow it; not an NVRAM this firmware wrote")
     for r in mirror.recover(mscan):
         out.append(A.Persist(*r))
     for index, reason in mscan.dropped:

@@ -4,6 +4,8 @@ Each test is the crashing input, reduced, given to the real parser or engine;
 it failed before the fix named in its docstring. The contract: parsers of
 untrusted bytes raise FormatError and nothing else.
 """
+import base64
+
 import pytest
 
 from firmware.formats import FormatError
@@ -154,3 +156,25 @@ def test_recovery_keeps_no_line_of_a_lun_the_pair_does_not_have():
     with pytest.raises(FormatError, match=r"primary segment holds 1 dirty line\(s\) outside the configured "
                                           r"LUNs \(the first: lun7 .*the configuration has 2 LUNs"):
         Controller(params, img, KEY, 0)
+
+
+def test_an_nvram_whose_newest_sequence_number_is_the_largest_is_refused():
+    """Found by the nvram fuzzer (11.8 minutes, 647,898 inputs): a descriptor resealed with
+    sequence number 2^64 - 1 was recovered, and the first host write after it raised
+    struct.error packing sequence number 2^64. No controller writes 2^64 times: such an NVRAM is
+    refused at recovery, with the number named."""
+    from fuzz import nvram as fuzz_nvram
+    image, params, sb = fuzz_nvram.golden()
+    img = bytearray(image)
+    block = next(iter(Controller(params, bytearray(image), KEY, 0).cache.lines.values())).block
+    offset = sb.primary_desc_offset + block * N.DESC_SIZE_BYTES
+    img[offset + 16:offset + 24] = ((1 << 64) - 1).to_bytes(8, "big")   # the descriptor's seq
+    end = offset + N.DESC_SIZE_BYTES - 4
+    img[end:end + 4] = N.crc32c(bytes(img[offset:end])).to_bytes(4, "big")
+    with pytest.raises(FormatError, match="newest write sequence number is 18446744073709551615"):
+        Controller(params, img, KEY, 0)
+    crash = base64.b64decode(                             # the fuzzer's own input
+        "APUOiP8H6g7/////////////////////////////////////////////////////////////////////////////"
+        "//////////////////////////////////////////////////////////////////////////////////////8A"
+        "AABiYgc=")
+    fuzz_nvram.one_input(crash)                           # refused at recovery now: no exception
