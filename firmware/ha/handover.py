@@ -4,7 +4,7 @@ The owner asked for a LUN (OWNERSHIP_REQUEST, or `twincache ownership move`)
 destages the LUN's dirty lines, writes the record naming its partner at the
 next generation and sends OWNERSHIP_GRANT; the preferred owner of a LUN asks
 for it back until it has it (failback). The states and the table are in
-firmware/ha/fencing.py.
+firmware/ha/ownership.py.
 """
 from .. import actions as A
 from .ownership import BALANCE_RETRY_MS, FenceError, Own, settled
