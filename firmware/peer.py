@@ -294,18 +294,13 @@ class PeerMixin:
         if msg.flags & F.FLAG_RESPONSE:            # our resync is done: mirrored again
             state = self.sync_state
             self.sync_state = MS.next_state(state, "sync_done")
-            if state == MS.RESYNC_AGAIN:        # resent from the start (firmware/mirrorsync.py)
-                self._unpin_resync(mirrored=False)
+            if state in (MS.RESYNC_AGAIN, MS.RESEND_AGAIN):    # resent from the start (mirrorsync.py)
+                self._unpin_resync(mirrored=state == MS.RESEND_AGAIN)   # a resend: mirrored all along
                 self._start_resync()
                 return
-            if state == MS.RESEND_AGAIN:        # resent from the start, mirrored all along
+            if state in (MS.RESENDING, MS.RESYNCING):
                 self._unpin_resync(mirrored=True)
-                self._start_resync()
-                return
-            if state == MS.RESENDING:           # mirrored all along: nothing to re-read
-                self._unpin_resync(mirrored=True)
-            elif state == MS.RESYNCING:
-                self._unpin_resync(mirrored=True)
+            if state == MS.RESYNCING:           # a resend's end (resending) re-reads nothing
                 self.out.append(A.Notify("mirrored", generation=self.generation))
                 if self.fence is not None:
                     for f in self.fence:
