@@ -25,7 +25,6 @@ Rules:
 """
 from . import actions as A
 from .cache import LUN_SHIFT
-from .ha.ownership import SERVING
 from .formats import FormatError
 from .formats import messages as M
 
@@ -89,13 +88,6 @@ class AllocationMixin:
             self._all_data(req, length)
             return
         self._reply(req, 0, runs)
-
-    def _allocation_known_here(self, lun) -> bool:
-        """This controller serves the LUN now: its cache and the disk are the whole truth."""
-        if self.fence is None:
-            return self.owns(lun)
-        f = self.fence[lun]
-        return f.state in SERVING and self._lease_ok(f)
 
     def _cached_ranges(self, lun, offset, length) -> list:
         bs = self.block_size

@@ -1,6 +1,10 @@
-"""The controller: one instance per controller, driven by events, returning actions.
+"""The controller's shared parts: driven by events, returning actions.
 
-Owns the ha-mode write path. A host write for a LUN this controller owns is
+`Controller` is abstract: a mode composes it with the ownership it needs
+(firmware/owners.py lists the questions it asks): HaController
+(firmware/ha/controller.py), ReplicaController (firmware/replica/controller.py).
+
+Owns the write path. A host write for a LUN this controller owns is
 stored copy-on-write into free primary blocks (data, persist, descriptor,
 persist), validated by checksum, and its mirror requests wait in the holding
 pen until every block of the write is in NVRAM and valid; then all are sent
@@ -35,10 +39,6 @@ from .link import LinkSession, unpack_body
 from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
-from .ha.fencing import FenceMixin
-from .ha.ownership import OWNING, Own
-from .ha.handover import HandoverMixin
-from .ha.takeover import TakeoverMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
 from .forwarding import ForwardEntry, Forwarder
@@ -54,8 +54,9 @@ _crc32c = N.crc32c_raw
 EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
-class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverMixin, HandoverMixin,
-                 AllocationMixin):
+class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
+    """The shared parts. Abstract: a mode adds its ownership (firmware/owners.py)."""
+
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
         self.id = params.controller_id
@@ -90,7 +91,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             data_window_bytes=params.data_window_bytes,
             heartbeat_interval_ms=params.heartbeat_interval_ms,
             heartbeat_timeout_ms=params.heartbeat_timeout_ms)
-        self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
         self.sync_state = MS.DOWN         # is the partner's mirror a copy of our cache (firmware/mirrorsync.py)
         self.acks_owed = 0                # writes committed for the partner, not yet acknowledged
         self.ack_seq = 0
@@ -119,11 +119,8 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
                                  params.zero_pieces_inflight_max)
         self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
                                    params.forward_inflight_bytes_max, params.waiting_max)
-        self.fence = None
         self.disk_health = DiskHealth(len(params.lun_sizes), params)
         self._recover()
-        if params.fencing:
-            self._init_fencing()
 
     # -- recovery -------------------------------------------------------------
 
@@ -151,13 +148,14 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         cache = self.cache
         owned = [f"lun{lun}" for lun in range(len(self.params.lun_sizes)) if self.owns(lun)]
         dirty_by_lun = collections.Counter(line.lun for line in cache.lines.values())
+        luns = self._lun_status(dirty_by_lun)
         link = self.link.state
         if self.link.up:
             link = "mirrored" if self.mirroring else "resyncing"
         return {
             "controller": "ab"[self.id], "role": "owner" if owned else "partner",
             "mode": self.params.mode, "link": link, "owned_luns": owned,
-            "generation": max([self.generation] + [f.generation for f in self.fence or ()]),
+            "generation": max([self.generation] + [lun["generation"] for lun in luns.values()]),
             "dirty_blocks": cache.dirty_lines,
             "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
             "primary_blocks": cache.capacity, **self.mirror.counts(),
@@ -167,9 +165,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             "resync": dict(self.resync_progress) if self.resync_progress else None,
             "link_stats": dict(self.link.stats),
             "disks": self.disk_health.status(self.now_ms),
-            "luns": ({f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held),
-                                    "dirty_lines": dirty_by_lun.get(f.lun, 0)}
-                      for f in self.fence} if self.fence is not None else {}),
+            "luns": luns,
         }
 
     # -- helpers --------------------------------------------------------------
@@ -207,30 +203,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
         if offset % SECTOR_BYTES or length % SECTOR_BYTES:
             return EINVAL
         return 0
-
-    def owns(self, lun) -> bool:
-        if self.fence is not None:
-            return 0 <= lun < len(self.fence) and self.fence[lun].state in OWNING
-        return self.owner.get(lun) == self.id
-
-    def _route(self, kind, req, lun, offset, arg, fua):
-        """Where a host request for `lun` goes now: HERE, THERE (the owner) or TAKEN (dealt with)."""
-        if self.fence is None:
-            return HERE if self.owns(lun) else THERE
-        f = self.fence[lun]
-        state = f.state
-        if state == Own.PARTNER:
-            return THERE
-        if state == Own.WATCHING:
-            self._reply(req, EIO)       # the partner may still own it: refuse, never guess
-            return TAKEN
-        if state in (Own.OWNER, Own.SOLO) and self._lease_ok(f):
-            if state == Own.SOLO and kind == "w":
-                self._write_through(req, lun, offset, arg, fua)
-                return TAKEN
-            return HERE
-        self._hold(f, HostRequest(kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
-        return TAKEN
 
     def _new_op(self):
         op = self.next_op
@@ -530,11 +502,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, FenceMixin, TakeoverM
             self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
             return
         self.zeroes.start(req, lun, offset, length, fua)
-
-    def _partner_owns(self, lun):
-        if self.fence is None:
-            return not self.owns(lun)
-        return self.fence[lun].state == Own.PARTNER
 
     # -- forwarding -----------------------------------------------------------
 

@@ -25,8 +25,8 @@ one per line (with batch_link_output the flushes go out once per loop turn).
 """
 from . import actions as A
 from .allocation import AllocOp
+from .requests import ReadOp
 from .cache import SECTOR_BYTES, dirty_runs
-from .ha.ownership import RecordOp
 from .link import LinkProtocolError
 
 EIO = 5
@@ -40,20 +40,6 @@ class DestageOp:
         self.lines = lines
         self.remaining = remaining
         self.error = 0
-
-
-class ReplayOp:
-    """Writing one of the partner's mirror blocks (or a line of ours held under its claim) to
-    disk during a takeover."""
-    __slots__ = ("lun", "index", "remaining", "error", "line", "block")
-
-    def __init__(self, lun, index, remaining, line=None, block=None):
-        self.lun = lun
-        self.index = index
-        self.remaining = remaining
-        self.error = 0
-        self.line = line
-        self.block = block
 
 
 class FlushOp:
@@ -82,7 +68,7 @@ class DestageMixin:
     def _destage_wanted(self) -> bool:
         cache, p = self.cache, self.params
         used = cache.used_blocks / cache.capacity
-        urgent = bool(self.waiting) or not self.mirroring or self._fence_wants_destage() or (
+        urgent = bool(self.waiting) or not self.mirroring or self._ownership_wants_destage() or (
             self.now_ms - self.last_host_io_ms >= p.idle_flush_ms) or bool(self.disk_health.failing)
         if urgent or used >= p.high_watermark:
             self.destaging = True
@@ -106,7 +92,7 @@ class DestageMixin:
         for key, line in wbq.items():     # oldest first; stop at the budget
             if len(extents) == budget:
                 break
-            if key in taken or key in flushing or not self.may_write_disk(line.lun):
+            if key in taken or key in flushing or not self._may_write_disk(line.lun):
                 continue                  # (a flushing key: an older version is still being written)
             extent = [line]
             taken.add(key)
@@ -168,21 +154,14 @@ class DestageMixin:
             self._flush_done(entry, error)
         elif kind is ThroughOp:
             self._through_done(op, entry, error)
-        elif kind is ReplayOp:
-            entry.error = entry.error or error
-            entry.remaining -= 1
-            if entry.remaining == 0:
-                del self.disk_ops[op]
-                self._replay_done(entry, entry.error)
-        elif kind is RecordOp:
+        elif kind is ReadOp:
             del self.disk_ops[op]
-            self._record_done(entry, error, data)
+            self._read_done(entry, error, data)
         elif kind is AllocOp:
             del self.disk_ops[op]
             self._allocation_done(entry, error, data)
         else:
-            del self.disk_ops[op]
-            self._read_done(entry, error, data)
+            self._ownership_disk_done(op, entry, error, data)
         self._pump()
         if not self.params.batch_link_output:
             self._start_flushes()
@@ -294,7 +273,7 @@ class DestageMixin:
             elif kind is ThroughOp:
                 self._reply(w.req, EIO if error else 0)
             else:
-                self._replay_durable(w, error)
+                self._ownership_flushed(w, error)
 
     def _flushing_lines(self):
         """Lines on their way to the disk: a destage write in flight, or done and waiting for
@@ -361,8 +340,13 @@ class DestageMixin:
         for line in entry.overlay:
             self._maybe_free(line)
 
-    def _fence_wants_destage(self) -> bool:
-        return self.fence is not None and any(f.state in ("fencing", "releasing") for f in self.fence)
+    def _may_write_disk(self, lun) -> bool:
+        """Destage only what ownership allows (an ha owner under a valid lease: a stale owner's
+        lines are older data), and not while the LUN's disk backs off after failed writes
+        (firmware/diskhealth.py)."""
+        if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
+            return False
+        return self._ownership_allows_disk(lun)
 
     def tick(self, now_ms):
         """Time passes: heartbeats, dead-peer detection, leases, idle destage."""
@@ -372,8 +356,7 @@ class DestageMixin:
             self.link.tick(now_ms)
         except LinkProtocolError as exc:    # the peer went silent
             self._link_failed(str(exc))
-        if self.fence is not None:
-            self.fence_tick()
+        self._ownership_tick()
         self._disk_health_tick()
         self._pump()
         self._start_flushes()

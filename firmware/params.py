@@ -10,7 +10,7 @@ class Params:
                  high_watermark=0.5, low_watermark=0.25, idle_flush_ms=500,
                  destage_inflight_max=64, max_write_bytes=4 << 20, heartbeat_interval_ms=100,
                  heartbeat_timeout_ms=1000, reliable_transport=True, data_window_bytes=1 << 20,
-                 waiting_max=4096, buggify=None, fencing=False, renew_interval_ms=100,
+                 waiting_max=4096, buggify=None, renew_interval_ms=100,
                  lease_ms=400, takeover_wait_ms=900, held_max=1024, auto_balance=True, replica=None,
                  mirror_message_bytes_max=1 << 20, destage_extent_bytes_max=1 << 20,
                  batch_link_output=False, destage_flush_batch_bytes=8 << 20, degraded_after_ms=30_000,
@@ -39,9 +39,8 @@ class Params:
         # "write", "write_through" or "read", before it acts. Like buggify, a test hook: None in
         # production, and it must not change anything.
         self.on_serve = on_serve
-        # Ownership through the reservation records on shared disks (firmware/ha/fencing.py).
-        # Off: static ownership (lun % 2), for harnesses without reservation records.
-        self.fencing = fencing
+        # Ownership (firmware/owners.py) is the controller class's: ha mode moves it through the
+        # reservation records on shared disks (firmware/ha/controller.py).
         self.renew_interval_ms = renew_interval_ms
         self.lease_ms = lease_ms
         self.takeover_wait_ms = takeover_wait_ms

@@ -14,10 +14,9 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkProtocolError, unpack_body
-from .ha.ownership import FenceError
+from .owners import FenceError
 from . import mirrorsync as MS
 from .mirror import MirrorError
-from .requests import Forwarded
 
 EIO = 5
 T = M.MsgType
@@ -153,20 +152,9 @@ class PeerMixin:
             self._persist(r)
         pending, self.pending = self.pending, {}
         for seq in sorted(pending):
-            op = pending[seq]
-            if self.fence is not None and op.lines:
-                if op.req.__class__ is Forwarded:
-                    op.req = None         # the forwarder failed it with the session; its tag dies too
-                f = self.fence[op.lines[0].lun]
-                if not f.acks:
-                    f.acks_generation = f.generation
-                f.acks.append(op)         # acknowledged once on disk, or at a record read naming us
-            else:
-                self._finish_write(op, mirrored=False)
+            self._cut_off(pending[seq])
         self._fail_forwards()
-        if self.fence is not None:
-            for f in self.fence:
-                self._own_event(f, "link_down")
+        self._ownership_link_down()
         self._pump()
 
     def _on_link_up(self):
@@ -181,21 +169,7 @@ class PeerMixin:
 
     def _start_resync(self):
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
-        # A LUN still reading its record (STARTING) may turn out ours: mirror its lines too; if it
-        # is the partner's, _drop_lines frees the partner's copies with flush-done.
-        lines = [line for line in self.cache.lines.values()
-                 if self.fence is None or self.owns(line.lun) or self.fence[line.lun].state in RESYNC_ALSO]
-        if self.fence is not None:
-            # Lines we hold (a claim over them was not confirmed) while we claim their LUN
-            # ourselves: our replay writes them, but if we go down first, the partner's claim
-            # replays its mirror copy, the only other one. Not resent, the resync freed it
-            # (seed 201100 at 300 steps: a held 24 lines, crashed in its claim, and b took the
-            # LUN over with none of them). A held line destaged since is on disk, its block freed
-            # and its copy freed with flush-done: resent, it came back to the partner's mirror as a
-            # line we no longer hold, replayed over newer data at the partner's next takeover
-            # (seed 970864 at 1000 steps).
-            lines += [line for f in self.fence if f.state in RESYNC_HELD for line in f.held_lines
-                      if not line.dead]
+        lines = self._resync_lines()
         lines.sort(key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
@@ -273,8 +247,8 @@ class PeerMixin:
                 out.append(A.Persist(offset, size))
                 offset, size = o, n
         out.append(A.Persist(offset, size))
-        if committed is not None and ctx & M.CTX_RESYNC and self.mirror_ours(lun):
-            self._free_stale_mirror(self.fence[lun])    # resent lines of a LUN the peer lost to us
+        if committed is not None and ctx & M.CTX_RESYNC:
+            self._resync_copy_stored(lun)
         if committed is not None and not ctx & M.CTX_RESYNC:
             self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
             self.acks_owed += 1
@@ -302,9 +276,7 @@ class PeerMixin:
                 self._unpin_resync(mirrored=True)
             if state == MS.RESYNCING:           # a resend's end (resending) re-reads nothing
                 self.out.append(A.Notify("mirrored", generation=self.generation))
-                if self.fence is not None:
-                    for f in self.fence:
-                        self._own_event(f, "link_up")
+                self._ownership_mirrored()
             return
         if msg.type == T.SYNC_BEGIN:
             # Every block is unconfirmed until resent; what is kept is decided at SYNC_DONE, by
@@ -367,16 +339,11 @@ class PeerMixin:
         self.stats[f"ignored_{msg.type}"] += 1
 
 
-# Lines of LUNs in these states go out in a resync too: a LUN still reading its record may turn
-# out ours; one we are claiming back (a resumed claim) holds lines whose other copy is the
-# partner's mirror, which this resync would otherwise free (seed 419).
-RESYNC_ALSO = ("starting", "claiming", "replaying")
 def _only_link(link):
     if link != 0:
         raise ValueError(f"a pair has one link, 0, not {link}")
 
 
-RESYNC_HELD = ("claiming", "replaying")
 RESYNC_PROBE_LINES = 32       # a resync asks the partner how far it got after every this many lines
 
 DISPATCH = {

@@ -18,7 +18,7 @@ line in the cache and every block in the mirror view must have a descriptor
 that parses, names that line, and whose data CRC32C matches the block. The
 recovered controller must then take a host write and a tick.
 """
-from firmware.controller import Controller
+from hal.sim.static import StaticController  # recovery, then the write path at once
 from firmware.formats import FormatError
 from firmware.formats import nvram as N
 from fixtures.mempair import KEY, MemPair
@@ -139,7 +139,7 @@ def one_input(data: bytes) -> None:
     _mutate(img, r, sb)
     _seal(img, r.u8(), sb)
     try:
-        ctrl = Controller(params, img, KEY, 0)
+        ctrl = StaticController(params, img, KEY, 0)
     except FormatError:
         return
     ctrl.start()

@@ -128,3 +128,38 @@ def test_the_length_check_sees_a_long_module(tmp_path):
     (tmp_path / "hal" / "big.py").write_text("x = 1\n" * (MODULE_LINES_MAX + 1))
     (tmp_path / "hal" / "small.py").write_text("x = 1\n" * MODULE_LINES_MAX)
     assert long_modules(tmp_path) == [("hal/big.py", MODULE_LINES_MAX + 1)]
+
+
+# -- ownership: one interface (firmware/owners.py), answered by each mode ------------------------
+
+def _unanswered(cls):
+    from firmware.owners import Ownership
+    return sorted(name for name, value in vars(Ownership).items()
+                  if callable(value) and getattr(cls, name) is value)
+
+
+def test_every_controller_answers_every_ownership_question():
+    from firmware.ha.controller import HaController
+    from firmware.replica.controller import ReplicaController
+    from hal.sim.static import StaticController
+    for cls in (HaController, ReplicaController, StaticController):
+        assert _unanswered(cls) == [], cls.__name__
+
+
+def test_the_ownership_check_sees_a_question_left_unanswered():
+    from firmware.controller import Controller
+    from firmware.owners import FixedOwnership
+
+    class Half(FixedOwnership, Controller):
+        pass                                # FixedOwnership leaves owns() to the mode
+    assert _unanswered(Half) == ["owns"]
+
+
+def test_the_shared_parts_never_look_at_how_ownership_is_decided():
+    """The write path, the mirror partner side, destage and allocation ask through
+    firmware/owners.py; none of them names the ha package or a LUN's fencing state."""
+    shared = ["controller.py", "peer.py", "destage.py", "allocation.py", "diskhealth.py", "mirror.py",
+              "recovery.py", "forwarding.py", "zeroes.py", "cache.py"]
+    for name in shared:
+        text = (ROOT / "firmware" / name).read_text()
+        assert "from .ha" not in text and ".fence" not in text and "lun % 2" not in text, name

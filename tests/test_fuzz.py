@@ -12,7 +12,7 @@ from fuzz import TARGETS
 from fuzz import nbd as fuzz_nbd
 from fuzz import nvram as fuzz_nvram
 from fuzz.tasks import run_target
-from firmware.controller import Controller
+from hal.sim.static import StaticController  # recovery, then the write path at once
 from fixtures.mempair import KEY
 from hal.host.nbd import NbdRequest
 
@@ -50,7 +50,7 @@ def test_each_target_fuzzes_briefly_without_a_crash(target, tmp_path):
 def test_nvram_check_catches_a_recovered_line_whose_data_is_corrupt():
     image, params, _sb = fuzz_nvram.golden()
     img = bytearray(image)
-    ctrl = Controller(params, img, KEY, 0)
+    ctrl = StaticController(params, img, KEY, 0)
     fuzz_nvram.check_recovered(ctrl, img)
     line = next(iter(ctrl.cache.lines.values()))
     img[ctrl.primary.data_offset(line.block)] ^= 0xFF

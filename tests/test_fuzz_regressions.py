@@ -63,7 +63,7 @@ def test_a_short_io_reply_resets_the_link():
 
 # -- NVRAM recovery ----------------------------------------------------------------
 
-from firmware.controller import Controller  # noqa: E402
+from hal.sim.static import StaticController  # noqa: E402
 from firmware.params import Params, format_nvram  # noqa: E402
 from fixtures.mempair import KEY, PAIR_ID  # noqa: E402
 
@@ -95,7 +95,7 @@ def test_controller_refuses_an_nvram_smaller_than_its_superblock_says():
     fields = {k: v for k, v in sb.items() if not k.startswith("_") and k != "magic"}
     nv[:N.SUPERBLOCK_SIZE_BYTES] = N.build_superblock(dict(fields, nvram_size_bytes=1 << 30))
     with pytest.raises(FormatError, match="NVRAM"):
-        Controller(params, nv, KEY, 0)
+        StaticController(params, nv, KEY, 0)
 
 
 def test_an_ownership_message_to_a_pair_without_fencing_resets_the_link():
@@ -148,14 +148,14 @@ def test_recovery_keeps_no_line_of_a_lun_the_pair_does_not_have():
     from fuzz import nvram as fuzz_nvram
     image, params, sb = fuzz_nvram.golden()
     img = bytearray(image)
-    block = next(iter(Controller(params, bytearray(image), KEY, 0).cache.lines.values())).block
+    block = next(iter(StaticController(params, bytearray(image), KEY, 0).cache.lines.values())).block
     offset = sb.primary_desc_offset + block * N.DESC_SIZE_BYTES
     img[offset + 2:offset + 4] = (7).to_bytes(2, "big")                 # the descriptor's lun
     end = offset + N.DESC_SIZE_BYTES - 4
     img[end:end + 4] = N.crc32c(bytes(img[offset:end])).to_bytes(4, "big")
     with pytest.raises(FormatError, match=r"primary segment holds 1 dirty line\(s\) outside the configured "
                                           r"LUNs \(the first: lun7 .*the configuration has 2 LUNs"):
-        Controller(params, img, KEY, 0)
+        StaticController(params, img, KEY, 0)
 
 
 def test_an_nvram_whose_newest_sequence_number_is_the_largest_is_refused():
@@ -166,13 +166,13 @@ def test_an_nvram_whose_newest_sequence_number_is_the_largest_is_refused():
     from fuzz import nvram as fuzz_nvram
     image, params, sb = fuzz_nvram.golden()
     img = bytearray(image)
-    block = next(iter(Controller(params, bytearray(image), KEY, 0).cache.lines.values())).block
+    block = next(iter(StaticController(params, bytearray(image), KEY, 0).cache.lines.values())).block
     offset = sb.primary_desc_offset + block * N.DESC_SIZE_BYTES
     img[offset + 16:offset + 24] = ((1 << 64) - 1).to_bytes(8, "big")   # the descriptor's seq
     end = offset + N.DESC_SIZE_BYTES - 4
     img[end:end + 4] = N.crc32c(bytes(img[offset:end])).to_bytes(4, "big")
     with pytest.raises(FormatError, match="newest write sequence number is 18446744073709551615"):
-        Controller(params, img, KEY, 0)
+        StaticController(params, img, KEY, 0)
     crash = base64.b64decode(                             # the fuzzer's own input
         "APUOiP8H6g7/////////////////////////////////////////////////////////////////////////////"
         "//////////////////////////////////////////////////////////////////////////////////////8A"

@@ -3,7 +3,8 @@
 Owns the per-LUN ownership state machine (its table is in firmware/ha/ownership.py) and
 the lease protocol on the reservation record (firmware/formats/reservation.py)
 that keeps two controllers from ever both accepting I/O for one LUN. Its
-handlers live in three mixins of the Controller: this one (the record's I/O,
+handlers live in three mixins of the HaController (firmware/ha/controller.py,
+which answers the shared parts' questions about ownership): this one (the record's I/O,
 leases, boot, the owner alone, being fenced, held host requests),
 firmware/ha/takeover.py (watching, claiming, replaying) and firmware/ha/handover.py
 (moving a LUN while linked: the CLI, failback, balancing).
@@ -240,75 +241,11 @@ class FenceMixin:
         if not f.io_inflight and self.now_ms >= f.renew_due_ms:
             self._read_record(f)
 
-    def fence_tick(self):
-        for f in self.fence:
-            self._own_event(f, "tick")
-            if f.held and self._lease_ok(f):
-                self._release_held(f)
-
-    def mirror_generation_of(self, lun) -> int:
-        """The generation mirror writes of `lun` carry: the LUN's own (its owner's fencing token)."""
-        return (self.fence[lun].generation if self.fence is not None else self.generation) & 0xFFFFFFFF
-
-    def mirror_written_at(self, lun, generation):
-        """The owner mirrored a write of `lun` at `generation`: remember it for the void decision
-        (seeds 377 and 5134: a partner that never read the owner's newer record voided its mirror,
-        acknowledged writes with it, at the takeover)."""
-        if self.fence is not None and 0 <= lun < len(self.fence):
-            f = self.fence[lun]
-            f.peer_generation = max(f.peer_generation, generation)
-
-    def mirror_owned_by_peer(self, lun) -> bool:
-        """May a resync from the peer void our mirror blocks of `lun`? Not while we take it over."""
-        return self.fence is None or self.fence[lun].state in (Own.PARTNER, Own.WATCHING, Own.STARTING)
-
-    def mirror_replaying(self, lun) -> bool:
-        """Are our mirror blocks of `lun` what our takeover (a claim, or its replay) writes out?
-        The old owner may have reused their blocks meanwhile: a version its newer write replaced
-        was freed when that write was cut off and failed, though our copy of it was the one
-        acknowledged (seed 805035 at 300 steps: b mirrored another LUN's line into the block of
-        write 32 while a claimed lun1, and a's replay lacked it). A peer's write into such a
-        block ends the session; the peer reconnects, and once the replay is done its blocks
-        are free."""
-        return self.fence is not None and self.fence[lun].state in (Own.CLAIMING, Own.REPLAYING)
-
-    def mirror_ours(self, lun) -> bool:
-        """Does a resync's copy of `lun` go, resent or not (as it lands, and at SYNC_DONE)? Yes
-        for a LUN we own: a restarted peer resent lines it held from before it lost the LUN,
-        before its read of the record told it so; its flush-done for them (a control frame)
-        overtook the resync's data, and the copy stayed in our mirror for a later claim of ours
-        to replay over our own newer write-through (seed 13790 at 300 steps: write 19 over 90)."""
-        return self.fence is not None and self.fence[lun].state in OWNING
-
     def _peer_claim_open(self, f) -> bool:
         """The newest record we read of this LUN is the peer's claim, still CLAIMED."""
         seen = f.last_seen if f.state == Own.WATCHING and f.last_seen is not None else (
             f.record.key() if f.record is not None else None)
         return seen is not None and seen[0] != self.id and seen[1] == R.LunState.CLAIMED
-
-    def mirror_undecided(self, lun) -> bool:
-        """Is it too early to void our mirror blocks of `lun` the peer did not resend? Yes while we
-        read its record: it may name our own unfinished claim, whose replay needs them. And while
-        we claim it: confirmed, the replay needs them; abandoned (the owner renewed over it), they
-        are older than the owner's data and go when the LUN leaves STARTING. Kept outright, they
-        stayed for a later takeover to replay (seed 9937 at 300 steps: 67 stale lines of lun2).
-        And while the newest record we read is the peer's own claim, still CLAIMED: the lines it
-        holds under it are not resent, and if the claim is cut short by a crash, the peer forgets
-        them once our own claim is confirmed, so our copy must be there for our replay (seed
-        16675 at 300 steps: voided at a resync under b's claim, b crashed, a claimed and replayed
-        a mirror without write 34). They are settled when a read shows the claim gone."""
-        if self.fence is None:
-            return False
-        f = self.fence[lun]
-        return f.state in (Own.STARTING, Own.CLAIMING) or (
-            f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f))
-
-    def may_write_disk(self, lun) -> bool:
-        """Destage only what we own under a valid lease (a stale owner's lines are older data),
-        and not while the LUN's disk backs off after failed writes (firmware/diskhealth.py)."""
-        if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
-            return False
-        return self.fence is None or self._lease_ok(self.fence[lun])
 
     def serves(self, lun) -> bool:
         """Would this controller take on host I/O for `lun` at this instant (OWNER or SOLO under

@@ -90,8 +90,6 @@ class HandoverMixin:
 
     def _on_ownership(self, msg):
         body = M.parse_body_untrusted(msg.type, msg.payload, "ownership message")
-        if self.fence is None:
-            raise FenceError("ownership message to a pair with static ownership (fencing off)")
         if body.lun >= len(self.fence):
             raise FenceError(f"ownership message for lun{body.lun}")
         f = self.fence[body.lun]

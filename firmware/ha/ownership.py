@@ -5,6 +5,7 @@ handover.py."""
 import collections
 
 from ..formats import reservation as R
+from ..owners import FenceError  # noqa: F401 (the table's handlers raise it)
 
 EIO = 5
 BALANCE_RETRY_MS = 1000
@@ -118,10 +119,6 @@ def outcomes(state, event):
 def settled(state):
     """The state an owner renews with once its replay is done: a claim becomes SOLO."""
     return R.LunState.SOLO if state == R.LunState.CLAIMED else state
-
-
-class FenceError(Exception):
-    """An ownership event that the state table does not allow (a protocol error)."""
 
 
 class LunFence:

@@ -15,6 +15,20 @@ from .ownership import Own, REPLAY_RETRY_MS
 from ..formats import reservation as R
 
 
+class ReplayOp:
+    """Writing one of the partner's mirror blocks (or a line of ours held under its claim) to
+    disk during a takeover."""
+    __slots__ = ("lun", "index", "remaining", "error", "line", "block")
+
+    def __init__(self, lun, index, remaining, line=None, block=None):
+        self.lun = lun
+        self.index = index
+        self.remaining = remaining
+        self.error = 0
+        self.line = line
+        self.block = block
+
+
 class ReplayRound:
     """The replay writes of one round that completed, waiting for the flush of their LUN."""
     __slots__ = ("lun", "entries")
@@ -346,7 +360,6 @@ class TakeoverMixin:
 
     def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
         from ..cache import dirty_runs, SECTOR_BYTES
-        from ..destage import ReplayOp
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
         op = self._new_op()
         self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line, block)

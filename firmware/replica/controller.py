@@ -29,6 +29,7 @@ import collections
 
 from .. import actions as A
 from ..controller import EIO, Controller
+from ..owners import FixedOwnership
 from ..requests import HERE, TAKEN, HostRequest, WriteOp
 from ..formats import frame as F
 from ..formats import messages as M
@@ -110,11 +111,11 @@ def initial_uuid(pair_id: bytes) -> int:
     return int.from_bytes(pair_id[:8], "big") | 1
 
 
-class ReplicaController(DestagedMixin, ResyncMixin, Controller):
+class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
     Error = ReplicaError
 
     def __init__(self, params, nv, key, now_ms=0):
-        assert params.mode == "replica" and params.replica is not None and not params.fencing
+        assert params.mode == "replica" and params.replica is not None
         super().__init__(params, nv, key, now_ms)
         s = params.replica
         assert s.range_bytes % self.block_size == 0 and s.range_bytes <= params.max_write_bytes

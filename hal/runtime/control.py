@@ -13,6 +13,8 @@ import selectors
 import socket
 import time
 
+from firmware.ha.controller import HaController
+
 REQUEST_MAX_BYTES = 4096
 
 
@@ -88,7 +90,7 @@ class ControlServer:
         """Bring a LUN to this controller (ownership request to its owner)."""
         ctrl = self.runtime.ctrl
         lun = request.get("lun")
-        if not isinstance(lun, int) or not 0 <= lun < len(ctrl.params.lun_sizes) or ctrl.fence is None:
+        if not isinstance(lun, int) or not 0 <= lun < len(ctrl.params.lun_sizes) or not isinstance(ctrl, HaController):
             self._send(sock, {"error": f"no such LUN {lun!r} (or ownership is static here)"})
             return
         if ctrl.owns(lun):

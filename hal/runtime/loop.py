@@ -27,7 +27,7 @@ import sys
 import time
 
 from firmware import actions as A
-from firmware.controller import Controller
+from firmware.ha.controller import HaController
 from firmware.params import Params, format_nvram, nvram_is_blank
 
 import hal.host.nbd as NBD
@@ -90,7 +90,7 @@ def make_controller(params, nv, key, now_ms):
         assert params.replica.variant == "bitmap", "the log variant is not a Controller"
         from firmware.replica.controller import ReplicaController
         return ReplicaController(params, nv, key, now_ms)
-    return Controller(params, nv, key, now_ms)
+    return HaController(params, nv, key, now_ms)
 
 
 def firmware_params(cfg, disks, reliable):
@@ -102,7 +102,7 @@ def firmware_params(cfg, disks, reliable):
                   heartbeat_interval_ms=c.heartbeat_interval_ms,
                   heartbeat_timeout_ms=c.heartbeat_timeout_ms, reliable_transport=reliable,
                   degraded_after_ms=c.degraded_after_ms, disk_retry_max_ms=c.disk_retry_max_ms,
-                  fencing=cfg.mode == "ha", replica=replica_settings(cfg), batch_link_output=True)
+                  replica=replica_settings(cfg), batch_link_output=True)
 
 
 class Runtime(NbdHostPort, NbdTlsPort, Effects):

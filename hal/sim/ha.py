@@ -38,7 +38,6 @@ import traceback
 
 from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
-from firmware.controller import Controller
 from firmware.params import Params, format_nvram, nvram_is_blank
 from firmware.ha.ownership import OWNING, Own
 from firmware.formats import FormatError
@@ -54,6 +53,7 @@ from hal.sim.effects import NodeEffects
 from hal.sim.faults import FENCE_SITES, FaultPlan, FaultSchedule
 from hal.sim.link import LinkFaults, SimLink
 from hal.sim.nvram import SimNvram
+from hal.sim.static import controller_class
 from hal.sim.workload import Req, Workload
 
 KEY = bytes(range(32))
@@ -133,10 +133,10 @@ class Sim:
                       heartbeat_interval_ms=p.heartbeat_ms, heartbeat_timeout_ms=p.heartbeat_ms * 6,
                       idle_flush_ms=p.idle_flush_ms, high_watermark=p.high_watermark,
                       low_watermark=p.high_watermark / 2, destage_inflight_max=p.destage_inflight_max,
-                      data_window_bytes=p.data_window_bytes, buggify=self._buggify, fencing=self.fencing,
+                      data_window_bytes=p.data_window_bytes, buggify=self._buggify,
                       renew_interval_ms=p.renew_ms, lease_ms=p.lease_ms, takeover_wait_ms=p.takeover_wait_ms,
                       batch_link_output=self.batched,
-                      on_serve=functools.partial(self._served, i) if self.fencing else None)
+                      on_serve=functools.partial(self._served if self.fencing else self._served_static, i))
 
     def _buggify(self, site):
         """FoundationDB-style: a site enabled for this run fires with its seeded probability."""
@@ -209,24 +209,17 @@ class Sim:
             for offset, length in format_nvram(nv, self.params[i]):
                 n.nvram.persist(offset, length)
         n.clock_offset_ms = self.rng["sched"].randrange(1 << 30) if self.fencing else 0
-        n.ctrl = Controller(self.params[i], nv, KEY, self.ms(i))
+        n.ctrl = controller_class(self.fencing)(self.params[i], nv, KEY, self.ms(i))
         n.alive = True
-        self._instrument(n)
         self.execute(i, n.ctrl.start())
         self.at(self.now_us + TICK_US, i, self._tick, i)
 
-    def _instrument(self, n):
-        """No split brain: only a LUN's owner may install a write for it (static ownership)."""
-        if self.fencing:
-            return                          # serving acts come through Params.on_serve (_served)
-        cache, install = n.ctrl.cache, n.ctrl.cache.install
-
-        def checked_install(line):
-            if line.lun % 2 != n.id:
-                raise SimFailure(f"split brain: controller {'ab'[n.id]} installed a write for "
-                                 f"lun{line.lun}, owned by {'ab'[line.lun % 2]}")
-            return install(line)
-        cache.install = checked_install
+    def _served_static(self, i, kind, req, lun):
+        """Params.on_serve with static ownership: no split brain, only a LUN's owner (lun % 2)
+        takes on its host I/O."""
+        if lun % 2 != i:
+            raise SimFailure(f"split brain: controller {'ab'[i]} served a {kind} for lun{lun}, "
+                             f"owned by {'ab'[lun % 2]}")
 
     def _served(self, i, kind, req, lun):
         """Params.on_serve of controller i: it takes on a host request itself (hal/sim/check.py

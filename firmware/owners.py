@@ -1,0 +1,194 @@
+"""Who owns a LUN: the interface the controller's shared parts ask through.
+
+The write path, the mirror partner side, destage and allocation never look at
+how ownership is decided. They ask these methods, and a mode composes the
+controller with the ownership it needs:
+
+- ha mode: `firmware/ha/controller.py` (reservation records, leases, takeover,
+  handover; ownership moves at run time);
+- replica mode: `firmware/replica/controller.py` (`FixedOwnership`: the
+  primary owns every LUN, its role decides);
+- the test rigs' static pairs: `hal/sim/static.py` (`FixedOwnership`, LUN n
+  belongs to controller n % 2), outside the firmware.
+
+`Ownership` lists the methods, each with what it answers. `FixedOwnership`
+answers them for ownership that never moves under the controller's feet:
+nothing to fence, no record to read, no takeover to replay, so a write cut
+off by the link is done once it is in our NVRAM and the partner's mirror
+holds only the partner's LUNs. A subclass says which LUNs are ours
+(`owns`).
+"""
+from .requests import HERE, THERE
+
+
+class FenceError(Exception):
+    """An ownership event or message that the ownership in force does not allow (a protocol
+    error: the link session ends)."""
+
+
+class Ownership:
+    """The questions the shared parts ask, and the events they pass on. Abstract."""
+
+    # -- host I/O ---------------------------------------------------------------
+
+    def owns(self, lun) -> bool:
+        """Is `lun` ours now (its host I/O is done here)?"""
+        raise NotImplementedError
+
+    def _partner_owns(self, lun) -> bool:
+        """Is `lun` the partner's for certain (its host I/O is forwarded there)?"""
+        raise NotImplementedError
+
+    def _route(self, kind, req, lun, offset, arg, fua):
+        """Where a host request for `lun` goes now: HERE, THERE (the owner) or TAKEN (dealt
+        with: refused, held, or written through)."""
+        raise NotImplementedError
+
+    def _allocation_known_here(self, lun) -> bool:
+        """Are our cache and the disk the whole truth about `lun` (block status)?"""
+        raise NotImplementedError
+
+    # -- the mirror partner side (firmware/peer.py, firmware/mirror.py) ----------
+
+    def mirror_generation_of(self, lun) -> int:
+        """The generation our mirror writes of `lun` carry."""
+        raise NotImplementedError
+
+    def mirror_written_at(self, lun, generation):
+        """The peer mirrored a write of `lun` at `generation` (not a resync's copy)."""
+        raise NotImplementedError
+
+    def mirror_owned_by_peer(self, lun) -> bool:
+        """May a resync from the peer void our mirror blocks of `lun`?"""
+        raise NotImplementedError
+
+    def mirror_replaying(self, lun) -> bool:
+        """Are our mirror blocks of `lun` what a takeover of ours writes out?"""
+        raise NotImplementedError
+
+    def mirror_ours(self, lun) -> bool:
+        """Does a resync's copy of `lun` go (the LUN is ours)?"""
+        raise NotImplementedError
+
+    def mirror_undecided(self, lun) -> bool:
+        """Is it too early to void our mirror blocks of `lun` the peer did not resend?"""
+        raise NotImplementedError
+
+    def _resync_copy_stored(self, lun):
+        """A resync's copy of `lun` was committed in our mirror."""
+        raise NotImplementedError
+
+    def _resync_lines(self) -> list:
+        """The lines a resync sends the partner's mirror (any order)."""
+        raise NotImplementedError
+
+    def _cut_off(self, op):
+        """The link went down while write `op` waited for the mirror's ack."""
+        raise NotImplementedError
+
+    def _ownership_link_down(self):
+        """The link is down; cut-off writes and forwarded requests are dealt with."""
+        raise NotImplementedError
+
+    def _ownership_mirrored(self):
+        """A resync ended: the partner's mirror is a copy of our cache again."""
+        raise NotImplementedError
+
+    # -- destage (firmware/destage.py) --------------------------------------------
+
+    def _ownership_allows_disk(self, lun) -> bool:
+        """May our lines of `lun` be written to its disk now?"""
+        raise NotImplementedError
+
+    def _ownership_wants_destage(self) -> bool:
+        """Does ownership wait for the cache to empty (destage now, whatever the watermarks)?"""
+        raise NotImplementedError
+
+    def _ownership_disk_done(self, op, entry, error, data):
+        """A disk operation ownership started finished (the shared parts know only theirs)."""
+        raise NotImplementedError
+
+    def _ownership_flushed(self, waiter, error):
+        """A disk flush ownership waited on finished."""
+        raise NotImplementedError
+
+    # -- time, status, messages -------------------------------------------------
+
+    def _ownership_tick(self):
+        """Time passed (self.now_ms)."""
+        raise NotImplementedError
+
+    def _lun_status(self, dirty_by_lun) -> dict:
+        """Each LUN's ownership for `status()`, by name ("lun0": {...})."""
+        raise NotImplementedError
+
+    def _on_ownership(self, msg):
+        """An OWNERSHIP_REQUEST or OWNERSHIP_GRANT from the peer."""
+        raise NotImplementedError
+
+
+class FixedOwnership(Ownership):
+    """Ownership that never moves under the controller's feet. A subclass defines `owns`."""
+
+    def _partner_owns(self, lun) -> bool:
+        return not self.owns(lun)
+
+    def _route(self, kind, req, lun, offset, arg, fua):
+        return HERE if self.owns(lun) else THERE
+
+    def _allocation_known_here(self, lun) -> bool:
+        return self.owns(lun)
+
+    def mirror_generation_of(self, lun) -> int:
+        return self.generation & 0xFFFFFFFF
+
+    def mirror_written_at(self, lun, generation):
+        pass
+
+    def mirror_owned_by_peer(self, lun) -> bool:
+        return True
+
+    def mirror_replaying(self, lun) -> bool:
+        return False
+
+    def mirror_ours(self, lun) -> bool:
+        return False
+
+    def mirror_undecided(self, lun) -> bool:
+        return False
+
+    def _resync_copy_stored(self, lun):
+        pass
+
+    def _resync_lines(self) -> list:
+        return list(self.cache.lines.values())
+
+    def _cut_off(self, op):
+        self._finish_write(op, mirrored=False)
+
+    def _ownership_link_down(self):
+        pass
+
+    def _ownership_mirrored(self):
+        pass
+
+    def _ownership_allows_disk(self, lun) -> bool:
+        return True
+
+    def _ownership_wants_destage(self) -> bool:
+        return False
+
+    def _ownership_disk_done(self, op, entry, error, data):
+        raise AssertionError(f"disk op {op} ({entry.__class__.__name__}) that fixed ownership never starts")
+
+    def _ownership_flushed(self, waiter, error):
+        raise AssertionError(f"a flush waiter ({waiter.__class__.__name__}) fixed ownership never makes")
+
+    def _ownership_tick(self):
+        pass
+
+    def _lun_status(self, dirty_by_lun) -> dict:
+        return {}
+
+    def _on_ownership(self, msg):
+        raise FenceError("ownership message to a controller whose ownership never moves")
