@@ -558,3 +558,57 @@ def test_the_consistency_point_steps_form_one_chain_and_each_has_its_step():
     assert chain == ["read", "write", "flush", "header", "header_flush"]
     assert set(CP_NEXT) == set(chain) and set(CP_ENTER) == set(chain[1:])
     assert all(callable(getattr(LogDestination, name)) for name in CP_ENTER.values())
+
+
+# -- the partition table: every (state, event) pair ---------------------------------------------
+
+def test_every_partition_state_and_event_pair_moves_as_the_table_says_or_is_refused():
+    from firmware.logship.common import (APPLIED, EMPTY, FILLING, FULL, PART_EVENTS, PART_NEXT, PART_STATES,
+                                         Partition, PartitionError)
+    assert {s for s, _ in PART_NEXT} <= set(PART_STATES) and {e for _, e in PART_NEXT} <= set(PART_EVENTS)
+    assert set(PART_NEXT.values()) <= set(PART_STATES)
+    allowed = 0
+    for state in PART_STATES:
+        for event in PART_EVENTS:
+            part = Partition(0, 0, 4096)
+            part.state = state
+            if (state, event) in PART_NEXT:
+                part.move(event)
+                assert part.state == PART_NEXT[(state, event)]
+                allowed += 1
+            else:
+                with pytest.raises(PartitionError, match=f"{event} cannot happen in state {state}"):
+                    part.move(event)
+                assert part.state == state
+    assert allowed == len(PART_NEXT)
+    # the source's cycle: a partition is filled, closed, applied and reused, never skipping a step
+    part = Partition(1, 0, 4096)
+    for event, state in [("open", FILLING), ("close", FULL), ("applied", APPLIED), ("open", FILLING)]:
+        part.move(event)
+        assert part.state == state
+    with pytest.raises(PartitionError):
+        Partition(2, 0, 4096).move("applied")          # an empty partition has nothing to apply
+    assert EMPTY == 0
+
+
+def test_a_source_cycles_its_partitions_through_the_table_and_reuses_applied_ones(monkeypatch):
+    """Driven through the real source with 64 KiB partitions: 120 writes fill, close, apply and
+    reopen each partition several times (every move goes through the table, which refuses any
+    other), and the partitions it reused had been applied."""
+    from firmware.logship.common import APPLIED, FILLING, Partition
+    r = small()
+    r.connect()
+    moves = []
+    real_move = Partition.move
+
+    def watched(part, event):
+        before = part.state
+        real_move(part, event)
+        moves.append((part.index, before, event, part.state))
+    monkeypatch.setattr(Partition, "move", watched)
+    for n in range(120):
+        r.write(0, ("w", n), n % 2, (n % 64) * 4 * KiB, block(n))
+    assert all(r.replies[("w", n)] == (0, None) for n in range(120))
+    reopened = [m for m in moves if m[2] == "open" and m[1] == APPLIED]
+    assert len(reopened) >= len(r.src[0].log.parts)          # every partition went round at least once
+    assert {m[3] for m in moves if m[2] == "open"} == {FILLING}

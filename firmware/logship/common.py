@@ -8,7 +8,7 @@ from ..formats import nvram as N
 EPERM, EIO, EINVAL, ENOSPC = 1, 5, 22, 28
 T = M.MsgType
 SECTOR = 512
-EMPTY, FILLING, FULL, APPLIED = 0, 1, 2, 3
+EMPTY, FILLING, FULL, APPLIED = 0, 1, 2, 3          # a partition's state, in its NVRAM header
 LOG_MODE = 2                                          # HELLO mode byte: 0 ha, 1 replica, 2 log shipping
 SOURCE_ID, DEST_ID = 0, 1                             # link controller ids of the two ends
 SHIP_BATCH_MAX = 64                                   # entries per LOG_SHIP message
@@ -46,6 +46,29 @@ class Entry:
         self.data_off = data_off      # where its data lives (NVRAM or file offset)
 
 
+# The life of a log partition: (state, event) -> the next state; any other move is a bug.
+PART_NEXT = {
+    # the source's partitions, in turn
+    (EMPTY, "open"): FILLING,          # the source starts filling it
+    (APPLIED, "open"): FILLING,        # reused: the destination acknowledged its entries
+    (FILLING, "close"): FULL,          # full, or its timer fired (or an older live one at
+                                       # recovery): its consistency point begins
+    (FULL, "applied"): APPLIED,        # written to the volume, and the volume flushed
+    # the destination's one partition per source starts afresh once every entry is filed, at
+    # whatever state its header was recovered in
+    (EMPTY, "refill"): FILLING,
+    (FILLING, "refill"): FILLING,
+    (FULL, "refill"): FILLING,
+    (APPLIED, "refill"): FILLING,
+}
+PART_STATES = (EMPTY, FILLING, FULL, APPLIED)
+PART_EVENTS = ("open", "close", "applied", "refill")
+
+
+class PartitionError(AssertionError):
+    """A partition move the table does not have: a bug in the firmware, never the peer's input."""
+
+
 class Partition:
     __slots__ = ("index", "offset", "size", "state", "first_seq", "entries", "used", "started_ms", "end_seq")
 
@@ -59,6 +82,13 @@ class Partition:
         self.used = PART_HEAD
         self.started_ms = 0
         self.end_seq = 0              # after a scan: the sequence number after its last entry
+
+    def move(self, event):
+        try:
+            self.state = PART_NEXT[(self.state, event)]
+        except KeyError:
+            raise PartitionError(f"log partition {self.index}: {event} cannot happen in state "
+                                 f"{self.state}") from None
 
     @property
     def last_seq(self):

@@ -10,7 +10,7 @@ from ..formats import messages as M
 from ..formats import nvram as N
 from ..link import LinkProtocolError
 from .common import (
-    DEST_ID, EINVAL, EIO, EMPTY, EPERM, Entry, FILLING, Log, LogParams, PART_HEAD, SECTOR, T, waves)
+    DEST_ID, EINVAL, EIO, EMPTY, EPERM, Entry, Log, LogParams, PART_HEAD, SECTOR, T, waves)
 from .feed import CP_ENTER, CP_NEXT, ConsistencyPoint, Feed, SCAN_CHUNK_BYTES
 from .session import Session
 
@@ -64,7 +64,8 @@ class LogDestination(Session):
 
     def _reset_partition(self, feed, first_seq):
         part = feed.part
-        part.state, part.first_seq, part.entries, part.used = FILLING, first_seq, [], PART_HEAD
+        part.move("refill")
+        part.first_seq, part.entries, part.used = first_seq, [], PART_HEAD
         self._persist(self.log.write_header(part))
 
     def _header_read(self, feed, error, data):

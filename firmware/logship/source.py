@@ -56,7 +56,7 @@ class LogSource(Session):
         # every live partition but the newest is full; the newest goes on filling
         for p in live[:-1]:
             if p.state != FULL:
-                p.state = FULL
+                p.move("close")
                 self._persist(self.log.write_header(p))
         self.active = live[-1] if live and live[-1].state == FILLING else None
         for p in live:
@@ -156,7 +156,8 @@ class LogSource(Session):
         if not free:
             return None
         nxt = min(free, key=lambda p: p.index if p.state == EMPTY else p.first_seq)
-        nxt.state, nxt.first_seq, nxt.entries, nxt.used, nxt.started_ms = FILLING, self.next_seq, [], PART_HEAD, self.now_ms
+        nxt.move("open")
+        nxt.first_seq, nxt.entries, nxt.used, nxt.started_ms = self.next_seq, [], PART_HEAD, self.now_ms
         self._persist(self.log.write_header(nxt))
         self.active = nxt
         return nxt
@@ -168,7 +169,7 @@ class LogSource(Session):
 
     def _close(self, part):
         """The active partition is full (or its timer fired): apply it, then a consistency point."""
-        part.state = FULL
+        part.move("close")
         self._persist(self.log.write_header(part))
         self.out.append(A.Notify("consistency_point_start", partition=part.index, first_seq=part.first_seq,
                                  last_seq=part.last_seq))
@@ -231,7 +232,7 @@ class LogSource(Session):
         self.cp_through = max(self.cp_through, part.last_seq)
         self.out.append(A.Notify("consistency_point", partition=part.index, first_seq=part.first_seq,
                                  last_seq=part.last_seq))
-        part.state = APPLIED
+        part.move("applied")
         self._persist(self.log.write_header(part))
         if self.resumed and self.gap is None:
             self._send_cp()

@@ -75,7 +75,7 @@ class NodeEffects(Effects):
                 sim.faults.began_watching(i)
         elif kind == "solo":
             sim.faults.went_solo(i)
-        elif kind == "link_down" and act.fields.get("reason", "").startswith("ownership protocol error"):
+        elif kind == "link_down" and sim.nodes[i].ctrl.stats["ownership_protocol_errors"]:
             # Both peers here are honest firmware: an ownership message its receiver's state
             # refuses is a bug of the protocol, not a fault (a reset hides it: both go solo).
             raise SimFailure(f"{self.who}: {act.fields['reason']}")
