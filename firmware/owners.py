@@ -21,6 +21,24 @@ holds only the partner's LUNs. A subclass says which LUNs are ours
 from .requests import HERE, THERE
 
 
+# What an ownership that moves (firmware/ha/) may use of the shared controller, and nothing else
+# (tests/test_boundary.py holds it to this list). The next step narrows it further.
+ASKED_OF_THE_CONTROLLER = frozenset({
+    # context: settings, who we are, time, the action list, broken variants
+    "params", "id", "now_ms", "out", "buggify",
+    # state it reads: the primary cache and segment, the mirror, the link, the mirroring state,
+    # writes waiting for the mirror's ack, destage in progress, disk health
+    "cache", "primary", "mirror", "link", "mirroring", "sync_state", "pending", "destaging",
+    "flush_done_refs", "disk_health", "_flushing_lines",
+    # disk I/O of its own (records, replay), persisting NVRAM, and the completions
+    "_new_op", "disk_ops", "_persist", "_disk_write_failed", "_after_flush", "_maybe_free",
+    # host requests it held, refused or hands back to the write path
+    "_reply", "_host_read", "_host_write", "_write_through", "_finish_write",
+    # the mirror's resync, the write path's queue, the output
+    "_start_resync", "_pump", "_take",
+})
+
+
 class FenceError(Exception):
     """An ownership event or message that the ownership in force does not allow (a protocol
     error: the link session ends)."""

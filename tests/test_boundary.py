@@ -163,3 +163,37 @@ def test_the_shared_parts_never_look_at_how_ownership_is_decided():
     for name in shared:
         text = (ROOT / "firmware" / name).read_text()
         assert "from .ha" not in text and ".fence" not in text and "lun % 2" not in text, name
+
+
+def _shared_names_used(paths):
+    """Names of the shared controller (methods, and attributes it sets on self) that `paths`
+    use through self."""
+    from firmware.controller import Controller
+    shared = {n for k in Controller.__mro__ if k is not object for n in vars(k)}
+    for name in ("controller.py", "peer.py", "destage.py", "allocation.py", "diskhealth.py"):
+        for node in ast.walk(ast.parse((ROOT / "firmware" / name).read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+                    isinstance(node.value, ast.Name) and node.value.id == "self":
+                shared.add(node.attr)
+    used = set()
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Mixin", "Controller"))]:
+            for node in ast.walk(cls):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                        node.value.id == "self" and node.attr in shared:
+                    used.add(node.attr)
+    return used
+
+
+def test_ha_ownership_uses_only_what_the_interface_lists_of_the_shared_controller():
+    from firmware.owners import ASKED_OF_THE_CONTROLLER
+    used = _shared_names_used(sorted((ROOT / "firmware" / "ha").glob("*.py")))
+    assert used - ASKED_OF_THE_CONTROLLER == set()
+    assert ASKED_OF_THE_CONTROLLER - used == set(), "listed but no longer used: take it off the list"
+
+
+def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
+    from firmware.owners import ASKED_OF_THE_CONTROLLER
+    (tmp_path / "x.py").write_text("class XMixin:\n    def f(self):\n        return self.flush_queue, self.cache\n")
+    assert _shared_names_used([tmp_path / "x.py"]) - ASKED_OF_THE_CONTROLLER == {"flush_queue"}
