@@ -239,8 +239,8 @@ class LinkSession:
     def send(self, msg_type, resource, payload=b"", *, lane=F.LANE_DATA, tag=0, flags=0):
         """Queue a message; it goes out at the next take_output(), control lane first.
 
-        `payload` is a bytes-like object or a tuple of them (sent without joining,
-        so block data goes from the NVRAM mapping to the socket with no copy).
+        `payload` is a bytes-like object or a tuple of them (a block's data views the NVRAM
+        mapping until the frame is encoded: each frame is one buffer, see _encode).
         """
         size = sum(map(len, payload)) if type(payload) is tuple else len(payload)
         entry = OutFrame(lane, msg_type, flags, resource, tag, payload, size)

@@ -1,8 +1,6 @@
 """Seeds the simulator found that show a real firmware problem, kept as regression tests.
 
 Each test names the seed and the diagnosis of the bug it found, fixed since.
-OPEN_SEEDS at the end lists seeds diagnosed but not fixed yet (non-strict
-xfail tests); it is empty when none is open.
 
 Every seed here was found while the simulator sent link output per entry-point
 call (the firmware's default); it now runs production's batched setting, which
@@ -689,17 +687,4 @@ def test_a_grant_after_the_record_made_us_the_owner_keeps_the_session():
     record gave us now changes nothing."""
     result = _run_seed(1900117, steps=300)
     assert result.ok, f"{result.failure.splitlines()[0]}\n  replay: {result.replay}"
-
-
-# Seeds a fresh sweep found and that are diagnosed but not fixed yet, by step count. Not strict:
-# a change anywhere may send a seed another way, and a pass then proves nothing. None open now.
-OPEN_SEEDS = {300: {}, 1000: {}}       # steps -> {seed: what is known of it}
-
-
-@pytest.mark.xfail(strict=False, reason="open: see OPEN_SEEDS")
-@pytest.mark.parametrize("steps,seed", [(steps, seed) for steps, seeds in sorted(OPEN_SEEDS.items())
-                                        for seed in sorted(seeds)])
-def test_open_seed(steps, seed):
-    result = run_seed(seed, steps=steps)
-    assert result.ok, f"{OPEN_SEEDS[steps][seed]}: {result.failure.splitlines()[0][:200]}"
 
