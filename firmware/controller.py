@@ -323,7 +323,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
                                   crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
         self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False, generation),
-                                      crc) for block, key, start, bits, crc in pen], fua)
+                                      crc) for block, key, start, bits, crc in pen], fua, lun, offset, data)
 
     def _persist_runs(self, ranges, data=False):
         """Persist (offset, length) ranges in order, joining each with the next when adjacent."""
@@ -350,8 +350,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.out.append(A.Notify("write_invalid", blocks=len(pen) + 1))
         self._reply(req, EIO)
 
-    def _release_pen(self, req, seq, pen, fua):
-        """All data valid: install the lines and send all mirror requests together (claims 2.4)."""
+    def _release_pen(self, req, seq, pen, fua, lun, offset, data):
+        """All data valid: install the lines and send all mirror requests together (claims 2.4).
+        `pen` is (line, crc) per block; the host's `lun`, `offset` and `data` are for a mode
+        that copies the write whole (replica mode)."""
         cache = self.cache
         op = WriteOp(req, seq, [line for line, _ in pen], fua)
         for line in op.lines:

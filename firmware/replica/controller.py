@@ -141,7 +141,6 @@ class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
         self.disk_waiters = {}                        # Line -> [ReplicaReq] (ack level "disk")
         self.held = collections.deque()               # host writes held during the handshake
         self.down_since_ms = now_ms
-        self._cur = None
         self.out.append(A.Notify("replica_recovered", **self._ids(), sent_bits=self.rec.counts[SENT],
                                  received_bits=self.rec.counts[RECEIVED], formatted=self.rec.formatted))
 
@@ -306,13 +305,8 @@ class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
         for h in held:
             self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
 
-    def _write(self, req, lun, offset, data, fua):
-        self._cur = (lun, offset, data)
-        super()._write(req, lun, offset, data, fua)
-
-    def _release_pen(self, req, seq, pen, fua):
+    def _release_pen(self, req, seq, pen, fua, lun, offset, data):
         """All data valid and in this cache: record, then copy to the peer or complete alone."""
-        lun, offset, data = self._cur
         op = WriteOp(req, seq, [line for line, _ in pen], fua)
         for line in op.lines:
             old = self.cache.install(line)
