@@ -415,6 +415,35 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             if drain and self.waiting:
                 self._drain_waiting()
 
+    # -- what ownership asks of the write path ------------------------------------
+
+    def _reenter(self, h):
+        """A host request ownership held back (a HostRequest) is handled as if it came now."""
+        if h.kind == "w":
+            self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
+        else:
+            self._host_read(h.req, h.lun, h.offset, h.arg)
+
+    def _lun_clean(self, lun) -> bool:
+        """No line of `lun` is cached, waits for the mirror's ack or is on its way to disk."""
+        return not any(line.lun == lun for line in self.cache.lines.values()) and not any(
+            op.lines and op.lines[0].lun == lun for op in self.pending.values()) and not any(
+            line.lun == lun for line in self._flushing_lines())
+
+    def _forget_lines(self, lines, partner_copy_too):
+        """Drop these lines (a newer owner has the LUN); with `partner_copy_too`, the partner
+        frees its copies too (flush-done: the new owner replayed or voided its own)."""
+        for line in lines:
+            line.dead = True
+            if partner_copy_too:
+                self.flush_done_refs.append((line.block, line.seq))
+            self._maybe_free(line)
+
+    def _destage_now(self):
+        """Destage every dirty line now, whatever the watermarks (a LUN is being handed over)."""
+        self.destaging = True
+        self._pump()
+
     def host_read(self, req, lun, offset, length):
         self._host_read(req, lun, offset, length)
         return self._take()

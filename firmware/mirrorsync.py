@@ -68,6 +68,12 @@ TRANSITIONS = {
 }
 
 
+# The transitions that start sending every line to the partner (SYNC_BEGIN): a session came up,
+# or a takeover of ours finished while mirrored. (A resend from the start at SYNC_DONE is the
+# answer's handler's, in firmware/peer.py.)
+STARTS_A_RESYNC = {(DOWN, "link_up"), (MIRRORED, "takeover")}
+
+
 class MirrorSyncError(AssertionError):
     """An event the mirroring state cannot take: a bug in the firmware, never the partner's input."""
 

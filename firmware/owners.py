@@ -26,16 +26,17 @@ from .requests import HERE, THERE
 ASKED_OF_THE_CONTROLLER = frozenset({
     # context: settings, who we are, time, the action list, broken variants
     "params", "id", "now_ms", "out", "buggify",
-    # state it reads: the primary cache and segment, the mirror, the link, the mirroring state,
-    # writes waiting for the mirror's ack, destage in progress, disk health
-    "cache", "primary", "mirror", "link", "mirroring", "sync_state", "pending", "destaging",
-    "flush_done_refs", "disk_health", "_flushing_lines",
+    # state it reads: the primary cache and segment, the mirror, the link, whether mirrored,
+    # disk health
+    "cache", "primary", "mirror", "link", "mirroring", "disk_health",
     # disk I/O of its own (records, replay), persisting NVRAM, and the completions
-    "_new_op", "disk_ops", "_persist", "_disk_write_failed", "_after_flush", "_maybe_free",
+    "_new_op", "disk_ops", "_persist", "_disk_write_failed", "_after_flush",
     # host requests it held, refused or hands back to the write path
-    "_reply", "_host_read", "_host_write", "_write_through", "_finish_write",
-    # the mirror's resync, the write path's queue, the output
-    "_start_resync", "_pump", "_take",
+    "_reply", "_reenter", "_write_through", "_finish_write",
+    # the write path's lines of a LUN: clean yet, dropped for a newer owner, destaged now
+    "_lun_clean", "_forget_lines", "_destage_now", "_pump",
+    # the mirroring table (a LUN went solo, a takeover finished), the output
+    "_mirroring_event", "_take",
 })
 
 

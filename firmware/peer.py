@@ -164,8 +164,16 @@ class PeerMixin:
         if peer.block_size_bytes != self.block_size or peer.primary_blocks != self.mirror.segment.blocks:
             raise LinkProtocolError(f"peer cache geometry {peer.primary_blocks} x {peer.block_size_bytes} B "
                                     f"does not match this mirror segment")
-        self.sync_state = MS.next_state(self.sync_state, "link_up")
-        self._start_resync()
+        self._mirroring_event("link_up")
+
+    def _mirroring_event(self, event):
+        """The mirroring table moves (firmware/mirrorsync.py), on the link's events and on
+        ownership's (a LUN went solo, a takeover finished); a move that calls for it starts
+        sending every line."""
+        before = self.sync_state
+        self.sync_state = MS.next_state(before, event)
+        if (before, event) in MS.STARTS_A_RESYNC:
+            self._start_resync()
 
     def _start_resync(self):
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""

@@ -130,7 +130,6 @@ our record from before may still land and replay an older copy over them.
 import collections
 
 from .. import actions as A
-from .. import mirrorsync as MS
 from ..formats import FormatError
 from ..formats import reservation as R
 from .ownership import EIO, FenceError, LunFence, OWNING, Own, RecordOp, SERVING, TRANSITIONS, settled
@@ -329,11 +328,6 @@ class FenceMixin:
         self._read_record(f)
         self._pump()
 
-    def _lun_clean(self, lun) -> bool:
-        return not any(line.lun == lun for line in self.cache.lines.values()) and not any(
-            op.lines and op.lines[0].lun == lun for op in self.pending.values()) and not any(
-            line.lun == lun for line in self._flushing_lines())
-
     def _fencing_record(self, f, rec):
         if rec is None:
             return self._record_lost(f)
@@ -406,7 +400,7 @@ class FenceMixin:
         lease_ms of that read, and such a claim then fences us before we wrote anything through
         that its replay would overwrite."""
         f.solo_after_ms = None
-        self.sync_state = MS.next_state(self.sync_state, "solo")
+        self._mirroring_event("solo")
         self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
         acks, f.acks = f.acks, []
         for op in acks:
@@ -516,7 +510,4 @@ class FenceMixin:
             return
         held, f.held = f.held, collections.deque()
         for h in held:
-            if h.kind == "w":
-                self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
-            else:
-                self._host_read(h.req, h.lun, h.offset, h.arg)
+            self._reenter(h)

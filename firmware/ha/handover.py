@@ -27,8 +27,7 @@ class HandoverMixin:
 
     def _start_release(self, f):
         self.out.append(A.Notify("handover_start", lun=f.lun))
-        self.destaging = True
-        self._pump()
+        self._destage_now()
 
     def _release_if_clean(self, f):
         """Clean: read the record first, and write the release only over our own (see below)."""

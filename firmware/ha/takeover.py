@@ -9,7 +9,6 @@ serves. The old owner's side of a claim is here too: lines it holds, unused,
 while a claim is not yet confirmed.
 """
 from .. import actions as A
-from .. import mirrorsync as MS
 from ..cache import SECTOR_BYTES
 from .ownership import Own, REPLAY_RETRY_MS
 from ..formats import reservation as R
@@ -72,13 +71,6 @@ class TakeoverMixin:
 
     def _claim_unconfirmed(self, rec) -> bool:
         return rec is not None and rec.owner != self.id and rec.state == R.LunState.CLAIMED
-
-    def _forget_lines(self, lines, partner_copy_too):
-        for line in lines:
-            line.dead = True
-            if partner_copy_too:            # the new owner replayed (or voided) its copy: free it
-                self.flush_done_refs.append((line.block, line.seq))
-            self._maybe_free(line)
 
     def _settle_held(self, f, rec):
         """A record read while we hold lines: forget them once the claim is confirmed; take them
@@ -425,9 +417,7 @@ class TakeoverMixin:
         self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
         f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
         if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
-            self.sync_state = MS.next_state(self.sync_state, "takeover")
-            if self.sync_state == MS.RESENDING:
-                self._start_resync()            # firmware/mirrorsync.py: resending
+            self._mirroring_event("takeover")     # firmware/mirrorsync.py: resending
             self._read_record(f)
             return Own.STARTING
         return Own.SOLO

@@ -303,7 +303,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
     def _release_held(self):
         held, self.held = self.held, collections.deque()
         for h in held:
-            self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
+            self._reenter(h)
 
     def _release_pen(self, req, seq, pen, fua, lun, offset, data):
         """All data valid and in this cache: record, then copy to the peer or complete alone."""
