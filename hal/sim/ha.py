@@ -28,7 +28,8 @@ for takeover_wait_ms) is judged on the shared record as claims are written.
 The fault plans aimed at fencing (hal/sim/faults.py) hook in here: pauses at
 record I/O, crashes inside a claim, scenarios placed at a LUN going solo or
 beginning to watch.
-`fencing=False` keeps static ownership (lun % 2) and its checks.
+`fencing=False` runs the test-only static ownership (lun % 2, hal/sim/static.py), and its
+split-brain check sees every serving act through the same hook.
 """
 import functools
 import hashlib
