@@ -60,8 +60,7 @@ class AllocationMixin:
             return
         self.stats["block_status"] += 1
         if self._allocation_known_here(lun):
-            op = self._new_op()
-            self.disk_ops[op] = AllocOp(req, lun, offset, length, self._cached_ranges(lun, offset, length))
+            op = self._disk_op(AllocOp(req, lun, offset, length, self._cached_ranges(lun, offset, length)))
             self.out.append(A.DiskExtents(op, lun, offset, length))
         elif self._partner_owns(lun) and self.link.up and self._forwards_block_status:
             self.stats["block_status_forwarded"] += 1

@@ -209,6 +209,13 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.next_op += 1
         return op
 
+    def _disk_op(self, entry) -> int:
+        """A new disk operation's id, `entry` waiting for its completion (disk_done)."""
+        op = self.next_op
+        self.next_op += 1
+        self.disk_ops[op] = entry
+        return op
+
     def _persist(self, rng):
         if not (self.buggify_on and self.buggify("skip_persist_metadata")):  # a broken variant
             self.out.append(A.Persist(rng[0], rng[1]))
@@ -476,8 +483,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             return
         for line in overlay:
             line.pins += 1
-        op = self._new_op()
-        self.disk_ops[op] = ReadOp(req, lun, offset, length, overlay)
+        op = self._disk_op(ReadOp(req, lun, offset, length, overlay))
         self.out.append(A.DiskRead(op, lun, offset, length))
 
     def _covers(self, overlay, offset, length, first, last):

@@ -160,8 +160,8 @@ class DestageMixin:
         elif kind is AllocOp:
             del self.disk_ops[op]
             self._allocation_done(entry, error, data)
-        else:
-            self._ownership_disk_done(op, entry, error, data)
+        elif self._ownership_disk_done(entry, error, data):
+            del self.disk_ops[op]
         self._pump()
         if not self.params.batch_link_output:
             self._start_flushes()
@@ -248,8 +248,7 @@ class DestageMixin:
             if (self.destage_writing[lun] and lun not in self.flush_urgent
                     and self.flush_queue_lines[lun] < batch):
                 continue
-            op = self._new_op()
-            self.disk_ops[op] = FlushOp(lun, queue.pop(lun))
+            op = self._disk_op(FlushOp(lun, queue.pop(lun)))
             self.flush_queue_lines.pop(lun, None)
             self.flush_urgent.discard(lun)
             busy.add(lun)
@@ -312,8 +311,7 @@ class DestageMixin:
         """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
         if self.on_serve is not None:
             self.on_serve("write_through", req, lun)
-        op = self._new_op()
-        self.disk_ops[op] = ThroughOp(req, lun, fua)
+        op = self._disk_op(ThroughOp(req, lun, fua))
         self.out.append(A.DiskWrite(op, lun, offset, bytes(data)))
         self.stats["writes_through"] += 1
 

@@ -30,7 +30,7 @@ ASKED_OF_THE_CONTROLLER = frozenset({
     # disk health
     "cache", "primary", "mirror", "link", "mirroring", "disk_health",
     # disk I/O of its own (records, replay), persisting NVRAM, and the completions
-    "_new_op", "disk_ops", "_persist", "_disk_write_failed", "_after_flush",
+    "_disk_op", "_persist", "_disk_write_failed", "_after_flush",
     # host requests it held, refused or hands back to the write path
     "_reply", "_reenter", "_write_through", "_finish_write",
     # the write path's lines of a LUN: clean yet, dropped for a newer owner, destaged now
@@ -123,8 +123,9 @@ class Ownership:
         """Does ownership wait for the cache to empty (destage now, whatever the watermarks)?"""
         raise NotImplementedError
 
-    def _ownership_disk_done(self, op, entry, error, data):
-        """A disk operation ownership started finished (the shared parts know only theirs)."""
+    def _ownership_disk_done(self, entry, error, data) -> bool:
+        """One completion of a disk operation ownership started (the shared parts know only
+        theirs); True when the operation is done (the controller forgets it)."""
         raise NotImplementedError
 
     def _ownership_flushed(self, waiter, error):
@@ -197,8 +198,8 @@ class FixedOwnership(Ownership):
     def _ownership_wants_destage(self) -> bool:
         return False
 
-    def _ownership_disk_done(self, op, entry, error, data):
-        raise AssertionError(f"disk op {op} ({entry.__class__.__name__}) that fixed ownership never starts")
+    def _ownership_disk_done(self, entry, error, data) -> bool:
+        raise AssertionError(f"a disk op ({entry.__class__.__name__}) that fixed ownership never starts")
 
     def _ownership_flushed(self, waiter, error):
         raise AssertionError(f"a flush waiter ({waiter.__class__.__name__}) fixed ownership never makes")

@@ -158,19 +158,19 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
     def _ownership_wants_destage(self) -> bool:
         return any(f.state in WANTS_DESTAGE for f in self.fence)
 
-    def _ownership_disk_done(self, op, entry, error, data):
+    def _ownership_disk_done(self, entry, error, data) -> bool:
         kind = entry.__class__
         if kind is ReplayOp:
             entry.error = entry.error or error
             entry.remaining -= 1
-            if entry.remaining == 0:
-                del self.disk_ops[op]
-                self._replay_done(entry, entry.error)
+            if entry.remaining:
+                return False
+            self._replay_done(entry, entry.error)
         elif kind is RecordOp:
-            del self.disk_ops[op]
             self._record_done(entry, error, data)
         else:
-            raise AssertionError(f"disk op {op} of kind {kind.__name__}")
+            raise AssertionError(f"a disk op of kind {kind.__name__}")
+        return True
 
     def _ownership_flushed(self, waiter, error):
         self._replay_durable(waiter, error)

@@ -173,8 +173,7 @@ class FenceMixin:
             return
         f.io_inflight = True
         f.read_start_ms = self.now_ms
-        op = self._new_op()
-        self.disk_ops[op] = RecordOp(f.lun, False)
+        op = self._disk_op(RecordOp(f.lun, False))
         self.out.append(A.RecordRead(op, f.lun))
 
     def _write_record(self, f, rec):
@@ -182,8 +181,7 @@ class FenceMixin:
             f.counter_written = max(f.counter_written, rec.counter)
         f.io_inflight = True
         f.pending_write = rec
-        op = self._new_op()
-        self.disk_ops[op] = RecordOp(f.lun, True, rec)
+        op = self._disk_op(RecordOp(f.lun, True, rec))
         self.out.append(A.RecordWrite(op, f.lun, R.build_record(rec)))
 
     def _record_done(self, entry, error, data):

@@ -353,8 +353,7 @@ class TakeoverMixin:
     def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
         from ..cache import dirty_runs, SECTOR_BYTES
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
-        op = self._new_op()
-        self.disk_ops[op] = ReplayOp(f.lun, index, len(runs), line, block)
+        op = self._disk_op(ReplayOp(f.lun, index, len(runs), line, block))
         f.replay_left += 1
         base = lba * SECTOR_BYTES
         for s, e in runs:
