@@ -197,3 +197,41 @@ def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
     from firmware.owners import ASKED_OF_THE_CONTROLLER
     (tmp_path / "x.py").write_text("class XMixin:\n    def f(self):\n        return self.flush_queue, self.cache\n")
     assert _shared_names_used([tmp_path / "x.py"]) - ASKED_OF_THE_CONTROLLER == {"flush_queue"}
+
+
+# -- no name used that is not defined (an import removed while a use remained) ---------------------
+
+def _undefined_names(paths):
+    from pyflakes import api, messages
+
+    class Collect:
+        def __init__(self):
+            self.found = []
+
+        def flake(self, message):
+            if isinstance(message, (messages.UndefinedName, messages.UndefinedLocal, messages.UndefinedExport)):
+                self.found.append(str(message))
+
+        def unexpectedError(self, filename, msg):
+            self.found.append(f"{filename}: {msg}")
+
+        def syntaxError(self, filename, msg, lineno, offset, text):
+            self.found.append(f"{filename}:{lineno}: {msg}")
+    collect = Collect()
+    for path in paths:
+        api.check(path.read_text(), str(path), collect)
+    return collect.found
+
+
+def test_no_module_uses_a_name_it_does_not_define():
+    """`inv bench` crashed on SERVER_CPU, whose import went with an unused-import cleanup; the
+    tests never run the benchmark itself, so only a check of the names catches that."""
+    root = ROOT
+    paths = [p for d in ("firmware", "hal", "fixtures", "fuzz", "vm", "board", "tests") for p in
+             sorted((root / d).rglob("*.py"))] + [root / "tasks.py"]
+    assert _undefined_names(paths) == []
+
+
+def test_the_name_check_sees_an_undefined_name(tmp_path):
+    (tmp_path / "x.py").write_text("from os import path\n\n\ndef f():\n    return path, SERVER_CPU\n")
+    assert [m.split(": ", 1)[1] for m in _undefined_names([tmp_path / "x.py"])] == ["undefined name 'SERVER_CPU'"]

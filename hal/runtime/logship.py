@@ -75,4 +75,4 @@ def make_runtime(cfg):
     return Runtime(cfg)
 
 
-__all__ = ["LogSourceRuntime", "LogDestinationRuntime", "make_runtime", "LINK_RECV_BYTES"]
+__all__ = ["LogSourceRuntime", "LogDestinationRuntime", "make_runtime"]

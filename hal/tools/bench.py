@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 
-from hal.tools.fio import VOLUME_BYTES, pin, fio
+from hal.tools.fio import FIO_CPU, SERVER_CPU, VOLUME_BYTES, pin, fio
 from hal.tools.pair import LocalPair
 
 WORKLOADS = {
