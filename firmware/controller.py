@@ -204,11 +204,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             return EINVAL
         return 0
 
-    def _new_op(self):
-        op = self.next_op
-        self.next_op += 1
-        return op
-
     def _disk_op(self, entry) -> int:
         """A new disk operation's id, `entry` waiting for its completion (disk_done)."""
         op = self.next_op

@@ -117,7 +117,6 @@ class DestageMixin:
             line.flushing = True
             flushing[line.key] += 1
         self.destage_inflight += 1
-        op = self._new_op()
         line = extent[0]
         base = line.lba * SECTOR_BYTES
         if len(extent) > 1 or line.bitmap == self.cache.full_bitmap:
@@ -126,11 +125,11 @@ class DestageMixin:
                 data = seg.nv[seg.data_offset(first):seg.data_offset(first + len(extent))]
             else:       # blocks apart in NVRAM: one copy, still one disk write
                 data = b"".join([seg.data(x.block) for x in extent])
-            self.disk_ops[op] = DestageOp(extent, 1)
+            op = self._disk_op(DestageOp(extent, 1))
             self.out.append(A.DiskWrite(op, line.lun, base, data))
         else:
             runs = list(dirty_runs(line.bitmap, 0, self.cache.sectors_per_line))
-            self.disk_ops[op] = DestageOp(extent, len(runs))
+            op = self._disk_op(DestageOp(extent, len(runs)))
             view = self.primary.data(line.block)
             for s, e in runs:
                 a, b = s * SECTOR_BYTES, e * SECTOR_BYTES

@@ -145,7 +145,7 @@ class PeerMixin:
         self.acks_owed = 0
         self.flush_begin_refs = []
         pending = self.sync_pending
-        self.sync_state = MS.next_state(self.sync_state, "link_down")
+        self._mirroring_event("link_down")
         if pending:
             self._unpin_resync(mirrored=False)
         for r in self.mirror.abandon_group():
@@ -167,9 +167,9 @@ class PeerMixin:
         self._mirroring_event("link_up")
 
     def _mirroring_event(self, event):
-        """The mirroring table moves (firmware/mirrorsync.py), on the link's events and on
-        ownership's (a LUN went solo, a takeover finished); a move that calls for it starts
-        sending every line."""
+        """The one place the mirroring table moves (firmware/mirrorsync.py), on the link's
+        events and on ownership's (a LUN went solo, a takeover finished); a move that calls for
+        it starts sending every line."""
         before = self.sync_state
         self.sync_state = MS.next_state(before, event)
         if (before, event) in MS.STARTS_A_RESYNC:
@@ -275,7 +275,7 @@ class PeerMixin:
     def _on_sync(self, msg):
         if msg.flags & F.FLAG_RESPONSE:            # our resync is done: mirrored again
             state = self.sync_state
-            self.sync_state = MS.next_state(state, "sync_done")
+            self._mirroring_event("sync_done")
             if state in (MS.RESYNC_AGAIN, MS.RESEND_AGAIN):    # resent from the start (mirrorsync.py)
                 self._unpin_resync(mirrored=state == MS.RESEND_AGAIN)   # a resend: mirrored all along
                 self._start_resync()
