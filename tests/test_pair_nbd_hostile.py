@@ -8,6 +8,7 @@ only the replies.
 """
 import os
 import socket
+import struct
 import time
 
 import pytest
@@ -175,10 +176,14 @@ def test_client_that_never_reads_its_replies_is_not_buffered_without_bound(local
     pid = local_pair.pid("a")
     client = open_session(local_pair.socket_path("a"), "lun0", timeout_s=30)
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
     before = rss_bytes(pid)
     count = 100
-    for i in range(count):
-        client.request(nbd.NBD_CMD_READ, i, (i % 15) * 4 * MiB, 4 * MiB)
+    # All requests in one send: once the server stops reading (its output bound), requests
+    # sent one by one would wait in the kernel, where each small send costs far more than its
+    # 28 bytes of the socket's send buffer, and a smaller buffer than this machine's blocks.
+    client.send(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, i,
+                                     (i % 15) * 4 * MiB, 4 * MiB) for i in range(count)))
     time.sleep(3)
     grown = rss_bytes(pid) - before
     print(f"\nRSS of a grew {grown >> 20} MiB with {count} unread 4 MiB replies")
