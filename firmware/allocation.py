@@ -59,10 +59,10 @@ class AllocationMixin:
             self._reply(req, EINVAL)
             return
         self.stats["block_status"] += 1
-        if self._allocation_known_here(lun):
+        if self.ownership.allocation_known_here(lun):
             op = self._disk_op(AllocOp(req, lun, offset, length, self._cached_ranges(lun, offset, length)))
             self.out.append(A.DiskExtents(op, lun, offset, length))
-        elif self._partner_owns(lun) and self.link.up and self._forwards_block_status:
+        elif self.ownership.partner_owns(lun) and self.link.up and self._forwards_block_status:
             self.stats["block_status_forwarded"] += 1
             self._forward(req, M.IoOp.BLOCK_STATUS, lun, offset, length, None, False)
         else:
@@ -76,7 +76,7 @@ class AllocationMixin:
 
     def _forwarded_block_status_done(self, req, lun, offset, length, error, payload):
         """The owner's answer to a forwarded question; anything but good runs is all data."""
-        if error == ESTALE and self.owns(lun):       # ownership came here meanwhile: ask here
+        if error == ESTALE and self.ownership.owns(lun):       # ownership came here meanwhile: ask here
             self._host_block_status(req, lun, offset, length)
             return
         try:

@@ -120,6 +120,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
                                    params.forward_inflight_bytes_max, params.waiting_max)
         self.disk_health = DiskHealth(len(params.lun_sizes), params)
+        self.ownership = None             # the mode's ownership part (firmware/owners.py), set by the mode
         self._recover()
 
     # -- recovery -------------------------------------------------------------
@@ -128,6 +129,10 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         """Rebuild the cache and the mirror's view from NVRAM alone (firmware/recovery.py)."""
         self.next_seq, actions = recover(self.params, self.primary, self.cache, self.mirror, self.generation)
         self.out.extend(actions)
+
+    def owns(self, lun) -> bool:
+        """Is `lun` ours now (its host I/O is done here)?"""
+        return self.ownership.owns(lun)
 
     @property
     def mirroring(self) -> bool:
@@ -146,9 +151,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
     def status(self) -> dict:
         """What `twincache status` shows: role, link, LUNs, block counts, generation."""
         cache = self.cache
-        owned = [f"lun{lun}" for lun in range(len(self.params.lun_sizes)) if self.owns(lun)]
+        owned = [f"lun{lun}" for lun in range(len(self.params.lun_sizes)) if self.ownership.owns(lun)]
         dirty_by_lun = collections.Counter(line.lun for line in cache.lines.values())
-        luns = self._lun_status(dirty_by_lun)
+        luns = self.ownership.lun_status(dirty_by_lun)
         link = self.link.state
         if self.link.up:
             link = "mirrored" if self.mirroring else "resyncing"
@@ -230,7 +235,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             return
         if self._refuse_degraded_write(req, lun):
             return
-        route = self._route("w", req, lun, offset, data, fua)
+        route = self.ownership.route("w", req, lun, offset, data, fua)
         if route is TAKEN:
             return
         if route is THERE:
@@ -263,7 +268,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         while waiting and len(free) >= self._lines_spanned(waiting[0].offset, len(waiting[0].arg)):
             w = waiting.popleft()
             req, lun, offset, data, fua = w.req, w.lun, w.offset, w.arg, w.fua
-            route = self._route("w", req, lun, offset, data, fua)
+            route = self.ownership.route("w", req, lun, offset, data, fua)
             if route is HERE:
                 self._write(req, lun, offset, data, fua)
             elif route is THERE:
@@ -318,7 +323,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
         seq = self.next_seq
         self.next_seq += 1
-        generation = self.mirror_generation_of(lun)     # what its mirror copy carries, and a resync's
+        generation = self.ownership.mirror_generation_of(lun)   # what its mirror copy carries, a resync's too
         self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
         store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
         self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
@@ -374,7 +379,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
                 line.pins += 1  # the queued frame views the block: it must not be reused before the ack
             self._send_mirror(op.lines[0].lun, ctx | (M.CTX_FIRST if first == 0 else 0)
                               | (M.CTX_LAST if first + step >= count else 0), seq,
-                              self.mirror_generation_of(op.lines[0].lun), first, count, part)
+                              self.ownership.mirror_generation_of(op.lines[0].lun), first, count, part)
         self.pending[seq] = op
         if self.buggify_on and self.buggify("ack_before_mirror"):
             self._reply(req, 0)                 # the broken variant the simulator must catch
@@ -456,7 +461,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         if error or length > self.params.max_write_bytes:
             self._reply(req, error or EINVAL)
             return
-        route = self._route("r", req, lun, offset, length, False)
+        route = self.ownership.route("r", req, lun, offset, length, False)
         if route is TAKEN:
             return
         if route is THERE:
@@ -529,7 +534,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         if error or length == 0:
             self._reply(req, error or EINVAL)
             return
-        if self._partner_owns(lun):
+        if self.ownership.partner_owns(lun):
             self.last_host_io_ms = self.now_ms
             self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
             return
@@ -553,7 +558,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
         data = msg.payload[M.IO_REQUEST_HEAD.size:]
         req = Forwarded(msg.tag, op, self.link_session)
-        if not self.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
+        if not self.ownership.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
             self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
         elif op == M.IoOp.WRITE:
             self._host_write(req, lun, offset, data, bool(fua))
@@ -577,7 +582,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         if op == M.IoOp.BLOCK_STATUS:
             self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
             return
-        if error == ESTALE and self.owns(lun):     # ownership came here meanwhile: do it here
+        if error == ESTALE and self.ownership.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
                 self._host_write(req, lun, offset, data, fua)
             elif op == M.IoOp.WRITE_ZEROES:

@@ -68,7 +68,7 @@ class DestageMixin:
     def _destage_wanted(self) -> bool:
         cache, p = self.cache, self.params
         used = cache.used_blocks / cache.capacity
-        urgent = bool(self.waiting) or not self.mirroring or self._ownership_wants_destage() or (
+        urgent = bool(self.waiting) or not self.mirroring or self.ownership.wants_destage() or (
             self.now_ms - self.last_host_io_ms >= p.idle_flush_ms) or bool(self.disk_health.failing)
         if urgent or used >= p.high_watermark:
             self.destaging = True
@@ -159,7 +159,7 @@ class DestageMixin:
         elif kind is AllocOp:
             del self.disk_ops[op]
             self._allocation_done(entry, error, data)
-        elif self._ownership_disk_done(entry, error, data):
+        elif self.ownership.disk_done(entry, error, data):
             del self.disk_ops[op]
         self._pump()
         if not self.params.batch_link_output:
@@ -271,7 +271,7 @@ class DestageMixin:
             elif kind is ThroughOp:
                 self._reply(w.req, EIO if error else 0)
             else:
-                self._ownership_flushed(w, error)
+                self.ownership.flush_done(w, error)
 
     def _flushing_lines(self):
         """Lines on their way to the disk: a destage write in flight, or done and waiting for
@@ -343,7 +343,7 @@ class DestageMixin:
         (firmware/diskhealth.py)."""
         if self.disk_health.failing and not self.disk_health.may_write(lun, self.now_ms):
             return False
-        return self._ownership_allows_disk(lun)
+        return self.ownership.allows_disk(lun)
 
     def tick(self, now_ms):
         """Time passes: heartbeats, dead-peer detection, leases, idle destage."""
@@ -353,7 +353,7 @@ class DestageMixin:
             self.link.tick(now_ms)
         except LinkProtocolError as exc:    # the peer went silent
             self._link_failed(str(exc))
-        self._ownership_tick()
+        self.ownership.tick()
         self._disk_health_tick()
         self._pump()
         self._start_flushes()

@@ -152,9 +152,9 @@ class PeerMixin:
             self._persist(r)
         pending, self.pending = self.pending, {}
         for seq in sorted(pending):
-            self._cut_off(pending[seq])
+            self.ownership.cut_off(pending[seq])
         self._fail_forwards()
-        self._ownership_link_down()
+        self.ownership.link_down()
         self._pump()
 
     def _on_link_up(self):
@@ -177,7 +177,7 @@ class PeerMixin:
 
     def _start_resync(self):
         """Send every live line to the partner's mirror; mirrored again when it answers SYNC_DONE."""
-        lines = self._resync_lines()
+        lines = self.ownership.lines_to_resync()
         lines.sort(key=lambda line: line.seq)
         body = M.Sync.build(dict(generation=self.generation, blocks=len(lines), reserved=0))
         self.link.send(T.SYNC_BEGIN, M.Resource.MIRROR, body)
@@ -243,9 +243,9 @@ class PeerMixin:
         entries = [(cache_id, lba, crc, int.from_bytes(bitmap, "big"))
                    for cache_id, lba, crc, bitmap in entry.iter_unpack(p[head.size:data_at])]
         persists, committed = self.mirror.write(lun, seq, generation, first, gc, entries, p[data_at:],
-                                                self.mirror_replaying)
+                                                self.ownership.mirror_replaying)
         if not ctx & M.CTX_RESYNC:
-            self.mirror_written_at(lun, generation)
+            self.ownership.mirror_written_at(lun, generation)
         out = self.out
         offset, size = persists[0]
         for o, n in persists[1:]:               # adjacent ranges share one Persist, order kept
@@ -256,7 +256,7 @@ class PeerMixin:
                 offset, size = o, n
         out.append(A.Persist(offset, size))
         if committed is not None and ctx & M.CTX_RESYNC:
-            self._resync_copy_stored(lun)
+            self.ownership.resync_copy_stored(lun)
         if committed is not None and not ctx & M.CTX_RESYNC:
             self.ack_seq = committed            # acknowledged with the next cumulative MIRROR_ACK
             self.acks_owed += 1
@@ -284,7 +284,7 @@ class PeerMixin:
                 self._unpin_resync(mirrored=True)
             if state == MS.RESYNCING:           # a resend's end (resending) re-reads nothing
                 self.out.append(A.Notify("mirrored", generation=self.generation))
-                self._ownership_mirrored()
+                self.ownership.resync_ended()
             return
         if msg.type == T.SYNC_BEGIN:
             # Every block is unconfirmed until resent; what is kept is decided at SYNC_DONE, by
@@ -292,7 +292,8 @@ class PeerMixin:
             for r in self.mirror.sync_begin():
                 self._persist(r)
         else:
-            for r in self.mirror.sync_done(self.mirror_owned_by_peer, self.mirror_undecided, self.mirror_ours):
+            own = self.ownership
+            for r in self.mirror.sync_done(own.mirror_owned_by_peer, own.mirror_undecided, own.mirror_ours):
                 self._persist(r)
             self.link.send(T.SYNC_DONE, M.Resource.MIRROR, bytes(msg.payload), lane=F.LANE_CONTROL,
                            flags=F.FLAG_RESPONSE, tag=msg.tag)
@@ -345,6 +346,9 @@ class PeerMixin:
 
     def _on_ignored(self, msg):
         self.stats[f"ignored_{msg.type}"] += 1
+
+    def _on_ownership(self, msg):
+        self.ownership.on_message(msg)
 
 
 def _only_link(link):

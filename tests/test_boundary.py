@@ -130,27 +130,37 @@ def test_the_length_check_sees_a_long_module(tmp_path):
     assert long_modules(tmp_path) == [("hal/big.py", MODULE_LINES_MAX + 1)]
 
 
-# -- ownership: one interface (firmware/owners.py), answered by each mode ------------------------
+# -- ownership: a part of its own (firmware/owners.py), one per mode --------------------------
 
 def _unanswered(cls):
     from firmware.owners import Ownership
     return sorted(name for name, value in vars(Ownership).items()
-                  if callable(value) and getattr(cls, name) is value)
+                  if callable(value) and name != "__init__" and getattr(cls, name) is value)
 
 
-def test_every_controller_answers_every_ownership_question():
-    from firmware.ha.controller import HaController
-    from firmware.replica.controller import ReplicaController
-    from hal.sim.static import StaticController
-    for cls in (HaController, ReplicaController, StaticController):
+def test_every_ownership_part_answers_every_question():
+    from firmware.ha.controller import HaOwnership
+    from firmware.replica.controller import ReplicaOwnership
+    from hal.sim.static import StaticOwnership
+    for cls in (HaOwnership, ReplicaOwnership, StaticOwnership):
         assert _unanswered(cls) == [], cls.__name__
 
 
+def test_every_controller_has_its_ownership_part(tmp_path):
+    from fixtures.mempair import MemPair
+    from fixtures.mem_replica import MemReplicaPair
+    from firmware.ha.controller import HaOwnership
+    from firmware.replica.controller import ReplicaOwnership
+    from hal.sim.static import StaticOwnership
+    assert isinstance(MemPair(fencing=True).ctrl[0].ownership, HaOwnership)
+    assert isinstance(MemPair().ctrl[1].ownership, StaticOwnership)
+    assert isinstance(MemReplicaPair().ctrl[0].ownership, ReplicaOwnership)
+
+
 def test_the_ownership_check_sees_a_question_left_unanswered():
-    from firmware.controller import Controller
     from firmware.owners import FixedOwnership
 
-    class Half(FixedOwnership, Controller):
+    class Half(FixedOwnership):
         pass                                # FixedOwnership leaves owns() to the mode
     assert _unanswered(Half) == ["owns"]
 
@@ -165,9 +175,8 @@ def test_the_shared_parts_never_look_at_how_ownership_is_decided():
         assert "from .ha" not in text and ".fence" not in text and "lun % 2" not in text, name
 
 
-def _shared_names_used(paths):
-    """Names of the shared controller (methods, and attributes it sets on self) that `paths`
-    use through self."""
+def _shared_names():
+    """Names of the shared controller: its methods, and the attributes it sets on self."""
     from firmware.controller import Controller
     shared = {n for k in Controller.__mro__ if k is not object for n in vars(k)}
     for name in ("controller.py", "peer.py", "destage.py", "allocation.py", "diskhealth.py"):
@@ -175,28 +184,51 @@ def _shared_names_used(paths):
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
                     isinstance(node.value, ast.Name) and node.value.id == "self":
                 shared.add(node.attr)
-    used = set()
+    return shared
+
+
+def _reach(paths):
+    """What the ownership classes in `paths` use of the shared controller: (names used through
+    self.ctrl, shared names used through self that the part does not define itself, shared
+    names the part keeps as its own attributes)."""
+    shared = _shared_names()
+    through_ctrl, through_self, defined, stored = set(), set(), set(), set()
     for path in paths:
         tree = ast.parse(path.read_text())
-        for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Mixin", "Controller"))]:
+        for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Mixin", "Ownership"))]:
             for node in ast.walk(cls):
-                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                        node.value.id == "self" and node.attr in shared:
-                    used.add(node.attr)
-    return used
+                if isinstance(node, ast.FunctionDef):
+                    defined.add(node.name)
+                if not isinstance(node, ast.Attribute):
+                    continue
+                value = node.value
+                if isinstance(value, ast.Attribute) and value.attr == "ctrl" and \
+                        isinstance(value.value, ast.Name) and value.value.id == "self":
+                    through_ctrl.add(node.attr)
+                elif isinstance(value, ast.Name) and value.id == "self":
+                    if isinstance(node.ctx, ast.Store):
+                        stored.add(node.attr)
+                    elif node.attr in shared:
+                        through_self.add(node.attr)
+    return through_ctrl, through_self - defined - stored, stored & shared
 
 
 def test_ha_ownership_uses_only_what_the_interface_lists_of_the_shared_controller():
-    from firmware.owners import ASKED_OF_THE_CONTROLLER
-    used = _shared_names_used(sorted((ROOT / "firmware" / "ha").glob("*.py")))
-    assert used - ASKED_OF_THE_CONTROLLER == set()
-    assert ASKED_OF_THE_CONTROLLER - used == set(), "listed but no longer used: take it off the list"
+    from firmware.owners import ASKED_OF_THE_CONTROLLER, GIVEN_BY_THE_CONTROLLER
+    through_ctrl, through_self, kept = _reach(sorted((ROOT / "firmware" / "ha").glob("*.py")))
+    assert through_ctrl - ASKED_OF_THE_CONTROLLER == set()
+    assert ASKED_OF_THE_CONTROLLER - through_ctrl == set(), "listed but no longer used: take it off the list"
+    assert through_self == set(), "the part has no such name: reach the controller through self.ctrl"
+    assert kept == GIVEN_BY_THE_CONTROLLER
 
 
 def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
     from firmware.owners import ASKED_OF_THE_CONTROLLER
-    (tmp_path / "x.py").write_text("class XMixin:\n    def f(self):\n        return self.flush_queue, self.cache\n")
-    assert _shared_names_used([tmp_path / "x.py"]) - ASKED_OF_THE_CONTROLLER == {"flush_queue"}
+    (tmp_path / "x.py").write_text("class XMixin:\n    def f(self):\n        self.stats = self.ctrl.stats\n"
+                                   "        return self.ctrl.flush_queue, self.ctrl.out, self.pending\n")
+    through_ctrl, through_self, kept = _reach([tmp_path / "x.py"])
+    assert through_ctrl - ASKED_OF_THE_CONTROLLER == {"flush_queue", "stats"}
+    assert through_self == {"pending"} and kept == {"stats"}
 
 
 # -- no name used that is not defined (an import removed while a use remained) ---------------------

@@ -268,4 +268,4 @@ def test_a_claim_whose_record_write_fails_says_so_and_backs_off():
     assert 3 <= len(claims) <= 20_000 // 2_000
     p.record_failing.clear()
     p.run_for(8_000)                                    # the disk works again: the claim goes through
-    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert p.ctrl[1].ownership.fence[0].state == Own.SOLO

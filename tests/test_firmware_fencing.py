@@ -25,7 +25,7 @@ def fenced_pair(**kw):
 
 
 def states(p, i):
-    return [f.state for f in p.ctrl[i].fence]
+    return [f.state for f in p.ctrl[i].ownership.fence]
 
 
 def test_a_fresh_pair_settles_to_the_default_owners():
@@ -47,22 +47,22 @@ def arg_for(event, f):
 def test_every_ownership_state_and_event_pair(state, event):
     p = fenced_pair()
     ctrl = p.ctrl[0]
-    f = ctrl.fence[0]
+    f = ctrl.ownership.fence[0]
     f.state = state
     f.pending_write = R.Record(0, 0, 0, f.generation, 1, 400, bytes(16))
     if (state, event) not in TRANSITIONS:
         with pytest.raises(FenceError):
-            ctrl._own_event(f, event, *arg_for(event, f))
+            ctrl.ownership._own_event(f, event, *arg_for(event, f))
         return
     if event == "grant" and state != Own.PARTNER:
         # An owner hears a grant only after the record made it the owner: at that generation
         # it changes nothing; at another it is a protocol error.
         with pytest.raises(FenceError):
-            ctrl._own_event(f, event, f.generation + 1)
-        ctrl._own_event(f, event, f.generation)
+            ctrl.ownership._own_event(f, event, f.generation + 1)
+        ctrl.ownership._own_event(f, event, f.generation)
         assert f.state == state
         return
-    ctrl._own_event(f, event, *arg_for(event, f))
+    ctrl.ownership._own_event(f, event, *arg_for(event, f))
     assert f.state in outcomes(state, event)
     assert outcomes(state, event) <= set(STATES)
 
@@ -72,11 +72,11 @@ def test_an_outcome_the_ownership_table_does_not_list_is_refused():
     # handler that grows a new outcome fails at once (and the simulator's sweeps with it).
     p = fenced_pair()
     ctrl = p.ctrl[0]
-    f = ctrl.fence[0]
+    f = ctrl.ownership.fence[0]
     assert f.state == Own.OWNER and Own.SOLO not in outcomes(Own.OWNER, "tick")
-    ctrl._linked_owner_tick = lambda f: Own.SOLO
+    ctrl.ownership._linked_owner_tick = lambda f: Own.SOLO
     with pytest.raises(FenceError, match="tick in state owner led to solo"):
-        ctrl._own_event(f, "tick")
+        ctrl.ownership._own_event(f, "tick")
 
 
 def test_owner_killed_partner_takes_over_after_the_wait_and_replays_the_mirror():
@@ -87,10 +87,10 @@ def test_owner_killed_partner_takes_over_after_the_wait_and_replays_the_mirror()
     p.crash(0)
     for _ in range(int(p.params[1].takeover_wait_ms / 10) - 5):
         p.tick(10)
-    assert p.ctrl[1].fence[0].state == Own.WATCHING       # not before the wait
+    assert p.ctrl[1].ownership.fence[0].state == Own.WATCHING       # not before the wait
     for _ in range(150):
         p.tick(10)
-    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert p.ctrl[1].ownership.fence[0].state == Own.SOLO
     assert p.disks[0][:2 * BS] == b"m" * 2 * BS            # replayed from the mirror segment
     p.read(1, "r", 0, 0, 2 * BS)
     assert p.replies["r"] == (0, b"m" * 2 * BS)
@@ -103,7 +103,7 @@ def test_partner_waits_while_the_owner_renews_alone_and_refuses_its_lun():
     p.disconnect()                                          # link cut, both alive
     for _ in range(300):
         p.tick(10)
-    assert p.ctrl[0].fence[0].state == Own.SOLO and p.ctrl[1].fence[0].state == Own.WATCHING
+    assert p.ctrl[0].ownership.fence[0].state == Own.SOLO and p.ctrl[1].ownership.fence[0].state == Own.WATCHING
     p.write(0, "owner", 0, 0, b"o" * BS)
     p.write(1, "other", 0, 0, b"x" * BS)
     assert p.replies["owner"] == (0, None) and p.replies["other"] == (5, None)
@@ -121,16 +121,16 @@ def test_paused_owner_resumes_fenced_and_drops_its_stale_lines():
     p.run(1, p.ctrl[1].link_disconnected("peer silent"))
     for _ in range(200):
         p.tick(10)
-    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert p.ctrl[1].ownership.fence[0].state == Own.SOLO
     p.write(1, "new", 0, 0, b"2" * BS)
     assert p.replies["new"] == (0, None)
     p.ctrl[0] = paused                                      # resumes, its clock far ahead
     paused.set_time(p.now_ms)
-    assert paused.fence[0].state == Own.OWNER               # it still believes it owns lun0...
+    assert paused.ownership.fence[0].state == Own.OWNER               # it still believes it owns lun0...
     p.write(0, "late", 0, 0, b"3" * BS)
     assert "late" not in p.replies                          # ...but its lease ran out: held
     p.run(0, paused.link_disconnected("peer closed"))       # first event after the pause
-    assert paused.fence[0].state == Own.WATCHING
+    assert paused.ownership.fence[0].state == Own.WATCHING
     assert p.replies["late"] == (5, None)
     assert ("fenced", ) == tuple(n[0] for n in p.notes[0] if n[0] == "fenced")
     assert p.disks[0][:BS] == b"2" * BS                     # the stale line never reached the disk
@@ -142,14 +142,14 @@ def test_a_claim_abandoned_while_the_link_came_up_rereads_the_record_and_becomes
     # with the link up; B, owner with the link up, renews no record, so A claimed again
     # after the wait and both owned lun1. Now the record decides once the claim is lost.
     p = fenced_pair()
-    a, f = p.ctrl[0], p.ctrl[0].fence[1]
-    assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
+    a, f = p.ctrl[0], p.ctrl[0].ownership.fence[1]
+    assert f.state == Own.PARTNER and p.ctrl[1].ownership.fence[1].state == Own.OWNER
     f.state = Own.CLAIMING
     f.pending_write = R.Record(1, 0, R.LunState.CLAIMED, f.generation + 1, 0, 400, bytes(16))
-    a._own_event(f, "record", R.parse_record_untrusted(p.records[1]))
+    a.ownership._own_event(f, "record", R.parse_record_untrusted(p.records[1]))
     for _ in range(150):                                   # past the takeover wait
         p.tick(10)
-    assert f.state == Own.PARTNER and p.ctrl[1].fence[1].state == Own.OWNER
+    assert f.state == Own.PARTNER and p.ctrl[1].ownership.fence[1].state == Own.OWNER
     assert R.parse_record_untrusted(p.records[1]).owner == 1
 
 
@@ -165,28 +165,28 @@ def test_a_long_replay_renews_its_claim_so_a_returning_owner_waits_and_holds_its
     p.stall_disks()                                          # the replay's disk writes hang
     for _ in range(300):
         p.tick(10)
-        if p.ctrl[1].fence[0].state == Own.REPLAYING:
+        if p.ctrl[1].ownership.fence[0].state == Own.REPLAYING:
             break
-    assert p.ctrl[1].fence[0].state == Own.REPLAYING
+    assert p.ctrl[1].ownership.fence[0].state == Own.REPLAYING
     claim = R.parse_record_untrusted(p.records[0])
     assert (claim.owner, claim.state) == (1, R.LunState.CLAIMED)
     p.boot(0)                                                # back, with the link still down
     for _ in range(300):                                     # 3 s: far past the takeover wait
         p.tick(10)
     a = p.ctrl[0]
-    assert a.fence[0].state == Own.WATCHING
+    assert a.ownership.fence[0].state == Own.WATCHING
     assert not [n for n in p.notes[0] if n[0] == "takeover_claim"]
-    assert a.fence[0].held_lines                             # kept for the claimant's replay
+    assert a.ownership.fence[0].held_lines                             # kept for the claimant's replay
     renewed = R.parse_record_untrusted(p.records[0])
     assert (renewed.owner, renewed.state, renewed.generation) == (1, R.LunState.CLAIMED, claim.generation)
     assert renewed.counter > claim.counter
     p.resume_disks()
     for _ in range(50):
         p.tick(10)
-    assert p.ctrl[1].fence[0].state == Own.SOLO
+    assert p.ctrl[1].ownership.fence[0].state == Own.SOLO
     assert R.parse_record_untrusted(p.records[0]).state == R.LunState.SOLO
     assert p.disks[0][:2 * BS] == b"m" * 2 * BS              # replayed
-    assert not a.fence[0].held_lines                         # the claim confirmed: forgotten
+    assert not a.ownership.fence[0].held_lines                         # the claim confirmed: forgotten
     p.read(1, "r", 0, 0, 2 * BS)
     assert p.replies["r"] == (0, b"m" * 2 * BS)
 
@@ -197,7 +197,7 @@ def test_a_cache_line_ownership_request_is_refused_and_changes_nothing():
     p.write(0, "w", 0, 0, b"q" * BS)
     p.deliver()
     b = p.ctrl[1]
-    body = M.Ownership.build(dict(lun=0, scope=1, reserved0=0, lba=8, generation=b.fence[0].generation,
+    body = M.Ownership.build(dict(lun=0, scope=1, reserved0=0, lba=8, generation=b.ownership.fence[0].generation,
                                   reserved=bytes(8)))
     b.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=7)
     p.run(1, b.flush_link())
@@ -235,16 +235,16 @@ def test_a_claim_abandoned_to_a_solo_owner_voids_the_mirror_it_kept():
     mirrored = R.parse_record_untrusted(p.records[0])
     p.disconnect()
     b = _frozen(p, 1, 100)                                   # a destages and goes solo meanwhile
-    assert p.ctrl[0].fence[0].state == Own.SOLO
+    assert p.ctrl[0].ownership.fence[0].state == Own.SOLO
     solo = R.parse_record_untrusted(p.records[0])
     assert solo.state == R.LunState.SOLO and solo.generation == mirrored.generation + 1
-    f = b.fence[0]
-    assert f.state == Own.WATCHING and b._mirror_blocks_of(f)
+    f = b.ownership.fence[0]
+    assert f.state == Own.WATCHING and b.ownership._mirror_blocks_of(f)
     f.state = Own.CLAIMING                                    # b's claim, decided on the mirrored record
     f.pending_write = R.Record(0, 1, R.LunState.CLAIMED, mirrored.generation + 2, 0, 400, p.params[1].pair_id)
     f.claim_written_ms = p.now_ms
-    b._own_event(f, "record", solo)                           # its read-back shows a's SOLO record
-    assert f.state == Own.WATCHING and not b._mirror_blocks_of(f)
+    b.ownership._own_event(f, "record", solo)                           # its read-back shows a's SOLO record
+    assert f.state == Own.WATCHING and not b.ownership._mirror_blocks_of(f)
     p.write(0, "new", 0, 0, b"2" * 2 * BS)                    # write-through, solo
     assert p.replies["new"] == (0, None)
     p.crash(0)
@@ -265,7 +265,7 @@ def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
     p.disconnect()
     p.crash(0)
     b = p.ctrl[1]
-    f = b.fence[0]
+    f = b.ownership.fence[0]
     for _ in range(30):
         p.tick(10)
     assert f.state == Own.WATCHING
@@ -274,7 +274,7 @@ def test_a_claim_is_decided_only_on_a_read_fresh_when_acted_on():
     f.renew_due_ms = 10**9                                   # b reads only when this test says
     while p.now_ms - f.last_change_ms < p.params[1].takeover_wait_ms:
         p.tick(10)
-    b._read_record(f)                                        # in flight: its answer will be `old`
+    b.ownership._read_record(f)                                        # in flight: its answer will be `old`
     (read,) = [a for a in b._take() if a.__class__.__name__ == "RecordRead"]
     stopped, p.ctrl[1] = b, None                             # b paused, 300 ms < lease_ms
     for bump in (1, 2):
@@ -304,7 +304,7 @@ def test_an_owner_that_bumped_serves_alone_only_after_a_claim_decided_before_it_
     p.ctrl[1] = None                                          # b stopped: its claim is written below
     p.wire[0].clear()
     p.run(0, p.ctrl[0].link_disconnected("cut"))
-    f = p.ctrl[0].fence[0]
+    f = p.ctrl[0].ownership.fence[0]
     for _ in range(100):
         p.tick(10)
         if R.parse_record_untrusted(p.records[0]).state == R.LunState.SOLO:
@@ -333,25 +333,25 @@ def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
     p.stall_disks()                                          # b's replay hangs: its claim stays CLAIMED
     for _ in range(300):
         p.tick(10)
-        if p.ctrl[1].fence[0].state == Own.REPLAYING:
+        if p.ctrl[1].ownership.fence[0].state == Own.REPLAYING:
             break
     p.boot(0)                                                # link down: a holds its lines under b's claim
     for _ in range(5):
         p.tick(10)
-    assert p.ctrl[0].fence[0].held_lines
+    assert p.ctrl[0].ownership.fence[0].held_lines
     p.crash(1)
     p.stalled_writes = []                                    # b's hung replay writes die with it
     for _ in range(300):
         p.tick(10)
-        if p.ctrl[0].fence[0].state == Own.CLAIMING:
+        if p.ctrl[0].ownership.fence[0].state == Own.CLAIMING:
             break
-    assert p.ctrl[0].fence[0].state == Own.CLAIMING
+    assert p.ctrl[0].ownership.fence[0].state == Own.CLAIMING
     p.boot(1)
     p.connect()
     for _ in range(3):
         p.tick(10)
     b = p.ctrl[1]
-    assert b._mirror_blocks_of(b.fence[0])                  # a's held lines are in b's mirror again
+    assert b.ownership._mirror_blocks_of(b.ownership.fence[0])                  # a's held lines are in b's mirror again
     p.resume_disks()
 
 
@@ -369,7 +369,7 @@ def test_the_owners_first_record_write_is_a_change_to_a_partner_that_read_none()
     b, wait = p.ctrl[1], p.params[1].takeover_wait_ms
     for _ in range(5):
         p.tick(10)
-    assert b.fence[0].state == Own.WATCHING
+    assert b.ownership.fence[0].state == Own.WATCHING
     written_ms = p.now_ms
     p.records[0] = R.build_record(R.Record(0, 0, R.LunState.MIRRORED, 1, 0, p.params[0].lease_ms,
                                            p.params[0].pair_id))
@@ -395,16 +395,16 @@ def test_a_mirror_block_our_takeover_replays_is_not_overwritten_by_the_old_owner
     (block,) = a.mirror.view.values()
     data = b"y" * BS
     entries = [(block, 0, crc32c(data), (1 << 8) - 1)]
-    a.mirror.write(0, 900, 1, 0, 1, entries, data, a.mirror_replaying)     # not taking over: b's call
+    a.mirror.write(0, 900, 1, 0, 1, entries, data, a.ownership.mirror_replaying)     # not taking over: b's call
     assert a.mirror.blocks[block].lun == 0
     p = fenced_pair()
     p.write(1, "w", 1, 8 * BS, b"x" * BS)
     p.deliver()
     a = p.ctrl[0]
     (block,) = a.mirror.view.values()
-    a.fence[1].state = Own.CLAIMING
+    a.ownership.fence[1].state = Own.CLAIMING
     with pytest.raises(MirrorError, match="our takeover replays"):
-        a.mirror.write(0, 900, 1, 0, 1, entries, data, a.mirror_replaying)
+        a.mirror.write(0, 900, 1, 0, 1, entries, data, a.ownership.mirror_replaying)
     kept = a.mirror.blocks[block]
     assert (kept.lun, kept.lba) == (1, 8 * BS // 512) and a.mirror.view == {kept.key: block}
     assert not a.mirror.group
@@ -429,8 +429,8 @@ def test_a_copy_mirrored_at_the_owners_new_generation_outlives_a_void_noted_on_t
     p.write(0, "new", 0, 0, b"2" * BS)                        # mirrored to b at g+1
     p.deliver()
     assert p.replies["new"] == (0, None)
-    f = b.fence[0]
-    assert len(b._mirror_blocks_of(f)) == 1 and f.peer_generation == g + 1
+    f = b.ownership.fence[0]
+    assert len(b.ownership._mirror_blocks_of(f)) == 1 and f.peer_generation == g + 1
     p.crash(0)
     p.disconnect()
     f.mirror_generation, f.last_seen = g, None               # as judged when watching began, before the move
@@ -448,7 +448,7 @@ def _bumped_then_cut_on_a_write(claim_lands):
     decided on a's record from before the bump (g, so two above it) lands meanwhile."""
     p = fenced_pair()
     a, b = p.ctrl[0], p.ctrl[1]
-    f = a.fence[0]
+    f = a.ownership.fence[0]
     g = R.parse_record_untrusted(p.records[0]).generation
     p.ctrl[1] = None
     p.wire[0].clear()
@@ -502,10 +502,10 @@ def test_a_record_read_begun_before_a_grant_does_not_fence_the_new_owner():
     # 1000 steps: write 224, lost at the next failover). It is read again instead.
     p = fenced_pair()
     b = p.ctrl[1]
-    f = b.fence[0]
+    f = b.ownership.fence[0]
     assert f.state == Own.PARTNER
     old = bytes(p.records[0])
-    b._read_record(f)
+    b.ownership._read_record(f)
     (read,) = [x for x in b._take() if x.__class__.__name__ == "RecordRead"]
     p.run(1, b.move_lun(0))
     for _ in range(20):
@@ -546,7 +546,7 @@ def test_an_old_version_waiting_for_its_replacement_is_forgotten_once_a_newer_on
     # it over v3 (seed 910743 at 300 steps). A durable destage forgets every older version.
     p = fenced_pair()
     a, b = p.ctrl[0], p.ctrl[1]
-    f = a.fence[0]
+    f = a.ownership.fence[0]
     p.write(0, "v1", 0, 0, b"1" * BS)
     p.deliver()
     assert p.replies["v1"] == (0, None)
@@ -583,7 +583,7 @@ def test_a_partner_asked_for_a_lun_the_record_says_it_owns_takes_it():
     # Nobody owned lun1 (seed 946666 at 300 steps). Asked, a partner reads the record.
     p = fenced_pair()
     a, b = p.ctrl[0], p.ctrl[1]
-    fa, fb = a.fence[1], b.fence[1]
+    fa, fb = a.ownership.fence[1], b.ownership.fence[1]
     assert (fa.state, fb.state) == (Own.PARTNER, Own.OWNER)
     g = R.parse_record_untrusted(p.records[1]).generation
     p.records[1] = R.build_record(R.Record(1, 0, R.LunState.MIRRORED, g + 1, 0, 400, p.params[1].pair_id))
@@ -606,7 +606,7 @@ def test_an_old_version_under_a_forgotten_one_is_forgotten_once_a_newer_one_is_o
     # 961143 at 300 steps). The walk goes past forgotten versions.
     p = fenced_pair()
     a, b = p.ctrl[0], p.ctrl[1]
-    f = a.fence[0]
+    f = a.ownership.fence[0]
     p.write(0, "v1", 0, 0, b"1" * BS)
     p.deliver()
     p.ctrl[1] = None
@@ -658,10 +658,10 @@ def test_a_held_line_destaged_since_is_not_resent_to_the_partner():
     assert line.flushing and p.stalled_flushes
     p.disconnect()
     _frozen(p, 0, 150)                                       # b claims lun0, its replay's flush waits
-    assert p.ctrl[1].fence[0].state == Own.REPLAYING
+    assert p.ctrl[1].ownership.fence[0].state == Own.REPLAYING
     for _ in range(3):
         p.tick(10)                                           # a reads b's CLAIMED record: holds the line
-    f = a.fence[0]
+    f = a.ownership.fence[0]
     assert f.held_lines == [line]
     ours = [s for s in p.stalled_flushes if s[0] == 0]
     p.stalled_flushes = [s for s in p.stalled_flushes if s[0] == 1]
@@ -680,11 +680,11 @@ def test_a_held_line_destaged_since_is_not_resent_to_the_partner():
     p.connect()
     for _ in range(300):
         p.tick(10)
-        if f.state == Own.OWNER and not any(n.state == Own.STARTING for n in p.ctrl[1].fence):
+        if f.state == Own.OWNER and not any(n.state == Own.STARTING for n in p.ctrl[1].ownership.fence):
             break
     assert f.state == Own.OWNER and not [k for k in a.cache.lines if k >> 40 == 0]
     b = p.ctrl[1]
-    assert not b._mirror_blocks_of(b.fence[0])              # nothing of lun0 a no longer holds
+    assert not b.ownership._mirror_blocks_of(b.ownership.fence[0])              # nothing of lun0 a no longer holds
     p.read(0, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"w" * BS)
 
@@ -704,19 +704,19 @@ def test_a_claim_abandoned_to_another_owner_judges_its_own_lines_of_the_lun():
     for _ in range(300):
         p.tick(10)                                           # a claims lun1, replays, goes SOLO
     a = p.ctrl[0]
-    assert a.fence[1].state == Own.SOLO
+    assert a.ownership.fence[1].state == Own.SOLO
     p.write(0, "new", 1, 0, b"n" * BS)                       # write-through, alone
     assert p.replies["new"] == (0, None)
     solo = R.parse_record_untrusted(p.records[1])
     p.ctrl[1] = b
     b.set_time(p.now_ms)
-    f = b.fence[1]
+    f = b.ownership.fence[1]
     assert any(line.lun == 1 for line in b.cache.lines.values())
     f.state = Own.CLAIMING                                   # b's claim, resumed after a restart
     f.pending_write = R.Record(1, 1, R.LunState.CLAIMED, solo.generation - 1, 0, 400, p.params[1].pair_id)
     f.claim_written_ms = p.now_ms
     p.run(1, b.link_disconnected("cut"))
-    b._own_event(f, "record", solo)                          # its read-back shows a's SOLO record
+    b.ownership._own_event(f, "record", solo)                          # its read-back shows a's SOLO record
     assert f.state == Own.WATCHING
     assert not any(line.lun == 1 for line in b.cache.lines.values()) and not f.held_lines
     p.crash(0)
@@ -748,8 +748,8 @@ def test_a_takeover_done_while_linked_resends_everything_and_keeps_serving():
     line.dead = True
     b._maybe_free(line)
     starts = sum(kind == "resync_start" for kind, _ in p.notes[1])
-    f = b.fence[1]
-    f.state = b._takeover_done(f)
+    f = b.ownership.fence[1]
+    f.state = b.ownership._takeover_done(f)
     assert b.sync_state == MS.RESENDING and b.mirroring
     p.run(1, b._take())
     p.deliver()
@@ -757,7 +757,7 @@ def test_a_takeover_done_while_linked_resends_everything_and_keeps_serving():
         p.tick(10)
     assert sum(kind == "resync_start" for kind, _ in p.notes[1]) == starts + 1
     assert b.sync_state == MS.MIRRORED and f.state == Own.OWNER
-    assert b.fence[0].state != Own.STARTING and a.fence[0].state == Own.OWNER
+    assert b.ownership.fence[0].state != Own.STARTING and a.ownership.fence[0].state == Own.OWNER
     assert line.key not in a.mirror.view
 
 
@@ -773,9 +773,9 @@ def test_a_restarted_owners_resync_copies_carry_the_generation_their_lines_were_
         p.run(who, p.ctrl[who].move_lun(0))
         for _ in range(30):
             p.tick(10)
-            if p.ctrl[who].fence[0].state == Own.OWNER:
+            if p.ctrl[who].ownership.fence[0].state == Own.OWNER:
                 break
-    f = p.ctrl[0].fence[0]
+    f = p.ctrl[0].ownership.fence[0]
     assert f.state == Own.OWNER and f.generation == 3 and a.generation == 1
     p.write(0, "w", 0, 0, b"g" * BS)
     p.deliver()
@@ -802,20 +802,20 @@ def test_a_grant_that_arrives_after_the_record_made_us_the_owner_changes_nothing
     p.run(1, b.move_lun(0))
     for _ in range(30):
         p.tick(10)
-        if b.fence[0].state == Own.OWNER:
+        if b.ownership.fence[0].state == Own.OWNER:
             break
-    f = a.fence[0]
-    assert f.state == Own.PARTNER and b.fence[0].state == Own.OWNER
+    f = a.ownership.fence[0]
+    assert f.state == Own.PARTNER and b.ownership.fence[0].state == Own.OWNER
     p.run(0, a.move_lun(0))                                  # a asks for it back
     for _ in range(10):                                      # only b hears: it releases and grants
         while p.wire[1]:
             p.run(1, b.link_frame(p.wire[1].popleft(), p.now_ms))
-        if b.fence[0].state == Own.PARTNER:
+        if b.ownership.fence[0].state == Own.PARTNER:
             break
         p.now_ms += 10
         p.run(1, b.tick(p.now_ms))
-    assert b.fence[0].state == Own.PARTNER and p.wire[0]     # the grant is on its way to a
-    a._read_record(f)                                         # a's own read lands first
+    assert b.ownership.fence[0].state == Own.PARTNER and p.wire[0]     # the grant is on its way to a
+    a.ownership._read_record(f)                                         # a's own read lands first
     p.run(0, a._take())
     assert f.state == Own.OWNER
     p.deliver()                                               # then the grant
@@ -835,11 +835,11 @@ def test_a_second_takeover_done_during_a_resend_resends_again_still_mirrored():
     # protocol error: the session ended. A resend during a resend stays a resend.
     p = fenced_pair()
     b = p.ctrl[1]
-    f = b.fence[1]
+    f = b.ownership.fence[1]
     before = len(p.notes[1])
-    f.state = b._takeover_done(f)
+    f.state = b.ownership._takeover_done(f)
     assert b.sync_state == MS.RESENDING
-    f.state = b._takeover_done(f)                # another one, before the partner answered
+    f.state = b.ownership._takeover_done(f)                # another one, before the partner answered
     assert b.sync_state == MS.RESEND_AGAIN and b.mirroring
     p.run(1, b._take())
     p.deliver()
@@ -849,4 +849,4 @@ def test_a_second_takeover_done_during_a_resend_resends_again_still_mirrored():
     notes = p.notes[1][before:]
     assert sum(kind == "resync_start" for kind, _ in notes) == 2
     assert not [n for n in notes if n[0] == "ownership_state" and n[1]["lun"] == 0]   # lun0 was not re-read
-    assert b.fence[0].state == Own.PARTNER and f.state == Own.OWNER
+    assert b.ownership.fence[0].state == Own.PARTNER and f.state == Own.OWNER

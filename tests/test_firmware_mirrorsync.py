@@ -45,7 +45,7 @@ def test_a_lun_gone_solo_during_the_resync_makes_it_run_again():
     p.deliver()
     p.disconnect()
     assert a.sync_state == MS.DOWN
-    f = a.fence[0]
+    f = a.ownership.fence[0]
     for _ in range(300):                     # a destages lun0, bumps it, then waits lease_ms to serve
         p.tick(10)
         if f.solo_after_ms is not None:

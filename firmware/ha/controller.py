@@ -2,11 +2,12 @@
 takeover, handover).
 
 `firmware/controller.py` is the write path, the mirror partner side and destage; they ask
-about ownership through `firmware/owners.py`. Here those questions are answered from each
-LUN's ownership state (firmware/ha/ownership.py), moved by three mixins: the record's I/O,
-leases and fencing (firmware/ha/fencing.py), taking a LUN over (takeover.py) and handing it
-over while linked (handover.py). Why two controllers never both serve a LUN is argued at the
-top of fencing.py.
+about ownership through `firmware/owners.py`. `HaOwnership` is the part that answers here: it
+owns each LUN's ownership state (firmware/ha/ownership.py), moved by three mixins of its own:
+the record's I/O, leases and fencing (firmware/ha/fencing.py), taking a LUN over (takeover.py)
+and handing it over while linked (handover.py). It reaches the controller only through
+`self.ctrl`, and only for the names firmware/owners.py lists. Why two controllers never both
+serve a LUN is argued at the top of fencing.py.
 """
 from ..controller import Controller
 from ..owners import Ownership
@@ -24,9 +25,29 @@ RESYNC_HELD = (Own.CLAIMING, Own.REPLAYING)
 WANTS_DESTAGE = (Own.FENCING, Own.RELEASING)
 
 
-class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controller):
+class HaController(Controller):
+    """The shared parts, with `HaOwnership` as their ownership."""
+
     def __init__(self, params, nv, key: bytes, now_ms: int = 0):
         super().__init__(params, nv, key, now_ms)
+        self.ownership = HaOwnership(self)
+
+    def move_lun(self, lun, tag=0):
+        """Admin: bring `lun` to this controller (or give it away if we own it)."""
+        self.ownership.move(lun, tag)
+        return self._take()
+
+
+class HaOwnership(FenceMixin, TakeoverMixin, HandoverMixin, Ownership):
+    """Ownership that moves: one `LunFence` per LUN, the record I/O, leases, takeover and
+    handover. `ctrl` is the controller whose shared parts ask it."""
+
+    def __init__(self, ctrl):
+        super().__init__(ctrl)
+        # Its settings, and the controller's parts it works with, fixed for the controller's life
+        self.params, self.id, self.buggify = ctrl.params, ctrl.id, ctrl.buggify
+        self.cache, self.primary, self.mirror, self.link, self.disk_health = (
+            ctrl.cache, ctrl.primary, ctrl.mirror, ctrl.link, ctrl.disk_health)
         self._init_fencing()
 
     # -- host I/O -------------------------------------------------------------
@@ -34,27 +55,27 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
     def owns(self, lun) -> bool:
         return 0 <= lun < len(self.fence) and self.fence[lun].state in OWNING
 
-    def _partner_owns(self, lun):
+    def partner_owns(self, lun):
         return self.fence[lun].state == Own.PARTNER
 
-    def _route(self, kind, req, lun, offset, arg, fua):
+    def route(self, kind, req, lun, offset, arg, fua):
         """Where a host request for `lun` goes now: HERE, THERE (the owner) or TAKEN (dealt with)."""
         f = self.fence[lun]
         state = f.state
         if state == Own.PARTNER:
             return THERE
         if state == Own.WATCHING:
-            self._reply(req, EIO)       # the partner may still own it: refuse, never guess
+            self.ctrl._reply(req, EIO)       # the partner may still own it: refuse, never guess
             return TAKEN
         if state in (Own.OWNER, Own.SOLO) and self._lease_ok(f):
             if state == Own.SOLO and kind == "w":
-                self._write_through(req, lun, offset, arg, fua)
+                self.ctrl._write_through(req, lun, offset, arg, fua)
                 return TAKEN
             return HERE
         self._hold(f, HostRequest(kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
         return TAKEN
 
-    def _allocation_known_here(self, lun) -> bool:
+    def allocation_known_here(self, lun) -> bool:
         """This controller serves the LUN now: its cache and the disk are the whole truth."""
         f = self.fence[lun]
         return f.state in SERVING and self._lease_ok(f)
@@ -110,11 +131,11 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
         return f.state in (Own.STARTING, Own.CLAIMING) or (
             f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f))
 
-    def _resync_copy_stored(self, lun):
+    def resync_copy_stored(self, lun):
         if self.mirror_ours(lun):
             self._free_stale_mirror(self.fence[lun])    # resent lines of a LUN the peer lost to us
 
-    def _resync_lines(self) -> list:
+    def lines_to_resync(self) -> list:
         # A LUN still reading its record (STARTING) may turn out ours: mirror its lines too; if it
         # is the partner's, _drop_lines frees the partner's copies with flush-done.
         lines = [line for line in self.cache.lines.values()
@@ -131,9 +152,9 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
                   if not line.dead]
         return lines
 
-    def _cut_off(self, op):
+    def cut_off(self, op):
         if not op.lines:
-            self._finish_write(op, mirrored=False)
+            self.ctrl._finish_write(op, mirrored=False)
             return
         if op.req.__class__ is Forwarded:
             op.req = None         # the forwarder failed it with the session; its tag dies too
@@ -142,23 +163,23 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
             f.acks_generation = f.generation
         f.acks.append(op)         # acknowledged once on disk, or at a record read naming us
 
-    def _ownership_link_down(self):
+    def link_down(self):
         for f in self.fence:
             self._own_event(f, "link_down")
 
-    def _ownership_mirrored(self):
+    def resync_ended(self):
         for f in self.fence:
             self._own_event(f, "link_up")
 
     # -- destage ------------------------------------------------------------------
 
-    def _ownership_allows_disk(self, lun) -> bool:
+    def allows_disk(self, lun) -> bool:
         return self._lease_ok(self.fence[lun])
 
-    def _ownership_wants_destage(self) -> bool:
+    def wants_destage(self) -> bool:
         return any(f.state in WANTS_DESTAGE for f in self.fence)
 
-    def _ownership_disk_done(self, entry, error, data) -> bool:
+    def disk_done(self, entry, error, data) -> bool:
         kind = entry.__class__
         if kind is ReplayOp:
             entry.error = entry.error or error
@@ -172,17 +193,17 @@ class HaController(FenceMixin, TakeoverMixin, HandoverMixin, Ownership, Controll
             raise AssertionError(f"a disk op of kind {kind.__name__}")
         return True
 
-    def _ownership_flushed(self, waiter, error):
+    def flush_done(self, waiter, error):
         self._replay_durable(waiter, error)
 
     # -- time and status ----------------------------------------------------------
 
-    def _ownership_tick(self):
+    def tick(self):
         for f in self.fence:
             self._own_event(f, "tick")
             if f.held and self._lease_ok(f):
                 self._release_held(f)
 
-    def _lun_status(self, dirty_by_lun) -> dict:
+    def lun_status(self, dirty_by_lun) -> dict:
         return {f"lun{f.lun}": {"state": f.state, "generation": f.generation, "held": len(f.held),
                                 "dirty_lines": dirty_by_lun.get(f.lun, 0)} for f in self.fence}

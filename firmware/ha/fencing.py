@@ -3,8 +3,8 @@
 Owns the per-LUN ownership state machine (its table is in firmware/ha/ownership.py) and
 the lease protocol on the reservation record (firmware/formats/reservation.py)
 that keeps two controllers from ever both accepting I/O for one LUN. Its
-handlers live in three mixins of the HaController (firmware/ha/controller.py,
-which answers the shared parts' questions about ownership): this one (the record's I/O,
+handlers live in three mixins of HaOwnership (firmware/ha/controller.py, the part
+that answers the shared parts' questions about ownership): this one (the record's I/O,
 leases, boot, the owner alone, being fenced, held host requests),
 firmware/ha/takeover.py (watching, claiming, replaying) and firmware/ha/handover.py
 (moving a LUN while linked: the CLI, failback, balancing).
@@ -137,10 +137,17 @@ from .ownership import EIO, FenceError, LunFence, OWNING, Own, RecordOp, SERVING
 class FenceMixin:
     # -- plumbing -------------------------------------------------------------
 
+    def _act(self, action):
+        """An action for the controller's output (record I/O, a replay's disk write)."""
+        self.ctrl.out.append(action)
+
+    def _note(self, what, **fields):
+        self.ctrl.out.append(A.Notify(what, **fields))
+
     def _init_fencing(self):
         self.fence = [LunFence(lun) for lun in range(len(self.params.lun_sizes))]
         for f in self.fence:
-            f.bump_after_ms = self.now_ms + self.params.lease_ms
+            f.bump_after_ms = self.ctrl.now_ms + self.params.lease_ms
             self._read_record(f)
 
     def _own_event(self, f, event, *args):
@@ -159,10 +166,10 @@ class FenceMixin:
         if before == Own.STARTING and f.state != Own.STARTING and not (
                 f.state in (Own.PARTNER, Own.WATCHING) and self._peer_claim_open(f)):
             for r in self.mirror.settle(f.lun, keep=f.state == Own.CLAIMING):
-                self._persist(r)
+                self.ctrl._persist(r)
         if f.state != before:
-            self.out.append(A.Notify("ownership_state", lun=f.lun, old=before, new=f.state,
-                                     generation=f.generation))
+            self._note("ownership_state", lun=f.lun, old=before, new=f.state,
+                       generation=f.generation)
             self._release_held(f)
 
     def _noop(self, f, *args):
@@ -172,28 +179,28 @@ class FenceMixin:
         if f.io_inflight:
             return
         f.io_inflight = True
-        f.read_start_ms = self.now_ms
-        op = self._disk_op(RecordOp(f.lun, False))
-        self.out.append(A.RecordRead(op, f.lun))
+        f.read_start_ms = self.ctrl.now_ms
+        op = self.ctrl._disk_op(RecordOp(f.lun, False))
+        self._act(A.RecordRead(op, f.lun))
 
     def _write_record(self, f, rec):
         if rec.owner == self.id:
             f.counter_written = max(f.counter_written, rec.counter)
         f.io_inflight = True
         f.pending_write = rec
-        op = self._disk_op(RecordOp(f.lun, True, rec))
-        self.out.append(A.RecordWrite(op, f.lun, R.build_record(rec)))
+        op = self.ctrl._disk_op(RecordOp(f.lun, True, rec))
+        self._act(A.RecordWrite(op, f.lun, R.build_record(rec)))
 
     def _record_done(self, entry, error, data):
         f = self.fence[entry.lun]
         f.io_inflight = False
         if error:
             rec = entry.record         # reported as what failed, coalesced (firmware/diskhealth.py)
-            self.out.extend(self.disk_health.record_failed(
-                f.lun, entry.write, error, self.now_ms, state=f.state,
+            self.ctrl.out.extend(self.disk_health.record_failed(
+                f.lun, entry.write, error, self.ctrl.now_ms, state=f.state,
                 **({"record": f"{R.LunState(rec.state).name} owner {rec.owner} generation "
                               f"{rec.generation} counter {rec.counter}"} if entry.write else {})))
-            f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+            f.renew_due_ms = self.ctrl.now_ms + self.params.renew_interval_ms
             if entry.write and f.state == Own.CLAIMING and f.claim_written_ms is None and not f.claim_stale:
                 # The claim may have landed or not: settle as if it had, then the read-back
                 # decides. Waiting for a "written" that never came left the LUN CLAIMING for
@@ -207,7 +214,8 @@ class FenceMixin:
             f.record = entry.record
             self._own_event(f, "written")
             return
-        if self.now_ms - f.read_start_ms >= self.params.lease_ms and not self.buggify("skip_fencing_reread"):
+        if self.ctrl.now_ms - f.read_start_ms >= self.params.lease_ms and \
+                not self.buggify("skip_fencing_reread"):
             self._read_record(f)        # answered after a pause: a claim may have landed since; read again
             return
         if f.read_start_ms < f.granted_ms:
@@ -219,9 +227,9 @@ class FenceMixin:
         try:
             rec = R.parse_record_untrusted(data, f"lun{f.lun} reservation record")
         except FormatError as exc:
-            self.out.append(A.Notify("reservation_corrupt", lun=f.lun, error=str(exc)))
+            self._note("reservation_corrupt", lun=f.lun, error=str(exc))
             rec = None
-        f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
+        f.renew_due_ms = self.ctrl.now_ms + self.params.renew_interval_ms
         self._settle_held(f, rec)
         self._own_event(f, "record", rec)
 
@@ -235,7 +243,7 @@ class FenceMixin:
         return self._new_record(f, self.id, generation, state, max(rec.counter, f.counter_written) + 1)
 
     def _renew_if_due(self, f):
-        if not f.io_inflight and self.now_ms >= f.renew_due_ms:
+        if not f.io_inflight and self.ctrl.now_ms >= f.renew_due_ms:
             self._read_record(f)
 
     def _peer_claim_open(self, f) -> bool:
@@ -256,8 +264,8 @@ class FenceMixin:
         if f.state in (Own.OWNER, Own.RELEASING) and self.link.up:
             # Link lease: the partner acknowledged a frame we sent at heard_ms, so it cannot
             # have declared the link dead before then (one-way cuts included).
-            return self.now_ms < max(f.lease_until_ms, self.link.heard_ms + self.params.lease_ms)
-        return f.state in (Own.SOLO, Own.FENCING) and self.now_ms < f.lease_until_ms
+            return self.ctrl.now_ms < max(f.lease_until_ms, self.link.heard_ms + self.params.lease_ms)
+        return f.state in (Own.SOLO, Own.FENCING) and self.ctrl.now_ms < f.lease_until_ms
 
     # -- boot and link up: the record decides ---------------------------------
 
@@ -299,21 +307,21 @@ class FenceMixin:
         claim = self._claim_unconfirmed(rec)
         f.mirror_generation = rec.generation if rec.state == R.LunState.MIRRORED or claim else -1
         f.void_mirror = rec.generation if rec.state != R.LunState.MIRRORED and not claim else 0
-        if self.link.up and self.mirroring:
+        if self.link.up and self.ctrl.mirroring:
             if self.params.auto_balance and f.lun % 2 == self.id:
-                self.out.append(A.Notify("failback_request", lun=f.lun))
+                self._note("failback_request", lun=f.lun)
                 self._ask_ownership(f)               # failback: the preferred owner asks for it
-                f.last_change_ms = self.now_ms
+                f.last_change_ms = self.ctrl.now_ms
                 f.want_back = True
             return Own.PARTNER
         # What we read, not the default record we stand in for it: the owner's first write is
         # that very record, and taken for it that write was no change, so a claim counted its
         # quiet time from before it landed (seed 700954: 182 ms of the 200).
-        f.last_seen, f.last_change_ms = seen, self.now_ms
+        f.last_seen, f.last_change_ms = seen, self.ctrl.now_ms
         return Own.WATCHING
 
     def _owner_or_fencing(self, f):
-        if self.link.up and self.mirroring:
+        if self.link.up and self.ctrl.mirroring:
             return Own.OWNER
         self._to_fencing(f)
         return Own.FENCING
@@ -322,9 +330,9 @@ class FenceMixin:
 
     def _to_fencing(self, f):
         f.solo_after_ms = None
-        f.renew_due_ms = self.now_ms
+        f.renew_due_ms = self.ctrl.now_ms
         self._read_record(f)
-        self._pump()
+        self.ctrl._pump()
 
     def _fencing_record(self, f, rec):
         if rec is None:
@@ -336,9 +344,9 @@ class FenceMixin:
             # Our bump landed: solo on a read begun lease_ms after it, still showing it (see below).
             self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
             return self._go_solo(f) if f.read_start_ms >= f.solo_after_ms else Own.FENCING
-        if self._lun_clean(f.lun) and self.now_ms >= f.bump_after_ms:
+        if self.ctrl._lun_clean(f.lun) and self.ctrl.now_ms >= f.bump_after_ms:
             self._write_record(f, self._renewal(f, rec, rec.generation + 1, R.LunState.SOLO))
-        elif self._lun_clean(f.lun):
+        elif self.ctrl._lun_clean(f.lun):
             # Too soon after our last bump (or our boot) for another: renew, bump at a later read.
             self._write_record(f, self._renewal(f, rec, rec.generation, settled(rec.state)))
         else:
@@ -376,8 +384,8 @@ class FenceMixin:
             if not ours:
                 op.req, req = None, op.req
                 if req is not None:
-                    self._reply(req, EIO)
-            self._finish_write(op, mirrored=ours)
+                    self.ctrl._reply(req, EIO)
+            self.ctrl._finish_write(op, mirrored=ours)
 
     def _fencing_written(self, f):
         """Solo once the bump to the next generation (written clean) has landed. A renewal that
@@ -387,8 +395,8 @@ class FenceMixin:
         if rec.state != R.LunState.SOLO or rec.generation <= f.generation:
             return Own.FENCING
         f.generation = rec.generation
-        f.bump_after_ms = self.now_ms + self.params.lease_ms
-        f.solo_after_ms = f.renew_due_ms = self.now_ms + self.params.lease_ms
+        f.bump_after_ms = self.ctrl.now_ms + self.params.lease_ms
+        f.solo_after_ms = f.renew_due_ms = self.ctrl.now_ms + self.params.lease_ms
         return Own.FENCING
 
     def _go_solo(self, f):
@@ -398,11 +406,11 @@ class FenceMixin:
         lease_ms of that read, and such a claim then fences us before we wrote anything through
         that its replay would overwrite."""
         f.solo_after_ms = None
-        self._mirroring_event("solo")
-        self.out.append(A.Notify("solo", lun=f.lun, generation=f.generation))
+        self.ctrl._mirroring_event("solo")
+        self._note("solo", lun=f.lun, generation=f.generation)
         acks, f.acks = f.acks, []
         for op in acks:
-            self._finish_write(op, mirrored=False)
+            self.ctrl._finish_write(op, mirrored=False)
         return Own.SOLO
 
     def _owner_record(self, f, rec):
@@ -421,7 +429,7 @@ class FenceMixin:
         a write was torn. A claim is a whole record (and its claimant abandons it if it reads
         anything else back), so nobody else owns it: write ours again; no lease from this read.
         Fenced by a blank record instead, the owner left the LUN with no owner at all."""
-        self.out.append(A.Notify("reservation_rewritten", lun=f.lun, generation=f.generation))
+        self._note("reservation_rewritten", lun=f.lun, generation=f.generation)
         state = f.record.state if f.record is not None else R.LunState.MIRRORED
         if f.state != Own.REPLAYING:
             state = settled(state)
@@ -452,7 +460,7 @@ class FenceMixin:
             self._settle_acks(f, rec.generation == f.acks_generation)
         link_lease_ms = self.link.heard_ms + self.params.lease_ms
         if rec.state != R.LunState.MIRRORED or (
-                self.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms)):
+                self.ctrl.now_ms + self.params.renew_interval_ms >= max(f.lease_until_ms, link_lease_ms)):
             # Mirrored: the record says so, also when the write of MIRRORED at link-up failed.
             f.lease_until_ms = f.read_start_ms + self.params.lease_ms
             self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.MIRRORED))
@@ -467,7 +475,7 @@ class FenceMixin:
                 # The peer's claim we kept mirror blocks for is confirmed (its replay wrote its
                 # held lines) or gone: our copies are older than its data now.
                 for r in self.mirror.settle(f.lun, keep=False):
-                    self._persist(r)
+                    self.ctrl._persist(r)
         return None
 
     def _still_mine(self, f, rec) -> bool:
@@ -476,28 +484,28 @@ class FenceMixin:
     def _fenced(self, f, rec):
         """Someone else owns the LUN now: stop at once, drop our copies (promise 4)."""
         f.solo_after_ms = None
-        self.out.append(A.Notify("fenced", lun=f.lun, record_owner=getattr(rec, "owner", None),
-                                 record_generation=getattr(rec, "generation", None),
-                                 our_generation=f.generation))
+        self._note("fenced", lun=f.lun, record_owner=getattr(rec, "owner", None),
+                   record_generation=getattr(rec, "generation", None),
+                   our_generation=f.generation)
         f.lease_until_ms = -1
         acks, f.acks = f.acks, []
         for op in acks:
             op.req, req = None, op.req
             if req is not None:
-                self._reply(req, EIO)
-            self._finish_write(op, mirrored=False)
+                self.ctrl._reply(req, EIO)
+            self.ctrl._finish_write(op, mirrored=False)
         self._drop_lines(f, rec, "fenced")
         if rec is not None:
             f.record, f.generation = rec, rec.generation
             f.mirror_generation = -1
-            f.last_seen, f.last_change_ms = rec.key(), self.now_ms
+            f.last_seen, f.last_change_ms = rec.key(), self.ctrl.now_ms
         return Own.PARTNER if self.link.up else Own.WATCHING
 
     # -- holding host requests while a LUN settles ----------------------------
 
     def _hold(self, f, entry):
         if len(f.held) >= self.params.held_max:
-            self._reply(entry.req, EIO)
+            self.ctrl._reply(entry.req, EIO)
             return
         f.held.append(entry)
 
@@ -508,4 +516,4 @@ class FenceMixin:
             return
         held, f.held = f.held, collections.deque()
         for h in held:
-            self._reenter(h)
+            self.ctrl._reenter(h)

@@ -13,12 +13,11 @@ from ..formats import reservation as R
 
 
 class HandoverMixin:
-    def move_lun(self, lun, tag=0):
+    def move(self, lun, tag=0):
         """Admin: bring `lun` to this controller (or give it away if we own it)."""
         f = self.fence[lun]
         f.move_tag = tag
         self._own_event(f, "move")
-        return self._take()
 
     def _ask_ownership(self, f):
         body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=f.generation,
@@ -26,12 +25,12 @@ class HandoverMixin:
         self.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=f.move_tag)
 
     def _start_release(self, f):
-        self.out.append(A.Notify("handover_start", lun=f.lun))
-        self._destage_now()
+        self._note("handover_start", lun=f.lun)
+        self.ctrl._destage_now()
 
     def _release_if_clean(self, f):
         """Clean: read the record first, and write the release only over our own (see below)."""
-        if not f.io_inflight and self._lun_clean(f.lun):
+        if not f.io_inflight and self.ctrl._lun_clean(f.lun):
             self._read_record(f)
 
     def _releasing_record(self, f, rec):
@@ -49,7 +48,7 @@ class HandoverMixin:
         if not self._still_mine(f, rec):
             return self._fenced(f, rec)
         f.lease_until_ms = f.read_start_ms + self.params.lease_ms
-        if self._lun_clean(f.lun):
+        if self.ctrl._lun_clean(f.lun):
             self._write_record(f, self._new_record(f, 1 - self.id, f.generation + 1, R.LunState.MIRRORED))
         else:
             self._write_record(f, self._renewal(f, rec, rec.generation, settled(rec.state)))
@@ -63,19 +62,19 @@ class HandoverMixin:
         body = M.Ownership.build(dict(lun=f.lun, scope=0, reserved0=0, lba=0, generation=rec.generation,
                                       reserved=bytes(8)))
         self.link.send(M.MsgType.OWNERSHIP_GRANT, M.Resource.OWNERSHIP, body, tag=f.move_tag)
-        self.out.append(A.Notify("handover", lun=f.lun, to="ab"[1 - self.id], generation=rec.generation))
+        self._note("handover", lun=f.lun, to="ab"[1 - self.id], generation=rec.generation)
         return Own.PARTNER
 
     def _granted(self, f, generation):
         if f.held_lines:                # the granter's confirmed claim replayed them, then it served
             held, f.held_lines = f.held_lines, []
-            self._forget_lines(held, True)
+            self.ctrl._forget_lines(held, True)
         self._free_stale_mirror(f)
         f.generation = generation
         f.want_back = False
-        f.granted_ms = self.now_ms
-        f.lease_until_ms = self.now_ms + self.params.lease_ms
-        self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
+        f.granted_ms = self.ctrl.now_ms
+        f.lease_until_ms = self.ctrl.now_ms + self.params.lease_ms
+        self._note("ownership", lun=f.lun, owner="ab"[self.id], generation=generation)
 
     def _granted_already(self, f, generation):
         """The grant of a LUN the record made ours first: asking for it back, we read the record
@@ -85,9 +84,9 @@ class HandoverMixin:
         if generation != f.generation:
             raise FenceError(f"lun{f.lun}: grant at generation {generation} to its owner at {f.generation}")
         f.want_back = False
-        self.out.append(A.Notify("ownership", lun=f.lun, owner="ab"[self.id], generation=generation))
+        self._note("ownership", lun=f.lun, owner="ab"[self.id], generation=generation)
 
-    def _on_ownership(self, msg):
+    def on_message(self, msg):
         body = M.parse_body_untrusted(msg.type, msg.payload, "ownership message")
         if body.lun >= len(self.fence):
             raise FenceError(f"ownership message for lun{body.lun}")
@@ -95,8 +94,8 @@ class HandoverMixin:
         if body.scope != 0:
             # The format has room for one cache line (scope 1); ownership and its fencing are per
             # LUN here, so a line is never handed out alone: say so, change nothing.
-            self.out.append(A.Notify("ownership_refused", lun=body.lun, scope=body.scope, lba=body.lba,
-                                     reason="only whole-LUN ownership is served"))
+            self._note("ownership_refused", lun=body.lun, scope=body.scope, lba=body.lba,
+                       reason="only whole-LUN ownership is served")
             return
         if msg.type == M.MsgType.OWNERSHIP_REQUEST:
             f.move_tag = msg.tag
@@ -122,6 +121,6 @@ class HandoverMixin:
         us the owner, as after a restart (_partner_record)."""
         if f.held_lines or self.mirror.has_undecided(f.lun) or f.want_back:
             self._renew_if_due(f)         # watch the claim we hold lines or copies for until it is confirmed
-        if (f.want_back and self.mirroring and self.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
-            f.last_change_ms = self.now_ms
+        if (f.want_back and self.ctrl.mirroring and self.ctrl.now_ms - f.last_change_ms >= BALANCE_RETRY_MS):
+            f.last_change_ms = self.ctrl.now_ms
             self._ask_ownership(f)

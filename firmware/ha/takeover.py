@@ -43,8 +43,8 @@ class TakeoverMixin:
         went down between claim and replay. The old owner dropped its lines when it saw the
         claim, so our mirror holds the only other copy of its acknowledged writes: confirm the
         claim and replay, as if just written. Served straight away, it lost them (seeds 32, 182)."""
-        self.out.append(A.Notify("takeover_resumed", lun=f.lun, generation=rec.generation))
-        f.pending_write, f.claim_written_ms = rec, self.now_ms
+        self._note("takeover_resumed", lun=f.lun, generation=rec.generation)
+        f.pending_write, f.claim_written_ms = rec, self.ctrl.now_ms
         f.claim_stale = False
         f.claim_over_generation = rec.generation - 2      # (a claim made again after a late one: older)
         return Own.CLAIMING
@@ -64,10 +64,10 @@ class TakeoverMixin:
             f.held_lines.extend(lines)
             f.held_generation = rec.generation
         else:
-            self._forget_lines(lines, rec is not None)
+            self.ctrl._forget_lines(lines, rec is not None)
         if lines:
-            self.out.append(A.Notify("lines_dropped", lun=f.lun, lines=len(lines), reason=reason,
-                                     held=self._claim_unconfirmed(rec)))
+            self._note("lines_dropped", lun=f.lun, lines=len(lines), reason=reason,
+                       held=self._claim_unconfirmed(rec))
 
     def _claim_unconfirmed(self, rec) -> bool:
         return rec is not None and rec.owner != self.id and rec.state == R.LunState.CLAIMED
@@ -90,21 +90,21 @@ class TakeoverMixin:
                 line.current = True
                 self.cache.install(line)
         else:
-            self._forget_lines(held, True)
+            self.ctrl._forget_lines(held, True)
 
     def _to_watching(self, f):
         # The owner may have moved the LUN to a new generation without our reading the record (it
         # went solo and back while its resync to us was pending): its mirror writes said so.
         f.mirror_generation = max(f.generation, f.peer_generation)
         f.void_mirror = 0               # mirrored up to the link drop: our copy is the partner's data
-        f.last_seen, f.last_change_ms = None, self.now_ms
-        f.renew_due_ms = self.now_ms
+        f.last_seen, f.last_change_ms = None, self.ctrl.now_ms
+        f.renew_due_ms = self.ctrl.now_ms
         self._read_record(f)
 
     def _watch_anew(self, f):
         """The session ended: an owner on its link lease holds it until at most lease_ms past
         the newest frame of its that we acknowledged, before now; the quiet time starts now."""
-        f.last_change_ms = self.now_ms
+        f.last_change_ms = self.ctrl.now_ms
 
     def _watch_record(self, f, rec):
         key = rec.key() if rec is not None else None
@@ -114,7 +114,7 @@ class TakeoverMixin:
             # With the session up (watching while our resync runs) the owner may serve on its
             # link lease, which moves no record: a quiet record proves nothing, so the quiet
             # time counts from when the session ends (seed 37: both served lun0).
-            f.last_seen, f.last_change_ms = key, self.now_ms
+            f.last_seen, f.last_change_ms = key, self.ctrl.now_ms
             if self._voids_mirror(f, rec):
                 f.void_mirror = max(f.void_mirror, rec.generation)
             return Own.WATCHING
@@ -123,14 +123,14 @@ class TakeoverMixin:
         if not self._fresh(f):
             self._read_record(f)        # answered after a pause shorter than a lease: look again
             return Own.WATCHING
-        if not self.disk_health.may_claim(f.lun, self.now_ms):
+        if not self.disk_health.may_claim(f.lun, self.ctrl.now_ms):
             return Own.WATCHING         # our last claim's write failed: back off (firmware/diskhealth.py)
         # Two above what we read: the owner may bump its generation once (solo) between our
         # read and our claim landing; a claim at + 1 named that same generation, and a claim
         # that landed over the bump then served it too (seed 676: both served generation 9).
         generation = (rec.generation if rec else f.generation) + 2
-        self.out.append(A.Notify("takeover_claim", lun=f.lun, generation=generation,
-                                 silent_ms=self.now_ms - f.last_change_ms))
+        self._note("takeover_claim", lun=f.lun, generation=generation,
+                   silent_ms=self.ctrl.now_ms - f.last_change_ms)
         if f.void_mirror:
             self._void_mirror(f, f.void_mirror)   # before the claim: after a restart, what is left is replayed
         self._write_claim(f, generation)
@@ -143,7 +143,8 @@ class TakeoverMixin:
         read that landed during a pause shorter than lease_ms passes the re-read guard of
         _record_done, and a claim taken on it named two above a generation the owner had left
         twice meanwhile (restarted and bumped each time): both served one generation."""
-        return self.now_ms - f.read_start_ms < min(self.params.renew_interval_ms, self.params.lease_ms // 2)
+        p = self.params
+        return self.ctrl.now_ms - f.read_start_ms < min(p.renew_interval_ms, p.lease_ms // 2)
 
     def _write_claim(self, f, generation):
         self._write_record(f, self._new_record(f, self.id, generation, R.LunState.CLAIMED))
@@ -157,12 +158,12 @@ class TakeoverMixin:
         began (an owner bumps again no sooner than that after its last bump completed, also
         across a restart: firmware/ha/fencing.py _fencing_record). Such a claim may share the
         owner's generation: it is not settled on; a fresh read decides (_claim_record)."""
-        if self.now_ms - f.claim_read_ms >= self.params.lease_ms:
+        if self.ctrl.now_ms - f.claim_read_ms >= self.params.lease_ms:
             f.claim_stale = True
-            self.out.append(A.Notify("takeover_claim_late", lun=f.lun, generation=f.pending_write.generation))
+            self._note("takeover_claim_late", lun=f.lun, generation=f.pending_write.generation)
             self._read_record(f)
             return
-        f.claim_written_ms = self.now_ms
+        f.claim_written_ms = self.ctrl.now_ms
 
     def _voids_mirror(self, f, rec) -> bool:
         """Does `rec` make our mirror copy of the LUN old data? Yes once its owner went on alone
@@ -183,7 +184,8 @@ class TakeoverMixin:
 
     def _claim_tick(self, f):
         settle = 0 if self.buggify("claim_no_settle") else self.params.lease_ms + self.params.renew_interval_ms
-        if f.claim_written_ms is not None and self.now_ms - f.claim_written_ms >= settle and not f.io_inflight:
+        written = f.claim_written_ms
+        if written is not None and self.ctrl.now_ms - written >= settle and not f.io_inflight:
             self._read_record(f)
 
     def _claim_record(self, f, rec):
@@ -196,7 +198,7 @@ class TakeoverMixin:
                 self._read_record(f)
             return Own.CLAIMING
         if rec is None or rec.key() != claimed.key():
-            self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason=self._abandon_reason(f, rec)))
+            self._note("takeover_abandoned", lun=f.lun, reason=self._abandon_reason(f, rec))
             self._abandon_mirror(f, rec)
             if rec is not None and rec.owner != self.id:
                 # Our own lines of the LUN (from before the claim we were overruling) are judged by
@@ -205,7 +207,7 @@ class TakeoverMixin:
                 # them over the owner's write-through (seed 1012966 at 300 steps: b, restarted in
                 # its claim, lost it to a's, and its next claim wrote write 8 over write 151).
                 self._drop_lines(f, rec, "claim abandoned")
-            f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.now_ms
+            f.last_seen, f.last_change_ms = (rec.key() if rec else None), self.ctrl.now_ms
             if self.link.up:
                 # The link came up during the claim (CLAIMING ignores link_up): the record
                 # decides now. Left WATCHING, we would claim again over an owner that, with
@@ -254,8 +256,8 @@ class TakeoverMixin:
         it had mirrored to us at 2 and acknowledged)."""
         blocks = [(i, b) for i, b in self._mirror_blocks_of(f) if b.generation < below]
         for i, _b in blocks:
-            self._persist(self.mirror._free(i))
-        self.out.append(A.Notify("mirror_void", lun=f.lun, blocks=len(blocks)))
+            self.ctrl._persist(self.mirror._free(i))
+        self._note("mirror_void", lun=f.lun, blocks=len(blocks))
 
     def _free_stale_mirror(self, f):
         """The LUN is ours, not by a claim still to replay: copies of it in our mirror are the old
@@ -264,9 +266,9 @@ class TakeoverMixin:
         LUN), and a later claim would replay them over newer data (seed 269)."""
         blocks = self._mirror_blocks_of(f)
         for i, _b in blocks:
-            self._persist(self.mirror._free(i))
+            self.ctrl._persist(self.mirror._free(i))
         if blocks:
-            self.out.append(A.Notify("mirror_stale", lun=f.lun, blocks=len(blocks)))
+            self._note("mirror_stale", lun=f.lun, blocks=len(blocks))
 
     def _start_replay(self, f):
         """Write the partner's mirrored lines of this LUN to disk, skipping flushed ones (claims 5.13).
@@ -292,7 +294,7 @@ class TakeoverMixin:
         f.held_lines = [line for line in f.held_lines if not line.dead]
         for i, b in sorted(self._mirror_blocks_of(f), key=lambda ib: ib[1].seq):
             if b.key in held_keys:      # the partner's copy is older than our held version
-                self._persist(self.mirror._free(i))
+                self.ctrl._persist(self.mirror._free(i))
             else:
                 self._replay_block(f, i, b)
         for line in f.held_lines:
@@ -307,7 +309,7 @@ class TakeoverMixin:
         landed under the old generation after the new owner's writes (seed 996). Without the
         renewals, a replay longer than takeover_wait_ms looked dead to an old owner that came
         back with the link down, and it claimed the LUN over the replay."""
-        if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.io_inflight:
+        if f.replay_retry_ms is not None and self.ctrl.now_ms >= f.replay_retry_ms and not f.io_inflight:
             self._read_record(f)        # due until the record comes back: a failed read is retried
         else:
             self._renew_if_due(f)
@@ -320,17 +322,17 @@ class TakeoverMixin:
             if f.replay_complete:
                 if rec.state == R.LunState.SOLO:
                     if f.solo_after_ms is None:           # our SOLO landed though its write failed
-                        f.solo_after_ms = self.now_ms + self.params.lease_ms
+                        f.solo_after_ms = self.ctrl.now_ms + self.params.lease_ms
                     if f.read_start_ms >= f.solo_after_ms:
                         f.solo_after_ms = None
                         return self._takeover_done(f)
                 self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.SOLO))
                 return Own.REPLAYING
-            if f.replay_retry_ms is not None and self.now_ms >= f.replay_retry_ms and not f.replay_left:
+            if f.replay_retry_ms is not None and self.ctrl.now_ms >= f.replay_retry_ms and not f.replay_left:
                 return self._start_replay(f)
             self._write_record(f, self._renewal(f, rec, rec.generation, R.LunState.CLAIMED))
             return Own.REPLAYING
-        self.out.append(A.Notify("takeover_abandoned", lun=f.lun, reason="claimed over during the replay"))
+        self._note("takeover_abandoned", lun=f.lun, reason="claimed over during the replay")
         return self._fenced(f, rec)
 
     def _replay_written(self, f):
@@ -341,7 +343,7 @@ class TakeoverMixin:
             # that its replay of older held lines would overwrite (seed 700558 at 300 steps: a
             # slow claim landed after our SOLO and replayed write 14 over our write-through 154).
             if f.solo_after_ms is None:
-                f.solo_after_ms = f.renew_due_ms = self.now_ms + self.params.lease_ms
+                f.solo_after_ms = f.renew_due_ms = self.ctrl.now_ms + self.params.lease_ms
             return None
         if f.replay_complete:             # a renewal of the claim landed after the replay ended
             self._read_record(f)
@@ -353,11 +355,12 @@ class TakeoverMixin:
     def _replay_run(self, f, index, line, view, lba, bitmap, block=None):
         from ..cache import dirty_runs, SECTOR_BYTES
         runs = list(dirty_runs(bitmap, 0, self.mirror.sectors_per_line))
-        op = self._disk_op(ReplayOp(f.lun, index, len(runs), line, block))
+        op = self.ctrl._disk_op(ReplayOp(f.lun, index, len(runs), line, block))
         f.replay_left += 1
         base = lba * SECTOR_BYTES
         for s, e in runs:
-            self.out.append(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES, view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
+            self._act(A.DiskWrite(op, f.lun, base + s * SECTOR_BYTES,
+                                  view[s * SECTOR_BYTES:e * SECTOR_BYTES]))
 
     def _replay_done(self, entry, error):
         """A replay write completed: the block waits for the flush that ends the round before it
@@ -366,7 +369,7 @@ class TakeoverMixin:
         f = self.fence[entry.lun]
         if error:
             lba = entry.line.lba if entry.line is not None else self.mirror.blocks[entry.index].lba
-            self._disk_write_failed(f.lun, lba * SECTOR_BYTES, error)    # reported coalesced
+            self.ctrl._disk_write_failed(f.lun, lba * SECTOR_BYTES, error)    # reported coalesced
             f.replay_failed = True
         else:
             f.replay_written.append(entry)
@@ -374,7 +377,7 @@ class TakeoverMixin:
         if f.replay_left == 0:
             written, f.replay_written = f.replay_written, []
             if written:
-                self._after_flush(f.lun, ReplayRound(f.lun, written))
+                self.ctrl._after_flush(f.lun, ReplayRound(f.lun, written))
             else:
                 self._replay_round_end(f)
 
@@ -382,22 +385,23 @@ class TakeoverMixin:
         """The flush after a replay round: free what it made durable, or replay it all again."""
         f = self.fence[rnd.lun]
         if error:
-            self._disk_write_failed(f.lun, None, error)     # the flush failed: reported coalesced
+            self.ctrl._disk_write_failed(f.lun, None, error)     # the flush failed: reported coalesced
             f.replay_failed = True
         else:
             for entry in rnd.entries:
                 if entry.line is not None:
                     if entry.line in f.held_lines:
                         f.held_lines.remove(entry.line)
-                        self._forget_lines([entry.line], True)
+                        self.ctrl._forget_lines([entry.line], True)
                 elif self.mirror.blocks[entry.index] is entry.block:   # not overwritten since
-                    self._persist(self.mirror._free(entry.index))
+                    self.ctrl._persist(self.mirror._free(entry.index))
         self._replay_round_end(f)
 
     def _replay_round_end(self, f):
         if f.state == Own.REPLAYING and not f.replay_left:
             if f.replay_failed:     # the next round waits for the disk's backoff too
-                f.replay_retry_ms = max(self.now_ms + REPLAY_RETRY_MS, self.disk_health.retry_at_ms(f.lun))
+                f.replay_retry_ms = max(self.ctrl.now_ms + REPLAY_RETRY_MS,
+                                        self.disk_health.retry_at_ms(f.lun))
             else:
                 self._own_event(f, "replayed")
 
@@ -413,10 +417,10 @@ class TakeoverMixin:
         return Own.REPLAYING
 
     def _takeover_done(self, f):
-        self.out.append(A.Notify("takeover", lun=f.lun, generation=f.generation))
-        f.renew_due_ms = self.now_ms + self.params.renew_interval_ms
-        if self.link.up and self.mirroring:      # the partner came back meanwhile: settle with it
-            self._mirroring_event("takeover")     # firmware/mirrorsync.py: resending
+        self._note("takeover", lun=f.lun, generation=f.generation)
+        f.renew_due_ms = self.ctrl.now_ms + self.params.renew_interval_ms
+        if self.link.up and self.ctrl.mirroring:      # the partner came back meanwhile: settle with it
+            self.ctrl._mirroring_event("takeover")     # firmware/mirrorsync.py: resending
             self._read_record(f)
             return Own.STARTING
         return Own.SOLO

@@ -111,8 +111,52 @@ def initial_uuid(pair_id: bytes) -> int:
     return int.from_bytes(pair_id[:8], "big") | 1
 
 
-class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
+class ReplicaOwnership(FixedOwnership):
+    """The primary owns every LUN; its role, the record's state and the handshake decide where
+    a host request goes."""
+
+    def owns(self, lun) -> bool:
+        return self.ctrl.rec.role == PRIMARY and 0 <= lun < len(self.ctrl.params.lun_sizes)
+
+    def allocation_known_here(self, lun) -> bool:
+        return False
+
+    def route(self, kind, req, lun, offset, arg, fua):
+        ctrl = self.ctrl
+        rec = ctrl.rec
+        if req.__class__ is ReplicaReq:
+            # A copy from the primary that waited for free blocks, routed again when they came:
+            # stored as it came, no host write (refused with EPERM here, it ended every resync
+            # that filled a restarted secondary's cache). One from an ended session is dropped:
+            # the primary's SENT record resends its range, and newer data may have come since.
+            return HERE if req.session == ctrl.session_no and rec.role == SECONDARY else TAKEN
+        if kind == "w":
+            if rec.role != PRIMARY:
+                ctrl.stats["writes_refused_secondary"] += 1
+                ctrl._reply(req, EPERM)          # the secondary is read-only until promoted
+                return TAKEN
+            if rec.flags & (M.STATE_FRESH | M.STATE_INCONSISTENT):
+                ctrl._reply(req, EIO)            # has not met its peer yet, or is mid-resync
+                return TAKEN
+            if ctrl.sync == "waiting":
+                if len(ctrl.held) >= ctrl.params.replica.held_max:
+                    ctrl._reply(req, EIO)
+                else:
+                    ctrl.held.append(HostRequest("w", req, lun, offset, bytes(arg), fua))
+                return TAKEN
+            return HERE
+        if rec.has(M.STATE_INCONSISTENT):
+            ctrl._reply(req, EIO)                # a mix of old and new data: never served
+            return TAKEN
+        return HERE
+
+
+class ReplicaController(DestagedMixin, ResyncMixin, Controller):
     Error = ReplicaError
+
+    # Block status answers "all data" in replica mode: correct, not sparse. Its destage
+    # and resync paths were not reviewed for when a range first reaches disk.
+    _forwards_block_status = False
 
     def __init__(self, params, nv, key, now_ms=0):
         assert params.mode == "replica" and params.replica is not None
@@ -141,6 +185,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
         self.disk_waiters = {}                        # Line -> [ReplicaReq] (ack level "disk")
         self.held = collections.deque()               # host writes held during the handshake
         self.down_since_ms = now_ms
+        self.ownership = ReplicaOwnership(self)
         self.out.append(A.Notify("replica_recovered", **self._ids(), sent_bits=self.rec.counts[SENT],
                                  received_bits=self.rec.counts[RECEIVED], formatted=self.rec.formatted))
 
@@ -253,44 +298,6 @@ class ReplicaController(DestagedMixin, ResyncMixin, FixedOwnership, Controller):
         getattr(self, handler)(msg)
 
     # -- host I/O -------------------------------------------------------------
-
-    def owns(self, lun) -> bool:
-        return self.rec.role == PRIMARY and 0 <= lun < len(self.params.lun_sizes)
-
-    # Block status answers "all data" in replica mode: correct, not sparse. Its destage
-    # and resync paths were not reviewed for when a range first reaches disk.
-    _forwards_block_status = False
-
-    def _allocation_known_here(self, lun) -> bool:
-        return False
-
-    def _route(self, kind, req, lun, offset, arg, fua):
-        rec = self.rec
-        if req.__class__ is ReplicaReq:
-            # A copy from the primary that waited for free blocks, routed again when they came:
-            # stored as it came, no host write (refused with EPERM here, it ended every resync
-            # that filled a restarted secondary's cache). One from an ended session is dropped:
-            # the primary's SENT record resends its range, and newer data may have come since.
-            return HERE if req.session == self.session_no and rec.role == SECONDARY else TAKEN
-        if kind == "w":
-            if rec.role != PRIMARY:
-                self.stats["writes_refused_secondary"] += 1
-                self._reply(req, EPERM)          # the secondary is read-only until promoted
-                return TAKEN
-            if rec.flags & (M.STATE_FRESH | M.STATE_INCONSISTENT):
-                self._reply(req, EIO)            # has not met its peer yet, or is mid-resync
-                return TAKEN
-            if self.sync == "waiting":
-                if len(self.held) >= self.params.replica.held_max:
-                    self._reply(req, EIO)
-                else:
-                    self.held.append(HostRequest("w", req, lun, offset, bytes(arg), fua))
-                return TAKEN
-            return HERE
-        if rec.has(M.STATE_INCONSISTENT):
-            self._reply(req, EIO)                # a mix of old and new data: never served
-            return TAKEN
-        return HERE
 
     def _persist(self, rng):
         if not (self.buggify_on and self.buggify("replica_skip_persist")):      # (a broken variant)

@@ -254,7 +254,7 @@ class FaultSchedule:
         self.quiet_until_us = sim.now_us + duration_ms * 1000
         sim.link.partition([0, 1])
         sim.at(self.quiet_until_us, -1, self._scenario_end)
-        owners = [n.id for n in sim.nodes if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.fence)]
+        owners = [n.id for n in sim.nodes if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.ownership.fence)]
         return self.rng.choice(owners or [0, 1])
 
     def _scenario_end(self):
@@ -312,7 +312,7 @@ class FaultSchedule:
             return                          # (pauses would only hide the leases that scenario is about)
         if sim.now_us < self.record_pause_next_us:
             return                          # the pair runs a while between them: a pause is not a death
-        if rng.random() < 0.3 or n.ctrl.fence[lun].state not in OWNING:   # the re-read guard does not fire
+        if rng.random() < 0.3 or n.ctrl.ownership.fence[lun].state not in OWNING:   # the re-read guard does not fire
             pause_ms = rng.randint(1, p.lease_ms)
         else:                               # long enough for the partner to take over meanwhile
             pause_ms = rng.randint(self._takeover_ms(), 2 * self._takeover_ms())
@@ -333,7 +333,7 @@ class FaultSchedule:
         n = sim.nodes[i]
         if not self.active or not n.alive or n.epoch != epoch:
             return
-        if not any(f.state in (Own.CLAIMING, Own.REPLAYING) for f in n.ctrl.fence):
+        if not any(f.state in (Own.CLAIMING, Own.REPLAYING) for f in n.ctrl.ownership.fence):
             return
         sim.check_failover(i)
         sim.crash(i, "crash inside a claim")
@@ -407,7 +407,7 @@ class FaultSchedule:
 
         def settled(nodes):
             """Every LUN owned on one side and partnered on the other, nothing held, no record I/O."""
-            a, b = nodes[0].ctrl.fence, nodes[1].ctrl.fence
+            a, b = nodes[0].ctrl.ownership.fence, nodes[1].ctrl.ownership.fence
             return all({fa.state, fb.state} == {Own.OWNER, Own.PARTNER} and not fa.held and not fb.held
                        for fa, fb in zip(a, b))
         sim.run_until(quiet, sim.plan.settle_limit_us, what)

@@ -231,7 +231,7 @@ class Sim:
             host = other.ctrl.forwarder.host_of(req.tag) if other.ctrl is not None else None
         if host.__class__ is Req:
             host.served = (i, kind)
-        self.split.act(i, lun, ctrl.fence[lun].generation, self.now_us, f"{kind} {host or req}")
+        self.split.act(i, lun, ctrl.ownership.fence[lun].generation, self.now_us, f"{kind} {host or req}")
 
     def _landed(self, io, sectors):
         if io.record:
@@ -247,7 +247,7 @@ class Sim:
         n = self.nodes[i]
         assert n.alive
         if self.fencing:
-            n.owned_at_crash = {f.lun: f.generation for f in n.ctrl.fence if f.state in OWNING}
+            n.owned_at_crash = {f.lun: f.generation for f in n.ctrl.ownership.fence if f.state in OWNING}
         n.alive, n.ctrl, n.paused_until_us, n.down_since_us = False, None, 0, self.now_us
         n.epoch += 1
         self.disks.crash(i)
@@ -284,7 +284,7 @@ class Sim:
         landed before its reads. A claim made again over our own late claim is not a new
         decision and is not judged."""
         rec = R.parse_record_untrusted(bytes(act.data), "claim")
-        f = ctrl.fence[act.lun]
+        f = ctrl.ownership.fence[act.lun]
         if rec.state != R.LunState.CLAIMED or rec.counter or rec.owner != i or (
                 f.claim_over_generation != rec.generation - 2):
             return
@@ -303,7 +303,7 @@ class Sim:
         mine = [t_us for t_us, writer in self.record_changes[lun] if writer == i]
         if not mine:
             return
-        f = ctrl.fence[lun]
+        f = ctrl.ownership.fence[lun]
         read_us = (f.read_start_ms - self.nodes[i].clock_offset_ms) * 1000
         settle_us = (self.plan.lease_ms + self.plan.renew_ms) * 1000 - 1000      # ms rounding
         landed_us = max(t for t in mine if t <= read_us) if any(t <= read_us for t in mine) else None
@@ -317,8 +317,8 @@ class Sim:
         instant, a serving act, so an old owner serving afterwards is caught even if no host
         came to the new one yet. (A state entered with its lease already run out, e.g. after a
         pause, serves nothing until its next read of the record.)"""
-        f = ctrl.fence[fields["lun"]]
-        if f.generation == fields["generation"] and ctrl.serves(f.lun):
+        f = ctrl.ownership.fence[fields["lun"]]
+        if f.generation == fields["generation"] and ctrl.ownership.serves(f.lun):
             self.split.act(i, f.lun, f.generation, self.now_us, f"began serving ({f.state})")
 
     def _disk_io(self, i, n, act, write):
@@ -326,7 +326,7 @@ class Sim:
             raise SimFailure(f"split brain: controller {'ab'[i]} wrote the disk of lun{act.lun}")
         io, latency_us = self.disks.submit(i, n.epoch, act, write)
         if write and self.fencing:
-            io.gen = n.ctrl.fence[act.lun].generation       # its fencing token, for SplitBrain
+            io.gen = n.ctrl.ownership.fence[act.lun].generation       # its fencing token, for SplitBrain
         self.at(self.now_us + latency_us, -1, self._disk_land, i, io)
 
     def _disk_land(self, i, io):
@@ -352,8 +352,8 @@ class Sim:
     def _holds_leases(self, i, ctrl):
         """Every tick a LUN spends OWNER or SOLO under a valid lease is a serving act: it would
         accept host I/O at this instant, whether or not a host comes (promise 4 is about that)."""
-        for f in ctrl.fence:
-            if ctrl.serves(f.lun):
+        for f in ctrl.ownership.fence:
+            if ctrl.ownership.serves(f.lun):
                 self.split.act(i, f.lun, f.generation, self.now_us, f"holds a lease ({f.state})")
 
     # -- the link -------------------------------------------------------------
@@ -491,7 +491,7 @@ class Sim:
         """Fencing: o owns `lun` with its partner's mirror in use (a failover would replay it)."""
         owner, partner = self.nodes[o], self.nodes[1 - o]
         return (owner.alive and partner.alive and owner.ctrl.mirroring and not owner.ctrl.sync_pending
-                and owner.ctrl.fence[lun].state == Own.OWNER and partner.ctrl.fence[lun].state == Own.PARTNER)
+                and owner.ctrl.ownership.fence[lun].state == Own.OWNER and partner.ctrl.ownership.fence[lun].state == Own.PARTNER)
 
     def record(self, lun):
         """The reservation record on the simulated disk (None if blank or unreadable)."""

@@ -11,13 +11,19 @@ from firmware.ha.controller import HaController
 from firmware.owners import FixedOwnership
 
 
-class StaticController(FixedOwnership, Controller):
-    def __init__(self, params, nv, key: bytes, now_ms: int = 0):
-        self.owner = {lun: lun % 2 for lun in range(len(params.lun_sizes))}
-        super().__init__(params, nv, key, now_ms)
+class StaticOwnership(FixedOwnership):
+    def __init__(self, ctrl):
+        super().__init__(ctrl)
+        self.owner = {lun: lun % 2 for lun in range(len(ctrl.params.lun_sizes))}
 
     def owns(self, lun) -> bool:
-        return self.owner.get(lun) == self.id
+        return self.owner.get(lun) == self.ctrl.id
+
+
+class StaticController(Controller):
+    def __init__(self, params, nv, key: bytes, now_ms: int = 0):
+        super().__init__(params, nv, key, now_ms)
+        self.ownership = StaticOwnership(self)
 
 
 def controller_class(fencing: bool):
