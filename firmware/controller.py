@@ -35,13 +35,13 @@ from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
-from .link import LinkSession, unpack_body
+from .link import LinkSession
 from .allocation import AllocationMixin
 from .destage import DestageMixin
 from .diskhealth import DiskHealth, DiskHealthMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
-from .forwarding import ForwardEntry, Forwarder
+from .forwarding import Forwarder
 from .params import Params
 from .peer import PeerMixin
 from .requests import HERE, TAKEN, THERE, Forwarded, HostRequest, ReadOp, WriteOp
@@ -325,7 +325,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.next_seq += 1
         generation = self.ownership.mirror_generation_of(lun)   # what its mirror copy carries, a resync's too
         self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
-        store, lba0 = seg.store_descriptor, first * bs // SECTOR_BYTES
+        store = seg.store_descriptor
         self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
                                   crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
         self._persist(seg.store_commit(seq))
@@ -539,58 +539,3 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
             return
         self.zeroes.start(req, lun, offset, length, fua)
-
-    # -- forwarding -----------------------------------------------------------
-
-    def _forward(self, req, op, lun, offset, length, data, fua):
-        """Send a host request to the owner (firmware/forwarding.py), or fail it at once."""
-        entry = ForwardEntry(req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
-        error = self.forwarder.forward(entry)
-        if error:
-            self._reply(req, error)
-
-    def _fail_forwards(self):
-        """The link is down: every forwarded request in flight or waiting fails with EIO."""
-        for entry in self.forwarder.fail_all():
-            self._reply(entry.req, EIO)
-
-    def _on_io_request(self, msg):
-        op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
-        data = msg.payload[M.IO_REQUEST_HEAD.size:]
-        req = Forwarded(msg.tag, op, self.link_session)
-        if not self.ownership.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
-            self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
-        elif op == M.IoOp.WRITE:
-            self._host_write(req, lun, offset, data, bool(fua))
-        elif op == M.IoOp.READ:
-            self._host_read(req, lun, offset, length)
-        elif op == M.IoOp.WRITE_ZEROES and not data:
-            self._host_write_zeroes(req, lun, offset, length, bool(fua))
-        elif op == M.IoOp.FLUSH:
-            self._reply(req, 0)
-        elif op == M.IoOp.BLOCK_STATUS and not data:
-            self._host_block_status(req, lun, offset, length)
-        else:
-            self._reply(req, EINVAL)
-
-    def _on_io_reply(self, msg):
-        # Checked before the request leaves the window, so a bad reply still fails it at the reset.
-        (error,) = unpack_body(msg, M.IO_REPLY_HEAD, exact=False)
-        entry = self.forwarder.answered(msg.tag)
-        req, op, lun, offset, length, data, fua = (entry.req, entry.op, entry.lun, entry.offset, entry.length,
-                                                   entry.data, entry.fua)
-        if op == M.IoOp.BLOCK_STATUS:
-            self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
-            return
-        if error == ESTALE and self.ownership.owns(lun):     # ownership came here meanwhile: do it here
-            if op == M.IoOp.WRITE:
-                self._host_write(req, lun, offset, data, fua)
-            elif op == M.IoOp.WRITE_ZEROES:
-                self._host_write_zeroes(req, lun, offset, length, fua)
-            else:
-                self._host_read(req, lun, offset, length)
-            return
-        if error == ESTALE:
-            error = EIO
-        data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
-        self._reply(req, error, data)      # req may be a part, or a request the partner forwarded here

@@ -6,19 +6,24 @@ partner side of mirroring (persist into the mirror segment, ack), the
 owner's mirror resynchronisation after the link comes up, and the degraded
 mode while it is down: writes still pending a mirror ack complete from this
 controller's NVRAM alone, forwarded requests fail with EIO, and the pair is
-mirrored again only when the resync is done.
+mirrored again only when the resync is done. And forwarding: host requests for
+a LUN the partner owns go to it (firmware/forwarding.py keeps the window), and
+the requests it forwards to us are carried out here, or refused with ESTALE
+once the LUN is no longer ours.
 """
 from . import actions as A
 from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
+from .forwarding import ForwardEntry
 from .link import LinkProtocolError, unpack_body
 from .owners import FenceError
 from . import mirrorsync as MS
 from .mirror import MirrorError
+from .requests import Forwarded
 
-EIO = 5
+EIO, EINVAL, ESTALE = 5, 22, 116
 T = M.MsgType
 
 
@@ -350,6 +355,61 @@ class PeerMixin:
     def _on_ownership(self, msg):
         self.ownership.on_message(msg)
 
+
+    # -- forwarding: host requests for the owner, and the partner's for us ------------
+
+    def _forward(self, req, op, lun, offset, length, data, fua):
+        """Send a host request to the owner (firmware/forwarding.py), or fail it at once."""
+        entry = ForwardEntry(req, op, lun, offset, length, bytes(data) if data is not None else None, fua)
+        error = self.forwarder.forward(entry)
+        if error:
+            self._reply(req, error)
+
+    def _fail_forwards(self):
+        """The link is down: every forwarded request in flight or waiting fails with EIO."""
+        for entry in self.forwarder.fail_all():
+            self._reply(entry.req, EIO)
+
+    def _on_io_request(self, msg):
+        op, fua, lun, offset, length = unpack_body(msg, M.IO_REQUEST_HEAD, exact=False)
+        data = msg.payload[M.IO_REQUEST_HEAD.size:]
+        req = Forwarded(msg.tag, op, self.link_session)
+        if not self.ownership.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
+            self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
+        elif op == M.IoOp.WRITE:
+            self._host_write(req, lun, offset, data, bool(fua))
+        elif op == M.IoOp.READ:
+            self._host_read(req, lun, offset, length)
+        elif op == M.IoOp.WRITE_ZEROES and not data:
+            self._host_write_zeroes(req, lun, offset, length, bool(fua))
+        elif op == M.IoOp.FLUSH:
+            self._reply(req, 0)
+        elif op == M.IoOp.BLOCK_STATUS and not data:
+            self._host_block_status(req, lun, offset, length)
+        else:
+            self._reply(req, EINVAL)
+
+    def _on_io_reply(self, msg):
+        # Checked before the request leaves the window, so a bad reply still fails it at the reset.
+        (error,) = unpack_body(msg, M.IO_REPLY_HEAD, exact=False)
+        entry = self.forwarder.answered(msg.tag)
+        req, op, lun, offset, length, data, fua = (entry.req, entry.op, entry.lun, entry.offset, entry.length,
+                                                   entry.data, entry.fua)
+        if op == M.IoOp.BLOCK_STATUS:
+            self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
+            return
+        if error == ESTALE and self.ownership.owns(lun):     # ownership came here meanwhile: do it here
+            if op == M.IoOp.WRITE:
+                self._host_write(req, lun, offset, data, fua)
+            elif op == M.IoOp.WRITE_ZEROES:
+                self._host_write_zeroes(req, lun, offset, length, fua)
+            else:
+                self._host_read(req, lun, offset, length)
+            return
+        if error == ESTALE:
+            error = EIO
+        data = bytes(msg.payload[M.IO_REPLY_HEAD.size:]) if len(msg.payload) > 4 else None
+        self._reply(req, error, data)      # req may be a part, or a request the partner forwarded here
 
 def _only_link(link):
     if link != 0:

@@ -6,7 +6,6 @@ next generation and sends OWNERSHIP_GRANT; the preferred owner of a LUN asks
 for it back until it has it (failback). The states and the table are in
 firmware/ha/ownership.py.
 """
-from .. import actions as A
 from .ownership import BALANCE_RETRY_MS, FenceError, Own, settled
 from ..formats import messages as M
 from ..formats import reservation as R
