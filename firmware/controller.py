@@ -23,9 +23,10 @@ only (durable across its own crash and a power cut) and are destaged
 eagerly; when the link comes back a resync sends every live line to the
 partner before the pair counts as mirrored again.
 
-Entry points: host_read, host_write, host_flush, host_trim,
-host_write_zeroes, host_block_status (firmware/allocation.py), link_connected, link_frame, link_disconnected, disk_done,
-tick. Each returns the list of actions to carry out, in order.
+Entry points: host_requests (a loop turn's batch), host_read, host_write, host_flush,
+host_trim, host_write_zeroes, host_block_status (firmware/allocation.py), link_connected,
+link_frame, link_disconnected, disk_done, tick. Each returns the list of actions to carry
+out, in order.
 """
 import collections
 
@@ -44,7 +45,8 @@ from .mirror import MirrorSide
 from .forwarding import Forwarder
 from .params import Params
 from .peer import PeerMixin
-from .requests import HERE, TAKEN, THERE, Forwarded, HostRequest, ReadOp, WriteOp
+from .requests import (BLOCK_STATUS, FLUSH, HERE, READ, TAKEN, THERE, TRIM, WRITE, ZEROES, Forwarded,
+                       HostRequest, ReadOp, WriteOp)
 from .recovery import recover
 from .segment import DIRTY, Segment
 from .zeroes import ZeroPiece, ZeroWriter
@@ -221,6 +223,27 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             self.out.append(A.Persist(rng[0], rng[1]))
 
     # -- host I/O -------------------------------------------------------------
+
+    def host_requests(self, batch):
+        """A loop turn's host requests (HostRequest records, firmware/requests.py), handled in
+        order: one action list for them all. The entry points below take one each."""
+        for h in batch:
+            kind = h.kind
+            if kind == WRITE:
+                self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
+            elif kind == READ:
+                self._host_read(h.req, h.lun, h.offset, h.arg)
+            elif kind == FLUSH:
+                self._host_flush(h.req, h.lun)
+            elif kind == ZEROES:
+                self._host_write_zeroes(h.req, h.lun, h.offset, h.arg, h.fua)
+            elif kind == TRIM:
+                self._host_trim(h.req, h.lun, h.offset, h.arg)
+            elif kind == BLOCK_STATUS:
+                self._host_block_status(h.req, h.lun, h.offset, h.arg)
+            else:
+                raise ValueError(f"a host request of kind {kind!r}")
+        return self._take()
 
     def host_write(self, req, lun, offset, data, fua=False):
         self._host_write(req, lun, offset, data, fua)
@@ -511,16 +534,21 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
                 buf[start + a - offset:start + b - offset] = view[a:b]
 
     def host_flush(self, req, lun):
-        """Acknowledged writes are already in NVRAM (both controllers' when mirrored): nothing to wait for."""
-        self._reply(req, self._check_range(lun, 0, 0))
+        self._host_flush(req, lun)
         return self._take()
 
+    def _host_flush(self, req, lun):
+        """Acknowledged writes are already in NVRAM (both controllers' when mirrored): nothing to wait for."""
+        self._reply(req, self._check_range(lun, 0, 0))
+
     def host_trim(self, req, lun, offset, length):
+        self._host_trim(req, lun, offset, length)
+        return self._take()
+
+    def _host_trim(self, req, lun, offset, length):
         """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded.
         A trim beyond the end is EINVAL (the spec keeps ENOSPC for writes)."""
-        error = self._check_range(lun, offset, length)
-        self._reply(req, EINVAL if error else 0)
-        return self._take()
+        self._reply(req, EINVAL if self._check_range(lun, offset, length) else 0)
 
     def host_write_zeroes(self, req, lun, offset, length, fua=False):
         self._host_write_zeroes(req, lun, offset, length, fua)

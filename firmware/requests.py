@@ -8,11 +8,15 @@ the LUN settles, or written through)."""
 
 HERE, THERE, TAKEN = "here", "there", "taken"
 
+# A host request's kind; its `arg` is a write's data, or the length of the range for the others
+# (none for a flush).
+WRITE, READ, FLUSH, TRIM, ZEROES, BLOCK_STATUS = "w", "r", "f", "t", "z", "b"
+
 
 class HostRequest:
-    """A host request parked until it can go on: a write waiting for free blocks, or a request
-    held while its LUN settles. `kind` is "w" or "r"; `arg` a write's data (its own copy) or a
-    read's length."""
+    """One host request: a loop turn's batch hands them in (`host_requests`), and one is parked
+    until it can go on (a write waiting for free blocks, or a request held while its LUN
+    settles: then a write's `arg` is its own copy of the data)."""
     __slots__ = ("kind", "req", "lun", "offset", "arg", "fua")
 
     def __init__(self, kind, req, lun, offset, arg, fua):
@@ -55,3 +59,24 @@ class ReadOp:
         self.offset = offset
         self.length = length
         self.overlay = overlay
+
+
+def one_by_one(node, batch) -> list:
+    """`host_requests` for a node whose host entry points each return their own actions (the
+    log variant's): the batch's requests in order, their actions in one list."""
+    out = []
+    for h in batch:
+        kind = h.kind
+        if kind == WRITE:
+            out += node.host_write(h.req, h.lun, h.offset, h.arg, h.fua)
+        elif kind == READ:
+            out += node.host_read(h.req, h.lun, h.offset, h.arg)
+        elif kind == FLUSH:
+            out += node.host_flush(h.req, h.lun)
+        elif kind == ZEROES:
+            out += node.host_write_zeroes(h.req, h.lun, h.offset, h.arg, h.fua)
+        elif kind == TRIM:
+            out += node.host_trim(h.req, h.lun, h.offset, h.arg)
+        else:
+            raise ValueError(f"a host request of kind {kind!r} this node does not take")
+    return out

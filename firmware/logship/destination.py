@@ -9,6 +9,7 @@ from ..formats import logfile as LF
 from ..formats import messages as M
 from ..formats import nvram as N
 from ..link import LinkProtocolError
+from ..requests import one_by_one
 from .common import (
     DEST_ID, EINVAL, EIO, EMPTY, EPERM, Entry, Log, LogParams, PART_HEAD, SECTOR, T, waves)
 from .feed import CP_ENTER, CP_NEXT, ConsistencyPoint, Feed, SCAN_CHUNK_BYTES
@@ -509,6 +510,10 @@ class LogDestination(Session):
         self._file(feed)
 
     # -- hosts: the image volumes, read-only ---------------------------------------------------
+
+    def host_requests(self, batch):
+        """A loop turn's host requests (firmware/requests.py), in order: one action list."""
+        return one_by_one(self, batch)
 
     def host_read(self, req, lun, offset, length):
         feed, image_lun = self.by_disk.get(lun, (None, 0))

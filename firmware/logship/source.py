@@ -9,6 +9,7 @@ from ..formats import logfile as LF
 from ..formats import messages as M
 from ..formats import nvram as N
 from ..link import LinkProtocolError
+from ..requests import one_by_one
 from .common import (
     APPLIED, EINVAL, EIO, EMPTY, FILLING, FULL, Log, LogParams, PART_HEAD, SECTOR, SHIP_BATCH_MAX,
     SOURCE_ID, T, overlaps, waves)
@@ -79,6 +80,10 @@ class LogSource(Session):
             self.out.append(A.HostReply(req, EINVAL))
             return False
         return True
+
+    def host_requests(self, batch):
+        """A loop turn's host requests (firmware/requests.py), in order: one action list."""
+        return one_by_one(self, batch)
 
     def host_write(self, req, lun, offset, data, fua=False):
         if self._check(req, lun, offset, len(data)):

@@ -17,13 +17,15 @@ import struct
 import time
 
 from firmware import actions as A
+from firmware.requests import BLOCK_STATUS, FLUSH, READ, TRIM, WRITE, ZEROES, HostRequest
 
 import hal.host.nbd as NBD
 from hal.backends.buffers import consume as _consume
 
+KINDS = {NBD.NBD_CMD_WRITE: WRITE, NBD.NBD_CMD_READ: READ, NBD.NBD_CMD_FLUSH: FLUSH,
+         NBD.NBD_CMD_WRITE_ZEROES: ZEROES, NBD.NBD_CMD_TRIM: TRIM, NBD.NBD_CMD_BLOCK_STATUS: BLOCK_STATUS}
+
 REFUSAL_NOTE_INTERVAL_MS = 10_000   # refused connections are counted; one event per kind per interval
-NBD_OP = {NBD.NBD_CMD_READ, NBD.NBD_CMD_WRITE, NBD.NBD_CMD_FLUSH, NBD.NBD_CMD_TRIM,
-          NBD.NBD_CMD_WRITE_ZEROES, NBD.NBD_CMD_BLOCK_STATUS}
 
 
 class NbdClient:
@@ -161,50 +163,41 @@ class NbdHostPort:
             self._start_tls(client)
 
     def _nbd_requests(self, client, requests):
-        """Hand requests to the firmware. The req it answers with is (client, request, taken_ns):
-        taken_ns, one clock read for the batch, times the request for the metrics (0 when off)."""
-        ctrl, execute = self.ctrl, self.execute
+        """Hand a read's requests to the firmware, as one batch (`host_requests`). The req it
+        answers with is (client, request, taken_ns): taken_ns, one clock read for the batch,
+        times the request for the metrics (0 when off)."""
         rec = self.rec
         t0 = time.perf_counter_ns() if rec is not None and requests else 0
+        batch = []
         for r in requests:
-            op, lun = r.op, r.export.index
+            kind = KINDS.get(r.op)
             req = (client, r, t0)
-            if op == NBD.NBD_CMD_WRITE:
-                if rec is not None and self.time_mirror:
-                    self._timed_write(req, lun, r)
-                    continue
-                execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
-            elif op == NBD.NBD_CMD_READ:
-                execute(ctrl.host_read(req, lun, r.offset, r.length))
-            elif op == NBD.NBD_CMD_FLUSH:
-                execute(ctrl.host_flush(req, lun))
-            elif op == NBD.NBD_CMD_WRITE_ZEROES:
-                execute(ctrl.host_write_zeroes(req, lun, r.offset, r.length,
-                                               bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
-            elif op == NBD.NBD_CMD_TRIM:
-                execute(ctrl.host_trim(req, lun, r.offset, r.length))
-            elif op == NBD.NBD_CMD_BLOCK_STATUS:
-                self._block_status(req, lun, r)
-            else:
+            if kind is None:
                 client.conn.reply(r, NBD.NBD_EINVAL)
+            elif kind == BLOCK_STATUS and not self.answers_block_status:
+                # base:allocation from firmware that cannot tell (the log variant's): all data,
+                # which is always correct
+                self.host_reply(A.HostReply(req, 0, [(r.length, 0)]))
+            else:
+                batch.append(HostRequest(kind, req, r.export.index, r.offset,
+                                         r.data if kind == WRITE else r.length,
+                                         bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
+        if batch:
+            if rec is not None and self.time_mirror:
+                self._timed_requests(batch)
+            else:
+                self.execute(self.ctrl.host_requests(batch))
         self.dirty_clients.add(client)
 
-    def _block_status(self, req, lun, r):
-        """base:allocation, from the firmware (its cache and the disk's extents); firmware that
-        cannot tell (the log variant's) answers all data, which is always correct."""
-        host_block_status = getattr(self.ctrl, "host_block_status", None)
-        if host_block_status is None:
-            self.host_reply(A.HostReply(req, 0, [(r.length, 0)]))
-            return
-        self.execute(host_block_status(req, lun, r.offset, r.length))
-
-    def _timed_write(self, req, lun, r):
-        """A host write, noting it for the mirror round trip if it now waits for the partner's ack."""
+    def _timed_requests(self, batch):
+        """One by one, noting each write that now waits for the partner's ack (the mirror round
+        trip of the metrics)."""
         ctrl = self.ctrl
-        before = len(ctrl.pending)
-        self.execute(ctrl.host_write(req, lun, r.offset, r.data, bool(r.flags & NBD.NBD_CMD_FLAG_FUA)))
-        if len(ctrl.pending) > before:
-            self.mirror_unsent.append(req)
+        for h in batch:
+            before = len(ctrl.pending)
+            self.execute(ctrl.host_requests([h]))
+            if h.kind == WRITE and len(ctrl.pending) > before:
+                self.mirror_unsent.append(h.req)
 
     def _drop_client(self, client):
         if client.mask:

@@ -148,6 +148,8 @@ class Runtime(NbdHostPort, NbdTlsPort, Effects):
         self.mirror_unsent = []        # metrics: host reqs whose mirror frames wait for this turn's send
         self.mirror_sent = {}          # metrics: host req -> when its mirror frames were sent (ns)
         self.frames_ns = 0             # metrics: when the link frames being handled arrived; 0 outside
+        # base:allocation from the firmware (its cache and the disk's extents), or all data
+        self.answers_block_status = hasattr(self.ctrl, "host_block_status")
         # Recovery may have taken long (a full NVRAM scan under TCG took about a second): the
         # firmware's clock is the one it was built with until told otherwise (see execute).
         self.ctrl.set_time(self.clock.monotonic_ms())
