@@ -39,6 +39,7 @@ from .formats import nvram as N
 from .link import LinkSession
 from .allocation import AllocationMixin
 from .destage import DestageMixin
+from .destage_policy import DestagePolicy
 from .diskhealth import DiskHealth, DiskHealthMixin
 from . import mirrorsync as MS
 from .mirror import MirrorSide
@@ -85,7 +86,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.cache = PrimaryCache(self.primary.blocks, self.block_size)
         self.mirror = MirrorSide(Segment(nv, geometry, mirror=True), self.block_size // SECTOR_BYTES)
         self.mirror_blocks_per_message = max(1, params.mirror_message_bytes_max // self.block_size)
-        self.destage_extent_lines = max(1, params.destage_extent_bytes_max // self.block_size)
         self.link = LinkSession(
             self.id, params.pair_id, key, mode=0 if params.mode == "ha" else 1,
             generation=self.generation, block_size_bytes=self.block_size,
@@ -113,7 +113,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.flush_begin_refs = []        # sent together when the output is taken
         self.refs_due = False             # batch_link_output: send them even with nothing else
         self.flush_done_refs = []
-        self.destaging = False
+        self.destage = DestagePolicy(params, self.cache, self.block_size)   # when, and which lines
         self.destage_inflight = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
@@ -471,7 +471,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
 
     def _destage_now(self):
         """Destage every dirty line now, whatever the watermarks (a LUN is being handed over)."""
-        self.destaging = True
+        self.destage.start()
         self._pump()
 
     def host_read(self, req, lun, offset, length):

@@ -1,10 +1,10 @@
-"""Destage: writing dirty cache lines to disk, and the policy that decides when.
+"""Destage: writing dirty cache lines to disk, as the policy decides.
 
-Owns the write-back policy (claims 5.5): destaging starts when the dirty
-fraction of the primary segment passes the high watermark, when host writes
-wait for free blocks, when the link is down (lines held in one NVRAM only are
-written out eagerly), or after `idle_flush_ms` without host I/O; it stops
-below the low watermark. Each destaged line is announced to the partner with
+The policy (claims 5.5: when, and which lines first) is a part of its own,
+firmware/destage_policy.py; here is what is urgent in ha mode (host writes
+wait for free blocks, the link is down so lines are held in one NVRAM only,
+ownership waits for the cache to empty, `idle_flush_ms` without host I/O, a
+disk failing) and the carrying out. Each destaged line is announced to the partner with
 flush-begin (its mirror copy is temporarily invalid, claims 5.12) and, once
 the disk write is done, flush-done (the copy is clean and its block reusable,
 claims 5.13, 5.14). Two versions of one line are never on their way to the
@@ -65,45 +65,21 @@ class ThroughOp:
 
 
 class DestageMixin:
+    def _destage_urgent(self) -> bool:
+        """Destage now, whatever the watermarks (firmware/destage_policy.py)?"""
+        return bool(self.waiting) or not self.mirroring or self.ownership.wants_destage() or (
+            self.now_ms - self.last_host_io_ms >= self.params.idle_flush_ms) or bool(self.disk_health.failing)
+
     def _destage_wanted(self) -> bool:
-        cache, p = self.cache, self.params
-        used = cache.used_blocks / cache.capacity
-        urgent = bool(self.waiting) or not self.mirroring or self.ownership.wants_destage() or (
-            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms) or bool(self.disk_health.failing)
-        if urgent or used >= p.high_watermark:
-            self.destaging = True
-        elif used <= p.low_watermark:
-            self.destaging = False
-        return self.destaging and bool(cache.wbq)
+        return self.destage.wanted(self._destage_urgent())
 
     def _pump(self):
-        """Start destage writes up to the in-flight bound, oldest dirty lines first.
-
-        Whole lines adjacent on disk go out as one write (an extent of up to
-        destage_extent_bytes_max): a sequential host stream costs one disk write
-        per extent, not one per cache line.
-        """
+        """Start destage writes up to the in-flight bound: the extents the policy chooses
+        (firmware/destage_policy.py), each one disk write, announced to the partner."""
         budget = self.params.destage_inflight_max - self.destage_inflight
         if budget <= 0 or not self._destage_wanted():
             return
-        extents, taken = [], set()
-        flushing, wbq, full = self.flushing_keys, self.cache.wbq, self.cache.full_bitmap
-        extent_max = self.destage_extent_lines
-        for key, line in wbq.items():     # oldest first; stop at the budget
-            if len(extents) == budget:
-                break
-            if key in taken or key in flushing or not self._may_write_disk(line.lun):
-                continue                  # (a flushing key: an older version is still being written)
-            extent = [line]
-            taken.add(key)
-            if line.bitmap == full:
-                nxt = wbq.get(key + 1)
-                while (nxt is not None and nxt.bitmap == full and len(extent) < extent_max
-                       and nxt.key not in flushing and nxt.key not in taken):
-                    extent.append(nxt)
-                    taken.add(nxt.key)
-                    nxt = wbq.get(nxt.key + 1)
-            extents.append(extent)
+        extents = self.destage.extents(budget, self.flushing_keys, self._may_write_disk)
         begins = self.flush_begin_refs if self.link.up else []
         for extent in extents:
             self._start_destage(extent)

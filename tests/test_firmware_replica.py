@@ -309,7 +309,7 @@ def test_one_flush_covers_every_destage_write_of_a_lun_before_it():
     p.deliver()
     flushes = []
     c = p.ctrl[1]
-    c.destaging = True
+    c.destage.start()
     acts = c.tick(10**6) + c.flush_link()           # a loop turn: batched, flushes start at its end
     while acts:
         flushes += [a.lun for a in acts if isinstance(a, A.DiskFlush)]
@@ -328,7 +328,7 @@ def test_secondary_destages_by_its_mirror_of_the_record_whole_ranges_first():
     p.deliver()
     assert list(c.peer_record) == [(0, 3), (0, 1), (0, 2)]
     c.params.destage_inflight_max = 2
-    c.destaging = True
+    c.destage.start()
     writes = []
     p.run(1, [a for a in c.tick(10**6) if not (isinstance(a, A.DiskWrite) and writes.append(a.offset))])
     assert sorted(writes[:2]) == [3 * RB, 3 * RB + 2 * BS]   # range 3 first, both of its lines

@@ -25,16 +25,9 @@ class DestagedMixin:
     def _send_refs(self, msg_type, refs):
         """ha's flush-begin/flush-done: replica mode has no mirror segment to tell."""
 
-    def _destage_wanted(self) -> bool:
-        cache, p = self.cache, self.params
-        used = cache.used_blocks / cache.capacity
-        urgent = bool(self.waiting) or bool(self.disk_waiters) or self.sync != "synced" or (
-            self.now_ms - self.last_host_io_ms >= p.idle_flush_ms)
-        if urgent or used >= p.high_watermark:
-            self.destaging = True
-        elif used <= p.low_watermark:
-            self.destaging = False
-        return self.destaging and bool(cache.wbq)
+    def _destage_urgent(self) -> bool:
+        return bool(self.waiting) or bool(self.disk_waiters) or self.sync != "synced" or (
+            self.now_ms - self.last_host_io_ms >= self.params.idle_flush_ms)
 
     def _pump(self):
         """The secondary destages by its mirror of the record, whole ranges, oldest first (claims 13)."""
