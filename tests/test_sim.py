@@ -251,5 +251,27 @@ def test_model_read_rule_real_time_order():
     m.check("read", 0, 0, make_data(2, 0, 0, 512), 60, 61)
 
 
+def test_model_floor_rule_of_replica_mode():
+    """The same model, the replica simulators' rule: no older than the newest acknowledged write
+    (or, for what a promotion or a disaster keeps, the newest acknowledged through the peer)."""
+    m = Model()
+    m.write_started(1, 0, 0, 1024, source=1)            # two sectors of source 1's lun0
+    m.acked_for_floors(0, 0, 2, 1, shipped=True, source=1)
+    m.write_started(2, 0, 512, 512, source=1)           # the second sector again
+    m.acked_for_floors(0, 1, 1, 2, shipped=False, source=1)
+    m.check_floor("new", make_data(1, 0, 0, 512) + make_data(2, 0, 512, 512), 0, 0, m.newest_acked, source=1)
+    m.check_floor("shipped", make_data(1, 0, 0, 1024), 0, 0, m.newest_shipped, source=1)
+    with pytest.raises(SimFailure, match="sector 1 holds write 1, needs 2"):
+        m.check_floor("old", make_data(1, 0, 0, 1024), 0, 0, m.newest_acked, source=1)
+    with pytest.raises(SimFailure, match="holds write 0"):
+        m.check_floor("lost", bytes(1024), 0, 0, m.newest_shipped, source=1)
+    with pytest.raises(SimFailure, match="needs 0"):    # source 0 never had write 1
+        m.check_floor("other source", make_data(1, 0, 0, 512), 0, 0, {}, source=0)
+    torn = bytearray(make_data(2, 0, 512, 512))
+    torn[256:264] = make_data(1, 0, 512, 512)[256:264]
+    with pytest.raises(SimFailure, match="no write put there"):
+        m.check_floor("torn", make_data(1, 0, 0, 512) + bytes(torn), 0, 0, {}, source=1)
+
+
 def test_params_accept_the_simulator_knobs():
     Params(0, bytes(16), [1 << 20], buggify=lambda site: False, reliable_transport=False)

@@ -6,12 +6,22 @@ its end time. Write data is self-describing (`sector_bytes`): each sector
 names the write that made it, its LUN and sector, and every 8-byte word of
 it depends on the write, so a torn or corrupt sector is recognised as such.
 
-The rule for a read (real-time order, per sector): it may return the value
-of any write that began before the read ended, unless that write is
-overwritten: some other write began after it was acknowledged and was
-itself acknowledged before the read began. A write that failed or was lost
-in a crash has no end: it may appear at any later time (it may have been
-applied), but never hides an older value.
+Every simulator (ha, replica's bitmap and log variants) stamps its writes so
+and keeps one `Model`; a sector's key names its LUN and sector, and in the
+log variant its source (`sector_key`). Two rules read it:
+
+- real-time order (ha mode, `check`): a read may return the value of any
+  write that began before the read ended, unless that write is overwritten:
+  some other write began after it was acknowledged and was itself
+  acknowledged before the read began. A write that failed or was lost in a
+  crash has no end: it may appear at any later time (it may have been
+  applied), but never hides an older value.
+- acknowledged floors (replica mode, `check_floor`): write ids grow in the
+  order writes begin, and a side must hold, per sector, a write the hosts
+  made that is no older than a floor: the newest write acknowledged to the
+  hosts (`newest_acked`), or acknowledged through the secondary or the
+  destination (`newest_shipped`, what a promotion or a disaster must keep), as of a moment the
+  check names.
 
 Checkers raise `SimFailure`. White-box checks (what a failover would find
 in the partner's persisted NVRAM, what a restart recovered, mirror == dirty
@@ -41,6 +51,7 @@ class SimResult:
 
 
 HEAD = struct.Struct("<QII")            # write id, LUN, sector
+SOURCE_SHIFT = 56                       # sector_key: above the LUN (firmware/cache.py's LUN_SHIFT)
 ZERO_SECTOR = bytes(SECTOR_BYTES)
 GARBAGE = -1
 
@@ -58,6 +69,27 @@ def make_data(wid, lun, offset, length):
     filler = wid.to_bytes(8, "little") * 62
     pack = HEAD.pack
     return b"".join(pack(wid, lun, s) + filler for s in range(first, first + length // SECTOR_BYTES))
+
+
+def sector_key(lun, sector, source=0):
+    """The model's key for a sector: LUN and sector, and the log variant's source."""
+    return (source << SOURCE_SHIFT) | (lun << LUN_SHIFT) | sector
+
+
+def decode_run(data, lun, first_sector, what, source=0):
+    """The write id of each sector of `data` (0: never written); a sector no write made fails."""
+    out = []
+    for i in range(len(data) // SECTOR_BYTES):
+        wid = decode_sector(data[i * SECTOR_BYTES:(i + 1) * SECTOR_BYTES], lun, first_sector + i)
+        if wid == GARBAGE:
+            raise SimFailure(f"{what}: {_where(source, lun)} sector {first_sector + i} holds bytes no "
+                             f"write put there (torn or corrupt)")
+        out.append(wid)
+    return out
+
+
+def _where(source, lun):
+    return f"lun{lun}" if not source else f"source {source} lun{lun}"
 
 
 def decode_sector(sec, lun, sector):
@@ -84,12 +116,14 @@ INITIAL = WriteRec(0, -2, -1)
 
 class Model:
     def __init__(self):
-        self.hist = {}                   # (lun << LUN_SHIFT) | sector -> [WriteRec]
+        self.hist = {}                   # sector_key -> [WriteRec], in the order they began
+        self.newest_acked = {}           # sector_key -> newest write id acknowledged (replica floors)
+        self.newest_shipped = {}         # sector_key -> newest acknowledged through the secondary
 
-    def write_started(self, wid, lun, offset, length, now_us):
+    def write_started(self, wid, lun, offset, length, now_us=0, source=0):
         rec = WriteRec(wid, now_us)
         hist = self.hist
-        base = (lun << LUN_SHIFT) + offset // SECTOR_BYTES
+        base = sector_key(lun, offset // SECTOR_BYTES, source)
         for key in range(base, base + length // SECTOR_BYTES):
             h = hist.get(key)
             if h is None:
@@ -125,6 +159,31 @@ class Model:
             raise SimFailure(f"{what}: lun{lun} sector {sector} holds {shown}; allowed writes "
                              f"{sorted(allowed)} (read {rs_us}..{re_us} us)")
 
+
+    # -- acknowledged floors (replica mode) ------------------------------------------
+
+    def acked_for_floors(self, lun, first, count, wid, shipped, source=0):
+        """A write of `count` sectors from `first` was acknowledged; `shipped`: through the
+        secondary or the destination."""
+        acked, through = self.newest_acked, self.newest_shipped
+        base = sector_key(lun, first, source)
+        for key in range(base, base + count):
+            if wid > acked.get(key, 0):
+                acked[key] = wid
+            if shipped and wid > through.get(key, 0):
+                through[key] = wid
+
+    def check_floor(self, what, data, lun, first, floor, source=0):
+        """Every sector of `data` (from sector `first`) holds a write the hosts made, no older
+        than `floor` (sector_key -> write id)."""
+        base = sector_key(lun, first, source)
+        hist = self.hist
+        for i, wid in enumerate(decode_run(data, lun, first, what, source)):
+            key = base + i
+            need = floor.get(key, 0)
+            if wid < need or (wid and all(r.wid != wid for r in hist.get(key, ()))):
+                raise SimFailure(f"{what}: {_where(source, lun)} sector {first + i} holds write {wid}, "
+                                 f"needs {need} or newer")
 
 # -- what the controllers and NVRAM hold (white box) ---------------------------
 

@@ -26,14 +26,14 @@ Checkers (separate from the workload):
   - bounded queues: waiting writes, early entries;
   - no session ends on a protocol error (nothing here corrupts a frame).
 A failing run returns the replay command, `inv sim --mode replica --variant log --seed N`.
+The sector stamps and the model are ha mode's (hal/sim/check.py), read by the floor rule.
 """
 import hashlib
 import random
-import struct
 
 from firmware.logship.common import SECTOR
 
-from hal.sim.check import SimResult
+from hal.sim.check import Model, SimFailure, SimResult, make_data, sector_key
 from hal.sim.logrig import MemLog
 
 # Deliberately broken firmware variants, each with the probability its site fires at:
@@ -43,53 +43,6 @@ BROKEN_P = {"log_ack_before_ship": 1.0, "log_skip_resend": 1.0, "log_reuse_unshi
             "log_skip_persist": 0.3, "log_destage_no_flush": 1.0}
 BROKEN_SITES = tuple(BROKEN_P)
 LUN_BYTES = 128 * 1024
-VERSION = struct.Struct(">QII")          # version, lun, sector: what every sector written says
-
-
-class LogSimFailure(AssertionError):
-    pass
-
-
-def sector_data(version, lun, sector):
-    return VERSION.pack(version, lun, sector) * (SECTOR // VERSION.size) + bytes(SECTOR % VERSION.size)
-
-
-def decode(data, lun, first_sector, what=""):
-    """The version each sector holds (0 for never written); a foreign pattern is a failure."""
-    out = []
-    for i in range(len(data) // SECTOR):
-        sec = data[i * SECTOR:(i + 1) * SECTOR]
-        if not any(sec):
-            out.append(0)
-            continue
-        version, l, s = VERSION.unpack_from(sec)
-        if sec != sector_data(version, l, s) or (l, s) != (lun, first_sector + i):
-            raise LogSimFailure(f"{what}: lun{lun} sector {first_sector + i} holds bytes no write put there "
-                                f"(it says version {version}, lun {l}, sector {s})")
-        out.append(version)
-    return out
-
-
-class Model:
-    """Per (source, lun, sector): versions written, in order, and the newest acknowledged ones."""
-
-    def __init__(self):
-        self.written = {}          # key -> [versions issued]
-        self.acked = {}            # key -> newest acknowledged version (any kind)
-        self.shipped = {}          # key -> newest version acknowledged through the destination
-
-    def issue(self, key, version):
-        self.written.setdefault(key, []).append(version)
-
-    def ack(self, key, version, shipped):
-        if version > self.acked.get(key, 0):
-            self.acked[key] = version
-        if shipped and version > self.shipped.get(key, 0):
-            self.shipped[key] = version
-
-    def check(self, what, key, version, floor):
-        if version < floor.get(key, 0) or (version and version not in self.written.get(key, ())):
-            raise LogSimFailure(f"{what}: {key} holds version {version}, needs {floor.get(key, 0)} or newer")
 
 
 class LogSim:
@@ -130,7 +83,7 @@ class LogSim:
         for who, notes in self.rig.notes.items():
             for kind, fields in notes[self.notes_seen.get(who, 0):]:
                 if kind == "link_down" and fields.get("reason", "").startswith("protocol error"):
-                    raise LogSimFailure(f"{who} ended the session on a frame nothing corrupted: "
+                    raise SimFailure(f"{who} ended the session on a frame nothing corrupted: "
                                         f"{fields['reason']}")
             self.notes_seen[who] = len(notes)
 
@@ -149,23 +102,22 @@ class LogSim:
                 self.stats["acked"] += 1
                 shipped = shipped_k == k
                 self.stats["shipped_acks"] += shipped
-                for s in range(first, first + count):
-                    self.model.ack((k, lun, s), version, shipped)
+                self.model.acked_for_floors(lun, first, count, version, shipped, source=k)
                 if shipped:
                     self._check_held(k, lun, first, count, version)
             elif req in self.reads:
                 k, lun, first, floor = self.reads.pop(req)
                 if err:
-                    raise LogSimFailure(f"read {req} at source {k} failed with {err}")
-                for i, v in enumerate(decode(data, lun, first, f"read at source {k}")):
-                    self.model.check(f"read at source {k}", (k, lun, first + i), v, floor)
+                    raise SimFailure(f"read {req} at source {k} failed with {err}")
+                self.model.check_floor(f"read at source {k}", data, lun, first, floor, source=k)
 
     def _check_held(self, k, lun, first, count, version):
         """A write acknowledged through the destination is held there now: in its image, its file
         or its NVRAM (what a recovery at this instant would apply), at this version or newer."""
         view = self._held_view(k, lun, first * SECTOR, (first + count) * SECTOR)
         if view is not None:
-            floor = {(k, lun, first + i): version for i in range(count)}
+            base = sector_key(lun, first, k)
+            floor = {key: version for key in range(base, base + count)}
             self._check_view(view, k, lun, first, floor, "write acknowledged through the destination")
 
     def _check_destination(self):
@@ -174,12 +126,11 @@ class LogSim:
             for lun in range(self.rig.luns):
                 view = self._held_view(k, lun, 0, LUN_BYTES)
                 if view is not None:
-                    self._check_view(view, k, lun, 0, self.model.shipped, "the restarted destination")
+                    self._check_view(view, k, lun, 0, self.model.newest_shipped, "the restarted destination")
 
     def _check_view(self, view, k, lun, first, floor, what):
         what = f"{what}, at the destination (source {k})"
-        for i, v in enumerate(decode(view, lun, first, what)):
-            self.model.check(what, (k, lun, first + i), v, floor)
+        self.model.check_floor(what, view, lun, first, floor, source=k)
 
     def _held_view(self, k, lun, lo, hi):
         """Bytes [lo, hi) of source k's LUN as the destination holds them: image, then the file's
@@ -207,12 +158,11 @@ class LogSim:
         first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
         self.version += 1
         v = self.version
-        data = b"".join(sector_data(v, lun, first + i) for i in range(sectors))
+        data = make_data(v, lun, first * SECTOR, sectors * SECTOR)
         req = ("w", self.next_req)
         self.next_req += 1
         self.pending[req] = (k, lun, first, sectors, v)
-        for s in range(first, first + sectors):
-            self.model.issue((k, lun, s), v)
+        self.model.write_started(v, lun, first * SECTOR, sectors * SECTOR, source=k)
         src = r.src[k]
         claims_shipped = src.status()["link"] == "shipping"
         r.run(("src", k), src.host_write(req, lun, first * SECTOR, data))
@@ -227,7 +177,7 @@ class LogSim:
         first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
         req = ("r", self.next_req)
         self.next_req += 1
-        self.reads[req] = (k, lun, first, dict(self.model.acked))
+        self.reads[req] = (k, lun, first, dict(self.model.newest_acked))
         r.run(("src", k), r.src[k].host_read(req, lun, first * SECTOR, sectors * SECTOR))
         self._collect()
         self.stats["reads"] += 1
@@ -374,14 +324,13 @@ class LogSim:
         self.heal(10 ** 9, everything=False)
         r.recover(f"s{k}")
         self._collect()
-        self._check_image(k, self.model.shipped, "image after the disaster at its source")
+        self._check_image(k, self.model.newest_shipped, "image after the disaster at its source")
 
     def _check_image(self, k, floor, what):
         r = self.rig
         for lun in range(r.luns):
             img = r.image(k, lun)
-            for s, v in enumerate(decode(img, lun, 0, what)):
-                self.model.check(what, (k, lun, s), v, floor)
+            self.model.check_floor(what, img, lun, 0, floor, source=k)
 
     # -- the run -----------------------------------------------------------------------
 
@@ -389,7 +338,7 @@ class LogSim:
         failure = None
         try:
             self._run()
-        except LogSimFailure as exc:
+        except SimFailure as exc:
             failure = str(exc)
         except Exception as exc:                 # the firmware raised: a failure, with its trace
             import traceback
@@ -423,11 +372,11 @@ class LogSim:
         r = self.rig
         for k in self._live():
             if len(r.src[k].waiting) > r.src[k].params.waiting_max:
-                raise LogSimFailure(f"source {k}: {len(r.src[k].waiting)} waiting writes")
+                raise SimFailure(f"source {k}: {len(r.src[k].waiting)} waiting writes")
         if r.dst is not None:
             for f in r.dst.feeds:
                 if len(f.early) > 4096:
-                    raise LogSimFailure(f"destination: {len(f.early)} early entries from {f.p.name}")
+                    raise SimFailure(f"destination: {len(f.early)} early entries from {f.p.name}")
 
     def _finish(self):
         """Heal everything, let it settle, recover every image; sources, images and model agree."""
@@ -446,12 +395,12 @@ class LogSim:
                     r.src[k].pending or r.src[k].waiting for k in self._live()):
                 break
         if self.pending:
-            raise LogSimFailure(f"{len(self.pending)} host writes never answered after healing "
+            raise SimFailure(f"{len(self.pending)} host writes never answered after healing "
                                 f"(e.g. {sorted(self.pending)[:3]})")
         r.recover()
         self._collect()
         for k in self._live():
-            self._check_image(k, self.model.acked, f"image of source {k} at the end")
+            self._check_image(k, self.model.newest_acked, f"image of source {k} at the end")
             for lun in range(r.luns):
                 req = ("final", k, lun)
                 r.run(("src", k), r.src[k].host_read(req, lun, 0, LUN_BYTES))
@@ -459,7 +408,7 @@ class LogSim:
                 if err or data != r.image(k, lun):
                     diff = next((i for i in range(0, LUN_BYTES, SECTOR)
                                  if data is None or data[i:i + SECTOR] != r.image(k, lun)[i:i + SECTOR]), None)
-                    raise LogSimFailure(f"source {k} lun{lun} and its image differ (first at byte {diff})")
+                    raise SimFailure(f"source {k} lun{lun} and its image differ (first at byte {diff})")
 
 
 def run_log_seed(seed, steps=300, broken=None) -> SimResult:

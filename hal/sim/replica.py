@@ -26,12 +26,12 @@ Checkers (separate from the workload):
   - at the end, healed, resynced and settled: both sides read the same bytes,
     and the primary's match the model.
 A failing run returns its replay command, `inv sim --mode replica --variant bitmap --seed N`.
+The sector stamps and the model are ha mode's (hal/sim/check.py), read by the floor rule.
 """
 import hashlib
 import random
 
-from hal.sim.check import SimResult
-from hal.sim.log import LogSimFailure, Model, decode, sector_data
+from hal.sim.check import Model, SimFailure, SimResult, make_data
 from hal.sim.replicarig import MemReplicaPair
 
 SECTOR = 512
@@ -96,14 +96,12 @@ class ReplicaSim:
                     continue
                 self.stats["acked"] += 1
                 self.stats["shipped_acks"] += shipped
-                for s in range(first, first + count):
-                    self.model.ack((0, lun, s), version, shipped)
+                self.model.acked_for_floors(lun, first, count, version, shipped)
             elif req in self.reads:
                 lun, first, floor = self.reads.pop(req)
                 if err:
                     continue                  # EIO while a resync target, EPERM on a secondary: allowed
-                for i, v in enumerate(decode(data, lun, first, "read at the primary")):
-                    self.model.check("read at the primary", (0, lun, first + i), v, floor)
+                self.model.check_floor("read at the primary", data, lun, first, floor)
 
     def _check_sessions(self):
         """Nothing on this wire corrupts a frame, so a session ended on a protocol error is the
@@ -113,7 +111,7 @@ class ReplicaSim:
             notes = self.rig.notes[i]
             for kind, fields in notes[self.notes_seen[i]:]:
                 if kind == "link_down" and fields.get("reason", "").startswith("protocol error"):
-                    raise LogSimFailure(f"controller {'ab'[i]} ended the session on a frame nothing "
+                    raise SimFailure(f"controller {'ab'[i]} ended the session on a frame nothing "
                                         f"corrupted: {fields['reason']}")
             self.notes_seen[i] = len(notes)
 
@@ -133,12 +131,11 @@ class ReplicaSim:
         first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
         self.version += 1
         v = self.version
-        data = b"".join(sector_data(v, lun, first + i) for i in range(sectors))
+        data = make_data(v, lun, first * SECTOR, sectors * SECTOR)
         req = ("w", self.next_req)
         self.next_req += 1
         self.pending[req] = (lun, first, sectors, v)
-        for s in range(first, first + sectors):
-            self.model.issue((0, lun, s), v)
+        self.model.write_started(v, lun, first * SECTOR, sectors * SECTOR)
         # answered inside host_write while the pair is synced claims the copy is at the peer
         claims = r.ctrl[p].sync == "synced"
         self._run(p, r.ctrl[p].host_write(req, lun, first * SECTOR, data), shipped=claims)
@@ -151,7 +148,7 @@ class ReplicaSim:
         first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
         req = ("r", self.next_req)
         self.next_req += 1
-        self.reads[req] = (lun, first, dict(self.model.acked))
+        self.reads[req] = (lun, first, dict(self.model.newest_acked))
         self._run(p, r.ctrl[p].host_read(req, lun, first * SECTOR, sectors * SECTOR))
         self.stats["reads"] += 1
 
@@ -241,8 +238,8 @@ class ReplicaSim:
         self.stats["promotions"] += 1
         self.primary = s
         # the new primary must hold every write acknowledged through it
-        self.check_all(s, self.model.shipped, "the promoted secondary")
-        self.model.acked = dict(self.model.shipped)
+        self.check_all(s, self.model.newest_shipped, "the promoted secondary")
+        self.model.newest_acked = dict(self.model.newest_shipped)
         return True
 
     def _forget(self):
@@ -287,9 +284,8 @@ class ReplicaSim:
             r.run(i, r.ctrl[i].host_read(req, lun, 0, LUN_BYTES))
             err, data = r.replies.pop(req, (None, None))
             if err or data is None:
-                raise LogSimFailure(f"{what}: reading lun{lun} failed ({err})")
-            for s, v in enumerate(decode(data, lun, 0, what)):
-                self.model.check(what, (0, lun, s), v, floor)
+                raise SimFailure(f"{what}: reading lun{lun} failed ({err})")
+            self.model.check_floor(what, data, lun, 0, floor)
 
     # -- the run -----------------------------------------------------------------------
 
@@ -298,7 +294,7 @@ class ReplicaSim:
         try:
             self._steps()
             self._finish()
-        except LogSimFailure as exc:
+        except SimFailure as exc:
             failure = str(exc)
         except Exception as exc:
             import traceback
@@ -341,11 +337,11 @@ class ReplicaSim:
                 break
         states = [r.ctrl[i].sync for i in range(2)]
         if states != ["synced", "synced"]:
-            raise LogSimFailure(f"not synced after healing: {states}")
+            raise SimFailure(f"not synced after healing: {states}")
         if self.pending:
-            raise LogSimFailure(f"{len(self.pending)} host writes never answered after healing")
+            raise SimFailure(f"{len(self.pending)} host writes never answered after healing")
         p = self.primary
-        self.check_all(p, self.model.acked, "the primary at the end")
+        self.check_all(p, self.model.newest_acked, "the primary at the end")
         for lun in range(LUNS):
             got = []
             for i in (p, 1 - p):
@@ -353,7 +349,7 @@ class ReplicaSim:
                 r.run(i, r.ctrl[i].host_read(req, lun, 0, LUN_BYTES))
                 got.append(r.replies.pop(req, (None, None)))
             if got[0] != got[1]:
-                raise LogSimFailure(f"lun{lun}: the two sides differ after the resync "
+                raise SimFailure(f"lun{lun}: the two sides differ after the resync "
                                     f"(errors {got[0][0]}, {got[1][0]})")
 
 
