@@ -29,6 +29,7 @@ primary, split brain, queue bounds) look at the Controller objects and the
 simulated NVRAM and disks without changing them.
 """
 import struct
+import traceback
 
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.formats import nvram as N
@@ -58,6 +59,18 @@ GARBAGE = -1
 
 class SimFailure(AssertionError):
     """A promise of the firmware was broken (or the simulator could not go on)."""
+
+
+def verdict(body):
+    """Run a simulation's `body`: None if it finished, else what failed (a checker's SimFailure,
+    or the firmware or the simulator raising anything else, with its traceback)."""
+    try:
+        body()
+    except SimFailure as exc:
+        return str(exc)
+    except Exception:                   # the firmware itself blew up: a bug too
+        return "firmware or simulator raised:\n" + traceback.format_exc()
+    return None
 
 
 def sector_bytes(wid, lun, sector):

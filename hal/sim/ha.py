@@ -35,9 +35,7 @@ import functools
 import hashlib
 import heapq
 import random
-import traceback
 
-from firmware import actions as A
 from firmware.cache import LUN_SHIFT, SECTOR_BYTES
 from firmware.params import Params, format_nvram, nvram_is_blank
 from firmware.ha.ownership import OWNING, Own
@@ -533,13 +531,7 @@ class Sim:
     # -- a whole run ----------------------------------------------------------
 
     def run(self) -> SimResult:
-        failure = None
-        try:
-            self.faults.run()
-        except SimFailure as exc:
-            failure = f"{exc}"
-        except Exception:                  # the firmware itself blew up: a bug too
-            failure = "firmware or simulator raised:\n" + traceback.format_exc()
+        failure = C.verdict(self.faults.run)
         stats = dict(events=self.events, sim_ms=self.now_us // 1000, ops=self.workload.issued,
                      **{f"host_{k}": v for k, v in self.workload.stats.items()},
                      **{f"disk_{k}": v for k, v in self.disks.stats.items()},

@@ -33,7 +33,7 @@ import random
 
 from firmware.logship.common import SECTOR
 
-from hal.sim.check import Model, SimFailure, SimResult, make_data, sector_key
+from hal.sim.check import Model, SimFailure, SimResult, make_data, sector_key, verdict
 from hal.sim.logrig import MemLog
 
 # Deliberately broken firmware variants, each with the probability its site fires at:
@@ -335,14 +335,7 @@ class LogSim:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> SimResult:
-        failure = None
-        try:
-            self._run()
-        except SimFailure as exc:
-            failure = str(exc)
-        except Exception as exc:                 # the firmware raised: a failure, with its trace
-            import traceback
-            failure = f"firmware raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        failure = verdict(self._run)
         flags = "--mode replica --variant log" + (f" --broken {self.broken}" if self.broken else "")
         return SimResult(self.seed, self.steps, failure, self.trace.hexdigest()[:16], self.stats, flags)
 

@@ -31,7 +31,7 @@ The sector stamps and the model are ha mode's (hal/sim/check.py), read by the fl
 import hashlib
 import random
 
-from hal.sim.check import Model, SimFailure, SimResult, make_data
+from hal.sim.check import Model, SimFailure, SimResult, make_data, verdict
 from hal.sim.replicarig import MemReplicaPair
 
 SECTOR = 512
@@ -290,17 +290,13 @@ class ReplicaSim:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> SimResult:
-        failure = None
-        try:
-            self._steps()
-            self._finish()
-        except SimFailure as exc:
-            failure = str(exc)
-        except Exception as exc:
-            import traceback
-            failure = f"firmware raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        failure = verdict(self._whole)
         flags = "--mode replica --variant bitmap" + (f" --broken {self.broken}" if self.broken else "")
         return SimResult(self.seed, self.steps, failure, self.trace.hexdigest()[:16], self.stats, flags)
+
+    def _whole(self):
+        self._steps()
+        self._finish()
 
     def _steps(self):
         rng, r = self.rng, self.rig
