@@ -146,7 +146,7 @@ def test_every_ownership_part_answers_every_question():
         assert _unanswered(cls) == [], cls.__name__
 
 
-def test_every_controller_has_its_ownership_part(tmp_path):
+def test_every_controller_has_its_ownership_part():
     from fixtures.mempair import MemPair
     from fixtures.mem_replica import MemReplicaPair
     from firmware.ha.controller import HaOwnership
