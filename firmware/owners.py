@@ -6,7 +6,7 @@ its own state, and a mode composes the controller with the part it needs:
 
 - ha mode: `HaOwnership` in `firmware/ha/controller.py` (reservation records,
   leases, takeover, handover; ownership moves at run time);
-- replica mode: `ReplicaOwnership` in `firmware/replica/ownership.py`
+- replica mode: `ReplicaOwnership` in `firmware/replica/controller.py`
   (`FixedOwnership`: the primary owns every LUN, its role decides);
 - the test rigs' static pairs: `hal/sim/static.py` (`FixedOwnership`, LUN n
   belongs to controller n % 2), outside the firmware.
