@@ -73,6 +73,12 @@ class Segment:
         """Rebuild this segment's state from NVRAM alone (claims 5: restart, failover)."""
         result = ScanResult()
         counter, committed, errors = N.read_commit_untrusted(self.nv, self.segment_id)
+        if counter >= N.COMMIT_COUNTER_MAX:
+            # Intact checksums around a counter no controller reaches (2^64 commits): the next
+            # commit could not be numbered above it, and the slot it picks would not be newer.
+            name = "mirror" if self.mirror else "primary"
+            raise FormatError(f"the NVRAM's {name} commit record counter is {counter}, the largest there "
+                              f"is: no commit can follow it; not an NVRAM this firmware wrote")
         self.commit_counter, self.committed_seq = counter, committed
         result.commit_counter, result.committed_seq = counter, committed
         result.dropped.extend((-1, e) for e in errors)

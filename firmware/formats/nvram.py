@@ -180,6 +180,7 @@ CommitRecord = Struct(
 )
 assert CommitRecord.sizeof() == COMMIT_SLOT_BYTES
 COMMIT_STRUCT = _struct_mod.Struct(">IB3sQQ36s")
+COMMIT_COUNTER_MAX = (1 << 64) - 1        # the commit record's counter field
 
 
 def commit_slot_offset(segment: int, slot: int) -> int:
