@@ -258,7 +258,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             return
         if self._refuse_degraded_write(req, lun):
             return
-        route = self.ownership.route("w", req, lun, offset, data, fua)
+        route = self.ownership.route(WRITE, req, lun, offset, data, fua)
         if route is TAKEN:
             return
         if route is THERE:
@@ -279,7 +279,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         if self._blocks_never_free(self._lines_spanned(offset, len(data))):
             self._reply(req, EIO)               # they are held by degraded LUNs' lines
             return
-        self.waiting.append(HostRequest("w", req, lun, offset, bytes(data), fua))
+        self.waiting.append(HostRequest(WRITE, req, lun, offset, bytes(data), fua))
         self.stats["writes_waited"] += 1
         self._pump()
 
@@ -291,7 +291,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         while waiting and len(free) >= self._lines_spanned(waiting[0].offset, len(waiting[0].arg)):
             w = waiting.popleft()
             req, lun, offset, data, fua = w.req, w.lun, w.offset, w.arg, w.fua
-            route = self.ownership.route("w", req, lun, offset, data, fua)
+            route = self.ownership.route(WRITE, req, lun, offset, data, fua)
             if route is HERE:
                 self._write(req, lun, offset, data, fua)
             elif route is THERE:
@@ -449,7 +449,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
 
     def _reenter(self, h):
         """A host request ownership held back (a HostRequest) is handled as if it came now."""
-        if h.kind == "w":
+        if h.kind == WRITE:
             self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
         else:
             self._host_read(h.req, h.lun, h.offset, h.arg)
@@ -484,7 +484,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         if error or length > self.params.max_write_bytes:
             self._reply(req, error or EINVAL)
             return
-        route = self.ownership.route("r", req, lun, offset, length, False)
+        route = self.ownership.route(READ, req, lun, offset, length, False)
         if route is TAKEN:
             return
         if route is THERE:

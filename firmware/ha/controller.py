@@ -11,7 +11,7 @@ serve a LUN is argued at the top of fencing.py.
 """
 from ..controller import Controller
 from ..owners import Ownership
-from ..requests import HERE, TAKEN, THERE, Forwarded, HostRequest
+from ..requests import HERE, TAKEN, THERE, WRITE, Forwarded, HostRequest
 from .fencing import FenceMixin
 from .handover import HandoverMixin
 from .ownership import EIO, OWNING, SERVING, Own, RecordOp
@@ -68,11 +68,11 @@ class HaOwnership(FenceMixin, TakeoverMixin, HandoverMixin, Ownership):
             self.ctrl._reply(req, EIO)       # the partner may still own it: refuse, never guess
             return TAKEN
         if state in (Own.OWNER, Own.SOLO) and self._lease_ok(f):
-            if state == Own.SOLO and kind == "w":
+            if state == Own.SOLO and kind == WRITE:
                 self.ctrl._write_through(req, lun, offset, arg, fua)
                 return TAKEN
             return HERE
-        self._hold(f, HostRequest(kind, req, lun, offset, bytes(arg) if kind == "w" else arg, fua))
+        self._hold(f, HostRequest(kind, req, lun, offset, bytes(arg) if kind == WRITE else arg, fua))
         return TAKEN
 
     def allocation_known_here(self, lun) -> bool:

@@ -30,7 +30,7 @@ import collections
 from .. import actions as A
 from ..controller import EIO, Controller
 from ..owners import FixedOwnership
-from ..requests import HERE, TAKEN, HostRequest, WriteOp
+from ..requests import HERE, TAKEN, WRITE, HostRequest, WriteOp
 from ..formats import frame as F
 from ..formats import messages as M
 from ..formats.nvram import crc32c
@@ -130,7 +130,7 @@ class ReplicaOwnership(FixedOwnership):
             # that filled a restarted secondary's cache). One from an ended session is dropped:
             # the primary's SENT record resends its range, and newer data may have come since.
             return HERE if req.session == ctrl.session_no and rec.role == SECONDARY else TAKEN
-        if kind == "w":
+        if kind == WRITE:
             if rec.role != PRIMARY:
                 ctrl.stats["writes_refused_secondary"] += 1
                 ctrl._reply(req, EPERM)          # the secondary is read-only until promoted
@@ -142,7 +142,7 @@ class ReplicaOwnership(FixedOwnership):
                 if len(ctrl.held) >= ctrl.params.replica.held_max:
                     ctrl._reply(req, EIO)
                 else:
-                    ctrl.held.append(HostRequest("w", req, lun, offset, bytes(arg), fua))
+                    ctrl.held.append(HostRequest(WRITE, req, lun, offset, bytes(arg), fua))
                 return TAKEN
             return HERE
         if rec.has(M.STATE_INCONSISTENT):
