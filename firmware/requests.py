@@ -2,9 +2,9 @@
 ack, a read being assembled, a request the partner forwarded to us. Small __slots__ classes,
 made on the hot path; every part that handles requests imports them from here.
 
-Where a host request goes (the ownership part's route, firmware/owners.py): HERE (carry it out in this controller),
-THERE (forward it to the partner, the owner), TAKEN (already dealt with: answered, held until
-the LUN settles, or written through)."""
+Where a host request goes (the ownership part's route, firmware/owners.py): HERE (carry it
+out in this controller), THERE (forward it to the partner, the owner), TAKEN (already dealt
+with: answered, held until the LUN settles, or written through)."""
 
 HERE, THERE, TAKEN = "here", "there", "taken"
 

@@ -103,7 +103,8 @@ def test_partner_waits_while_the_owner_renews_alone_and_refuses_its_lun():
     p.disconnect()                                          # link cut, both alive
     for _ in range(300):
         p.tick(10)
-    assert p.ctrl[0].ownership.fence[0].state == Own.SOLO and p.ctrl[1].ownership.fence[0].state == Own.WATCHING
+    assert p.ctrl[0].ownership.fence[0].state == Own.SOLO
+    assert p.ctrl[1].ownership.fence[0].state == Own.WATCHING
     p.write(0, "owner", 0, 0, b"o" * BS)
     p.write(1, "other", 0, 0, b"x" * BS)
     assert p.replies["owner"] == (0, None) and p.replies["other"] == (5, None)
@@ -197,8 +198,8 @@ def test_a_cache_line_ownership_request_is_refused_and_changes_nothing():
     p.write(0, "w", 0, 0, b"q" * BS)
     p.deliver()
     b = p.ctrl[1]
-    body = M.Ownership.build(dict(lun=0, scope=1, reserved0=0, lba=8, generation=b.ownership.fence[0].generation,
-                                  reserved=bytes(8)))
+    body = M.Ownership.build(dict(lun=0, scope=1, reserved0=0, lba=8,
+                                  generation=b.ownership.fence[0].generation, reserved=bytes(8)))
     b.link.send(M.MsgType.OWNERSHIP_REQUEST, M.Resource.OWNERSHIP, body, tag=7)
     p.run(1, b.flush_link())
     p.deliver()
@@ -351,7 +352,7 @@ def test_lines_held_while_we_claim_their_lun_go_out_in_a_resync():
     for _ in range(3):
         p.tick(10)
     b = p.ctrl[1]
-    assert b.ownership._mirror_blocks_of(b.ownership.fence[0])                  # a's held lines are in b's mirror again
+    assert b.ownership._mirror_blocks_of(b.ownership.fence[0])    # a's held lines are in b's mirror again
     p.resume_disks()
 
 
@@ -395,7 +396,7 @@ def test_a_mirror_block_our_takeover_replays_is_not_overwritten_by_the_old_owner
     (block,) = a.mirror.view.values()
     data = b"y" * BS
     entries = [(block, 0, crc32c(data), (1 << 8) - 1)]
-    a.mirror.write(0, 900, 1, 0, 1, entries, data, a.ownership.mirror_replaying)     # not taking over: b's call
+    a.mirror.write(0, 900, 1, 0, 1, entries, data, a.ownership.mirror_replaying)   # not taking over: b's call
     assert a.mirror.blocks[block].lun == 0
     p = fenced_pair()
     p.write(1, "w", 1, 8 * BS, b"x" * BS)
@@ -684,7 +685,7 @@ def test_a_held_line_destaged_since_is_not_resent_to_the_partner():
             break
     assert f.state == Own.OWNER and not [k for k in a.cache.lines if k >> 40 == 0]
     b = p.ctrl[1]
-    assert not b.ownership._mirror_blocks_of(b.ownership.fence[0])              # nothing of lun0 a no longer holds
+    assert not b.ownership._mirror_blocks_of(b.ownership.fence[0])   # nothing of lun0 a no longer holds
     p.read(0, "r", 0, 0, BS)
     assert p.replies["r"] == (0, b"w" * BS)
 

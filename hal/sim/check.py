@@ -20,8 +20,8 @@ log variant its source (`sector_key`). Two rules read it:
   order writes begin, and a side must hold, per sector, a write the hosts
   made that is no older than a floor: the newest write acknowledged to the
   hosts (`newest_acked`), or acknowledged through the secondary or the
-  destination (`newest_shipped`, what a promotion or a disaster must keep), as of a moment the
-  check names.
+  destination (`newest_shipped`, what a promotion or a disaster must keep),
+  as of a moment the check names.
 
 Checkers raise `SimFailure`. White-box checks (what a failover would find
 in the partner's persisted NVRAM, what a restart recovered, mirror == dirty
@@ -172,7 +172,6 @@ class Model:
             raise SimFailure(f"{what}: lun{lun} sector {sector} holds {shown}; allowed writes "
                              f"{sorted(allowed)} (read {rs_us}..{re_us} us)")
 
-
     # -- acknowledged floors (replica mode) ------------------------------------------
 
     def acked_for_floors(self, lun, first, count, wid, shipped, source=0):
@@ -197,6 +196,7 @@ class Model:
             if wid < need or (wid and all(r.wid != wid for r in hist.get(key, ()))):
                 raise SimFailure(f"{what}: {_where(source, lun)} sector {first + i} holds write {wid}, "
                                  f"needs {need} or newer")
+
 
 # -- what the controllers and NVRAM hold (white box) ---------------------------
 

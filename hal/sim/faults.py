@@ -254,7 +254,8 @@ class FaultSchedule:
         self.quiet_until_us = sim.now_us + duration_ms * 1000
         sim.link.partition([0, 1])
         sim.at(self.quiet_until_us, -1, self._scenario_end)
-        owners = [n.id for n in sim.nodes if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.ownership.fence)]
+        owners = [n.id for n in sim.nodes
+                  if any(f.state in (Own.OWNER, Own.SOLO) for f in n.ctrl.ownership.fence)]
         return self.rng.choice(owners or [0, 1])
 
     def _scenario_end(self):
@@ -312,8 +313,8 @@ class FaultSchedule:
             return                          # (pauses would only hide the leases that scenario is about)
         if sim.now_us < self.record_pause_next_us:
             return                          # the pair runs a while between them: a pause is not a death
-        if rng.random() < 0.3 or n.ctrl.ownership.fence[lun].state not in OWNING:   # the re-read guard does not fire
-            pause_ms = rng.randint(1, p.lease_ms)
+        if rng.random() < 0.3 or n.ctrl.ownership.fence[lun].state not in OWNING:
+            pause_ms = rng.randint(1, p.lease_ms)      # the re-read guard does not fire
         else:                               # long enough for the partner to take over meanwhile
             pause_ms = rng.randint(self._takeover_ms(), 2 * self._takeover_ms())
         n.paused_until_us = sim.now_us + pause_ms * 1000

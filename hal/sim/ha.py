@@ -489,7 +489,8 @@ class Sim:
         """Fencing: o owns `lun` with its partner's mirror in use (a failover would replay it)."""
         owner, partner = self.nodes[o], self.nodes[1 - o]
         return (owner.alive and partner.alive and owner.ctrl.mirroring and not owner.ctrl.sync_pending
-                and owner.ctrl.ownership.fence[lun].state == Own.OWNER and partner.ctrl.ownership.fence[lun].state == Own.PARTNER)
+                and owner.ctrl.ownership.fence[lun].state == Own.OWNER
+                and partner.ctrl.ownership.fence[lun].state == Own.PARTNER)
 
     def record(self, lun):
         """The reservation record on the simulated disk (None if blank or unreadable)."""
