@@ -175,11 +175,16 @@ def test_the_shared_parts_never_look_at_how_ownership_is_decided():
         assert "from .ha" not in text and ".fence" not in text and "lun % 2" not in text, name
 
 
-def _shared_names():
-    """Names of the shared controller: its methods, and the attributes it sets on self."""
-    from firmware.controller import Controller
-    shared = {n for k in Controller.__mro__ if k is not object for n in vars(k)}
-    for name in ("controller.py", "peer.py", "destage.py", "allocation.py", "diskhealth.py"):
+SHARED_FILES = ("controller.py", "peer.py", "destage.py", "allocation.py", "diskhealth.py")
+
+
+def _shared_names(controller=None, files=SHARED_FILES):
+    """Names of a controller (the shared one unless named): its methods, and the attributes its
+    files set on self."""
+    if controller is None:
+        from firmware.controller import Controller as controller
+    shared = {n for k in controller.__mro__ if k is not object for n in vars(k)}
+    for name in files:
         for node in ast.walk(ast.parse((ROOT / "firmware" / name).read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
                     isinstance(node.value, ast.Name) and node.value.id == "self":
@@ -187,15 +192,20 @@ def _shared_names():
     return shared
 
 
-def _reach(paths):
-    """What the ownership classes in `paths` use of the shared controller: (names used through
-    self.ctrl, shared names used through self that the part does not define itself, shared
-    names the part keeps as its own attributes)."""
-    shared = _shared_names()
+def _reach(paths, classes=("Mixin", "Ownership"), shared=None):
+    """What the classes in `paths` whose names end in one of `classes` (the ownership part's, by
+    default) use of a controller (the shared one unless `shared` names another's names): (names
+    used through self.ctrl, its names used through self that the part does not define itself,
+    its names the part keeps as its own attributes)."""
+    shared = _shared_names() if shared is None else shared
     through_ctrl, through_self, defined, stored = set(), set(), set(), set()
     for path in paths:
         tree = ast.parse(path.read_text())
-        for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Mixin", "Ownership"))]:
+        for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(classes)]:
+            # The start (__init__) reads the given names off its `ctrl` argument; elsewhere a
+            # local `ctrl` is self.ctrl.
+            start = {id(n) for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+                     for n in ast.walk(f)}
             for node in ast.walk(cls):
                 if isinstance(node, ast.FunctionDef):
                     defined.add(node.name)
@@ -203,7 +213,8 @@ def _reach(paths):
                     continue
                 value = node.value
                 if isinstance(value, ast.Attribute) and value.attr == "ctrl" and \
-                        isinstance(value.value, ast.Name) and value.value.id == "self":
+                        isinstance(value.value, ast.Name) and value.value.id == "self" or \
+                        isinstance(value, ast.Name) and value.id == "ctrl" and id(node) not in start:
                     through_ctrl.add(node.attr)
                 elif isinstance(value, ast.Name) and value.id == "self":
                     if isinstance(node.ctx, ast.Store):
@@ -225,10 +236,26 @@ def test_ha_ownership_uses_only_what_the_interface_lists_of_the_shared_controlle
 def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
     from firmware.owners import ASKED_OF_THE_CONTROLLER
     (tmp_path / "x.py").write_text("class XMixin:\n    def f(self):\n        self.stats = self.ctrl.stats\n"
-                                   "        return self.ctrl.flush_queue, self.ctrl.out, self.pending\n")
+                                   "        ctrl = self.ctrl\n"
+                                   "        return self.ctrl.flush_queue, self.ctrl.out, self.pending, ctrl.waiting\n")
     through_ctrl, through_self, kept = _reach([tmp_path / "x.py"])
-    assert through_ctrl - ASKED_OF_THE_CONTROLLER == {"flush_queue", "stats"}
+    assert through_ctrl - ASKED_OF_THE_CONTROLLER == {"flush_queue", "stats", "waiting"}
     assert through_self == {"pending"} and kept == {"stats"}
+
+
+def test_the_resync_part_uses_only_what_it_lists_of_the_replica_controller():
+    """The quick resync is a part of the replica controller: given the record, the link, the
+    cache and the settings, it asks the controller for the names it lists and nothing else."""
+    from firmware.replica.controller import ReplicaController
+    from firmware.replica.resync import ASKED_OF_THE_CONTROLLER
+    names = _shared_names(ReplicaController, SHARED_FILES + ("replica/controller.py", "replica/destage.py"))
+    through_ctrl, through_self, kept = _reach([ROOT / "firmware" / "replica" / "resync.py"],
+                                              ("QuickResync",), names)
+    assert through_ctrl - ASKED_OF_THE_CONTROLLER == set()
+    assert ASKED_OF_THE_CONTROLLER - through_ctrl == set(), "listed but no longer used: take it off the list"
+    assert through_self == set(), "the part has no such name: reach the controller through self.ctrl"
+    assert kept == {"rec", "link", "cache"}
+    assert not {"peer_wants", "range_writes", "last_resync"} & names, "the part's state is its own"
 
 
 # -- no name used that is not defined (an import removed while a use remained) ---------------------

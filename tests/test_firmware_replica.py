@@ -61,7 +61,7 @@ def prepare(c, state, event):
     c.hs_me = c._side()
     c.peer_side = side(1 - c.id)
     if state == "sync-source":
-        c.resync = Resync([], 0, 0, False)
+        c.resync.running = Resync([], 0, 0, False)
     if event == "resync_done":
         return (M.ResyncDone.parse(M.ResyncDone.build(dict(current_uuid=9, ranges=0, bytes=0, reserved=0))),)
     return ()
@@ -365,7 +365,7 @@ def test_resync_rate_limit_spreads_the_resync_over_time():
     p.connect()
     assert p.state(0) == "sync-source"
     p.tick(100, steps=5)
-    rs = p.ctrl[0].resync
+    rs = p.ctrl[0].resync.running
     assert rs is not None and 0 < rs.done_bytes < 1 << 20
     p.tick(100, steps=10)
     assert p.state(0) == "synced" and p.events(0, "resync_progress")
@@ -375,10 +375,10 @@ def test_a_range_written_during_its_resync_read_is_read_again():
     p = pair()
     c = p.ctrl[0]
     c.sync = "sync-source"
-    rs = c.resync = Resync([(0, 0)], RB, 0, False)
+    rs = c.resync.running = Resync([(0, 0)], RB, 0, False)
     rs.next = 1
     rs.reading = 1
-    c._resync_read_done(ResyncRead(rs, 0, 0, epoch=c.range_writes[(0, 0)] - 1), 0, bytearray(RB))
+    c.resync.read_done(ResyncRead(rs, 0, 0, epoch=c.resync.range_writes[(0, 0)] - 1), 0, bytearray(RB))
     assert c.stats["resync_reread"] == 1 and not rs.inflight
 
 
@@ -446,7 +446,7 @@ def test_split_brain_no_sync_until_resolved_then_bitmap_union():
     p.run(1, p.ctrl[1].promote())
     p.write(1, "b", 0, 3 * RB, b"B" * BS)
     p.connect()
-    assert p.state(0) == p.state(1) == "split-brain" and not p.ctrl[0].resync
+    assert p.state(0) == p.state(1) == "split-brain" and not p.ctrl[0].resync.running
     p.run(0, p.ctrl[0].resolve("discard-fewer-changes"))     # equal changes: the younger primary, b
     assert p.events(0, "resolved")[-1]["victim"] == "b"
     p.run(1, p.ctrl[1].resolve("discard-fewer-changes"))

@@ -26,6 +26,7 @@ This module is variant "bitmap"; variant "log" (NVRAM-log shipping) is
 firmware/logship/.
 """
 import collections
+from operator import attrgetter
 
 from .. import actions as A
 from ..controller import EIO, Controller
@@ -38,7 +39,7 @@ from .generations import POLICIES, Side, decide, victim
 from ..link import LinkProtocolError
 from .record import RECEIVED, SENT, Record
 from .destage import DestagedMixin
-from .resync import ResyncMixin, ResyncRead
+from .resync import QuickResync, ResyncRead
 
 EPERM = 1
 T = M.MsgType
@@ -90,8 +91,8 @@ TRANSITIONS = {
     ("waiting", "become_source"): ("_on_source", "sync-source"),
     ("waiting", "become_target"): ("_on_target", "sync-target"),
     ("waiting", "diverged"): ("_on_diverged", "split-brain"),
-    ("sync-source", "resync_complete"): ("_source_finish", "synced"),
-    ("sync-target", "resync_done"): ("_target_finish", "synced"),
+    ("sync-source", "resync_complete"): ("resync.finish_source", "synced"),
+    ("sync-target", "resync_done"): ("resync.finish_target", "synced"),
     ("standalone", "link_down"): ("_on_down", "standalone"),
     ("waiting", "link_down"): ("_on_down", "standalone"),
     ("sync-source", "link_down"): ("_on_down", "standalone"),
@@ -151,7 +152,7 @@ class ReplicaOwnership(FixedOwnership):
         return HERE
 
 
-class ReplicaController(DestagedMixin, ResyncMixin, Controller):
+class ReplicaController(DestagedMixin, Controller):
     Error = ReplicaError
 
     # Block status answers "all data" in replica mode: correct, not sparse. Its destage
@@ -175,11 +176,9 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         self.session_no = 0
         self.hs_me = self.peer_side = None
         self.sync_full, self.sync_reason = False, ""
-        self.resync = self.last_resync = None
-        self.peer_wants = set()
+        self.resync = QuickResync(self, self.rec, self.link, self.cache, s)   # both ends of a resync
         self.pending_ranges = {}                      # write seq -> (lun, ranges) awaiting the ack
         self.inflight_ranges = collections.Counter()  # (lun, r) -> copies not yet acknowledged
-        self.range_writes = collections.Counter()     # (lun, r) -> host writes so far (resync re-reads)
         self.peer_record = collections.OrderedDict()  # mirror of the peer's record: (lun, r), oldest first
         self.destaged_out = set()
         self.disk_waiters = {}                        # Line -> [ReplicaReq] (ack level "disk")
@@ -197,7 +196,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         except KeyError:
             raise ReplicaError(f"{event} not allowed in replica state {self.sync}") from None
         prev, self.sync = self.sync, next_state
-        getattr(self, handler)(*args)
+        attrgetter(handler)(self)(*args)
         if prev != next_state:
             self.out.append(A.Notify("replica_state", state=next_state, prev=prev))
 
@@ -247,7 +246,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         self._fire(event)
 
     def _on_source(self):
-        self.peer_wants = set()
+        self.resync.session_starts()
         self._release_held()
 
     def _on_target(self):
@@ -259,7 +258,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         for r in rec.update(**values):
             self._persist(r)
         self.peer_record.clear()
-        self._send_resync_request()
+        self.resync.send_request()
         self.out.append(A.Notify("resync_start", side="target", full=self.sync_full,
                                  own_bits=rec.counts[SENT]))
         self._release_held()
@@ -270,8 +269,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         self._release_held()
 
     def _on_down(self):
-        self.resync = None
-        self.peer_wants = set()
+        self.resync.session_ended()
         self.inflight_ranges.clear()
         self.disk_waiters.clear()
         self.down_since_ms = self.now_ms
@@ -295,7 +293,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         handler = DISPATCH.get(msg.type)
         if handler is None:
             raise ReplicaError(f"message type {msg.type} has no place in replica mode")
-        getattr(self, handler)(msg)
+        handler(self)(msg)
 
     # -- host I/O -------------------------------------------------------------
 
@@ -324,8 +322,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         if req.__class__ is ReplicaReq:
             self._replica_stored(op, req, lun, ranges)
             return
-        for r in ranges:
-            self.range_writes[(lun, r)] += 1
+        self.resync.host_wrote(lun, ranges)
         for p in self.rec.set(SENT, lun, ranges):       # recorded before the copy leaves
             self._persist(p)
         if self.sync not in REPLICATING or self.buggify("replica_skip_copy"):   # (a broken variant)
@@ -357,7 +354,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
                                                     req.flags & M.REPL_RESYNC, 0),
                                lane=F.LANE_CONTROL, flags=F.FLAG_RESPONSE)
         elif cls is ResyncRead:
-            self._resync_read_done(req, error, data)
+            self.resync.read_done(req, error, data)
         else:
             super()._reply(req, error, data)
 
@@ -416,7 +413,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
         if status:
             raise ReplicaError(f"peer refused replica {seq}: error {status}")
         if flags & M.REPL_RESYNC:
-            self._resync_acked(seq)
+            self.resync.acked(seq)
             return
         op = self.pending.pop(seq, None)
         if op is None:
@@ -508,8 +505,7 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
 
     def tick(self, now_ms):
         self.now_ms = now_ms
-        self._resync_pump()
-        self._resync_progress()
+        self.resync.tick()
         s = self.params.replica
         if (s.auto_promote_after_ms and self.rec.role == SECONDARY and self.sync == "standalone"
                 and not self.rec.flags & (M.STATE_INCONSISTENT | M.STATE_FRESH)
@@ -534,22 +530,22 @@ class ReplicaController(DestagedMixin, ResyncMixin, Controller):
                       "received_bits": rec.counts[RECEIVED],
                       "received_bytes": rec.counts[RECEIVED] * rec.range_bytes,
                       "flags": flags, **self._ids(),
-                      "resync": self._resync_status(self.resync) if self.resync is not None else None,
-                      "last_resync": self.last_resync, "pending_copies": len(self.pending),
+                      "resync": self.resync.status(),
+                      "last_resync": self.resync.last_run, "pending_copies": len(self.pending),
                       "peer": None if peer is None else {
                           "role": "primary" if peer.role == PRIMARY else "secondary",
                           "current_uuid": f"{peer.current_uuid:016x}", "generation": peer.generation}})
         return st
 
 
-DISPATCH = {
-    T.REPLICATE: "_on_replicate",
-    T.REPLICATE_ACK: "_on_replicate_ack",
-    T.REPLICA_STATE: "_on_replica_state",
-    T.RESYNC_REQUEST: "_on_resync_request",
-    T.RESYNC_DONE: "_on_resync_done",
-    T.DESTAGED_RANGE: "_on_destaged_range",
-    T.PING: "_on_ping",
-    T.PONG: "_on_pong",
-    T.ERROR: "_on_error",
+DISPATCH = {  # message type -> its handler, the controller's or a part's (resync.*)
+    T.REPLICATE: attrgetter("_on_replicate"),
+    T.REPLICATE_ACK: attrgetter("_on_replicate_ack"),
+    T.REPLICA_STATE: attrgetter("_on_replica_state"),
+    T.RESYNC_REQUEST: attrgetter("resync.on_request"),
+    T.RESYNC_DONE: attrgetter("resync.on_done"),
+    T.DESTAGED_RANGE: attrgetter("_on_destaged_range"),
+    T.PING: attrgetter("_on_ping"),
+    T.PONG: attrgetter("_on_pong"),
+    T.ERROR: attrgetter("_on_error"),
 }

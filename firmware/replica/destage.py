@@ -97,10 +97,10 @@ class DestagedMixin:
         rec, rpb = self.rec, self.rec.range_bytes // SECTOR_BYTES
         if body.lun >= len(rec.lun_ranges):
             raise self.Error(f"DESTAGED_RANGE for LUN {body.lun}")
-        if self.sync not in PEERED or (self.sync == "sync-source" and self.resync is None):
+        if self.sync not in PEERED or (self.sync == "sync-source" and self.resync.running is None):
             self.stats["destaged_ranges_ignored"] += 1
             return
-        unacked = self.resync.unacked if self.resync is not None else ()
+        unacked = self.resync.unacked()
         for rng in body.ranges:
             first, count = rng.lba // rpb, rng.sectors // rpb
             if rng.lba % rpb or rng.sectors % rpb or first + count > rec.lun_ranges[body.lun]:

@@ -15,7 +15,17 @@ current uuid.
 A range written by a host while its resync read was in flight is read again:
 the replicated host write is already on its way, and older data must not
 follow it.
+
+`QuickResync` is a part of the replica controller with its own state (the
+running resync, the last one's figures, the ranges the target asked for, the
+host writes per range). It is given the record, the link, the cache and the
+replica settings at its start; what it asks of the controller through
+`self.ctrl` is `ASKED_OF_THE_CONTROLLER` (tests/test_boundary.py holds it to
+that list). The replica session table calls its `finish_source` and
+`finish_target`.
 """
+import collections
+
 from .. import actions as A
 from ..cache import LUN_SHIFT
 from ..formats import frame as F
@@ -26,6 +36,16 @@ from .record import RECEIVED, SENT, runs
 T = M.MsgType
 RANGES_PER_REQUEST = 4096
 PROGRESS_EVERY_MS = 500
+
+# What the resync asks of the replica controller through `self.ctrl`, and nothing else.
+ASKED_OF_THE_CONTROLLER = frozenset({
+    # time, the action list, persisting NVRAM, counters, the protocol error to raise
+    "now_ms", "out", "_persist", "stats", "Error",
+    # the session table: its state, whether the handshake chose a full resync, its events
+    "sync", "sync_full", "_fire",
+    # reads through the cache over the disks, and the keys of lines being destaged
+    "_read", "flushing_keys",
+})
 
 
 class ResyncRead:
@@ -69,10 +89,55 @@ class Resync:
         return self.next == len(self.todo) and not self.inflight and not self.reading
 
 
-class ResyncMixin:
+class QuickResync:
+    """Both ends of a quick resync (a part of ReplicaController)."""
+
+    def __init__(self, ctrl, rec, link, cache, settings):
+        self.ctrl = ctrl
+        self.rec = rec                  # the SENT and RECEIVED records (firmware/replica/record.py)
+        self.link = link
+        self.cache = cache
+        self.settings = settings        # the replica settings (rate, ranges in flight)
+        self.running = None             # this source's Resync, while one runs
+        self.last_run = None            # the last finished one's figures (status)
+        self.peer_wants = set()         # (lun, r) the target asked for so far
+        self.range_writes = collections.Counter()   # (lun, r) -> host writes so far (re-reads)
+
+    # -- what the controller tells it ---------------------------------------------
+
+    def host_wrote(self, lun, ranges):
+        """A host write of these ranges of `lun` is in the cache: a resync read of them in
+        flight is stale."""
+        writes = self.range_writes
+        for r in ranges:
+            writes[(lun, r)] += 1
+
+    def session_starts(self):
+        """A new session chose this side as the source: the target's list comes next."""
+        self.peer_wants = set()
+
+    def session_ended(self):
+        """The link went down: a running resync ends, the next session starts over."""
+        self.running = None
+        self.peer_wants = set()
+
+    def unacked(self):
+        """Ranges whose resync data the target has not acknowledged (never cleared from SENT)."""
+        rs = self.running
+        return rs.unacked if rs is not None else ()
+
+    def tick(self):
+        self.pump()
+        self.progress()
+
+    def status(self):
+        """The running resync's figures, or None."""
+        rs = self.running
+        return self._status(rs) if rs is not None else None
+
     # -- target ---------------------------------------------------------------
 
-    def _send_resync_request(self):
+    def send_request(self):
         """Tell the source which ranges this side wrote on its own (they get overwritten)."""
         rec = self.rec
         by_lun = {}
@@ -90,59 +155,60 @@ class ResyncMixin:
                                          ranges=[]))
         self.link.send(T.RESYNC_REQUEST, M.Resource.REPLICATION, end, lane=F.LANE_CONTROL)
 
-    def _on_resync_done(self, msg):
+    def on_done(self, msg):
         body = M.parse_body_untrusted(T.RESYNC_DONE, msg.payload, "RESYNC_DONE")
-        self._fire("resync_done", body)
+        self.ctrl._fire("resync_done", body)
 
-    def _target_finish(self, body):
-        rec = self.rec
+    def finish_target(self, body):
+        ctrl, rec = self.ctrl, self.rec
         history = (rec.current_uuid, rec.history0) if rec.current_uuid != body.current_uuid else (
             rec.history0, rec.history1)
         flags = rec.flags & ~(M.STATE_FRESH | M.STATE_INCONSISTENT | M.STATE_DISCARD)
         for r in rec.clear_all(SENT) + rec.update(current_uuid=body.current_uuid, bitmap_uuid=0, flags=flags,
                                                   history0=history[0], history1=history[1]):
-            self._persist(r)
-        self.out.append(A.Notify("resync_done", side="target", ranges=body.ranges, bytes=body.bytes,
+            ctrl._persist(r)
+        ctrl.out.append(A.Notify("resync_done", side="target", ranges=body.ranges, bytes=body.bytes,
                                  current_uuid=f"{body.current_uuid:016x}"))
 
     # -- source ---------------------------------------------------------------
 
-    def _on_resync_request(self, msg):
+    def on_request(self, msg):
+        ctrl = self.ctrl
         body = M.parse_body_untrusted(T.RESYNC_REQUEST, msg.payload, "RESYNC_REQUEST")
-        if self.sync != "sync-source" or self.resync is not None:
-            raise self.Error(f"RESYNC_REQUEST in state {self.sync}")
+        if ctrl.sync != "sync-source" or self.running is not None:
+            raise ctrl.Error(f"RESYNC_REQUEST in state {ctrl.sync}")
         if body.lun == M.RESYNC_END_LUN:
-            self._start_resync_source()
+            self._start_source()
             return
         rec, rpb = self.rec, self.rec.range_bytes // 512
         if body.lun >= len(rec.lun_ranges):
-            raise self.Error(f"RESYNC_REQUEST for LUN {body.lun}")
+            raise ctrl.Error(f"RESYNC_REQUEST for LUN {body.lun}")
         for rng in body.ranges:
             if rng.lba % rpb or rng.sectors % rpb or rng.lba // rpb + rng.sectors // rpb > rec.lun_ranges[body.lun]:
-                raise self.Error(f"RESYNC_REQUEST range {rng.lba}+{rng.sectors} is not whole ranges of the LUN")
+                raise ctrl.Error(f"RESYNC_REQUEST range {rng.lba}+{rng.sectors} is not whole ranges of the LUN")
             first = rng.lba // rpb
             self.peer_wants.update((body.lun, r) for r in range(first, first + rng.sectors // rpb))
 
-    def _start_resync_source(self):
-        rec = self.rec
+    def _start_source(self):
+        ctrl, rec = self.ctrl, self.rec
         wanted = set(self.peer_wants) | set(rec.members(SENT)) | set(rec.members(RECEIVED))
-        if self.sync_full:
+        if ctrl.sync_full:
             wanted = {(lun, r) for lun, n in enumerate(rec.lun_ranges) for r in range(n)}
         self.peer_wants = set()
         for lun, r in wanted:
             for p in rec.set(SENT, lun, (r,)):
-                self._persist(p)
+                ctrl._persist(p)
         todo = sorted(wanted)
-        self.resync = Resync(todo, rec.bytes_of(todo), self.now_ms, self.sync_full)
-        self.out.append(A.Notify("resync_start", side="source", ranges=len(todo), bytes=self.resync.total_bytes,
-                                 full=self.sync_full, record_bits=rec.counts[SENT]))
-        self._resync_pump()
+        self.running = Resync(todo, rec.bytes_of(todo), ctrl.now_ms, ctrl.sync_full)
+        ctrl.out.append(A.Notify("resync_start", side="source", ranges=len(todo), bytes=self.running.total_bytes,
+                                 full=ctrl.sync_full, record_bits=rec.counts[SENT]))
+        self.pump()
 
-    def _resync_pump(self):
-        rs = self.resync
-        if rs is None or self.sync != "sync-source":
+    def pump(self):
+        rs = self.running
+        if rs is None or self.ctrl.sync != "sync-source":
             return
-        p = self.params.replica
+        p = self.settings
         self._refill(rs)
         while rs.next < len(rs.todo) and len(rs.inflight) + rs.reading < p.resync_inflight_max:
             if p.resync_rate_bytes_s and rs.tokens < 0:
@@ -150,34 +216,35 @@ class ResyncMixin:
             lun, r = rs.todo[rs.next]
             rs.next += 1
             rs.tokens -= self.rec.span(lun, r)[1]
-            self._resync_read(rs, lun, r)
+            self._read_range(rs, lun, r)
         if rs.finished():
-            self._fire("resync_complete")
+            self.ctrl._fire("resync_complete")
 
     def _refill(self, rs):
-        rate = self.params.replica.resync_rate_bytes_s
+        rate, now_ms = self.settings.resync_rate_bytes_s, self.ctrl.now_ms
         if rate:
-            rs.tokens = min(rs.tokens + (self.now_ms - rs.refill_ms) * rate / 1000,
+            rs.tokens = min(rs.tokens + (now_ms - rs.refill_ms) * rate / 1000,
                             max(rate / 10, self.rec.range_bytes))
-        rs.refill_ms = self.now_ms
+        rs.refill_ms = now_ms
 
-    def _resync_read(self, rs, lun, r):
+    def _read_range(self, rs, lun, r):
         rs.reading += 1
         offset, length = self.rec.span(lun, r)
-        self._read(ResyncRead(rs, lun, r, self.range_writes[(lun, r)]), lun, offset, length)
+        self.ctrl._read(ResyncRead(rs, lun, r, self.range_writes[(lun, r)]), lun, offset, length)
 
-    def _resync_read_done(self, req, error, data):
-        rs = req.resync
-        if rs is not self.resync or self.sync != "sync-source":
+    def read_done(self, req, error, data):
+        """A resync read's answer (the controller's _reply hands it here)."""
+        rs, ctrl = req.resync, self.ctrl
+        if rs is not self.running or ctrl.sync != "sync-source":
             return                          # a resync that ended (link loss) meanwhile
         rs.reading -= 1
         if error:
-            self.out.append(A.Notify("resync_read_error", lun=req.lun, range=req.r, errno=error))
+            ctrl.out.append(A.Notify("resync_read_error", lun=req.lun, range=req.r, errno=error))
             rs.todo.append((req.lun, req.r))   # try it again at the end
             return
         if self.range_writes[(req.lun, req.r)] != req.epoch:
-            self.stats["resync_reread"] += 1
-            self._resync_read(rs, req.lun, req.r)
+            ctrl.stats["resync_reread"] += 1
+            self._read_range(rs, req.lun, req.r)
             return
         offset, length = self.rec.span(req.lun, req.r)
         seq = rs.next_seq
@@ -187,18 +254,19 @@ class ResyncMixin:
         head = M.REPLICATE_HEAD.pack(seq, req.lun, M.REPL_RESYNC, 0, offset, crc32c(payload), length)
         self.link.send(T.REPLICATE, M.Resource.REPLICATION, (head, payload))
 
-    def _resync_acked(self, seq):
-        rs = self.resync
+    def acked(self, seq):
+        """The target acknowledged resync range `seq`."""
+        rs = self.running
         entry = rs.inflight.pop(seq, None) if rs is not None else None
         if entry is None:
-            raise self.Error(f"resync ack for unknown range {seq}")
+            raise self.ctrl.Error(f"resync ack for unknown range {seq}")
         rs.unacked.discard(entry[:2])
         rs.done_bytes += entry[2]
         rs.done_ranges += 1
-        self._resync_pump()
+        self.pump()
 
-    def _source_finish(self):
-        rs, rec = self.resync, self.rec
+    def finish_source(self):
+        ctrl, rs, rec = self.ctrl, self.running, self.rec
         body = M.ResyncDone.build(dict(current_uuid=rec.current_uuid, ranges=rs.done_ranges,
                                        bytes=rs.done_bytes, reserved=0))
         self.link.send(T.RESYNC_DONE, M.Resource.REPLICATION, body)
@@ -207,21 +275,21 @@ class ResyncMixin:
         if rec.bitmap_uuid:
             values.update(history0=rec.bitmap_uuid, history1=rec.history0, bitmap_uuid=0)
         for r in rec.update(**values):
-            self._persist(r)
-        seconds = max(0.001, (self.now_ms - rs.started_ms) / 1000)
-        self.out.append(A.Notify("resync_done", side="source", ranges=rs.done_ranges, bytes=rs.done_bytes,
+            ctrl._persist(r)
+        seconds = max(0.001, (ctrl.now_ms - rs.started_ms) / 1000)
+        ctrl.out.append(A.Notify("resync_done", side="source", ranges=rs.done_ranges, bytes=rs.done_bytes,
                                  seconds=round(seconds, 3), rate_bytes_s=round(rs.done_bytes / seconds),
                                  full=rs.full))
-        self.last_resync = self._resync_status(rs)
-        self.resync = None
+        self.last_run = self._status(rs)
+        self.running = None
 
     def _send_clean_sweep(self):
         """Every range this cache holds nothing of, as destaged: the target's RECEIVED record may
         still name ranges destaged here while it was away (their messages were never sent)."""
-        rec, bs = self.rec, self.block_size
+        rec, bs = self.rec, self.cache.block_size
         mask = (1 << LUN_SHIFT) - 1
         dirty = {(key >> LUN_SHIFT, (key & mask) * bs // rec.range_bytes)
-                 for key in list(self.cache.lines) + list(self.flushing_keys)}
+                 for key in list(self.cache.lines) + list(self.ctrl.flushing_keys)}
         rpb = rec.range_bytes // 512
         for lun, count in enumerate(rec.lun_ranges):
             pairs = runs(r for r in range(count) if (lun, r) not in dirty)
@@ -230,15 +298,14 @@ class ResyncMixin:
                     dict(lba=r * rpb, sectors=n * rpb) for r, n in pairs[i:i + RANGES_PER_REQUEST]]))
                 self.link.send(T.DESTAGED_RANGE, M.Resource.REPLICATION, body, lane=F.LANE_CONTROL)
 
-    def _resync_status(self, rs):
+    def _status(self, rs):
         return {"total_bytes": rs.total_bytes, "done_bytes": rs.done_bytes,
                 "remaining_bytes": rs.remaining_bytes(), "ranges": len(rs.todo),
-                "done_ranges": rs.done_ranges, "rate_bytes_s": rs.rate_bytes_s(self.now_ms),
+                "done_ranges": rs.done_ranges, "rate_bytes_s": rs.rate_bytes_s(self.ctrl.now_ms),
                 "full": rs.full}
 
-    def _resync_progress(self):
-        rs = self.resync
-        if rs is not None and self.now_ms - rs.progress_ms >= PROGRESS_EVERY_MS:
-            rs.progress_ms = self.now_ms
-            self.out.append(A.Notify("resync_progress", **self._resync_status(rs)))
-
+    def progress(self):
+        rs, now_ms = self.running, self.ctrl.now_ms
+        if rs is not None and now_ms - rs.progress_ms >= PROGRESS_EVERY_MS:
+            rs.progress_ms = now_ms
+            self.ctrl.out.append(A.Notify("resync_progress", **self._status(rs)))
