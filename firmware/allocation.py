@@ -45,39 +45,52 @@ class AllocOp:
         self.cached = cached          # cache line ranges when the question was asked
 
 
-class AllocationMixin:
-    """Mixin for Controller: host_block_status and its disk completion."""
+# What allocation asks of the controller through `self.ctrl`, and nothing else
+# (tests/test_boundary.py holds it to this list).
+ASKED_OF_THE_CONTROLLER = frozenset({
+    "out", "stats", "ownership",                # the action list, counters, who owns the LUN
+    "_check_range", "_reply", "_disk_op",       # the host request's checks and answer, a disk op
+    "_forward",                                 # a question for the partner's LUN
+})
 
-    def host_block_status(self, req, lun, offset, length):
+
+class Allocation:
+    """Block status questions, a part of the controller: asked here of the disk and the cache,
+    or forwarded to the LUN's owner. Given the cache and the link; `forwards` is False for a
+    mode whose partner is not asked (replica mode: all data)."""
+
+    def __init__(self, ctrl, cache, link, forwards=True):
+        self.ctrl = ctrl
+        self.cache = cache
+        self.link = link
+        self.forwards = forwards
+
+    def ask(self, req, lun, offset, length):
         """Reply with [(length_bytes, status), ...] runs from `offset`, within `length`."""
-        self._host_block_status(req, lun, offset, length)
-        return self._take()
-
-    def _host_block_status(self, req, lun, offset, length):
-        error = self._check_range(lun, offset, length)
+        ctrl = self.ctrl
+        error = ctrl._check_range(lun, offset, length)
         if error or not length:
-            self._reply(req, EINVAL)
+            ctrl._reply(req, EINVAL)
             return
-        self.stats["block_status"] += 1
-        if self.ownership.allocation_known_here(lun):
-            op = self._disk_op(AllocOp(req, lun, offset, length, self._cached_ranges(lun, offset, length)))
-            self.out.append(A.DiskExtents(op, lun, offset, length))
-        elif self.ownership.partner_owns(lun) and self.link.up and self._forwards_block_status:
-            self.stats["block_status_forwarded"] += 1
-            self._forward(req, M.IoOp.BLOCK_STATUS, lun, offset, length, None, False)
+        ctrl.stats["block_status"] += 1
+        ownership = ctrl.ownership
+        if ownership.allocation_known_here(lun):
+            op = ctrl._disk_op(AllocOp(req, lun, offset, length, self._cached_ranges(lun, offset, length)))
+            ctrl.out.append(A.DiskExtents(op, lun, offset, length))
+        elif ownership.partner_owns(lun) and self.link.up and self.forwards:
+            ctrl.stats["block_status_forwarded"] += 1
+            ctrl._forward(req, M.IoOp.BLOCK_STATUS, lun, offset, length, None, False)
         else:
             self._all_data(req, length)
 
-    _forwards_block_status = True         # replica mode asks nobody (firmware/replica/controller.py)
-
     def _all_data(self, req, length):
-        self.stats["block_status_all_data"] += 1
-        self._reply(req, 0, [(length, STATE_DATA)])
+        self.ctrl.stats["block_status_all_data"] += 1
+        self.ctrl._reply(req, 0, [(length, STATE_DATA)])
 
-    def _forwarded_block_status_done(self, req, lun, offset, length, error, payload):
+    def forwarded_done(self, req, lun, offset, length, error, payload):
         """The owner's answer to a forwarded question; anything but good runs is all data."""
-        if error == ESTALE and self.ownership.owns(lun):       # ownership came here meanwhile: ask here
-            self._host_block_status(req, lun, offset, length)
+        if error == ESTALE and self.ctrl.ownership.owns(lun):  # ownership came here meanwhile: ask here
+            self.ask(req, lun, offset, length)
             return
         try:
             if error:
@@ -86,22 +99,23 @@ class AllocationMixin:
         except FormatError:
             self._all_data(req, length)
             return
-        self._reply(req, 0, runs)
+        self.ctrl._reply(req, 0, runs)
 
     def _cached_ranges(self, lun, offset, length) -> list:
-        bs = self.block_size
+        bs = self.cache.block_size
         mask = (1 << LUN_SHIFT) - 1
         lines = self.cache.overlapping(lun, offset // bs, (offset + length - 1) // bs)
         return [((line.key & mask) * bs, (line.key & mask) * bs + bs) for line in lines]
 
-    def _allocation_done(self, entry, error, data):
+    def disk_done(self, entry, error, data):
+        """The disk's answer (DiskExtents) to an AllocOp."""
         if error:
             self._all_data(entry.req, entry.length)
             return
         ranges = list(data) + entry.cached + self._cached_ranges(entry.lun, entry.offset, entry.length)
         runs = allocation_runs(entry.offset, entry.length, ranges)[:M.BLOCK_RUNS_MAX]
-        self.stats["block_status_holes"] += sum(1 for _, status in runs if status)
-        self._reply(entry.req, 0, runs)
+        self.ctrl.stats["block_status_holes"] += sum(1 for _, status in runs if status)
+        self.ctrl._reply(entry.req, 0, runs)
 
 
 def allocation_runs(offset, length, data_ranges) -> list:

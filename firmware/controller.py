@@ -24,7 +24,7 @@ eagerly; when the link comes back a resync sends every live line to the
 partner before the pair counts as mirrored again.
 
 Entry points: host_requests (a loop turn's batch), host_read, host_write, host_flush,
-host_trim, host_write_zeroes, host_block_status (firmware/allocation.py), link_connected,
+host_trim, host_write_zeroes, host_block_status (answered by firmware/allocation.py), link_connected,
 link_frame, link_disconnected, disk_done, tick. Each returns the list of actions to carry
 out, in order.
 """
@@ -37,7 +37,7 @@ from .formats import frame as F
 from .formats import messages as M
 from .formats import nvram as N
 from .link import LinkSession
-from .allocation import AllocationMixin
+from .allocation import Allocation
 from .destage import DestageMixin
 from .destage_policy import DestagePolicy
 from .diskhealth import DiskHealth, DiskHealthMixin
@@ -57,8 +57,10 @@ _crc32c = N.crc32c_raw
 EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
-class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
+class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
     """The shared parts. Abstract: a mode adds its ownership (firmware/owners.py)."""
+
+    _forwards_block_status = True         # replica mode asks nobody (firmware/replica/controller.py)
 
     def __init__(self, params: Params, nv, key: bytes, now_ms: int = 0):
         self.params = params
@@ -122,6 +124,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
         self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
                                    params.forward_inflight_bytes_max, params.waiting_max)
         self.disk_health = DiskHealth(len(params.lun_sizes), params)
+        self.allocation = Allocation(self, self.cache, self.link, self._forwards_block_status)   # block status
         self.ownership = None             # the mode's ownership part (firmware/owners.py), set by the mode
         self._recover()
 
@@ -240,7 +243,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
             elif kind == TRIM:
                 self._host_trim(h.req, h.lun, h.offset, h.arg)
             elif kind == BLOCK_STATUS:
-                self._host_block_status(h.req, h.lun, h.offset, h.arg)
+                self.allocation.ask(h.req, h.lun, h.offset, h.arg)
             else:
                 raise ValueError(f"a host request of kind {kind!r}")
         return self._take()
@@ -540,6 +543,11 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin, AllocationMixin):
     def _host_flush(self, req, lun):
         """Acknowledged writes are already in NVRAM (both controllers' when mirrored): nothing to wait for."""
         self._reply(req, self._check_range(lun, 0, 0))
+
+    def host_block_status(self, req, lun, offset, length):
+        """Reply with [(length_bytes, status), ...] runs from `offset`, within `length`."""
+        self.allocation.ask(req, lun, offset, length)
+        return self._take()
 
     def host_trim(self, req, lun, offset, length):
         self._host_trim(req, lun, offset, length)

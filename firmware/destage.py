@@ -134,7 +134,7 @@ class DestageMixin:
             self._read_done(entry, error, data)
         elif kind is AllocOp:
             del self.disk_ops[op]
-            self._allocation_done(entry, error, data)
+            self.allocation.disk_done(entry, error, data)
         elif self.ownership.disk_done(entry, error, data):
             del self.disk_ops[op]
         self._pump()

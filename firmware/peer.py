@@ -385,7 +385,7 @@ class PeerMixin:
         elif op == M.IoOp.FLUSH:
             self._reply(req, 0)
         elif op == M.IoOp.BLOCK_STATUS and not data:
-            self._host_block_status(req, lun, offset, length)
+            self.allocation.ask(req, lun, offset, length)
         else:
             self._reply(req, EINVAL)
 
@@ -396,7 +396,7 @@ class PeerMixin:
         req, op, lun, offset, length, data, fua = (entry.req, entry.op, entry.lun, entry.offset, entry.length,
                                                    entry.data, entry.fua)
         if op == M.IoOp.BLOCK_STATUS:
-            self._forwarded_block_status_done(req, lun, offset, length, error, msg.payload)
+            self.allocation.forwarded_done(req, lun, offset, length, error, msg.payload)
             return
         if error == ESTALE and self.ownership.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:

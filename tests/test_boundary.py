@@ -184,8 +184,11 @@ def _shared_names(controller=None, files=SHARED_FILES):
     if controller is None:
         from firmware.controller import Controller as controller
     shared = {n for k in controller.__mro__ if k is not object for n in vars(k)}
+    classes = {k.__name__ for k in controller.__mro__}
     for name in files:
-        for node in ast.walk(ast.parse((ROOT / "firmware" / name).read_text())):
+        tree = ast.parse((ROOT / "firmware" / name).read_text())
+        for node in (n for c in tree.body if isinstance(c, ast.ClassDef) and c.name in classes
+                     for n in ast.walk(c)):
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
                     isinstance(node.value, ast.Name) and node.value.id == "self":
                 shared.add(node.attr)
@@ -243,19 +246,30 @@ def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
     assert through_self == {"pending"} and kept == {"stats"}
 
 
-def test_the_resync_part_uses_only_what_it_lists_of_the_replica_controller():
-    """The quick resync is a part of the replica controller: given the record, the link, the
-    cache and the settings, it asks the controller for the names it lists and nothing else."""
-    from firmware.replica.controller import ReplicaController
-    from firmware.replica.resync import ASKED_OF_THE_CONTROLLER
-    names = _shared_names(ReplicaController, SHARED_FILES + ("replica/controller.py", "replica/destage.py"))
-    through_ctrl, through_self, kept = _reach([ROOT / "firmware" / "replica" / "resync.py"],
-                                              ("QuickResync",), names)
-    assert through_ctrl - ASKED_OF_THE_CONTROLLER == set()
-    assert ASKED_OF_THE_CONTROLLER - through_ctrl == set(), "listed but no longer used: take it off the list"
+# A part of a controller, given some of its parts at its start, asks the controller for what its
+# module lists (ASKED_OF_THE_CONTROLLER) and nothing else: (its module under firmware/, its class,
+# the controller it is part of, the controller's names it keeps as given, state it took over).
+PARTS = [
+    ("replica/resync.py", "QuickResync", "firmware.replica.controller.ReplicaController",
+     {"rec", "link", "cache"}, {"peer_wants", "range_writes", "last_resync"}),
+    ("allocation.py", "Allocation", "firmware.controller.Controller", {"cache", "link"}, set()),
+]
+
+
+@pytest.mark.parametrize("module, cls, controller, given, took", PARTS, ids=[p[1] for p in PARTS])
+def test_a_part_uses_only_what_it_lists_of_its_controller(module, cls, controller, given, took):
+    import importlib
+    where, _, name = controller.rpartition(".")
+    controller = getattr(importlib.import_module(where), name)
+    asked = importlib.import_module("firmware." + module[:-3].replace("/", ".")).ASKED_OF_THE_CONTROLLER
+    files = SHARED_FILES + (("replica/controller.py", "replica/destage.py") if "replica" in where else ())
+    names = _shared_names(controller, files)
+    through_ctrl, through_self, kept = _reach([ROOT / "firmware" / module], (cls,), names)
+    assert through_ctrl - asked == set()
+    assert asked - through_ctrl == set(), "listed but no longer used: take it off the list"
     assert through_self == set(), "the part has no such name: reach the controller through self.ctrl"
-    assert kept == {"rec", "link", "cache"}
-    assert not {"peer_wants", "range_writes", "last_resync"} & names, "the part's state is its own"
+    assert kept == given
+    assert not took & names, "the part's state is its own"
 
 
 # -- no name used that is not defined (an import removed while a use remained) ---------------------

@@ -110,7 +110,7 @@ def test_the_non_owner_with_the_link_down_answers_all_data():
 def test_an_owner_that_does_not_know_the_op_means_all_data():
     p = pair()
     owner = p.ctrl[0]
-    owner._host_block_status = lambda req, lun, offset, length: owner._reply(req, 22)   # an older owner
+    owner.allocation.ask = lambda req, lun, offset, length: owner._reply(req, 22)   # an older owner
     assert status(p, 1) == (0, [(LUN, DATA)])
     assert p.ctrl[1].stats["block_status_all_data"] == 1
 
