@@ -4,14 +4,13 @@
 (firmware/owners.py lists the questions it asks): HaController
 (firmware/ha/controller.py), ReplicaController (firmware/replica/controller.py).
 
-Owns the write path. A host write for a LUN this controller owns is
-stored copy-on-write into free primary blocks (data, persist, descriptor,
-persist), validated by checksum, and its mirror requests wait in the holding
-pen until every block of the write is in NVRAM and valid; then all are sent
-together, or all are deleted and the host gets EIO (claims 2). The partner
-persists them into the corresponding blocks of its mirror segment (claims
-1.7-1.11) and acknowledges; only then is the host acknowledged. Dirty lines
-are destaged by watermark and idle policy, bracketed by flush-begin and
+The write path (firmware/writepath.py, `ctrl.write_path`) stores a host write
+copy-on-write in the primary NVRAM segment and holds its copy requests in the
+holding pen until every block is valid; then the mode's copy step
+(`_release_pen`, here the mirror: ha mode) sends them all together. The
+partner persists them into the corresponding blocks of its mirror segment
+(claims 1.7-1.11) and acknowledges; only then is the host acknowledged. Dirty
+lines are destaged by watermark and idle policy, bracketed by flush-begin and
 flush-done messages (claims 5.12-5.14).
 
 I/O for a LUN the partner owns is forwarded to the owner over the link: the
@@ -31,7 +30,7 @@ out, in order.
 import collections
 
 from . import actions as A
-from .cache import LUN_SHIFT, SECTOR_BYTES, Line, PrimaryCache, dirty_runs, sector_bits
+from .cache import SECTOR_BYTES, PrimaryCache
 from .formats import FormatError
 from .formats import frame as F
 from .formats import messages as M
@@ -46,11 +45,11 @@ from .mirror import MirrorSide
 from .forwarding import Forwarder
 from .params import Params
 from .peer import PeerMixin
-from .requests import (BLOCK_STATUS, FLUSH, HERE, READ, TAKEN, THERE, TRIM, WRITE, ZEROES, Forwarded,
-                       HostRequest, ReadOp, WriteOp)
+from .requests import BLOCK_STATUS, FLUSH, READ, TRIM, WRITE, ZEROES, Forwarded, WriteOp
 from .recovery import recover
-from .segment import DIRTY, Segment
-from .zeroes import ZeroPiece, ZeroWriter
+from .segment import Segment
+from .writepath import WritePath
+from .zeroes import ZeroPiece
 
 _crc32c = N.crc32c_raw
 
@@ -104,7 +103,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
         self.link_session = 0             # link sessions established so far (Forwarded requests carry theirs)
         self.disk_ops = {}                # op id -> ReadOp | DestageOp
         self.next_op = 1
-        self.waiting = collections.deque()  # host writes waiting for free blocks
         self.flushing_keys = collections.Counter()
         self.flush_queue = {}             # lun -> ops whose writes wait for the next disk flush
         self.flush_busy = set()           # LUNs with a DiskFlush in flight
@@ -119,21 +117,15 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
         self.destage_inflight = 0
         self.last_host_io_ms = now_ms
         self.stats = collections.Counter()
-        self.zeroes = ZeroWriter(self._host_write, self._reply, params.max_write_bytes,
-                                 params.zero_pieces_inflight_max)
         self.forwarder = Forwarder(self.link, self.stats, params.forward_inflight_max,
                                    params.forward_inflight_bytes_max, params.waiting_max)
         self.disk_health = DiskHealth(len(params.lun_sizes), params)
         self.allocation = Allocation(self, self.cache, self.link, self._forwards_block_status)   # block status
         self.ownership = None             # the mode's ownership part (firmware/owners.py), set by the mode
-        self._recover()
-
-    # -- recovery -------------------------------------------------------------
-
-    def _recover(self):
-        """Rebuild the cache and the mirror's view from NVRAM alone (firmware/recovery.py)."""
-        self.next_seq, actions = recover(self.params, self.primary, self.cache, self.mirror, self.generation)
+        # Recovery rebuilds the cache and the mirror's view from NVRAM alone (firmware/recovery.py).
+        next_seq, actions = recover(params, self.primary, self.cache, self.mirror, self.generation)
         self.out.extend(actions)
+        self.write_path = WritePath(self, params, self.cache, self.primary, self.disk_health, next_seq)
 
     def owns(self, lun) -> bool:
         """Is `lun` ours now (its host I/O is done here)?"""
@@ -169,7 +161,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
             "dirty_blocks": cache.dirty_lines,
             "used_blocks": cache.used_blocks, "free_blocks": len(cache.free),
             "primary_blocks": cache.capacity, **self.mirror.counts(),
-            "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.waiting),
+            "pending_mirror_writes": len(self.pending), "waiting_writes": len(self.write_path.waiting),
             "forwarded_inflight": len(self.forwarder.inflight), "forwarded_waiting": len(self.forwarder.waiting),
             "destage_inflight": self.destage_inflight, "stats": dict(self.stats),
             "resync": dict(self.resync_progress) if self.resync_progress else None,
@@ -188,7 +180,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
 
     def _reply(self, req, error=0, data=None):
         if req.__class__ is ZeroPiece:
-            self.zeroes.piece_done(req, error)
+            self.write_path.piece_done(req, error)
             return
         if req.__class__ is Forwarded:
             # Only in the session it came in: the forwarder failed it when that session ended, and
@@ -230,18 +222,19 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
     def host_requests(self, batch):
         """A loop turn's host requests (HostRequest records, firmware/requests.py), handled in
         order: one action list for them all. The entry points below take one each."""
+        wp = self.write_path
         for h in batch:
             kind = h.kind
             if kind == WRITE:
-                self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
+                wp.host_write(h.req, h.lun, h.offset, h.arg, h.fua)
             elif kind == READ:
-                self._host_read(h.req, h.lun, h.offset, h.arg)
+                wp.host_read(h.req, h.lun, h.offset, h.arg)
             elif kind == FLUSH:
-                self._host_flush(h.req, h.lun)
+                wp.host_flush(h.req, h.lun)
             elif kind == ZEROES:
-                self._host_write_zeroes(h.req, h.lun, h.offset, h.arg, h.fua)
+                wp.host_write_zeroes(h.req, h.lun, h.offset, h.arg, h.fua)
             elif kind == TRIM:
-                self._host_trim(h.req, h.lun, h.offset, h.arg)
+                wp.host_trim(h.req, h.lun, h.offset, h.arg)
             elif kind == BLOCK_STATUS:
                 self.allocation.ask(h.req, h.lun, h.offset, h.arg)
             else:
@@ -249,114 +242,31 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
         return self._take()
 
     def host_write(self, req, lun, offset, data, fua=False):
-        self._host_write(req, lun, offset, data, fua)
+        self.write_path.host_write(req, lun, offset, data, fua)
         return self._take()
 
-    def _host_write(self, req, lun, offset, data, fua):
-        self.last_host_io_ms = self.now_ms
-        length = len(data)
-        error = self._check_range(lun, offset, length)
-        if error or length > self.params.max_write_bytes or length == 0:
-            self._reply(req, error or EINVAL)
-            return
-        if self._refuse_degraded_write(req, lun):
-            return
-        route = self.ownership.route(WRITE, req, lun, offset, data, fua)
-        if route is TAKEN:
-            return
-        if route is THERE:
-            self._forward(req, M.IoOp.WRITE, lun, offset, length, data, fua)
-        elif self.waiting or len(self.cache.free) < self._lines_spanned(offset, length):
-            self._wait(req, lun, offset, data, fua)
-        else:
-            self._write(req, lun, offset, data, fua)
+    def host_read(self, req, lun, offset, length):
+        self.write_path.host_read(req, lun, offset, length)
+        return self._take()
 
-    def _lines_spanned(self, offset, length):
-        bs = self.block_size
-        return (offset + length - 1) // bs - offset // bs + 1
+    def host_flush(self, req, lun):
+        self.write_path.host_flush(req, lun)
+        return self._take()
 
-    def _wait(self, req, lun, offset, data, fua):
-        if len(self.waiting) >= self.params.waiting_max:
-            self._reply(req, ENOSPC)
-            return
-        if self._blocks_never_free(self._lines_spanned(offset, len(data))):
-            self._reply(req, EIO)               # they are held by degraded LUNs' lines
-            return
-        self.waiting.append(HostRequest(WRITE, req, lun, offset, bytes(data), fua))
-        self.stats["writes_waited"] += 1
-        self._pump()
+    def host_trim(self, req, lun, offset, length):
+        self.write_path.host_trim(req, lun, offset, length)
+        return self._take()
 
-    def _drain_waiting(self):
-        """Writes that waited for free blocks are routed again: the LUN may have changed hands or
-        lost its mirror meanwhile (a write taken in while FENCING was acknowledged from this NVRAM
-        alone, then dropped when the partner's takeover fenced us: seed 30 of another run)."""
-        waiting, free = self.waiting, self.cache.free
-        while waiting and len(free) >= self._lines_spanned(waiting[0].offset, len(waiting[0].arg)):
-            w = waiting.popleft()
-            req, lun, offset, data, fua = w.req, w.lun, w.offset, w.arg, w.fua
-            route = self.ownership.route(WRITE, req, lun, offset, data, fua)
-            if route is HERE:
-                self._write(req, lun, offset, data, fua)
-            elif route is THERE:
-                self._forward(req, M.IoOp.WRITE, lun, offset, len(data), data, fua)
+    def host_write_zeroes(self, req, lun, offset, length, fua=False):
+        self.write_path.host_write_zeroes(req, lun, offset, length, fua)
+        return self._take()
 
-    def _write(self, req, lun, offset, data, fua):
-        """Copy-on-write into free primary blocks, validate, then release the holding pen.
+    def host_block_status(self, req, lun, offset, length):
+        """Reply with [(length_bytes, status), ...] runs from `offset`, within `length`."""
+        self.allocation.ask(req, lun, offset, length)
+        return self._take()
 
-        All data first (stored, then checked by CRC32C against the host's bytes), then
-        the descriptors, then the commit record: every block's data is persisted before
-        its descriptor, and a write with invalid data leaves no descriptor behind.
-        Adjacent ranges share one Persist.
-        """
-        if self.on_serve is not None:
-            self.on_serve("write", req, lun)
-        seg, cache, bs = self.primary, self.cache, self.block_size
-        first = offset // bs
-        end = offset + len(data)
-        count = (end - 1) // bs - first + 1
-        full, lines, buggy = cache.full_bitmap, cache.lines, self.buggify_on
-        nv, data_base = seg.nv, seg.data_base
-        pen = []          # holding pen: one mirror request per block, apart from the data (claims 2.6)
-        pos = 0
-        # Ascending blocks: a sequential stream given a run of free blocks lands in one
-        # NVRAM range, which its destage then writes out without a copy.
-        blocks = sorted([cache.alloc() for _ in range(count)]) if count > 1 else [cache.alloc()]
-        for i, block in enumerate(blocks):
-            start = (first + i) * bs
-            lo = offset - start if i == 0 else 0
-            hi = end - start if end - start < bs else bs
-            at = data_base + block * bs
-            key = (lun << LUN_SHIFT) | (first + i)
-            if hi - lo == bs:
-                bits = full
-            else:
-                bits = sector_bits(lo, hi)
-                old = lines.get(key)
-                if old is not None:             # merge: the new version carries the old sectors too
-                    old_at = data_base + old.block * bs
-                    nv[at:at + bs] = nv[old_at:old_at + bs]
-                    bits |= old.bitmap
-            piece = data[pos:pos + hi - lo]
-            pos += hi - lo
-            nv[at + lo:at + hi] = piece
-            if buggy and self.buggify("nvram_store_corrupt"):
-                nv[at + lo] ^= 0x5A             # a simulated bad store into NVRAM
-            crc = _crc32c(piece)
-            if _crc32c(nv[at + lo:at + hi]) != crc and not (buggy and self.buggify("skip_pen_validation")):
-                cache.free.extend(blocks[i:])   # claims 2.1: the data in NVRAM is not what the host sent
-                self._delete_pen(req, pen)
-                return
-            pen.append((block, key, start, bits, crc if hi - lo == bs else _crc32c(nv[at:at + bs])))
-        seq = self.next_seq
-        self.next_seq += 1
-        generation = self.ownership.mirror_generation_of(lun)   # what its mirror copy carries, a resync's too
-        self._persist_runs([(data_base + block * bs, bs) for block, *_ in pen], data=True)
-        store = seg.store_descriptor
-        self._persist_runs([store(block, DIRTY, lun, i, count, start // SECTOR_BYTES, seq, generation,
-                                  crc, bits) for i, (block, key, start, bits, crc) in enumerate(pen)])
-        self._persist(seg.store_commit(seq))
-        self._release_pen(req, seq, [(Line(block, key, lun, start // SECTOR_BYTES, seq, bits, False, generation),
-                                      crc) for block, key, start, bits, crc in pen], fua, lun, offset, data)
+    # -- the copy step and the NVRAM persists the write path asks for ------------------
 
     def _persist_runs(self, ranges, data=False):
         """Persist (offset, length) ranges in order, joining each with the next when adjacent."""
@@ -372,17 +282,6 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
                 offset, length = o, n
         out.append(A.Persist(offset, length))
 
-    def _delete_pen(self, req, pen):
-        """Invalid data: delete every mirror request of the write, free its blocks (claims 2.5).
-
-        No descriptor of the write was stored yet: its blocks are FREE in NVRAM already.
-        """
-        for block, *_ in pen:
-            self.cache.free.append(block)
-        self.stats["writes_invalid"] += 1
-        self.out.append(A.Notify("write_invalid", blocks=len(pen) + 1))
-        self._reply(req, EIO)
-
     def _release_pen(self, req, seq, pen, fua, lun, offset, data):
         """All data valid: install the lines and send all mirror requests together (claims 2.4).
         `pen` is (line, crc) per block; the host's `lun`, `offset` and `data` are for a mode
@@ -394,7 +293,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
             if old is not None:
                 op.replaced.append(old)
         if not self.link.up:
-            self._finish_write(op, mirrored=False, pinned=False)
+            self.write_path.finish(op, mirrored=False, pinned=False)
             return
         count = len(pen)
         ctx = (M.CTX_FUA if fua else 0)
@@ -411,51 +310,7 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
             self._reply(req, 0)                 # the broken variant the simulator must catch
             op.req = None
 
-    def _finish_write(self, op, mirrored, pinned=True, pump=True):
-        if op.req is not None:
-            self._reply(op.req, 0)
-        for line in op.lines:
-            line.mirrored = mirrored
-            if pinned:
-                line.pins -= 1
-                self._maybe_free(line)
-        for old in op.replaced:
-            old.dead = True
-            self._maybe_free(old)
-        self.stats["writes"] += 1
-        if not mirrored:
-            self.stats["writes_degraded"] += 1
-        if pump:
-            self._pump()
-
-    def _maybe_free(self, line, drain=True):
-        """Forget a dead line in NVRAM now; give its block back once nothing views it any more."""
-        cache = self.cache
-        if not line.dead or cache.by_block[line.block] is not line:
-            return
-        if not line.forgotten:
-            # Now, not when the pins go: a pinned stale version (a resync frame or a read still
-            # views it) that outlived a newer version's destage came back at a restart over
-            # newer data on disk (seeds 114, 223).
-            line.forgotten = True
-            older = line.older          # only versions not forgotten yet stay linked: the chain stays short
-            while older is not None and older.forgotten:
-                older = older.older
-            line.older = older
-            self._persist(self.primary.store_free(line.block))
-        if cache.freeable(line):
-            cache.release_block(line)
-            if drain and self.waiting:
-                self._drain_waiting()
-
     # -- what ownership asks of the write path ------------------------------------
-
-    def _reenter(self, h):
-        """A host request ownership held back (a HostRequest) is handled as if it came now."""
-        if h.kind == WRITE:
-            self._host_write(h.req, h.lun, h.offset, h.arg, h.fua)
-        else:
-            self._host_read(h.req, h.lun, h.offset, h.arg)
 
     def _lun_clean(self, lun) -> bool:
         """No line of `lun` is cached, waits for the mirror's ack or is on its way to disk."""
@@ -470,108 +325,9 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
             line.dead = True
             if partner_copy_too:
                 self.flush_done_refs.append((line.block, line.seq))
-            self._maybe_free(line)
+            self.write_path.maybe_free(line)
 
     def _destage_now(self):
         """Destage every dirty line now, whatever the watermarks (a LUN is being handed over)."""
         self.destage.start()
         self._pump()
-
-    def host_read(self, req, lun, offset, length):
-        self._host_read(req, lun, offset, length)
-        return self._take()
-
-    def _host_read(self, req, lun, offset, length):
-        self.last_host_io_ms = self.now_ms
-        error = self._check_range(lun, offset, length)
-        if error or length > self.params.max_write_bytes:
-            self._reply(req, error or EINVAL)
-            return
-        route = self.ownership.route(READ, req, lun, offset, length, False)
-        if route is TAKEN:
-            return
-        if route is THERE:
-            self._forward(req, M.IoOp.READ, lun, offset, length, None, False)
-        else:
-            self._read(req, lun, offset, length)
-
-    def _read(self, req, lun, offset, length):
-        if self.on_serve is not None:
-            self.on_serve("read", req, lun)
-        bs = self.block_size
-        first, last = offset // bs, (offset + length - 1) // bs
-        overlay = [] if self.buggify("read_skip_cache") else list(self.cache.overlapping(lun, first, last))
-        if overlay and self._covers(overlay, offset, length, first, last):
-            buf = bytearray(length)
-            self._apply_overlay(buf, overlay, offset, length)
-            self._reply(req, 0, buf)
-            self.stats["read_hits"] += 1
-            return
-        for line in overlay:
-            line.pins += 1
-        op = self._disk_op(ReadOp(req, lun, offset, length, overlay))
-        self.out.append(A.DiskRead(op, lun, offset, length))
-
-    def _covers(self, overlay, offset, length, first, last):
-        if len(overlay) != last - first + 1:
-            return False
-        bs = self.block_size
-        for line in overlay:
-            start = (line.key & ((1 << LUN_SHIFT) - 1)) * bs
-            need = sector_bits(max(offset, start) - start, min(offset + length, start + bs) - start)
-            if line.bitmap & need != need:
-                return False
-        return True
-
-    def _apply_overlay(self, buf, overlay, offset, length):
-        bs, seg = self.block_size, self.primary
-        for line in overlay:
-            start = (line.key & ((1 << LUN_SHIFT) - 1)) * bs
-            lo, hi = max(offset, start) - start, min(offset + length, start + bs) - start
-            view = seg.data(line.block)
-            if line.bitmap == self.cache.full_bitmap:
-                buf[start + lo - offset:start + hi - offset] = view[lo:hi]
-                continue
-            for s, e in dirty_runs(line.bitmap, lo // SECTOR_BYTES, hi // SECTOR_BYTES):
-                a, b = s * SECTOR_BYTES, e * SECTOR_BYTES
-                buf[start + a - offset:start + b - offset] = view[a:b]
-
-    def host_flush(self, req, lun):
-        self._host_flush(req, lun)
-        return self._take()
-
-    def _host_flush(self, req, lun):
-        """Acknowledged writes are already in NVRAM (both controllers' when mirrored): nothing to wait for."""
-        self._reply(req, self._check_range(lun, 0, 0))
-
-    def host_block_status(self, req, lun, offset, length):
-        """Reply with [(length_bytes, status), ...] runs from `offset`, within `length`."""
-        self.allocation.ask(req, lun, offset, length)
-        return self._take()
-
-    def host_trim(self, req, lun, offset, length):
-        self._host_trim(req, lun, offset, length)
-        return self._take()
-
-    def _host_trim(self, req, lun, offset, length):
-        """TRIM is advisory in NBD; the cache keeps its data, so nothing is discarded.
-        A trim beyond the end is EINVAL (the spec keeps ENOSPC for writes)."""
-        self._reply(req, EINVAL if self._check_range(lun, offset, length) else 0)
-
-    def host_write_zeroes(self, req, lun, offset, length, fua=False):
-        self._host_write_zeroes(req, lun, offset, length, fua)
-        return self._take()
-
-    def _host_write_zeroes(self, req, lun, offset, length, fua):
-        """Zeroes travel as a range: the partner's LUN gets the request forwarded as offset and
-        length; here they go into the cache in pieces, a few at a time, so a 4 GiB request
-        costs a few MiB of memory and never floods the link."""
-        error = self._check_range(lun, offset, length)
-        if error or length == 0:
-            self._reply(req, error or EINVAL)
-            return
-        if self.ownership.partner_owns(lun):
-            self.last_host_io_ms = self.now_ms
-            self._forward(req, M.IoOp.WRITE_ZEROES, lun, offset, length, None, fua)
-            return
-        self.zeroes.start(req, lun, offset, length, fua)

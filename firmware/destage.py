@@ -67,7 +67,7 @@ class ThroughOp:
 class DestageMixin:
     def _destage_urgent(self) -> bool:
         """Destage now, whatever the watermarks (firmware/destage_policy.py)?"""
-        return bool(self.waiting) or not self.mirroring or self.ownership.wants_destage() or (
+        return bool(self.write_path.waiting) or not self.mirroring or self.ownership.wants_destage() or (
             self.now_ms - self.last_host_io_ms >= self.params.idle_flush_ms) or bool(self.disk_health.failing)
 
     def _destage_wanted(self) -> bool:
@@ -131,7 +131,7 @@ class DestageMixin:
             self._through_done(op, entry, error)
         elif kind is ReadOp:
             del self.disk_ops[op]
-            self._read_done(entry, error, data)
+            self.write_path.read_done(entry, error, data)
         elif kind is AllocOp:
             del self.disk_ops[op]
             self.allocation.disk_done(entry, error, data)
@@ -178,10 +178,10 @@ class DestageMixin:
             refs.append((line.block, line.seq))
             line.dead = True
             self._forget_older(line)
-            self._maybe_free(line, drain=False)
+            self.write_path.maybe_free(line, drain=False)
         self.stats["destaged"] += len(entry.lines)
-        if self.waiting:
-            self._drain_waiting()
+        if self.write_path.waiting:
+            self.write_path.drain_waiting()
 
     def _forget_older(self, line):
         """The disk holds `line` durably: every older version of its key still in NVRAM is old
@@ -197,7 +197,7 @@ class DestageMixin:
             next_older = older.older
             if not older.forgotten:
                 older.dead = True
-                self._maybe_free(older, drain=False)
+                self.write_path.maybe_free(older, drain=False)
             older = next_older
 
     # -- disk flushes ---------------------------------------------------------
@@ -274,13 +274,13 @@ class DestageMixin:
             if line.current:
                 self._requeue_failed(line)           # still dirty: try again after the backoff
             else:
-                self._maybe_free(line)
+                self.write_path.maybe_free(line)
             return
         self.stats["destaged"] += 1
         self.cache.remove_current(line)
         self.flush_done_refs.append((line.block, line.seq))
         line.dead = True
-        self._maybe_free(line)
+        self.write_path.maybe_free(line)
 
     def _write_through(self, req, lun, offset, data, fua):
         """A LUN owned alone (SOLO): on disk before the ack, nothing only in this NVRAM."""
@@ -298,20 +298,6 @@ class DestageMixin:
             self._reply(entry.req, EIO)
         else:
             self._after_flush(entry.lun, entry)
-
-    def _read_done(self, entry, error, data):
-        for line in entry.overlay:
-            line.pins -= 1
-        if error:
-            self.stats["read_errors"] += 1
-            self._reply(entry.req, EIO)
-        else:
-            buf = data if isinstance(data, bytearray) else bytearray(data)
-            assert len(buf) == entry.length
-            self._apply_overlay(buf, entry.overlay, entry.offset, entry.length)
-            self._reply(entry.req, 0, buf)
-        for line in entry.overlay:
-            self._maybe_free(line)
 
     def _may_write_disk(self, lun) -> bool:
         """Destage only what ownership allows (an ha owner under a valid lease: a stale owner's

@@ -301,47 +301,8 @@ class DiskHealthMixin:
             if health.luns[lun].parked and health.may_write(lun, self.now_ms):
                 self._unpark(lun, probe=True)
         for lun in degraded:
-            self._refuse_waiting(lun)
+            self.write_path.refuse_waiting(lun)
         for lun in list(health.failing):
             if not self.owns(lun) and not any(line.lun == lun for line in self.cache.lines.values()):
                 self.out.extend(health.forget(lun, self.now_ms, "no line of the LUN is left here"))
                 self._unpark(lun)
-
-    def _refuse_degraded_write(self, req, lun) -> bool:
-        """A degraded LUN's writes get EIO at once: waiting, they would wait for a disk.
-
-        In ha mode only. A replica secondary answers its peer's copies, not hosts, and an
-        error there resets the link; replica mode reports and retries, and leaves it at that."""
-        if not self.disk_health.degraded(lun) or self.params.mode != "ha":
-            return False
-        self.stats["writes_refused_degraded"] += 1
-        self._reply(req, EIO)
-        return True
-
-    def _refuse_waiting(self, lun):
-        """The LUN went degraded: its writes waiting for free blocks get EIO now, and so do
-        waiting writes of other LUNs that could only ever get blocks from its lines."""
-        if self.params.mode != "ha":
-            return
-        kept, usable = [], self._usable_blocks()
-        for entry in self.waiting:
-            if entry.lun == lun or usable < self._lines_spanned(entry.offset, len(entry.arg)):
-                self.stats["writes_refused_degraded"] += 1
-                self._reply(entry.req, EIO)
-            else:
-                kept.append(entry)
-        self.waiting.clear()
-        self.waiting.extend(kept)
-
-    def _usable_blocks(self) -> int:
-        """Cache blocks a waiting write may still get: all but those holding lines of degraded
-        LUNs, which stay until their disk works again."""
-        health = self.disk_health
-        if not health.any_degraded():
-            return self.cache.capacity
-        return self.cache.capacity - sum(1 for line in self.cache.by_block
-                                         if line is not None and health.degraded(line.lun))
-
-    def _blocks_never_free(self, needed) -> bool:
-        """A write about to wait for `needed` free blocks that can never come gets EIO instead."""
-        return self.disk_health.any_degraded() and self.params.mode == "ha" and self._usable_blocks() < needed

@@ -26,7 +26,7 @@ from .requests import HERE, THERE
 # life: its settings and the controller's parts it works with.
 GIVEN_BY_THE_CONTROLLER = frozenset({
     "params", "id", "buggify",                                  # settings, who we are, broken variants
-    "cache", "primary", "mirror", "link", "disk_health",        # the parts
+    "cache", "primary", "mirror", "link", "disk_health", "write_path",     # the parts
 })
 
 # What it may ask of the controller itself, through `self.ctrl`, and nothing else
@@ -36,8 +36,8 @@ ASKED_OF_THE_CONTROLLER = frozenset({
     "now_ms", "out", "mirroring",
     # disk I/O of its own (records, replay), persisting NVRAM, and the completions
     "_disk_op", "_persist", "_disk_write_failed", "_after_flush",
-    # host requests it held, refused or hands back to the write path
-    "_reply", "_reenter", "_write_through", "_finish_write",
+    # host requests it held or refused, replay writes straight to disk
+    "_reply", "_write_through",
     # the write path's lines of a LUN: clean yet, dropped for a newer owner, destaged now
     "_lun_clean", "_forget_lines", "_destage_now", "_pump",
     # the mirroring table (a LUN went solo, a takeover finished)
@@ -192,7 +192,7 @@ class FixedOwnership(Ownership):
         return list(self.ctrl.cache.lines.values())
 
     def cut_off(self, op):
-        self.ctrl._finish_write(op, mirrored=False)
+        self.ctrl.write_path.finish(op, mirrored=False)
 
     def link_down(self):
         pass

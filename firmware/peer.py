@@ -224,7 +224,7 @@ class PeerMixin:
         for line in lines:
             line.mirrored = line.mirrored or mirrored
             line.pins -= 1
-            self._maybe_free(line)
+            self.write_path.maybe_free(line)
 
     def _dispatch(self, msg):
         handler = DISPATCH.get(msg.type)
@@ -324,7 +324,7 @@ class PeerMixin:
             raise LinkProtocolError(f"mirror ack for {count} writes up to {seq} does not match "
                                     f"the {len(done)} pending up to it")
         for pseq in done:
-            self._finish_write(pending.pop(pseq), mirrored=True, pump=False)
+            self.write_path.finish(pending.pop(pseq), mirrored=True, pump=False)
         self._pump()
 
     def _on_ping(self, msg):
@@ -377,11 +377,11 @@ class PeerMixin:
         if not self.ownership.owns(lun) if 0 <= lun < len(self.params.lun_sizes) else True:
             self._reply(req, ESTALE)            # ownership moved: the sender retries where it now is
         elif op == M.IoOp.WRITE:
-            self._host_write(req, lun, offset, data, bool(fua))
+            self.write_path.host_write(req, lun, offset, data, bool(fua))
         elif op == M.IoOp.READ:
-            self._host_read(req, lun, offset, length)
+            self.write_path.host_read(req, lun, offset, length)
         elif op == M.IoOp.WRITE_ZEROES and not data:
-            self._host_write_zeroes(req, lun, offset, length, bool(fua))
+            self.write_path.host_write_zeroes(req, lun, offset, length, bool(fua))
         elif op == M.IoOp.FLUSH:
             self._reply(req, 0)
         elif op == M.IoOp.BLOCK_STATUS and not data:
@@ -400,11 +400,11 @@ class PeerMixin:
             return
         if error == ESTALE and self.ownership.owns(lun):     # ownership came here meanwhile: do it here
             if op == M.IoOp.WRITE:
-                self._host_write(req, lun, offset, data, fua)
+                self.write_path.host_write(req, lun, offset, data, fua)
             elif op == M.IoOp.WRITE_ZEROES:
-                self._host_write_zeroes(req, lun, offset, length, fua)
+                self.write_path.host_write_zeroes(req, lun, offset, length, fua)
             else:
-                self._host_read(req, lun, offset, length)
+                self.write_path.host_read(req, lun, offset, length)
             return
         if error == ESTALE:
             error = EIO

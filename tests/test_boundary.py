@@ -251,8 +251,11 @@ def test_the_reach_check_sees_a_new_name_of_the_shared_controller(tmp_path):
 # the controller it is part of, the controller's names it keeps as given, state it took over).
 PARTS = [
     ("replica/resync.py", "QuickResync", "firmware.replica.controller.ReplicaController",
-     {"rec", "link", "cache"}, {"peer_wants", "range_writes", "last_resync"}),
+     {"rec", "link", "cache", "write_path"}, {"peer_wants", "range_writes", "last_resync"}),
     ("allocation.py", "Allocation", "firmware.controller.Controller", {"cache", "link"}, set()),
+    ("writepath.py", "WritePath", "firmware.controller.Controller",
+     {"params", "buggify", "buggify_on", "on_serve", "block_size", "cache", "primary", "disk_health"},
+     {"waiting", "next_seq", "zeroes"}),
 ]
 
 

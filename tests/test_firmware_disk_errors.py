@@ -205,12 +205,12 @@ def test_writes_waiting_for_blocks_fail_with_eio_when_the_lun_goes_degraded():
         p.write(0, ("w", n), 0, n * BS, bytes([n % 251]) * BS)
         p.deliver()
     waiting = [n for n in range(capacity + 8) if ("w", n) not in p.replies]
-    assert waiting and len(p.ctrl[0].waiting) == len(waiting)
+    assert waiting and len(p.ctrl[0].write_path.waiting) == len(waiting)
     p.write(0, "lun2", 2, 0, b"2" * BS)                 # a healthy LUN's write (a owns lun2) queues too
     p.run_for(2_100)
     assert p.notes_of(0, "lun_degraded")
     assert all(p.replies[("w", n)] == (EIO, None) for n in waiting)
-    assert not p.ctrl[0].waiting
+    assert not p.ctrl[0].write_path.waiting
     # The cache is all lun0's lines: lun2's write could never get a block. EIO, not a hang.
     assert p.replies["lun2"] == (EIO, None)
     p.write(0, "lun2 again", 2, 0, b"2" * BS)

@@ -747,7 +747,7 @@ def test_a_takeover_done_while_linked_resends_everything_and_keeps_serving():
     assert a.mirror.view.get(line.key) == line.block
     b.cache.remove_current(line)                 # on disk, its flush-done lost: a's copy is old now
     line.dead = True
-    b._maybe_free(line)
+    b.write_path.maybe_free(line)
     starts = sum(kind == "resync_start" for kind, _ in p.notes[1])
     f = b.ownership.fence[1]
     f.state = b.ownership._takeover_done(f)

@@ -567,7 +567,7 @@ def test_copies_that_waited_for_free_blocks_on_the_secondary_are_stored_not_refu
     p.connect()
     p.tick(10, steps=20)
     b = p.ctrl[1]
-    assert p.state(1) == "sync-target" and b.waiting     # the resync's copies wait for blocks
+    assert p.state(1) == "sync-target" and b.write_path.waiting     # the resync's copies wait for blocks
     p.release_flushes()
     p.tick(10, steps=50)
     assert [e["reason"] for e in p.events(0, "link_down")] == ["peer crashed"]

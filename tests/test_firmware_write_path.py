@@ -372,14 +372,14 @@ def test_write_zeroes_pieces_are_bounded_across_requests():
     p = idle_pair(lun_size=4 << 20, zero_pieces_inflight_max=2)
     for i in range(4):
         p.run(0, p.ctrl[0].host_write_zeroes(("z", i), 0, i << 20, 1 << 20))
-    assert len(p.ctrl[0].pending) <= 2 and p.ctrl[0].zeroes.inflight == 2
+    assert len(p.ctrl[0].pending) <= 2 and p.ctrl[0].write_path.zeroes.inflight == 2
     for _ in range(100):
         if all(("z", i) in p.replies for i in range(4)):
             break
         p.deliver()
         p.tick(10)
     assert all(p.replies[("z", i)] == (0, None) for i in range(4))
-    assert p.ctrl[0].zeroes.inflight == 0 and not p.ctrl[0].zeroes.jobs
+    assert p.ctrl[0].write_path.zeroes.inflight == 0 and not p.ctrl[0].write_path.zeroes.jobs
 
 
 def test_a_forwarded_request_is_answered_only_in_the_link_session_it_came_in():

@@ -46,8 +46,8 @@ class HaOwnership(FenceMixin, TakeoverMixin, HandoverMixin, Ownership):
         super().__init__(ctrl)
         # Its settings, and the controller's parts it works with, fixed for the controller's life
         self.params, self.id, self.buggify = ctrl.params, ctrl.id, ctrl.buggify
-        self.cache, self.primary, self.mirror, self.link, self.disk_health = (
-            ctrl.cache, ctrl.primary, ctrl.mirror, ctrl.link, ctrl.disk_health)
+        self.cache, self.primary, self.mirror, self.link, self.disk_health, self.write_path = (
+            ctrl.cache, ctrl.primary, ctrl.mirror, ctrl.link, ctrl.disk_health, ctrl.write_path)
         self._init_fencing()
 
     # -- host I/O -------------------------------------------------------------
@@ -154,7 +154,7 @@ class HaOwnership(FenceMixin, TakeoverMixin, HandoverMixin, Ownership):
 
     def cut_off(self, op):
         if not op.lines:
-            self.ctrl._finish_write(op, mirrored=False)
+            self.write_path.finish(op, mirrored=False)
             return
         if op.req.__class__ is Forwarded:
             op.req = None         # the forwarder failed it with the session; its tag dies too

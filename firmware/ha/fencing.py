@@ -385,7 +385,7 @@ class FenceMixin:
                 op.req, req = None, op.req
                 if req is not None:
                     self.ctrl._reply(req, EIO)
-            self.ctrl._finish_write(op, mirrored=ours)
+            self.write_path.finish(op, mirrored=ours)
 
     def _fencing_written(self, f):
         """Solo once the bump to the next generation (written clean) has landed. A renewal that
@@ -410,7 +410,7 @@ class FenceMixin:
         self._note("solo", lun=f.lun, generation=f.generation)
         acks, f.acks = f.acks, []
         for op in acks:
-            self.ctrl._finish_write(op, mirrored=False)
+            self.write_path.finish(op, mirrored=False)
         return Own.SOLO
 
     def _owner_record(self, f, rec):
@@ -493,7 +493,7 @@ class FenceMixin:
             op.req, req = None, op.req
             if req is not None:
                 self.ctrl._reply(req, EIO)
-            self.ctrl._finish_write(op, mirrored=False)
+            self.write_path.finish(op, mirrored=False)
         self._drop_lines(f, rec, "fenced")
         if rec is not None:
             f.record, f.generation = rec, rec.generation
@@ -516,4 +516,4 @@ class FenceMixin:
             return
         held, f.held = f.held, collections.deque()
         for h in held:
-            self.ctrl._reenter(h)
+            self.write_path.reenter(h)

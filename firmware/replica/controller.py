@@ -176,7 +176,7 @@ class ReplicaController(DestagedMixin, Controller):
         self.session_no = 0
         self.hs_me = self.peer_side = None
         self.sync_full, self.sync_reason = False, ""
-        self.resync = QuickResync(self, self.rec, self.link, self.cache, s)   # both ends of a resync
+        self.resync = QuickResync(self, self.rec, self.link, self.cache, self.write_path, s)   # both ends of a resync
         self.pending_ranges = {}                      # write seq -> (lun, ranges) awaiting the ack
         self.inflight_ranges = collections.Counter()  # (lun, r) -> copies not yet acknowledged
         self.peer_record = collections.OrderedDict()  # mirror of the peer's record: (lun, r), oldest first
@@ -278,7 +278,7 @@ class ReplicaController(DestagedMixin, Controller):
         if pending:
             self._new_data_generation()      # acknowledged without the peer: data it does not have
         for seq in sorted(pending):
-            self._finish_write(pending[seq], mirrored=False, pinned=False)
+            self.write_path.finish(pending[seq], mirrored=False, pinned=False)
         self._release_held()
 
     def _link_failed(self, reason, reset=True):
@@ -308,7 +308,7 @@ class ReplicaController(DestagedMixin, Controller):
     def _release_held(self):
         held, self.held = self.held, collections.deque()
         for h in held:
-            self._reenter(h)
+            self.write_path.reenter(h)
 
     def _release_pen(self, req, seq, pen, fua, lun, offset, data):
         """All data valid and in this cache: record, then copy to the peer or complete alone."""
@@ -327,7 +327,7 @@ class ReplicaController(DestagedMixin, Controller):
             self._persist(p)
         if self.sync not in REPLICATING or self.buggify("replica_skip_copy"):   # (a broken variant)
             self._new_data_generation()
-            self._finish_write(op, mirrored=False, pinned=False)
+            self.write_path.finish(op, mirrored=False, pinned=False)
             return
         head = M.REPLICATE_HEAD.pack(seq, lun, M.REPL_FUA if fua else 0, 0, offset, crc32c(data), len(data))
         self.link.send(T.REPLICATE, M.Resource.REPLICATION, (head, bytes(data)))
@@ -379,10 +379,10 @@ class ReplicaController(DestagedMixin, Controller):
         req = ReplicaReq(seq, flags, self.session_no)
         mark = len(self.out)
         fua = bool(flags & M.REPL_FUA)
-        if self.waiting or len(self.cache.free) < self._lines_spanned(offset, length):
-            self._wait(req, lun, offset, data, fua)
+        if self.write_path.waiting or len(self.cache.free) < self.write_path.lines_spanned(offset, length):
+            self.write_path.wait(req, lun, offset, data, fua)
         else:
-            self._write(req, lun, offset, data, fua)
+            self.write_path.store(req, lun, offset, data, fua)
         if self.params.replica.ack_level == M.ACK_CACHE and self.link.up:
             buffers = self.link.take_output()     # the ack overtakes this write's NVRAM persists
             if buffers:
@@ -399,7 +399,7 @@ class ReplicaController(DestagedMixin, Controller):
             for line in op.lines:
                 self.disk_waiters.setdefault(line, []).append(req)
             op.req = None
-        self._finish_write(op, mirrored=True, pinned=False)
+        self.write_path.finish(op, mirrored=True, pinned=False)
 
     def _move_waiters(self, old, new):
         waiters = self.disk_waiters.pop(old, None)
@@ -423,7 +423,7 @@ class ReplicaController(DestagedMixin, Controller):
             self.inflight_ranges[(lun, r)] -= 1
             if not self.inflight_ranges[(lun, r)]:
                 del self.inflight_ranges[(lun, r)]
-        self._finish_write(op, mirrored=True, pinned=False)
+        self.write_path.finish(op, mirrored=True, pinned=False)
 
     # -- operator: promotion and split-brain resolution ----------------------
 

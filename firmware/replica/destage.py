@@ -26,7 +26,7 @@ class DestagedMixin:
         """ha's flush-begin/flush-done: replica mode has no mirror segment to tell."""
 
     def _destage_urgent(self) -> bool:
-        return bool(self.waiting) or bool(self.disk_waiters) or self.sync != "synced" or (
+        return bool(self.write_path.waiting) or bool(self.disk_waiters) or self.sync != "synced" or (
             self.now_ms - self.last_host_io_ms >= self.params.idle_flush_ms)
 
     def _pump(self):

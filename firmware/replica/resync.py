@@ -18,8 +18,8 @@ follow it.
 
 `QuickResync` is a part of the replica controller with its own state (the
 running resync, the last one's figures, the ranges the target asked for, the
-host writes per range). It is given the record, the link, the cache and the
-replica settings at its start; what it asks of the controller through
+host writes per range). It is given the record, the link, the cache, the
+write path and the replica settings at its start; what it asks of the controller through
 `self.ctrl` is `ASKED_OF_THE_CONTROLLER` (tests/test_boundary.py holds it to
 that list). The replica session table calls its `finish_source` and
 `finish_target`.
@@ -43,8 +43,8 @@ ASKED_OF_THE_CONTROLLER = frozenset({
     "now_ms", "out", "_persist", "stats", "Error",
     # the session table: its state, whether the handshake chose a full resync, its events
     "sync", "sync_full", "_fire",
-    # reads through the cache over the disks, and the keys of lines being destaged
-    "_read", "flushing_keys",
+    # the keys of lines being destaged
+    "flushing_keys",
 })
 
 
@@ -92,8 +92,9 @@ class Resync:
 class QuickResync:
     """Both ends of a quick resync (a part of ReplicaController)."""
 
-    def __init__(self, ctrl, rec, link, cache, settings):
+    def __init__(self, ctrl, rec, link, cache, write_path, settings):
         self.ctrl = ctrl
+        self.write_path = write_path    # reads go through the cache over the disks
         self.rec = rec                  # the SENT and RECEIVED records (firmware/replica/record.py)
         self.link = link
         self.cache = cache
@@ -230,7 +231,7 @@ class QuickResync:
     def _read_range(self, rs, lun, r):
         rs.reading += 1
         offset, length = self.rec.span(lun, r)
-        self.ctrl._read(ResyncRead(rs, lun, r, self.range_writes[(lun, r)]), lun, offset, length)
+        self.write_path.read(ResyncRead(rs, lun, r, self.range_writes[(lun, r)]), lun, offset, length)
 
     def read_done(self, req, error, data):
         """A resync read's answer (the controller's _reply hands it here)."""

@@ -258,7 +258,7 @@ def check_bounds(ctrl, disk_ios):
     p, link = ctrl.params, ctrl.link
     bounds = [
         ("pending mirror writes", len(ctrl.pending), ctrl.cache.capacity),
-        ("waiting writes", len(ctrl.waiting), p.waiting_max),
+        ("waiting writes", len(ctrl.write_path.waiting), p.waiting_max),
         ("destage in flight", ctrl.destage_inflight, p.destage_inflight_max),
         ("disk ops", disk_ios, p.destage_inflight_max * (ctrl.block_size // SECTOR_BYTES) + 4096),
         ("link unacked frames", len(link.unacked), link.unacked_max),
