@@ -1,7 +1,8 @@
 """Deterministic simulation of replica mode's NVRAM-log variant (firmware/logship/).
 
 One root seed drives everything: the rig's shape (sources, partition and file
-sizes, consistency-point timer), the host workload and the faults. The
+sizes, consistency-point timer), the host workload (hal/sim/workload.py's
+FloorHosts) and the faults. The
 unchanged LogSource and LogDestination run on the in-memory rig
 (hal/sim/logrig.py); frames wait on the wires and are delivered a few at a
 time, so acknowledgements, crashes and cuts interleave.
@@ -33,8 +34,9 @@ import random
 
 from firmware.logship.common import SECTOR
 
-from hal.sim.check import Model, SimFailure, SimResult, make_data, sector_key, verdict
+from hal.sim.check import Model, SimFailure, SimResult, sector_key, verdict
 from hal.sim.logrig import MemLog
+from hal.sim.workload import FloorHosts
 
 # Deliberately broken firmware variants, each with the probability its site fires at:
 # log_skip_persist: an NVRAM persist of either end is not issued;
@@ -58,10 +60,8 @@ class LogSim:
                           log_partition_bytes=rng.choice([16 * 1024, 32 * 1024, 64 * 1024]),
                           cp_interval_ms=rng.choice([30, 200, 10 ** 9]))
         self.model = Model()
-        self.version = 0
-        self.pending = {}          # req -> (source, lun, first sector, sectors, version)
-        self.reads = {}            # req -> (source, lun, first sector, floor snapshot)
-        self.next_req = 0
+        # what the hosts send (hal/sim/workload.py); a source refuses no read in range
+        self.hosts = FloorHosts(rng, [LUN_BYTES] * 2, self.model, errors_allowed=False, where="source {}")
         self.lost = set()          # sources lost for good (disaster)
         self.down = {}             # what is down -> step it comes back
         self.killed = set()        # ends whose process died, power still on: ("src", k), ("dst", None)
@@ -95,21 +95,13 @@ class LogSim:
         for req in list(replies):
             err, data = replies.pop(req)
             self.trace.update(repr((req, err)).encode())
-            if req in self.pending:
-                k, lun, first, count, version = self.pending.pop(req)
-                if err:
-                    continue
+            w = self.hosts.replied(req, err, data, shipped_k)
+            if w is not None:
                 self.stats["acked"] += 1
-                shipped = shipped_k == k
+                shipped = shipped_k == w.source
                 self.stats["shipped_acks"] += shipped
-                self.model.acked_for_floors(lun, first, count, version, shipped, source=k)
                 if shipped:
-                    self._check_held(k, lun, first, count, version)
-            elif req in self.reads:
-                k, lun, first, floor = self.reads.pop(req)
-                if err:
-                    raise SimFailure(f"read {req} at source {k} failed with {err}")
-                self.model.check_floor(f"read at source {k}", data, lun, first, floor, source=k)
+                    self._check_held(w.source, w.lun, w.first, w.count, w.version)
 
     def _check_held(self, k, lun, first, count, version):
         """A write acknowledged through the destination is held there now: in its image, its file
@@ -152,33 +144,18 @@ class LogSim:
         return [k for k in range(self.rig.n) if k not in self.lost and self.rig.src[k] is not None]
 
     def write(self, k):
-        rng, r = self.rng, self.rig
-        sectors = rng.choice([1, 8, 8, 16, 64, 128])
-        lun = rng.randrange(r.luns)
-        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
-        self.version += 1
-        v = self.version
-        data = make_data(v, lun, first * SECTOR, sectors * SECTOR)
-        req = ("w", self.next_req)
-        self.next_req += 1
-        self.pending[req] = (k, lun, first, sectors, v)
-        self.model.write_started(v, lun, first * SECTOR, sectors * SECTOR, source=k)
+        r = self.rig
+        h = self.hosts.write(k)
         src = r.src[k]
         claims_shipped = src.status()["link"] == "shipping"
-        r.run(("src", k), src.host_write(req, lun, first * SECTOR, data))
-        # a reply inside host_write while shipping claims the destination has it (it must not)
+        r.run(("src", k), src.host_requests([h]))
+        # a reply inside host_requests while shipping claims the destination has it (it must not)
         self._collect(shipped_k=k if claims_shipped else None)
         self.stats["writes"] += 1
 
     def read(self, k):
-        rng, r = self.rng, self.rig
-        sectors = rng.choice([1, 8, 64, 256])
-        lun = rng.randrange(r.luns)
-        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
-        req = ("r", self.next_req)
-        self.next_req += 1
-        self.reads[req] = (k, lun, first, dict(self.model.newest_acked))
-        r.run(("src", k), r.src[k].host_read(req, lun, first * SECTOR, sectors * SECTOR))
+        r = self.rig
+        r.run(("src", k), r.src[k].host_requests([self.hosts.read(k)]))
         self._collect()
         self.stats["reads"] += 1
 
@@ -265,10 +242,7 @@ class LogSim:
 
     def _forget_requests(self, k):
         """A crashed source never answers what it held: those writes stay issued, unacknowledged."""
-        for req in [q for q, p in self.pending.items() if p[0] == k]:
-            del self.pending[req]
-        for req in [q for q, p in self.reads.items() if p[0] == k]:
-            del self.reads[req]
+        self.hosts.forget(k)
 
     def _unstall(self):
         r = self.rig
@@ -387,9 +361,9 @@ class LogSim:
             if not any(r.wire_to_dst[k] or r.wire_to_src[k] for k in range(r.n)) and not any(
                     r.src[k].pending or r.src[k].waiting for k in self._live()):
                 break
-        if self.pending:
-            raise SimFailure(f"{len(self.pending)} host writes never answered after healing "
-                                f"(e.g. {sorted(self.pending)[:3]})")
+        if self.hosts.unanswered():
+            raise SimFailure(f"{len(self.hosts.unanswered())} host writes never answered "
+                             f"after healing (e.g. {self.hosts.unanswered()[:3]})")
         r.recover()
         self._collect()
         for k in self._live():

@@ -1,10 +1,10 @@
 """Deterministic simulation of replica mode's bitmap variant (firmware/replica/controller.py).
 
 One root seed drives the rig's shape (ack level, record range size), the host
-workload and the faults. The unchanged ReplicaControllers run on the
-in-memory replica pair (hal/sim/replicarig.py); frames wait on the wire and
-are delivered a few at a time, so acknowledgements, crashes and cuts
-interleave.
+workload (hal/sim/workload.py's FloorHosts) and the faults. The unchanged
+ReplicaControllers run on the in-memory replica pair (hal/sim/replicarig.py);
+frames wait on the wire and are delivered a few at a time, so
+acknowledgements, crashes and cuts interleave.
 
 Faults: crash (a power cut, or a kill of the process: see _crash; the rig's
 disks have a volatile write cache) and restart of the secondary (quick
@@ -31,10 +31,10 @@ The sector stamps and the model are ha mode's (hal/sim/check.py), read by the fl
 import hashlib
 import random
 
-from hal.sim.check import Model, SimFailure, SimResult, make_data, verdict
+from hal.sim.check import Model, SimFailure, SimResult, verdict
 from hal.sim.replicarig import MemReplicaPair
+from hal.sim.workload import FloorHosts
 
-SECTOR = 512
 LUN_BYTES = 256 * 1024
 LUNS = 2
 # Deliberately broken firmware variants, each with the probability its site fires at:
@@ -65,11 +65,9 @@ class ReplicaSim:
                                   idle_flush_ms=rng.choice([50, 500]),
                                   buggify=self._buggify if broken else None)
         self.model = Model()
-        self.version = 0
+        # what the hosts send (hal/sim/workload.py); a secondary or a resync target may refuse a read
+        self.hosts = FloorHosts(rng, [LUN_BYTES] * LUNS, self.model, errors_allowed=True, where="the primary")
         self.primary = 0                  # where the hosts send their I/O
-        self.pending = {}                 # req -> (lun, first sector, count, version)
-        self.reads = {}
-        self.next_req = 0
         self.down = {}                    # what is down -> step it comes back
         self.killed = set()               # controllers whose process died, power still on
         self.notes_seen = [0, 0]
@@ -90,18 +88,9 @@ class ReplicaSim:
         for req in list(replies):
             err, data = replies.pop(req)
             self.trace.update(repr((req, err)).encode())
-            if req in self.pending:
-                lun, first, count, version = self.pending.pop(req)
-                if err:
-                    continue
+            if self.hosts.replied(req, err, data, 0 if shipped else None) is not None:
                 self.stats["acked"] += 1
                 self.stats["shipped_acks"] += shipped
-                self.model.acked_for_floors(lun, first, count, version, shipped)
-            elif req in self.reads:
-                lun, first, floor = self.reads.pop(req)
-                if err:
-                    continue                  # EIO while a resync target, EPERM on a secondary: allowed
-                self.model.check_floor("read at the primary", data, lun, first, floor)
 
     def _check_sessions(self):
         """Nothing on this wire corrupts a frame, so a session ended on a protocol error is the
@@ -125,31 +114,16 @@ class ReplicaSim:
     # -- workload ----------------------------------------------------------------------
 
     def write(self):
-        rng, r, p = self.rng, self.rig, self.primary
-        sectors = rng.choice([1, 8, 8, 16, 64, 128])
-        lun = rng.randrange(LUNS)
-        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
-        self.version += 1
-        v = self.version
-        data = make_data(v, lun, first * SECTOR, sectors * SECTOR)
-        req = ("w", self.next_req)
-        self.next_req += 1
-        self.pending[req] = (lun, first, sectors, v)
-        self.model.write_started(v, lun, first * SECTOR, sectors * SECTOR)
-        # answered inside host_write while the pair is synced claims the copy is at the peer
+        r, p = self.rig, self.primary
+        h = self.hosts.write()
+        # answered inside host_requests while the pair is synced claims the copy is at the peer
         claims = r.ctrl[p].sync == "synced"
-        self._run(p, r.ctrl[p].host_write(req, lun, first * SECTOR, data), shipped=claims)
+        self._run(p, r.ctrl[p].host_requests([h]), shipped=claims)
         self.stats["writes"] += 1
 
     def read(self):
-        rng, r, p = self.rng, self.rig, self.primary
-        sectors = rng.choice([1, 8, 64, 256])
-        lun = rng.randrange(LUNS)
-        first = rng.randrange(LUN_BYTES // SECTOR - sectors + 1)
-        req = ("r", self.next_req)
-        self.next_req += 1
-        self.reads[req] = (lun, first, dict(self.model.newest_acked))
-        self._run(p, r.ctrl[p].host_read(req, lun, first * SECTOR, sectors * SECTOR))
+        r, p = self.rig, self.primary
+        self._run(p, r.ctrl[p].host_requests([self.hosts.read()]))
         self.stats["reads"] += 1
 
     def deliver(self, n):
@@ -243,8 +217,7 @@ class ReplicaSim:
         return True
 
     def _forget(self):
-        self.pending.clear()
-        self.reads.clear()
+        self.hosts.forget()
 
     def heal(self, step, everything=False):
         r = self.rig
@@ -279,8 +252,7 @@ class ReplicaSim:
     def check_all(self, i, floor, what):
         r = self.rig
         for lun in range(LUNS):
-            req = ("check", self.next_req)
-            self.next_req += 1
+            req = self.hosts.new_req("check")
             r.run(i, r.ctrl[i].host_read(req, lun, 0, LUN_BYTES))
             err, data = r.replies.pop(req, (None, None))
             if err or data is None:
@@ -329,13 +301,14 @@ class ReplicaSim:
             self.deliver(50)
             self.tick()
             if all(r.ctrl[i].sync == "synced" for i in range(2)) and not r.wire[0] and not r.wire[1] \
-                    and not self.pending:
+                    and not self.hosts.unanswered():
                 break
         states = [r.ctrl[i].sync for i in range(2)]
         if states != ["synced", "synced"]:
             raise SimFailure(f"not synced after healing: {states}")
-        if self.pending:
-            raise SimFailure(f"{len(self.pending)} host writes never answered after healing")
+        if self.hosts.unanswered():
+            raise SimFailure(f"{len(self.hosts.unanswered())} host writes never answered "
+                             f"after healing (e.g. {self.hosts.unanswered()[:3]})")
         p = self.primary
         self.check_all(p, self.model.newest_acked, "the primary at the end")
         for lun in range(LUNS):
