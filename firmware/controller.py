@@ -39,7 +39,7 @@ from .link import LinkSession
 from .allocation import Allocation
 from .destage import DestageMixin
 from .destage_policy import DestagePolicy
-from .diskhealth import DiskHealth, DiskHealthMixin
+from .diskhealth import DiskHealth
 from . import mirrorsync as MS
 from .mirror import MirrorSide
 from .forwarding import Forwarder
@@ -56,7 +56,7 @@ _crc32c = N.crc32c_raw
 EIO, EINVAL, ENOSPC, ESTALE = 5, 22, 28, 116
 
 
-class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
+class Controller(DestageMixin, PeerMixin):
     """The shared parts. Abstract: a mode adds its ownership (firmware/owners.py)."""
 
     _forwards_block_status = True         # replica mode asks nobody (firmware/replica/controller.py)
@@ -212,6 +212,27 @@ class Controller(DestageMixin, DiskHealthMixin, PeerMixin):
         self.next_op += 1
         self.disk_ops[op] = entry
         return op
+
+    def _disk_write_failed(self, lun, offset, error):
+        """A data write to the LUN's disk failed: disk health backs off and reports, coalesced."""
+        self.out.extend(self.disk_health.write_failed(lun, offset, error, self.now_ms))
+
+    def _disk_health_tick(self):
+        """Disk health's reports and degraded LUNs due now: a degraded LUN's waiting writes are
+        refused, parked lines probe the disk, and a LUN with nothing of it left here is
+        forgotten (firmware/diskhealth.py)."""
+        health = self.disk_health
+        if not health.failing and not health.pending:
+            return
+        notes, degraded = health.tick(self.now_ms)
+        self.out.extend(notes)
+        health.probe_parked(self.now_ms, self.cache)
+        for lun in degraded:
+            self.write_path.refuse_waiting(lun)
+        for lun in list(health.failing):
+            if not self.owns(lun) and not any(line.lun == lun for line in self.cache.lines.values()):
+                self.out.extend(health.forget(lun, self.now_ms, "no line of the LUN is left here"))
+                health.unpark(lun, self.cache)
 
     def _persist(self, rng):
         if not (self.buggify_on and self.buggify("skip_persist_metadata")):  # a broken variant

@@ -235,7 +235,7 @@ class DestageMixin:
         if error:
             self.stats["flush_errors"] += 1
         elif entry.waiters:
-            self._disk_write_ok(entry.lun)      # durable writes: the disk works (diskhealth.py)
+            self.out.extend(self.disk_health.written(entry.lun, self.now_ms, self.cache))   # the disk works
         for w in entry.waiters:
             kind = w.__class__
             if kind is DestageOp:
@@ -272,7 +272,7 @@ class DestageMixin:
             self.stats["destage_errors"] += 1
             self._disk_write_failed(line.lun, line.lba * SECTOR_BYTES, error)   # backoff, one report
             if line.current:
-                self._requeue_failed(line)           # still dirty: try again after the backoff
+                self.disk_health.park(line)          # still dirty: try again after the backoff
             else:
                 self.write_path.maybe_free(line)
             return

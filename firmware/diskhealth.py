@@ -32,8 +32,12 @@ people trust:
   `disk_retry_max_ms`), instead of looping claim and abandon.
 
 Rules: no clock, no I/O. Every call takes the firmware's `now_ms`; the
-methods return the Notify actions to emit. `DiskHealthMixin` is the glue the
-Controller calls from the destage, fencing and host-write paths.
+methods return the Notify actions to emit. `DiskHealth` is a part of the
+controller with its own state (per LUN: the backoff, the reports, the lines
+parked out of the write-back queue); destage tells it of each failed and
+durable write, and the write path asks it whether a LUN is degraded. It
+touches the cache only through the one it is handed, to put parked lines
+back in the write-back queue.
 """
 from . import actions as A
 
@@ -148,6 +152,49 @@ class DiskHealth:
             return []
         return self._clear(h, now_ms, "writes to the disk succeed again")
 
+    def written(self, lun, now_ms, cache) -> list:
+        """A destage write of the LUN was made durable: `write_ok`, and its parked lines go back
+        to `cache`'s write-back queue."""
+        h = self.luns[lun]
+        if self.failing:
+            out = self.write_ok(lun, now_ms)
+        else:
+            h.retry.ok()                # nothing failing: only the backoff starts over
+            out = []
+        if h.parked:
+            self.unpark(lun, cache)
+        return out
+
+    # -- lines parked after a failed destage -------------------------------------------
+
+    def park(self, line):
+        """A line whose destage failed waits out of the write-back queue until its LUN's retry:
+        left in it, every pump walked thousands of them to start nothing (3 ms a pump with a
+        64 MiB NVRAM full of a failed disk's lines, at every tick, read and completion)."""
+        self.luns[line.lun].parked[line.key] = line
+
+    def unpark(self, lun, cache, probe=False):
+        """Parked lines queue for destage again in `cache`, those still current (a newer
+        version, or a line dropped meanwhile, is not written). A probe takes one line, the one
+        parked longest: a failing disk gets one write a retry, not the whole cache, and a bad
+        spot cannot hold the good lines of its extent back for good, since each probe that
+        lands brings the rest back (and a probe that fails goes to the end of the line)."""
+        h = self.luns[lun]
+        wbq, lines = cache.wbq, cache.lines
+        while h.parked:
+            key = next(iter(h.parked))
+            line = h.parked.pop(key)
+            if line.current and not line.dead and lines.get(key) is line and key not in wbq:
+                wbq[key] = line
+                if probe:
+                    return
+
+    def probe_parked(self, now_ms, cache):
+        """Each failing LUN whose retry is due sends one parked line to the disk (`unpark`)."""
+        for lun in self.failing:
+            if self.luns[lun].parked and self.may_write(lun, now_ms):
+                self.unpark(lun, cache, probe=True)
+
     def may_write(self, lun, now_ms) -> bool:
         return now_ms >= self.luns[lun].retry.at_ms
 
@@ -252,57 +299,3 @@ class DiskHealth:
                 entry["record_write_errno"] = h.record_errno
             st[f"lun{h.lun}"] = entry
         return st
-
-
-class DiskHealthMixin:
-    """The Controller's side: feeds DiskHealth and acts on a LUN that goes degraded."""
-
-    def _disk_write_failed(self, lun, offset, error):
-        self.out.extend(self.disk_health.write_failed(lun, offset, error, self.now_ms))
-
-    def _requeue_failed(self, line):
-        """A line whose destage failed waits out of the write-back queue until its LUN's retry:
-        left in it, every pump walked thousands of them to start nothing (3 ms a pump with a
-        64 MiB NVRAM full of a failed disk's lines, at every tick, read and completion)."""
-        self.disk_health.luns[line.lun].parked[line.key] = line
-
-    def _unpark(self, lun, probe=False):
-        """Parked lines queue for destage again, those still current (a newer version, or a
-        line dropped meanwhile, is not written). A probe takes one line, the one parked
-        longest: a failing disk gets one write a retry, not the whole cache, and a bad spot
-        cannot hold the good lines of its extent back for good, since each probe that lands
-        brings the rest back (and a probe that fails goes to the end of the line)."""
-        h = self.disk_health.luns[lun]
-        wbq, lines = self.cache.wbq, self.cache.lines
-        while h.parked:
-            key = next(iter(h.parked))
-            line = h.parked.pop(key)
-            if line.current and not line.dead and lines.get(key) is line and key not in wbq:
-                wbq[key] = line
-                if probe:
-                    return
-
-    def _disk_write_ok(self, lun):
-        health = self.disk_health
-        if health.failing:
-            self.out.extend(health.write_ok(lun, self.now_ms))
-        else:
-            health.luns[lun].retry.ok()
-        if health.luns[lun].parked:
-            self._unpark(lun)
-
-    def _disk_health_tick(self):
-        health = self.disk_health
-        if not health.failing and not health.pending:
-            return
-        notes, degraded = health.tick(self.now_ms)
-        self.out.extend(notes)
-        for lun in health.failing:
-            if health.luns[lun].parked and health.may_write(lun, self.now_ms):
-                self._unpark(lun, probe=True)
-        for lun in degraded:
-            self.write_path.refuse_waiting(lun)
-        for lun in list(health.failing):
-            if not self.owns(lun) and not any(line.lun == lun for line in self.cache.lines.values()):
-                self.out.extend(health.forget(lun, self.now_ms, "no line of the LUN is left here"))
-                self._unpark(lun)
