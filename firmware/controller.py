@@ -7,8 +7,8 @@
 The write path (firmware/writepath.py, `ctrl.write_path`) stores a host write
 copy-on-write in the primary NVRAM segment and holds its copy requests in the
 holding pen until every block is valid; then the mode's copy step
-(`_release_pen`, here the mirror: ha mode) sends them all together. The
-partner persists them into the corresponding blocks of its mirror segment
+(`_release_pen`: here the mirror, which replica mode replaces with its copy to
+the secondary) sends them all together. The partner persists them into the corresponding blocks of its mirror segment
 (claims 1.7-1.11) and acknowledges; only then is the host acknowledged. Dirty
 lines are destaged by watermark and idle policy, bracketed by flush-begin and
 flush-done messages (claims 5.12-5.14).
@@ -23,9 +23,9 @@ eagerly; when the link comes back a resync sends every live line to the
 partner before the pair counts as mirrored again.
 
 Entry points: host_requests (a loop turn's batch), host_read, host_write, host_flush,
-host_trim, host_write_zeroes, host_block_status (answered by firmware/allocation.py), link_connected,
-link_frame, link_disconnected, disk_done, tick. Each returns the list of actions to carry
-out, in order.
+host_trim, host_write_zeroes, host_block_status (answered by firmware/allocation.py),
+link_connected, link_frame, link_disconnected, disk_done, tick. Each returns the list of
+actions to carry out, in order.
 """
 import collections
 
